@@ -83,3 +83,11 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
     return rows
+
+
+@flow(name="saeflow-run-spec")
+def run_spec_file(spec_path: str, only: list[str] = list(stages.STAGES)) -> list[dict]:
+    """Deployment entry point: validates a spec file on the worker, then runs the pipeline."""
+    from flows.spec import load_spec
+
+    return pipeline(load_spec(spec_path), only=only)

@@ -48,12 +48,12 @@ def resolve_files(source: str) -> list[Path]:
     else:
         files = [path]
     if not files:
-        raise FileNotFoundError(f"data.source {source!r} matches no .txt/.jsonl/.parquet file")
+        raise FileNotFoundError(f"{source!r} matches no .txt/.jsonl/.parquet file")
     for f in files:
         if f.suffix not in TEXT_SUFFIXES:
-            raise ValueError(f"data.source file {f} must end in one of {', '.join(TEXT_SUFFIXES)}")
+            raise ValueError(f"file {f} must end in one of {', '.join(TEXT_SUFFIXES)}")
         if not f.is_file():
-            raise FileNotFoundError(f"data.source file {f} does not exist or is not a file")
+            raise FileNotFoundError(f"file {f} does not exist or is not a readable file")
         with open(f, "rb"):
             pass
     return files

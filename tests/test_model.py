@@ -1,0 +1,140 @@
+"""The sparse SAE against a dense reference written directly from the paper's equations."""
+
+import pytest
+import torch
+
+from sae.config import SAEConfig, TrainConfig
+from sae.kernels import topk_encode
+from sae.model import TopKSAE
+from sae.train import sae_loss
+
+
+def dense_reference_loss(sae, x_norm, mse_scale, tcfg, dead):
+    """z = ReLU(TopK(W_enc (x - b_pre) + b_enc)) as a dense masked vector; x_hat = z W_dec + b_pre."""
+    pre = (x_norm - sae.b_pre) @ sae.W_enc.T
+    if sae.b_enc is not None:
+        pre = pre + sae.b_enc
+
+    def keep_top(p, k):
+        mask = torch.zeros_like(p, dtype=torch.bool).scatter(1, p.topk(k, dim=1).indices, True)
+        return torch.where(mask, p.relu(), torch.zeros_like(p))
+
+    def err(target, recon):
+        return (target - recon).pow(2).sum(1).mean() * mse_scale
+
+    k = sae.cfg.k
+    recon = keep_top(pre, k) @ sae.W_dec + sae.b_pre
+    loss = err(x_norm, recon)
+    if tcfg.multi_topk:
+        loss = loss + err(x_norm, keep_top(pre, 4 * k) @ sae.W_dec + sae.b_pre) / 8
+    n_dead = int(dead.sum())
+    if n_dead:
+        aux_pre = pre.masked_fill(~dead, float("-inf"))
+        z_aux = keep_top(aux_pre, min(tcfg.aux_k, n_dead)).nan_to_num(0.0)
+        loss = loss + tcfg.aux_coef * err(x_norm - recon.detach(), z_aux @ sae.W_dec)
+    return loss
+
+
+def make_sae(bias=True, n=96, d=12, k=5, seed=0):
+    torch.manual_seed(seed)
+    sae = TopKSAE(SAEConfig(d, n, k, encoder_bias=bias)).double()
+    with torch.no_grad():
+        sae.b_pre.normal_()
+        if bias:
+            sae.b_enc.normal_(std=0.1)
+    return sae
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("multi_topk", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_loss_and_gradients_match_dense_reference(bias, multi_topk, n_dead):
+    sae = make_sae(bias)
+    x = torch.randn(33, 12, dtype=torch.float64)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96)[:n_dead]] = True
+    tcfg = TrainConfig(aux_k=16, multi_topk=multi_topk)
+
+    parts = sae_loss(sae, x, 0.7, tcfg, dead)
+    parts.loss.backward()
+    sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    ref = dense_reference_loss(sae, x, 0.7, tcfg, dead)
+    ref.backward()
+
+    assert torch.allclose(parts.loss, ref, rtol=1e-10)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(sparse_grads[name], p.grad, rtol=1e-8, atol=1e-10), name
+
+
+def test_input_gradient_matches_dense():
+    sae = make_sae()
+    x = torch.randn(20, 12, dtype=torch.float64, requires_grad=True)
+    values, indices, _, _ = topk_encode(x, sae.W_enc, sae.b_enc, 5)
+    (values * torch.arange(5, dtype=torch.float64)).sum().backward()
+    g_sparse = x.grad.clone()
+    x.grad = None
+    pre = x @ sae.W_enc.T + sae.b_enc
+    top = pre.topk(5, dim=1)
+    (top.values.relu() * torch.arange(5, dtype=torch.float64)).sum().backward()
+    assert torch.allclose(g_sparse, x.grad)
+
+
+def test_aux_selection_only_picks_dead_latents():
+    sae = make_sae()
+    x = torch.randn(50, 12, dtype=torch.float64)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[[3, 17, 40, 41, 90]] = True
+    _, _, aux_values, aux_indices = topk_encode(x, sae.W_enc, sae.b_enc, 5, 5, dead)
+    assert set(aux_indices.flatten().tolist()) <= {3, 17, 40, 41, 90}
+    # they are the largest pre-activations among the dead ones
+    pre = (x @ sae.W_enc.T + sae.b_enc)[:, dead]
+    assert torch.allclose(aux_values.sort(dim=1).values, pre.relu().sort(dim=1).values)
+
+
+def test_no_dead_latents_gives_zero_aux_loss():
+    sae = make_sae()
+    parts = sae_loss(sae, torch.randn(8, 12, dtype=torch.float64), 1.0, TrainConfig(), torch.zeros(96, dtype=torch.bool))
+    assert parts.aux.item() == 0.0 and torch.isfinite(parts.loss)
+
+
+@pytest.mark.parametrize("mode", ["none", "standardize", "dataset_scale"])
+def test_normalisation_round_trip(mode):
+    sae = TopKSAE(SAEConfig(16, 64, 4, normalization=mode)).double()
+    sae.input_scale.fill_(0.37)
+    x = torch.randn(10, 16, dtype=torch.float64) * 5 + 3
+    x_norm, stats = sae.normalize(x)
+    assert torch.allclose(stats.undo(x_norm), x)
+    if mode == "standardize":
+        assert torch.allclose(x_norm.mean(1), torch.zeros(10, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(x_norm.std(1), torch.ones(10, dtype=torch.float64), atol=1e-4)
+
+
+def test_code_has_k_entries_and_dense_matches():
+    sae = make_sae()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    codes = sae.encode(x)
+    dense = codes.dense(96)
+    assert codes.indices.shape == (7, 5)
+    assert ((dense != 0).sum(1) <= 5).all()
+    recon_dense = sae.normalize(x)[1].undo(dense @ sae.W_dec + sae.b_pre)
+    assert torch.allclose(sae(x), recon_dense)
+
+
+def test_init_is_tied_and_unit_norm():
+    sae = TopKSAE(SAEConfig(20, 200, 8))
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(200), atol=1e-6)
+    assert torch.equal(sae.W_enc, sae.W_dec)
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = TopKSAE(SAEConfig(12, 48, 4, encoder_bias=True, normalization="dataset_scale"))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.input_scale.fill_(2.5)
+    sae.save(tmp_path / "s", metadata={"hookpoint": "h"})
+    loaded = TopKSAE.load(tmp_path / "s")
+    x = torch.randn(9, 12)
+    assert loaded.cfg == sae.cfg and loaded.metadata == {"hookpoint": "h"}
+    assert torch.equal(loaded(x), sae(x))
+    assert not list((tmp_path / "s").glob("*.tmp"))

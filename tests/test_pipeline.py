@@ -1,0 +1,107 @@
+"""The whole flow under a Prefect test server, with a tiny random Llama and local text files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from flows import stages
+from flows.cli import main
+from flows.spec import check_resources, parse_spec
+from sae.model import TopKSAE
+
+
+@pytest.fixture
+def spec(tiny_model_dir, text_dir, tmp_path):
+    s = parse_spec(
+        {
+            "name": "tiny",
+            "model": {"source": str(tiny_model_dir)},
+            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+            "hookpoints": ["model.layers.1"],
+            "sae": {"n_latents": 128, "k": 8, "dead_tokens": 500},
+            "train": {"batch_tokens": 128, "tokens": 3000},
+            "eval": {"tokens": 400, "downstream_contexts": 8},
+            "workdir": str(tmp_path / "work"),
+        }
+    )
+    check_resources(s)
+    return s
+
+
+def task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        )
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def _refuse(*_a, **_k):
+    raise AssertionError("this stage should have been re-used, not run")
+
+
+def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+
+    first = pipeline(spec, return_state=True)
+    rows = first.result()
+    (row,) = rows
+    assert row["model_uri"] == "models:/tiny@candidate"
+    assert 0 < row["l0"] <= 8 and 0 < row["normalized_mse"] < 1
+    assert 0 <= row["dead_fraction"] <= 1 and "ce_increase" in row and "kl_divergence" in row
+    assert set(task_states(first).values()) == {"Completed"}
+
+    # the same spec again: every stage is Cached and none of the stage functions runs
+    for name in stages.STAGES:
+        monkeypatch.setattr(stages, name, _refuse)
+    again = pipeline(spec, return_state=True)
+    assert again.result() == rows
+    assert task_states(again) == {
+        "cache_activations": "Cached", "train_sae": "Cached", "evaluate": "Cached", "register": "Cached"
+    }
+
+    # only train.lr changes: the activations are re-used, the rest runs again
+    monkeypatch.undo()
+    monkeypatch.setattr(stages, "cache", _refuse)
+    new_lr = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 3e-3})})
+    rows_lr = pipeline(new_lr)
+    assert rows_lr[0]["sae_dir"] != row["sae_dir"]
+
+    # an output deleted behind Prefect's back is recomputed, not trusted from the cache
+    monkeypatch.undo()
+    (stages.metrics_path(spec, "model.layers.1")).unlink()
+    assert pipeline(spec)[0]["normalized_mse"] == pytest.approx(row["normalized_mse"])
+
+    # pull, then load with the documented call; a fresh process loads the pyfunc by alias
+    uri = spec.tracking_uri()
+    pulled = tmp_path / "pulled"
+    assert main(["pull", "models:/tiny@candidate", "--out", str(pulled), "--tracking-uri", uri]) == 0
+    sae = TopKSAE.load(pulled)
+    x = np.random.default_rng(0).normal(size=(20, sae.cfg.d_in)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import mlflow, numpy as np, sys; mlflow.set_tracking_uri(sys.argv[1]);"
+        "m = mlflow.pyfunc.load_model('models:/tiny@candidate');"
+        "np.save(sys.argv[3], m.predict(np.load(sys.argv[2])))"
+    )
+    subprocess.run([sys.executable, "-c", code, uri, tmp_path / "x.npy", tmp_path / "codes.npy"], check=True)
+    predicted = np.load(tmp_path / "codes.npy")
+    expected = sae.encode(torch.from_numpy(x)).dense(sae.cfg.n_latents).detach().numpy()
+    np.testing.assert_allclose(predicted, expected, rtol=1e-6)
+    assert (predicted != 0).sum(1).max() <= 8
+    meta = json.loads((pulled / "config.json").read_text())["metadata"]
+    assert meta["hookpoint"] == "model.layers.1"
+
+
+def test_stage_needs_its_inputs(prefect_harness, spec):
+    from flows.pipeline import pipeline
+
+    with pytest.raises(RuntimeError, match=r"run `saeflow cache SPEC`"):
+        pipeline(spec, only=("train",))

@@ -1,0 +1,106 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.spec import SpecError, load_spec, parse_spec
+
+
+def base(tiny_model_dir, text_dir, tmp_path, **over):
+    spec = {
+        "name": "t",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1000},
+        "hookpoints": ["model.layers.1"],
+        "sae": {"n_latents": 64, "k": 4},
+        "workdir": str(tmp_path / "work"),
+    }
+    for dotted, value in over.items():
+        *parents, leaf = dotted.split("__")
+        node = spec
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return spec
+
+
+def write(tmp_path, spec) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def error_of(tmp_path, spec) -> str:
+    with pytest.raises(SpecError) as e:
+        load_spec(write(tmp_path, spec))
+    return str(e.value)
+
+
+def test_valid_spec_resolves_defaults(tiny_model_dir, text_dir, tmp_path):
+    spec = load_spec(write(tmp_path, base(tiny_model_dir, text_dir, tmp_path)))
+    assert spec.registry.alias == "candidate"
+    assert spec.tracking_uri() == f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    assert spec.sae_config(32).n_latents == 64
+
+
+def test_unknown_key_is_named(tiny_model_dir, text_dir, tmp_path):
+    msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, train__learning_rate=1e-3))
+    assert "train.learning_rate" in msg and "unknown key" in msg
+
+
+def test_k_larger_than_latents(tiny_model_dir, text_dir, tmp_path):
+    msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, sae__k=65))
+    assert "sae" in msg and "k=65" in msg and "n_latents=64" in msg
+
+
+def test_k_larger_than_expansion(tiny_model_dir, text_dir, tmp_path):
+    spec = base(tiny_model_dir, text_dir, tmp_path)
+    spec["sae"] = {"expansion_factor": 2, "k": 65}  # 2 x d_model 32 = 64 latents
+    assert "sae.k=65 exceeds n_latents=64" in error_of(tmp_path, spec)
+
+
+@pytest.mark.parametrize("field", ["data__tokens", "train__batch_tokens", "sae__n_latents", "data__context_length"])
+def test_negative_sizes(tiny_model_dir, text_dir, tmp_path, field):
+    msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, **{field: -5}))
+    assert field.replace("__", ".") in msg and "greater than 0" in msg
+
+
+def test_hookpoint_not_in_model(tiny_model_dir, text_dir, tmp_path):
+    msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, hookpoints=["model.layers.7"]))
+    assert "hookpoints.0" in msg and "model.layers.7" in msg and "model.layers.0" in msg
+
+
+def test_unreadable_data_path(tiny_model_dir, tmp_path):
+    msg = error_of(tmp_path, base(tiny_model_dir, tmp_path / "missing.txt", tmp_path))
+    assert msg.startswith("data.source") and "missing.txt" in msg
+
+
+def test_wrong_data_suffix(tiny_model_dir, tmp_path):
+    bad = tmp_path / "data.csv"
+    bad.write_text("a,b")
+    assert "must end in one of .txt, .jsonl, .parquet" in error_of(tmp_path, base(tiny_model_dir, bad, tmp_path))
+
+
+def test_needs_exactly_one_size():
+    with pytest.raises(SpecError, match="exactly one of sae.n_latents and sae.expansion_factor"):
+        parse_spec({"name": "x", "hookpoints": ["a"], "sae": {"k": 4}})
+
+
+def test_validate_cli_exit_codes(tiny_model_dir, text_dir, tmp_path, capsys):
+    good = write(tmp_path, base(tiny_model_dir, text_dir, tmp_path))
+    assert main(["validate", good]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["lr"] == "auto" and resolved["eval"]["tokens"] == 8192
+    bad = write(tmp_path, base(tiny_model_dir, text_dir, tmp_path, sae__k=100))
+    assert main(["validate", bad]) == 2
+    assert "sae" in capsys.readouterr().err
+
+
+def test_validate_as_a_command(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: x\nhookpoints: [a]\nsae: {n_latents: 8, k: 4}\nbogus: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "bogus: unknown key" in proc.stderr

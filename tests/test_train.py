@@ -1,0 +1,97 @@
+import itertools
+import math
+
+import torch
+
+from sae.config import SAEConfig, TrainConfig, auto_lr
+from sae.geometric_median import geometric_median
+from sae.model import TopKSAE
+from sae.train import DeadLatentTracker, project_decoder_grad, renormalize_decoder, train_sae
+
+
+def test_gradient_projection_removes_parallel_component():
+    sae = TopKSAE(SAEConfig(8, 32, 4)).double()
+    renormalize_decoder(sae)  # unit norm in float64
+    sae.W_dec.grad = torch.randn(32, 8, dtype=torch.float64)
+    before = sae.W_dec.grad.clone()
+    project_decoder_grad(sae)
+    for w, g0, g in zip(sae.W_dec.detach(), before, sae.W_dec.grad):
+        projector = torch.eye(8, dtype=torch.float64) - torch.outer(w, w)  # w has unit norm
+        assert torch.allclose(g, projector @ g0)
+        assert abs(float(g @ w)) < 1e-12
+
+
+def test_decoder_rows_unit_norm_after_a_step():
+    sae = TopKSAE(SAEConfig(8, 32, 4))
+    opt = torch.optim.Adam(sae.parameters(), lr=0.1)
+    sae(torch.randn(16, 8)).pow(2).sum().backward()
+    project_decoder_grad(sae)
+    opt.step()
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-4)
+    renormalize_decoder(sae)
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-6)
+
+
+def test_geometric_median_matches_brute_force():
+    torch.manual_seed(0)
+    pts = torch.cat([torch.randn(30, 2), torch.randn(5, 2) * 10 + 20]).double()  # outliers pull the mean
+    gm = geometric_median(pts)
+
+    def cost(y):
+        return (pts - y).norm(dim=1).sum().item()
+
+    # brute force: a coarse grid, then a fine grid around its best cell
+    best = min(itertools.product(torch.linspace(-5, 25, 301), repeat=2), key=lambda p: cost(torch.tensor(p)))
+    cx, cy = float(best[0]), float(best[1])
+    fine = itertools.product(torch.linspace(cx - 0.1, cx + 0.1, 101), torch.linspace(cy - 0.1, cy + 0.1, 101))
+    best_cost = min(cost(torch.tensor(p, dtype=torch.float64)) for p in fine)
+    assert cost(gm) <= best_cost + 1e-6
+    assert cost(gm) < cost(pts.mean(0))
+
+
+def test_dead_latent_counter_counts_tokens():
+    tracker = DeadLatentTracker(torch.zeros(6, dtype=torch.long), dead_tokens=10, threshold=1e-3)
+    values = torch.tensor([[1.0, 0.0], [0.5, 1e-4]])
+    indices = torch.tensor([[0, 1], [2, 3]])
+    for _ in range(5):
+        tracker.update(values, indices)
+    # latents 0 and 2 fired every batch; 1 (zero) and 3 (below threshold) never did: 5 batches x 2 tokens
+    assert tracker.tokens_since_fired.tolist() == [0, 10, 0, 10, 10, 10]
+    assert tracker.dead_mask().tolist() == [False, True, False, True, True, True]
+
+
+def test_auto_lr_scales_as_inverse_sqrt():
+    assert math.isclose(auto_lr(2**15), 1e-4)
+    assert math.isclose(auto_lr(2**13), 2e-4)
+
+
+def planted_data(n_tokens, d, n_features, active, seed):
+    """Tokens that are sparse non-negative combinations of a known unit-norm dictionary."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_features, d, generator=g)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    idx = torch.rand(n_tokens, n_features, generator=g).argsort(dim=1)[:, :active]
+    mags = torch.rand(n_tokens, active, generator=g) + 0.5
+    codes = torch.zeros(n_tokens, n_features).scatter_(1, idx, mags)
+    return codes @ dictionary, dictionary
+
+
+def test_planted_dictionary_is_recovered():
+    """As many latents as true features: tied init, AuxK and the decoder constraint must find them all."""
+    d, n_true, active, batch = 32, 64, 4, 256
+    x, dictionary = planted_data(60_000, d, n_true, active, seed=1)
+
+    def batches():
+        g = torch.Generator().manual_seed(2)
+        while True:
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x) - batch + 1, batch):
+                yield x[perm[i : i + batch]]
+
+    cfg = SAEConfig(d, n_true, active, normalization="none")
+    tcfg = TrainConfig(batch_tokens=batch, tokens=2_000_000, lr=3e-3, dead_tokens=20_000, aux_k=16, log_every=1000)
+    result = train_sae(cfg, tcfg, batches(), x[:8192], progress=False)
+    cos = dictionary @ result.sae.W_dec.T  # (true features, learned latents)
+    recovered = (cos.max(dim=1).values > 0.9).float().mean().item()
+    assert recovered >= 0.95, recovered
+    assert result.dead_fraction < 0.01
