@@ -64,6 +64,8 @@ class TrainSpec(Section):
     lr_warmup_tokens: int = Field(0, ge=0)
     lr_decay: Literal["constant", "linear", "cosine"] = "constant"
     grad_clip: float | None = Field(None, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
+    checkpoint_every_tokens: int = Field(1_000_000, ge=0)  # 0: no checkpoints
     seed: int = 0
     device: str = "auto"
 
@@ -135,6 +137,7 @@ class RunSpec(Section):
             aux_k=self.sae.aux_k,
             dead_tokens=self.sae.dead_tokens,
             multi_topk=self.sae.multi_topk,
+            ema_decay=t.ema_decay,
             seed=t.seed,
             device=device,
         )

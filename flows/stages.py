@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -112,7 +113,9 @@ def cache(spec: RunSpec, progress: bool = True) -> str:
 
 
 def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
-    from sae.train import train_sae
+    """Trains one SAE; checkpoints every train.checkpoint_every_tokens and resumes from the last one."""
+    from sae.train import Trainer, train_sae
+    from storage.checkpoints import load_latest, save_checkpoint
 
     out = sae_dir(spec, hookpoint)
     if is_done("train", spec, hookpoint):
@@ -122,9 +125,27 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
     acts = store.activations(group, "train", hookpoint)
     device = str(resolve_device(spec.train.device))
     tcfg = spec.train_config(acts.shape[0], device)
-    batches = store.shuffled_batches(acts, tcfg.batch_tokens, seed=tcfg.seed)
-    sample = store.sample_rows(acts, tcfg.geometric_median_samples, seed=tcfg.seed)
-    result = train_sae(spec.sae_config(acts.shape[1]), tcfg, batches, sample, progress=progress)
+    sae_cfg = spec.sae_config(acts.shape[1])
+    ckpt_dir = out / "checkpoints"
+    trainer, sample = None, None
+    restored = load_latest(ckpt_dir)
+    if restored is not None:
+        trainer = Trainer(sae_cfg, tcfg)
+        trainer.load_state_dict(*restored)
+        log.info("resuming %s from its checkpoint at %d tokens (%s)", hookpoint, trainer.tokens, ckpt_dir)
+    else:
+        sample = store.sample_rows(acts, tcfg.geometric_median_samples, seed=tcfg.seed)
+    batches = store.shuffled_batches(acts, tcfg.batch_tokens, seed=tcfg.seed, start_batch=trainer.steps if trainer else 0)
+    result = train_sae(
+        sae_cfg,
+        tcfg,
+        batches,
+        sample,
+        progress=progress,
+        trainer=trainer,
+        checkpoint=lambda t: save_checkpoint(ckpt_dir, *t.state_dict()),
+        checkpoint_every_tokens=spec.train.checkpoint_every_tokens,
+    )
     meta = {
         "model": spec.model.source,
         "hookpoint": hookpoint,
@@ -132,12 +153,13 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
         "train_tokens": result.tokens,
         "train_steps": result.steps,
         "train_dead_fraction": result.dead_fraction,
-        "lr": tcfg.resolved_lr(result.sae.cfg.n_latents),
+        "lr": tcfg.resolved_lr(sae_cfg.n_latents),
         "spec_hash": spec.part_hash(*TRAIN_SECTIONS),
     }
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "train_history.json", {"history": result.history})
     result.sae.save(out, metadata=meta)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info("SAE for %s written to %s", hookpoint, out)
     return str(out)
 
@@ -161,7 +183,14 @@ def evaluate(spec: RunSpec, hookpoint: str, progress: bool = True) -> dict[str, 
         contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.downstream_contexts])
         metrics.update(
             downstream_metrics(
-                sae, model, contexts, hookpoint, int(spec.data.drop_first_position), spec.eval.batch_contexts, progress
+                sae,
+                model,
+                contexts,
+                hookpoint,
+                int(spec.data.drop_first_position),
+                store.column_mean(acts, stop=spec.eval.tokens),
+                spec.eval.batch_contexts,
+                progress,
             )
         )
     _write_json(path, metrics)

@@ -61,6 +61,7 @@ class TrainConfig:
     dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing
     fire_threshold: float = 1e-3  # "fired" = kept value above this, as in the released code
     multi_topk: bool = False  # L(k) + L(4k)/8 (§5.3)
+    ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
     geometric_median_samples: int = 32768
     seed: int = 0
     device: str = "cpu"

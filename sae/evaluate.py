@@ -27,37 +27,56 @@ def downstream_metrics(
     contexts: torch.Tensor,
     hookpoint: str,
     first_position: int,
+    mean_activation: torch.Tensor,
     batch_contexts: int = 16,
     progress: bool = True,
 ) -> dict[str, float]:
-    """§4.1: next-token CE with the reconstruction in place of the activation, vs the clean forward.
+    """§4.1: next-token CE and KL from the clean distribution with the activation replaced by the
+    SAE's reconstruction, by zeros and by the mean activation; loss recovered compares the three.
 
-    Positions before `first_position` (excluded from training) keep their clean activation; the loss
-    is averaged over every next-token prediction of the contexts.
+    Positions before `first_position` (excluded from training) keep their clean activation in every
+    variant; the loss is averaged over every next-token prediction of the contexts.
     """
     device = next(model.parameters()).device
     sae = sae.to(device)
+    mean_activation = mean_activation.to(device)
 
-    def splice(h: torch.Tensor) -> torch.Tensor:
-        tail = h[:, first_position:]
-        recon = sae(tail.reshape(-1, tail.shape[-1])).view_as(tail).to(h.dtype)
-        return torch.cat([h[:, :first_position], recon], dim=1)
+    def splice(replace):
+        def fn(h: torch.Tensor) -> torch.Tensor:
+            tail = h[:, first_position:]
+            new = replace(tail.reshape(-1, tail.shape[-1])).reshape(tail.shape).to(h.dtype)
+            return torch.cat([h[:, :first_position], new], dim=1)
 
-    ce_clean = ce_sae = kl = 0.0
+        return fn
+
+    variants = {
+        "sae": splice(sae),
+        "zero": splice(torch.zeros_like),
+        "mean": splice(lambda t: mean_activation.expand_as(t)),
+    }
+    ce = {name: 0.0 for name in ("clean", *variants)}
+    kl = {name: 0.0 for name in variants}
     n = 0
     for start in tqdm(range(0, len(contexts), batch_contexts), desc="eval LM loss", disable=not progress):
         ids = contexts[start : start + batch_contexts].to(device, torch.long)
         clean = logits(model, ids)
-        with replaced(model, hookpoint, splice):
-            spliced = logits(model, ids)
-        count = ids.shape[0] * (ids.shape[1] - 1)
-        ce_clean += next_token_ce(clean, ids).sum().item()
-        ce_sae += next_token_ce(spliced, ids).sum().item()
-        kl += kl_divergence(clean[:, :-1], spliced[:, :-1]).sum().item()
-        n += count
+        ce["clean"] += next_token_ce(clean, ids).sum().item()
+        for name, fn in variants.items():
+            with replaced(model, hookpoint, fn):
+                out = logits(model, ids)
+            ce[name] += next_token_ce(out, ids).sum().item()
+            kl[name] += kl_divergence(clean[:, :-1], out[:, :-1]).sum().item()
+        n += ids.shape[0] * (ids.shape[1] - 1)
+    ce = {name: total / n for name, total in ce.items()}
     return {
-        "ce_clean": ce_clean / n,
-        "ce_with_sae": ce_sae / n,
-        "ce_increase": (ce_sae - ce_clean) / n,
-        "kl_divergence": kl / n,
+        "ce_clean": ce["clean"],
+        "ce_with_sae": ce["sae"],
+        "ce_increase": ce["sae"] - ce["clean"],
+        "kl_divergence": kl["sae"] / n,
+        "ce_zero_ablation": ce["zero"],
+        "ce_mean_ablation": ce["mean"],
+        "kl_zero_ablation": kl["zero"] / n,
+        "kl_mean_ablation": kl["mean"] / n,
+        "loss_recovered_vs_zero": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]),
+        "loss_recovered_vs_mean": (ce["mean"] - ce["sae"]) / (ce["mean"] - ce["clean"]),
     }

@@ -119,61 +119,155 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train_sae(
-    sae_cfg: SAEConfig,
-    tcfg: TrainConfig,
-    batches: Iterator[torch.Tensor],
-    sample: torch.Tensor,
-    progress: bool = True,
-    on_log: Callable[[dict], None] | None = None,
-) -> TrainResult:
-    """Trains one SAE on raw activation batches (each (batch_tokens, d_in)) until tcfg.tokens."""
-    device = torch.device(tcfg.device)
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    sae = TopKSAE(sae_cfg)
-    sae.reset_parameters(generator=gen)
-    sae.to(device)
-    mse_scale = init_from_sample(sae, sample[: tcfg.geometric_median_samples].to(device))
-    opt = torch.optim.Adam(sae.parameters(), lr=tcfg.resolved_lr(sae_cfg.n_latents), betas=tcfg.betas, eps=tcfg.eps)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    tracker = DeadLatentTracker(
-        torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device), tcfg.dead_tokens, tcfg.fire_threshold
-    )
-    history: list[dict] = []
-    tokens_seen = step = 0
-    bar = tqdm(total=tcfg.tokens, unit="tok", unit_scale=True, desc="train", disable=not progress)
-    for batch in batches:
-        if tokens_seen >= tcfg.tokens:
-            break
-        x_norm, _ = sae.normalize(batch.to(device, non_blocking=True))
-        for group, base in zip(opt.param_groups, base_lrs):
-            group["lr"] = base * lr_factor(tcfg, tokens_seen)
-        parts = sae_loss(sae, x_norm, mse_scale, tcfg, tracker.dead_mask())
-        opt.zero_grad(set_to_none=True)
+class Trainer:
+    """All state of one training run: SAE, Adam, dead-latent counters, progress, loss scale.
+
+    The loop consumes no randomness after initialisation, so (state_dict, data cursor = steps) is a
+    complete checkpoint: resuming from it reproduces an uninterrupted run bit for bit on CPU.
+    """
+
+    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig):
+        self.tcfg = tcfg
+        self.device = torch.device(tcfg.device)
+        self.sae = TopKSAE(sae_cfg)
+        self.sae.reset_parameters(generator=torch.Generator().manual_seed(tcfg.seed))
+        self.sae.to(self.device)
+        lr = tcfg.resolved_lr(sae_cfg.n_latents)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps)
+        self.base_lr = lr
+        self.tracker = DeadLatentTracker(
+            torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device), tcfg.dead_tokens, tcfg.fire_threshold
+        )
+        self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
+        self.mse_scale = 1.0
+        self.steps = 0
+        self.tokens = 0
+        self.history: list[dict] = []
+
+    def initialize(self, sample: torch.Tensor) -> None:
+        self.mse_scale = init_from_sample(self.sae, sample[: self.tcfg.geometric_median_samples].to(self.device))
+
+    @property
+    def done(self) -> bool:
+        return self.tokens >= self.tcfg.tokens
+
+    def step(self, batch: torch.Tensor) -> LossParts:
+        sae, tcfg = self.sae, self.tcfg
+        x_norm, _ = sae.normalize(batch.to(self.device, non_blocking=True))
+        for group in self.opt.param_groups:
+            group["lr"] = self.base_lr * lr_factor(tcfg, self.tokens)
+        parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, self.tracker.dead_mask())
+        self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
         project_decoder_grad(sae)
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
-        opt.step()
+        self.opt.step()
         renormalize_decoder(sae)
-        tracker.update(parts.values, parts.indices)
-        tokens_seen += batch.shape[0]
-        step += 1
+        self.tracker.update(parts.values, parts.indices)
+        self.tokens += batch.shape[0]
+        self.steps += 1
+        if self.ema:
+            with torch.no_grad():
+                for name, p in sae.named_parameters():
+                    self.ema[name].lerp_(p, 1 - tcfg.ema_decay)
+        return parts
+
+    @torch.no_grad()
+    def ema_sae(self) -> TopKSAE:
+        """A copy of the SAE holding the bias-corrected EMA of the weights (ema / (1 - decay^steps))."""
+        out = TopKSAE(self.sae.cfg).to(self.device)
+        out.load_state_dict(self.sae.state_dict())
+        correction = 1 - self.tcfg.ema_decay**self.steps
+        for name, p in out.named_parameters():
+            p.copy_(self.ema[name] / correction)
+        return out
+
+    def final_sae(self) -> TopKSAE:
+        return (self.ema_sae() if self.ema else self.sae).cpu()
+
+    def dead_fraction(self) -> float:
+        return self.tracker.dead_mask().float().mean().item()
+
+    # checkpoints: tensors (for safetensors) and plain JSON-able metadata ---------------------------
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        opt = self.opt.state_dict()
+        for i, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{i}.{key}"] = torch.as_tensor(value)
+        tensors["tracker.tokens_since_fired"] = self.tracker.tokens_since_fired
+        tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
+        meta = {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "mse_scale": self.mse_scale,
+            "history": self.history,
+            "opt_param_groups": opt["param_groups"],
+        }
+        return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
+        self.opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
+        self.tracker.tokens_since_fired = tensors["tracker.tokens_since_fired"].to(self.device)
+        for name in self.ema:
+            self.ema[name] = tensors[f"ema.{name}"].to(self.device)
+        self.steps, self.tokens = meta["steps"], meta["tokens"]
+        self.mse_scale, self.history = meta["mse_scale"], list(meta["history"])
+
+
+def train_sae(
+    sae_cfg: SAEConfig,
+    tcfg: TrainConfig,
+    batches: Iterator[torch.Tensor],
+    sample: torch.Tensor | None = None,
+    progress: bool = True,
+    on_log: Callable[[dict], None] | None = None,
+    trainer: Trainer | None = None,
+    checkpoint: Callable[[Trainer], None] | None = None,
+    checkpoint_every_tokens: int = 0,
+) -> TrainResult:
+    """Trains one SAE on raw activation batches (each (batch_tokens, d_in)) until tcfg.tokens.
+
+    Pass a `trainer` restored from a checkpoint (and batches that start at its cursor) to resume;
+    otherwise a new one is initialised from `sample`. `checkpoint(trainer)` is called every
+    `checkpoint_every_tokens` tokens.
+    """
+    if trainer is None:
+        if sample is None:
+            raise ValueError("a new training run needs a sample of activations for its initialisation")
+        trainer = Trainer(sae_cfg, tcfg)
+        trainer.initialize(sample)
+    bar = tqdm(total=tcfg.tokens, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train", disable=not progress)
+    next_checkpoint = trainer.tokens + checkpoint_every_tokens
+    for batch in batches:
+        if trainer.done:
+            break
+        parts = trainer.step(batch)
         bar.update(batch.shape[0])
-        if step % tcfg.log_every == 0 or tokens_seen >= tcfg.tokens:
+        if trainer.steps % tcfg.log_every == 0 or trainer.done:
             record = {
-                "step": step,
-                "tokens": tokens_seen,
+                "step": trainer.steps,
+                "tokens": trainer.tokens,
                 "loss": parts.loss.item(),
                 "mse": parts.mse.item(),
                 "aux": parts.aux.item(),
-                "dead_fraction": tracker.dead_mask().float().mean().item(),
+                "dead_fraction": trainer.dead_fraction(),
             }
-            history.append(record)
+            trainer.history.append(record)
             bar.set_postfix(mse=f"{record['mse']:.4f}", dead=f"{record['dead_fraction']:.3f}")
             if on_log:
                 on_log(record)
+        if checkpoint and checkpoint_every_tokens and trainer.tokens >= next_checkpoint and not trainer.done:
+            checkpoint(trainer)
+            next_checkpoint = trainer.tokens + checkpoint_every_tokens
     bar.close()
-    if tokens_seen < tcfg.tokens:
-        raise RuntimeError(f"the batch iterator ran out after {tokens_seen} of {tcfg.tokens} tokens")
-    return TrainResult(sae.cpu(), tokens_seen, step, tracker.dead_mask().float().mean().item(), history)
+    if not trainer.done:
+        raise RuntimeError(f"the batch iterator ran out after {trainer.tokens} of {tcfg.tokens} tokens")
+    return TrainResult(trainer.final_sae(), trainer.tokens, trainer.steps, trainer.dead_fraction(), trainer.history)

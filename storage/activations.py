@@ -146,14 +146,25 @@ def iter_rows(array: zarr.Array, batch_rows: int, stop: int | None = None) -> It
         yield torch.from_numpy(array[start : min(start + batch_rows, end)].astype(np.float32))
 
 
+def column_mean(array: zarr.Array, stop: int | None = None, batch_rows: int = 65536) -> torch.Tensor:
+    """Mean row (float32) over the first `stop` rows, accumulated in float64."""
+    total, count = torch.zeros(array.shape[1], dtype=torch.float64), 0
+    for rows in iter_rows(array, batch_rows, stop):
+        total += rows.double().sum(0)
+        count += rows.shape[0]
+    return (total / count).float()
+
+
 def shuffled_batches(
-    array: zarr.Array, batch_rows: int, seed: int, buffer_chunks: int = 8
+    array: zarr.Array, batch_rows: int, seed: int, buffer_chunks: int = 8, start_batch: int = 0
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches, deterministic for a seed, never holding the whole array.
 
     Whole chunks are read in a random order, `buffer_chunks` at a time, and rows are shuffled inside
-    that buffer (random single-row reads would touch nearly every chunk).
+    that buffer (random single-row reads would touch nearly every chunk). `start_batch` resumes the
+    sequence at that batch (a training checkpoint's data cursor).
     """
+    batch_index = 0
     rng = np.random.default_rng(seed)
     rows = array.chunks[0]
     n_chunks = -(-array.shape[0] // rows)
@@ -166,7 +177,9 @@ def shuffled_batches(
             buf = buf[rng.permutation(len(buf))]
             n_full = len(buf) // batch_rows
             for b in range(n_full):
-                yield torch.from_numpy(buf[b * batch_rows : (b + 1) * batch_rows].astype(np.float32))
+                if batch_index >= start_batch:
+                    yield torch.from_numpy(buf[b * batch_rows : (b + 1) * batch_rows].astype(np.float32))
+                batch_index += 1
             carry = buf[n_full * batch_rows :]
 
 

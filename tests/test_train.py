@@ -6,7 +6,7 @@ import torch
 from sae.config import SAEConfig, TrainConfig, auto_lr
 from sae.geometric_median import geometric_median
 from sae.model import TopKSAE
-from sae.train import DeadLatentTracker, project_decoder_grad, renormalize_decoder, train_sae
+from sae.train import DeadLatentTracker, Trainer, project_decoder_grad, renormalize_decoder, train_sae
 
 
 def test_gradient_projection_removes_parallel_component():
@@ -95,3 +95,21 @@ def test_planted_dictionary_is_recovered():
     recovered = (cos.max(dim=1).values > 0.9).float().mean().item()
     assert recovered >= 0.95, recovered
     assert result.dead_fraction < 0.01
+
+
+def test_weight_ema_is_bias_corrected():
+    decay = 0.6
+    tcfg = TrainConfig(batch_tokens=32, tokens=96, lr=1e-2, ema_decay=decay, dead_tokens=10**6)
+    trainer = Trainer(SAEConfig(8, 32, 4), tcfg)
+    x = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+    trainer.initialize(x)
+    seen = []
+    for i in range(3):
+        trainer.step(x[i * 32 : (i + 1) * 32])
+        seen.append(trainer.sae.W_dec.detach().clone())
+    # EMA from zero, divided by (1 - decay^t): weights (1-d) d^(t-1-i) on step i, normalised
+    weights = torch.tensor([(1 - decay) * decay ** (2 - i) for i in range(3)])
+    expected = sum(w * s for w, s in zip(weights, seen)) / (1 - decay**3)
+    assert torch.allclose(trainer.ema_sae().W_dec, expected, atol=1e-6)
+    assert torch.allclose(weights.sum() / (1 - decay**3), torch.tensor(1.0))
+    assert trainer.final_sae() is not trainer.sae

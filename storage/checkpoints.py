@@ -1,0 +1,45 @@
+"""Training checkpoints: tensors in safetensors, the rest in JSON, each checkpoint written under a
+temporary name and renamed into place, so a kill at any moment leaves the last complete one readable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+KEEP = 2
+
+
+def _steps_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.glob("step-*") if (p / META_FILE).exists() and (p / STATE_FILE).exists())
+
+
+def save_checkpoint(root: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{meta['steps']:09d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, tmp / STATE_FILE)
+    (tmp / META_FILE).write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _steps_dirs(root)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest(root: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, meta) of the newest complete checkpoint under root, or None."""
+    found = _steps_dirs(Path(root))
+    if not found:
+        return None
+    latest = found[-1]
+    return load_file(latest / STATE_FILE), json.loads((latest / META_FILE).read_text())

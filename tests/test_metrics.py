@@ -1,0 +1,61 @@
+import pytest
+import torch
+from torch import nn
+
+from sae.config import SAEConfig
+from sae.evaluate import downstream_metrics, reconstruction_metrics
+from sae.lm import load_lm
+from sae.metrics import kl_divergence, next_token_ce
+from sae.model import TopKSAE
+
+
+def test_normalized_mse_is_one_for_the_mean_predictor():
+    x = torch.randn(500, 8, dtype=torch.float64) * 3 + 1
+    sae = TopKSAE(SAEConfig(8, 16, 2, normalization="none")).double()
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_pre.copy_(x.mean(0))
+    m = reconstruction_metrics(sae, x.split(128), progress=False)
+    assert m["normalized_mse"] == pytest.approx(1.0, abs=1e-12)
+    assert m["fraction_variance_explained"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_reconstruction_metrics_against_dense_computation():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(8, 40, 3)).double()
+    x = torch.randn(300, 8, dtype=torch.float64)
+    m = reconstruction_metrics(sae, x.split(64), progress=False)
+    xn = (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-5)
+    pre = (xn - sae.b_pre) @ sae.W_enc.T
+    top = pre.topk(3, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    recon = z @ sae.W_dec + sae.b_pre
+    expected = (xn - recon).pow(2).sum() / (xn - xn.mean(0)).pow(2).sum()
+    assert m["normalized_mse"] == pytest.approx(expected.item(), rel=1e-10)
+    assert m["l0"] == pytest.approx((z > 0).sum(1).double().mean().item())
+    fired = (z > 0).any(0)
+    assert m["dead_fraction"] == pytest.approx(1 - fired.double().mean().item())
+    assert m["dense_fraction"] == pytest.approx(((z > 0).double().mean(0) > 0.1).double().mean().item())
+
+
+def test_next_token_ce_and_kl_reference():
+    logits = torch.randn(2, 5, 7)
+    tokens = torch.randint(7, (2, 5))
+    manual = torch.stack(
+        [-(logits[b, t].log_softmax(-1)[tokens[b, t + 1]]) for b in range(2) for t in range(4)]
+    ).view(2, 4)
+    assert torch.allclose(next_token_ce(logits, tokens), manual, atol=1e-6)
+    assert torch.allclose(kl_divergence(logits, logits), torch.zeros(2, 5), atol=1e-6)
+    other = torch.randn(2, 5, 7)
+    p, q = logits.softmax(-1), other.softmax(-1)
+    assert torch.allclose(kl_divergence(logits, other), (p * (p / q).log()).sum(-1), atol=1e-5)
+
+
+def test_identity_splice_changes_nothing(tiny_model_dir):
+    model, _ = load_lm(str(tiny_model_dir), "float32", "cpu")
+    ids = torch.randint(3, model.config.vocab_size, (6, 10), generator=torch.Generator().manual_seed(0))
+    m = downstream_metrics(nn.Identity(), model, ids, "model.layers.1", 1, torch.zeros(32), 4, progress=False)
+    assert m["ce_increase"] == pytest.approx(0.0, abs=1e-6)
+    assert m["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
+    assert m["loss_recovered_vs_zero"] == pytest.approx(1.0, abs=1e-5)
+    assert m["ce_zero_ablation"] != pytest.approx(m["ce_clean"])
