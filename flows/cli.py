@@ -50,11 +50,11 @@ def cmd_validate(args) -> int:
 
 def cmd_stages(args) -> int:
     spec = load_spec(args.spec)
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline
     from flows.stages import STAGES
 
     only = STAGES if args.command == "run" else (args.command,)
-    rows = pipeline(spec, only=only)
+    rows = run_pipeline(spec, only=only)
     _print_summary(spec, rows)
     return 0
 

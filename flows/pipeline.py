@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_table_artifact
 
 from flows import stages
@@ -26,6 +27,16 @@ def _key(stage: str, sections: tuple[str, ...]):
 
 
 _TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, persist_result=True)
+
+
+@task(name="plan_cache", retries=2, retry_delay_seconds=10)
+def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
+    return stages.plan_cache(spec)
+
+
+@task(name="cache_shard", retries=2, retry_delay_seconds=10)
+def cache_shard(spec: RunSpec, split: str, index: int) -> None:
+    stages.cache_shard(spec, split, index)
 
 
 @task(name="cache_activations", cache_key_fn=_key("cache", stages.CACHE_SECTIONS), **_TASK_OPTIONS)
@@ -51,6 +62,23 @@ def register(spec: RunSpec, hookpoint: str) -> str:
 _TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
 
 
+def task_runner(spec: RunSpec):
+    """Threads by default; Dask when the spec names a scheduler or asks for local Dask workers."""
+    o = spec.orchestration
+    if o.dask_address or o.dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        if o.dask_address:
+            return DaskTaskRunner(address=o.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True})
+    # one at a time: an LM forward already uses every core of the machine
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) -> list[dict]:
+    return pipeline.with_options(task_runner=task_runner(spec))(spec, only=only, **options)
+
+
 @flow(name="saeflow-pipeline", log_prints=True)
 def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
     """Runs the selected stages; a stage that is not selected must already be done."""
@@ -70,6 +98,12 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
         t = _TASKS[stage].with_options(result_storage=result_storage, refresh_cache=not done)
         return t(spec, *hookpoint)
 
+    if "cache" in only and not stages.is_done("cache", spec):
+        # shards fan out over the flow's task runner (threads, or Dask workers); only missing ones run
+        missing = plan_cache(spec)
+        if missing:
+            logger.info("computing %d activation shards", len(missing))
+            cache_shard.map(unmapped(spec), [s for s, _ in missing], [i for _, i in missing]).result()
     run("cache")
     logger.info("activation store: %s", stages.store_url(spec))
     rows = []
@@ -90,4 +124,4 @@ def run_spec_file(spec_path: str, only: list[str] = list(stages.STAGES)) -> list
     """Deployment entry point: validates a spec file on the worker, then runs the pipeline."""
     from flows.spec import load_spec
 
-    return pipeline(load_spec(spec_path), only=only)
+    return run_pipeline(load_spec(spec_path), only=only)

@@ -33,6 +33,10 @@ class DataSpec(Section):
     drop_first_position: bool = True  # the first position's activations are outliers (attention sink)
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     batch_contexts: PositiveInt = 32
+    store: str | None = None  # activation store root, any fsspec URL; default <workdir>/activations
+    store_options: dict = Field(default_factory=dict)  # fsspec storage_options, e.g. S3 endpoint/credentials
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    shard_contexts: PositiveInt | None = None  # contexts per shard (the unit of work); default ~16 MB shards
 
 
 class SAESpec(Section):
@@ -82,6 +86,11 @@ class EvalSpec(Section):
     batch_contexts: PositiveInt = 16
 
 
+class OrchestrationSpec(Section):
+    dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786
+    dask_workers: int = Field(0, ge=0)  # > 0: start a local Dask cluster with this many worker processes
+
+
 class RegistrySpec(Section):
     tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
     model_name: str | None = None  # default: the spec's name
@@ -98,6 +107,7 @@ class RunSpec(Section):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     registry: RegistrySpec = RegistrySpec()
+    orchestration: OrchestrationSpec = OrchestrationSpec()
     workdir: str = ".saeflow"
 
     def part_hash(self, *sections: str) -> str:

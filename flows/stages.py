@@ -9,13 +9,16 @@ import math
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
+import zarr
 
 from flows.spec import RunSpec
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
+from storage.corpus import split_contexts
 from storage.registry import find_registered, register_sae
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,8 @@ def _safe(name: str) -> str:
 
 # output locations -----------------------------------------------------------------------------------
 def store_url(spec: RunSpec) -> str:
-    return str(spec.root / "activations" / spec.part_hash(*CACHE_SECTIONS))
+    base = spec.data.store or str(spec.root / "activations")
+    return f"{base.rstrip('/')}/{spec.part_hash(*CACHE_SECTIONS)}"
 
 
 def sae_dir(spec: RunSpec, hookpoint: str) -> Path:
@@ -51,7 +55,7 @@ def converted_model_dir(spec: RunSpec) -> Path:
 
 def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None) -> bool:
     if stage == "cache":
-        return store.is_complete(store_url(spec))
+        return store.is_complete(store_url(spec), spec.data.store_options)
     if stage == "train":
         return (sae_dir(spec, hookpoint) / "config.json").exists()
     if stage == "evaluate":
@@ -71,44 +75,74 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_lm(spec: RunSpec):
-    return load_lm(spec.model.source, spec.model.dtype, spec.model.device, converted_model_dir(spec))
+_LMS: dict[tuple, tuple] = {}
+_LMS_LOCK = threading.Lock()
+
+
+def _lm(spec: RunSpec):
+    """(model, tokenizer), loaded once per process and shared by the tasks that run in it."""
+    key = (spec.model.source, spec.model.dtype, spec.model.device)
+    with _LMS_LOCK:
+        if key not in _LMS:
+            _LMS[key] = load_lm(*key, converted_model_dir(spec))
+        return _LMS[key]
 
 
 # stages -------------------------------------------------------------------------------------------
-def cache(spec: RunSpec, progress: bool = True) -> str:
-    url = store_url(spec)
-    if store.is_complete(url):
-        log.info("activations already cached at %s", url)
-        return url
-    model, tokenizer = _load_lm(spec)
+def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
+    """Plans the store (tokenised contexts, empty sharded arrays) unless a plan for this spec exists;
+    returns the (split, shard) pairs still to compute."""
+    url, opts = store_url(spec), spec.data.store_options
+    if store.is_complete(url, opts):
+        return []
+    digest = spec.part_hash(*CACHE_SECTIONS)
+    try:
+        attrs = zarr.open_group(url, mode="r", storage_options=opts or None).attrs
+        if attrs.get("spec_hash") == digest and "splits" in attrs:
+            missing = store.missing_shards(url, opts)
+            log.info("resuming the activation store at %s: %d shards to compute", url, len(missing))
+            return missing
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        pass
+    model, tokenizer = _lm(spec)
     d = spec.data
     positions = d.context_length - int(d.drop_first_position)
     n_train = math.ceil(d.tokens / positions)
     n_eval = max(math.ceil(spec.eval.tokens / positions), spec.eval.downstream_contexts)
-    from storage.corpus import split_contexts
-
-    train, heldout = split_contexts(d.source, tokenizer, d.context_length, n_train, n_eval, d.eval_fraction)
-    attrs = {
-        "model": spec.model.source,
-        "tokenizer": getattr(tokenizer, "name_or_path", ""),
-        "hookpoints": spec.hookpoints,
-        "d_model": model.config.hidden_size,
-        "context_length": d.context_length,
-        "first_position": int(d.drop_first_position),
-        "data": d.source,
-        "spec_hash": spec.part_hash(*CACHE_SECTIONS),
-    }
-    store.write_store(
+    train_ctx, eval_ctx = split_contexts(d.source, tokenizer, d.context_length, n_train, n_eval, d.eval_fraction)
+    store.plan_store(
         url,
-        model,
-        {"train": train, "eval": heldout},
+        {"train": train_ctx, "eval": eval_ctx},
         spec.hookpoints,
-        drop_first_position=d.drop_first_position,
-        batch_contexts=d.batch_contexts,
-        attrs=attrs,
-        progress=progress,
+        d_model=model.config.hidden_size,
+        first_position=int(d.drop_first_position),
+        dtype=d.dtype,
+        shard_contexts=d.shard_contexts,
+        attrs={
+            "model": spec.model.source,
+            "model_revision": getattr(model.config, "_commit_hash", None) or "",
+            "tokenizer": getattr(tokenizer, "name_or_path", ""),
+            "data": d.source,
+            "spec_hash": digest,
+        },
+        storage_options=opts,
     )
+    return store.missing_shards(url, opts)
+
+
+def cache_shard(spec: RunSpec, split: str, index: int) -> None:
+    model, _ = _lm(spec)
+    store.write_shard(store_url(spec), split, index, model, spec.data.batch_contexts, spec.data.store_options, True)
+
+
+def cache(spec: RunSpec) -> str:
+    """Finishes the cache stage: checks every shard, computes statistics, marks the store complete."""
+    url, opts = store_url(spec), spec.data.store_options
+    if store.is_complete(url, opts):
+        log.info("activations already cached at %s", url)
+        return url
+    store.finalize_store(url, opts)
+    log.info("activations written to %s", url)
     return url
 
 
@@ -121,7 +155,8 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
     if is_done("train", spec, hookpoint):
         log.info("SAE for %s already trained at %s", hookpoint, out)
         return str(out)
-    group = store.open_store(store_url(spec))
+    # verify: a missing or corrupted shard stops here, naming it, before any training
+    group = store.open_store(store_url(spec), spec.data.store_options, verify=True)
     acts = store.activations(group, "train", hookpoint)
     device = str(resolve_device(spec.train.device))
     tcfg = spec.train_config(acts.shape[0], device)
@@ -135,7 +170,9 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
         log.info("resuming %s from its checkpoint at %d tokens (%s)", hookpoint, trainer.tokens, ckpt_dir)
     else:
         sample = store.sample_rows(acts, tcfg.geometric_median_samples, seed=tcfg.seed)
-    batches = store.shuffled_batches(acts, tcfg.batch_tokens, seed=tcfg.seed, start_batch=trainer.steps if trainer else 0)
+    batches = store.prefetch(
+        store.shuffled_batches(acts, tcfg.batch_tokens, seed=tcfg.seed, start_batch=trainer.steps if trainer else 0)
+    )
     result = train_sae(
         sae_cfg,
         tcfg,
@@ -173,13 +210,13 @@ def evaluate(spec: RunSpec, hookpoint: str, progress: bool = True) -> dict[str, 
         log.info("metrics for %s already at %s", hookpoint, path)
         return json.loads(path.read_text())
     sae = TopKSAE.load(sae_dir(spec, hookpoint)).eval()
-    group = store.open_store(store_url(spec))
+    group = store.open_store(store_url(spec), spec.data.store_options)
     acts = store.activations(group, "eval", hookpoint)
     batches = store.iter_rows(acts, 4096, stop=spec.eval.tokens)
     metrics = reconstruction_metrics(sae, batches, progress=progress)
     metrics["train_dead_fraction"] = sae.metadata.get("train_dead_fraction", float("nan"))
     if spec.eval.downstream_contexts > 0:
-        model, _ = _load_lm(spec)
+        model, _ = _lm(spec)
         contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.downstream_contexts])
         metrics.update(
             downstream_metrics(

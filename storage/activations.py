@@ -1,37 +1,49 @@
-"""Zarr v3 activation store: write LM activations at hookpoints, read them back in shuffled batches.
+"""Sharded Zarr v3 activation store: planned once, filled shard by shard, verified, then read back.
 
 Layout of one store (a Zarr group at any fsspec URL):
-    {split}/tokens            (n_contexts, context_length) int32   token ids
-    {split}/acts/{hookpoint}  (n_contexts * positions, d) float16  one row per kept position
-with split in {"train", "eval"}. The group attribute `complete` is set last: a store without it is
-unfinished and is rejected for reading.
+    {split}/tokens, doc_index, doc_position   (n_contexts, context_length) int32
+    {split}/documents                          (n_documents,) str   document ids
+    {split}/acts/{hookpoint}                   (n_contexts * positions, d)   one row per kept position
+    _shards/{split}-{i}.json                   completion marker of shard i: crc32 of its files
+with split in {"train", "eval"}. Activation arrays are chunked for reading (>= 1 MB chunks) inside
+shards for writing; a shard is a whole number of contexts and exactly one writer ever writes it, so
+workers never read-modify-write each other's data. A shard counts only once its marker exists; the
+group attribute `complete` is set after every shard is marked and the statistics are computed.
+Row r of split s comes from context r // positions at position first_position + r % positions.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import math
+import queue
+import threading
+import zlib
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
+import fsspec
 import numpy as np
 import torch
 import zarr
 from tqdm.auto import tqdm
 
 from sae.lm import capture
+from storage.corpus import Contexts
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
 TARGET_CHUNK_BYTES = 2 * 2**20  # >= 1 MB chunks: efficient reads from object stores as well
+CHUNKS_PER_SHARD = 8
+MARKERS = "_shards"
+# stored dtype and the logical dtype it holds: zarr 3.1 has no bfloat16, so its raw bits go in uint16
+STORE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
 
 def array_name(hookpoint: str) -> str:
     return hookpoint.replace("/", "_")
-
-
-def chunk_rows(d: int, itemsize: int = 2) -> int:
-    return max(1024, TARGET_CHUNK_BYTES // (d * itemsize))
 
 
 class IncompleteStoreError(RuntimeError):
@@ -39,22 +51,117 @@ class IncompleteStoreError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class StoreInfo:
-    url: str
-    hookpoints: list[str]
-    d_model: int
+class Layout:
+    """How one split's contexts map onto chunks and shards."""
+
+    n_contexts: int
     context_length: int
-    first_position: int  # 1 when the first position of each context is dropped
+    first_position: int
+    chunk_contexts: int
+    shard_contexts: int
+
+    @property
+    def positions(self) -> int:
+        return self.context_length - self.first_position
+
+    @property
+    def rows(self) -> int:
+        return self.n_contexts * self.positions
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_contexts / self.shard_contexts)
+
+    def shard_contexts_range(self, i: int) -> tuple[int, int]:
+        return i * self.shard_contexts, min((i + 1) * self.shard_contexts, self.n_contexts)
+
+    @classmethod
+    def plan(cls, n_contexts: int, context_length: int, first_position: int, d: int, itemsize: int, shard_contexts: int | None):
+        positions = context_length - first_position
+        chunk = max(1, math.ceil(TARGET_CHUNK_BYTES / (positions * d * itemsize)))
+        shard = shard_contexts or chunk * CHUNKS_PER_SHARD
+        chunk = min(chunk, shard)
+        shard = math.ceil(shard / chunk) * chunk
+        return cls(n_contexts, context_length, first_position, chunk, shard)
 
 
-def open_store(url: str, storage_options: dict | None = None) -> zarr.Group:
-    """Opens a finished store for reading; an unfinished one raises IncompleteStoreError."""
+# opening and verifying ---------------------------------------------------------------------------
+def _fs(url: str, storage_options: dict | None):
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _marker_path(root: str, split: str, i: int) -> str:
+    return f"{root}/{MARKERS}/{split}-{i:06d}.json"
+
+
+def _shard_file(root: str, split: str, hookpoint: str, i: int) -> str:
+    return f"{root}/{split}/acts/{array_name(hookpoint)}/c/{i}/0"
+
+
+def _read_marker(fs, path: str) -> dict | None:
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options)
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # absent, or cut short by a kill: the shard is redone
+
+
+def layout_of(group: zarr.Group, split: str) -> Layout:
+    return Layout(**group[split].attrs["layout"])
+
+
+def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
+    """(split, shard) pairs of a planned store that have no completion marker."""
+    group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+    fs, root = _fs(url, storage_options)
+    return [
+        (split, i)
+        for split in group.attrs["splits"]
+        for i in range(layout_of(group, split).n_shards)
+        if _read_marker(fs, _marker_path(root, split, i)) is None
+    ]
+
+
+def verify_shards(url: str, storage_options: dict | None = None, full: bool = True) -> None:
+    """Every shard must be marked and (full=True) its files must match the recorded crc32."""
+    group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+    fs, root = _fs(url, storage_options)
+    problems = []
+    for split in group.attrs["splits"]:
+        layout = layout_of(group, split)
+        for i in range(layout.n_shards):
+            c0, c1 = layout.shard_contexts_range(i)
+            where = f"{split} shard {i} (contexts {c0}..{c1 - 1})"
+            marker = _read_marker(fs, _marker_path(root, split, i))
+            if marker is None:
+                problems.append(f"{where} is missing")
+                continue
+            if not full:
+                continue
+            for h, crc in marker["crc32"].items():
+                try:
+                    actual = zlib.crc32(fs.cat_file(_shard_file(root, split, h, i)))
+                except FileNotFoundError:
+                    actual = None
+                if actual != crc:
+                    problems.append(f"{where} of {h} is corrupted or gone ({_shard_file(root, split, h, i)})")
+    if problems:
+        raise IncompleteStoreError(
+            f"the activation store at {url} has bad shards; run `saeflow cache SPEC` to redo them:\n  "
+            + "\n  ".join(problems[:20])
+            + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        )
+
+
+def open_store(url: str, storage_options: dict | None = None, verify: bool = False) -> zarr.Group:
+    """Opens a finished store for reading; unfinished or (verify=True) damaged ones raise."""
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise IncompleteStoreError(f"no activation store at {url}: run `saeflow cache SPEC` first") from e
     if not group.attrs.get("complete", False):
         raise IncompleteStoreError(f"the activation store at {url} is unfinished: run `saeflow cache SPEC` again")
+    if verify:
+        verify_shards(url, storage_options)
     return group
 
 
@@ -66,84 +173,136 @@ def is_complete(url: str, storage_options: dict | None = None) -> bool:
     return True
 
 
-def store_info(group: zarr.Group) -> StoreInfo:
-    a = group.attrs
-    return StoreInfo(str(group.store), list(a["hookpoints"]), a["d_model"], a["context_length"], a["first_position"])
+# writing -----------------------------------------------------------------------------------------
+def plan_store(
+    url: str,
+    splits: dict[str, Contexts],
+    hookpoints: list[str],
+    *,
+    d_model: int,
+    first_position: int,
+    dtype: str = "float16",
+    shard_contexts: int | None = None,
+    attrs: dict,
+    storage_options: dict | None = None,
+) -> None:
+    """Creates the group, the token/document arrays and the empty sharded activation arrays."""
+    group = zarr.open_group(url, mode="w", storage_options=storage_options or None)
+    stored = np.dtype(STORE_DTYPES[dtype])
+    codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    for split, ctx in splits.items():
+        n, length = ctx.tokens.shape
+        layout = Layout.plan(n, length, first_position, d_model, stored.itemsize, shard_contexts)
+        sub = group.create_group(split, attributes={"layout": asdict(layout)})
+        for name in ("tokens", "doc_index", "doc_position"):
+            sub.create_array(name, data=getattr(ctx, name), chunks=(layout.shard_contexts, length), compressors=codec)
+        docs = sub.create_array("documents", shape=(len(ctx.documents),), dtype="str")  # variable-length UTF-8
+        docs[:] = np.asarray(ctx.documents, dtype=object)
+        for h in hookpoints:
+            sub.create_array(
+                f"acts/{array_name(h)}",
+                shape=(layout.rows, d_model),
+                dtype=stored,
+                chunks=(layout.chunk_contexts * layout.positions, d_model),
+                shards=(layout.shard_contexts * layout.positions, d_model),
+                compressors=codec,
+                attributes={"logical_dtype": dtype, "hookpoint": h},
+            )
+    group.attrs.update(
+        {**attrs, "hookpoints": hookpoints, "splits": list(splits), "d_model": d_model, "dtype": dtype,
+         "context_length": next(iter(splits.values())).tokens.shape[1], "first_position": first_position,
+         "complete": False}
+    )
+    log.info("planned activation store at %s", url)
+
+
+def _encode(a: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return a.to(torch.bfloat16).view(torch.uint16).numpy()
+    return a.to(getattr(torch, dtype)).numpy()
+
+
+def _decode(block: np.ndarray, logical_dtype: str) -> torch.Tensor:
+    if logical_dtype == "bfloat16":
+        return torch.from_numpy(block.astype(np.uint16)).view(torch.bfloat16).float()
+    return torch.from_numpy(block.astype(np.float32))
 
 
 @torch.no_grad()
-def write_store(
+def write_shard(
     url: str,
+    split: str,
+    index: int,
     model: torch.nn.Module,
-    contexts: dict[str, torch.Tensor],
-    hookpoints: list[str],
-    *,
-    drop_first_position: bool,
     batch_contexts: int,
-    attrs: dict,
     storage_options: dict | None = None,
-    progress: bool = True,
-) -> str:
-    """Runs the LM over each split's contexts (one forward serves all hookpoints), writes the store."""
-    d_model = model.config.hidden_size
-    first = 1 if drop_first_position else 0
-    group = zarr.open_group(url, mode="w", storage_options=storage_options)
-    group.attrs.update({**attrs, "complete": False})
+    progress: bool = False,
+) -> None:
+    """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it."""
+    group = zarr.open_group(url, mode="r+", storage_options=storage_options or None)
+    hookpoints, dtype, first = group.attrs["hookpoints"], group.attrs["dtype"], group.attrs["first_position"]
+    sub = group[split]
+    layout = layout_of(group, split)
+    c0, c1 = layout.shard_contexts_range(index)
+    ids = torch.from_numpy(sub["tokens"][c0:c1])
     device = next(model.parameters()).device
-    rows = chunk_rows(d_model)
-    codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-    for split, ids in contexts.items():
-        n_ctx, length = ids.shape
-        positions = length - first
-        sub = group.create_group(split)
-        sub.create_array("tokens", data=ids.numpy().astype(np.int32), chunks=(max(1, 2**20 // (4 * length)), length))
-        acts = {
-            h: sub.create_array(
-                f"acts/{array_name(h)}",
-                shape=(n_ctx * positions, d_model),
-                dtype="float16",
-                chunks=(rows, d_model),
-                compressors=codec,
-            )
-            for h in hookpoints
-        }
-        # whole-chunk writes only: each chunk is written once, never read-modify-written
-        buffers = {h: [] for h in hookpoints}
-        written = 0
-        bar = tqdm(total=n_ctx * positions, unit="tok", unit_scale=True, desc=f"cache {split}", disable=not progress)
-        for start in range(0, n_ctx, batch_contexts):
-            batch = ids[start : start + batch_contexts].to(device, torch.long)
-            out = capture(model, batch, hookpoints)
-            for h in hookpoints:
-                a = out[h][:, first:].reshape(-1, d_model).float()
-                if not torch.isfinite(a).all():
-                    raise ValueError(f"non-finite activations at {h} in {split} contexts {start}..{start + len(batch)}")
-                buffers[h].append(a.cpu().numpy().astype(np.float16))
-            pending = sum(len(b) for b in buffers[hookpoints[0]])
-            last = start + batch_contexts >= n_ctx
-            if pending >= rows or last:
-                n_rows = pending if last else (pending // rows) * rows
-                for h in hookpoints:
-                    block = np.concatenate(buffers[h])
-                    acts[h][written : written + n_rows] = block[:n_rows]
-                    buffers[h] = [block[n_rows:]]
-                written += n_rows
-            bar.update(len(batch) * positions)
-        bar.close()
-    group.attrs.update({"complete": True})
-    log.info("activations written to %s", url)
-    return url
+    blocks: dict[str, list[np.ndarray]] = {h: [] for h in hookpoints}
+    for start in tqdm(range(0, len(ids), batch_contexts), desc=f"{split} shard {index}", disable=not progress):
+        out = capture(model, ids[start : start + batch_contexts].to(device, torch.long), hookpoints)
+        for h in hookpoints:
+            a = out[h][:, first:].reshape(-1, out[h].shape[-1]).float().cpu()
+            if not torch.isfinite(a).all():
+                bad = int((~torch.isfinite(a)).any(-1).nonzero()[0]) // layout.positions + c0 + start
+                raise ValueError(
+                    f"non-finite activations at {h} in {split} context {bad} (shard {index}, contexts "
+                    f"{c0 + start}..{c0 + start + len(out[h]) - 1}, tokens {bad * layout.context_length}.."
+                    f"{(bad + 1) * layout.context_length - 1} of the split)"
+                )
+            blocks[h].append(_encode(a, dtype))
+    fs, root = _fs(url, storage_options)
+    crcs = {}
+    for h in hookpoints:
+        sub[f"acts/{array_name(h)}"][c0 * layout.positions : c1 * layout.positions] = np.concatenate(blocks[h])
+        crcs[h] = zlib.crc32(fs.cat_file(_shard_file(root, split, h, index)))
+    fs.makedirs(f"{root}/{MARKERS}", exist_ok=True)
+    fs.pipe_file(_marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
 
 
+def finalize_store(url: str, storage_options: dict | None = None) -> dict:
+    """Checks every shard, computes statistics over each whole array with Dask, marks the store complete."""
+    import dask.array as da
+
+    verify_shards(url, storage_options)
+    group = zarr.open_group(url, mode="r+", storage_options=storage_options or None)
+    stats = {}
+    for split in group.attrs["splits"]:
+        for h in group.attrs["hookpoints"]:
+            arr = group[f"{split}/acts/{array_name(h)}"]
+            logical = arr.attrs["logical_dtype"]
+            x = da.from_zarr(arr).map_blocks(lambda b: _decode(b, logical).numpy().astype(np.float64), dtype=np.float64)
+            mean, sq_norm, nonfinite = da.compute(x.mean(axis=0), (x**2).sum(axis=1).mean(), (~da.isfinite(x)).sum())
+            if nonfinite:
+                raise ValueError(f"{split} activations at {h} hold {int(nonfinite)} non-finite values")
+            stats[f"{split}/{h}"] = {"mean": mean.tolist(), "mean_squared_norm": float(sq_norm), "non_finite": 0}
+    group.attrs.update({"stats": stats, "complete": True})
+    log.info("activation store complete at %s", url)
+    return stats
+
+
+# reading -----------------------------------------------------------------------------------------
 def activations(group: zarr.Group, split: str, hookpoint: str) -> zarr.Array:
     return group[f"{split}/acts/{array_name(hookpoint)}"]
+
+
+def _rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
+    return _decode(array[start:stop], array.attrs.get("logical_dtype", "float16"))
 
 
 def iter_rows(array: zarr.Array, batch_rows: int, stop: int | None = None) -> Iterator[torch.Tensor]:
     """Sequential float32 batches over the first `stop` rows (default all) of an array."""
     end = array.shape[0] if stop is None else min(stop, array.shape[0])
     for start in range(0, end, batch_rows):
-        yield torch.from_numpy(array[start : min(start + batch_rows, end)].astype(np.float32))
+        yield _rows(array, start, min(start + batch_rows, end))
 
 
 def column_mean(array: zarr.Array, stop: int | None = None, batch_rows: int = 65536) -> torch.Tensor:
@@ -164,35 +323,52 @@ def shuffled_batches(
     that buffer (random single-row reads would touch nearly every chunk). `start_batch` resumes the
     sequence at that batch (a training checkpoint's data cursor).
     """
-    batch_index = 0
     rng = np.random.default_rng(seed)
     rows = array.chunks[0]
-    n_chunks = -(-array.shape[0] // rows)
-    carry = np.empty((0, array.shape[1]), dtype=np.float16)
+    n_chunks = math.ceil(array.shape[0] / rows)
+    carry = torch.empty(0, array.shape[1])
+    batch_index = 0
     while True:
         order = rng.permutation(n_chunks)
         for i in range(0, n_chunks, buffer_chunks):
-            parts = [carry] + [array[c * rows : (c + 1) * rows] for c in order[i : i + buffer_chunks]]
-            buf = np.concatenate(parts)
-            buf = buf[rng.permutation(len(buf))]
+            buf = torch.cat([carry] + [_rows(array, c * rows, (c + 1) * rows) for c in order[i : i + buffer_chunks]])
+            buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
             n_full = len(buf) // batch_rows
             for b in range(n_full):
                 if batch_index >= start_batch:
-                    yield torch.from_numpy(buf[b * batch_rows : (b + 1) * batch_rows].astype(np.float32))
+                    yield buf[b * batch_rows : (b + 1) * batch_rows]
                 batch_index += 1
             carry = buf[n_full * batch_rows :]
+
+
+def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
+    """Reads ahead in a background thread so decompression overlaps with training."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def worker():
+        try:
+            for b in batches:
+                q.put(b)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+        q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def sample_rows(array: zarr.Array, n: int, seed: int) -> torch.Tensor:
     """About n rows from randomly chosen whole chunks (for initialisation statistics)."""
     rng = np.random.default_rng(seed)
     rows = array.chunks[0]
-    n_chunks = -(-array.shape[0] // rows)
     picked, total = [], 0
-    for c in rng.permutation(n_chunks):
-        block = array[c * rows : (c + 1) * rows]
-        picked.append(block)
-        total += len(block)
+    for c in rng.permutation(math.ceil(array.shape[0] / rows)):
+        picked.append(_rows(array, c * rows, (c + 1) * rows))
+        total += len(picked[-1])
         if total >= n:
             break
-    return torch.from_numpy(np.concatenate(picked)[:n].astype(np.float32))
+    return torch.cat(picked)[:n]

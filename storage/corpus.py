@@ -7,10 +7,11 @@ import glob
 import hashlib
 import json
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
+import numpy as np
 
 PYTHON_DOCS = "builtin:python-docs"
 HF_PREFIX = "hf:"
@@ -99,32 +100,64 @@ def is_heldout(doc_id: str, eval_fraction: float) -> bool:
     return h / 2**64 < eval_fraction
 
 
+@dataclass
+class Contexts:
+    """Fixed-length contexts and, for every token, which document it came from and where."""
+
+    tokens: np.ndarray  # (n, L) int32 token ids
+    doc_index: np.ndarray  # (n, L) int32 index into `documents`
+    doc_position: np.ndarray  # (n, L) int32 offset of the token inside its document
+    documents: list[str]  # document ids
+
+
+class _Packer:
+    def __init__(self, need: int):
+        self.need = need
+        self.tokens: list[int] = []
+        self.doc_index: list[int] = []
+        self.doc_position: list[int] = []
+        self.documents: list[str] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.tokens) >= self.need
+
+    def add(self, doc_id: str, ids: list[int]) -> None:
+        index = len(self.documents)
+        self.documents.append(doc_id)
+        self.tokens.extend(ids)
+        self.doc_index.extend([index] * len(ids))
+        self.doc_position.extend(range(len(ids)))
+
+    def contexts(self, context_length: int) -> Contexts:
+        def cut(values):
+            return np.asarray(values[: self.need], dtype=np.int32).reshape(-1, context_length)
+
+        used = int(self.doc_index[self.need - 1]) + 1
+        return Contexts(cut(self.tokens), cut(self.doc_index), cut(self.doc_position), self.documents[:used])
+
+
 def split_contexts(
     source: str, tokenizer, context_length: int, n_train: int, n_eval: int, eval_fraction: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, eval) contexts of token ids, (n, context_length) each, from one pass over the source.
+) -> tuple[Contexts, Contexts]:
+    """(train, eval) contexts from one pass over the source, split by document (`is_heldout`).
 
-    Documents are split by `is_heldout`, each followed by EOS, concatenated per split, and cut into
-    contexts; the pass stops as soon as both splits have enough tokens.
+    Each document is followed by EOS; a split's documents are concatenated and cut into contexts;
+    the pass stops as soon as both splits have enough tokens.
     """
-    need = {False: n_train * context_length, True: n_eval * context_length}
-    streams: dict[bool, list[int]] = {False: [], True: []}
-    eos = tokenizer.eos_token_id
+    packers = {False: _Packer(n_train * context_length), True: _Packer(n_eval * context_length)}
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for doc_id, text in documents(source):
-        side = is_heldout(doc_id, eval_fraction)
-        if len(streams[side]) >= need[side]:
-            if all(len(streams[s]) >= need[s] for s in streams):
+        packer = packers[is_heldout(doc_id, eval_fraction)]
+        if packer.full:
+            if all(p.full for p in packers.values()):
                 break
             continue
-        streams[side].extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            streams[side].append(eos)
+        packer.add(doc_id, tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
     for side, name in ((False, "train (data.tokens)"), (True, "held-out (eval.tokens)")):
-        if len(streams[side]) < need[side]:
+        if not packers[side].full:
             raise ValueError(
-                f"data.source {source!r} has {len(streams[side])} tokens for the {name} split, fewer than the "
-                f"{need[side]} asked for: lower the number or add data"
+                f"data.source {source!r} has {len(packers[side].tokens)} tokens for the {name} split, fewer than "
+                f"the {packers[side].need} asked for: lower the number or add data"
             )
-    return tuple(
-        torch.tensor(streams[side][: need[side]], dtype=torch.int32).view(-1, context_length) for side in (False, True)
-    )
+    return packers[False].contexts(context_length), packers[True].contexts(context_length)
