@@ -31,7 +31,7 @@ def _print_summary(spec, rows: list[dict]) -> None:
         print(f"\n  hookpoint  {row['hookpoint']}")
         print(f"  SAE files  {row['sae_dir']}")
         for key in SHOWN_METRICS:
-            if key in row:
+            if row.get(key) is not None:
                 print(f"  {key:<28}{row[key]:>10.4f}")
         if row.get("model_uri"):
             print(f"  registered {row['model_uri']}")

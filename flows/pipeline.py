@@ -81,12 +81,16 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
 
 @flow(name="saeflow-pipeline", log_prints=True)
 def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
-    """Runs the selected stages; a stage that is not selected must already be done."""
+    """Runs the selected stages; an earlier stage that is not selected must already be done, later
+    ones are left alone."""
     logger = get_run_logger()
     result_storage = spec.root / "prefect-results"
     result_storage.mkdir(parents=True, exist_ok=True)
+    last = max(stages.STAGES.index(s) for s in only)
 
     def run(stage: str, *hookpoint: str):
+        if stages.STAGES.index(stage) > last:
+            return None
         done = stages.is_done(stage, spec, *hookpoint)
         if stage not in only:
             if not done:

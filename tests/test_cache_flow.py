@@ -1,0 +1,93 @@
+"""Caching through the real CLI and Prefect flow: fanned out over a Dask LocalCluster, and killed with
+SIGKILL midway then resumed; both must equal a single-process run bit for bit."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from flows import stages
+from flows.spec import parse_spec
+
+ARRAYS = ("tokens", "doc_index", "doc_position", "documents", "acts/model.layers.1")
+
+
+def spec_dict(model_dir, text_dir, workdir, **extra):
+    return {
+        "name": "tiny",
+        "model": {"source": str(model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 3000, "eval_fraction": 0.3,
+                 "shard_contexts": 6, "batch_contexts": 4},
+        "hookpoints": ["model.layers.1"],
+        "sae": {"n_latents": 64, "k": 4},
+        "eval": {"tokens": 300, "downstream_contexts": 4},
+        "workdir": str(workdir),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_store(tiny_model_dir, text_dir, tmp_path_factory):
+    """The same store computed in this process, shard after shard, without Prefect."""
+    spec = parse_spec(spec_dict(tiny_model_dir, text_dir, tmp_path_factory.mktemp("reference")))
+    for split, index in stages.plan_cache(spec):
+        stages.cache_shard(spec, split, index)
+    return zarr.open_group(stages.cache(spec), mode="r")
+
+
+def cli(spec: dict, tmp_path: Path, **popen):
+    path = tmp_path / f"spec-{time.monotonic_ns()}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "flows.cli", "cache", str(path)]
+    return subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+
+
+def assert_same(store_url: str, reference: zarr.Group):
+    group = zarr.open_group(store_url, mode="r")
+    assert group.attrs["complete"]
+    for split in ("train", "eval"):
+        for name in ARRAYS:
+            got, want = group[f"{split}/{name}"][:], reference[f"{split}/{name}"][:]
+            assert got.dtype == want.dtype and np.array_equal(got, want), f"{split}/{name}"
+    assert group.attrs["stats"] == reference.attrs["stats"]
+
+
+def test_dask_local_cluster_equals_single_process(tiny_model_dir, text_dir, tmp_path, reference_store):
+    spec = spec_dict(tiny_model_dir, text_dir, tmp_path / "work", orchestration={"dask_workers": 2})
+    proc = cli(spec, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Creating a new Dask cluster with `distributed.deploy.local.LocalCluster`" in out
+    assert_same(stages.store_url(parse_spec(spec)), reference_store)
+
+
+def test_sigkill_midway_then_resume_is_bitwise_equal(tiny_model_dir, text_dir, tmp_path, reference_store):
+    spec = spec_dict(tiny_model_dir, text_dir, tmp_path / "work")
+    url = stages.store_url(parse_spec(spec))
+    markers = Path(url) / "_shards"
+    proc = cli(spec, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 5:
+        assert proc.poll() is None, "the caching finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Prefect server it started
+    proc.wait()
+    done = len(list(markers.glob("*.json")))
+    total = sum(stages.store.layout_of(zarr.open_group(url, mode="r"), s).n_shards for s in ("train", "eval"))
+    assert 5 <= done < total
+    assert not stages.store.is_complete(url)
+
+    resumed = cli(spec, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"{total - done} shards to compute" in out or f"computing {total - done} activation shards" in out
+    assert_same(url, reference_store)
