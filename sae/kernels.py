@@ -19,15 +19,16 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 
 def _scatter_rows(n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_b sum_j grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d) weight gradient."""
-    B, k = indices.shape
-    sparse = torch.sparse_coo_tensor(
-        torch.stack([indices.reshape(-1), torch.arange(B, device=x.device).repeat_interleave(k)]),
-        grads.reshape(-1).to(x.dtype),
-        (n_rows, B),
-        check_invariants=False,
-    )
-    return torch.sparse.mm(sparse, x)
+    """sum_b sum_j grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d) weight gradient.
+
+    This is exactly the weight gradient of `sparse_decode` for an upstream gradient x, and PyTorch's
+    embedding_bag backward computes it without materialising the (B*k, d) products.
+    """
+    weight = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+    with torch.enable_grad():
+        out = F.embedding_bag(indices, weight, per_sample_weights=grads.to(x.dtype), mode="sum")
+        (grad,) = torch.autograd.grad(out, weight, grad_outputs=x)
+    return grad
 
 
 class TopKEncode(torch.autograd.Function):

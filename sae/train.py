@@ -133,7 +133,8 @@ class Trainer:
         self.sae.reset_parameters(generator=torch.Generator().manual_seed(tcfg.seed))
         self.sae.to(self.device)
         lr = tcfg.resolved_lr(sae_cfg.n_latents)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps)
+        # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
         self.base_lr = lr
         self.tracker = DeadLatentTracker(
             torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device), tcfg.dead_tokens, tcfg.fire_threshold
