@@ -69,6 +69,18 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from flows.stages import report_registered
+
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+    path = report_registered(args.model_uri, args.out, args.tracking_uri)
+    print(f"wrote {path} (open it in a browser; also logged to the model's MLflow run)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("report", help="write the HTML feature browser of a registered SAE")
+    p.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--out", default="saeflow-report", help="directory for report.html and the histogram")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -84,6 +84,7 @@ class EvalSpec(Section):
     tokens: PositiveInt = 8192
     downstream_contexts: int = Field(64, ge=0)  # contexts for the LM loss with the SAE spliced in
     batch_contexts: PositiveInt = 16
+    report_latents: int = Field(16, ge=0)  # random latents in the feature browser (0: no report)
 
 
 class OrchestrationSpec(Section):

@@ -192,6 +192,8 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
         "train_dead_fraction": result.dead_fraction,
         "lr": tcfg.resolved_lr(sae_cfg.n_latents),
         "spec_hash": spec.part_hash(*TRAIN_SECTIONS),
+        "store_url": store_url(spec),
+        "lm": str(converted_model_dir(spec)) if (converted_model_dir(spec) / "config.json").exists() else spec.model.source,
     }
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "train_history.json", {"history": result.history})
@@ -230,9 +232,59 @@ def evaluate(spec: RunSpec, hookpoint: str, progress: bool = True) -> dict[str, 
                 progress,
             )
         )
+    if spec.eval.report_latents > 0:
+        model, tokenizer = _lm(spec)
+        write_report(sae, group, hookpoint, model, tokenizer, spec.eval.tokens, path.parent,
+                     f"{spec.name} · {hookpoint}", metrics, spec.eval.report_latents)
     _write_json(path, metrics)
     log.info("metrics for %s written to %s", hookpoint, path)
     return metrics
+
+
+REPORT_FILE = "report.html"
+HISTOGRAM_FILE = "activation_frequency.png"
+
+
+def write_report(sae, group, hookpoint, model, tokenizer, max_rows, out_dir: Path, title, metrics, n_latents=16) -> Path:
+    """The feature browser over held-out tokens: summary, frequency histogram, and for random and for
+    the most frequent latents their top contexts, contexts across quantiles and promoted tokens."""
+    from sae.features import encode_rows, latent_card, pick_latents, promoted_tokens
+    from sae.report import frequency_histogram_png, render_report
+
+    layout = store.layout_of(group, "eval")
+    acts = store.activations(group, "eval", hookpoint)
+    rows = min(max_rows, acts.shape[0]) // layout.positions * layout.positions
+    codes = encode_rows(sae, store.iter_rows(acts, 4096, stop=rows), layout.positions, layout.first_position)
+    freqs = codes.frequencies(sae.cfg.n_latents)
+    random, frequent = pick_latents(freqs, n_latents, n_latents // 2)
+    unembedding = model.get_output_embeddings().weight
+    promo = promoted_tokens(sae, unembedding, sorted(set(random + frequent)))
+    tokens = group["eval/tokens"]
+    piece = {}
+
+    def token_text(token_id: int) -> str:
+        if token_id not in piece:
+            piece[token_id] = tokenizer.decode([token_id])
+        return piece[token_id]
+
+    def context_tokens(context: int) -> list[str]:
+        return [token_text(int(t)) for t in tokens[context]]
+
+    sections = []
+    for heading, latents in (("Random latents", random), ("Most frequent latents", frequent)):
+        cards = [latent_card(codes, latent, layout.context_length) for latent in latents]
+        for card in cards:
+            card.promoted_tokens = promo[card.latent]
+        sections.append((heading, cards))
+    png = frequency_histogram_png(freqs, title)
+    page = render_report(title, metrics, png, sections, context_tokens, token_text)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / HISTOGRAM_FILE).write_bytes(png)
+    tmp = out_dir / (REPORT_FILE + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out_dir / REPORT_FILE)
+    log.info("feature browser written to %s", out_dir / REPORT_FILE)
+    return out_dir / REPORT_FILE
 
 
 def register(spec: RunSpec, hookpoint: str) -> str:
@@ -274,5 +326,31 @@ def register(spec: RunSpec, hookpoint: str) -> str:
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         tags=tags,
         artifact_root=spec.root / "mlartifacts" if local else None,
+        run_files=[p for p in (directory / n for n in (REPORT_FILE, HISTOGRAM_FILE, "train_history.json")) if p.exists()],
     )
     return registered.uri
+
+
+def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = None) -> Path:
+    """`saeflow report`: the feature browser of a registered SAE, also logged to its MLflow run."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    from sae.model import TopKSAE
+    from storage.registry import model_version, pull
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sae = TopKSAE.load(pull(model_uri, tmp, tracking_uri)).eval()
+    meta = sae.metadata
+    version = model_version(model_uri)
+    metrics = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+    group = store.open_store(meta["store_url"])
+    model, tokenizer = load_lm(meta["lm"], "auto", "auto")
+    title = f"{version.name} v{version.version} · {meta['hookpoint']}"
+    rows = store.activations(group, "eval", meta["hookpoint"]).shape[0]
+    path = write_report(sae, group, meta["hookpoint"], model, tokenizer, rows, Path(out_dir), title, metrics)
+    client = MlflowClient()
+    for name in (REPORT_FILE, HISTOGRAM_FILE):
+        client.log_artifact(version.run_id, str(Path(out_dir) / name))
+    return path

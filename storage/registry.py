@@ -54,12 +54,16 @@ def register_sae(
     metrics: dict[str, float],
     tags: dict[str, str],
     artifact_root: Path | None = None,
+    run_files: list[Path] = (),
 ) -> Registered:
     """Logs params/metrics, logs the SAE as a models-from-code pyfunc, registers it, sets the alias.
 
     Metrics are also set as tags on the model version so the registry alone can rank versions.
     artifact_root: where a local (SQLite) tracking store keeps artifacts; None for a server's default.
+    run_files: logged as artifacts of the run (report, histogram, training history).
     """
+    import tempfile
+
     import numpy as np
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
@@ -74,14 +78,19 @@ def register_sae(
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
-        info = mlflow.pyfunc.log_model(
-            name="sae",
-            python_model=str(PYFUNC_CODE),
-            artifacts={ARTIFACT_KEY: str(sae_dir)},
-            code_paths=[str(Path(sae_package.__file__).parent)],
-            signature=signature,
-            pip_requirements=["torch", "safetensors", "numpy"],
-        )
+        for path in run_files:
+            mlflow.log_artifact(str(path))
+        with tempfile.TemporaryDirectory() as weights_only:
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                shutil.copyfile(Path(sae_dir) / name, Path(weights_only) / name)
+            info = mlflow.pyfunc.log_model(
+                name="sae",
+                python_model=str(PYFUNC_CODE),
+                artifacts={ARTIFACT_KEY: weights_only},
+                code_paths=[str(Path(sae_package.__file__).parent)],
+                signature=signature,
+                pip_requirements=["torch", "safetensors", "numpy"],
+            )
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     client = MlflowClient()
     for key, value in metrics.items():
@@ -105,6 +114,17 @@ def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: s
     if mv.tags.get("spec_hash") != spec_hash:
         return None
     return Registered(model_name, str(mv.version), alias, mv.run_id)
+
+
+def model_version(model_uri: str):
+    """The MLflow ModelVersion behind models:/NAME@ALIAS or models:/NAME/VERSION."""
+    from mlflow import MlflowClient
+
+    ref = model_uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in ref:
+        return client.get_model_version_by_alias(*ref.split("@", 1))
+    return client.get_model_version(*ref.split("/", 1))
 
 
 def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:

@@ -99,6 +99,19 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     meta = json.loads((pulled / "config.json").read_text())["metadata"]
     assert meta["hookpoint"] == "model.layers.1"
 
+    # the version carries its metrics as tags; its run has the report and the histogram
+    from mlflow import MlflowClient
+
+    version = MlflowClient(tracking_uri=uri).get_model_version_by_alias("tiny", "candidate")
+    assert float(version.tags["metric.normalized_mse"]) == pytest.approx(row["normalized_mse"], rel=1e-5)
+    assert version.tags["k"] == "8" and version.tags["hookpoint"] == "model.layers.1"
+    artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(version.run_id)}
+    assert {"report.html", "activation_frequency.png", "train_history.json"} <= artifacts
+
+    # `saeflow report` rebuilds the browser from the registry alone
+    assert main(["report", "models:/tiny@candidate", "--out", str(tmp_path / "rep"), "--tracking-uri", uri]) == 0
+    assert "top activations" in (tmp_path / "rep" / "report.html").read_text()
+
 
 def test_stage_needs_its_inputs(prefect_harness, spec):
     from flows.pipeline import pipeline
