@@ -13,7 +13,8 @@ from flows.spec import SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
 SHOWN_METRICS = ("normalized_mse", "fraction_variance_explained", "l0", "dead_fraction", "train_dead_fraction",
-                 "ce_clean", "ce_with_sae", "ce_increase", "kl_divergence")
+                 "ce_clean", "ce_with_sae", "ce_increase", "kl_divergence", "loss_recovered_vs_zero",
+                 "loss_recovered_vs_mean", "ablation_sparsity")
 
 
 def _configure_environment() -> None:
@@ -30,6 +31,8 @@ def _print_summary(spec, rows: list[dict]) -> None:
     for row in rows:
         print(f"\n  hookpoint  {row['hookpoint']}")
         print(f"  SAE files  {row['sae_dir']}")
+        if row.get("report"):
+            print(f"  report     {row['report']}   (open in a browser)")
         for key in SHOWN_METRICS:
             if row.get(key) is not None:
                 print(f"  {key:<28}{row[key]:>10.4f}")

@@ -116,7 +116,13 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
         metrics = run("evaluate", hookpoint)
         uri = run("register", hookpoint)
         rows.append(
-            {"hookpoint": hookpoint, "sae_dir": str(stages.sae_dir(spec, hookpoint)), "model_uri": uri, **(metrics or {})}
+            {
+                "hookpoint": hookpoint,
+                "sae_dir": str(stages.sae_dir(spec, hookpoint)),
+                "report": str(stages.eval_dir(spec, hookpoint) / stages.REPORT_FILE) if metrics else None,
+                "model_uri": uri,
+                **(metrics or {}),
+            }
         )
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")

@@ -85,6 +85,7 @@ class EvalSpec(Section):
     downstream_contexts: int = Field(64, ge=0)  # contexts for the LM loss with the SAE spliced in
     batch_contexts: PositiveInt = 16
     report_latents: int = Field(16, ge=0)  # random latents in the feature browser (0: no report)
+    ablation_contexts: int = Field(16, ge=0)  # sample size of the §4.4 ablation sparsity (0: skip)
 
 
 class OrchestrationSpec(Section):
@@ -111,14 +112,21 @@ class RunSpec(Section):
     orchestration: OrchestrationSpec = OrchestrationSpec()
     workdir: str = ".saeflow"
 
-    def part_hash(self, *sections: str) -> str:
-        """Hash of the named sections: a stage's cache key depends only on what it reads."""
-        payload = {s: getattr(self, s) for s in sections}
-        blob = json.dumps(
-            {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in payload.items()},
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    def part_hash(self, *parts: str) -> str:
+        """Hash of the named sections or `section.field`s: a stage's key depends only on what it reads.
+
+        Settings that cannot change a stage's output (credentials, checkpoint interval, report size,
+        batch sizes of evaluation) are left out.
+        """
+        dumped = self.model_dump(mode="json")
+        for dotted in HASH_EXCLUDED:
+            section, name = dotted.split(".")
+            dumped[section].pop(name, None)
+        payload = {}
+        for part in parts:
+            section, _, name = part.partition(".")
+            payload[part] = dumped[section][name] if name else dumped[section]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # paths and names derived from the spec -------------------------------------------------------
     @property
@@ -152,6 +160,9 @@ class RunSpec(Section):
             seed=t.seed,
             device=device,
         )
+
+
+HASH_EXCLUDED = ("data.store_options", "train.checkpoint_every_tokens", "eval.report_latents", "eval.batch_contexts")
 
 
 class SpecError(ValueError):

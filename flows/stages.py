@@ -24,9 +24,9 @@ from storage.registry import find_registered, register_sae
 log = logging.getLogger(__name__)
 
 # the spec sections each stage's output depends on (cache keys and output paths)
-CACHE_SECTIONS = ("model", "data", "hookpoints", "eval")
+CACHE_SECTIONS = ("model", "data", "hookpoints", "eval.tokens", "eval.downstream_contexts")
 TRAIN_SECTIONS = CACHE_SECTIONS + ("sae", "train")
-EVAL_SECTIONS = TRAIN_SECTIONS
+EVAL_SECTIONS = TRAIN_SECTIONS + ("eval",)
 REGISTER_SECTIONS = EVAL_SECTIONS + ("registry", "name")
 STAGES = ("cache", "train", "evaluate", "register")
 
@@ -45,8 +45,12 @@ def sae_dir(spec: RunSpec, hookpoint: str) -> Path:
     return spec.root / "saes" / spec.part_hash(*TRAIN_SECTIONS) / _safe(hookpoint)
 
 
+def eval_dir(spec: RunSpec, hookpoint: str) -> Path:
+    return sae_dir(spec, hookpoint) / f"eval-{spec.part_hash(*EVAL_SECTIONS)}"
+
+
 def metrics_path(spec: RunSpec, hookpoint: str) -> Path:
-    return sae_dir(spec, hookpoint) / "metrics.json"
+    return eval_dir(spec, hookpoint) / "metrics.json"
 
 
 def converted_model_dir(spec: RunSpec) -> Path:
@@ -232,10 +236,17 @@ def evaluate(spec: RunSpec, hookpoint: str, progress: bool = True) -> dict[str, 
                 progress,
             )
         )
+    if spec.eval.ablation_contexts > 0:
+        from sae.evaluate import ablation_sparsity
+
+        model, _ = _lm(spec)
+        contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.ablation_contexts])
+        metrics.update(ablation_sparsity(sae, model, contexts, hookpoint, int(spec.data.drop_first_position)))
     if spec.eval.report_latents > 0:
         model, tokenizer = _lm(spec)
         write_report(sae, group, hookpoint, model, tokenizer, spec.eval.tokens, path.parent,
                      f"{spec.name} · {hookpoint}", metrics, spec.eval.report_latents)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, metrics)
     log.info("metrics for %s written to %s", hookpoint, path)
     return metrics
@@ -326,7 +337,12 @@ def register(spec: RunSpec, hookpoint: str) -> str:
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         tags=tags,
         artifact_root=spec.root / "mlartifacts" if local else None,
-        run_files=[p for p in (directory / n for n in (REPORT_FILE, HISTOGRAM_FILE, "train_history.json")) if p.exists()],
+        run_files=[
+            p
+            for p in (eval_dir(spec, hookpoint) / REPORT_FILE, eval_dir(spec, hookpoint) / HISTOGRAM_FILE,
+                      directory / "train_history.json")
+            if p.exists()
+        ],
     )
     return registered.uri
 

@@ -79,3 +79,13 @@ class ReconstructionStats:
             if kk != k:
                 out[f"normalized_mse_k{kk}"] = self.sq_err[kk] / var
         return out
+
+
+def ablation_sparsity_score(delta: torch.Tensor) -> torch.Tensor:
+    """§4.4: delta is the (T, V) change of the logits over T positions after ablating one latent.
+
+    Subtract each position's median over the vocabulary, flatten to v of length T*V, and return
+    (||v||_1 / ||v||_2)^2 / (T*V): 1/(T*V) for a single changed logit, 1 for a uniform change.
+    """
+    v = (delta.double() - delta.double().median(dim=-1, keepdim=True).values).flatten()
+    return (v.abs().sum() / v.norm()).pow(2) / v.numel()

@@ -47,7 +47,8 @@ table.m td{padding:2px 12px 2px 0} .card{border:1px solid #ddd;border-radius:6px
 def _token_span(text: str, act: float, scale: float) -> str:
     alpha = min(act / scale, 1.0) if scale > 0 else 0.0
     style = f"background:rgba(255,110,0,{alpha:.2f})" if act > 0 else ""
-    return f'<span class="tok" style="{style}" title="{act:.3f}">{html.escape(text)}</span>'
+    shown = html.escape(text.replace("\n", "\u21b5"))  # newlines as ↵ keep one context per line
+    return f'<span class="tok" style="{style}" title="{act:.3f}">{shown}</span>'
 
 
 def _context(example: Example, tokens: list[str], scale: float) -> str:

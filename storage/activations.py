@@ -247,8 +247,11 @@ def write_shard(
     ids = torch.from_numpy(sub["tokens"][c0:c1])
     device = next(model.parameters()).device
     blocks: dict[str, list[np.ndarray]] = {h: [] for h in hookpoints}
-    for start in tqdm(range(0, len(ids), batch_contexts), desc=f"{split} shard {index}", disable=not progress):
+    bar = tqdm(total=len(ids) * layout.positions, unit="tok", unit_scale=True, desc=f"cache {split} shard {index}",
+               disable=not progress)
+    for start in range(0, len(ids), batch_contexts):
         out = capture(model, ids[start : start + batch_contexts].to(device, torch.long), hookpoints)
+        bar.update(len(out[hookpoints[0]]) * layout.positions)
         for h in hookpoints:
             a = out[h][:, first:].reshape(-1, out[h].shape[-1]).float().cpu()
             if not torch.isfinite(a).all():
@@ -259,6 +262,7 @@ def write_shard(
                     f"{(bad + 1) * layout.context_length - 1} of the split)"
                 )
             blocks[h].append(_encode(a, dtype))
+    bar.close()
     fs, root = _fs(url, storage_options)
     crcs = {}
     for h in hookpoints:

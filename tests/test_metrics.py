@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from sae.config import SAEConfig
-from sae.evaluate import downstream_metrics, reconstruction_metrics
+from sae.evaluate import ablation_sparsity, downstream_metrics, reconstruction_metrics
 from sae.lm import load_lm
-from sae.metrics import kl_divergence, next_token_ce
+from sae.metrics import ablation_sparsity_score, kl_divergence, next_token_ce
 from sae.model import TopKSAE
 
 
@@ -59,3 +59,22 @@ def test_identity_splice_changes_nothing(tiny_model_dir):
     assert m["kl_divergence"] == pytest.approx(0.0, abs=1e-6)
     assert m["loss_recovered_vs_zero"] == pytest.approx(1.0, abs=1e-5)
     assert m["ce_zero_ablation"] != pytest.approx(m["ce_clean"])
+
+
+def test_ablation_sparsity_score_extremes():
+    T, V = 4, 50
+    single = torch.zeros(T, V)
+    single[2, 7] = 3.0
+    assert ablation_sparsity_score(single).item() == pytest.approx(1 / (T * V))
+    spread = torch.tensor([1.0] * 25 + [-1.0] * 25 + [0.0]).repeat(T, 1)  # median 0; 50 of 51 entries changed
+    assert ablation_sparsity_score(spread).item() == pytest.approx((T * 50) / (T * 51))
+    shifted = single + 5.0  # a constant shift per position is removed by the median
+    assert ablation_sparsity_score(shifted).item() == pytest.approx(1 / (T * V))
+
+
+def test_ablation_sparsity_runs_on_a_model(tiny_model_dir):
+    model, _ = load_lm(str(tiny_model_dir), "float32", "cpu")
+    sae = TopKSAE(SAEConfig(32, 64, 4))
+    ids = torch.randint(3, model.config.vocab_size, (5, 20), generator=torch.Generator().manual_seed(1))
+    m = ablation_sparsity(sae, model, ids, "model.layers.1", 1, window=8)
+    assert 0 < m["ablation_sparsity"] <= 1 and m["ablation_sparsity_samples"] <= 5
