@@ -29,7 +29,8 @@ def _configure_environment() -> None:
 def _print_summary(spec, rows: list[dict]) -> None:
     print(f"\nsaeflow: {spec.name}")
     for row in rows:
-        print(f"\n  hookpoint  {row['hookpoint']}")
+        print(f"\n  SAE        {row['sae']}")
+        print(f"  hookpoint  {row['hookpoint']}")
         print(f"  SAE files  {row['sae_dir']}")
         if row.get("report"):
             print(f"  report     {row['report']}   (open in a browser)")

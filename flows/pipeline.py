@@ -7,7 +7,7 @@ is only a path: when the output behind it is gone, the task is refreshed instead
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -17,11 +17,14 @@ from flows import stages
 from flows.spec import RunSpec
 
 
-def _key(stage: str, sections: tuple[str, ...]):
+def _key(stage: str, parts: Callable[[int], tuple[str, ...]] | tuple[str, ...]):
+    """Cache key: the hash of the spec parts the stage reads (per SAE index where it has one)."""
+
     def key(_ctx, params: dict) -> str:
         spec: RunSpec = params["spec"]
-        hookpoint = params.get("hookpoint", "")
-        return f"saeflow-{stage}-{spec.part_hash(*sections)}-{hookpoint}"
+        index = params.get("index")
+        digest = spec.part_hash(*(parts(index) if callable(parts) else parts))
+        return f"saeflow-{stage}-{digest}-{params.get('hookpoint', '')}-{index if index is not None else ''}"
 
     return key
 
@@ -44,19 +47,19 @@ def cache_activations(spec: RunSpec) -> str:
     return stages.cache(spec)
 
 
-@task(name="train_sae", cache_key_fn=_key("train", stages.TRAIN_SECTIONS), **_TASK_OPTIONS)
-def train_sae(spec: RunSpec, hookpoint: str) -> str:
+@task(name="train_sae", cache_key_fn=_key("train", stages.TRAIN_ALL_SECTIONS), **_TASK_OPTIONS)
+def train_sae(spec: RunSpec, hookpoint: str) -> list[str]:
     return stages.train(spec, hookpoint)
 
 
-@task(name="evaluate", cache_key_fn=_key("evaluate", stages.EVAL_SECTIONS), **_TASK_OPTIONS)
-def evaluate(spec: RunSpec, hookpoint: str) -> dict[str, float]:
-    return stages.evaluate(spec, hookpoint)
+@task(name="evaluate", cache_key_fn=_key("evaluate", stages.eval_parts), **_TASK_OPTIONS)
+def evaluate(spec: RunSpec, hookpoint: str, index: int) -> dict[str, float]:
+    return stages.evaluate(spec, hookpoint, index)
 
 
-@task(name="register", cache_key_fn=_key("register", stages.REGISTER_SECTIONS), **_TASK_OPTIONS)
-def register(spec: RunSpec, hookpoint: str) -> str:
-    return stages.register(spec, hookpoint)
+@task(name="register", cache_key_fn=_key("register", stages.register_parts), **_TASK_OPTIONS)
+def register(spec: RunSpec, hookpoint: str, index: int) -> str:
+    return stages.register(spec, hookpoint, index)
 
 
 _TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
@@ -88,19 +91,19 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
     result_storage.mkdir(parents=True, exist_ok=True)
     last = max(stages.STAGES.index(s) for s in only)
 
-    def run(stage: str, *hookpoint: str):
+    def run(stage: str, *where):
         if stages.STAGES.index(stage) > last:
             return None
-        done = stages.is_done(stage, spec, *hookpoint)
+        done = stages.is_done(stage, spec, *where)
         if stage not in only:
             if not done:
                 raise RuntimeError(
-                    f"stage {stage!r} has not run for this spec{' at ' + hookpoint[0] if hookpoint else ''}: "
+                    f"stage {stage!r} has not run for this spec{' at ' + where[0] if where else ''}: "
                     f"run `saeflow {stage} SPEC` (or `saeflow run SPEC`) first"
                 )
             return None
         t = _TASKS[stage].with_options(result_storage=result_storage, refresh_cache=not done)
-        return t(spec, *hookpoint)
+        return t(spec, *where)
 
     if "cache" in only and not stages.is_done("cache", spec):
         # shards fan out over the flow's task runner (threads, or Dask workers); only missing ones run
@@ -113,17 +116,19 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
     rows = []
     for hookpoint in spec.hookpoints:
         run("train", hookpoint)
-        metrics = run("evaluate", hookpoint)
-        uri = run("register", hookpoint)
-        rows.append(
-            {
-                "hookpoint": hookpoint,
-                "sae_dir": str(stages.sae_dir(spec, hookpoint)),
-                "report": str(stages.eval_dir(spec, hookpoint) / stages.REPORT_FILE) if metrics else None,
-                "model_uri": uri,
-                **(metrics or {}),
-            }
-        )
+        for index in range(len(spec.sae)):
+            metrics = run("evaluate", hookpoint, index)
+            uri = run("register", hookpoint, index)
+            rows.append(
+                {
+                    "hookpoint": hookpoint,
+                    "sae": spec.model_name(hookpoint, index),
+                    "sae_dir": str(stages.sae_dir(spec, hookpoint, index)),
+                    "report": str(stages.eval_dir(spec, hookpoint, index) / stages.REPORT_FILE) if metrics else None,
+                    "model_uri": uri,
+                    **(metrics or {}),
+                }
+            )
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
     return rows

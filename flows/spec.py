@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from sae.config import SAEConfig, TrainConfig
 
@@ -105,18 +106,24 @@ class RunSpec(Section):
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
     hookpoints: list[str] = Field(min_length=1)
-    sae: SAESpec
+    # one SAE, or several (n_latents, k, ...) trained together from one pass over the data
+    sae: list[SAESpec] = Field(min_length=1)
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     registry: RegistrySpec = RegistrySpec()
     orchestration: OrchestrationSpec = OrchestrationSpec()
     workdir: str = ".saeflow"
 
+    @field_validator("sae", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, dict) else value
+
     def part_hash(self, *parts: str) -> str:
         """Hash of the named sections or `section.field`s: a stage's key depends only on what it reads.
 
-        Settings that cannot change a stage's output (credentials, checkpoint interval, report size,
-        batch sizes of evaluation) are left out.
+        `sae.I` names the I-th SAE. Settings that cannot change a stage's output (credentials,
+        checkpoint interval, report size, batch sizes of evaluation) are left out.
         """
         dumped = self.model_dump(mode="json")
         for dotted in HASH_EXCLUDED:
@@ -125,7 +132,8 @@ class RunSpec(Section):
         payload = {}
         for part in parts:
             section, _, name = part.partition(".")
-            payload[part] = dumped[section][name] if name else dumped[section]
+            value = dumped[section]
+            payload[part] = (value[int(name)] if isinstance(value, list) else value[name]) if name else value
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # paths and names derived from the spec -------------------------------------------------------
@@ -136,16 +144,22 @@ class RunSpec(Section):
     def tracking_uri(self) -> str:
         return self.registry.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
-    def model_name(self, hookpoint: str) -> str:
-        base = self.registry.model_name or self.name
-        return base if len(self.hookpoints) == 1 else f"{base}-{hookpoint}"
+    def model_name(self, hookpoint: str, index: int = 0) -> str:
+        """The registry name; the hookpoint and the SAE's size are added when there are several."""
+        name = self.registry.model_name or self.name
+        if len(self.hookpoints) > 1:
+            name += f"-{hookpoint}"
+        if len(self.sae) > 1:
+            s = self.sae[index]
+            name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
+        return name
 
-    def sae_config(self, d_model: int) -> SAEConfig:
-        s = self.sae
+    def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
+        s = self.sae[index]
         return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization)
 
-    def train_config(self, cached_tokens: int, device: str) -> TrainConfig:
-        t = self.train
+    def train_config(self, cached_tokens: int, device: str, index: int = 0) -> TrainConfig:
+        t, s = self.train, self.sae[index]
         return TrainConfig(
             batch_tokens=t.batch_tokens,
             tokens=t.tokens or cached_tokens,
@@ -153,9 +167,9 @@ class RunSpec(Section):
             lr_warmup_tokens=t.lr_warmup_tokens,
             lr_decay=t.lr_decay,
             grad_clip=t.grad_clip,
-            aux_k=self.sae.aux_k,
-            dead_tokens=self.sae.dead_tokens,
-            multi_topk=self.sae.multi_topk,
+            aux_k=s.aux_k,
+            dead_tokens=s.dead_tokens,
+            multi_topk=s.multi_topk,
             ema_decay=t.ema_decay,
             seed=t.seed,
             device=device,
@@ -184,7 +198,10 @@ def parse_spec(data: dict) -> RunSpec:
     try:
         return RunSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(_format(e)) from None
+        message = _format(e)
+        if isinstance(data.get("sae"), dict):  # one SAE given as a mapping: name its fields as written
+            message = re.sub(r"^sae\.0\b", "sae", message, flags=re.M)
+        raise SpecError(message) from None
 
 
 def load_spec(path: str | Path) -> RunSpec:
@@ -226,6 +243,7 @@ def check_resources(spec: RunSpec) -> None:
                 f"hookpoints.{i}: {h!r} is not a module of {spec.model.source}; "
                 f"decoder layers are named like {', '.join(layers) or sorted(names)[:5]}"
             )
-    n = spec.sae.latents(d_model)
-    if spec.sae.k > n:
-        raise SpecError(f"sae.k={spec.sae.k} exceeds n_latents={n} (expansion_factor x d_model): lower k")
+    for i, s in enumerate(spec.sae):
+        where = "sae" if len(spec.sae) == 1 else f"sae.{i}"
+        if s.k > s.latents(d_model):
+            raise SpecError(f"{where}.k={s.k} exceeds n_latents={s.latents(d_model)} (expansion_factor x d_model): lower k")

@@ -25,10 +25,20 @@ log = logging.getLogger(__name__)
 
 # the spec sections each stage's output depends on (cache keys and output paths)
 CACHE_SECTIONS = ("model", "data", "hookpoints", "eval.tokens", "eval.downstream_contexts")
-TRAIN_SECTIONS = CACHE_SECTIONS + ("sae", "train")
-EVAL_SECTIONS = TRAIN_SECTIONS + ("eval",)
-REGISTER_SECTIONS = EVAL_SECTIONS + ("registry", "name")
+TRAIN_ALL_SECTIONS = CACHE_SECTIONS + ("train", "sae")  # one training pass feeds every SAE of the spec
 STAGES = ("cache", "train", "evaluate", "register")
+
+
+def train_parts(index: int) -> tuple[str, ...]:
+    return CACHE_SECTIONS + ("train", f"sae.{index}")
+
+
+def eval_parts(index: int) -> tuple[str, ...]:
+    return train_parts(index) + ("eval",)
+
+
+def register_parts(index: int) -> tuple[str, ...]:
+    return eval_parts(index) + ("registry", "name")
 
 
 def _safe(name: str) -> str:
@@ -41,35 +51,38 @@ def store_url(spec: RunSpec) -> str:
     return f"{base.rstrip('/')}/{spec.part_hash(*CACHE_SECTIONS)}"
 
 
-def sae_dir(spec: RunSpec, hookpoint: str) -> Path:
-    return spec.root / "saes" / spec.part_hash(*TRAIN_SECTIONS) / _safe(hookpoint)
+def sae_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    return spec.root / "saes" / spec.part_hash(*train_parts(index)) / _safe(hookpoint)
 
 
-def eval_dir(spec: RunSpec, hookpoint: str) -> Path:
-    return sae_dir(spec, hookpoint) / f"eval-{spec.part_hash(*EVAL_SECTIONS)}"
+def eval_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    return sae_dir(spec, hookpoint, index) / f"eval-{spec.part_hash(*eval_parts(index))}"
 
 
-def metrics_path(spec: RunSpec, hookpoint: str) -> Path:
-    return eval_dir(spec, hookpoint) / "metrics.json"
+def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    return eval_dir(spec, hookpoint, index) / "metrics.json"
 
 
 def converted_model_dir(spec: RunSpec) -> Path:
     return spec.root / "models" / _safe(spec.model.source)
 
 
-def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None) -> bool:
+def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None) -> bool:
+    """Whether a stage's output exists: for train, every SAE of the hookpoint unless `index` is given."""
     if stage == "cache":
         return store.is_complete(store_url(spec), spec.data.store_options)
     if stage == "train":
-        return (sae_dir(spec, hookpoint) / "config.json").exists()
+        indices = range(len(spec.sae)) if index is None else [index]
+        return all((sae_dir(spec, hookpoint, i) / "config.json").exists() for i in indices)
     if stage == "evaluate":
-        return metrics_path(spec, hookpoint).exists()
-    return _registered(spec, hookpoint) is not None
+        return metrics_path(spec, hookpoint, index).exists()
+    return _registered(spec, hookpoint, index) is not None
 
 
-def _registered(spec: RunSpec, hookpoint: str):
+def _registered(spec: RunSpec, hookpoint: str, index: int):
     return find_registered(
-        spec.tracking_uri(), spec.model_name(hookpoint), spec.registry.alias, spec.part_hash(*REGISTER_SECTIONS)
+        spec.tracking_uri(), spec.model_name(hookpoint, index), spec.registry.alias,
+        spec.part_hash(*register_parts(index)),
     )
 
 
@@ -150,72 +163,74 @@ def cache(spec: RunSpec) -> str:
     return url
 
 
-def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> str:
-    """Trains one SAE; checkpoints every train.checkpoint_every_tokens and resumes from the last one."""
-    from sae.train import Trainer, train_sae
-    from storage.checkpoints import load_latest, save_checkpoint
+def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
+    """Trains every SAE of the spec at one hookpoint from one pass over its activations; checkpoints
+    every train.checkpoint_every_tokens and resumes from the last checkpoint all of them share."""
+    from sae.train import Trainer, train_saes
+    from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
 
-    out = sae_dir(spec, hookpoint)
-    if is_done("train", spec, hookpoint):
-        log.info("SAE for %s already trained at %s", hookpoint, out)
-        return str(out)
+    outs = [sae_dir(spec, hookpoint, i) for i in range(len(spec.sae))]
+    todo = [i for i in range(len(spec.sae)) if not is_done("train", spec, hookpoint, i)]
+    if not todo:
+        log.info("SAEs for %s already trained at %s", hookpoint, ", ".join(map(str, outs)))
+        return [str(o) for o in outs]
     # verify: a missing or corrupted shard stops here, naming it, before any training
     group = store.open_store(store_url(spec), spec.data.store_options, verify=True)
     acts = store.activations(group, "train", hookpoint)
     device = str(resolve_device(spec.train.device))
-    tcfg = spec.train_config(acts.shape[0], device)
-    sae_cfg = spec.sae_config(acts.shape[1])
-    ckpt_dir = out / "checkpoints"
-    trainer, sample = None, None
-    restored = load_latest(ckpt_dir)
-    if restored is not None:
-        trainer = Trainer(sae_cfg, tcfg)
-        trainer.load_state_dict(*restored)
-        log.info("resuming %s from its checkpoint at %d tokens (%s)", hookpoint, trainer.tokens, ckpt_dir)
+    tcfgs = {i: spec.train_config(acts.shape[0], device, i) for i in todo}
+    trainers = {i: Trainer(spec.sae_config(acts.shape[1], i), tcfgs[i]) for i in todo}
+    ckpt_dirs = {i: outs[i] / "checkpoints" for i in todo}
+    common = set.intersection(*(set(steps_available(ckpt_dirs[i])) for i in todo))
+    if common:
+        for i in todo:
+            trainers[i].load_state_dict(*load_checkpoint(ckpt_dirs[i], max(common)))
+        log.info("resuming %s from checkpoints at step %d", hookpoint, max(common))
     else:
-        sample = store.sample_rows(acts, tcfg.geometric_median_samples, seed=tcfg.seed)
-    batches = store.prefetch(
-        store.shuffled_batches(acts, tcfg.batch_tokens, seed=tcfg.seed, start_batch=trainer.steps if trainer else 0)
-    )
-    result = train_sae(
-        sae_cfg,
-        tcfg,
-        batches,
-        sample,
-        progress=progress,
-        trainer=trainer,
-        checkpoint=lambda t: save_checkpoint(ckpt_dir, *t.state_dict()),
-        checkpoint_every_tokens=spec.train.checkpoint_every_tokens,
-    )
-    meta = {
-        "model": spec.model.source,
-        "hookpoint": hookpoint,
-        "first_position": int(spec.data.drop_first_position),
-        "train_tokens": result.tokens,
-        "train_steps": result.steps,
-        "train_dead_fraction": result.dead_fraction,
-        "lr": tcfg.resolved_lr(sae_cfg.n_latents),
-        "spec_hash": spec.part_hash(*TRAIN_SECTIONS),
-        "store_url": store_url(spec),
-        "lm": str(converted_model_dir(spec)) if (converted_model_dir(spec) / "config.json").exists() else spec.model.source,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "train_history.json", {"history": result.history})
-    result.sae.save(out, metadata=meta)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    log.info("SAE for %s written to %s", hookpoint, out)
-    return str(out)
+        lead = tcfgs[todo[0]]
+        sample = store.sample_rows(acts, lead.geometric_median_samples, seed=lead.seed)
+        for trainer in trainers.values():
+            trainer.initialize(sample)
+    first = trainers[todo[0]]
+    batches = store.prefetch(store.shuffled_batches(acts, first.tcfg.batch_tokens, seed=first.tcfg.seed,
+                                                    start_batch=first.steps))
+
+    def checkpoint(_trainers):
+        for i, trainer in trainers.items():
+            save_checkpoint(ckpt_dirs[i], *trainer.state_dict())
+
+    results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens)
+    lm_dir = converted_model_dir(spec)
+    for i, result in zip(trainers, results):
+        meta = {
+            "model": spec.model.source,
+            "hookpoint": hookpoint,
+            "first_position": int(spec.data.drop_first_position),
+            "train_tokens": result.tokens,
+            "train_steps": result.steps,
+            "train_dead_fraction": result.dead_fraction,
+            "lr": tcfgs[i].resolved_lr(result.sae.cfg.n_latents),
+            "spec_hash": spec.part_hash(*train_parts(i)),
+            "store_url": store_url(spec),
+            "lm": str(lm_dir) if (lm_dir / "config.json").exists() else spec.model.source,
+        }
+        outs[i].mkdir(parents=True, exist_ok=True)
+        _write_json(outs[i] / "train_history.json", {"history": result.history})
+        result.sae.save(outs[i], metadata=meta)
+        shutil.rmtree(ckpt_dirs[i], ignore_errors=True)
+        log.info("SAE %d for %s written to %s", i, hookpoint, outs[i])
+    return [str(o) for o in outs]
 
 
-def evaluate(spec: RunSpec, hookpoint: str, progress: bool = True) -> dict[str, float]:
+def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:
     from sae.evaluate import downstream_metrics, reconstruction_metrics
     from sae.model import TopKSAE
 
-    path = metrics_path(spec, hookpoint)
+    path = metrics_path(spec, hookpoint, index)
     if path.exists():
         log.info("metrics for %s already at %s", hookpoint, path)
         return json.loads(path.read_text())
-    sae = TopKSAE.load(sae_dir(spec, hookpoint)).eval()
+    sae = TopKSAE.load(sae_dir(spec, hookpoint, index)).eval()
     group = store.open_store(store_url(spec), spec.data.store_options)
     acts = store.activations(group, "eval", hookpoint)
     batches = store.iter_rows(acts, 4096, stop=spec.eval.tokens)
@@ -298,14 +313,14 @@ def write_report(sae, group, hookpoint, model, tokenizer, max_rows, out_dir: Pat
     return out_dir / REPORT_FILE
 
 
-def register(spec: RunSpec, hookpoint: str) -> str:
-    found = _registered(spec, hookpoint)
+def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
+    found = _registered(spec, hookpoint, index)
     if found is not None:
         log.info("already registered as %s (version %s)", found.uri, found.version)
         return found.uri
-    directory = sae_dir(spec, hookpoint)
+    directory = sae_dir(spec, hookpoint, index)
     cfg = json.loads((directory / "config.json").read_text())["sae"]
-    metrics = json.loads(metrics_path(spec, hookpoint).read_text())
+    metrics = json.loads(metrics_path(spec, hookpoint, index).read_text())
     params = {
         "model": spec.model.source,
         "hookpoint": hookpoint,
@@ -315,15 +330,15 @@ def register(spec: RunSpec, hookpoint: str) -> str:
         "batch_tokens": spec.train.batch_tokens,
         "lr": spec.train.lr,
         **{f"sae.{k}": v for k, v in cfg.items()},
-        "aux_k": spec.sae.aux_k,
-        "dead_tokens": spec.sae.dead_tokens,
+        "aux_k": spec.sae[index].aux_k,
+        "dead_tokens": spec.sae[index].dead_tokens,
     }
     tags = {
         "lm": spec.model.source,
         "hookpoint": hookpoint,
         "n_latents": str(cfg["n_latents"]),
         "k": str(cfg["k"]),
-        "spec_hash": spec.part_hash(*REGISTER_SECTIONS),
+        "spec_hash": spec.part_hash(*register_parts(index)),
         "spec_name": spec.name,
     }
     local = spec.registry.tracking_uri is None
@@ -331,7 +346,7 @@ def register(spec: RunSpec, hookpoint: str) -> str:
         directory,
         tracking_uri=spec.tracking_uri(),
         experiment=spec.registry.experiment or spec.name,
-        model_name=spec.model_name(hookpoint),
+        model_name=spec.model_name(hookpoint, index),
         alias=spec.registry.alias,
         params=params,
         metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
@@ -339,7 +354,7 @@ def register(spec: RunSpec, hookpoint: str) -> str:
         artifact_root=spec.root / "mlartifacts" if local else None,
         run_files=[
             p
-            for p in (eval_dir(spec, hookpoint) / REPORT_FILE, eval_dir(spec, hookpoint) / HISTOGRAM_FILE,
+            for p in (eval_dir(spec, hookpoint, index) / REPORT_FILE, eval_dir(spec, hookpoint, index) / HISTOGRAM_FILE,
                       directory / "train_history.json")
             if p.exists()
         ],

@@ -223,52 +223,68 @@ class Trainer:
         self.mse_scale, self.history = meta["mse_scale"], list(meta["history"])
 
 
+def train_saes(
+    trainers: list[Trainer],
+    batches: Iterator[torch.Tensor],
+    progress: bool = True,
+    checkpoint: Callable[[list[Trainer]], None] | None = None,
+    checkpoint_every_tokens: int = 0,
+) -> list[TrainResult]:
+    """Trains several SAEs from one pass over the data: every batch is fed to every trainer.
+
+    The trainers must share the token budget and be at the same cursor (new, or restored from
+    checkpoints taken together); `batches` must start at that cursor. `checkpoint(trainers)` is
+    called every `checkpoint_every_tokens` tokens.
+    """
+    lead = trainers[0]
+    if any(t.tcfg.tokens != lead.tcfg.tokens or t.steps != lead.steps for t in trainers):
+        raise ValueError("trainers fed from one pass must share tokens and cursor")
+    bar = tqdm(total=lead.tcfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, desc="train",
+               disable=not progress)
+    next_checkpoint = lead.tokens + checkpoint_every_tokens
+    for batch in batches:
+        if lead.done:
+            break
+        for trainer in trainers:
+            parts = trainer.step(batch)
+            if trainer.steps % trainer.tcfg.log_every == 0 or trainer.done:
+                trainer.history.append(
+                    {
+                        "step": trainer.steps,
+                        "tokens": trainer.tokens,
+                        "loss": parts.loss.item(),
+                        "mse": parts.mse.item(),
+                        "aux": parts.aux.item(),
+                        "dead_fraction": trainer.dead_fraction(),
+                    }
+                )
+        bar.update(batch.shape[0])
+        if lead.history:
+            bar.set_postfix(mse=" ".join(f"{t.history[-1]['mse']:.4f}" for t in trainers if t.history))
+        if checkpoint and checkpoint_every_tokens and lead.tokens >= next_checkpoint and not lead.done:
+            checkpoint(trainers)
+            next_checkpoint = lead.tokens + checkpoint_every_tokens
+    bar.close()
+    if not lead.done:
+        raise RuntimeError(f"the batch iterator ran out after {lead.tokens} of {lead.tcfg.tokens} tokens")
+    return [TrainResult(t.final_sae(), t.tokens, t.steps, t.dead_fraction(), t.history) for t in trainers]
+
+
 def train_sae(
     sae_cfg: SAEConfig,
     tcfg: TrainConfig,
     batches: Iterator[torch.Tensor],
     sample: torch.Tensor | None = None,
     progress: bool = True,
-    on_log: Callable[[dict], None] | None = None,
     trainer: Trainer | None = None,
     checkpoint: Callable[[Trainer], None] | None = None,
     checkpoint_every_tokens: int = 0,
 ) -> TrainResult:
-    """Trains one SAE on raw activation batches (each (batch_tokens, d_in)) until tcfg.tokens.
-
-    Pass a `trainer` restored from a checkpoint (and batches that start at its cursor) to resume;
-    otherwise a new one is initialised from `sample`. `checkpoint(trainer)` is called every
-    `checkpoint_every_tokens` tokens.
-    """
+    """One SAE: a new trainer initialised from `sample`, or `trainer` restored from a checkpoint."""
     if trainer is None:
         if sample is None:
             raise ValueError("a new training run needs a sample of activations for its initialisation")
         trainer = Trainer(sae_cfg, tcfg)
         trainer.initialize(sample)
-    bar = tqdm(total=tcfg.tokens, initial=trainer.tokens, unit="tok", unit_scale=True, desc="train", disable=not progress)
-    next_checkpoint = trainer.tokens + checkpoint_every_tokens
-    for batch in batches:
-        if trainer.done:
-            break
-        parts = trainer.step(batch)
-        bar.update(batch.shape[0])
-        if trainer.steps % tcfg.log_every == 0 or trainer.done:
-            record = {
-                "step": trainer.steps,
-                "tokens": trainer.tokens,
-                "loss": parts.loss.item(),
-                "mse": parts.mse.item(),
-                "aux": parts.aux.item(),
-                "dead_fraction": trainer.dead_fraction(),
-            }
-            trainer.history.append(record)
-            bar.set_postfix(mse=f"{record['mse']:.4f}", dead=f"{record['dead_fraction']:.3f}")
-            if on_log:
-                on_log(record)
-        if checkpoint and checkpoint_every_tokens and trainer.tokens >= next_checkpoint and not trainer.done:
-            checkpoint(trainer)
-            next_checkpoint = trainer.tokens + checkpoint_every_tokens
-    bar.close()
-    if not trainer.done:
-        raise RuntimeError(f"the batch iterator ran out after {trainer.tokens} of {tcfg.tokens} tokens")
-    return TrainResult(trainer.final_sae(), trainer.tokens, trainer.steps, trainer.dead_fraction(), trainer.history)
+    single = (lambda ts: checkpoint(ts[0])) if checkpoint else None
+    return train_saes([trainer], batches, progress, single, checkpoint_every_tokens)[0]

@@ -36,10 +36,14 @@ def save_checkpoint(root: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     return final
 
 
-def load_latest(root: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, meta) of the newest complete checkpoint under root, or None."""
-    found = _steps_dirs(Path(root))
-    if not found:
+def steps_available(root: str | os.PathLike) -> list[int]:
+    return [int(p.name.removeprefix("step-")) for p in _steps_dirs(Path(root))]
+
+
+def load_checkpoint(root: str | os.PathLike, steps: int | None = None) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, meta) of the checkpoint at `steps` (default: the newest complete one), or None."""
+    available = steps_available(root)
+    if not available or (steps is not None and steps not in available):
         return None
-    latest = found[-1]
-    return load_file(latest / STATE_FILE), json.loads((latest / META_FILE).read_text())
+    path = Path(root) / f"step-{(steps if steps is not None else available[-1]):09d}"
+    return load_file(path / STATE_FILE), json.loads((path / META_FILE).read_text())

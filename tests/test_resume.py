@@ -6,9 +6,9 @@ import torch
 import zarr
 
 from sae.config import SAEConfig, TrainConfig
-from sae.train import Trainer, train_sae
+from sae.train import Trainer, train_sae, train_saes
 from storage.activations import sample_rows, shuffled_batches
-from storage.checkpoints import load_latest, save_checkpoint
+from storage.checkpoints import load_checkpoint, save_checkpoint
 
 
 class Killed(Exception):
@@ -27,7 +27,7 @@ def acts(tmp_path):
 def run(acts, ckpt_dir, kill_at_step=None):
     cfg = SAEConfig(16, 64, 4)
     tcfg = TrainConfig(batch_tokens=100, tokens=6000, lr=1e-2, dead_tokens=300, aux_k=8, multi_topk=True, log_every=7)
-    restored = load_latest(ckpt_dir)
+    restored = load_checkpoint(ckpt_dir)
     trainer = None
     if restored:
         trainer = Trainer(cfg, tcfg)
@@ -67,4 +67,20 @@ def test_checkpoint_writes_are_atomic_and_pruned(acts, tmp_path):
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["step-000000035", "step-000000042"]  # the last two, no temporary left behind
     (ckpt / "step-000000042" / "meta.json").unlink()  # a checkpoint that lost a file is skipped
-    assert load_latest(ckpt)[1]["steps"] == 35
+    assert load_checkpoint(ckpt)[1]["steps"] == 35
+
+
+def test_one_pass_for_several_saes_equals_separate_runs(acts):
+    def trainer(n, k):
+        t = Trainer(SAEConfig(16, n, k), TrainConfig(batch_tokens=100, tokens=2000, lr=1e-2, dead_tokens=300, aux_k=8))
+        t.initialize(sample_rows(acts, 1000, seed=5))
+        return t
+
+    def batches():
+        return shuffled_batches(acts, 100, seed=5, buffer_chunks=2)
+
+    together = train_saes([trainer(64, 4), trainer(32, 2)], batches(), progress=False)
+    alone = [train_saes([trainer(n, k)], batches(), progress=False)[0] for n, k in ((64, 4), (32, 2))]
+    for a, b in zip(together, alone):
+        for name, value in a.sae.state_dict().items():
+            assert torch.equal(value, b.sae.state_dict()[name]), name

@@ -104,3 +104,14 @@ def test_validate_as_a_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "bogus: unknown key" in proc.stderr
+
+
+def test_several_saes_are_named_by_index_and_size(tiny_model_dir, text_dir, tmp_path):
+    spec = base(tiny_model_dir, text_dir, tmp_path)
+    spec["sae"] = [{"n_latents": 64, "k": 4}, {"expansion_factor": 1, "k": 40}]  # 1 x d_model 32 = 32 latents
+    assert "sae.1.k=40 exceeds n_latents=32" in error_of(tmp_path, spec)
+    spec["sae"][1]["k"] = 8
+    ok = load_spec(write(tmp_path, spec))
+    assert [ok.model_name("model.layers.1", i) for i in range(2)] == ["t-n64-k4", "t-x1-k8"]
+    assert ok.part_hash("sae.0") != ok.part_hash("sae.1")
+    assert ok.sae_config(32, 1).n_latents == 32 and ok.train_config(100, "cpu", 1).tokens == 100
