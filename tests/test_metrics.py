@@ -78,3 +78,38 @@ def test_ablation_sparsity_runs_on_a_model(tiny_model_dir):
     ids = torch.randint(3, model.config.vocab_size, (5, 20), generator=torch.Generator().manual_seed(1))
     m = ablation_sparsity(sae, model, ids, "model.layers.1", 1, window=8)
     assert 0 < m["ablation_sparsity"] <= 1 and m["ablation_sparsity_samples"] <= 5
+
+
+def test_progressive_codes_against_dense_computation():
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(8, 40, 3, normalization="none")).double()
+    x = torch.randn(200, 8, dtype=torch.float64)
+    m = reconstruction_metrics(sae, x.split(50), progress=False)
+    pre = (x - sae.b_pre) @ sae.W_enc.T
+    for k in (1, 6, 12):  # k/2, 2k, 4k
+        top = pre.topk(k, dim=1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        expected = (x - z @ sae.W_dec - sae.b_pre).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+        assert m[f"normalized_mse_k{k}"] == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_ablation_baselines_against_manual_forward(tiny_model_dir):
+    from sae.lm import logits, replaced
+
+    model, _ = load_lm(str(tiny_model_dir), "float32", "cpu")
+    ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(2))
+    mean = torch.randn(32)
+    m = downstream_metrics(nn.Identity(), model, ids, "model.layers.1", 1, mean, 2, progress=False)
+    expected = {}
+    for name, fill in (("zero", torch.zeros(32)), ("mean", mean)):
+        def fn(h, fill=fill):
+            out = h.clone()
+            out[:, 1:] = fill  # position 0 keeps its clean activation
+            return out
+
+        with replaced(model, "model.layers.1", fn):
+            expected[name] = next_token_ce(logits(model, ids), ids).mean().item()
+    clean = next_token_ce(logits(model, ids), ids).mean().item()
+    assert m["ce_zero_ablation"] == pytest.approx(expected["zero"], rel=1e-5)
+    assert m["ce_mean_ablation"] == pytest.approx(expected["mean"], rel=1e-5)
+    assert m["loss_recovered_vs_mean"] == pytest.approx((expected["mean"] - clean) / (expected["mean"] - clean))
