@@ -49,9 +49,12 @@ class SAESpec(Section):
     multi_topk: bool = False
     encoder_bias: bool = False
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
+    activation: Literal["topk", "batchtopk"] = "topk"
 
     @model_validator(mode="after")
     def _size(self):
+        if self.multi_topk and self.activation == "batchtopk":
+            raise ValueError("sae.multi_topk applies to activation topk only: drop one of them")
         if (self.n_latents is None) == (self.expansion_factor is None):
             raise ValueError("give exactly one of sae.n_latents and sae.expansion_factor")
         if self.n_latents is not None and self.k > self.n_latents:
@@ -152,11 +155,21 @@ class RunSpec(Section):
         if len(self.sae) > 1:
             s = self.sae[index]
             name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
+            name += "-batchtopk" if s.activation == "batchtopk" else ""
         return name
+
+    @model_validator(mode="after")
+    def _distinct_names(self):
+        for h in self.hookpoints:
+            names = [self.model_name(h, i) for i in range(len(self.sae))]
+            if len(set(names)) < len(names):
+                raise ValueError(f"sae: two SAEs would be registered as the same model ({names}): make them differ "
+                                 "in n_latents, k or activation, or split them into two specs")
+        return self
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]
-        return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization)
+        return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization, s.activation)
 
     def train_config(self, cached_tokens: int, device: str, index: int = 0) -> TrainConfig:
         t, s = self.train, self.sae[index]

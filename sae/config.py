@@ -25,6 +25,9 @@ class SAEConfig:
     k: int
     encoder_bias: bool = False  # the paper's §2.3 equation has none; the released code has one
     normalization: Normalization = "standardize"
+    # batchtopk: the k*B largest pre-activations of a training batch; at inference, the latents above
+    # a threshold learnt in training (at most 4k per token)
+    activation: Literal["topk", "batchtopk"] = "topk"
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.n_latents <= 0 or self.k <= 0:

@@ -18,15 +18,18 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
-def _scatter_rows(n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_b sum_j grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d) weight gradient.
+def _scatter_rows(
+    n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum over code entries (b, j) of grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d)
+    weight gradient, for a (B, k) code or a ragged one (1-D indices/grads with per-row offsets).
 
     This is exactly the weight gradient of `sparse_decode` for an upstream gradient x, and PyTorch's
     embedding_bag backward computes it without materialising the (B*k, d) products.
     """
     weight = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.enable_grad():
-        out = F.embedding_bag(indices, weight, per_sample_weights=grads.to(x.dtype), mode="sum")
+        out = F.embedding_bag(indices, weight, offsets, per_sample_weights=grads.to(x.dtype), mode="sum")
         (grad,) = torch.autograd.grad(out, weight, grad_outputs=x)
     return grad
 
@@ -85,3 +88,48 @@ def topk_encode(
     if aux_k > 0 and aux_mask is None:
         raise ValueError("aux_k > 0 needs aux_mask (which latents may be picked)")
     return TopKEncode.apply(x, W_enc, b_enc, k, aux_k, aux_mask)
+
+
+class BatchTopKEncode(torch.autograd.Function):
+    """BatchTopK (Bussmann et al. 2024): the k·B largest pre-activations of the whole batch, so tokens
+    get a variable number of latents averaging k. Returns a ragged code: (rows, cols, values) sorted
+    by row, for `embedding_bag` with offsets; the backward touches only the selected entries."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, k: int):
+        pre = x @ W_enc.T
+        if b_enc is not None:
+            pre = pre + b_enc
+        n = W_enc.shape[0]
+        top = pre.flatten().topk(k * x.shape[0], sorted=False)
+        order = top.indices.argsort()  # by row, then column
+        flat, values = top.indices[order], top.values[order].relu()
+        rows, cols = flat // n, flat % n
+        ctx.save_for_backward(x, W_enc, rows, cols, values)
+        ctx.has_bias = b_enc is not None
+        ctx.mark_non_differentiable(rows, cols)
+        return rows, cols, values
+
+    @staticmethod
+    def backward(ctx, _gr, _gc, grad_values):
+        x, W_enc, rows, cols, values = ctx.saved_tensors
+        g = grad_values * (values > 0)
+        offsets = ragged_offsets(rows, x.shape[0])
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(cols, W_enc, offsets, per_sample_weights=g, mode="sum")
+        if ctx.needs_input_grad[1]:
+            grad_W = _scatter_rows(W_enc.shape[0], cols, g, x, offsets)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return grad_x, grad_W, grad_b, None
+
+
+def ragged_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Start of each row's entries in a row-sorted ragged code (rows with no entry get empty bags)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+
+
+def ragged_decode(rows, cols, values, W_dec: torch.Tensor, n_rows: int) -> torch.Tensor:
+    return F.embedding_bag(cols, W_dec, ragged_offsets(rows, n_rows), per_sample_weights=values.to(W_dec.dtype), mode="sum")

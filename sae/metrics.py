@@ -40,6 +40,7 @@ class ReconstructionStats:
         self.sum_x = torch.zeros(d, dtype=torch.float64)
         self.sum_sq_x = 0.0
         self.sq_err = {k: 0.0 for k in self.ks}
+        self.main_sq_err = 0.0
         self.active = 0
         self.fire_counts = torch.zeros(n, dtype=torch.long)
 
@@ -47,14 +48,17 @@ class ReconstructionStats:
     def update(self, x_raw: torch.Tensor) -> None:
         sae = self.sae
         x, _ = sae.normalize(x_raw.to(sae.W_enc.device))
-        codes = sae.encode_normalized(x, k=max(self.ks))
+        wide = sae.encode_normalized(x, k=max(self.ks))
         for k in self.ks:
-            recon = sae.decode_normalized(Codes(codes.values[:, :k], codes.indices[:, :k]))
+            recon = sae.decode_normalized(Codes(wide.values[:, :k], wide.indices[:, :k]))
             self.sq_err[k] += (x - recon).double().pow(2).sum().item()
+        # the SAE's own code: its k for TopK, the thresholded code for BatchTopK
         k = sae.cfg.k
-        fired = codes.values[:, :k] > 0
+        main = Codes(wide.values[:, :k], wide.indices[:, :k]) if sae.cfg.activation == "topk" else sae.encode_normalized(x)
+        self.main_sq_err += (x - sae.decode_normalized(main)).double().pow(2).sum().item()
+        fired = main.values > 0
         self.active += int(fired.sum())
-        self.fire_counts += torch.bincount(codes.indices[:, :k][fired].cpu(), minlength=len(self.fire_counts))
+        self.fire_counts += torch.bincount(main.indices[fired].cpu(), minlength=len(self.fire_counts))
         xd = x.double().cpu()
         self.count += x.shape[0]
         self.sum_x += xd.sum(0)
@@ -68,8 +72,8 @@ class ReconstructionStats:
         k = self.sae.cfg.k
         freq = self.fire_counts.double() / self.count
         out = {
-            "normalized_mse": self.sq_err[k] / var,
-            "fraction_variance_explained": 1.0 - self.sq_err[k] / var,
+            "normalized_mse": self.main_sq_err / var,
+            "fraction_variance_explained": 1.0 - self.main_sq_err / var,
             "l0": self.active / self.count,
             "dead_fraction": (self.fire_counts == 0).double().mean().item(),
             "dense_fraction": (freq > self.DENSE_FREQUENCY).double().mean().item(),

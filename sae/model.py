@@ -59,6 +59,9 @@ class TopKSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n)) if cfg.encoder_bias else None
         # dataset_scale: a constant multiplier fixed before training; 1 for the other modes
         self.register_buffer("input_scale", torch.ones(()))
+        # batchtopk: inference keeps latents above this (a running average of the training batches'
+        # smallest kept activation)
+        self.register_buffer("threshold", torch.zeros(()))
         self.metadata: dict = {}
         self.reset_parameters()
 
@@ -85,7 +88,12 @@ class TopKSAE(nn.Module):
 
     # the autoencoder on normalised inputs ------------------------------------------------------------
     def encode_normalized(self, x_norm: torch.Tensor, k: int | None = None) -> Codes:
-        values, indices, _, _ = topk_encode(x_norm - self.b_pre, self.W_enc, self.b_enc, k or self.cfg.k)
+        """The top k latents per token (default cfg.k; for batchtopk, up to 4k above the threshold)."""
+        batch_topk = self.cfg.activation == "batchtopk"
+        width = k or (min(4 * self.cfg.k, self.cfg.n_latents) if batch_topk else self.cfg.k)
+        values, indices, _, _ = topk_encode(x_norm - self.b_pre, self.W_enc, self.b_enc, width)
+        if batch_topk:
+            values = values * (values > self.threshold)
         return Codes(values, indices)
 
     def decode_normalized(self, codes: Codes) -> torch.Tensor:

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
 from sae.geometric_median import geometric_median
-from sae.kernels import sparse_decode, topk_encode
+from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
 
 
@@ -59,6 +59,8 @@ def sae_loss(
     sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead: torch.Tensor | None
 ) -> LossParts:
     """L(k) [+ L(4k)/8 with multi-TopK] + aux_coef * L_aux, all scaled by the same constant."""
+    if sae.cfg.activation == "batchtopk":
+        return _batch_topk_loss(sae, x_norm, mse_scale, tcfg, dead)
     k = sae.cfg.k
     k_wide = min(4 * k, sae.cfg.n_latents) if tcfg.multi_topk else k
     n_dead = int(dead.sum()) if dead is not None else 0
@@ -68,7 +70,7 @@ def sae_loss(
     )
 
     def sq_err(target, recon):
-        return (target - recon).pow(2).sum(-1).mean() * mse_scale
+        return _sq_err(target, recon, mse_scale)
 
     recon = sparse_decode(values[:, :k], indices[:, :k], sae.W_dec) + sae.b_pre
     mse = sq_err(x_norm, recon)
@@ -82,6 +84,28 @@ def sae_loss(
         aux = torch.nan_to_num(aux, nan=0.0)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), values[:, :k].detach(), indices[:, :k])
+
+
+def _sq_err(target: torch.Tensor, recon: torch.Tensor, scale: float) -> torch.Tensor:
+    return (target - recon).pow(2).sum(-1).mean() * scale
+
+
+def _batch_topk_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead) -> LossParts:
+    """BatchTopK: k·B latents over the whole batch; AuxK over the dead latents as for TopK."""
+    x_in = x_norm - sae.b_pre
+    rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
+    recon = ragged_decode(rows, cols, values, sae.W_dec, x_norm.shape[0]) + sae.b_pre
+    mse = _sq_err(x_norm, recon, mse_scale)
+    loss, aux = mse, torch.zeros((), device=x_norm.device)
+    dead_idx = dead.nonzero().squeeze(1) if dead is not None else cols.new_zeros(0)
+    aux_k = min(tcfg.aux_k, len(dead_idx))
+    if aux_k > 0:
+        # only the dead rows of the encoder take part: a small matmul
+        b = sae.b_enc[dead_idx] if sae.b_enc is not None else None
+        aux_values, aux_pos, _, _ = topk_encode(x_in, sae.W_enc[dead_idx], b, aux_k)
+        aux = _sq_err(x_norm - recon.detach(), sparse_decode(aux_values, dead_idx[aux_pos], sae.W_dec), mse_scale)
+        loss = loss + tcfg.aux_coef * aux
+    return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)
 
 
 @torch.no_grad()
@@ -166,6 +190,8 @@ class Trainer:
         self.opt.step()
         renormalize_decoder(sae)
         self.tracker.update(parts.values, parts.indices)
+        if sae.cfg.activation == "batchtopk":
+            self._update_threshold(parts.values)
         self.tokens += batch.shape[0]
         self.steps += 1
         if self.ema:
@@ -173,6 +199,16 @@ class Trainer:
                 for name, p in sae.named_parameters():
                     self.ema[name].lerp_(p, 1 - tcfg.ema_decay)
         return parts
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: torch.Tensor) -> None:
+        """Moving average (0.9: it follows the drift of training) of the smallest positive activation
+        BatchTopK kept in each batch; inference keeps what exceeds it."""
+        positive = kept[kept > 0]
+        if len(positive):
+            smallest = positive.min()
+            t = self.sae.threshold
+            t.copy_(smallest if t == 0 else 0.9 * t + 0.1 * smallest)
 
     @torch.no_grad()
     def ema_sae(self) -> TopKSAE:
