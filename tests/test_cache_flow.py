@@ -1,5 +1,5 @@
-"""Caching through the real CLI and Prefect flow: fanned out over a Dask LocalCluster, and killed with
-SIGKILL midway then resumed; both must equal a single-process run bit for bit."""
+"""The real CLI and Prefect flow in subprocesses: caching fanned out over a Dask LocalCluster, caching
+and training killed with SIGKILL midway then resumed; each must equal an uninterrupted run bit for bit."""
 
 import os
 import signal
@@ -91,3 +91,50 @@ def test_sigkill_midway_then_resume_is_bitwise_equal(tiny_model_dir, text_dir, t
     assert resumed.returncode == 0, out[-3000:]
     assert f"{total - done} shards to compute" in out or f"computing {total - done} activation shards" in out
     assert_same(url, reference_store)
+
+
+def test_training_sigkilled_then_resumed_is_bitwise_equal(tiny_model_dir, text_dir, tmp_path):
+    import torch
+
+    from sae.model import TopKSAE
+
+    train = {"batch_tokens": 64, "tokens": 60_000, "checkpoint_every_tokens": 3200, "lr": 3e-3}
+    sae = {"n_latents": 64, "k": 4, "dead_tokens": 3000, "aux_k": 16}
+    killed = spec_dict(tiny_model_dir, text_dir, tmp_path / "killed", train=train, sae=sae)
+    straight = spec_dict(tiny_model_dir, text_dir, tmp_path / "straight", train=train, sae=sae)
+    spec = parse_spec(killed)
+    ckpt = stages.sae_dir(spec, "model.layers.1") / "checkpoints"
+
+    def run(spec_dict, kill=False):
+        path = tmp_path / f"spec-{time.monotonic_ns()}.yaml"
+        path.write_text(yaml.safe_dump(spec_dict))
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+        env.pop("PREFECT_API_URL", None)
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", str(path)], env=env,
+                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if kill:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not list(ckpt.glob("step-*/meta.json")):
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+        return out
+
+    # both runs need the activations: cache them first (quick), then train
+    for d in (killed, straight):
+        p = parse_spec(d)
+        for split, index in stages.plan_cache(p):
+            stages.cache_shard(p, split, index)
+        stages.cache(p)
+    run(killed, kill=True)
+    assert list(ckpt.glob("step-*")) and not (stages.sae_dir(spec, "model.layers.1") / "config.json").exists()
+    assert "resuming model.layers.1 from checkpoints" in run(killed)
+    run(straight)
+    a = TopKSAE.load(stages.sae_dir(spec, "model.layers.1"))
+    b = TopKSAE.load(stages.sae_dir(parse_spec(straight), "model.layers.1"))
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
