@@ -223,7 +223,7 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
 
 
 def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:
-    from sae.evaluate import downstream_metrics, reconstruction_metrics
+    from sae.evaluate import ablation_sparsity, downstream_metrics, reconstruction_metrics
     from sae.model import TopKSAE
 
     path = metrics_path(spec, hookpoint, index)
@@ -252,8 +252,6 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
             )
         )
     if spec.eval.ablation_contexts > 0:
-        from sae.evaluate import ablation_sparsity
-
         model, _ = _lm(spec)
         contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.ablation_contexts])
         metrics.update(ablation_sparsity(sae, model, contexts, hookpoint, int(spec.data.drop_first_position)))
