@@ -144,6 +144,10 @@ class RunSpec(Section):
     def root(self) -> Path:
         return Path(self.workdir).resolve()
 
+    def converted_model_dir(self) -> Path:
+        """Where a GGUF model is kept once dequantised into transformers' format."""
+        return self.root / "models" / safe_name(self.model.source)
+
     def tracking_uri(self) -> str:
         return self.registry.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
@@ -187,6 +191,11 @@ class RunSpec(Section):
             seed=t.seed,
             device=device,
         )
+
+
+def safe_name(name: str) -> str:
+    """A file-system-safe name for a model source or hookpoint."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 HASH_EXCLUDED = ("data.store_options", "train.checkpoint_every_tokens", "eval.report_latents", "eval.batch_contexts")
@@ -244,8 +253,9 @@ def check_resources(spec: RunSpec) -> None:
             resolve_files(src)
         except (OSError, ValueError) as e:
             raise SpecError(f"data.source: {e}") from None
+    converted = spec.converted_model_dir()  # a GGUF converted earlier reads in milliseconds
     try:
-        config = load_config(spec.model.source)
+        config = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source)
         names, d_model = set(module_names(config)), config.hidden_size
     except (OSError, ValueError, KeyError) as e:
         raise SpecError(f"model.source: cannot read the model config of {spec.model.source!r}: {e}") from None

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 import zarr
 
-from flows.spec import RunSpec
+from flows.spec import RunSpec, safe_name
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
 from storage.corpus import split_contexts
@@ -41,10 +40,6 @@ def register_parts(index: int) -> tuple[str, ...]:
     return eval_parts(index) + ("registry", "name")
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
 # output locations -----------------------------------------------------------------------------------
 def store_url(spec: RunSpec) -> str:
     base = spec.data.store or str(spec.root / "activations")
@@ -52,7 +47,7 @@ def store_url(spec: RunSpec) -> str:
 
 
 def sae_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return spec.root / "saes" / spec.part_hash(*train_parts(index)) / _safe(hookpoint)
+    return spec.root / "saes" / spec.part_hash(*train_parts(index)) / safe_name(hookpoint)
 
 
 def eval_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
@@ -61,10 +56,6 @@ def eval_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
 
 def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
     return eval_dir(spec, hookpoint, index) / "metrics.json"
-
-
-def converted_model_dir(spec: RunSpec) -> Path:
-    return spec.root / "models" / _safe(spec.model.source)
 
 
 def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None) -> bool:
@@ -101,7 +92,7 @@ def _lm(spec: RunSpec):
     key = (spec.model.source, spec.model.dtype, spec.model.device)
     with _LMS_LOCK:
         if key not in _LMS:
-            _LMS[key] = load_lm(*key, converted_model_dir(spec))
+            _LMS[key] = load_lm(*key, spec.converted_model_dir())
         return _LMS[key]
 
 
@@ -200,7 +191,7 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
             save_checkpoint(ckpt_dirs[i], *trainer.state_dict())
 
     results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens)
-    lm_dir = converted_model_dir(spec)
+    lm_dir = spec.converted_model_dir()
     for i, result in zip(trainers, results):
         meta = {
             "model": spec.model.source,
