@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 
 import torch
-import zarr
 
 from flows.spec import RunSpec, safe_name
 from sae.lm import load_lm, resolve_device
@@ -104,14 +103,10 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     if store.is_complete(url, opts):
         return []
     digest = spec.part_hash(*CACHE_SECTIONS)
-    try:
-        attrs = zarr.open_group(url, mode="r", storage_options=opts or None).attrs
-        if attrs.get("spec_hash") == digest and "splits" in attrs:
-            missing = store.missing_shards(url, opts)
-            log.info("resuming the activation store at %s: %d shards to compute", url, len(missing))
-            return missing
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        pass
+    if store.planned_hash(url, opts) == digest:
+        missing = store.missing_shards(url, opts)
+        log.info("resuming the activation store at %s: %d shards to compute", url, len(missing))
+        return missing
     model, tokenizer = _lm(spec)
     d = spec.data
     positions = d.context_length - int(d.drop_first_position)
@@ -140,7 +135,8 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
 
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     model, _ = _lm(spec)
-    store.write_shard(store_url(spec), split, index, model, spec.data.batch_contexts, spec.data.store_options, True)
+    store.write_shard(store_url(spec), split, index, model, spec.data.batch_contexts, spec.data.store_options,
+                      progress=True)
 
 
 def cache(spec: RunSpec) -> str:

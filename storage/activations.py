@@ -165,6 +165,15 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool = Fal
     return group
 
 
+def planned_hash(url: str, storage_options: dict | None = None) -> str | None:
+    """The spec hash of a fully planned store at url (shards may still be missing), else None."""
+    try:
+        attrs = zarr.open_group(url, mode="r", storage_options=storage_options or None).attrs
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return attrs.get("spec_hash") if "splits" in attrs else None  # `splits` is written last by plan_store
+
+
 def is_complete(url: str, storage_options: dict | None = None) -> bool:
     try:
         open_store(url, storage_options)
