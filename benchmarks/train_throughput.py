@@ -1,10 +1,13 @@
 """Training throughput of the TopK SAE: tokens/s and peak memory per configuration.
 
-Side by side in one run: saeflow's trainer step (sparse encoder backward and sparse decoder), the
-same step with a dense masked code (what autograd through `scatter` + matmul costs) and, with
+Side by side in one run: saeflow's trainer step (sparse encoder backward and sparse decoder); the
+same step with a dense masked code (what autograd through `scatter` + matmul costs); on CUDA,
+saeflow with embedding_bag's backward in place of its Triton kernels (saeflow-eb); and, with
 --peers, the training steps of EleutherAI sparsify and SAELens at the same settings (installed into
-their own venv, .bench-peers/, on first use). Each measurement runs in its own subprocess so peak
-memory is that measurement's alone; speed-ups are against saeflow measured in the same run.
+their own venv, .bench-peers/, on first use, or taken from --peers-python). Each measurement runs in
+its own subprocess so peak memory is that measurement's alone; speed-ups are against saeflow
+measured in the same run at the same precision. On CUDA every implementation runs twice: float32,
+and under bf16 autocast (saeflow's default there).
 
     python benchmarks/train_throughput.py [--steps N] [--device cpu|cuda] [--quick] [--peers]
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,14 +33,17 @@ CONFIGS = [  # (d_in, n_latents, k, batch) as in the issue
 ]
 
 
-def measure(impl: str, d: int, n: int, k: int, batch: int, steps: int, device: str) -> dict:
+def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps: int, device: str) -> dict:
     import torch
 
     from sae.config import SAEConfig, TrainConfig
     from sae.train import Trainer
 
+    if impl == "saeflow-eb":  # the CPU path's embedding_bag backward instead of the Triton kernels
+        os.environ["SAEFLOW_TRITON"] = "0"
     torch.manual_seed(0)
-    tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9)
+    tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
+                       precision=precision)
     trainer = Trainer(SAEConfig(d, n, k), tcfg)
     data = torch.randn(4 * batch, d, device=device)
     trainer.initialize(data)
@@ -45,13 +52,21 @@ def measure(impl: str, d: int, n: int, k: int, batch: int, steps: int, device: s
 
         train_module.sae_loss = dense_loss
     x = [data[i * batch : (i + 1) * batch] for i in range(4)]
-    trainer.step(x[0])  # warm-up
+    return time_steps(lambda i: trainer.step(x[i % 4]), steps, device)
+
+
+def time_steps(step, steps: int, device: str) -> dict:
+    """tokens/s over `steps` calls after two warm-up calls; peak memory of the device (or process)."""
+    import torch
+
+    step(0)
+    step(1)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in range(steps):
-        trainer.step(x[i % 4])
+        step(i)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -60,7 +75,7 @@ def measure(impl: str, d: int, n: int, k: int, batch: int, steps: int, device: s
         if device == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     )
-    return {"tokens_per_s": steps * batch / elapsed, "peak_mib": peak}
+    return {"steps_per_s": steps / elapsed, "peak_mib": peak}
 
 
 def dense_loss(sae, x_norm, mse_scale, tcfg, dead):
@@ -77,7 +92,9 @@ def dense_loss(sae, x_norm, mse_scale, tcfg, dead):
     return LossParts(mse, mse.detach(), torch.zeros(()), top.values.relu().detach(), top.indices)
 
 
-def peers_python() -> str:
+def peers_python(given: str | None) -> str:
+    if given:
+        return given
     python = PEERS_VENV / "bin" / "python"
     if not python.exists():
         print(f"installing {', '.join(PEER_PACKAGES)} into {PEERS_VENV} (once)", flush=True)
@@ -89,8 +106,11 @@ def peers_python() -> str:
 
 
 def run_json(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    """The measurement's JSON line, or its last error line when it failed (a peer not installed)."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -99,36 +119,44 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="only the first configuration")
     parser.add_argument("--peers", action="store_true", help="also run EleutherAI sparsify and SAELens")
+    parser.add_argument("--peers-python", help="an interpreter that already has the peers (default: .bench-peers)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        impl, d, n, k, batch = args.one.split(",")
-        print(json.dumps(measure(impl, int(d), int(n), int(k), int(batch), args.steps, args.device)))
+        impl, precision, d, n, k, batch = args.one.split(",")
+        result = measure(impl, precision, int(d), int(n), int(k), int(batch), args.steps, args.device)
+        print(json.dumps(result))
         return
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    peers = peers_python() if args.peers else None
-    if peers and device != "cpu":
-        raise SystemExit("--peers runs on CPU only (the peers' venv has the CPU torch wheel)")
-    print(f"device {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; steps {args.steps}")
-    header = f"{'d':>5} {'n_latents':>9} {'k':>3} {'batch':>6} | {'impl':<14} {'tokens/s':>10} {'peak MiB':>9} | {'saeflow is':>10}"
+    peers = peers_python(args.peers_python) if args.peers else None
+    precisions = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"device {device} ({name}); torch {torch.__version__}; steps {args.steps}")
+    header = (f"{'d':>5} {'n_latents':>9} {'k':>3} {'batch':>6} {'prec':>4} | {'impl':<10} {'tokens/s':>10} "
+              f"{'peak MiB':>9} | {'saeflow is':>10}")
     print(header)
     print("-" * len(header))
     for d, n, k, batch in CONFIGS[:1] if args.quick else CONFIGS:
-        results = {}
-        for impl in ("saeflow", "dense"):
-            results[impl] = run_json([sys.executable, __file__, "--one", f"{impl},{d},{n},{k},{batch}",
-                                      "--steps", str(args.steps), "--device", device])
-        if peers:
-            for impl in ("sparsify", "saelens"):
-                results[impl] = run_json([peers, str(HERE / "peers.py"), impl, str(d), str(n), str(k), str(batch),
-                                          str(args.steps)])
-        ours = results["saeflow"]["tokens_per_s"]
-        for impl, r in results.items():
-            ratio = "" if impl == "saeflow" else f"{ours / r['tokens_per_s']:.2f}x"
-            print(f"{d:>5} {n:>9} {k:>3} {batch:>6} | {impl:<14} {r['tokens_per_s']:>10.0f} {r['peak_mib']:>9.0f} | {ratio:>10}")
+        for precision in precisions:
+            setting = f"{precision},{d},{n},{k},{batch}"
+            results = {}
+            for impl in ("saeflow", "saeflow-eb", "dense") if device == "cuda" else ("saeflow", "dense"):
+                results[impl] = run_json([sys.executable, __file__, "--one", f"{impl},{setting}",
+                                          "--steps", str(args.steps), "--device", device])
+            if peers:
+                for impl in ("sparsify", "saelens"):
+                    results[impl] = run_json([peers, str(HERE / "peers.py"), impl, setting, str(args.steps), device])
+            ours = results["saeflow"].get("steps_per_s")
+            for impl, r in results.items():
+                row = f"{d:>5} {n:>9} {k:>3} {batch:>6} {precision:>4} | {impl:<10} "
+                if "error" in r:
+                    print(row + f"failed: {r['error'][:80]}")
+                    continue
+                ratio = "" if impl == "saeflow" or not ours else f"{ours / r['steps_per_s']:.2f}x"
+                print(row + f"{r['steps_per_s'] * batch:>10.0f} {r['peak_mib']:>9.0f} | {ratio:>10}")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ class TrainSpec(Section):
     checkpoint_every_tokens: int = Field(1_000_000, ge=0)  # 0: no checkpoints
     seed: int = 0
     device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
     @model_validator(mode="after")
     def _lr(self):
@@ -190,6 +191,7 @@ class RunSpec(Section):
             ema_decay=t.ema_decay,
             seed=t.seed,
             device=device,
+            precision=t.precision,
         )
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 Normalization = Literal["none", "standardize", "dataset_scale"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,15 @@ class TrainConfig:
     geometric_median_samples: int = 32768
     seed: int = 0
     device: str = "cpu"
+    # bf16: the encoder matmul and the top-k selection run under bf16 autocast; parameters, Adam
+    # state, the sparse decoder and every gradient product stay float32. auto: bf16 on CUDA only
+    # (on CPU bf16 matmuls are rarely faster and fp32 keeps resumes bitwise exact).
+    precision: Precision = "auto"
     log_every: int = 20
 
     def resolved_lr(self, n_latents: int) -> float:
         return self.lr if self.lr is not None else auto_lr(n_latents)
+
+    def bf16(self) -> bool:
+        """Whether the training forward runs under bf16 autocast."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.device.startswith("cuda"))

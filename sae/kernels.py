@@ -9,29 +9,80 @@ makes TopK training cheap per token (the released code's Triton kernels do the s
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import torch.nn.functional as F
 
 
+@functools.cache
+def _triton_kernels():
+    try:
+        from sae import triton_kernels
+    except ImportError:  # no triton (CPU installs): the embedding_bag path serves every device
+        return None
+    return triton_kernels
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    """CUDA tensors use the Triton kernels unless SAEFLOW_TRITON=0 (to compare with embedding_bag)."""
+    return t.is_cuda and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_kernels() is not None
+
+
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j values[b, j] * W_dec[indices[b, j]]: a (B, d) reconstruction from (B, k) codes."""
+    if torch.is_grad_enabled() and W_dec.requires_grad and _use_triton(W_dec):
+        return _TritonSparseDecode.apply(values, indices, W_dec)
     return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
 
 
+class _TritonSparseDecode(torch.autograd.Function):
+    """embedding_bag forward; backward by the Triton kernels instead of embedding_bag's."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values.to(W_dec.dtype), mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[0]:
+            grad_values = _triton_kernels().gather_dot(grad_out, indices, W_dec).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _scatter_rows(W_dec.shape[0], indices, values, grad_out)
+        return grad_values, None, grad_W
+
+
 def _scatter_rows(
-    n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor | None = None
+    n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor | None = None
 ) -> torch.Tensor:
     """sum over code entries (b, j) of grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d)
-    weight gradient, for a (B, k) code or a ragged one (1-D indices/grads with per-row offsets).
+    weight gradient, for a (B, k) code or a ragged one (1-D indices/grads with their rows in `tokens`).
 
-    This is exactly the weight gradient of `sparse_decode` for an upstream gradient x, and PyTorch's
-    embedding_bag backward computes it without materialising the (B*k, d) products.
+    This is exactly the weight gradient of `sparse_decode` for an upstream gradient x. On CUDA a
+    Triton kernel computes it; elsewhere PyTorch's embedding_bag backward, which does so without
+    materialising the (B*k, d) products.
     """
+    if _use_triton(x):
+        if tokens is None:
+            tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+        return _triton_kernels().segment_rows(n_rows, indices.reshape(-1), grads.reshape(-1).to(x.dtype), tokens, x)
+    offsets = ragged_offsets(tokens, x.shape[0]) if tokens is not None else None
     weight = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.enable_grad():
         out = F.embedding_bag(indices, weight, offsets, per_sample_weights=grads.to(x.dtype), mode="sum")
         (grad,) = torch.autograd.grad(out, weight, grad_outputs=x)
     return grad
+
+
+def _pre_activations(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b: the one dense product. Under autocast it runs (and is kept) in bf16, which only
+    decides which latents win; the kept values are cast back to the parameters' dtype at once so that
+    the decoder and every gradient product run in float32."""
+    return F.linear(x, W_enc, b_enc)
 
 
 class TopKEncode(torch.autograd.Function):
@@ -43,14 +94,12 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k: int, aux_k: int, aux_mask):
-        pre = x @ W_enc.T
-        if b_enc is not None:
-            pre = pre + b_enc
+        pre = _pre_activations(x, W_enc, b_enc)
         top = pre.topk(k, dim=-1, sorted=True)
-        values, indices = top.values.relu(), top.indices
+        values, indices = top.values.to(W_enc.dtype).relu(), top.indices
         if aux_k > 0:
             aux = pre.masked_fill(~aux_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
-            aux_values, aux_indices = aux.values.relu(), aux.indices
+            aux_values, aux_indices = aux.values.to(W_enc.dtype).relu(), aux.indices
         else:
             aux_values = x.new_zeros(x.shape[0], 0)
             aux_indices = indices.new_zeros(x.shape[0], 0)
@@ -97,13 +146,11 @@ class BatchTopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k: int):
-        pre = x @ W_enc.T
-        if b_enc is not None:
-            pre = pre + b_enc
+        pre = _pre_activations(x, W_enc, b_enc)
         n = W_enc.shape[0]
         top = pre.flatten().topk(k * x.shape[0], sorted=False)
         order = top.indices.argsort()  # by row, then column
-        flat, values = top.indices[order], top.values[order].relu()
+        flat, values = top.indices[order], top.values[order].to(W_enc.dtype).relu()
         rows, cols = flat // n, flat % n
         ctx.save_for_backward(x, W_enc, rows, cols, values)
         ctx.has_bias = b_enc is not None
@@ -119,7 +166,7 @@ class BatchTopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(cols, W_enc, offsets, per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[1]:
-            grad_W = _scatter_rows(W_enc.shape[0], cols, g, x, offsets)
+            grad_W = _scatter_rows(W_enc.shape[0], cols, g, x, rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         return grad_x, grad_W, grad_b, None

@@ -36,8 +36,12 @@ class DeadLatentTracker:
         return self.tokens_since_fired >= self.dead_tokens
 
     def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        # counted with index_add, not boolean indexing: no host sync, so CUDA steps queue back to back
         self.tokens_since_fired += values.shape[0]
-        self.tokens_since_fired[indices[values > self.threshold]] = 0
+        hits = torch.zeros_like(self.tokens_since_fired).index_add_(
+            0, indices.reshape(-1), (values.reshape(-1) > self.threshold).long()
+        )
+        self.tokens_since_fired.masked_fill_(hits > 0, 0)
 
 
 @torch.no_grad()
@@ -153,6 +157,7 @@ class Trainer:
     def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig):
         self.tcfg = tcfg
         self.device = torch.device(tcfg.device)
+        self.bf16 = tcfg.bf16()
         self.sae = TopKSAE(sae_cfg)
         self.sae.reset_parameters(generator=torch.Generator().manual_seed(tcfg.seed))
         self.sae.to(self.device)
@@ -181,7 +186,10 @@ class Trainer:
         x_norm, _ = sae.normalize(batch.to(self.device, non_blocking=True))
         for group in self.opt.param_groups:
             group["lr"] = self.base_lr * lr_factor(tcfg, self.tokens)
-        parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, self.tracker.dead_mask())
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            # no latent can be dead before dead_tokens tokens: skip counting them (a host sync) until then
+            dead = self.tracker.dead_mask() if self.tokens >= tcfg.dead_tokens else None
+            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead)
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
         project_decoder_grad(sae)
@@ -204,11 +212,10 @@ class Trainer:
     def _update_threshold(self, kept: torch.Tensor) -> None:
         """Moving average (0.9: it follows the drift of training) of the smallest positive activation
         BatchTopK kept in each batch; inference keeps what exceeds it."""
-        positive = kept[kept > 0]
-        if len(positive):
-            smallest = positive.min()
-            t = self.sae.threshold
-            t.copy_(smallest if t == 0 else 0.9 * t + 0.1 * smallest)
+        smallest = torch.where(kept > 0, kept, torch.inf).min()  # inf: nothing positive was kept
+        t = self.sae.threshold
+        moved = torch.where(t == 0, smallest, 0.9 * t + 0.1 * smallest)
+        t.copy_(torch.where(smallest.isfinite(), moved, t))
 
     @torch.no_grad()
     def ema_sae(self) -> TopKSAE:

@@ -76,10 +76,10 @@ def planted_data(n_tokens, d, n_features, active, seed):
     return codes @ dictionary, dictionary
 
 
-def test_planted_dictionary_is_recovered():
-    """As many latents as true features: tied init, AuxK and the decoder constraint must find them all."""
+def train_on_planted(n_tokens: int, precision: str):
+    """As many latents as true features; returns (fraction of features recovered at cos > 0.9, result)."""
     d, n_true, active, batch = 32, 64, 4, 256
-    x, dictionary = planted_data(60_000, d, n_true, active, seed=1)
+    x, dictionary = planted_data(n_tokens, d, n_true, active, seed=1)
 
     def batches():
         g = torch.Generator().manual_seed(2)
@@ -89,10 +89,16 @@ def test_planted_dictionary_is_recovered():
                 yield x[perm[i : i + batch]]
 
     cfg = SAEConfig(d, n_true, active, normalization="none")
-    tcfg = TrainConfig(batch_tokens=batch, tokens=2_000_000, lr=3e-3, dead_tokens=20_000, aux_k=16, log_every=1000)
+    tcfg = TrainConfig(batch_tokens=batch, tokens=2_000_000 if precision == "fp32" else 1_000_000, lr=3e-3,
+                       dead_tokens=20_000, aux_k=16, log_every=1000, precision=precision)
     result = train_sae(cfg, tcfg, batches(), x[:8192], progress=False)
     cos = dictionary @ result.sae.W_dec.T  # (true features, learned latents)
-    recovered = (cos.max(dim=1).values > 0.9).float().mean().item()
+    return (cos.max(dim=1).values > 0.9).float().mean().item(), result
+
+
+def test_planted_dictionary_is_recovered():
+    """Tied init, AuxK and the decoder constraint must find every true feature."""
+    recovered, result = train_on_planted(60_000, "fp32")
     assert recovered >= 0.95, recovered
     assert result.dead_fraction < 0.01
 
