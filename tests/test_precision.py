@@ -169,3 +169,34 @@ def test_triton_backward_matches_embedding_bag_backward(activation, monkeypatch)
         grads[flag] = {name: p.grad.clone() for name, p in sae.named_parameters()}
     for name, ref in grads["0"].items():
         assert torch.allclose(grads["1"][name], ref, rtol=1e-4, atol=1e-6), name
+
+
+@needs_cuda
+def test_cuda_checkpoint_round_trip_resumes_the_run():
+    """A CUDA trainer restored from its state_dict (as the checkpoint files hold it) continues the run."""
+    cfg = SAEConfig(64, 1024, 16)
+    tcfg = TrainConfig(batch_tokens=256, tokens=256 * 12, lr=1e-3, device="cuda", dead_tokens=512, aux_k=32,
+                       ema_decay=0.9)
+    x = torch.randn(12 * 256, 64, generator=torch.Generator().manual_seed(0))
+    batches = [x[i * 256 : (i + 1) * 256] for i in range(12)]
+
+    straight = Trainer(cfg, tcfg)
+    straight.initialize(x)
+    for b in batches:
+        straight.step(b)
+
+    first = Trainer(cfg, tcfg)
+    first.initialize(x)
+    for b in batches[:5]:
+        first.step(b)
+    tensors, meta = first.state_dict()
+    assert all(t.device.type == "cpu" for t in tensors.values())
+    resumed = Trainer(cfg, tcfg)
+    resumed.load_state_dict(tensors, meta)
+    for b in batches[5:]:
+        resumed.step(b)
+    assert resumed.steps == straight.steps == 12
+    for (name, a), b in zip(straight.sae.named_parameters(), resumed.sae.parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert torch.equal(straight.tracker.tokens_since_fired, resumed.tracker.tokens_since_fired)
+    assert torch.allclose(straight.ema_sae().W_dec, resumed.ema_sae().W_dec, atol=1e-5)
