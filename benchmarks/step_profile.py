@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sae.config import SAEConfig, TrainConfig
-from sae.kernels import _scatter_rows
+from sae.kernels import scatter_rows
 from sae.train import Trainer
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     def weight_grad(triton: str):
         def run():
             os.environ["SAEFLOW_TRITON"] = triton
-            return _scatter_rows(args.n, top.indices, grads, xs[0])
+            return scatter_rows(args.n, top.indices, grads, xs[0])
 
         return run
 

@@ -56,7 +56,7 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
 
 
 def time_steps(step, steps: int, device: str) -> dict:
-    """tokens/s over `steps` calls after two warm-up calls; peak memory of the device (or process)."""
+    """Steps per second over `steps` calls after two warm-up calls; peak memory of the device (or process)."""
     import torch
 
     step(0)

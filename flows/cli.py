@@ -76,10 +76,6 @@ def cmd_pull(args) -> int:
 def cmd_report(args) -> int:
     from flows.stages import report_registered
 
-    if args.tracking_uri:
-        import mlflow
-
-        mlflow.set_tracking_uri(args.tracking_uri)
     path = report_registered(args.model_uri, args.out, args.tracking_uri)
     print(f"wrote {path} (open it in a browser; also logged to the model's MLflow run)")
     return 0

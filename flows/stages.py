@@ -351,10 +351,8 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     """`saeflow report`: the feature browser of a registered SAE, also logged to its MLflow run."""
     import tempfile
 
-    from mlflow import MlflowClient
-
     from sae.model import TopKSAE
-    from storage.registry import model_version, pull
+    from storage.registry import log_run_files, model_version, pull
 
     with tempfile.TemporaryDirectory() as tmp:
         sae = TopKSAE.load(pull(model_uri, tmp, tracking_uri)).eval()
@@ -366,7 +364,5 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     title = f"{version.name} v{version.version} · {meta['hookpoint']}"
     rows = store.activations(group, "eval", meta["hookpoint"]).shape[0]
     path = write_report(sae, group, meta["hookpoint"], model, tokenizer, rows, Path(out_dir), title, metrics)
-    client = MlflowClient()
-    for name in (REPORT_FILE, HISTOGRAM_FILE):
-        client.log_artifact(version.run_id, str(Path(out_dir) / name))
+    log_run_files(version.run_id, [path, path.parent / HISTOGRAM_FILE])
     return path

@@ -52,11 +52,11 @@ class _TritonSparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = _triton_kernels().gather_dot(grad_out, indices, W_dec).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = _scatter_rows(W_dec.shape[0], indices, values, grad_out)
+            grad_W = scatter_rows(W_dec.shape[0], indices, values, grad_out)
         return grad_values, None, grad_W
 
 
-def _scatter_rows(
+def scatter_rows(
     n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor | None = None
 ) -> torch.Tensor:
     """sum over code entries (b, j) of grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d)
@@ -118,7 +118,7 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = sparse_decode(g, idx, W_enc)
         if ctx.needs_input_grad[1]:
-            grad_W = _scatter_rows(W_enc.shape[0], idx, g, x)
+            grad_W = scatter_rows(W_enc.shape[0], idx, g, x)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
             grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
@@ -166,7 +166,7 @@ class BatchTopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(cols, W_enc, offsets, per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[1]:
-            grad_W = _scatter_rows(W_enc.shape[0], cols, g, x, rows)
+            grad_W = scatter_rows(W_enc.shape[0], cols, g, x, rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         return grad_x, grad_W, grad_b, None

@@ -73,18 +73,15 @@ def sae_loss(
         x_norm - sae.b_pre, sae.W_enc, sae.b_enc, k_wide, aux_k, dead
     )
 
-    def sq_err(target, recon):
-        return _sq_err(target, recon, mse_scale)
-
     recon = sparse_decode(values[:, :k], indices[:, :k], sae.W_dec) + sae.b_pre
-    mse = sq_err(x_norm, recon)
+    mse = _sq_err(x_norm, recon, mse_scale)
     loss = mse
     if k_wide > k:
-        loss = loss + sq_err(x_norm, sparse_decode(values, indices, sae.W_dec) + sae.b_pre) / 8
+        loss = loss + _sq_err(x_norm, sparse_decode(values, indices, sae.W_dec) + sae.b_pre, mse_scale) / 8
     aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:
         # the dead latents learn to predict the live ones' residual error (§A.2)
-        aux = sq_err(x_norm - recon.detach(), sparse_decode(aux_values, aux_indices, sae.W_dec))
+        aux = _sq_err(x_norm - recon.detach(), sparse_decode(aux_values, aux_indices, sae.W_dec), mse_scale)
         aux = torch.nan_to_num(aux, nan=0.0)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), values[:, :k].detach(), indices[:, :k])

@@ -86,6 +86,11 @@ class Layout:
 
 
 # opening and verifying ---------------------------------------------------------------------------
+def _group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+    # zarr refuses storage_options (even empty) for a local path
+    return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+
+
 def _fs(url: str, storage_options: dict | None):
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
@@ -111,7 +116,7 @@ def layout_of(group: zarr.Group, split: str) -> Layout:
 
 def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
     """(split, shard) pairs of a planned store that have no completion marker."""
-    group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+    group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     return [
         (split, i)
@@ -123,7 +128,7 @@ def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[
 
 def verify_shards(url: str, storage_options: dict | None = None, full: bool = True) -> None:
     """Every shard must be marked and (full=True) its files must match the recorded crc32."""
-    group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+    group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     problems = []
     for split in group.attrs["splits"]:
@@ -155,7 +160,7 @@ def verify_shards(url: str, storage_options: dict | None = None, full: bool = Tr
 def open_store(url: str, storage_options: dict | None = None, verify: bool = False) -> zarr.Group:
     """Opens a finished store for reading; unfinished or (verify=True) damaged ones raise."""
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+        group = _group(url, "r", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise IncompleteStoreError(f"no activation store at {url}: run `saeflow cache SPEC` first") from e
     if not group.attrs.get("complete", False):
@@ -168,7 +173,7 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool = Fal
 def planned_hash(url: str, storage_options: dict | None = None) -> str | None:
     """The spec hash of a fully planned store at url (shards may still be missing), else None."""
     try:
-        attrs = zarr.open_group(url, mode="r", storage_options=storage_options or None).attrs
+        attrs = _group(url, "r", storage_options).attrs
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     return attrs.get("spec_hash") if "splits" in attrs else None  # `splits` is written last by plan_store
@@ -196,7 +201,7 @@ def plan_store(
     storage_options: dict | None = None,
 ) -> None:
     """Creates the group, the token/document arrays and the empty sharded activation arrays."""
-    group = zarr.open_group(url, mode="w", storage_options=storage_options or None)
+    group = _group(url, "w", storage_options)
     stored = np.dtype(STORE_DTYPES[dtype])
     codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     for split, ctx in splits.items():
@@ -248,7 +253,7 @@ def write_shard(
     progress: bool = False,
 ) -> None:
     """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it."""
-    group = zarr.open_group(url, mode="r+", storage_options=storage_options or None)
+    group = _group(url, "r+", storage_options)
     hookpoints, dtype, first = group.attrs["hookpoints"], group.attrs["dtype"], group.attrs["first_position"]
     sub = group[split]
     layout = layout_of(group, split)
@@ -286,7 +291,7 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
     import dask.array as da
 
     verify_shards(url, storage_options)
-    group = zarr.open_group(url, mode="r+", storage_options=storage_options or None)
+    group = _group(url, "r+", storage_options)
     stats = {}
     for split in group.attrs["splits"]:
         for h in group.attrs["hookpoints"]:

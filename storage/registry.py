@@ -127,6 +127,15 @@ def model_version(model_uri: str):
     return client.get_model_version(*ref.split("/", 1))
 
 
+def log_run_files(run_id: str, paths: list[Path]) -> None:
+    """Adds files (e.g. a rebuilt report) to the MLflow run a registered version came from."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for path in paths:
+        client.log_artifact(run_id, str(path))
+
+
 def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Writes the SAE's safetensors + config.json of a registered model into out_dir."""
     import tempfile
