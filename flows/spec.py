@@ -44,8 +44,8 @@ class SAESpec(Section):
     n_latents: PositiveInt | None = None
     expansion_factor: PositiveInt | None = None
     k: PositiveInt = 32
-    aux_k: PositiveInt = 256
-    dead_tokens: PositiveInt = 10_000_000
+    aux_k: PositiveInt | None = None  # default: d_model / 2, at most 512
+    dead_tokens: PositiveInt | None = None  # default: 5% of the run, at most 10M (recipe paper: 10M)
     multi_topk: bool = False
     encoder_bias: bool = False
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
@@ -67,10 +67,11 @@ class SAESpec(Section):
 
 class TrainSpec(Section):
     batch_tokens: PositiveInt = 4096
+    recipe: Literal["default", "paper"] = "default"  # paper: the released recipe (constant lr, 10M window, tied init)
     lr: float | Literal["auto"] = "auto"
     tokens: PositiveInt | None = None  # default: one pass over the cached tokens
-    lr_warmup_tokens: int = Field(0, ge=0)
-    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_tokens: int | None = Field(None, ge=0)  # default: 5% of the run (recipe paper: 0)
+    lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 (paper: constant)
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
     checkpoint_every_tokens: int = Field(1_000_000, ge=0)  # 0: no checkpoints
@@ -181,6 +182,7 @@ class RunSpec(Section):
         return TrainConfig(
             batch_tokens=t.batch_tokens,
             tokens=t.tokens or cached_tokens,
+            recipe=t.recipe,
             lr=None if t.lr == "auto" else float(t.lr),
             lr_warmup_tokens=t.lr_warmup_tokens,
             lr_decay=t.lr_decay,

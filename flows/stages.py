@@ -313,6 +313,7 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
         "context_length": spec.data.context_length,
         "train_tokens": spec.train.tokens or spec.data.tokens,
         "batch_tokens": spec.train.batch_tokens,
+        "recipe": spec.train.recipe,
         "lr": spec.train.lr,
         **{f"sae.{k}": v for k, v in cfg.items()},
         "aux_k": spec.sae[index].aux_k,

@@ -20,18 +20,6 @@ STANDARDIZE_EPS = 1e-5  # as in the released GPT-2 SAEs
 
 
 @dataclass
-class Codes:
-    """A sparse code: the k kept (post-ReLU) values per token and their latent indices."""
-
-    values: torch.Tensor  # (B, k)
-    indices: torch.Tensor  # (B, k) int64
-
-    def dense(self, n_latents: int) -> torch.Tensor:
-        out = self.values.new_zeros(self.values.shape[0], n_latents)
-        return out.scatter_(1, self.indices, self.values)
-
-
-@dataclass
 class NormStats:
     """What decode needs to map a normalised reconstruction back to the raw activation space."""
 
@@ -40,6 +28,20 @@ class NormStats:
 
     def undo(self, x_norm: torch.Tensor) -> torch.Tensor:
         return x_norm * self.scale + self.shift
+
+
+@dataclass
+class Codes:
+    """A sparse code: the k kept (post-ReLU) values per token and their latent indices, and, from
+    `TopKSAE.encode`, the per-token normalisation that `decode` undoes to return raw activations."""
+
+    values: torch.Tensor  # (B, k)
+    indices: torch.Tensor  # (B, k) int64
+    stats: NormStats | None = None
+
+    def dense(self, n_latents: int) -> torch.Tensor:
+        out = self.values.new_zeros(self.values.shape[0], n_latents)
+        return out.scatter_(1, self.indices, self.values)
 
 
 class TopKSAE(nn.Module):
@@ -101,9 +103,20 @@ class TopKSAE(nn.Module):
 
     # raw-space API ------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, k: int | None = None) -> Codes:
-        return self.encode_normalized(self.normalize(x)[0], k)
+        """Codes of raw activations; they carry the normalisation, so `decode(encode(x))` is raw."""
+        x_norm, stats = self.normalize(x)
+        codes = self.encode_normalized(x_norm, k)
+        codes.stats = stats
+        return codes
 
-    def decode(self, codes: Codes, stats: NormStats) -> torch.Tensor:
+    def decode(self, codes: Codes, stats: NormStats | None = None) -> torch.Tensor:
+        """Raw reconstruction of codes from `encode` (or of normalised codes with their `stats`)."""
+        stats = stats or codes.stats
+        if stats is None:
+            if self.cfg.normalization == "standardize":
+                raise ValueError("decode: these codes carry no per-token normalisation (they did not come "
+                                 "from encode); pass stats=, or use decode_normalized for the normalised space")
+            _, stats = self.normalize(self.b_pre[None])
         return stats.undo(self.decode_normalized(codes))
 
     def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:

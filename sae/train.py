@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
+from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
 from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
@@ -45,7 +47,9 @@ class DeadLatentTracker:
 
 
 @torch.no_grad()
-def init_from_sample(sae: TopKSAE, sample: torch.Tensor, use_geometric_median: bool = True) -> float:
+def init_from_sample(
+    sae: TopKSAE, sample: torch.Tensor, use_geometric_median: bool = True, scale_encoder: bool = True
+) -> float:
     """Sets the data-dependent constants from a raw sample; returns the MSE scale.
 
     The MSE scale is 1 / E||x - mean(x)||^2 on the sample, fixed for the whole run: the paper
@@ -56,7 +60,27 @@ def init_from_sample(sae: TopKSAE, sample: torch.Tensor, use_geometric_median: b
     x, _ = sae.normalize(sample)
     if use_geometric_median:
         sae.b_pre.copy_(geometric_median(x))
+    if scale_encoder:
+        scale_encoder_least_squares(sae, x)
     return 1.0 / (x - x.mean(0)).pow(2).sum(-1).mean().item()
+
+
+@torch.no_grad()
+def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor) -> float:
+    """Scales the tied encoder by the c minimising sum ||x - b_pre - c * D^T z(x)||^2 on the sample.
+
+    With encoder rows equal to the unit decoder rows, each of the k kept latents reads its full
+    projection on the input, and the k decoder rows add up to a reconstruction whose norm is about
+    (1 + k * 2 ln(n/k) / d) times the input's, largely in wrong directions: the first steps then
+    reconstruct worse than predicting b_pre, and Adam spends a short run shrinking the encoder. The
+    selection is invariant to c > 0 (no bias yet), so the least-squares c is exact and closed-form.
+    """
+    x_in = x_norm - sae.b_pre
+    values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
+    recon = sparse_decode(values, indices, sae.W_dec)
+    c = ((x_in * recon).sum() / recon.pow(2).sum().clamp_min(1e-30)).clamp(1e-3, 1.0).item()
+    sae.W_enc.mul_(c)
+    return c
 
 
 def sae_loss(
@@ -68,7 +92,7 @@ def sae_loss(
     k = sae.cfg.k
     k_wide = min(4 * k, sae.cfg.n_latents) if tcfg.multi_topk else k
     n_dead = int(dead.sum()) if dead is not None else 0
-    aux_k = min(tcfg.aux_k, n_dead)
+    aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead)
     values, indices, aux_values, aux_indices = topk_encode(
         x_norm - sae.b_pre, sae.W_enc, sae.b_enc, k_wide, aux_k, dead
     )
@@ -99,7 +123,7 @@ def _batch_topk_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg:
     mse = _sq_err(x_norm, recon, mse_scale)
     loss, aux = mse, torch.zeros((), device=x_norm.device)
     dead_idx = dead.nonzero().squeeze(1) if dead is not None else cols.new_zeros(0)
-    aux_k = min(tcfg.aux_k, len(dead_idx))
+    aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), len(dead_idx))
     if aux_k > 0:
         # only the dead rows of the encoder take part: a small matmul
         b = sae.b_enc[dead_idx] if sae.b_enc is not None else None
@@ -124,13 +148,16 @@ def renormalize_decoder(sae: TopKSAE) -> None:
 
 
 def lr_factor(tcfg: TrainConfig, tokens_seen: int) -> float:
-    if tokens_seen < tcfg.lr_warmup_tokens:
-        return (tokens_seen + tcfg.batch_tokens) / tcfg.lr_warmup_tokens
-    if tcfg.lr_decay == "constant":
+    """The schedule at the step that starts after `tokens_seen` tokens: linear warmup, then decay
+    (to zero at the end of the run, reached by the step after the last one)."""
+    warmup, decay = tcfg.warmup_tokens(), tcfg.decay()
+    if tokens_seen < warmup:
+        return (tokens_seen + tcfg.batch_tokens) / warmup
+    if decay == "constant":
         return 1.0
-    span = max(tcfg.tokens - tcfg.lr_warmup_tokens, 1)
-    progress = min((tokens_seen - tcfg.lr_warmup_tokens) / span, 1.0)
-    if tcfg.lr_decay == "linear":
+    span = max(tcfg.tokens - warmup, 1)
+    progress = min((tokens_seen - warmup) / span, 1.0)
+    if decay == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -152,6 +179,8 @@ class Trainer:
     """
 
     def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig):
+        if tcfg.tokens is None:
+            raise ValueError("TrainConfig.tokens: a trainer needs its token budget (train_sae derives it from the data)")
         self.tcfg = tcfg
         self.device = torch.device(tcfg.device)
         self.bf16 = tcfg.bf16()
@@ -163,7 +192,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
         self.base_lr = lr
         self.tracker = DeadLatentTracker(
-            torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device), tcfg.dead_tokens, tcfg.fire_threshold
+            torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device), tcfg.dead_window(), tcfg.fire_threshold
         )
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
         self.mse_scale = 1.0
@@ -172,7 +201,8 @@ class Trainer:
         self.history: list[dict] = []
 
     def initialize(self, sample: torch.Tensor) -> None:
-        self.mse_scale = init_from_sample(self.sae, sample[: self.tcfg.geometric_median_samples].to(self.device))
+        sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
+        self.mse_scale = init_from_sample(self.sae, sample, scale_encoder=self.tcfg.scaled_encoder_init())
 
     @property
     def done(self) -> bool:
@@ -185,7 +215,7 @@ class Trainer:
             group["lr"] = self.base_lr * lr_factor(tcfg, self.tokens)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             # no latent can be dead before dead_tokens tokens: skip counting them (a host sync) until then
-            dead = self.tracker.dead_mask() if self.tokens >= tcfg.dead_tokens else None
+            dead = self.tracker.dead_mask() if self.tokens >= self.tracker.dead_tokens else None
             parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead)
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
@@ -227,6 +257,18 @@ class Trainer:
     def final_sae(self) -> TopKSAE:
         return (self.ema_sae() if self.ema else self.sae).cpu()
 
+    def log(self, parts: LossParts) -> None:
+        self.history.append(
+            {
+                "step": self.steps,
+                "tokens": self.tokens,
+                "loss": parts.loss.item(),
+                "mse": parts.mse.item(),
+                "aux": parts.aux.item(),
+                "dead_fraction": self.dead_fraction(),
+            }
+        )
+
     def dead_fraction(self) -> float:
         return self.tracker.dead_mask().float().mean().item()
 
@@ -265,7 +307,7 @@ class Trainer:
 
 def train_saes(
     trainers: list[Trainer],
-    batches: Iterator[torch.Tensor],
+    batches: Iterable[torch.Tensor],
     progress: bool = True,
     checkpoint: Callable[[list[Trainer]], None] | None = None,
     checkpoint_every_tokens: int = 0,
@@ -274,7 +316,8 @@ def train_saes(
 
     The trainers must share the token budget and be at the same cursor (new, or restored from
     checkpoints taken together); `batches` must start at that cursor. `checkpoint(trainers)` is
-    called every `checkpoint_every_tokens` tokens.
+    called every `checkpoint_every_tokens` tokens. A stream that ends before the budget ends the
+    run there with a warning: the SAEs trained so far are returned, not lost.
     """
     lead = trainers[0]
     if any(t.tcfg.tokens != lead.tcfg.tokens or t.steps != lead.steps for t in trainers):
@@ -288,16 +331,7 @@ def train_saes(
         for trainer in trainers:
             parts = trainer.step(batch)
             if trainer.steps % trainer.tcfg.log_every == 0 or trainer.done:
-                trainer.history.append(
-                    {
-                        "step": trainer.steps,
-                        "tokens": trainer.tokens,
-                        "loss": parts.loss.item(),
-                        "mse": parts.mse.item(),
-                        "aux": parts.aux.item(),
-                        "dead_fraction": trainer.dead_fraction(),
-                    }
-                )
+                trainer.log(parts)
         bar.update(batch.shape[0])
         if lead.history:
             bar.set_postfix(mse=" ".join(f"{t.history[-1]['mse']:.4f}" for t in trainers if t.history))
@@ -306,25 +340,44 @@ def train_saes(
             next_checkpoint = lead.tokens + checkpoint_every_tokens
     bar.close()
     if not lead.done:
-        raise RuntimeError(f"the batch iterator ran out after {lead.tokens} of {lead.tcfg.tokens} tokens")
+        warnings.warn(f"the activations ran out after {lead.tokens:,} of {lead.tcfg.tokens:,} tokens: training "
+                      "stopped there (the learning rate had not decayed to its end); pass tokens= to match the data",
+                      stacklevel=2)
     return [TrainResult(t.final_sae(), t.tokens, t.steps, t.dead_fraction(), t.history) for t in trainers]
 
 
 def train_sae(
     sae_cfg: SAEConfig,
     tcfg: TrainConfig,
-    batches: Iterator[torch.Tensor],
+    data: Activations,
     sample: torch.Tensor | None = None,
     progress: bool = True,
     trainer: Trainer | None = None,
     checkpoint: Callable[[Trainer], None] | None = None,
     checkpoint_every_tokens: int = 0,
 ) -> TrainResult:
-    """One SAE: a new trainer initialised from `sample`, or `trainer` restored from a checkpoint."""
+    """Trains one SAE on activations a user has: a (rows, d) tensor or array, a .npy file, or an
+    iterable of (batch, d) tensors.
+
+        from sae import SAEConfig, TrainConfig, train_sae
+        result = train_sae(SAEConfig(d_in=768, n_latents=16384, k=32), TrainConfig(), acts)
+        result.sae.save("my-sae")
+
+    tokens=None trains one pass over an array (several passes when tokens exceeds its rows); an
+    iterable needs tokens. The initialisation sample is `sample`, or else the head of the data.
+    `trainer` resumes a run restored from a checkpoint (data must then start at its cursor).
+    """
+    rows, length = open_activations(data)
+    if tcfg.tokens is None:
+        if length is None:
+            raise ValueError("TrainConfig.tokens: an iterable of batches has no known length; give tokens=...")
+        tcfg = tcfg.with_tokens(length)
+    passes = -(-tcfg.tokens // length) if length else None
+    batches = iter(batch_stream(rows, tcfg.batch_tokens, passes))
     if trainer is None:
-        if sample is None:
-            raise ValueError("a new training run needs a sample of activations for its initialisation")
         trainer = Trainer(sae_cfg, tcfg)
+        if sample is None:
+            sample, batches = head_sample(batches, tcfg.geometric_median_samples)
         trainer.initialize(sample)
     single = (lambda ts: checkpoint(ts[0])) if checkpoint else None
     return train_saes([trainer], batches, progress, single, checkpoint_every_tokens)[0]

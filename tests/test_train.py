@@ -1,9 +1,8 @@
 import itertools
-import math
 
 import torch
 
-from sae.config import SAEConfig, TrainConfig, auto_lr
+from sae.config import SAEConfig, TrainConfig
 from sae.geometric_median import geometric_median
 from sae.model import TopKSAE
 from sae.train import DeadLatentTracker, Trainer, project_decoder_grad, renormalize_decoder, train_sae
@@ -58,11 +57,6 @@ def test_dead_latent_counter_counts_tokens():
     # latents 0 and 2 fired every batch; 1 (zero) and 3 (below threshold) never did: 5 batches x 2 tokens
     assert tracker.tokens_since_fired.tolist() == [0, 10, 0, 10, 10, 10]
     assert tracker.dead_mask().tolist() == [False, True, False, True, True, True]
-
-
-def test_auto_lr_scales_as_inverse_sqrt():
-    assert math.isclose(auto_lr(2**15), 1e-4)
-    assert math.isclose(auto_lr(2**13), 2e-4)
 
 
 def planted_data(n_tokens, d, n_features, active, seed):

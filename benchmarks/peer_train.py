@@ -1,0 +1,129 @@
+"""Trains one SAE with a peer library's own code, inside the peers' venv (.bench-peers/).
+
+    python peer_train.py JOB.json
+
+JOB names the library (sparsify | saelens), the settings (`defaults`, or `adam` with an explicit
+lr / schedule / AuxK shared by every library), the shape, the token budget and the data: a float16
+.npy file of training rows (read in order, batch after batch) and one of held-out rows. It writes
+the held-out reconstructions, the decoder rows and each latent's firing count on the held-out rows
+as .npy files next to JOB, for the common scorer.
+
+- sparsify 1.3.3: its Trainer needs a Hugging Face model, so this runs the body of its training
+  step on the given activations, with its own classes and defaults: SparseCoder (encoder = a default
+  nn.Linear, decoder = its transpose at unit norm, zero encoder bias), b_dec set to the first batch's
+  mean, the FVU loss normalised per batch, AuxK weight 0 (its default auxk_alpha), gradient parallel
+  to the decoder rows removed, decoder renormalised; optimizer signum = ScheduleFreeWrapper(SignSGD,
+  momentum 0.95) at lr 5e-3 / sqrt(n / 2^14), evaluated at the schedule-free average.
+- SAELens 6.54: its own SAETrainer over TopKTrainingSAE with its defaults (lr 3e-4 constant, Adam,
+  AuxK coefficient 1, dead window 1000 steps), fed by a data provider of the same batches.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def batches(path: str, batch: int, tokens: int):
+    """The rows in order, pass after pass, until `tokens` (the same batches saeflow's train_sae makes)."""
+    rows = np.load(path, mmap_mode="r")
+    seen = 0
+    while seen < tokens:
+        for start in range(0, len(rows), batch):
+            if seen >= tokens:
+                return
+            x = torch.from_numpy(np.asarray(rows[start : start + batch], dtype=np.float32))
+            seen += len(x)
+            yield x
+
+
+def train_sparsify(job: dict):
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    d, n, k = job["d"], job["n_latents"], job["k"]
+    torch.manual_seed(job["seed"])
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
+    steps = job["tokens"] // job["batch"]
+    if job["settings"] == "defaults":
+        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]), momentum=0.95)
+        opt.train()
+        sched, aux_alpha = None, 0.0
+    else:
+        opt = torch.optim.Adam(sae.parameters(), lr=job["lr"], eps=6.25e-10)
+        sched = _linear_schedule(opt, job["warmup_steps"], steps)
+        aux_alpha = job["aux_coef"]
+    since_fired = torch.zeros(n, dtype=torch.long)
+    for step, x in enumerate(batches(job["train"], job["batch"], job["tokens"])):
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+        dead = since_fired > job["dead_tokens"] if aux_alpha > 0 else None
+        out = sae(x, dead_mask=dead)
+        (out.fvu + aux_alpha * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        if sched:
+            sched.step()
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            since_fired += x.shape[0]
+            since_fired[out.latent_indices.flatten()] = 0
+    if sched is None:
+        opt.eval()  # the schedule-free average, as sparsify saves it
+    held = torch.from_numpy(np.load(job["held"]).astype(np.float32))
+    with torch.no_grad():
+        out = sae(held)
+        codes = torch.zeros(len(held), n).scatter_(1, out.latent_indices, out.latent_acts)
+    return out.sae_out, sae.W_dec.detach(), codes
+
+
+def _linear_schedule(opt, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_saelens(job: dict):
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    d, n, k = job["d"], job["n_latents"], job["k"]
+    torch.manual_seed(job["seed"])
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k, dtype="float32", device="cpu"))
+    extra = {"lr_end": 3e-4 / 10}  # what SAELens' runner config sets after init: lr / 10
+    if job["settings"] != "defaults":
+        sae.cfg.aux_loss_coefficient = job["aux_coef"]
+        steps = job["tokens"] // job["batch"]
+        extra = dict(dead_feature_window=max(1, job["dead_tokens"] // job["batch"]), lr=job["lr"], lr_scheduler_name="constant", lr_warm_up_steps=job["warmup_steps"],
+                     lr_decay_steps=steps - job["warmup_steps"], lr_end=0.0)
+    cfg = SAETrainerConfig(total_training_samples=job["tokens"], train_batch_size_samples=job["batch"], **extra)
+    SAETrainer(cfg, sae, batches(job["train"], job["batch"], job["tokens"])).fit()
+    held = torch.from_numpy(np.load(job["held"]).astype(np.float32))
+    with torch.no_grad():
+        codes = sae.encode(held)
+        recon = sae.decode(codes)
+    return recon, sae.W_dec.detach(), codes
+
+
+def main() -> None:
+    job_path = Path(sys.argv[1])
+    job = json.loads(job_path.read_text())
+    torch.set_num_threads(job.get("threads", torch.get_num_threads()))
+    recon, decoder, codes = {"sparsify": train_sparsify, "saelens": train_saelens}[job["library"]](job)
+    np.save(job_path.with_suffix(".recon.npy"), recon.numpy())
+    np.save(job_path.with_suffix(".decoder.npy"), decoder.numpy())
+    np.save(job_path.with_suffix(".fires.npy"), (codes > 0).sum(0).numpy())
+
+
+if __name__ == "__main__":
+    main()

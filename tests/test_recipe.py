@@ -1,0 +1,129 @@
+"""The default recipe: least-squares encoder init, budget-aware defaults, the paper preset, and
+training from activations a user already has."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
+from sae.kernels import sparse_decode, topk_encode
+from sae.train import lr_factor, scale_encoder_least_squares
+from test_train import planted_data
+
+
+def test_least_squares_encoder_scale_is_the_argmin():
+    """c from the closed form equals a brute-force minimum of the reconstruction error over c."""
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(32, 256, 8)).double()
+    x = torch.randn(512, 32, dtype=torch.float64) + 0.3
+    w_enc = sae.W_enc.detach().clone()
+    c = scale_encoder_least_squares(sae, x)
+
+    def error(scale: float) -> float:
+        values, indices, _, _ = topk_encode(x - sae.b_pre, w_enc * scale, None, 8)
+        return (x - sae.b_pre - sparse_decode(values, indices, sae.W_dec)).pow(2).sum().item()
+
+    grid = torch.linspace(0.01, 1.5, 1500).tolist()
+    best = min(grid, key=error)
+    assert abs(c - best) < 2e-3, (c, best)
+    assert torch.allclose(sae.W_enc, w_enc * c)
+    assert error(c) < error(1.0)  # the tied init (c = 1) reconstructs worse
+
+
+def test_scaled_init_fixes_the_slow_start():
+    """The cause of saeflow's slow learning: the unscaled tied encoder. A fixed-seed run of 20 steps at
+    a fixed lr must reach an MSE that the tied init (the old code) does not reach."""
+    torch.manual_seed(0)
+    x, _ = planted_data(20 * 512, 64, 512, 8, seed=3)
+    x = x + 0.5
+    bound = 0.58
+
+    def mse_after_20_steps(init: str) -> float:
+        tcfg = TrainConfig(batch_tokens=512, tokens=len(x), lr=1e-3, lr_warmup_tokens=0, lr_decay="constant",
+                           encoder_init=init)
+        trainer = Trainer(SAEConfig(64, 512, 8), tcfg)
+        trainer.initialize(x[:4096])
+        return [trainer.step(b).mse.item() for b in x.split(512)][-1]
+
+    assert mse_after_20_steps("least_squares") < bound
+    assert mse_after_20_steps("tied") > bound
+
+
+def test_auto_lr_rules():
+    assert math.isclose(auto_lr(2**15, recipe="paper"), 1e-4)
+    assert math.isclose(auto_lr(2**13, recipe="paper"), 2e-4)
+    base = auto_lr(4096, 4096)
+    assert math.isclose(auto_lr(16384, 4096), base / 2)  # 1/sqrt(n)
+    assert math.isclose(auto_lr(4096, 1024), base / 2)  # sqrt(batch)
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 1000), base)  # long runs: no boost
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32), 2 * base)  # sqrt(128 / 32)
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 2), 2 * base)  # capped at 2x
+
+
+def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():
+    t = TrainConfig(tokens=1_000_000)
+    assert (t.warmup_tokens(), t.decay(), t.dead_window(), t.resolved_aux_k(768)) == (50_000, "linear", 50_000, 384)
+    assert t.scaled_encoder_init()
+    assert TrainConfig(tokens=10**10).dead_window() == 10_000_000
+    assert TrainConfig(tokens=1000, batch_tokens=4096).dead_window() == 4096  # never below one batch
+    p = TrainConfig(tokens=1_000_000, recipe="paper")
+    assert (p.warmup_tokens(), p.decay(), p.dead_window(), p.resolved_aux_k(768)) == (0, "constant", 10_000_000, 256)
+    assert not p.scaled_encoder_init()
+    assert math.isclose(p.resolved_lr(2**15), 1e-4)
+    # linear warmup, then linear decay reaching zero after the last step
+    assert math.isclose(lr_factor(t, 0), 4096 / 50_000)
+    assert lr_factor(t, 50_000) == 1.0
+    assert lr_factor(t, 1_000_000) == 0.0
+    with pytest.raises(ValueError, match="recipe"):
+        TrainConfig(recipe="fast")
+    with pytest.raises(ValueError, match="TrainConfig.tokens"):
+        Trainer(SAEConfig(8, 32, 4), TrainConfig())
+
+
+def test_train_sae_on_a_tensor_an_array_a_npy_file_and_an_iterator(tmp_path):
+    x = torch.randn(2000, 16) * 3 + 1
+    cfg = SAEConfig(16, 64, 4)
+    tcfg = TrainConfig(batch_tokens=250, log_every=1)
+    on_tensor = train_sae(cfg, tcfg, x, progress=False)
+    assert (on_tensor.tokens, on_tensor.steps) == (2000, 8)  # tokens=None: one pass
+    np.save(tmp_path / "acts.npy", x.numpy())
+    on_file = train_sae(cfg, tcfg, tmp_path / "acts.npy", progress=False)
+    on_array = train_sae(cfg, tcfg, x.numpy(), progress=False)
+    on_iter = train_sae(cfg, TrainConfig(batch_tokens=250, tokens=2000), iter(x.split(250)), progress=False)
+    for other in (on_file, on_array, on_iter):  # the same batches in the same order: the same SAE
+        assert torch.equal(other.sae.W_dec, on_tensor.sae.W_dec)
+    two_passes = train_sae(cfg, TrainConfig(batch_tokens=250, tokens=4000), x, progress=False)
+    assert two_passes.steps == 16
+    with pytest.raises(ValueError, match="tokens"):
+        train_sae(cfg, tcfg, iter(x.split(250)), progress=False)
+    with pytest.raises(ValueError, match=r"\.npy"):
+        train_sae(cfg, tcfg, tmp_path / "acts.pt", progress=False)
+
+
+def test_a_short_stream_ends_training_with_a_warning_and_an_sae():
+    x = torch.randn(1000, 16)
+    with pytest.warns(UserWarning, match="ran out after 1,000 of 5,000 tokens"):
+        result = train_sae(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=250, tokens=5000), iter(x.split(250)),
+                           progress=False)
+    assert result.tokens == 1000 and torch.isfinite(result.sae.W_dec).all()
+
+
+@pytest.mark.parametrize("normalization", ["standardize", "dataset_scale", "none"])
+def test_encode_decode_round_trip_on_raw_activations(normalization):
+    x = torch.randn(300, 16) * 5 + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae = train_sae(SAEConfig(16, 64, 4, normalization=normalization), TrainConfig(batch_tokens=100), x,
+                        progress=False).sae
+    with torch.no_grad():
+        codes = sae.encode(x)
+        assert torch.allclose(sae.decode(codes), sae(x), atol=1e-5)
+        bare = type(codes)(codes.values, codes.indices)  # codes without their normalisation
+        if normalization == "standardize":
+            with pytest.raises(ValueError, match="normalisation"):
+                sae.decode(bare)
+        else:
+            assert torch.allclose(sae.decode(bare), sae(x), atol=1e-5)
