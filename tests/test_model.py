@@ -179,7 +179,7 @@ def test_batch_topk_threshold_drives_inference():
 
     torch.manual_seed(0)
     x = torch.randn(2048, 16) * torch.linspace(0.2, 3, 16)
-    trainer = Trainer(SAEConfig(16, 64, 4, activation="batchtopk"), TrainConfig(batch_tokens=256, lr=1e-2))
+    trainer = Trainer(SAEConfig(16, 64, 4, activation="batchtopk"), TrainConfig(batch_tokens=256, tokens=2048, lr=1e-2))
     trainer.initialize(x)
     for i in range(8):
         trainer.step(x[i * 256 : (i + 1) * 256])
