@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quality clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
+
+# SAE quality per token against sparsify and SAELens (installed into .bench-peers/ on first use)
+bench-quality: $(STAMP)
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf .saeflow
