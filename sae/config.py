@@ -51,12 +51,11 @@ PAPER_DEAD_TOKENS = 10_000_000
 # The default recipe's lr at 4096 latents and batches of 4096 tokens, with warmup and linear decay to
 # zero. From lr sweeps on benchmarks/quality.py's synthetic "fewer-features" data (d 128, n 2048,
 # k 16, batch 4096; held-out normalized MSE): at 524k tokens (128 steps) lr 2e-3 0.306, 4e-3 0.214,
-# 8.5e-3 0.134, 1.7e-2 0.135, 3.4e-2 0.174; "more-features" at 524k: 2e-3 0.374, 4e-3 0.329, 8e-3
+# 8e-3 0.136, 8.5e-3 0.134, 1.6e-2 0.132, 1.7e-2 0.135, 3.4e-2 0.174; "more-features" at 524k: 2e-3 0.374, 4e-3 0.329, 8e-3
 # 0.278, 1.6e-2 0.261; at 131k tokens (32 steps): 8.5e-3 0.331, 1.7e-2 0.280, 3.4e-2 0.278. The
 # optimum is broad at 128+ steps and moves up in shorter runs, so the rule is 8.5e-3 at n 2048
 # (6e-3 at n 4096), as 1/sqrt(n) like the paper's and as sqrt(batch) (Adam's batch rule), times
-# sqrt(128 / steps) for runs shorter than 128 steps (at most 2x). The old default (the paper's
-# 1e-4 at 32k latents, constant) gave 0.26-0.50 where these give 0.08-0.15 in the same runs.
+# sqrt(128 / steps) for runs shorter than 128 steps (at most 2x).
 DEFAULT_LR_AT_4K = 6e-3
 SHORT_RUN_STEPS = 128
 
