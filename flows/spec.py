@@ -68,10 +68,11 @@ class SAESpec(Section):
 class TrainSpec(Section):
     batch_tokens: PositiveInt = 4096
     recipe: Literal["default", "paper"] = "default"  # paper: the released recipe (constant lr, 10M window, tied init)
+    optimizer: Literal["signum", "adam"] | None = None  # default: signum (schedule-free); paper: adam
     lr: float | Literal["auto"] = "auto"
     tokens: PositiveInt | None = None  # default: one pass over the cached tokens
-    lr_warmup_tokens: int | None = Field(None, ge=0)  # default: 5% of the run (recipe paper: 0)
-    lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 (paper: constant)
+    lr_warmup_tokens: int | None = Field(None, ge=0)  # default: 5% of the run with adam, else 0
+    lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 with adam, else constant
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
     checkpoint_every_tokens: int = Field(1_000_000, ge=0)  # 0: no checkpoints
@@ -183,6 +184,7 @@ class RunSpec(Section):
             batch_tokens=t.batch_tokens,
             tokens=t.tokens or cached_tokens,
             recipe=t.recipe,
+            optimizer=t.optimizer,
             lr=None if t.lr == "auto" else float(t.lr),
             lr_warmup_tokens=t.lr_warmup_tokens,
             lr_decay=t.lr_decay,

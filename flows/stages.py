@@ -314,6 +314,7 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
         "train_tokens": spec.train.tokens or spec.data.tokens,
         "batch_tokens": spec.train.batch_tokens,
         "recipe": spec.train.recipe,
+        "optimizer": spec.train.optimizer,
         "lr": spec.train.lr,
         **{f"sae.{k}": v for k, v in cfg.items()},
         "aux_k": spec.sae[index].aux_k,

@@ -42,52 +42,71 @@ class SAEConfig:
 
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]
+Optimizer = Literal["signum", "adam"]
 
 # The paper's released config: Adam lr 1e-4 at n_latents = 2**15 and batches of 131,072 tokens, lr
 # ~ 1/sqrt(n) (PAPER-NOTES); constant; dead after 10M tokens; tied encoder init, not rescaled.
 PAPER_LR_AT_32K = 1e-4
 PAPER_DEAD_TOKENS = 10_000_000
 
-# The default recipe's lr at 4096 latents and batches of 4096 tokens, with warmup and linear decay to
-# zero. From lr sweeps on benchmarks/quality.py's synthetic "fewer-features" data (d 128, n 2048,
-# k 16, batch 4096; held-out normalized MSE): at 524k tokens (128 steps) lr 2e-3 0.306, 4e-3 0.214,
-# 8e-3 0.136, 8.5e-3 0.134, 1.6e-2 0.132, 1.7e-2 0.135, 3.4e-2 0.174; "more-features" at 524k: 2e-3 0.374, 4e-3 0.329, 8e-3
-# 0.278, 1.6e-2 0.261; at 131k tokens (32 steps): 8.5e-3 0.331, 1.7e-2 0.280, 3.4e-2 0.278. The
-# optimum is broad at 128+ steps and moves up in shorter runs, so the rule is 8.5e-3 at n 2048
-# (6e-3 at n 4096), as 1/sqrt(n) like the paper's and as sqrt(batch) (Adam's batch rule), times
+# Adam's lr at 4096 latents and batches of 4096 tokens, with warmup and linear decay to zero. From
+# lr sweeps on benchmarks/quality.py's synthetic "fewer-features" data (d 128, n 2048, k 16, batch
+# 4096; held-out normalized MSE): at 524k tokens (128 steps) lr 2e-3 0.306, 4e-3 0.214, 8e-3 0.136,
+# 8.5e-3 0.134, 1.6e-2 0.132, 1.7e-2 0.135, 3.4e-2 0.174; "more-features" at 524k: 2e-3 0.374, 4e-3
+# 0.329, 8e-3 0.278, 1.6e-2 0.261; at 131k tokens (32 steps): 8.5e-3 0.331, 1.7e-2 0.280, 3.4e-2
+# 0.278. The optimum is broad at 128+ steps and moves up in shorter runs: 8.5e-3 at n 2048 (6e-3 at
+# n 4096), as 1/sqrt(n) like the paper's and as sqrt(batch) (Adam's batch rule), times
 # sqrt(128 / steps) for runs shorter than 128 steps (at most 2x).
-DEFAULT_LR_AT_4K = 6e-3
+ADAM_LR_AT_4K = 6e-3
+# Schedule-free sign descent (the default), same data (normalized MSE / mean best cosine of the true
+# features): "fewer-features" 524k tokens, lr 1.4e-2 0.130 / 0.795, 2e-2 0.121 / 0.832, 2.8e-2
+# 0.124 / 0.856; "steep" 524k: 1.4e-2 0.032 / 0.642, 2e-2 0.034 / 0.659, 2.8e-2 0.039 / 0.646;
+# "fewer-features" 131k (32 steps): 1.4e-2 0.304 / 0.471, 2.8e-2 0.235 / 0.581 (Adam's best there:
+# 0.280 / 0.487). So 2e-2 at n 2048, as 1/sqrt(n), times (128 / steps)^(1/4) in runs shorter than
+# 128 steps. No batch scaling: on SmolLM2 layer-20 activations (n 4096, batches of 1024, 200k
+# tokens) lr 7e-3 / 1.4e-2 / 2.8e-2 gave normalized MSE 0.0172 / 0.0164 / 0.0166 and dCE 0.30 /
+# 0.25 / 0.30, the best at the unscaled 1.4e-2.
+SIGNUM_LR_AT_4K = 2e-2 / math.sqrt(2)
 SHORT_RUN_STEPS = 128
 
 
-def auto_lr(n_latents: int, batch_tokens: int = 4096, recipe: Recipe = "default", tokens: int | None = None) -> float:
+def auto_lr(
+    n_latents: int,
+    batch_tokens: int = 4096,
+    recipe: Recipe = "default",
+    tokens: int | None = None,
+    optimizer: Optimizer = "signum",
+) -> float:
     if recipe == "paper":
         return PAPER_LR_AT_32K * math.sqrt(2**15 / n_latents)
-    lr = DEFAULT_LR_AT_4K * math.sqrt(2**12 / n_latents) * math.sqrt(batch_tokens / 4096)
-    if tokens is not None:
-        steps = max(1, tokens // batch_tokens)
-        lr *= min(2.0, max(1.0, math.sqrt(SHORT_RUN_STEPS / steps)))
-    return lr
+    steps = max(1, tokens // batch_tokens) if tokens is not None else SHORT_RUN_STEPS
+    short = max(1.0, SHORT_RUN_STEPS / steps)
+    if optimizer == "signum":
+        return SIGNUM_LR_AT_4K * math.sqrt(2**12 / n_latents) * min(2.0, short**0.25)
+    return ADAM_LR_AT_4K * math.sqrt(2**12 / n_latents) * math.sqrt(batch_tokens / 4096) * min(2.0, short**0.5)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train; every field left at None is derived from the run (n_latents, batch, tokens).
 
-    recipe "default": lr from `auto_lr` with a warmup over 5% of the run and linear decay to zero,
-    a dead-latent window of 5% of the run (at most the paper's 10M tokens) so that AuxK acts in
-    short runs too, and the tied encoder scaled by least squares at init. recipe "paper": the
-    paper's released recipe, to reproduce its numbers (constant lr, 10M-token window, tied init).
+    recipe "default": sign descent with schedule-free averaging (sae/optim.py) at a constant lr from
+    `auto_lr` (with optimizer "adam": a warmup over 5% of the run and linear decay to zero), a
+    dead-latent window of 5% of the run (at most the paper's 10M tokens) so that AuxK acts in short
+    runs too, and the tied encoder scaled by least squares at init. recipe "paper": the paper's
+    released recipe, to reproduce its numbers (Adam, constant lr, 10M-token window, tied init).
     """
 
     batch_tokens: int = 4096
     tokens: int | None = None  # None: one pass over the data (an iterator of unknown length needs it)
     recipe: Recipe = "default"
-    lr: float | None = None  # None: auto_lr(n_latents, batch_tokens, recipe)
-    lr_warmup_tokens: int | None = None  # None: 5% of tokens (default recipe), 0 (paper)
-    lr_decay: Decay | None = None  # None: linear to zero (default recipe), constant (paper)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 6.25e-10  # gradients are batch means, hence the small eps
+    optimizer: Optimizer | None = None  # None: signum (default recipe), adam (paper)
+    lr: float | None = None  # None: auto_lr(n_latents, batch_tokens, recipe, tokens, optimizer)
+    lr_warmup_tokens: int | None = None  # None: 5% of tokens with adam; 0 with signum and for the paper
+    lr_decay: Decay | None = None  # None: linear to zero with adam; constant with signum and for the paper
+    betas: tuple[float, float] = (0.9, 0.999)  # adam
+    eps: float = 6.25e-10  # adam; gradients are batch means, hence the small eps
+    momentum: float = 0.95  # signum: the weight of the average x in y = (1 - m) z + m x
     grad_clip: float | None = None
     aux_k: int | None = None  # None: d_in / 2 (at most 512); the released config has 256, the paper's text 512
     aux_coef: float = 1 / 32
@@ -108,6 +127,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in ("default", "paper"):
             raise ValueError(f"recipe must be 'default' or 'paper', got {self.recipe!r}")
+        if self.optimizer not in (None, "signum", "adam"):
+            raise ValueError(f"optimizer must be 'signum' or 'adam', got {self.optimizer!r}")
         for name in ("batch_tokens", "tokens", "dead_tokens"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -123,15 +144,24 @@ class TrainConfig:
         return replace(self, tokens=tokens)
 
     def resolved_lr(self, n_latents: int) -> float:
-        return self.lr if self.lr is not None else auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens)
+        if self.lr is not None:
+            return self.lr
+        return auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens, self.resolved_optimizer())
+
+    def resolved_optimizer(self) -> Optimizer:
+        return self.optimizer or ("adam" if self.paper else "signum")
+
+    def _scheduled(self) -> bool:
+        """Adam in the default recipe: warmup and decay to zero (signum averages instead)."""
+        return not self.paper and self.resolved_optimizer() == "adam"
 
     def warmup_tokens(self) -> int:
         if self.lr_warmup_tokens is not None:
             return self.lr_warmup_tokens
-        return 0 if self.paper else self._budget() // 20
+        return self._budget() // 20 if self._scheduled() else 0
 
     def decay(self) -> Decay:
-        return self.lr_decay or ("constant" if self.paper else "linear")
+        return self.lr_decay or ("linear" if self._scheduled() else "constant")
 
     def dead_window(self) -> int:
         if self.dead_tokens is not None:

@@ -15,6 +15,7 @@ from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
 from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
+from sae.optim import ScheduleFreeSignSGD
 
 
 @dataclass
@@ -147,6 +148,25 @@ def renormalize_decoder(sae: TopKSAE) -> None:
     sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
+@torch.no_grad()
+def fold_decoder_norms(sae: TopKSAE) -> None:
+    """Unit decoder rows, each row's norm multiplied into its encoder row (and encoder bias)."""
+    norms = sae.W_dec.norm(dim=1).clamp_min(1e-12)
+    sae.W_dec.div_(norms[:, None])
+    sae.W_enc.mul_(norms[:, None])
+    if sae.b_enc is not None:
+        sae.b_enc.mul_(norms)
+
+
+def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    if tcfg.resolved_optimizer() == "signum":
+        rest = [p for name, p in sae.named_parameters() if name != "W_dec"]
+        return ScheduleFreeSignSGD([{"params": [sae.W_dec], "unit_rows": True}, {"params": rest}], lr=lr,
+                                   momentum=tcfg.momentum)
+    # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
+
+
 def lr_factor(tcfg: TrainConfig, tokens_seen: int) -> float:
     """The schedule at the step that starts after `tokens_seen` tokens: linear warmup, then decay
     (to zero at the end of the run, reached by the step after the last one)."""
@@ -188,8 +208,8 @@ class Trainer:
         self.sae.reset_parameters(generator=torch.Generator().manual_seed(tcfg.seed))
         self.sae.to(self.device)
         lr = tcfg.resolved_lr(sae_cfg.n_latents)
-        # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
+        self.opt = make_optimizer(self.sae, tcfg, lr)
+        self.schedule_free = isinstance(self.opt, ScheduleFreeSignSGD)
         self.base_lr = lr
         self.tracker = DeadLatentTracker(
             torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device), tcfg.dead_window(), tcfg.fire_threshold
@@ -223,7 +243,8 @@ class Trainer:
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
         self.opt.step()
-        renormalize_decoder(sae)
+        if not self.schedule_free:  # schedule-free keeps z's rows at unit norm; y and x are its mixtures
+            renormalize_decoder(sae)
         self.tracker.update(parts.values, parts.indices)
         if sae.cfg.activation == "batchtopk":
             self._update_threshold(parts.values)
@@ -245,17 +266,30 @@ class Trainer:
         t.copy_(torch.where(smallest.isfinite(), moved, t))
 
     @torch.no_grad()
-    def ema_sae(self) -> TopKSAE:
-        """A copy of the SAE holding the bias-corrected EMA of the weights (ema / (1 - decay^steps))."""
+    def _copy_with(self, weights: dict[str, torch.Tensor]) -> TopKSAE:
         out = TopKSAE(self.sae.cfg).to(self.device)
         out.load_state_dict(self.sae.state_dict())
-        correction = 1 - self.tcfg.ema_decay**self.steps
         for name, p in out.named_parameters():
-            p.copy_(self.ema[name] / correction)
+            p.copy_(weights[name])
+        return out
+
+    def ema_sae(self) -> TopKSAE:
+        """A copy of the SAE holding the bias-corrected EMA of the weights (ema / (1 - decay^steps))."""
+        correction = 1 - self.tcfg.ema_decay**self.steps
+        return self._copy_with({name: e / correction for name, e in self.ema.items()})
+
+    @torch.no_grad()
+    def averaged_sae(self) -> TopKSAE:
+        """Schedule-free: a copy holding the averaged weights x, decoder rows back at unit norm (each
+        row's norm moved into its encoder row: a latent's contribution is unchanged)."""
+        out = self._copy_with({name: self.opt.averaged(p) for name, p in self.sae.named_parameters()})
+        fold_decoder_norms(out)
         return out
 
     def final_sae(self) -> TopKSAE:
-        return (self.ema_sae() if self.ema else self.sae).cpu()
+        if self.ema:
+            return self.ema_sae().cpu()
+        return (self.averaged_sae() if self.schedule_free else self.sae).cpu()
 
     def log(self, parts: LossParts) -> None:
         self.history.append(

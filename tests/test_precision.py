@@ -96,8 +96,9 @@ def test_cuda_float32_steps_match_cpu():
     x = torch.randn(4 * 512, 64, generator=torch.Generator().manual_seed(0))
     saes = []
     for device in ("cpu", "cuda"):
-        trainer = Trainer(cfg, TrainConfig(batch_tokens=512, lr=1e-3, device=device, precision="fp32",
-                                           dead_tokens=1024, aux_k=32))
+        # Adam: sign descent would turn summation-order differences of near-zero gradients into full steps
+        trainer = Trainer(cfg, TrainConfig(batch_tokens=512, tokens=4 * 512, optimizer="adam", lr=1e-3, device=device,
+                                           precision="fp32", dead_tokens=1024, aux_k=32))
         trainer.initialize(x)
         for i in range(4):
             trainer.step(x[i * 512 : (i + 1) * 512])
@@ -112,7 +113,8 @@ def test_cuda_bf16_training_tracks_float32():
     x = torch.randn(40 * 512, 64, generator=torch.Generator().manual_seed(0)) * torch.rand(64) * 3
     mse = {}
     for precision in ("fp32", "bf16"):
-        trainer = Trainer(cfg, TrainConfig(batch_tokens=512, lr=1e-3, device="cuda", precision=precision))
+        trainer = Trainer(cfg, TrainConfig(batch_tokens=512, tokens=40 * 512, optimizer="adam", lr=1e-3, device="cuda",
+                                           precision=precision))
         trainer.initialize(x)
         for i in range(40):
             parts = trainer.step(x[i * 512 : (i + 1) * 512])

@@ -42,8 +42,8 @@ def test_scaled_init_fixes_the_slow_start():
     bound = 0.58
 
     def mse_after_20_steps(init: str) -> float:
-        tcfg = TrainConfig(batch_tokens=512, tokens=len(x), lr=1e-3, lr_warmup_tokens=0, lr_decay="constant",
-                           encoder_init=init)
+        tcfg = TrainConfig(batch_tokens=512, tokens=len(x), optimizer="adam", lr=1e-3, lr_warmup_tokens=0,
+                           lr_decay="constant", encoder_init=init)
         trainer = Trainer(SAEConfig(64, 512, 8), tcfg)
         trainer.initialize(x[:4096])
         return [trainer.step(b).mse.item() for b in x.split(512)][-1]
@@ -55,23 +55,31 @@ def test_scaled_init_fixes_the_slow_start():
 def test_auto_lr_rules():
     assert math.isclose(auto_lr(2**15, recipe="paper"), 1e-4)
     assert math.isclose(auto_lr(2**13, recipe="paper"), 2e-4)
-    base = auto_lr(4096, 4096)
-    assert math.isclose(auto_lr(16384, 4096), base / 2)  # 1/sqrt(n)
-    assert math.isclose(auto_lr(4096, 1024), base / 2)  # sqrt(batch)
-    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 1000), base)  # long runs: no boost
-    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32), 2 * base)  # sqrt(128 / 32)
-    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 2), 2 * base)  # capped at 2x
+    base = auto_lr(4096, 4096, optimizer="adam")
+    assert math.isclose(auto_lr(16384, 4096, optimizer="adam"), base / 2)  # 1/sqrt(n)
+    assert math.isclose(auto_lr(4096, 1024, optimizer="adam"), base / 2)  # sqrt(batch)
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 1000, optimizer="adam"), base)  # long runs: no boost
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32, optimizer="adam"), 2 * base)  # sqrt(128 / 32)
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 2, optimizer="adam"), 2 * base)  # capped at 2x
+    sign = auto_lr(4096, 4096)
+    assert math.isclose(sign, 2e-2 / math.sqrt(2))
+    assert math.isclose(auto_lr(16384, 4096), sign / 2)  # 1/sqrt(n)
+    assert math.isclose(auto_lr(4096, 1024), sign)  # no batch scaling
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32), sign * math.sqrt(2))  # (128 / 32)^(1/4)
 
 
 def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():
     t = TrainConfig(tokens=1_000_000)
-    assert (t.warmup_tokens(), t.decay(), t.dead_window(), t.resolved_aux_k(768)) == (50_000, "linear", 50_000, 384)
+    assert t.resolved_optimizer() == "signum"  # schedule-free: no warmup, no decay
+    assert (t.warmup_tokens(), t.decay(), t.dead_window(), t.resolved_aux_k(768)) == (0, "constant", 50_000, 384)
     assert t.scaled_encoder_init()
+    t = TrainConfig(tokens=1_000_000, optimizer="adam")
+    assert (t.warmup_tokens(), t.decay()) == (50_000, "linear")
     assert TrainConfig(tokens=10**10).dead_window() == 10_000_000
     assert TrainConfig(tokens=1000, batch_tokens=4096).dead_window() == 4096  # never below one batch
     p = TrainConfig(tokens=1_000_000, recipe="paper")
     assert (p.warmup_tokens(), p.decay(), p.dead_window(), p.resolved_aux_k(768)) == (0, "constant", 10_000_000, 256)
-    assert not p.scaled_encoder_init()
+    assert not p.scaled_encoder_init() and p.resolved_optimizer() == "adam"
     assert math.isclose(p.resolved_lr(2**15), 1e-4)
     # linear warmup, then linear decay reaching zero after the last step
     assert math.isclose(lr_factor(t, 0), 4096 / 50_000)
@@ -127,3 +135,41 @@ def test_encode_decode_round_trip_on_raw_activations(normalization):
                 sae.decode(bare)
         else:
             assert torch.allclose(sae.decode(bare), sae(x), atol=1e-5)
+
+
+def test_schedule_free_sign_descent_against_a_plain_reference():
+    """Three steps on a quadratic, compared with the update rule written out by hand."""
+    from sae.optim import ScheduleFreeSignSGD
+
+    target = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+    start = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    w = torch.nn.Parameter(start.clone())
+    opt = ScheduleFreeSignSGD([{"params": [w], "unit_rows": True}], lr=0.1, momentum=0.9)
+    z, x, total = start.clone(), start.clone(), 0.0
+    for lr in (0.1, 0.1, 0.05):
+        opt.param_groups[0]["lr"] = lr
+        grad = 2 * (w.detach() - target)
+        w.grad = grad.clone()
+        opt.step()
+        z = z - lr * grad.sign()
+        z = z / z.norm(dim=1, keepdim=True)
+        total += lr * lr
+        x = x + (lr * lr / total) * (z - x)
+        assert torch.allclose(w.detach(), 0.1 * z + 0.9 * x, atol=1e-6)
+    assert torch.allclose(opt.averaged(w), x, atol=1e-6)
+
+
+def test_the_trained_sae_is_the_average_with_unit_decoder_rows():
+    x = torch.randn(2048, 16) * 2 + 1
+    trainer = Trainer(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=256, tokens=2048))
+    trainer.initialize(x)
+    for batch in x.split(256):
+        trainer.step(batch)
+    final = trainer.final_sae()
+    assert torch.allclose(final.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    avg_dec, avg_enc = trainer.opt.averaged(trainer.sae.W_dec), trainer.opt.averaged(trainer.sae.W_enc)
+    norms = avg_dec.norm(dim=1, keepdim=True)
+    # the row norm moves into the encoder: each latent's contribution z_i d_i is unchanged
+    assert torch.allclose(final.W_dec, avg_dec / norms, atol=1e-6)
+    assert torch.allclose(final.W_enc, avg_enc * norms, atol=1e-6)
+    assert not torch.equal(final.W_enc, trainer.sae.W_enc)  # not the training iterate y
