@@ -109,7 +109,7 @@ def run_saeflow(data: dict, tokens: int, settings: str, work: Path, **overrides)
 
     s = data["shape"]
     if settings == "same":
-        overrides = dict(lr=SAME["lr"], lr_warmup_tokens=0, lr_decay="linear", aux_coef=SAME["aux_coef"],
+        overrides = dict(optimizer="adam", lr=SAME["lr"], lr_warmup_tokens=0, lr_decay="linear", aux_coef=SAME["aux_coef"],
                          dead_tokens=dead_window(tokens), **overrides)
     tcfg = TrainConfig(batch_tokens=s["batch"], tokens=tokens, **overrides)
     rows = np.load(data["train"], mmap_mode="r")

@@ -192,7 +192,7 @@ class TrainResult:
 
 
 class Trainer:
-    """All state of one training run: SAE, Adam, dead-latent counters, progress, loss scale.
+    """All state of one training run: SAE, optimizer, dead-latent counters, progress, loss scale.
 
     The loop consumes no randomness after initialisation, so (state_dict, data cursor = steps) is a
     complete checkpoint: resuming from it reproduces an uninterrupted run bit for bit on CPU.
