@@ -76,10 +76,13 @@ def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor) -> float:
     reconstruct worse than predicting b_pre, and Adam spends a short run shrinking the encoder. The
     selection is invariant to c > 0 (no bias yet), so the least-squares c is exact and closed-form.
     """
-    x_in = x_norm - sae.b_pre
-    values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
-    recon = sparse_decode(values, indices, sae.W_dec)
-    c = ((x_in * recon).sum() / recon.pow(2).sum().clamp_min(1e-30)).clamp(1e-3, 1.0).item()
+    dot = norm2 = 0.0
+    for x_in in (x_norm - sae.b_pre).split(4096):  # chunks: a (rows x n_latents) matmul each, like a step
+        values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
+        recon = sparse_decode(values, indices, sae.W_dec)
+        dot += (x_in * recon).sum().item()
+        norm2 += recon.pow(2).sum().item()
+    c = min(max(dot / max(norm2, 1e-30), 1e-3), 1.0)
     sae.W_enc.mul_(c)
     return c
 
