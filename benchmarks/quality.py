@@ -104,7 +104,7 @@ def real_data() -> dict:
 
 
 # training -----------------------------------------------------------------------------------------
-def run_saeflow(data: dict, tokens: int, settings: str, work: Path, **overrides) -> dict:
+def run_saeflow(data: dict, tokens: int, settings: str, **overrides) -> dict:
     from sae import SAEConfig, TrainConfig, train_sae
 
     s = data["shape"]
@@ -215,7 +215,7 @@ def main() -> None:
         for tokens, settings, lib in runs:
             t0 = time.time()
             if lib.startswith("saeflow"):
-                out = run_saeflow(data, tokens, settings, work, **({"encoder_init": "tied"} if lib == "saeflow-tied" else {}))
+                out = run_saeflow(data, tokens, settings, **({"encoder_init": "tied"} if lib == "saeflow-tied" else {}))
             else:
                 out = run_peer(peers, lib, data, tokens, settings, work)
             row = dict(data=name, tokens=tokens, settings=settings, library=lib, **score(data, out),
