@@ -21,31 +21,36 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float = 0.95):
         if not lr > 0 or not 0 <= momentum < 1:
             raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={lr}, momentum={momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False))
+        # weight_sum (sum of lr^2 so far) lives in the group: a plain float, saved with the groups
+        super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False, weight_sum=0.0))
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
         if closure is not None:
             raise ValueError("closures are not supported")
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(z=p.detach().clone(), x=p.detach().clone())
             lr, beta = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["z"] = p.detach().clone()
-                    state["x"] = p.detach().clone()
-                    state["weight_sum"] = torch.zeros((), dtype=p.dtype, device=p.device)
-                z, x = state["z"], state["x"]
-                # in place on the gradient (it is not read after the step): one pass less per step
-                z.add_(p.grad.sign_(), alpha=-lr)
-                if group["unit_rows"]:
+            zs = [self.state[p]["z"] for p in params]
+            xs = [self.state[p]["x"] for p in params]
+            # foreach: a few kernels per group, not per parameter; sign in place on the gradients (not
+            # read after the step)
+            grads = [p.grad for p in params]
+            torch._foreach_sign_(grads)
+            torch._foreach_add_(zs, grads, alpha=-lr)
+            if group["unit_rows"]:
+                for z in zs:
                     z.div_(z.norm(dim=1, keepdim=True).clamp_min(1e-12))
-                state["weight_sum"].add_(lr * lr)
-                # x += c (z - x) with c = lr^2 / sum of lr^2 so far: x is the lr^2-weighted mean of z
-                x.lerp_(z, (lr * lr / state["weight_sum"]).clamp(max=1.0))
-                torch.lerp(z, x, beta, out=p.data)
+            group["weight_sum"] += lr * lr
+            # x += c (z - x) with c = lr^2 / sum of lr^2 so far: x is the lr^2-weighted mean of z
+            torch._foreach_lerp_(xs, zs, min(1.0, lr * lr / group["weight_sum"]))
+            torch._foreach_copy_(params, zs)
+            torch._foreach_lerp_(params, xs, beta)  # y = z + beta (x - z)
 
     def averaged(self, p: torch.Tensor) -> torch.Tensor:
         """The averaged iterate x of a parameter (the parameter itself before its first step)."""
