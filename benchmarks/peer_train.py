@@ -1,6 +1,7 @@
 """Trains one SAE with a peer library's own code, inside the peers' venv (.bench-peers/).
 
     python peer_train.py JOB.json
+    python peer_train.py --serve     # job paths on stdin, one per line; "ok" or "error ..." per job
 
 JOB names the library (sparsify | saelens), the settings (`defaults`, or `adam` with an explicit
 lr / schedule / AuxK shared by every library), the shape, the token budget and the data: a float16
@@ -21,6 +22,7 @@ as .npy files next to JOB, for the common scorer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -115,14 +117,34 @@ def train_saelens(job: dict):
     return recon, sae.W_dec.detach(), codes
 
 
-def main() -> None:
-    job_path = Path(sys.argv[1])
+def run_job(job_path: Path) -> None:
     job = json.loads(job_path.read_text())
     torch.set_num_threads(job.get("threads", torch.get_num_threads()))
     recon, decoder, codes = {"sparsify": train_sparsify, "saelens": train_saelens}[job["library"]](job)
     np.save(job_path.with_suffix(".recon.npy"), recon.numpy())
     np.save(job_path.with_suffix(".decoder.npy"), decoder.numpy())
     np.save(job_path.with_suffix(".fires.npy"), (codes > 0).sum(0).numpy())
+
+
+def serve() -> None:
+    """One process for many jobs: the libraries' imports (5-8 s each) are paid once per benchmark.
+    Replies go to the original stdout; anything the libraries print goes to stderr."""
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        try:
+            run_job(Path(line.strip()))
+            replies.write("ok\n")
+        except Exception as e:  # reported to the benchmark, which stops with it
+            replies.write("error " + " ".join(f"{type(e).__name__}: {e}".split()) + "\n")
+        replies.flush()
+
+
+def main() -> None:
+    if sys.argv[1] == "--serve":
+        serve()
+    else:
+        run_job(Path(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """SAE quality per token: saeflow, EleutherAI sparsify and SAELens side by side, one scorer.
 
     python benchmarks/quality.py [--regimes a,b] [--budgets 131072,524288] [--no-real] [--no-peers]
+                                 [--lr-sweep 0.5,2]
 
 Every library trains with its own code (the peers inside their own venv, .bench-peers/, see
 peer_train.py) on the same batches in the same order, at equal token budgets, and is scored on the
@@ -16,8 +17,10 @@ same held-out rows in the raw activation space:
 Settings: `defaults` (each library as a new user gets it) at every budget, and `same` (Adam at one
 lr, linear decay to zero, AuxK 1/32, one dead window) at the middle budget. Synthetic data: see
 synthetic.py (d 128, 2048 latents, k 16: the issue's 256/4096/32 at a quarter of the cost, so the
-whole grid fits in 30 minutes on 2 CPU cores). Real data: the demo's cached activations
-(specs/demo.yaml, layer 20; cached on first use), 4096 latents, k 32, batches of 1024.
+whole grid fits in 30 minutes on 2 CPU cores). Real data: SmolLM2-135M's residual stream after
+layer 20 on the demo's corpus (quality_real.yaml; 409,600 tokens cached on first use, about 8
+minutes, so every budget is one pass over fresh tokens, shuffled once), 4096 latents, k 32, batches
+of 1024. `--lr-sweep 0.5,2` also trains saeflow at those multiples of its auto lr.
 """
 
 from __future__ import annotations
@@ -72,24 +75,30 @@ def synthetic_data(name: str, tokens: int) -> dict:
 
 
 def real_data() -> dict:
-    """The demo's cached activations as .npy files, and held-out contexts with their activations."""
+    """Cached activations of the demo's model and layer (quality_real.yaml: 409,600 training tokens, so
+    every budget is a single pass) as .npy files, and held-out contexts with their activations.
+
+    The training rows are shuffled once (seed 0): the store keeps each context's tokens together, and
+    every library trains on shuffled rows in its own pipeline (saeflow's train stage included)."""
     from flows.spec import load_spec
     from flows.stages import store_url
     from sae.lm import capture, load_lm
     from storage import activations as store
 
-    spec = load_spec(HERE.parent / "specs" / "demo.yaml")
+    spec_path = HERE / "quality_real.yaml"
+    spec = load_spec(spec_path)
     hook = spec.hookpoints[0]
-    out = DATA / "real-smollm2-demo"
+    out = DATA / "real-smollm2-L20-409k"
     if not (out / "done").exists():
         if not store.is_complete(store_url(spec)):
-            print("caching the demo's activations (once): saeflow cache specs/demo.yaml", flush=True)
-            subprocess.run([str(Path(sys.executable).parent / "saeflow"), "cache", str(HERE.parent / "specs/demo.yaml")],
-                           check=True, cwd=HERE.parent)
+            print(f"caching the real activations (once, about 8 minutes): saeflow cache {spec_path}", flush=True)
+            subprocess.run([str(Path(sys.executable).parent / "saeflow"), "cache", str(spec_path)], check=True,
+                           cwd=HERE.parent)
         group = store.open_store(store_url(spec), verify=True)
         out.mkdir(parents=True, exist_ok=True)
         train = store.activations(group, "train", hook)
-        np.save(out / "train.npy", torch.cat(list(store.iter_rows(train, 65536))).half().numpy())
+        rows = torch.cat(list(store.iter_rows(train, 65536)))
+        np.save(out / "train.npy", rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].half().numpy())
         held = torch.cat(list(store.iter_rows(store.activations(group, "eval", hook), 4096, stop=HELD_ROWS)))
         # contexts for dCE: the last eval contexts, their activations recomputed (rows after the first position)
         contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
@@ -122,20 +131,50 @@ def run_saeflow(data: dict, tokens: int, settings: str, **overrides) -> dict:
     return {"recon": recon.numpy(), "decoder": result.sae.W_dec.detach().numpy(), "fires": fires.numpy()}
 
 
-def run_peer(python: str, library: str, data: dict, tokens: int, settings: str, work: Path) -> dict:
+class PeerWorkers:
+    """One long-lived peer_train.py --serve process per library, inside the peers' venv."""
+
+    def __init__(self, python: str, work: Path):
+        self.python, self.work, self.procs = python, work, {}
+
+    def run(self, library: str, job_path: Path) -> None:
+        proc = self.procs.get(library)
+        if proc is None:
+            log = open(self.work / f"{library}.log", "a")
+            proc = self.procs[library] = subprocess.Popen(
+                [self.python, str(HERE / "peer_train.py"), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, text=True)
+        proc.stdin.write(f"{job_path}\n")
+        proc.stdin.flush()
+        reply = proc.stdout.readline().strip()
+        if reply != "ok":
+            raise RuntimeError(f"{library}: {reply or 'the worker exited'} (log: {self.work / (library + '.log')})")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
+
+
+def run_peer(workers: PeerWorkers, library: str, data: dict, tokens: int, settings: str) -> dict:
     s = data["shape"]
     job = dict(library=library, settings=settings, d=s["d"], n_latents=s["n_latents"], k=s["k"], batch=s["batch"],
                tokens=tokens, seed=0, train=str(data["train"]), held=str(data["held"]),
                lr=SAME["lr"], aux_coef=SAME["aux_coef"], warmup_steps=0, dead_tokens=dead_window(tokens), threads=2)
-    path = work / f"{library}-{settings}-{tokens}.json"
+    path = workers.work / f"{library}-{settings}-{tokens}.json"
     path.write_text(json.dumps(job))
-    done = subprocess.run([python, str(HERE / "peer_train.py"), str(path)], capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"{library}: " + (done.stderr.strip().splitlines() or ["failed"])[-1])
+    workers.run(library, path)
     out = {key: np.load(path.with_suffix(f".{key}.npy")) for key in ("recon", "decoder", "fires")}
     if out["decoder"].shape[0] != s["n_latents"]:  # (d, n) layouts
         out["decoder"] = out["decoder"].T
     return out
+
+
+def default_lr(data: dict, tokens: int) -> float:
+    from sae import TrainConfig
+
+    s = data["shape"]
+    return TrainConfig(batch_tokens=s["batch"], tokens=tokens).resolved_lr(s["n_latents"])
 
 
 def dead_window(tokens: int) -> int:
@@ -191,6 +230,8 @@ def main() -> None:
     parser.add_argument("--no-real", action="store_true", help="skip SmolLM2's real activations")
     parser.add_argument("--no-peers", action="store_true", help="saeflow only")
     parser.add_argument("--peers-python", help="an interpreter that has the peers (default: .bench-peers)")
+    parser.add_argument("--lr-sweep", help="also train saeflow at these multiples of its auto lr, comma-separated "
+                        "(e.g. 0.5,0.7,1.4), at every budget")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -198,6 +239,7 @@ def main() -> None:
     peers = None if args.no_peers else peers_python(args.peers_python)
     work = DATA / "runs"
     work.mkdir(parents=True, exist_ok=True)
+    workers = None if peers is None else PeerWorkers(peers, work)
     datasets = [(name, budgets, lambda name=name: synthetic_data(name, max(budgets))) for name in args.regimes.split(",") if name]
     if not args.no_real:
         datasets.append(("smollm2-L20", REAL_BUDGETS, real_data))
@@ -212,12 +254,16 @@ def main() -> None:
         runs += [(grid[len(grid) // 2], "same", lib) for lib in libraries]
         if peers is not None:  # the old init at the same settings: the cause of saeflow's slow start
             runs.append((grid[len(grid) // 2], "same", "saeflow-tied"))
+        if args.lr_sweep:
+            runs += [(t, f"lr x{f}", "saeflow") for t in grid for f in args.lr_sweep.split(",")]
         for tokens, settings, lib in runs:
             t0 = time.time()
-            if lib.startswith("saeflow"):
+            if settings.startswith("lr x"):
+                out = run_saeflow(data, tokens, "defaults", lr=float(settings[4:]) * default_lr(data, tokens))
+            elif lib.startswith("saeflow"):
                 out = run_saeflow(data, tokens, settings, **({"encoder_init": "tied"} if lib == "saeflow-tied" else {}))
             else:
-                out = run_peer(peers, lib, data, tokens, settings, work)
+                out = run_peer(workers, lib, data, tokens, settings)
             row = dict(data=name, tokens=tokens, settings=settings, library=lib, **score(data, out),
                        seconds=round(time.time() - t0, 1))
             rows.append(row)
@@ -225,6 +271,8 @@ def main() -> None:
                   f"{row.get('recovered', float('nan')):>6.3f} {row['dead']:>6.3f} {row['l0']:>6.1f} "
                   f"{row.get('dce', float('nan')):>6.3f} {row['seconds']:>5.0f}", flush=True)
     print(f"total {time.time() - start:.0f} s")
+    if workers is not None:
+        workers.close()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(verdict(rows))
@@ -246,6 +294,15 @@ def verdict(rows: list[dict]) -> str:
         ok = ratio < 1 and ("cos" not in r or r["cos"] >= max(p["cos"] for p in peers))
         lines.append(f"{'ok  ' if ok else 'MISS'} {data} {tokens} {settings}: nMSE {ratio:.2f}x the best peer "
                      f"({best['library']}){rec}")
+    for (data, tokens, settings, lib), r in by.items():
+        swept = [s for s in rows if (s["data"], s["tokens"], s["library"]) == (data, tokens, "saeflow")
+                 and s["settings"].startswith("lr x")]
+        if settings != "defaults" or lib != "saeflow" or not swept:
+            continue
+        best = min(swept + [r], key=lambda s: s["nmse"])
+        ratio = r["nmse"] / best["nmse"]
+        lines.append(f"{'ok  ' if ratio <= 1.1 else 'MISS'} {data} {tokens}: the auto lr's nMSE is {ratio:.2f}x the "
+                     f"best of the lr sweep ({best['settings'].replace('lr ', '') if best is not r else 'x1'})")
     return "\n".join(lines)
 
 
