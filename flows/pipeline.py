@@ -1,65 +1,69 @@
 """Prefect flow: cache_activations -> train_sae -> evaluate -> register, one task per stage.
 
-Each task's cache key is the hash of the spec sections its output depends on, with results persisted
-under the work dir, so running the same spec again reports finished stages as Cached. A cached result
-is only a path: when the output behind it is gone, the task is refreshed instead of trusted.
+A stage whose outputs exist (under paths derived from the hash of the spec sections it reads) ends
+as Cached with the value read back from those outputs; nothing else decides. No task result is
+persisted: Prefect's result files name their own deserializer (pickle included), so reading one
+from a shared work dir could run code that someone wrote there. Only transient failures are retried.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.artifacts import create_table_artifact
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
+from flows.locks import exclusive
+from flows.retry import retry_transient
 from flows.spec import RunSpec
 
-
-def _key(stage: str, parts: Callable[[int], tuple[str, ...]] | tuple[str, ...]):
-    """Cache key: the hash of the spec parts the stage reads (per SAE index where it has one)."""
-
-    def key(_ctx, params: dict) -> str:
-        spec: RunSpec = params["spec"]
-        index = params.get("index")
-        digest = spec.part_hash(*(parts(index) if callable(parts) else parts))
-        return f"saeflow-{stage}-{digest}-{params.get('hookpoint', '')}-{index if index is not None else ''}"
-
-    return key
+_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, persist_result=False)
 
 
-_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, persist_result=True)
+def _stage(stage: str, spec: RunSpec, *where):
+    """Runs a stage, or ends Cached with the value its existing outputs give."""
+    found = stages.existing_output(stage, spec, *where)
+    if found is not None:
+        return Completed(name="Cached", data=found, message="its outputs exist")
+    return getattr(stages, stage)(spec, *where)
 
 
-@task(name="plan_cache", retries=2, retry_delay_seconds=10)
+@task(name="plan_cache", **_TASK_OPTIONS)
 def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     return stages.plan_cache(spec)
 
 
-@task(name="cache_shard", retries=2, retry_delay_seconds=10)
+@task(name="verify_cache", **_TASK_OPTIONS)
+def verify_cache(spec: RunSpec) -> list[str]:
+    return stages.reverify_cache(spec)
+
+
+@task(name="cache_shard", **_TASK_OPTIONS)
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     stages.cache_shard(spec, split, index)
 
 
-@task(name="cache_activations", cache_key_fn=_key("cache", stages.CACHE_SECTIONS), **_TASK_OPTIONS)
+@task(name="cache_activations", **_TASK_OPTIONS)
 def cache_activations(spec: RunSpec) -> str:
-    return stages.cache(spec)
+    return _stage("cache", spec)
 
 
-@task(name="train_sae", cache_key_fn=_key("train", stages.TRAIN_ALL_SECTIONS), **_TASK_OPTIONS)
+@task(name="train_sae", **_TASK_OPTIONS)
 def train_sae(spec: RunSpec, hookpoint: str) -> list[str]:
-    return stages.train(spec, hookpoint)
+    return _stage("train", spec, hookpoint)
 
 
-@task(name="evaluate", cache_key_fn=_key("evaluate", stages.eval_parts), **_TASK_OPTIONS)
+@task(name="evaluate", **_TASK_OPTIONS)
 def evaluate(spec: RunSpec, hookpoint: str, index: int) -> dict[str, float]:
-    return stages.evaluate(spec, hookpoint, index)
+    return _stage("evaluate", spec, hookpoint, index)
 
 
-@task(name="register", cache_key_fn=_key("register", stages.register_parts), **_TASK_OPTIONS)
+@task(name="register", **_TASK_OPTIONS)
 def register(spec: RunSpec, hookpoint: str, index: int) -> str:
-    return stages.register(spec, hookpoint, index)
+    return _stage("register", spec, hookpoint, index)
 
 
 _TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
@@ -79,32 +83,37 @@ def task_runner(spec: RunSpec):
 
 
 def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) -> list[dict]:
-    return pipeline.with_options(task_runner=task_runner(spec))(spec, only=only, **options)
+    """Runs the flow while holding the spec's lock: a second run of the same data waits for the first,
+    then finds its outputs (each shard and SAE is computed once)."""
+    lock = spec.root / "locks" / f"{spec.part_hash(*stages.CACHE_SECTIONS)}.lock"
+    with exclusive(lock, f"the work dir of {spec.name} ({stages.store_url(spec)})"):
+        return pipeline.with_options(task_runner=task_runner(spec))(spec, only=only, **options)
 
 
-@flow(name="saeflow-pipeline", log_prints=True)
+# one task at a time unless run_pipeline picks Dask: an LM forward uses every core, and the LM (with its
+# capture hooks) is shared by the tasks of a process
+@flow(name="saeflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
     """Runs the selected stages; an earlier stage that is not selected must already be done, later
     ones are left alone."""
     logger = get_run_logger()
-    result_storage = spec.root / "prefect-results"
-    result_storage.mkdir(parents=True, exist_ok=True)
     last = max(stages.STAGES.index(s) for s in only)
 
     def run(stage: str, *where):
         if stages.STAGES.index(stage) > last:
             return None
-        done = stages.is_done(stage, spec, *where)
         if stage not in only:
-            if not done:
+            if not stages.is_done(stage, spec, *where):
                 raise RuntimeError(
                     f"stage {stage!r} has not run for this spec{' at ' + where[0] if where else ''}: "
                     f"run `saeflow {stage} SPEC` (or `saeflow run SPEC`) first"
                 )
             return None
-        t = _TASKS[stage].with_options(result_storage=result_storage, refresh_cache=not done)
-        return t(spec, *where)
+        # a stage that found its outputs returns a Cached state: take its value either way
+        return _TASKS[stage](spec, *where, return_state=True).result()
 
+    if "cache" in only:  # a finished store is checked again: damaged shards are recomputed, not trusted
+        verify_cache(spec)
     if "cache" in only and not stages.is_done("cache", spec):
         # shards fan out over the flow's task runner (threads, or Dask workers); only missing ones run
         missing = plan_cache(spec)

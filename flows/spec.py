@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -18,6 +20,16 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
+DEVICE_HELP = "write auto, cpu, cuda, cuda:N or mps"
+
+
+def _device(field: str, value: str) -> str:
+    if not re.fullmatch(DEVICE, value):
+        raise ValueError(f"{field}: {value!r} is not a device: {DEVICE_HELP}")
+    return value
+
+
 class ModelSpec(Section):
     source: str = Field(
         "builtin:smollm2-135m",
@@ -25,6 +37,11 @@ class ModelSpec(Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _dev(cls, v: str) -> str:
+        return _device("model.device", v)
 
 
 class DataSpec(Section):
@@ -39,9 +56,36 @@ class DataSpec(Section):
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     shard_contexts: PositiveInt | None = None  # contexts per shard (the unit of work); default ~16 MB shards
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is None or "://" not in v:
+            return v
+        import fsspec
+
+        protocol = v.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise ValueError(f"data.store: {protocol}:// needs a package that is not installed ({e})") from None
+        except ValueError:
+            raise ValueError(f"data.store: {protocol}:// is not a file system fsspec knows: use a local path, "
+                             "s3://, gs://, file://, ...") from None
+        return v
+
+    @model_validator(mode="after")
+    def _positions(self):
+        if self.context_length - int(self.drop_first_position) < 1:
+            raise ValueError(f"data.context_length={self.context_length} keeps no position once the first is dropped: "
+                             "use at least 2 (or drop_first_position: false)")
+        return self
+
+
+MAX_LATENTS = 2**25  # twice the paper's largest SAE (16M latents)
+
 
 class SAESpec(Section):
-    n_latents: PositiveInt | None = None
+    n_latents: int | None = Field(None, gt=0, le=MAX_LATENTS)
     expansion_factor: PositiveInt | None = None
     k: PositiveInt = 32
     aux_k: PositiveInt | None = None  # default: d_model / 2, at most 512
@@ -70,20 +114,37 @@ class TrainSpec(Section):
     recipe: Literal["default", "paper"] = "default"  # paper: the released recipe (constant lr, 10M window, tied init)
     optimizer: Literal["signum", "adam"] | None = None  # default: signum (schedule-free); paper: adam
     lr: float | Literal["auto"] = "auto"
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _lr_value(cls, v):
+        """One message for every bad lr (not one per member of the union)."""
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"train.lr must be a positive finite number or 'auto', got {v!r}")
+        return float(v)
     tokens: PositiveInt | None = None  # default: one pass over the cached tokens
     lr_warmup_tokens: int | None = Field(None, ge=0)  # default: 5% of the run with adam, else 0
     lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 with adam, else constant
     grad_clip: float | None = Field(None, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
     checkpoint_every_tokens: int = Field(1_000_000, ge=0)  # 0: no checkpoints
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
     @model_validator(mode="after")
     def _lr(self):
-        if self.lr != "auto" and not self.lr > 0:
-            raise ValueError(f"train.lr must be positive or 'auto', got {self.lr}")
+        if self.lr != "auto" and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a positive finite number or 'auto', got {self.lr}")
+        _device("train.device", self.device)
+        if self.tokens is not None and self.tokens < self.batch_tokens:
+            raise ValueError(f"train.tokens={self.tokens} is less than one batch (train.batch_tokens={self.batch_tokens}): "
+                             "raise tokens or lower batch_tokens")
+        if self.tokens is not None and self.lr_warmup_tokens is not None and self.lr_warmup_tokens >= self.tokens:
+            raise ValueError(f"train.lr_warmup_tokens={self.lr_warmup_tokens} is not below train.tokens={self.tokens}: "
+                             "the lr would never leave its warmup; lower it")
         return self
 
 
@@ -99,12 +160,43 @@ class OrchestrationSpec(Section):
     dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786
     dask_workers: int = Field(0, ge=0)  # > 0: start a local Dask cluster with this many worker processes
 
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"(tcp|tls|ucx|ws|wss|inproc)://[^\s/:]+(:\d+)?/?", v):
+            raise ValueError(f"orchestration.dask_address: {v!r} is not a scheduler address: write tcp://HOST:PORT")
+        return v
+
+
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
 
 class RegistrySpec(Section):
-    tracking_uri: str | None = None  # default: sqlite:///<workdir>/mlflow.db
-    model_name: str | None = None  # default: the spec's name
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
+    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # default: the spec's name
     alias: str = "candidate"
     experiment: str | None = None  # default: the spec's name
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        # MLflow reserves `latest` and v<N> (they name versions)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", v) or re.fullmatch(r"[vV]\d+", v) or v.lower() == "latest":
+            raise ValueError(f"registry.alias: {v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
+                             "letter, and not `latest` or v<N> (MLflow reserves them), e.g. candidate")
+        return v
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        scheme = re.match(r"([a-z][a-z0-9+]*)://", v)
+        base = scheme.group(1).split("+")[0] if scheme else None
+        if v == "databricks" or (base in TRACKING_SCHEMES and (base not in ("http", "https") or re.match(r"https?://[^/\s]+", v))):
+            return v
+        raise ValueError(f"registry.tracking_uri: {v!r} is not an MLflow tracking URI: write http://HOST:PORT, "
+                         "sqlite:///PATH, postgresql://... or leave it out for the embedded default")
 
 
 class RunSpec(Section):
@@ -152,7 +244,16 @@ class RunSpec(Section):
         return self.root / "models" / safe_name(self.model.source)
 
     def tracking_uri(self) -> str:
-        return self.registry.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        return self.tracking_uri_and_source()[0]
+
+    def tracking_uri_and_source(self) -> tuple[str, str]:
+        """The MLflow tracking URI and where it came from: the spec, then $MLFLOW_TRACKING_URI, then
+        the embedded SQLite database in the work dir."""
+        if self.registry.tracking_uri:
+            return self.registry.tracking_uri, "registry.tracking_uri in the spec"
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+        return f"sqlite:///{self.root / 'mlflow.db'}", "the embedded default"
 
     def model_name(self, hookpoint: str, index: int = 0) -> str:
         """The registry name; the hookpoint and the SAE's size are added when there are several."""
@@ -164,6 +265,19 @@ class RunSpec(Section):
             name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
             name += "-batchtopk" if s.activation == "batchtopk" else ""
         return name
+
+    @model_validator(mode="after")
+    def _across_sections(self):
+        repeated = sorted({h for h in self.hookpoints if self.hookpoints.count(h) > 1})
+        if repeated:
+            raise ValueError(f"hookpoints: {', '.join(repeated)} listed twice: list each hookpoint once")
+        if self.train.tokens is None and self.data.tokens < self.train.batch_tokens:
+            raise ValueError(f"data.tokens={self.data.tokens} is less than one training batch "
+                             f"(train.batch_tokens={self.train.batch_tokens}): raise data.tokens or lower batch_tokens")
+        if self.train.tokens is None and (self.train.lr_warmup_tokens or 0) >= self.data.tokens:
+            raise ValueError(f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below the run's "
+                             f"{self.data.tokens} tokens: the lr would never leave its warmup; lower it")
+        return self
 
     @model_validator(mode="after")
     def _distinct_names(self):
@@ -214,11 +328,12 @@ class SpecError(ValueError):
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(spec)"
+        where = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key: remove it or check its spelling"
-        lines.append(f"{where}: {msg}")
+        # a cross-field rule's message starts with the field it names
+        lines.append(f"{where}: {msg}" if where else msg)
     return "\n".join(lines)
 
 
@@ -232,27 +347,59 @@ def parse_spec(data: dict) -> RunSpec:
         raise SpecError(message) from None
 
 
-def load_spec(path: str | Path) -> RunSpec:
-    """Parses and validates a YAML spec, including checks that need the model's config or the data."""
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (instead of keeping the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_spec(path: str | Path, online: bool = True) -> RunSpec:
+    """Parses and validates a YAML spec, including checks that need the model's config or the data.
+    online=False reads a hub model's config from the local cache only (fails at once, no requests)."""
     p = Path(path)
     if not p.is_file():
         raise SpecError(f"spec file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise SpecError(f"{p} is not valid YAML: {e}") from None
+        raise SpecError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{p} must hold a mapping of sections (name, model, data, hookpoints, sae, ...)")
     spec = parse_spec(data)
-    check_resources(spec)
+    check_resources(spec, online)
     return spec
 
 
-def check_resources(spec: RunSpec) -> None:
-    """Checks against the model's config (meta device, no weights) and the data source."""
+def _check_workdir(workdir: str) -> None:
+    path = Path(workdir).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise SpecError(f"workdir: {existing} is a file, not a directory: choose another workdir")
+    import tempfile
+
+    try:  # a probe, not os.access: permission bits say nothing of read-only or virtual file systems
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise SpecError(f"workdir: cannot write in {existing} ({e.strerror}): choose a writable workdir") from None
+
+
+def check_resources(spec: RunSpec, online: bool = True) -> None:
+    """Checks against the model's config (meta device, no weights), the data source and the work dir."""
     from sae.lm import load_config, module_names
     from storage.corpus import HF_PREFIX, PYTHON_DOCS, resolve_files
 
+    _check_workdir(spec.workdir)
     src = spec.data.source
     if src != PYTHON_DOCS and not src.startswith(HF_PREFIX):
         try:
@@ -261,10 +408,13 @@ def check_resources(spec: RunSpec) -> None:
             raise SpecError(f"data.source: {e}") from None
     converted = spec.converted_model_dir()  # a GGUF converted earlier reads in milliseconds
     try:
-        config = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source)
+        config = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source,
+                             local_only=not online)
         names, d_model = set(module_names(config)), config.hidden_size
     except (OSError, ValueError, KeyError) as e:
-        raise SpecError(f"model.source: cannot read the model config of {spec.model.source!r}: {e}") from None
+        hint = "" if online else " (validation reads the local cache only; `saeflow validate --online` may download)"
+        raise SpecError(f"model.source: cannot read the model config of {spec.model.source!r}{hint}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
     for i, h in enumerate(spec.hookpoints):
         if h not in names:
             layers = sorted(n for n in names if n.count(".") == 2 and ".layers." in n)[:3]

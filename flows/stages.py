@@ -3,6 +3,7 @@ path derived from the spec sections it reads, and returns at once when that outp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from flows.locks import exclusive
 from flows.spec import RunSpec, safe_name
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
@@ -69,17 +71,56 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
     return _registered(spec, hookpoint, index) is not None
 
 
+def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None):
+    """What a finished stage returns, read back from its outputs; None when the stage has not finished."""
+    if stage == "cache":
+        return store_url(spec) if is_done("cache", spec) else None
+    if stage == "train":
+        return [str(sae_dir(spec, hookpoint, i)) for i in range(len(spec.sae))] if is_done("train", spec, hookpoint) else None
+    if stage == "evaluate":
+        return read_metrics(metrics_path(spec, hookpoint, index)) if is_done("evaluate", spec, hookpoint, index) else None
+    found = _registered(spec, hookpoint, index)
+    return None if found is None else found.uri
+
+
 def _registered(spec: RunSpec, hookpoint: str, index: int):
-    return find_registered(
-        spec.tracking_uri(), spec.model_name(hookpoint, index), spec.registry.alias,
-        spec.part_hash(*register_parts(index)),
-    )
+    with registry_lock(spec.tracking_uri()):
+        return _find(spec, hookpoint, index)
+
+
+def _find(spec: RunSpec, hookpoint: str, index: int):
+    return find_registered(spec.tracking_uri(), spec.model_name(hookpoint, index), spec.registry.alias,
+                           spec.part_hash(*register_parts(index)))
+
+
+def registry_lock(uri: str):
+    """A SQLite registry is one file: processes take turns on it (its first set-up is not concurrent-safe)."""
+    if uri.startswith("sqlite:///"):
+        return exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"), "the MLflow database")
+    return contextlib.nullcontext()
 
 
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
     os.replace(tmp, path)
+
+
+class NonFiniteError(ValueError):
+    """A result holds NaN or infinity: it is never written as done, registered or promoted."""
+
+
+def check_finite_metrics(metrics: dict, what: str) -> dict:
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        listed = ", ".join(f"{k}={v}" for k, v in bad.items())
+        raise NonFiniteError(f"{what} has non-finite metrics ({listed}): the SAE or its evaluation data is "
+                             "broken; retrain it (and check the activation store) before evaluating again")
+    return metrics
+
+
+def read_metrics(path: Path) -> dict:
+    return check_finite_metrics(json.loads(path.read_text()), str(path))
 
 
 _LMS: dict[tuple, tuple] = {}
@@ -131,6 +172,19 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
         storage_options=opts,
     )
     return store.missing_shards(url, opts)
+
+
+def reverify_cache(spec: RunSpec) -> list[str]:
+    """Checks every shard of a finished store against its checksums; the bad ones lose their markers
+    (and the store its `complete` flag), so that caching recomputes exactly those. Returns them."""
+    url, opts = store_url(spec), spec.data.store_options
+    if not store.is_complete(url, opts):
+        return []
+    problems = store.reopen_bad_shards(url, opts)
+    if problems:
+        log.warning("the activation store at %s has %d bad shards, recomputing them:\n  %s", url, len(problems),
+                    "\n  ".join(problems))
+    return problems
 
 
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
@@ -216,13 +270,15 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
     path = metrics_path(spec, hookpoint, index)
     if path.exists():
         log.info("metrics for %s already at %s", hookpoint, path)
-        return json.loads(path.read_text())
+        return read_metrics(path)
     sae = TopKSAE.load(sae_dir(spec, hookpoint, index)).eval()
-    group = store.open_store(store_url(spec), spec.data.store_options)
+    # the eval split's checksums: damaged bytes could decode without error into wrong metrics
+    group = store.open_store(store_url(spec), spec.data.store_options, verify=("eval",))
     acts = store.activations(group, "eval", hookpoint)
     batches = store.iter_rows(acts, 4096, stop=spec.eval.tokens)
     metrics = reconstruction_metrics(sae, batches, progress=progress)
-    metrics["train_dead_fraction"] = sae.metadata.get("train_dead_fraction", float("nan"))
+    if "train_dead_fraction" in sae.metadata:
+        metrics["train_dead_fraction"] = sae.metadata["train_dead_fraction"]
     if spec.eval.downstream_contexts > 0:
         model, _ = _lm(spec)
         contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.downstream_contexts])
@@ -246,6 +302,7 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
         model, tokenizer = _lm(spec)
         write_report(sae, group, hookpoint, model, tokenizer, spec.eval.tokens, path.parent,
                      f"{spec.name} · {hookpoint}", metrics, spec.eval.report_latents)
+    check_finite_metrics(metrics, f"the evaluation of {sae_dir(spec, hookpoint, index)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, metrics)
     log.info("metrics for %s written to %s", hookpoint, path)
@@ -299,13 +356,20 @@ def write_report(sae, group, hookpoint, model, tokenizer, max_rows, out_dir: Pat
 
 
 def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
-    found = _registered(spec, hookpoint, index)
-    if found is not None:
-        log.info("already registered as %s (version %s)", found.uri, found.version)
-        return found.uri
+    uri, source = spec.tracking_uri_and_source()
+    with registry_lock(uri):
+        found = _find(spec, hookpoint, index)  # also when a run that held the lock before us registered it
+        if found is not None:
+            log.info("already registered as %s (version %s)", found.uri, found.version)
+            return found.uri
+        log.info("registering into %s (from %s)", uri, source)
+        return _register(spec, hookpoint, index, uri).uri
+
+
+def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
     directory = sae_dir(spec, hookpoint, index)
     cfg = json.loads((directory / "config.json").read_text())["sae"]
-    metrics = json.loads(metrics_path(spec, hookpoint, index).read_text())
+    metrics = read_metrics(metrics_path(spec, hookpoint, index))
     params = {
         "model": spec.model.source,
         "hookpoint": hookpoint,
@@ -328,17 +392,16 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
         "spec_hash": spec.part_hash(*register_parts(index)),
         "spec_name": spec.name,
     }
-    local = spec.registry.tracking_uri is None
-    registered = register_sae(
+    return register_sae(
         directory,
-        tracking_uri=spec.tracking_uri(),
+        tracking_uri=uri,
         experiment=spec.registry.experiment or spec.name,
         model_name=spec.model_name(hookpoint, index),
         alias=spec.registry.alias,
         params=params,
-        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         tags=tags,
-        artifact_root=spec.root / "mlartifacts" if local else None,
+        artifact_root=spec.root / "mlartifacts" if uri.startswith(("sqlite:", "file:")) else None,
         run_files=[
             p
             for p in (eval_dir(spec, hookpoint, index) / REPORT_FILE, eval_dir(spec, hookpoint, index) / HISTOGRAM_FILE,
@@ -346,7 +409,6 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
             if p.exists()
         ],
     )
-    return registered.uri
 
 
 def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = None) -> Path:
@@ -361,7 +423,7 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     meta = sae.metadata
     version = model_version(model_uri)
     metrics = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
-    group = store.open_store(meta["store_url"])
+    group = store.open_store(meta["store_url"], verify=("eval",))
     model, tokenizer = load_lm(meta["lm"], "auto", "auto")
     title = f"{version.name} v{version.version} · {meta['hookpoint']}"
     rows = store.activations(group, "eval", meta["hookpoint"]).shape[0]

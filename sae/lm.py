@@ -42,14 +42,15 @@ def _gguf_location(source: str) -> tuple[str, str] | None:
     return str(path.parent), path.name
 
 
-def load_config(source: str):
-    """The model's config without loading weights (fast; used to validate hookpoints)."""
+def load_config(source: str, local_only: bool = False):
+    """The model's config without loading weights (fast; used to validate hookpoints). local_only:
+    never ask a model hub, read the local cache (fails at once for an id that is not there)."""
     from transformers import AutoConfig
 
     gguf = _gguf_location(source)
     if gguf:
-        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1])
-    return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(gguf[0], gguf_file=gguf[1], local_files_only=local_only)
+    return AutoConfig.from_pretrained(source, local_files_only=local_only)
 
 
 def module_names(config) -> list[str]:

@@ -130,6 +130,9 @@ class TopKSAE(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise FloatingPointError(f"not saving an SAE with non-finite weights ({', '.join(bad)}) to {out}")
         tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
         save_file(tensors, tmp_w)
         tmp_c.write_text(json.dumps({"sae": self.cfg.to_dict(), "metadata": metadata or {}}, indent=2))

@@ -18,6 +18,10 @@ from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Training diverged: the run stops, and nothing after the last finite loss is saved."""
+
+
 @dataclass
 class LossParts:
     loss: torch.Tensor
@@ -222,6 +226,9 @@ class Trainer:
         self.steps = 0
         self.tokens = 0
         self.history: list[dict] = []
+        # set on the device at every step, read (a host sync) only at log and checkpoint time
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.checked_steps = 0
 
     def initialize(self, sample: torch.Tensor) -> None:
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
@@ -240,6 +247,7 @@ class Trainer:
             # no latent can be dead before dead_tokens tokens: skip counting them (a host sync) until then
             dead = self.tracker.dead_mask() if self.tokens >= self.tracker.dead_tokens else None
             parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead)
+        self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
         project_decoder_grad(sae)
@@ -275,6 +283,15 @@ class Trainer:
         for name, p in out.named_parameters():
             p.copy_(weights[name])
         return out
+
+    def check_finite(self) -> None:
+        """Raises NonFiniteLoss if any loss since the last check was NaN or infinite."""
+        if bool(self.nonfinite):
+            lr = self.base_lr
+            raise NonFiniteLoss(
+                f"the training loss became non-finite between steps {self.checked_steps} and {self.steps} (lr {lr:g}): "
+                "the run stopped and keeps only its last finite checkpoint; lower train.lr (or leave it at auto)")
+        self.checked_steps = self.steps
 
     def ema_sae(self) -> TopKSAE:
         """A copy of the SAE holding the bias-corrected EMA of the weights (ema / (1 - decay^steps))."""
@@ -368,14 +385,19 @@ def train_saes(
         for trainer in trainers:
             parts = trainer.step(batch)
             if trainer.steps % trainer.tcfg.log_every == 0 or trainer.done:
+                trainer.check_finite()
                 trainer.log(parts)
         bar.update(batch.shape[0])
         if lead.history:
             bar.set_postfix(mse=" ".join(f"{t.history[-1]['mse']:.4f}" for t in trainers if t.history))
         if checkpoint and checkpoint_every_tokens and lead.tokens >= next_checkpoint and not lead.done:
+            for trainer in trainers:
+                trainer.check_finite()
             checkpoint(trainers)
             next_checkpoint = lead.tokens + checkpoint_every_tokens
     bar.close()
+    for trainer in trainers:
+        trainer.check_finite()
     if not lead.done:
         warnings.warn(f"the activations ran out after {lead.tokens:,} of {lead.tcfg.tokens:,} tokens: training "
                       "stopped there (the learning rate had not decayed to its end); pass tokens= to match the data",

@@ -126,19 +126,20 @@ def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[
     ]
 
 
-def verify_shards(url: str, storage_options: dict | None = None, full: bool = True) -> None:
-    """Every shard must be marked and (full=True) its files must match the recorded crc32."""
+def bad_shards(url: str, storage_options: dict | None = None, splits=None, full: bool = True) -> list[tuple[str, int, str]]:
+    """(split, shard, what is wrong) for every shard of `splits` (default all) that has no marker or
+    (full=True) whose files do not match the crc32 recorded when it was written."""
     group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     problems = []
-    for split in group.attrs["splits"]:
+    for split in splits or group.attrs["splits"]:
         layout = layout_of(group, split)
         for i in range(layout.n_shards):
             c0, c1 = layout.shard_contexts_range(i)
             where = f"{split} shard {i} (contexts {c0}..{c1 - 1})"
             marker = _read_marker(fs, _marker_path(root, split, i))
             if marker is None:
-                problems.append(f"{where} is missing")
+                problems.append((split, i, f"{where} is missing"))
                 continue
             if not full:
                 continue
@@ -148,17 +149,38 @@ def verify_shards(url: str, storage_options: dict | None = None, full: bool = Tr
                 except FileNotFoundError:
                     actual = None
                 if actual != crc:
-                    problems.append(f"{where} of {h} is corrupted or gone ({_shard_file(root, split, h, i)})")
+                    problems.append((split, i, f"{where} of {h} is corrupted or gone ({_shard_file(root, split, h, i)})"))
+    return problems
+
+
+def verify_shards(url: str, storage_options: dict | None = None, full: bool = True, splits=None) -> None:
+    """Raises IncompleteStoreError naming every bad shard (see bad_shards)."""
+    problems = [what for _, _, what in bad_shards(url, storage_options, splits, full)]
     if problems:
         raise IncompleteStoreError(
-            f"the activation store at {url} has bad shards; run `saeflow cache SPEC` to redo them:\n  "
+            f"the activation store at {url} has bad shards; run `saeflow cache SPEC` to recompute them:\n  "
             + "\n  ".join(problems[:20])
             + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         )
 
 
-def open_store(url: str, storage_options: dict | None = None, verify: bool = False) -> zarr.Group:
-    """Opens a finished store for reading; unfinished or (verify=True) damaged ones raise."""
+def reopen_bad_shards(url: str, storage_options: dict | None = None) -> list[str]:
+    """Checks every shard of a store; drops the markers of the bad ones and the `complete` flag, so
+    that caching recomputes exactly those shards. Returns what was wrong (empty: nothing to redo)."""
+    problems = bad_shards(url, storage_options)
+    if problems:
+        fs, root = _fs(url, storage_options)
+        group = _group(url, "r+", storage_options)
+        group.attrs["complete"] = False  # first: a kill from here on leaves a store that is not complete
+        for split, i in sorted({(split, i) for split, i, _ in problems}):
+            if fs.exists(_marker_path(root, split, i)):
+                fs.rm_file(_marker_path(root, split, i))
+    return [what for _, _, what in problems]
+
+
+def open_store(url: str, storage_options: dict | None = None, verify: bool | tuple[str, ...] = False) -> zarr.Group:
+    """Opens a finished store for reading; unfinished or damaged ones raise. verify: True checks every
+    shard's checksum, a tuple of splits (e.g. ("eval",)) only theirs."""
     try:
         group = _group(url, "r", storage_options)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
@@ -166,7 +188,7 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool = Fal
     if not group.attrs.get("complete", False):
         raise IncompleteStoreError(f"the activation store at {url} is unfinished: run `saeflow cache SPEC` again")
     if verify:
-        verify_shards(url, storage_options)
+        verify_shards(url, storage_options, splits=None if verify is True else verify)
     return group
 
 
@@ -283,7 +305,19 @@ def write_shard(
         sub[f"acts/{array_name(h)}"][c0 * layout.positions : c1 * layout.positions] = np.concatenate(blocks[h])
         crcs[h] = zlib.crc32(fs.cat_file(_shard_file(root, split, h, index)))
     fs.makedirs(f"{root}/{MARKERS}", exist_ok=True)
-    fs.pipe_file(_marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
+    _write_marker(fs, _marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
+
+
+def _write_marker(fs, path: str, data: bytes) -> None:
+    """A marker appears whole or not at all: on a local disk via a rename (an object store's put is
+    already atomic), so a kill never leaves a torn marker behind."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path + ".tmp", data)
+        fs.mv(path + ".tmp", path)
+    else:
+        fs.pipe_file(path, data)
 
 
 def finalize_store(url: str, storage_options: dict | None = None) -> dict:

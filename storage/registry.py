@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,24 +18,34 @@ log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("sae_pyfunc.py")
 ARTIFACT_KEY = "sae"
+WEIGHTS_TAG = "weights_sha256"
+COMPLETE_TAG = "saeflow.complete"  # set last: a version without it is an interrupted registration
+SAFE_TAG_VALUE = re.compile(r"[A-Za-z0-9._-]+")  # quotable in a registry search filter as is
 
 
 @dataclass(frozen=True)
 class Registered:
     name: str
     version: str
-    alias: str
+    alias: str | None  # None: registered, but the alias now points at another version
     run_id: str
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}"
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
 
 
 def _mlflow(tracking_uri: str):
     import mlflow
 
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
+    # MLflow also exports the URI to the environment: undo that, so that the user's own
+    # $MLFLOW_TRACKING_URI (or its absence) still decides for the next spec run in this process
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
     return mlflow
 
 
@@ -70,8 +84,13 @@ def register_sae(
 
     from sae.model import TopKSAE
 
-    mlflow = _mlflow(tracking_uri)
     sae = TopKSAE.load(sae_dir)
+    # nothing non-finite is registered, nor moves an alias away from a good version
+    bad = [name for name, t in sae.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    bad += [name for name, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(f"refusing to register {sae_dir}: non-finite {', '.join(bad)}")
+    mlflow = _mlflow(tracking_uri)
     example = np.zeros((2, sae.cfg.d_in), dtype=np.float32)
     signature = infer_signature(example, np.zeros((2, sae.cfg.n_latents), dtype=np.float32))
     with mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, artifact_root), run_name=model_name) as run:
@@ -89,42 +108,88 @@ def register_sae(
                 artifacts={ARTIFACT_KEY: weights_only},
                 code_paths=[str(Path(sae_package.__file__).parent)],
                 signature=signature,
+                input_example=example,
                 pip_requirements=["torch", "safetensors", "numpy"],
             )
-    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    tags = {**tags, WEIGHTS_TAG: file_sha256(Path(sae_dir) / WEIGHTS_FILE)}
     client = MlflowClient()
-    for key, value in metrics.items():
-        client.set_model_version_tag(model_name, version.version, f"metric.{key}", f"{value:.6g}")
-    client.set_registered_model_alias(model_name, alias, version.version)
+    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    try:
+        for key, value in metrics.items():
+            client.set_model_version_tag(model_name, version.version, f"metric.{key}", f"{value:.6g}")
+        client.set_registered_model_alias(model_name, alias, version.version)
+        client.set_model_version_tag(model_name, version.version, COMPLETE_TAG, "true")
+    except BaseException:
+        # a version without its tags and alias would be an orphan that a retry duplicates: remove it
+        _delete_quietly(client, model_name, version.version)
+        raise
     registered = Registered(model_name, str(version.version), alias, run.info.run_id)
     log.info("registered %s (version %s) in %s", registered.uri, registered.version, tracking_uri)
     return registered
 
 
+def _delete_quietly(client, model_name: str, version: str) -> None:
+    try:
+        client.delete_model_version(model_name, version)
+    except Exception as e:  # the original failure matters more; say what is left behind
+        log.warning("could not remove the incomplete version %s of %s: %s", version, model_name, e)
+
+
 def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: str) -> Registered | None:
-    """The version under `alias` if it was registered from this spec hash (tag `spec_hash`), else None."""
+    """A complete version registered from this spec hash (tag `spec_hash`, with its weights' sha256):
+    the one under `alias` if it is one, else the newest. None when there is none; only the registry's
+    "no such model or alias" counts as absent, a connection error is raised as one."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     _mlflow(tracking_uri)
     try:
-        mv = MlflowClient().get_model_version_by_alias(model_name, alias)
-    except MlflowException:
+        mv = model_version(f"models:/{model_name}@{alias}")
+        if mv.tags.get("spec_hash") == spec_hash and mv.tags.get(COMPLETE_TAG, "true") == "true":
+            return Registered(model_name, str(mv.version), alias, mv.run_id)
+    except NotRegistered:
+        pass
+    if not SAFE_TAG_VALUE.fullmatch(spec_hash) or not SAFE_TAG_VALUE.fullmatch(model_name):
         return None
-    if mv.tags.get("spec_hash") != spec_hash:
+    found = [v for v in MlflowClient().search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'")
+             if v.tags.get(COMPLETE_TAG) == "true"]
+    if not found:
         return None
-    return Registered(model_name, str(mv.version), alias, mv.run_id)
+    newest = max(found, key=lambda v: int(v.version))
+    log.info("version %s of %s is registered from this spec; alias %r points elsewhere and is left there",
+             newest.version, model_name, alias)
+    return Registered(model_name, str(newest.version), None, newest.run_id)
 
 
 def model_version(model_uri: str):
-    """The MLflow ModelVersion behind models:/NAME@ALIAS or models:/NAME/VERSION."""
+    """The MLflow ModelVersion behind models:/NAME@ALIAS or models:/NAME/VERSION (NotRegistered if
+    the registry has none; a registry that cannot be reached raises its own error)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     ref = model_uri.removeprefix("models:/")
     client = MlflowClient()
-    if "@" in ref:
-        return client.get_model_version_by_alias(*ref.split("@", 1))
-    return client.get_model_version(*ref.split("/", 1))
+    try:
+        if "@" in ref:
+            return client.get_model_version_by_alias(*ref.split("@", 1))
+        return client.get_model_version(*ref.split("/", 1))
+    except MlflowException as e:
+        if _absent(e):
+            raise NotRegistered(f"{model_uri} is not registered at {mlflow_tracking_uri()}: check the name and "
+                                "alias (or version) in the MLflow UI") from None
+        raise
+
+
+def _absent(e) -> bool:
+    """MLflow's answer for a model or version that does not exist (a missing alias comes back as an
+    invalid parameter "... not found"); never a server it could not reach."""
+    return e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
+        e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
+
+
+def mlflow_tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def log_run_files(run_id: str, paths: list[Path]) -> None:
@@ -136,16 +201,24 @@ def log_run_files(run_id: str, paths: list[Path]) -> None:
         client.log_artifact(run_id, str(path))
 
 
+class NotRegistered(LookupError):
+    """The registry answered, and has no such model version or alias."""
+
+
 def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
-    """Writes the SAE's safetensors + config.json of a registered model into out_dir."""
+    """Writes the SAE's safetensors + config.json of a registered model into out_dir.
+
+    The weights are checked against the sha256 recorded at registration; out_dir is created only
+    once both files are verified, so a failed pull leaves nothing behind.
+    """
     import tempfile
 
     import mlflow
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
+        _mlflow(tracking_uri)
+    version = model_version(model_uri)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         src = local / "artifacts" / ARTIFACT_KEY
@@ -154,7 +227,20 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
             if not found:
                 raise FileNotFoundError(f"{model_uri} holds no {WEIGHTS_FILE}: is it a saeflow SAE?")
             src = found[0].parent
+        expected = version.tags.get(WEIGHTS_TAG)
+        if expected and file_sha256(src / WEIGHTS_FILE) != expected:
+            raise OSError(f"{model_uri}: the downloaded {WEIGHTS_FILE} does not match its registered sha256 "
+                          f"{expected}: the artifact store holds a damaged copy")
+        out.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             shutil.copyfile(src / name, out / name)
     log.info("pulled %s into %s", model_uri, out)
     return out
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

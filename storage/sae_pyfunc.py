@@ -17,7 +17,8 @@ class TopKSAEModel(PythonModel):
 
         self.sae = TopKSAE.load(context.artifacts["sae"]).eval()
 
-    def predict(self, context, model_input, params=None):
+    # the hint tells MLflow the input is an array (no schema inferred from it: the signature is logged)
+    def predict(self, context, model_input: np.ndarray, params=None):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():
             codes = self.sae.encode(x)

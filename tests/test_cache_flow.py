@@ -28,6 +28,7 @@ def spec_dict(model_dir, text_dir, workdir, **extra):
         "hookpoints": ["model.layers.1"],
         "sae": {"n_latents": 64, "k": 4},
         "eval": {"tokens": 300, "downstream_contexts": 4},
+        "train": {"batch_tokens": 256},
         "workdir": str(workdir),
         **extra,
     }

@@ -58,21 +58,24 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     assert 0 <= row["dead_fraction"] <= 1 and "ce_increase" in row and "kl_divergence" in row
     assert set(task_states(first).values()) == {"Completed"}
 
-    # the same spec again: every stage is Cached and none of the stage functions runs
+    # the same spec again: every stage is Cached (its value read back from its outputs, nothing
+    # unpickled) and none of the stage functions runs; the store's checksums are checked again
     for name in stages.STAGES:
         monkeypatch.setattr(stages, name, _refuse)
     again = pipeline(spec, return_state=True)
     assert again.result() == rows
     assert task_states(again) == {
-        "cache_activations": "Cached", "train_sae": "Cached", "evaluate": "Cached", "register": "Cached"
+        "verify_cache": "Completed", "cache_activations": "Cached", "train_sae": "Cached", "evaluate": "Cached",
+        "register": "Cached",
     }
 
     # only train.lr changes: the activations are re-used, the rest runs again
     monkeypatch.undo()
     monkeypatch.setattr(stages, "cache", _refuse)
-    new_lr = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 3e-3})})
+    new_lr = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 3e-3}),
+                                     "registry": spec.registry.model_copy(update={"alias": "lr-trial"})})
     rows_lr = pipeline(new_lr)
-    assert rows_lr[0]["sae_dir"] != row["sae_dir"]
+    assert rows_lr[0]["sae_dir"] != row["sae_dir"] and rows_lr[0]["model_uri"] == "models:/tiny@lr-trial"
 
     # an output deleted behind Prefect's back is recomputed, not trusted from the cache
     monkeypatch.undo()

@@ -15,6 +15,7 @@ def base(tiny_model_dir, text_dir, tmp_path, **over):
         "data": {"source": str(text_dir), "context_length": 16, "tokens": 1000},
         "hookpoints": ["model.layers.1"],
         "sae": {"n_latents": 64, "k": 4},
+        "train": {"batch_tokens": 256},
         "workdir": str(tmp_path / "work"),
     }
     for dotted, value in over.items():

@@ -1,0 +1,363 @@
+"""Nothing wrong is marked done: damaged stores are named and repaired, divergence stops training,
+non-finite results are never written or registered, no result file is unpickled, user errors are one
+line, and only transient failures are retried."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flows import stages
+from flows.retry import is_transient
+from flows.spec import SpecError, parse_spec
+from sae import SAEConfig, TopKSAE, TrainConfig, Trainer
+from sae.train import NonFiniteLoss, train_saes
+from storage import activations as store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(model_dir, text_dir, workdir, **extra) -> dict:
+    return {
+        "name": "tiny",
+        "model": {"source": str(model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3,
+                 "shard_contexts": 6, "batch_contexts": 4},
+        "hookpoints": ["model.layers.1"],
+        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
+        "train": {"batch_tokens": 128, "tokens": 1500},
+        "eval": {"tokens": 300, "downstream_contexts": 0},
+        "workdir": str(workdir),
+        **extra,
+    }
+
+
+def cache_all(spec) -> None:
+    for split, index in stages.plan_cache(spec):
+        stages.cache_shard(spec, split, index)
+    stages.cache(spec)
+
+
+def flip_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def shard_file(spec, split: str, index: int) -> Path:
+    return Path(stages.store_url(spec)) / split / "acts" / "model.layers.1" / "c" / str(index) / "0"
+
+
+# store corruption -----------------------------------------------------------------------------------
+def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them(tiny_model_dir, text_dir, tmp_path):
+    spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
+    cache_all(spec)
+    stages.train(spec, "model.layers.1", progress=False)
+    clean = stages.evaluate(spec, "model.layers.1", progress=False)
+    stages.metrics_path(spec, "model.layers.1").unlink()
+    sae_dir = stages.sae_dir(spec, "model.layers.1")
+    good = {(s, i): shard_file(spec, s, i).read_bytes() for s, i in (("train", 1), ("eval", 0), ("eval", 1))}
+
+    flip_byte(shard_file(spec, "train", 1))
+    flip_byte(shard_file(spec, "eval", 0))
+    shard_file(spec, "eval", 1).unlink()
+    with pytest.raises(store.IncompleteStoreError) as bad_eval:
+        stages.evaluate(spec, "model.layers.1", progress=False)
+    assert "eval shard 0 (contexts 0..5) of model.layers.1 is corrupted" in str(bad_eval.value)
+    assert "eval shard 1 (contexts 6..11) of model.layers.1 is corrupted or gone" in str(bad_eval.value)
+    assert "train shard" not in str(bad_eval.value)  # evaluate checks the split it reads
+    for name in ("config.json", "sae.safetensors"):
+        (sae_dir / name).rename(tmp_path / name)  # so that train runs (and reads the store) again
+    with pytest.raises(store.IncompleteStoreError, match=r"train shard 1 \(contexts 6..11\) of model.layers.1 is corrupted"):
+        stages.train(spec, "model.layers.1", progress=False)
+    assert not stages.metrics_path(spec, "model.layers.1").exists()
+
+    # what `saeflow cache` does first: the bad shards lose their markers, then exactly those are recomputed
+    problems = stages.reverify_cache(spec)
+    assert len(problems) == 3 and not stages.is_done("cache", spec)
+    assert sorted(stages.plan_cache(spec)) == [("eval", 0), ("eval", 1), ("train", 1)]
+    cache_all(spec)
+    assert all(shard_file(spec, s, i).read_bytes() == raw for (s, i), raw in good.items())
+    for name in ("config.json", "sae.safetensors"):
+        (tmp_path / name).rename(sae_dir / name)
+    assert stages.evaluate(spec, "model.layers.1", progress=False) == clean
+
+
+def test_verify_command_reports_bad_shards(tiny_model_dir, text_dir, tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+
+    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
+    spec = parse_spec(spec_dict)
+    cache_all(spec)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    assert main(["verify", str(path)]) == 0
+    assert "every shard" in capsys.readouterr().out
+    flip_byte(shard_file(spec, "eval", 0))
+    assert main(["verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "bad: eval shard 0 (contexts 0..5) of model.layers.1 is corrupted" in out and "train shard" not in out
+
+
+# divergence and non-finite results ---------------------------------------------------------------------
+def test_divergent_training_stops_and_never_checkpoints_a_non_finite_state():
+    x = torch.randn(4096, 16)
+    trainer = Trainer(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=256, tokens=4096, lr=1e30, log_every=4))
+    trainer.initialize(x[:1024])
+    saved = []
+
+    def checkpoint(trainers):
+        saved.append(all(torch.isfinite(p).all() for p in trainers[0].sae.parameters()))
+
+    with pytest.raises(NonFiniteLoss, match=r"non-finite between steps \d+ and \d+ \(lr 1e\+30\).*lower train.lr"):
+        train_saes([trainer], x.split(256), progress=False, checkpoint=checkpoint, checkpoint_every_tokens=256)
+    assert all(saved)  # every checkpoint written holds finite weights
+    assert trainer.steps < 16  # stopped at the check after the first non-finite loss, not at the end
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    sae = TopKSAE(SAEConfig(8, 16, 2))
+    sae.reset_parameters()
+    with torch.no_grad():
+        sae.W_dec[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        sae.save(tmp_path / "sae")
+    assert not (tmp_path / "sae" / "sae.safetensors").exists()
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), -1.0, 0.0])
+def test_non_finite_or_non_positive_lr_is_refused(lr):
+    with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        TrainConfig(lr=lr)
+    with pytest.raises(SpecError, match="train.lr"):
+        parse_spec({"name": "x", "model": {"source": "m"}, "hookpoints": ["h"], "sae": {"n_latents": 8, "k": 2},
+                    "train": {"lr": lr}})
+
+
+def test_non_finite_metrics_are_not_written_and_registration_refuses_them(tmp_path):
+    with pytest.raises(stages.NonFiniteError, match=r"normalized_mse=nan"):
+        stages.check_finite_metrics({"normalized_mse": float("nan"), "l0": 4.0}, "the evaluation")
+    path = tmp_path / "metrics.json"
+    path.write_text('{"normalized_mse": NaN}')
+    with pytest.raises(stages.NonFiniteError):
+        stages.read_metrics(path)
+
+    from safetensors.torch import save_file
+
+    from storage.registry import register_sae
+
+    sae = TopKSAE(SAEConfig(8, 16, 2))
+    sae.reset_parameters()
+    sae.save(tmp_path / "sae")
+    tensors = {k: v.clone() for k, v in sae.state_dict().items()}
+    tensors["W_dec"][0, 0] = float("inf")
+    save_file(tensors, tmp_path / "sae" / "sae.safetensors")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(FloatingPointError, match="refusing to register .*W_dec"):
+        register_sae(tmp_path / "sae", tracking_uri=uri, experiment="x", model_name="x", alias="candidate",
+                     params={}, metrics={"normalized_mse": 0.1}, tags={})
+    assert not (tmp_path / "mlflow.db").exists()  # refused before touching the registry
+
+
+# no code execution from the work dir ------------------------------------------------------------------
+def test_no_unpickling_path_in_the_product():
+    pattern = re.compile(r"\b(pickle|cloudpickle|dill|joblib)\.load|torch\.load\(|allow_pickle\s*=\s*True|persist_result\s*=\s*True")
+    hits = [f"{p.relative_to(REPO)}:{i}" for d in ("flows", "sae", "storage") for p in (REPO / d).rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []
+
+
+def test_pipeline_persists_no_task_results(prefect_harness, tiny_model_dir, text_dir, tmp_path):
+    """Prefect result files name their own deserializer (pickle included): none may be written or read."""
+    from flows import pipeline
+
+    spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
+    for name in ("cache_activations", "train_sae", "evaluate", "register", "cache_shard", "plan_cache", "verify_cache"):
+        assert getattr(pipeline, name).persist_result is False, name
+    pipeline.run_pipeline(spec, only=("cache",))
+    pipeline.run_pipeline(spec, only=("cache",))
+    written = [p for p in (tmp_path / "work").rglob("*") if p.is_file() and _is_prefect_result(p)]
+    assert written == [] and not (tmp_path / "work" / "prefect-results").exists()
+
+
+def _is_prefect_result(path: Path) -> bool:
+    try:
+        return "serializer" in json.loads(path.read_bytes()).get("metadata", {})
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+# retries ----------------------------------------------------------------------------------------------
+def test_only_transient_errors_are_retried(prefect_harness):
+    from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+    from prefect import flow, task
+
+    from flows.retry import retry_transient
+
+    assert is_transient(ConnectionRefusedError()) and is_transient(TimeoutError())
+    assert is_transient(MlflowException("server busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert is_transient(RestException({"error_code": "INTERNAL_ERROR", "message": "server error"}))
+    assert not is_transient(MlflowException("a client-side failure"))  # INTERNAL_ERROR by default
+    assert is_transient(RuntimeError("wrapped")) is False
+    try:
+        try:
+            raise ConnectionResetError("peer")
+        except ConnectionResetError as e:
+            raise RuntimeError("upload failed") from e
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped)
+    assert not is_transient(ValueError("bad value")) and not is_transient(MemoryError())
+    assert not is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_transient(MlflowException("bad alias", error_code=INVALID_PARAMETER_VALUE))
+
+    calls = {"bad": 0, "flaky": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient, persist_result=False)
+    def bad():
+        calls["bad"] += 1
+        raise ValueError("train.lr is wrong")
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=retry_transient, persist_result=False)
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise ConnectionResetError("server went away")
+        return "ok"
+
+    @flow
+    def both():
+        assert flaky() == "ok"
+        bad()
+
+    with pytest.raises(ValueError, match="train.lr is wrong"):
+        both()
+    assert calls == {"bad": 1, "flaky": 3}
+
+
+# tracking URI precedence and CLI errors -----------------------------------------------------------------
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    base = {"name": "x", "model": {"source": "m"}, "hookpoints": ["h"], "sae": {"n_latents": 8, "k": 2},
+            "workdir": str(tmp_path)}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert parse_spec(base).tracking_uri_and_source() == (f"sqlite:///{tmp_path / 'mlflow.db'}", "the embedded default")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert parse_spec(base).tracking_uri_and_source() == ("http://127.0.0.1:5999", "$MLFLOW_TRACKING_URI")
+    spec = parse_spec({**base, "registry": {"tracking_uri": "http://127.0.0.1:6000"}})
+    assert spec.tracking_uri_and_source() == ("http://127.0.0.1:6000", "registry.tracking_uri in the spec")
+
+
+def run_cli(*args, cwd, env_extra=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pull", "runs:/abc/sae", "--out", "out", "--tracking-uri", "sqlite:///reg.db"], "model URI 'runs:/abc/sae': write models:/NAME@ALIAS"),
+    (["pull", "models:/tiny@candidate", "--out", "out"], "no MLflow tracking URI: pass --tracking-uri"),
+    (["pull", "models:/tiny@candidate", "--out", "out", "--tracking-uri", "sqlite:///typo.db"], "no such MLflow database file"),
+    (["pull", "models:/nosuch@candidate", "--out", "out", "--tracking-uri", "sqlite:///reg.db"], "models:/nosuch@candidate is not registered"),
+])
+def test_pull_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, message):
+    if "reg.db" in args[-1]:  # an existing registry without that model
+        _register(tmp_path, "aaa", 0)
+        (tmp_path / "mlflow.db").rename(tmp_path / "reg.db")
+    done = run_cli(*args, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "typo.db").exists()
+
+
+# registration: idempotent and all-or-nothing ----------------------------------------------------------
+def _register(tmp_path, spec_hash: str, seed: int):
+    from storage.registry import register_sae
+
+    sae = TopKSAE(SAEConfig(8, 16, 2))
+    sae.reset_parameters(generator=torch.Generator().manual_seed(seed))
+    directory = sae.save(tmp_path / f"sae-{seed}")
+    return register_sae(directory, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="x", model_name="tiny",
+                        alias="candidate", params={}, metrics={"normalized_mse": 0.1}, tags={"spec_hash": spec_hash},
+                        artifact_root=tmp_path / "artifacts")
+
+
+def test_registration_is_found_again_after_the_alias_moves(tmp_path):
+    from storage.registry import find_registered
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = _register(tmp_path, "aaa", 0)
+    assert find_registered(uri, "tiny", "candidate", "aaa") == first
+    _register(tmp_path, "bbb", 1)  # someone's other SAE takes the alias
+    again = find_registered(uri, "tiny", "candidate", "aaa")
+    assert again is not None and again.version == first.version and again.uri == "models:/tiny/1"
+    assert find_registered(uri, "tiny", "candidate", "ccc") is None
+
+
+def test_a_failed_registration_leaves_no_orphan_version(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from storage.registry import find_registered
+
+    def unreachable(*_a, **_k):
+        raise ConnectionError("tracking server went away")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unreachable)
+    with pytest.raises(ConnectionError):
+        _register(tmp_path, "aaa", 0)
+    monkeypatch.undo()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert MlflowClient(tracking_uri=uri).search_model_versions("name = 'tiny'") == []
+    assert find_registered(uri, "tiny", "candidate", "aaa") is None
+    assert _register(tmp_path, "aaa", 0).version == "2"  # the retry registers once, completely
+
+
+def test_pulled_weights_are_checked_against_the_registered_sha256(tmp_path):
+    from storage.registry import pull
+
+    registered = _register(tmp_path, "aaa", 0)
+    out = pull(registered.uri, tmp_path / "pulled", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert (out / "sae.safetensors").read_bytes() == (tmp_path / "sae-0" / "sae.safetensors").read_bytes()
+    stored = next((tmp_path / "artifacts").rglob("sae.safetensors"))
+    flip_byte(stored)
+    with pytest.raises(OSError, match="does not match its registered sha256"):
+        pull(registered.uri, tmp_path / "pulled-again", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert not (tmp_path / "pulled-again").exists()
+
+
+# two runs of one spec at once -------------------------------------------------------------------------
+def test_two_concurrent_runs_of_one_spec_compute_each_shard_once(tiny_model_dir, text_dir, tmp_path):
+    import os
+    import time
+
+    import yaml
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")))
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}
+        env.pop("PREFECT_API_URL", None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "cache", str(path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(0.5)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    both = "\n".join(outs)
+    assert both.count("computing") == 1 and "waiting for it to finish" in both, both
+    spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
+    assert stages.is_done("cache", spec) and store.bad_shards(stages.store_url(spec)) == []
