@@ -19,7 +19,7 @@ from flows.spec import RunSpec, safe_name
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
 from storage.corpus import split_contexts
-from storage.registry import find_registered, register_sae
+from storage.registry import file_sha256, find_registered, register_sae
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,10 @@ def _registered(spec: RunSpec, hookpoint: str, index: int):
 
 
 def _find(spec: RunSpec, hookpoint: str, index: int):
+    """The registered version of this spec and of the local weights (any weights if there are none here)."""
+    weights = sae_dir(spec, hookpoint, index) / "sae.safetensors"
     return find_registered(spec.tracking_uri(), spec.model_name(hookpoint, index), spec.registry.alias,
-                           spec.part_hash(*register_parts(index)))
+                           spec.part_hash(*register_parts(index)), file_sha256(weights) if weights.exists() else None)
 
 
 def registry_lock(uri: str):

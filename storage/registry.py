@@ -128,6 +128,11 @@ def register_sae(
     return registered
 
 
+def _same(version, spec_hash: str, weights_sha256: str | None) -> bool:
+    sha = version.tags.get(WEIGHTS_TAG)
+    return version.tags.get("spec_hash") == spec_hash and (weights_sha256 is None or sha in (None, weights_sha256))
+
+
 def _delete_quietly(client, model_name: str, version: str) -> None:
     try:
         client.delete_model_version(model_name, version)
@@ -135,23 +140,25 @@ def _delete_quietly(client, model_name: str, version: str) -> None:
         log.warning("could not remove the incomplete version %s of %s: %s", version, model_name, e)
 
 
-def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: str) -> Registered | None:
-    """A complete version registered from this spec hash (tag `spec_hash`, with its weights' sha256):
-    the one under `alias` if it is one, else the newest. None when there is none; only the registry's
-    "no such model or alias" counts as absent, a connection error is raised as one."""
+def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: str,
+                    weights_sha256: str | None = None) -> Registered | None:
+    """A complete version registered from this spec hash (tag `spec_hash`) and, when given, these
+    weights (tag `weights_sha256`): the one under `alias` if it is one, else the newest. None when
+    there is none; only the registry's "no such model or alias" counts as absent, a connection error
+    is raised as one."""
     from mlflow import MlflowClient
 
     _mlflow(tracking_uri)
     try:
         mv = model_version(f"models:/{model_name}@{alias}")
-        if mv.tags.get("spec_hash") == spec_hash and mv.tags.get(COMPLETE_TAG, "true") == "true":
+        if _same(mv, spec_hash, weights_sha256) and mv.tags.get(COMPLETE_TAG, "true") == "true":
             return Registered(model_name, str(mv.version), alias, mv.run_id)
     except NotRegistered:
         pass
     if not SAFE_TAG_VALUE.fullmatch(spec_hash) or not SAFE_TAG_VALUE.fullmatch(model_name):
         return None
     found = [v for v in MlflowClient().search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'")
-             if v.tags.get(COMPLETE_TAG) == "true"]
+             if v.tags.get(COMPLETE_TAG) == "true" and _same(v, spec_hash, weights_sha256)]
     if not found:
         return None
     newest = max(found, key=lambda v: int(v.version))

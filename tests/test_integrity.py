@@ -306,6 +306,21 @@ def test_registration_is_found_again_after_the_alias_moves(tmp_path):
     again = find_registered(uri, "tiny", "candidate", "aaa")
     assert again is not None and again.version == first.version and again.uri == "models:/tiny/1"
     assert find_registered(uri, "tiny", "candidate", "ccc") is None
+    assert find_registered(uri, "tiny", "candidate", "aaa", weights_sha256="0" * 64) is None  # other weights
+
+
+def test_a_tracking_server_that_is_down_is_an_error_not_absent(monkeypatch):
+    import socket
+
+    from storage.registry import find_registered
+
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(Exception) as e:
+        find_registered(f"http://127.0.0.1:{port}", "tiny", "candidate", "aaa")
+    assert is_transient(e.value) or "Connection refused" in str(e.value) or "Max retries" in str(e.value)
 
 
 def test_a_failed_registration_leaves_no_orphan_version(tmp_path, monkeypatch):
