@@ -183,8 +183,30 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        unreachable = _unreachable_server(e)
+        if unreachable:  # a configuration the user can fix: say which server and how
+            print(f"saeflow {args.command}: {unreachable}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         print(f"saeflow {args.command} failed: {_one_line(e)}  (--debug shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _unreachable_server(e: BaseException) -> str | None:
+    """The server behind a connection failure, named with its fix; None for any other error."""
+    chain = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(x).__module__.split(".")[0] + "." + type(x).__name__ for x in chain}
+    if names & {"httpx.ConnectError", "httpx.ConnectTimeout", "httpcore.ConnectError"}:
+        url = os.environ.get("PREFECT_API_URL")
+        if url:
+            return (f"cannot reach the Prefect API at {url}: start that server (prefect server start) or unset "
+                    "PREFECT_API_URL to run with a temporary local one")
+    if any("API request to" in str(x) and ("Max retries" in str(x) or "Connection" in str(x)) for x in chain):
+        return ("cannot reach the MLflow tracking server (see the tracking URI printed above): start it, or fix "
+                "registry.tracking_uri / MLFLOW_TRACKING_URI")
+    return None
 
 
 def _one_line(e: BaseException) -> str:

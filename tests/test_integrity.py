@@ -376,3 +376,21 @@ def test_two_concurrent_runs_of_one_spec_compute_each_shard_once(tiny_model_dir,
     assert both.count("computing") == 1 and "waiting for it to finish" in both, both
     spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
     assert stages.is_done("cache", spec) and store.bad_shards(stages.store_url(spec)) == []
+
+
+def test_an_unreachable_prefect_api_is_one_line_naming_it(tiny_model_dir, text_dir, tmp_path):
+    import socket
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")))
+    done = run_cli("run", str(path), cwd=tmp_path, env_extra={"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1] == (f"saeflow run: cannot reach the Prefect API at http://127.0.0.1:{port}/api: start that server "
+                         "(prefect server start) or unset PREFECT_API_URL to run with a temporary local one")
+    assert not (tmp_path / "work" / "activations").exists()
