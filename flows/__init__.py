@@ -12,3 +12,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # a few attempts on transient errors (flows/retry.py). Either can be set higher in the environment.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+# saeflow's loggers also speak outside flow runs (waiting for a lock, marking a dead run Crashed):
+# those records go to the console only, without Prefect warning that it cannot send them to the API.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -8,9 +8,11 @@ from a shared work dir could run code that someone wrote there. Only transient f
 
 from __future__ import annotations
 
+import logging
+import socket
 from typing import Sequence
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -84,10 +86,37 @@ def task_runner(spec: RunSpec):
 
 def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) -> list[dict]:
     """Runs the flow while holding the spec's lock: a second run of the same data waits for the first,
-    then finds its outputs (each shard and SAE is computed once)."""
-    lock = spec.root / "locks" / f"{spec.part_hash(*stages.CACHE_SECTIONS)}.lock"
-    with exclusive(lock, f"the work dir of {spec.name} ({stages.store_url(spec)})"):
-        return pipeline.with_options(task_runner=task_runner(spec))(spec, only=only, **options)
+    then finds its outputs (each shard and SAE is computed once).
+
+    Whoever holds the lock knows that no other run of this spec is alive on this host: a flow run of
+    it that the server still shows as running was killed (or lost its API mid-run) and is marked
+    Crashed, so that the server never shows a dead run as running.
+    """
+    key = spec.part_hash(*stages.CACHE_SECTIONS)
+    with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({stages.store_url(spec)})"):
+        tag = f"saeflow-run:{socket.gethostname()}:{key}"
+        mark_orphans_crashed(tag)
+        with tags(tag):
+            return pipeline.with_options(task_runner=task_runner(spec))(spec, only=only, **options)
+
+
+def mark_orphans_crashed(tag: str) -> int:
+    """Sets every flow run with `tag` that is still Running or Pending to Crashed; returns how many."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    alive = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]), state=alive))
+        for run in runs:
+            client.set_flow_run_state(run.id, Crashed(message="its process ended without reporting (killed, or the "
+                                                      "API was unreachable); a later run of the spec found it"),
+                                      force=True)
+            logging.getLogger(__name__).warning("flow run %s (%s) was left %s by a process that is gone: marked "
+                                                "Crashed", run.name, run.id, run.state_name)
+    return len(runs)
 
 
 # one task at a time unless run_pipeline picks Dask: an LM forward uses every core, and the LM (with its

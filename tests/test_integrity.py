@@ -394,3 +394,44 @@ def test_an_unreachable_prefect_api_is_one_line_naming_it(tiny_model_dir, text_d
     assert lines[-1] == (f"saeflow run: cannot reach the Prefect API at http://127.0.0.1:{port}/api: start that server "
                          "(prefect server start) or unset PREFECT_API_URL to run with a temporary local one")
     assert not (tmp_path / "work" / "activations").exists()
+
+
+def test_a_killed_run_is_marked_crashed_by_the_next_run_of_its_spec(prefect_harness, tiny_model_dir, text_dir, tmp_path):
+    """The flow run of a process killed mid-run would stay Running on the server forever."""
+    import os
+    import signal
+    import socket
+    import time
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import run_pipeline
+
+    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
+    spec_dict["data"].update(tokens=3000, shard_contexts=4)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    spec = parse_spec(spec_dict)
+    markers = Path(stages.store_url(spec)) / "_shards"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "cache", str(path)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
+        assert proc.poll() is None, "the caching finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    tag = f"saeflow-run:{socket.gethostname()}:{spec.part_hash(*stages.CACHE_SECTIONS)}"
+
+    def states() -> dict[str, str]:  # of this spec's flow runs (the test server is shared by the session)
+        with get_client(sync_client=True) as client:
+            return {str(r.id): r.state.type.value for r in client.read_flow_runs() if tag in r.tags}
+
+    (killed,) = [i for i, s in states().items() if s == "RUNNING"]
+    run_pipeline(spec, only=("cache",))
+    after = states()
+    assert after[killed] == "CRASHED" and sorted(after.values()) == ["COMPLETED", "CRASHED"]
