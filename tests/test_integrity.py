@@ -57,14 +57,23 @@ def shard_file(spec, split: str, index: int) -> Path:
 
 
 # store corruption -----------------------------------------------------------------------------------
-def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them(tiny_model_dir, text_dir, tmp_path):
-    spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
+def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them(prefect_harness, tiny_model_dir,
+                                                                                 text_dir, tmp_path):
+    import yaml
+
+    from flows.cli import main
+
+    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
+    spec = parse_spec(spec_dict)
     cache_all(spec)
     stages.train(spec, "model.layers.1", progress=False)
     clean = stages.evaluate(spec, "model.layers.1", progress=False)
     stages.metrics_path(spec, "model.layers.1").unlink()
     sae_dir = stages.sae_dir(spec, "model.layers.1")
-    good = {(s, i): shard_file(spec, s, i).read_bytes() for s, i in (("train", 1), ("eval", 0), ("eval", 1))}
+    bad = {("train", 1), ("eval", 0), ("eval", 1)}
+    good = {(s, i): shard_file(spec, s, i).read_bytes() for s, i in bad}
+    untouched = {(s, i): shard_file(spec, s, i).stat().st_mtime_ns for s in ("train", "eval") for i in range(3)
+                 if (s, i) not in bad}
 
     flip_byte(shard_file(spec, "train", 1))
     flip_byte(shard_file(spec, "eval", 0))
@@ -80,12 +89,13 @@ def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them
         stages.train(spec, "model.layers.1", progress=False)
     assert not stages.metrics_path(spec, "model.layers.1").exists()
 
-    # what `saeflow cache` does first: the bad shards lose their markers, then exactly those are recomputed
-    problems = stages.reverify_cache(spec)
-    assert len(problems) == 3 and not stages.is_done("cache", spec)
-    assert sorted(stages.plan_cache(spec)) == [("eval", 0), ("eval", 1), ("train", 1)]
-    cache_all(spec)
+    # `saeflow cache` checks the finished store again and recomputes exactly the bad shards
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    assert main(["cache", str(path)]) == 0
     assert all(shard_file(spec, s, i).read_bytes() == raw for (s, i), raw in good.items())
+    assert {k: shard_file(spec, *k).stat().st_mtime_ns for k in untouched} == untouched
+    assert store.bad_shards(stages.store_url(spec)) == [] and stages.is_done("cache", spec)
     for name in ("config.json", "sae.safetensors"):
         (tmp_path / name).rename(sae_dir / name)
     assert stages.evaluate(spec, "model.layers.1", progress=False) == clean
@@ -374,6 +384,7 @@ def test_two_concurrent_runs_of_one_spec_compute_each_shard_once(tiny_model_dir,
     assert [p.returncode for p in procs] == [0, 0], outs
     both = "\n".join(outs)
     assert both.count("computing") == 1 and "waiting for it to finish" in both, both
+    assert "telemetry" not in both and "Warning" not in both and "Traceback" not in both, both  # quiet, offline
     spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
     assert stages.is_done("cache", spec) and store.bad_shards(stages.store_url(spec)) == []
 
