@@ -446,3 +446,14 @@ def test_a_killed_run_is_marked_crashed_by_the_next_run_of_its_spec(prefect_harn
     run_pipeline(spec, only=("cache",))
     after = states()
     assert after[killed] == "CRASHED" and sorted(after.values()) == ["COMPLETED", "CRASHED"]
+
+
+def test_the_ui_hint_of_an_http_tracking_server_is_the_server(capsys, tmp_path):
+    from flows.cli import _print_summary
+
+    base = {"name": "x", "model": {"source": "m"}, "hookpoints": ["h"], "sae": {"n_latents": 8, "k": 2},
+            "workdir": str(tmp_path)}
+    _print_summary(parse_spec({**base, "registry": {"tracking_uri": "http://127.0.0.1:5000"}}), [])
+    out = capsys.readouterr().out
+    assert "MLflow UI     http://127.0.0.1:5000   (the tracking server serves it)" in out
+    assert "--backend-store-uri http" not in out and "(from registry.tracking_uri in the spec)" in out
