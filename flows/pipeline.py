@@ -9,6 +9,7 @@ from a shared work dir could run code that someone wrote there. Only transient f
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from typing import Sequence
 
@@ -25,11 +26,21 @@ from flows.spec import RunSpec
 _TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, persist_result=False)
 
 
+FAIL_STAGE_VARIABLE = "SAEFLOW_FAIL_STAGE"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by a stage named in $SAEFLOW_FAIL_STAGE: a test hook for re-running what failed."""
+
+
 def _stage(stage: str, spec: RunSpec, *where):
     """Runs a stage, or ends Cached with the value its existing outputs give."""
     found = stages.existing_output(stage, spec, *where)
     if found is not None:
         return Completed(name="Cached", data=found, message="its outputs exist")
+    # read at the entry of a stage that is about to work (a finished one is Cached above)
+    if os.environ.get(FAIL_STAGE_VARIABLE) == stage:
+        raise InjectedFailure(f"{FAIL_STAGE_VARIABLE}={stage}: failure injected at the start of the {stage} stage")
     return getattr(stages, stage)(spec, *where)
 
 
