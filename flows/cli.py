@@ -67,6 +67,16 @@ def cmd_stages(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    import json
+
+    from flows.status import format_status, spec_status
+
+    status = spec_status(load_spec(args.spec))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from flows.stages import store_url
     from storage import activations as store
@@ -146,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("spec")
         p.set_defaults(func=cmd_stages)
+    p = sub.add_parser("status", help="where each stage stands: done, partial (how far) or missing, and where")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_status)
     p = sub.add_parser("verify", help="check every shard of the spec's activation store against its checksum")
     p.add_argument("spec")
     p.set_defaults(func=cmd_verify)

@@ -110,6 +110,11 @@ def _read_marker(fs, path: str) -> dict | None:
         return None  # absent, or cut short by a kill: the shard is redone
 
 
+def open_group_for_status(url: str, storage_options: dict | None = None) -> zarr.Group:
+    """A planned store's group, finished or not (read-only; for reporting progress)."""
+    return _group(url, "r", storage_options)
+
+
 def layout_of(group: zarr.Group, split: str) -> Layout:
     return Layout(**group[split].attrs["layout"])
 

@@ -128,6 +128,23 @@ def register_sae(
     return registered
 
 
+def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
+    """Every version of a registered model: number, aliases, spec hash, run id (newest first)."""
+    from mlflow import MlflowClient
+
+    _mlflow(tracking_uri)
+    if not SAFE_TAG_VALUE.fullmatch(model_name):
+        return []
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    if not versions:
+        return []
+    aliases = client.get_registered_model(model_name).aliases  # {alias: version}; a search leaves them out
+    return [{"version": int(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
+             "spec_hash": v.tags.get("spec_hash"), "run_id": v.run_id}
+            for v in sorted(versions, key=lambda v: -int(v.version))]
+
+
 def _same(version, spec_hash: str, weights_sha256: str | None) -> bool:
     sha = version.tags.get(WEIGHTS_TAG)
     return version.tags.get("spec_hash") == spec_hash and (weights_sha256 is None or sha in (None, weights_sha256))

@@ -64,3 +64,42 @@ def test_rerun_runs_only_the_failed_stage_and_those_after(prefect_harness, tiny_
     for stage in stages.STAGES[:position]:  # the stages before the failure were not redone
         if stage in before and before[stage]:
             assert after[stage] == before[stage], stage
+
+
+def test_status_reports_each_stage_without_touching_anything(prefect_harness, tiny_model_dir, text_dir, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    spec = tiny(tiny_model_dir, text_dir, tmp_path / "work", tmp_path / "store")
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+
+    def status() -> dict:
+        assert main(["status", str(path), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    empty = status()
+    assert empty["cache"]["state"] == "missing"
+    (sae,) = empty["saes"]
+    assert [sae[s]["state"] for s in ("train", "evaluate", "register")] == ["missing"] * 3
+    assert not (tmp_path / "work" / "mlflow.db").exists()  # asking did not create the registry
+
+    first, *rest = stages.plan_cache(spec)
+    stages.cache_shard(spec, *first)
+    partial = status()["cache"]
+    assert partial["state"] == "partial" and partial["shards_done"] == 1 and partial["shards"] == len(rest) + 1
+
+    pipeline(spec)
+    done = status()
+    (sae,) = done["saes"]
+    assert done["cache"]["state"] == "done" and sae["train"]["state"] == "done" and sae["evaluate"]["state"] == "done"
+    assert sae["register"]["model_uri"] == "models:/tiny@candidate"
+    assert sae["register"]["versions"] == [{"version": 1, "aliases": ["candidate"], "spec_hash": sae["register"]["versions"][0]["spec_hash"],
+                                            "run_id": sae["register"]["versions"][0]["run_id"]}]
+    assert main(["status", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "register  done" in text and "versions: v1 @candidate" in text

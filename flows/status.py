@@ -1,0 +1,82 @@
+"""`saeflow status SPEC`: where each stage of a spec stands (done, partial, missing) and where its outputs
+are, read from the outputs themselves and the registry; nothing is computed or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows import stages
+from flows.spec import RunSpec
+from storage import activations as store
+
+
+def spec_status(spec: RunSpec) -> dict:
+    return {"spec": spec.name, "cache": _cache(spec),
+            "saes": [_sae(spec, h, i) for h in spec.hookpoints for i in range(len(spec.sae))]}
+
+
+def _cache(spec: RunSpec) -> dict:
+    url, opts = stages.store_url(spec), spec.data.store_options
+    if store.is_complete(url, opts):
+        return {"state": "done", "store": url}
+    if store.planned_hash(url, opts) is None:
+        return {"state": "missing", "store": url}
+    group = store.open_group_for_status(url, opts)
+    total = sum(store.layout_of(group, s).n_shards for s in group.attrs["splits"])
+    left = len(store.missing_shards(url, opts))
+    return {"state": "partial", "store": url, "shards_done": total - left, "shards": total}
+
+
+def _sae(spec: RunSpec, hookpoint: str, index: int) -> dict:
+    from storage.checkpoints import load_checkpoint, steps_available
+
+    directory = stages.sae_dir(spec, hookpoint, index)
+    row = {"sae": spec.model_name(hookpoint, index), "hookpoint": hookpoint, "dir": str(directory)}
+    if stages.is_done("train", spec, hookpoint, index):
+        row["train"] = {"state": "done"}
+    elif steps_available(directory / "checkpoints"):
+        step = max(steps_available(directory / "checkpoints"))
+        _, meta = load_checkpoint(directory / "checkpoints", step)
+        row["train"] = {"state": "partial", "tokens_done": meta["tokens"], "tokens": spec.train.tokens or spec.data.tokens,
+                        "last_checkpoint": str(directory / "checkpoints"), "step": step}
+    else:
+        row["train"] = {"state": "missing"}
+    metrics = stages.metrics_path(spec, hookpoint, index)
+    row["evaluate"] = {"state": "done", "metrics": str(metrics)} if metrics.exists() else {"state": "missing"}
+    row["register"] = _registry(spec, hookpoint, index)
+    return row
+
+
+def _registry(spec: RunSpec, hookpoint: str, index: int) -> dict:
+    uri = spec.tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return {"state": "missing", "tracking_uri": uri, "versions": []}  # opening it would create it
+    from storage.registry import list_versions
+
+    try:
+        versions = list_versions(uri, spec.model_name(hookpoint, index))
+    except Exception as e:  # the status of everything else is still worth printing
+        return {"state": "unknown", "tracking_uri": uri, "error": " ".join(str(e).split())[:200]}
+    found = stages._registered(spec, hookpoint, index) if versions else None
+    return {"state": "done" if found else "missing", "tracking_uri": uri, "model_uri": found.uri if found else None,
+            "versions": versions}
+
+
+def format_status(status: dict) -> str:
+    c = status["cache"]
+    lines = [f"{status['spec']}", f"  cache     {c['state']:<8} {c['store']}"
+             + (f"   ({c['shards_done']} of {c['shards']} shards)" if c["state"] == "partial" else "")]
+    for row in status["saes"]:
+        t = row["train"]
+        lines.append(f"  {row['sae']} ({row['hookpoint']})")
+        lines.append(f"    train     {t['state']:<8} {row['dir']}"
+                     + (f"   ({t['tokens_done']:,} of {t['tokens']:,} tokens, checkpoint at step {t['step']})"
+                        if t["state"] == "partial" else ""))
+        e = row["evaluate"]
+        lines.append(f"    evaluate  {e['state']:<8} {e.get('metrics', '')}")
+        r = row["register"]
+        versions = ", ".join(f"v{v['version']}" + (f" @{','.join(v['aliases'])}" if v["aliases"] else "")
+                             for v in r.get("versions", []))
+        lines.append(f"    register  {r['state']:<8} {r.get('model_uri') or ''}  [{r['tracking_uri']}]"
+                     + (f"   versions: {versions}" if versions else "") + (f"   {r['error']}" if "error" in r else ""))
+    return "\n".join(lines)
