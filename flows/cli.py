@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        unreachable = _unreachable_server(e)
+        unreachable = _unreachable_server(e) or (str(e) if type(e).__name__ == "Unreachable" else None)
         if unreachable:  # a configuration the user can fix: say which server and how
             print(f"saeflow {args.command}: {unreachable}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -82,6 +82,23 @@ def register(spec: RunSpec, hookpoint: str, index: int) -> str:
 _TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
 
 
+class Unreachable(ConnectionError):
+    """A server the spec names does not answer: said with the field that named it, before any work."""
+
+
+def _probe(address: str, field: str, what: str) -> None:
+    """Fails within seconds when nothing listens at address (Dask would wait 30 s, then say only
+    "connection refused")."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host or host_port, int(port or 8786)), timeout=5):
+            pass
+    except OSError as e:
+        raise Unreachable(f"{field}: cannot reach the {what} at {address} ({e.strerror or e}): start it, or fix "
+                          f"{field} in the spec") from None
+
+
 def task_runner(spec: RunSpec):
     """Threads by default; Dask when the spec names a scheduler or asks for local Dask workers."""
     o = spec.orchestration
@@ -89,6 +106,7 @@ def task_runner(spec: RunSpec):
         from prefect_dask import DaskTaskRunner
 
         if o.dask_address:
+            _probe(o.dask_address, "orchestration.dask_address", "Dask scheduler")
             return DaskTaskRunner(address=o.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True})
     # one at a time: an LM forward already uses every core of the machine
@@ -103,12 +121,13 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
     it that the server still shows as running was killed (or lost its API mid-run) and is marked
     Crashed, so that the server never shows a dead run as running.
     """
+    runner = task_runner(spec)  # first: a scheduler that does not answer fails here, before any server starts
     key = spec.part_hash(*stages.CACHE_SECTIONS)
     with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({stages.store_url(spec)})"):
         tag = f"saeflow-run:{socket.gethostname()}:{key}"
         mark_orphans_crashed(tag)
         with tags(tag):
-            return pipeline.with_options(task_runner=task_runner(spec))(spec, only=only, **options)
+            return pipeline.with_options(task_runner=runner)(spec, only=only, **options)
 
 
 def mark_orphans_crashed(tag: str) -> int:

@@ -457,3 +457,24 @@ def test_the_ui_hint_of_an_http_tracking_server_is_the_server(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "MLflow UI     http://127.0.0.1:5000   (the tracking server serves it)" in out
     assert "--backend-store-uri http" not in out and "(from registry.tracking_uri in the spec)" in out
+
+
+def test_an_unreachable_dask_scheduler_fails_at_once_naming_the_field(tiny_model_dir, text_dir, tmp_path):
+    import socket
+    import time
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work", orchestration={"dask_address": f"tcp://127.0.0.1:{port}"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    start = time.monotonic()
+    done = run_cli("cache", str(path), cwd=tmp_path)
+    assert done.returncode == 2 and time.monotonic() - start < 25, done.stderr  # Dask alone waits 30 s
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"saeflow cache: orchestration.dask_address: cannot reach the Dask scheduler at tcp://127.0.0.1:{port} "
+        "(Connection refused): start it, or fix orchestration.dask_address in the spec")
+    assert not (tmp_path / "work" / "activations").exists()
