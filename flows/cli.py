@@ -10,6 +10,7 @@ import sys
 
 import yaml
 
+from flows.retry import Unreachable
 from flows.spec import SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        unreachable = _unreachable_server(e) or (str(e) if type(e).__name__ == "Unreachable" else None)
+        unreachable = str(e) if isinstance(e, Unreachable) else _unreachable_server(e)
         if unreachable:  # a configuration the user can fix: say which server and how
             print(f"saeflow {args.command}: {unreachable}", file=sys.stderr)
             return EXIT_BAD_INPUT

@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import stages
 from flows.locks import exclusive
-from flows.retry import retry_transient
+from flows.retry import Unreachable, retry_transient
 from flows.spec import RunSpec
 
 _TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, persist_result=False)
@@ -80,10 +80,6 @@ def register(spec: RunSpec, hookpoint: str, index: int) -> str:
 
 
 _TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
-
-
-class Unreachable(ConnectionError):
-    """A server the spec names does not answer: said with the field that named it, before any work."""
 
 
 def _probe(address: str, field: str, what: str) -> None:

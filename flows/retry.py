@@ -15,6 +15,10 @@ TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, er
 TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 
 
+class Unreachable(ConnectionError):
+    """A server the spec names does not answer: said with the field that named it, before any work."""
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """Whether `exc` (or an exception it was raised from) is a transient failure."""
     seen = set()

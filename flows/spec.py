@@ -24,9 +24,9 @@ DEVICE = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 DEVICE_HELP = "write auto, cpu, cuda, cuda:N or mps"
 
 
-def _device(field: str, value: str) -> str:
+def _device(value: str) -> str:
     if not re.fullmatch(DEVICE, value):
-        raise ValueError(f"{field}: {value!r} is not a device: {DEVICE_HELP}")
+        raise ValueError(f"{value!r} is not a device: {DEVICE_HELP}")  # the error's location names the field
     return value
 
 
@@ -41,7 +41,7 @@ class ModelSpec(Section):
     @field_validator("device")
     @classmethod
     def _dev(cls, v: str) -> str:
-        return _device("model.device", v)
+        return _device(v)
 
 
 class DataSpec(Section):
@@ -67,9 +67,9 @@ class DataSpec(Section):
         try:
             fsspec.get_filesystem_class(protocol)
         except ImportError as e:
-            raise ValueError(f"data.store: {protocol}:// needs a package that is not installed ({e})") from None
+            raise ValueError(f"{protocol}:// needs a package that is not installed ({e})") from None
         except ValueError:
-            raise ValueError(f"data.store: {protocol}:// is not a file system fsspec knows: use a local path, "
+            raise ValueError(f"{protocol}:// is not a file system fsspec knows: use a local path, "
                              "s3://, gs://, file://, ...") from None
         return v
 
@@ -124,6 +124,11 @@ class TrainSpec(Section):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
             raise ValueError(f"train.lr must be a positive finite number or 'auto', got {v!r}")
         return float(v)
+
+    @field_validator("device")
+    @classmethod
+    def _dev(cls, v: str) -> str:
+        return _device(v)
     tokens: PositiveInt | None = None  # default: one pass over the cached tokens
     lr_warmup_tokens: int | None = Field(None, ge=0)  # default: 5% of the run with adam, else 0
     lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 with adam, else constant
@@ -135,10 +140,7 @@ class TrainSpec(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
 
     @model_validator(mode="after")
-    def _lr(self):
-        if self.lr != "auto" and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"train.lr must be a positive finite number or 'auto', got {self.lr}")
-        _device("train.device", self.device)
+    def _budget(self):
         if self.tokens is not None and self.tokens < self.batch_tokens:
             raise ValueError(f"train.tokens={self.tokens} is less than one batch (train.batch_tokens={self.batch_tokens}): "
                              "raise tokens or lower batch_tokens")
@@ -164,7 +166,7 @@ class OrchestrationSpec(Section):
     @classmethod
     def _address(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"(tcp|tls|ucx|ws|wss|inproc)://[^\s/:]+(:\d+)?/?", v):
-            raise ValueError(f"orchestration.dask_address: {v!r} is not a scheduler address: write tcp://HOST:PORT")
+            raise ValueError(f"{v!r} is not a scheduler address: write tcp://HOST:PORT")
         return v
 
 
@@ -182,7 +184,7 @@ class RegistrySpec(Section):
     def _alias(cls, v: str) -> str:
         # MLflow reserves `latest` and v<N> (they name versions)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", v) or re.fullmatch(r"[vV]\d+", v) or v.lower() == "latest":
-            raise ValueError(f"registry.alias: {v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
+            raise ValueError(f"{v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
                              "letter, and not `latest` or v<N> (MLflow reserves them), e.g. candidate")
         return v
 
@@ -195,7 +197,7 @@ class RegistrySpec(Section):
         base = scheme.group(1).split("+")[0] if scheme else None
         if v == "databricks" or (base in TRACKING_SCHEMES and (base not in ("http", "https") or re.match(r"https?://[^/\s]+", v))):
             return v
-        raise ValueError(f"registry.tracking_uri: {v!r} is not an MLflow tracking URI: write http://HOST:PORT, "
+        raise ValueError(f"{v!r} is not an MLflow tracking URI: write http://HOST:PORT, "
                          "sqlite:///PATH, postgresql://... or leave it out for the embedded default")
 
 
