@@ -68,7 +68,7 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
         return all((sae_dir(spec, hookpoint, i) / "config.json").exists() for i in indices)
     if stage == "evaluate":
         return metrics_path(spec, hookpoint, index).exists()
-    return _registered(spec, hookpoint, index) is not None
+    return registered(spec, hookpoint, index) is not None
 
 
 def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None):
@@ -79,11 +79,11 @@ def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, ind
         return [str(sae_dir(spec, hookpoint, i)) for i in range(len(spec.sae))] if is_done("train", spec, hookpoint) else None
     if stage == "evaluate":
         return read_metrics(metrics_path(spec, hookpoint, index)) if is_done("evaluate", spec, hookpoint, index) else None
-    found = _registered(spec, hookpoint, index)
+    found = registered(spec, hookpoint, index)
     return None if found is None else found.uri
 
 
-def _registered(spec: RunSpec, hookpoint: str, index: int):
+def registered(spec: RunSpec, hookpoint: str, index: int):
     with registry_lock(spec.tracking_uri()):
         return _find(spec, hookpoint, index)
 

@@ -57,7 +57,7 @@ def _registry(spec: RunSpec, hookpoint: str, index: int) -> dict:
         versions = list_versions(uri, spec.model_name(hookpoint, index))
     except Exception as e:  # the status of everything else is still worth printing
         return {"state": "unknown", "tracking_uri": uri, "error": " ".join(str(e).split())[:200]}
-    found = stages._registered(spec, hookpoint, index) if versions else None
+    found = stages.registered(spec, hookpoint, index) if versions else None
     return {"state": "done" if found else "missing", "tracking_uri": uri, "model_uri": found.uri if found else None,
             "versions": versions}
 
