@@ -1,5 +1,6 @@
 """Where one training step's time goes: a torch.profiler table of the trainer step, then its main
-operations on their own: the encoder matmul, the top-k selection, and one weight gradient by
+operations on their own: the encoder matmul, the top-k selection, on CUDA in bf16 both at once by the
+fused kernel, and one weight gradient by
 embedding_bag's backward (the CPU path) and by the Triton kernel (CUDA).
 
     python benchmarks/step_profile.py [--device cpu|cuda] [--precision auto|fp32|bf16] [--d 768 --n 32768 --k 32 --batch 4096]
@@ -81,6 +82,10 @@ def main() -> None:
         return run
 
     rows = [(f"encoder matmul x W^T ({str(dtype)[6:]})", lambda: x @ w.T), ("topk of the pre-activations", lambda: pre.topk(args.k, dim=-1))]
+    if device == "cuda" and dtype == torch.bfloat16:
+        from sae.triton_kernels import encode_topk
+
+        rows.append(("fused encoder + topk (Triton)", lambda: encode_topk(x, w, None, args.k)))
     rows.append(("weight gradient, embedding_bag", weight_grad("0")))
     if device == "cuda":
         rows.append(("weight gradient, Triton", weight_grad("1")))

@@ -1,13 +1,15 @@
 """Training throughput of the TopK SAE: tokens/s and peak memory per configuration.
 
-Side by side in one run: saeflow's trainer step (sparse encoder backward and sparse decoder); the
-same step with a dense masked code (what autograd through `scatter` + matmul costs); on CUDA,
-saeflow with embedding_bag's backward in place of its Triton kernels (saeflow-eb); and, with
---peers, the training steps of EleutherAI sparsify and SAELens at the same settings (installed into
-their own venv, .bench-peers/, on first use, or taken from --peers-python). Each measurement runs in
-its own subprocess so peak memory is that measurement's alone; speed-ups are against saeflow
-measured in the same run at the same precision. On CUDA every implementation runs twice: float32,
-and under bf16 autocast (saeflow's default there).
+Side by side in one run: saeflow's trainer step with its defaults (sparse encoder backward and
+sparse decoder; on CUDA in bf16 the fused encoder + TopK kernel); on the CPU the same step with a
+dense masked code (what autograd through `scatter` + matmul costs); on CUDA saeflow with Adam
+(saeflow-adam) and, in bf16, with the bf16 matmul and torch.topk in place of the fused kernel
+(saeflow-unfused); `--impls` picks others (saeflow-eb: embedding_bag's backward in place of the
+Triton kernels). With --peers, the training steps of EleutherAI sparsify and SAELens at the same
+settings (installed into their own venv, .bench-peers/, on first use, or taken from --peers-python;
+`--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
+measurement's alone; speed-ups are against saeflow measured in the same run at the same precision.
+On CUDA every implementation runs in float32 and under bf16 autocast (saeflow's default there).
 
     python benchmarks/train_throughput.py [--steps N] [--device cpu|cuda] [--quick] [--peers]
 """
@@ -41,9 +43,11 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
 
     if impl == "saeflow-eb":  # the CPU path's embedding_bag backward instead of the Triton kernels
         os.environ["SAEFLOW_TRITON"] = "0"
+    if impl == "saeflow-unfused":  # bf16 matmul and torch.topk instead of the fused encoder + TopK kernel
+        os.environ["SAEFLOW_FUSED_TOPK"] = "0"
     torch.manual_seed(0)
     tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
-                       precision=precision)
+                       precision=precision, optimizer="adam" if impl == "saeflow-adam" else None)
     trainer = Trainer(SAEConfig(d, n, k), tcfg)
     data = torch.randn(4 * batch, d, device=device)
     trainer.initialize(data)
@@ -92,6 +96,15 @@ def dense_loss(sae, x_norm, mse_scale, tcfg, dead):
     return LossParts(mse, mse.detach(), torch.zeros(()), top.values.relu().detach(), top.indices)
 
 
+def default_impls(device: str, precision: str) -> tuple[str, ...]:
+    """saeflow's default step first (the ratios are against it), then the variants worth comparing."""
+    if device != "cuda":
+        return ("saeflow", "dense")
+    if precision == "bf16":
+        return ("saeflow", "saeflow-unfused", "saeflow-adam")
+    return ("saeflow", "saeflow-adam")
+
+
 def peers_python(given: str | None) -> str:
     if given:
         return given
@@ -119,7 +132,10 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="only the first configuration")
     parser.add_argument("--peers", action="store_true", help="also run EleutherAI sparsify and SAELens")
+    parser.add_argument("--peer-impls", default="sparsify,saelens")
     parser.add_argument("--peers-python", help="an interpreter that already has the peers (default: .bench-peers)")
+    parser.add_argument("--impls", help="saeflow's variants to run (default: by device and precision), e.g. "
+                        "saeflow,saeflow-adam,saeflow-unfused,saeflow-eb,dense")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -143,11 +159,11 @@ def main() -> None:
         for precision in precisions:
             setting = f"{precision},{d},{n},{k},{batch}"
             results = {}
-            for impl in ("saeflow", "saeflow-eb", "dense") if device == "cuda" else ("saeflow", "dense"):
+            for impl in args.impls.split(",") if args.impls else default_impls(device, precision):
                 results[impl] = run_json([sys.executable, __file__, "--one", f"{impl},{setting}",
                                           "--steps", str(args.steps), "--device", device])
             if peers:
-                for impl in ("sparsify", "saelens"):
+                for impl in args.peer_impls.split(","):
                     results[impl] = run_json([peers, str(HERE / "peers.py"), impl, setting, str(args.steps), device])
             ours = results["saeflow"].get("steps_per_s")
             for impl, r in results.items():

@@ -30,6 +30,16 @@ def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_kernels() is not None
 
 
+FUSED_MAX_K = 64  # the running top k of a block of rows lives in registers
+
+
+def _use_fused_topk(x: torch.Tensor, k: int) -> bool:
+    """The fused encoder + TopK kernel serves the bf16 path on CUDA (SAEFLOW_FUSED_TOPK=0 turns it off);
+    float32 keeps cuBLAS's matmul, whose full-precision products the kernel would not beat."""
+    return (_use_triton(x) and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+            and k <= FUSED_MAX_K and os.environ.get("SAEFLOW_FUSED_TOPK", "1") != "0")
+
+
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """sum_j values[b, j] * W_dec[indices[b, j]]: a (B, d) reconstruction from (B, k) codes."""
     if torch.is_grad_enabled() and W_dec.requires_grad and _use_triton(W_dec):
@@ -94,10 +104,22 @@ class TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, k: int, aux_k: int, aux_mask):
-        pre = _pre_activations(x, W_enc, b_enc)
-        top = pre.topk(k, dim=-1, sorted=True)
-        values, indices = top.values.to(W_enc.dtype).relu(), top.indices
-        if aux_k > 0:
+        if _use_fused_topk(x, k):
+            # the (batch x n_latents) pre-activations never reach memory; AuxK multiplies the dead rows only
+            bf16 = torch.bfloat16
+            values, indices = _triton_kernels().encode_topk(x.to(bf16), W_enc.to(bf16), b_enc, k)
+            values = values.to(W_enc.dtype).relu()
+            pre = None
+        else:
+            pre = _pre_activations(x, W_enc, b_enc)
+            top = pre.topk(k, dim=-1, sorted=True)
+            values, indices = top.values.to(W_enc.dtype).relu(), top.indices
+        if aux_k > 0 and pre is None:
+            dead = aux_mask.nonzero().squeeze(1)
+            aux = _pre_activations(x, W_enc[dead], b_enc[dead] if b_enc is not None else None).topk(aux_k, dim=-1,
+                                                                                                   sorted=False)
+            aux_values, aux_indices = aux.values.to(W_enc.dtype).relu(), dead[aux.indices]
+        elif aux_k > 0:
             aux = pre.masked_fill(~aux_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
             aux_values, aux_indices = aux.values.to(W_enc.dtype).relu(), aux.indices
         else:

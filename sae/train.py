@@ -81,7 +81,8 @@ def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor) -> float:
     selection is invariant to c > 0 (no bias yet), so the least-squares c is exact and closed-form.
     """
     dot = norm2 = 0.0
-    for x_in in (x_norm - sae.b_pre).split(4096):  # chunks: a (rows x n_latents) matmul each, like a step
+    rows = max(1, min(4096, 2**28 // sae.cfg.n_latents))  # a (rows x n_latents) float32 matmul: at most 1 GiB
+    for x_in in (x_norm - sae.b_pre).split(rows):
         values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
         recon = sparse_decode(values, indices, sae.W_dec)
         dot += (x_in * recon).sum().item()

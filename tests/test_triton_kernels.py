@@ -1,0 +1,101 @@
+"""The Triton kernels against float64 references: compiled on a GPU, under Triton's interpreter on a
+CPU (conftest sets TRITON_INTERPRET=1 there), so CI checks the kernels' arithmetic without a GPU.
+
+The interpreter's bf16 matmul is wrong (it multiplies the raw bits), so on the CPU the fused
+encoder runs on float32 inputs; the kernel is the same for both dtypes, and bf16 runs on the GPU.
+"""
+
+import pytest
+import torch
+
+from sae.config import SAEConfig, TrainConfig
+from sae.train import Trainer
+
+triton_kernels = pytest.importorskip("sae.triton_kernels", reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_segment_rows_kernel_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    n, d, entries, batch = 300, 200, 5000, 700
+    latents = torch.randint(0, n, (entries,), generator=g)
+    latents[::2] = 7  # one latent fires on half the entries (a long segment); others stay empty
+    latents[latents == 11] = 12
+    tokens = torch.randint(0, batch, (entries,), generator=g)
+    weights = torch.randn(entries, generator=g)
+    x = torch.randn(batch, d, generator=g)
+    ref = torch.zeros(n, d, dtype=torch.float64).index_add_(0, latents, weights.double()[:, None] * x.double()[tokens])
+    args = [t.to(DEVICE) for t in (latents, weights, tokens, x)]
+    out = triton_kernels.segment_rows(n, *args)
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert (out[11] == 0).all()
+    assert torch.equal(out, triton_kernels.segment_rows(n, *args))  # no atomics: same bits again
+
+
+def test_gather_dot_kernel_matches_float64_reference():
+    g = torch.Generator().manual_seed(1)
+    a, w = torch.randn(100, 300, generator=g), torch.randn(500, 300, generator=g)
+    idx = torch.randint(0, 500, (100, 37), generator=g)
+    ref = torch.einsum("bd,bkd->bk", a.double(), w.double()[idx])
+    out = triton_kernels.gather_dot(a.to(DEVICE), idx.to(DEVICE), w.to(DEVICE))
+    assert ((out.cpu().double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def check_top_k(x, w, b, k, values, indices, tol):
+    """values/indices are a top k of x w^T + b (float64 reference): each kept value is its latent's
+    pre-activation up to `tol`, values descend, no latent twice, and nothing left out beats the k-th
+    kept by more than bf16's resolution (the kernel selects at it)."""
+    pre = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    values, indices = values.cpu().double(), indices.cpu().long()
+    assert values.shape == indices.shape == (x.shape[0], k)
+    assert (values - pre.gather(1, indices)).abs().max().item() < tol
+    assert (values[:, 1:] <= values[:, :-1]).all()
+    assert all(len(set(row)) == k for row in indices.tolist())
+    left_out = pre.scatter(1, indices, float("-inf")).max(dim=1).values
+    assert (left_out <= values[:, -1] + tol + values[:, -1].abs() * 2**-7).all()
+    exact = pre.topk(k, dim=1)
+    return (torch.sort(exact.indices, 1).values == torch.sort(indices, 1).values).float().mean().item()
+
+
+@pytest.mark.parametrize("rows, n, d, k, bias", [(40, 300, 50, 8, False), (33, 200, 40, 20, True)])
+def test_fused_encoder_topk_matches_float64_reference(rows, n, d, k, bias):
+    """Row counts and latent counts that fill no block evenly, k not a power of two, with and without bias."""
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, d, generator=g), torch.randn(n, d, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    values, indices = triton_kernels.encode_topk(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE) if bias else None, k)
+    # float32 inputs (tf32 products on the GPU); selection at bf16 resolution: nearly the float64 set
+    assert check_top_k(x, w, b, k, values, indices, tol=0.05 if DEVICE == "cuda" else 1e-4) > 0.95
+
+
+@needs_cuda
+def test_fused_encoder_topk_bf16_at_training_size():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1024, 256, generator=g), torch.randn(8192, 256, generator=g) / 16
+    b = torch.randn(8192, generator=g) / 10
+    xb, wb = x.bfloat16(), w.bfloat16()
+    values, indices = triton_kernels.encode_topk(xb.cuda(), wb.cuda(), b.cuda(), 32)
+    # against the float64 products of the same bf16-rounded inputs: float32 accumulation error only
+    assert check_top_k(xb.float(), wb.float(), b, 32, values, indices, tol=1e-4) > 0.95
+    again = triton_kernels.encode_topk(xb.cuda(), wb.cuda(), b.cuda(), 32)
+    assert torch.equal(values, again[0]) and torch.equal(indices, again[1])  # deterministic
+
+
+@needs_cuda
+def test_fused_training_steps_track_the_unfused_bf16_path(monkeypatch):
+    """Ten bf16 steps with AuxK active, fused encoder on and off: the same run up to bf16 selection
+    ties (the fused kernel keeps float32 pre-activations where autocast rounds them to bf16)."""
+    x = torch.randn(10 * 1024, 128, generator=torch.Generator().manual_seed(0))
+    weights, losses = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SAEFLOW_FUSED_TOPK", flag)
+        trainer = Trainer(SAEConfig(128, 4096, 32), TrainConfig(batch_tokens=1024, tokens=10 * 1024, device="cuda",
+                                                                 dead_tokens=1024, aux_k=64, optimizer="adam", lr=1e-3))
+        trainer.initialize(x)
+        losses[flag] = [trainer.step(x[i * 1024 : (i + 1) * 1024]).loss.item() for i in range(10)]
+        weights[flag] = {name: p.detach().clone() for name, p in trainer.sae.named_parameters()}
+    for a, b in zip(losses["0"], losses["1"]):
+        assert abs(a - b) < 0.02 * abs(a), losses
+    for name, ref in weights["0"].items():
+        assert ((weights["1"][name] - ref).norm() / ref.norm()).item() < 0.02, name
