@@ -1,12 +1,11 @@
 """Training throughput of the TopK SAE: tokens/s and peak memory per configuration.
 
 Side by side in one run: saeflow's trainer step with its defaults (sparse encoder backward and
-sparse decoder; on CUDA in bf16 the fused encoder + TopK kernel); on the CPU the same step with a
-dense masked code (what autograd through `scatter` + matmul costs); on CUDA saeflow with Adam
-(saeflow-adam) and, in bf16, with the bf16 matmul and torch.topk in place of the fused kernel
-(saeflow-unfused); `--impls` picks others (saeflow-eb: embedding_bag's backward in place of the
-Triton kernels). With --peers, the training steps of EleutherAI sparsify and SAELens at the same
-settings (installed into their own venv, .bench-peers/, on first use, or taken from --peers-python;
+sparse decoder); on the CPU the same step with a dense masked code (what autograd through
+`scatter` + matmul costs); on CUDA saeflow with Adam (saeflow-adam) and, in bf16, with the fused
+encoder + TopK kernel in place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks
+others (saeflow-eb: embedding_bag's backward in place of the Triton kernels). With --peers, the
+training steps of EleutherAI sparsify and SAELens at the same settings (installed into their own venv, .bench-peers/, on first use, or taken from --peers-python;
 `--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
 measurement's alone; speed-ups are against saeflow measured in the same run at the same precision.
 On CUDA every implementation runs in float32 and under bf16 autocast (saeflow's default there).
@@ -43,8 +42,8 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
 
     if impl == "saeflow-eb":  # the CPU path's embedding_bag backward instead of the Triton kernels
         os.environ["SAEFLOW_TRITON"] = "0"
-    if impl == "saeflow-unfused":  # bf16 matmul and torch.topk instead of the fused encoder + TopK kernel
-        os.environ["SAEFLOW_FUSED_TOPK"] = "0"
+    if impl == "saeflow-fused":  # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
+        os.environ["SAEFLOW_FUSED_TOPK"] = "1"
     torch.manual_seed(0)
     tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
                        precision=precision, optimizer="adam" if impl == "saeflow-adam" else None)
@@ -101,7 +100,7 @@ def default_impls(device: str, precision: str) -> tuple[str, ...]:
     if device != "cuda":
         return ("saeflow", "dense")
     if precision == "bf16":
-        return ("saeflow", "saeflow-unfused", "saeflow-adam")
+        return ("saeflow", "saeflow-fused", "saeflow-adam")
     return ("saeflow", "saeflow-adam")
 
 
@@ -132,10 +131,11 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--quick", action="store_true", help="only the first configuration")
     parser.add_argument("--peers", action="store_true", help="also run EleutherAI sparsify and SAELens")
+    parser.add_argument("--precisions", help="fp32,bf16 (default: both on CUDA, fp32 on CPU)")
     parser.add_argument("--peer-impls", default="sparsify,saelens")
     parser.add_argument("--peers-python", help="an interpreter that already has the peers (default: .bench-peers)")
     parser.add_argument("--impls", help="saeflow's variants to run (default: by device and precision), e.g. "
-                        "saeflow,saeflow-adam,saeflow-unfused,saeflow-eb,dense")
+                        "saeflow,saeflow-adam,saeflow-fused,saeflow-eb,dense")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -148,7 +148,7 @@ def main() -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     peers = peers_python(args.peers_python) if args.peers else None
-    precisions = ["fp32", "bf16"] if device == "cuda" else ["fp32"]
+    precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if device == "cuda" else ["fp32"]
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"device {device} ({name}); torch {torch.__version__}; steps {args.steps}")
     header = (f"{'d':>5} {'n_latents':>9} {'k':>3} {'batch':>6} {'prec':>4} | {'impl':<10} {'tokens/s':>10} "
