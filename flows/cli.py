@@ -79,15 +79,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from flows.stages import store_url
+    from flows.stages import store_options, store_url
     from storage import activations as store
 
     spec = load_spec(args.spec)
-    url = store_url(spec)
-    if not store.is_complete(url, spec.data.store_options):
+    url, options = store_url(spec), store_options(spec)
+    if not store.is_complete(url, options):
         print(f"the activation store at {url} is missing or unfinished: run `saeflow cache {args.spec}`")
         return 1
-    problems = [what for _, _, what in store.bad_shards(url, spec.data.store_options)]
+    problems = [what for _, _, what in store.bad_shards(url, options)]
     for what in problems:
         print(f"bad: {what}")
     if problems:

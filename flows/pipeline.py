@@ -24,6 +24,10 @@ from flows.retry import Unreachable, retry_transient
 from flows.spec import RunSpec
 
 _TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, persist_result=False)
+# the stages that use the accelerator: `prefect concurrency-limit create saeflow-gpu N` lets at most N of
+# them run at once across every spec and worker (N = the GPUs there are)
+GPU_TAG = "saeflow-gpu"
+_GPU_TASK_OPTIONS = dict(_TASK_OPTIONS, tags=[GPU_TAG])
 
 
 FAIL_STAGE_VARIABLE = "SAEFLOW_FAIL_STAGE"
@@ -54,22 +58,22 @@ def verify_cache(spec: RunSpec) -> list[str]:
     return stages.reverify_cache(spec)
 
 
-@task(name="cache_shard", **_TASK_OPTIONS)
+@task(name="cache_shard", **_GPU_TASK_OPTIONS)
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     stages.cache_shard(spec, split, index)
 
 
-@task(name="cache_activations", **_TASK_OPTIONS)
+@task(name="cache_activations", **_GPU_TASK_OPTIONS)
 def cache_activations(spec: RunSpec) -> str:
     return _stage("cache", spec)
 
 
-@task(name="train_sae", **_TASK_OPTIONS)
+@task(name="train_sae", **_GPU_TASK_OPTIONS)
 def train_sae(spec: RunSpec, hookpoint: str) -> list[str]:
     return _stage("train", spec, hookpoint)
 
 
-@task(name="evaluate", **_TASK_OPTIONS)
+@task(name="evaluate", **_GPU_TASK_OPTIONS)
 def evaluate(spec: RunSpec, hookpoint: str, index: int) -> dict[str, float]:
     return _stage("evaluate", spec, hookpoint, index)
 
@@ -95,6 +99,30 @@ def _probe(address: str, field: str, what: str) -> None:
                           f"{field} in the spec") from None
 
 
+STORAGE_HINTS = {
+    "unreachable": "check the endpoint in {options} (client_kwargs.endpoint_url) and that the server is up",
+    "credentials": "set the store's credentials (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or key and secret "
+                   "in {options})",
+    "missing": "create the bucket, or fix {field}",
+}
+
+
+def check_storage(spec: RunSpec) -> None:
+    """The work dir and the activation store answer, with usable credentials: checked in seconds,
+    before any work, with the spec field that names them."""
+    from storage.workdir import StorageProblem, probe
+
+    places = [("workdir", spec.workdir, spec.workdir_options, "workdir_options")]
+    if spec.data.store:
+        places.append(("data.store", spec.data.store, spec.data.store_options, "data.store_options"))
+    for field, location, options, options_field in places:
+        try:
+            probe(location, options)
+        except StorageProblem as e:
+            hint = STORAGE_HINTS[e.kind].format(options=options_field, field=field)
+            raise Unreachable(f"{field}: {location}: {e}: {hint}") from None
+
+
 def task_runner(spec: RunSpec):
     """Threads by default; Dask when the spec names a scheduler or asks for local Dask workers."""
     o = spec.orchestration
@@ -118,6 +146,7 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
     Crashed, so that the server never shows a dead run as running.
     """
     runner = task_runner(spec)  # first: a scheduler that does not answer fails here, before any server starts
+    check_storage(spec)
     key = spec.part_hash(*stages.CACHE_SECTIONS)
     with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({stages.store_url(spec)})"):
         tag = f"saeflow-run:{socket.gethostname()}:{key}"
@@ -148,9 +177,12 @@ def mark_orphans_crashed(tag: str) -> int:
 # one task at a time unless run_pipeline picks Dask: an LM forward uses every core, and the LM (with its
 # capture hooks) is shared by the tasks of a process
 @flow(name="saeflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
+def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = False) -> list[dict]:
     """Runs the selected stages; an earlier stage that is not selected must already be done, later
-    ones are left alone."""
+    ones are left alone. With orchestration.pools each named stage runs on its pool (unless `here`:
+    this flow run is already that stage's run on its pool)."""
+    if spec.orchestration.pools and not here:
+        return _placed(spec, only)
     logger = get_run_logger()
     last = max(stages.STAGES.index(s) for s in only)
 
@@ -183,19 +215,59 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES) -> list[dict]:
         for index in range(len(spec.sae)):
             metrics = run("evaluate", hookpoint, index)
             uri = run("register", hookpoint, index)
-            rows.append(
-                {
-                    "hookpoint": hookpoint,
-                    "sae": spec.model_name(hookpoint, index),
-                    "sae_dir": str(stages.sae_dir(spec, hookpoint, index)),
-                    "report": str(stages.eval_dir(spec, hookpoint, index) / stages.REPORT_FILE) if metrics else None,
-                    "model_uri": uri,
-                    **(metrics or {}),
-                }
-            )
+            rows.append(_row(spec, hookpoint, index, metrics, uri))
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
     return rows
+
+
+def _row(spec: RunSpec, hookpoint: str, index: int, metrics: dict | None, uri: str | None) -> dict:
+    return {
+        "hookpoint": hookpoint,
+        "sae": spec.model_name(hookpoint, index),
+        "sae_dir": spec.work.location(stages.sae_rel(spec, hookpoint, index)),
+        "report": spec.work.location(f"{stages.eval_rel(spec, hookpoint, index)}/{stages.REPORT_FILE}")
+        if metrics else None,
+        "model_uri": uri,
+        **(metrics or {}),
+    }
+
+
+STAGE_DEPLOYMENT = "saeflow-stage"  # deploy/prefect.yaml: one deployment of run_stage per work pool, named after it
+
+
+def _placed(spec: RunSpec, only: Sequence[str]) -> list[dict]:
+    """Each selected stage as its own flow run: on its work pool (the deployment saeflow-stage/<pool>)
+    when the spec names one, else in this process; one after the other, each waited for. Stages hand
+    over nothing but their outputs in the shared work dir and registry."""
+    from prefect.deployments import run_deployment
+
+    logger = get_run_logger()
+    payload = spec.model_dump(mode="json")
+    for stage in stages.STAGES[: max(stages.STAGES.index(s) for s in only) + 1]:
+        if stage not in only:
+            continue
+        pool = spec.orchestration.pools.get(stage)
+        if pool is None:
+            run_stage(payload, stage)
+            continue
+        logger.info("running the %s stage on work pool %s", stage, pool)
+        child = run_deployment(f"{STAGE_DEPLOYMENT}/{pool}", parameters={"spec": payload, "stage": stage}, timeout=None)
+        if not child.state.is_completed():
+            raise RuntimeError(f"the {stage} stage failed on work pool {pool} (flow run {child.name}, "
+                               f"{child.state.name}): {child.state.message}")
+    # the values are read back from the outputs, as a Cached stage's are
+    return [_row(spec, h, i, stages.existing_output("evaluate", spec, h, i), stages.existing_output("register", spec, h, i))
+            for h in spec.hookpoints for i in range(len(spec.sae))]
+
+
+@flow(name="saeflow-stage")
+def run_stage(spec: dict, stage: str) -> None:
+    """One stage of a spec (given whole: the machine running it need not see the spec's file)."""
+    from flows.spec import parse_spec
+
+    parsed = parse_spec(spec)
+    pipeline.with_options(task_runner=task_runner(parsed))(parsed, only=[stage], here=True)
 
 
 @flow(name="saeflow-run-spec")

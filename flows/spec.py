@@ -30,6 +30,23 @@ def _device(value: str) -> str:
     return value
 
 
+def _known_protocol(location: str | None) -> str | None:
+    """A local path, or a URL whose protocol fsspec knows and whose package is installed."""
+    if location is None or "://" not in location:
+        return location
+    import fsspec
+
+    protocol = location.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as e:
+        raise ValueError(f"{protocol}:// needs a package that is not installed ({e})") from None
+    except ValueError:
+        raise ValueError(f"{protocol}:// is not a file system fsspec knows: use a local path, "
+                         "s3://, gs://, file://, ...") from None
+    return location
+
+
 class ModelSpec(Section):
     source: str = Field(
         "builtin:smollm2-135m",
@@ -59,19 +76,7 @@ class DataSpec(Section):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str | None) -> str | None:
-        if v is None or "://" not in v:
-            return v
-        import fsspec
-
-        protocol = v.split("://", 1)[0]
-        try:
-            fsspec.get_filesystem_class(protocol)
-        except ImportError as e:
-            raise ValueError(f"{protocol}:// needs a package that is not installed ({e})") from None
-        except ValueError:
-            raise ValueError(f"{protocol}:// is not a file system fsspec knows: use a local path, "
-                             "s3://, gs://, file://, ...") from None
-        return v
+        return _known_protocol(v)
 
     @model_validator(mode="after")
     def _positions(self):
@@ -158,9 +163,26 @@ class EvalSpec(Section):
     ablation_contexts: int = Field(16, ge=0)  # sample size of the §4.4 ablation sparsity (0: skip)
 
 
+STAGE_NAMES = ("cache", "train", "evaluate", "register")
+
+
 class OrchestrationSpec(Section):
     dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786
     dask_workers: int = Field(0, ge=0)  # > 0: start a local Dask cluster with this many worker processes
+    # stage -> Prefect work pool: each named stage runs as its own flow run of the deployment
+    # saeflow-stage/<pool> (deploy/prefect.yaml), e.g. {cache: gpu, train: gpu, evaluate: gpu, register: cpu}
+    pools: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("pools")
+    @classmethod
+    def _pools(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(STAGE_NAMES))
+        if unknown:
+            raise ValueError(f"{', '.join(map(repr, unknown))} is not a stage: name pools for {', '.join(STAGE_NAMES)}")
+        bad = sorted(pool for pool in v.values() if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", pool))
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a work pool name: use letters, digits, _, . or -")
+        return v
 
     @field_validator("dask_address")
     @classmethod
@@ -212,7 +234,14 @@ class RunSpec(Section):
     eval: EvalSpec = EvalSpec()
     registry: RegistrySpec = RegistrySpec()
     orchestration: OrchestrationSpec = OrchestrationSpec()
+    # a local path, or an fsspec URL (s3://bucket/prefix) that stages on several machines share
     workdir: str = ".saeflow"
+    workdir_options: dict = Field(default_factory=dict)  # fsspec storage_options of a URL workdir
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str) -> str:
+        return _known_protocol(v)
 
     @field_validator("sae", mode="before")
     @classmethod
@@ -238,8 +267,22 @@ class RunSpec(Section):
 
     # paths and names derived from the spec -------------------------------------------------------
     @property
+    def work(self):
+        from storage.workdir import Workdir
+
+        return Workdir(self.workdir, self.workdir_options)
+
+    @property
     def root(self) -> Path:
-        return Path(self.workdir).resolve()
+        """Local files of this machine: the work dir itself, or for a URL work dir its local mirror (the
+        converted model, locks and an embedded registry stay per machine)."""
+        return self.work.local()
+
+    def store_location(self) -> tuple[str, dict]:
+        """The activation store's root and its fsspec options: data.store, else <workdir>/activations."""
+        if self.data.store:
+            return self.data.store, self.data.store_options
+        return self.work.location("activations"), self.workdir_options
 
     def converted_model_dir(self) -> Path:
         """Where a GGUF model is kept once dequantised into transformers' format."""
@@ -279,6 +322,18 @@ class RunSpec(Section):
         if self.train.tokens is None and (self.train.lr_warmup_tokens or 0) >= self.data.tokens:
             raise ValueError(f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below the run's "
                              f"{self.data.tokens} tokens: the lr would never leave its warmup; lower it")
+        return self
+
+    @model_validator(mode="after")
+    def _shared_storage(self):
+        pools = self.orchestration.pools
+        if pools:
+            local = [(field, where) for field, where in (("workdir", self.workdir), ("data.store", self.data.store))
+                     if where is not None and ("://" not in where or where.startswith("file://"))]
+            if local:
+                field, where = local[0]
+                raise ValueError(f"{field}={where!r} is a local path, but orchestration.pools runs stages on other "
+                                 f"machines, which cannot see it: use a shared URL (s3://bucket/prefix, gs://...)")
         return self
 
     @model_validator(mode="after")
@@ -383,7 +438,9 @@ def load_spec(path: str | Path, online: bool = True) -> RunSpec:
 
 
 def _check_workdir(workdir: str) -> None:
-    path = Path(workdir).resolve()
+    if "://" in workdir and not workdir.startswith("file://"):
+        return  # a URL: checked when the run first reaches it (storage.workdir), with the credentials' names
+    path = Path(workdir.removeprefix("file://")).resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise SpecError(f"workdir: {existing} is a file, not a directory: choose another workdir")

@@ -41,34 +41,56 @@ def register_parts(index: int) -> tuple[str, ...]:
     return eval_parts(index) + ("registry", "name")
 
 
-# output locations -----------------------------------------------------------------------------------
+# output locations: `*_rel` inside the work dir; `*_dir` the local copy this machine reads and writes --
+SAE_MARKER = "config.json"  # written last: a SAE folder is complete once it exists
+METRICS_FILE = "metrics.json"  # written last in an evaluation folder
+
+
 def store_url(spec: RunSpec) -> str:
-    base = spec.data.store or str(spec.root / "activations")
+    base, _ = spec.store_location()
     return f"{base.rstrip('/')}/{spec.part_hash(*CACHE_SECTIONS)}"
 
 
+def store_options(spec: RunSpec) -> dict:
+    return spec.store_location()[1]
+
+
+def sae_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
+    return f"saes/{spec.part_hash(*train_parts(index))}/{safe_name(hookpoint)}"
+
+
+def eval_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
+    return f"{sae_rel(spec, hookpoint, index)}/eval-{spec.part_hash(*eval_parts(index))}"
+
+
 def sae_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return spec.root / "saes" / spec.part_hash(*train_parts(index)) / safe_name(hookpoint)
+    return spec.root / sae_rel(spec, hookpoint, index)
 
 
 def eval_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return sae_dir(spec, hookpoint, index) / f"eval-{spec.part_hash(*eval_parts(index))}"
+    return spec.root / eval_rel(spec, hookpoint, index)
 
 
 def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return eval_dir(spec, hookpoint, index) / "metrics.json"
+    return eval_dir(spec, hookpoint, index) / METRICS_FILE
 
 
 def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None) -> bool:
-    """Whether a stage's output exists: for train, every SAE of the hookpoint unless `index` is given."""
+    """Whether a stage's output exists in the work dir: for train, every SAE of the hookpoint unless
+    `index` is given."""
     if stage == "cache":
-        return store.is_complete(store_url(spec), spec.data.store_options)
+        return store.is_complete(store_url(spec), store_options(spec))
     if stage == "train":
         indices = range(len(spec.sae)) if index is None else [index]
-        return all((sae_dir(spec, hookpoint, i) / "config.json").exists() for i in indices)
+        return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{SAE_MARKER}") for i in indices)
     if stage == "evaluate":
-        return metrics_path(spec, hookpoint, index).exists()
+        return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}")
     return registered(spec, hookpoint, index) is not None
+
+
+def fetch_sae(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    """The trained SAE's folder on this machine (downloaded when the work dir is remote)."""
+    return spec.work.fetch(sae_rel(spec, hookpoint, index)) if spec.work.remote else sae_dir(spec, hookpoint, index)
 
 
 def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None):
@@ -78,7 +100,7 @@ def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, ind
     if stage == "train":
         return [str(sae_dir(spec, hookpoint, i)) for i in range(len(spec.sae))] if is_done("train", spec, hookpoint) else None
     if stage == "evaluate":
-        return read_metrics(metrics_path(spec, hookpoint, index)) if is_done("evaluate", spec, hookpoint, index) else None
+        return stored_metrics(spec, hookpoint, index) if is_done("evaluate", spec, hookpoint, index) else None
     found = registered(spec, hookpoint, index)
     return None if found is None else found.uri
 
@@ -89,8 +111,10 @@ def registered(spec: RunSpec, hookpoint: str, index: int):
 
 
 def _find(spec: RunSpec, hookpoint: str, index: int):
-    """The registered version of this spec and of the local weights (any weights if there are none here)."""
+    """The registered version of this spec and of the trained weights (any weights if there are none)."""
     weights = sae_dir(spec, hookpoint, index) / "sae.safetensors"
+    if spec.work.remote and not weights.exists() and is_done("train", spec, hookpoint, index):
+        fetch_sae(spec, hookpoint, index)
     return find_registered(spec.tracking_uri(), spec.model_name(hookpoint, index), spec.registry.alias,
                            spec.part_hash(*register_parts(index)), file_sha256(weights) if weights.exists() else None)
 
@@ -125,6 +149,12 @@ def read_metrics(path: Path) -> dict:
     return check_finite_metrics(json.loads(path.read_text()), str(path))
 
 
+def stored_metrics(spec: RunSpec, hookpoint: str, index: int = 0) -> dict:
+    """metrics.json of an evaluation, read from the work dir."""
+    rel = f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}"
+    return check_finite_metrics(json.loads(spec.work.read_bytes(rel)), spec.work.location(rel))
+
+
 _LMS: dict[tuple, tuple] = {}
 _LMS_LOCK = threading.Lock()
 
@@ -142,7 +172,7 @@ def _lm(spec: RunSpec):
 def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     """Plans the store (tokenised contexts, empty sharded arrays) unless a plan for this spec exists;
     returns the (split, shard) pairs still to compute."""
-    url, opts = store_url(spec), spec.data.store_options
+    url, opts = store_url(spec), store_options(spec)
     if store.is_complete(url, opts):
         return []
     digest = spec.part_hash(*CACHE_SECTIONS)
@@ -179,7 +209,7 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
 def reverify_cache(spec: RunSpec) -> list[str]:
     """Checks every shard of a finished store against its checksums; the bad ones lose their markers
     (and the store its `complete` flag), so that caching recomputes exactly those. Returns them."""
-    url, opts = store_url(spec), spec.data.store_options
+    url, opts = store_url(spec), store_options(spec)
     if not store.is_complete(url, opts):
         return []
     problems = store.reopen_bad_shards(url, opts)
@@ -191,13 +221,13 @@ def reverify_cache(spec: RunSpec) -> list[str]:
 
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     model, _ = _lm(spec)
-    store.write_shard(store_url(spec), split, index, model, spec.data.batch_contexts, spec.data.store_options,
+    store.write_shard(store_url(spec), split, index, model, spec.data.batch_contexts, store_options(spec),
                       progress=True)
 
 
 def cache(spec: RunSpec) -> str:
     """Finishes the cache stage: checks every shard, computes statistics, marks the store complete."""
-    url, opts = store_url(spec), spec.data.store_options
+    url, opts = store_url(spec), store_options(spec)
     if store.is_complete(url, opts):
         log.info("activations already cached at %s", url)
         return url
@@ -210,20 +240,26 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
     """Trains every SAE of the spec at one hookpoint from one pass over its activations; checkpoints
     every train.checkpoint_every_tokens and resumes from the last checkpoint all of them share."""
     from sae.train import Trainer, train_saes
+    from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
     from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
 
+    work = spec.work
     outs = [sae_dir(spec, hookpoint, i) for i in range(len(spec.sae))]
+    rels = [sae_rel(spec, hookpoint, i) for i in range(len(spec.sae))]
     todo = [i for i in range(len(spec.sae)) if not is_done("train", spec, hookpoint, i)]
     if not todo:
-        log.info("SAEs for %s already trained at %s", hookpoint, ", ".join(map(str, outs)))
-        return [str(o) for o in outs]
+        log.info("SAEs for %s already trained at %s", hookpoint, ", ".join(work.location(r) for r in rels))
+        return [work.location(r) for r in rels]
     # verify: a missing or corrupted shard stops here, naming it, before any training
-    group = store.open_store(store_url(spec), spec.data.store_options, verify=True)
+    group = store.open_store(store_url(spec), store_options(spec), verify=True)
     acts = store.activations(group, "train", hookpoint)
     device = str(resolve_device(spec.train.device))
     tcfgs = {i: spec.train_config(acts.shape[0], device, i) for i in todo}
     trainers = {i: Trainer(spec.sae_config(acts.shape[1], i), tcfgs[i]) for i in todo}
     ckpt_dirs = {i: outs[i] / "checkpoints" for i in todo}
+    if work.remote:  # checkpoints live in the work dir: a run on another machine resumes from them
+        for i in todo:
+            work.fetch(f"{rels[i]}/checkpoints")
     common = set.intersection(*(set(steps_available(ckpt_dirs[i])) for i in todo))
     if common:
         for i in todo:
@@ -240,7 +276,12 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
 
     def checkpoint(_trainers):
         for i, trainer in trainers.items():
-            save_checkpoint(ckpt_dirs[i], *trainer.state_dict())
+            saved = save_checkpoint(ckpt_dirs[i], *trainer.state_dict())
+            if work.remote:
+                work.publish(f"{rels[i]}/checkpoints/{saved.name}", marker=CHECKPOINT_MARKER)
+                for name in work.listdir(f"{rels[i]}/checkpoints"):
+                    if not (ckpt_dirs[i] / name).exists():  # pruned locally: prune there too
+                        work.remove(f"{rels[i]}/checkpoints/{name}")
 
     results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens)
     lm_dir = spec.converted_model_dir()
@@ -261,21 +302,23 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
         _write_json(outs[i] / "train_history.json", {"history": result.history})
         result.sae.save(outs[i], metadata=meta)
         shutil.rmtree(ckpt_dirs[i], ignore_errors=True)
-        log.info("SAE %d for %s written to %s", i, hookpoint, outs[i])
-    return [str(o) for o in outs]
+        work.publish(rels[i], marker=SAE_MARKER)
+        work.remove(f"{rels[i]}/checkpoints")
+        log.info("SAE %d for %s written to %s", i, hookpoint, work.location(rels[i]))
+    return [work.location(r) for r in rels]
 
 
 def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:
     from sae.evaluate import ablation_sparsity, downstream_metrics, reconstruction_metrics
     from sae.model import TopKSAE
 
-    path = metrics_path(spec, hookpoint, index)
-    if path.exists():
-        log.info("metrics for %s already at %s", hookpoint, path)
-        return read_metrics(path)
-    sae = TopKSAE.load(sae_dir(spec, hookpoint, index)).eval()
+    path, rel = metrics_path(spec, hookpoint, index), eval_rel(spec, hookpoint, index)
+    if is_done("evaluate", spec, hookpoint, index):
+        log.info("metrics for %s already at %s", hookpoint, spec.work.location(f"{rel}/{METRICS_FILE}"))
+        return stored_metrics(spec, hookpoint, index)
+    sae = TopKSAE.load(fetch_sae(spec, hookpoint, index)).eval()
     # the eval split's checksums: damaged bytes could decode without error into wrong metrics
-    group = store.open_store(store_url(spec), spec.data.store_options, verify=("eval",))
+    group = store.open_store(store_url(spec), store_options(spec), verify=("eval",))
     acts = store.activations(group, "eval", hookpoint)
     batches = store.iter_rows(acts, 4096, stop=spec.eval.tokens)
     metrics = reconstruction_metrics(sae, batches, progress=progress)
@@ -307,7 +350,8 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
     check_finite_metrics(metrics, f"the evaluation of {sae_dir(spec, hookpoint, index)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(path, metrics)
-    log.info("metrics for %s written to %s", hookpoint, path)
+    spec.work.publish(rel, marker=METRICS_FILE)
+    log.info("metrics for %s written to %s", hookpoint, spec.work.location(f"{rel}/{METRICS_FILE}"))
     return metrics
 
 
@@ -369,7 +413,9 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
 
 
 def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
-    directory = sae_dir(spec, hookpoint, index)
+    directory = fetch_sae(spec, hookpoint, index)
+    if spec.work.remote:
+        spec.work.fetch(eval_rel(spec, hookpoint, index))
     cfg = json.loads((directory / "config.json").read_text())["sae"]
     metrics = read_metrics(metrics_path(spec, hookpoint, index))
     params = {

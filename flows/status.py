@@ -3,6 +3,7 @@ are, read from the outputs themselves and the registry; nothing is computed or w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flows import stages
@@ -16,7 +17,7 @@ def spec_status(spec: RunSpec) -> dict:
 
 
 def _cache(spec: RunSpec) -> dict:
-    url, opts = stages.store_url(spec), spec.data.store_options
+    url, opts = stages.store_url(spec), stages.store_options(spec)
     if store.is_complete(url, opts):
         return {"state": "done", "store": url}
     if store.planned_hash(url, opts) is None:
@@ -28,21 +29,24 @@ def _cache(spec: RunSpec) -> dict:
 
 
 def _sae(spec: RunSpec, hookpoint: str, index: int) -> dict:
-    from storage.checkpoints import load_checkpoint, steps_available
+    from storage.checkpoints import META_FILE
 
-    directory = stages.sae_dir(spec, hookpoint, index)
-    row = {"sae": spec.model_name(hookpoint, index), "hookpoint": hookpoint, "dir": str(directory)}
+    work, rel = spec.work, stages.sae_rel(spec, hookpoint, index)
+    row = {"sae": spec.model_name(hookpoint, index), "hookpoint": hookpoint, "dir": work.location(rel)}
+    # complete checkpoints only: a step folder gets its meta file last
+    steps = [name for name in work.listdir(f"{rel}/checkpoints")
+             if name.startswith("step-") and work.exists(f"{rel}/checkpoints/{name}/{META_FILE}")]
     if stages.is_done("train", spec, hookpoint, index):
         row["train"] = {"state": "done"}
-    elif steps_available(directory / "checkpoints"):
-        step = max(steps_available(directory / "checkpoints"))
-        _, meta = load_checkpoint(directory / "checkpoints", step)
+    elif steps:
+        meta = json.loads(work.read_bytes(f"{rel}/checkpoints/{max(steps)}/{META_FILE}"))
         row["train"] = {"state": "partial", "tokens_done": meta["tokens"], "tokens": spec.train.tokens or spec.data.tokens,
-                        "last_checkpoint": str(directory / "checkpoints"), "step": step}
+                        "last_checkpoint": work.location(f"{rel}/checkpoints/{max(steps)}"), "step": meta["steps"]}
     else:
         row["train"] = {"state": "missing"}
-    metrics = stages.metrics_path(spec, hookpoint, index)
-    row["evaluate"] = {"state": "done", "metrics": str(metrics)} if metrics.exists() else {"state": "missing"}
+    metrics = f"{stages.eval_rel(spec, hookpoint, index)}/{stages.METRICS_FILE}"
+    row["evaluate"] = ({"state": "done", "metrics": work.location(metrics)} if work.exists(metrics)
+                       else {"state": "missing"})
     row["register"] = _registry(spec, hookpoint, index)
     return row
 

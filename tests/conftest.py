@@ -80,3 +80,7 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+
+from server_fixtures import dask_scheduler, mlflow_server, postgres, prefect_server, s3_server  # noqa: E402,F401
