@@ -43,6 +43,7 @@ def register_parts(index: int) -> tuple[str, ...]:
 
 # output locations: `*_rel` inside the work dir; `*_dir` the local copy this machine reads and writes --
 SAE_MARKER = "config.json"  # written last: a SAE folder is complete once it exists
+SAE_WEIGHTS = "sae.safetensors"
 METRICS_FILE = "metrics.json"  # written last in an evaluation folder
 
 
@@ -82,7 +83,8 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
         return store.is_complete(store_url(spec), store_options(spec))
     if stage == "train":
         indices = range(len(spec.sae)) if index is None else [index]
-        return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{SAE_MARKER}") for i in indices)
+        return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices
+                   for name in (SAE_MARKER, SAE_WEIGHTS))
     if stage == "evaluate":
         return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}")
     return registered(spec, hookpoint, index) is not None

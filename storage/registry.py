@@ -168,20 +168,35 @@ def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: s
     _mlflow(tracking_uri)
     try:
         mv = model_version(f"models:/{model_name}@{alias}")
-        if _same(mv, spec_hash, weights_sha256) and mv.tags.get(COMPLETE_TAG, "true") == "true":
+        if _same(mv, spec_hash, weights_sha256) and mv.tags.get(COMPLETE_TAG, "true") == "true" and _run_alive(mv.run_id):
             return Registered(model_name, str(mv.version), alias, mv.run_id)
     except NotRegistered:
         pass
     if not SAFE_TAG_VALUE.fullmatch(spec_hash) or not SAFE_TAG_VALUE.fullmatch(model_name):
         return None
     found = [v for v in MlflowClient().search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'")
-             if v.tags.get(COMPLETE_TAG) == "true" and _same(v, spec_hash, weights_sha256)]
+             if v.tags.get(COMPLETE_TAG) == "true" and _same(v, spec_hash, weights_sha256) and _run_alive(v.run_id)]
     if not found:
         return None
     newest = max(found, key=lambda v: int(v.version))
     log.info("version %s of %s is registered from this spec; alias %r points elsewhere and is left there",
              newest.version, model_name, alias)
     return Registered(model_name, str(newest.version), None, newest.run_id)
+
+
+def _run_alive(run_id: str | None) -> bool:
+    """A version whose run was deleted lost its metrics, parameters and report: not a finished registration."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as e:
+        if _absent(e):
+            return False
+        raise
 
 
 def model_version(model_uri: str):

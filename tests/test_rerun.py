@@ -103,3 +103,45 @@ def test_status_reports_each_stage_without_touching_anything(prefect_harness, ti
     assert main(["status", str(path)]) == 0
     text = capsys.readouterr().out
     assert "register  done" in text and "versions: v1 @candidate" in text
+
+
+def _delete_shard(spec):
+    import shutil
+    from pathlib import Path
+
+    url = Path(stages.store_url(spec))
+    victim = next(p for p in sorted(url.rglob("*")) if p.is_dir() and p.parent.name == "c")  # a chunk folder
+    shutil.rmtree(victim)
+
+
+def _delete_weights(spec):
+    (stages.sae_dir(spec, HOOK) / "sae.safetensors").unlink()
+
+
+def _delete_metrics(spec):
+    stages.metrics_path(spec, HOOK).unlink()
+
+
+def _delete_run(spec):
+    from mlflow import MlflowClient
+
+    from storage.registry import model_version
+
+    run_id = model_version("models:/tiny@candidate").run_id
+    MlflowClient().delete_run(run_id)
+
+
+@pytest.mark.parametrize("deleted, redone", [(_delete_shard, "cache_activations"), (_delete_weights, "train_sae"),
+                                             (_delete_metrics, "evaluate"), (_delete_run, "register")])
+def test_a_deleted_output_is_recomputed_never_trusted(prefect_harness, tiny_model_dir, text_dir, tmp_path, deleted, redone):
+    from flows.pipeline import pipeline
+
+    spec = tiny(tiny_model_dir, text_dir, tmp_path / "work", tmp_path / "store")
+    pipeline(spec)
+    deleted(spec)
+    ran = task_states(pipeline(spec, return_state=True))
+    order = ["cache_activations", "train_sae", "evaluate", "register"]
+    assert ran[redone] == "Completed", ran
+    for name in order[: order.index(redone)]:
+        assert ran[name] == "Cached", ran
+    assert all(stages.is_done(s, spec, *(() if s == "cache" else (HOOK, 0))) for s in stages.STAGES)
