@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -106,7 +108,7 @@ MODEL_URI = re.compile(r"models:/[^/@\s]+(@[^/@\s]+|/\d+)")
 
 def _registry_args(args) -> None:
     """Checks a models:/ argument and the tracking URI before anything touches a registry or a file."""
-    if not MODEL_URI.fullmatch(args.model_uri):
+    if getattr(args, "model_uri", None) is not None and not MODEL_URI.fullmatch(args.model_uri):
         raise UsageError(f"model URI {args.model_uri!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
     if not args.tracking_uri:
         raise UsageError("no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
@@ -128,6 +130,109 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from flows.spec import _alias_name
+    from storage.registry import promote
+
+    _registry_args(args)
+    if not re.fullmatch(r"\d+|@[A-Za-z_][A-Za-z0-9_-]*", args.version):
+        raise UsageError(f"version {args.version!r}: write a version number (3) or an alias (@candidate)")
+    try:
+        _alias_name(args.alias)
+    except ValueError as e:
+        raise UsageError(f"--alias: {e}") from None
+    done = promote(args.tracking_uri, args.name, args.version, args.alias,
+                   f"promoted to {args.alias} by hand (saeflow promote {args.name} {args.version})")
+    print(f"models:/{done.name}@{done.alias} -> version {done.version}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    from storage.registry import list_models
+
+    _registry_args(args)
+    models = list_models(args.tracking_uri, args.name)
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    if not models:
+        print(f"no registered models in {args.tracking_uri}")
+    for m in models:
+        print(f"{m['name']}  " + "  ".join(f"@{a} -> v{v}" for a, v in m["aliases"].items()))
+        for v in m["versions"]:
+            metrics = "  ".join(f"{k} {x:.4g}" for k, x in v["metrics"].items()
+                                if k in ("normalized_mse", "ce_increase", "dead_fraction"))
+            print(f"  v{v['version']:<4} {v.get('hookpoint') or '':<18} n={v.get('n_latents')} k={v.get('k')}  {metrics}"
+                  + (f"  [{', '.join(v['aliases'])}]" if v["aliases"] else ""))
+    return 0
+
+
+def _load_ref(ref: str, tracking_uri: str | None):
+    """An SAE from any from_pretrained reference; a models:/ or runs:/ one needs a tracking URI."""
+    from sae.model import TopKSAE
+    from storage import formats
+
+    if ref.startswith(("models:/", "runs:/")):
+        if ref.startswith("models:/") and not MODEL_URI.fullmatch(ref):
+            raise UsageError(f"model URI {ref!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
+        if not tracking_uri:
+            raise UsageError("no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+        from storage.registry import _mlflow
+
+        _mlflow(tracking_uri)
+    elif not os.path.isdir(ref):
+        raise UsageError(f"{ref}: no such directory (or write models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH)")
+    try:
+        return TopKSAE.from_pretrained(ref)
+    except formats.FormatError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_export(args) -> int:
+    from storage import formats
+
+    sae = _load_ref(args.ref, args.tracking_uri)
+    try:
+        out = formats.export(sae, args.format, args.out)
+    except formats.FormatError as e:
+        raise UsageError(f"cannot export {args.ref} to {args.format}: {e}") from None
+    loader = {"saelens": "sae_lens.SAE.load_from_disk", "sparsify": "sparsify.SparseCoder.load_from_disk",
+              "saeflow": "sae.TopKSAE.load"}[args.format]
+    print(f"wrote {out} ({args.format} format); load it with {loader}({str(out)!r})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    import tempfile
+
+    from storage import formats
+    from storage.registry import file_sha256, find_registered, register_sae
+
+    sae = _load_ref(args.dir, None)
+    fmt = formats.detect(args.dir)
+    if not args.register:
+        out = sae.save(args.out or "imported-sae", sae.metadata)
+        print(f"read {args.dir} ({fmt} format, {sae.cfg.n_latents} latents, k={sae.cfg.k}); wrote {out} (saeflow format)")
+        return 0
+    if not args.tracking_uri:
+        raise UsageError("--register needs a tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
+    with tempfile.TemporaryDirectory() as tmp:
+        sae.save(tmp, sae.metadata)
+        digest = file_sha256(Path(tmp) / "sae.safetensors")
+        key = f"import-{digest[:16]}"  # the same weights imported again find their version
+        found = find_registered(args.tracking_uri, args.register, args.alias, key, digest)
+        if found is None:
+            tags = {"imported_from": fmt, "source": str(Path(args.dir).resolve()), "spec_hash": key,
+                    "d_in": str(sae.cfg.d_in), "n_latents": str(sae.cfg.n_latents), "k": str(sae.cfg.k),
+                    "normalization": sae.cfg.normalization, "lm": str(sae.metadata.get("model") or ""),
+                    "hookpoint": str(sae.metadata.get("hookpoint") or "")}
+            found = register_sae(tmp, tracking_uri=args.tracking_uri, experiment="imported", model_name=args.register,
+                                 alias=args.alias, params={"imported_from": fmt, "source": str(args.dir)}, metrics={},
+                                 tags=tags)
+    print(f"registered {args.dir} ({fmt} format) as {found.uri}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from flows.stages import report_registered
 
@@ -135,6 +240,11 @@ def cmd_report(args) -> int:
     path = report_registered(args.model_uri, args.out, args.tracking_uri)
     print(f"wrote {path} (open it in a browser; also logged to the model's MLflow run)")
     return 0
+
+
+def _tracking_uri_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,14 +277,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="download a registered SAE as safetensors + config.json")
     p.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--out", required=True, help="directory to write into")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    _tracking_uri_argument(p)
     p.set_defaults(func=cmd_pull)
+    p = sub.add_parser("promote", help="point an alias (e.g. champion) at a version")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("version", help="a version number, or @ALIAS (the version that alias names now)")
+    p.add_argument("--alias", required=True, help="the alias to move, e.g. champion")
+    _tracking_uri_argument(p)
+    p.set_defaults(func=cmd_promote)
+    p = sub.add_parser("ls", help="registered models, their versions, aliases and metrics")
+    p.add_argument("name", nargs="?", help="one model (default: all)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    _tracking_uri_argument(p)
+    p.set_defaults(func=cmd_ls)
+    p = sub.add_parser("export", help="write an SAE in SAELens' or sparsify's own format")
+    p.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH or a directory")
+    p.add_argument("--format", required=True, choices=["saelens", "sparsify", "saeflow"])
+    p.add_argument("--out", required=True, help="directory to write into")
+    _tracking_uri_argument(p)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("import", help="read an SAE in SAELens', sparsify's or saeflow's format (and register it)")
+    p.add_argument("dir", help="a directory in one of the three formats")
+    p.add_argument("--out", help="write it there in saeflow's format (default: imported-sae)")
+    p.add_argument("--register", metavar="NAME", help="register it under this model name instead")
+    p.add_argument("--alias", default="candidate", help="alias of the registered version (default: candidate)")
+    _tracking_uri_argument(p)
+    p.set_defaults(func=cmd_import)
     p = sub.add_parser("report", help="write the HTML feature browser of a registered SAE")
     p.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--out", default="saeflow-report", help="directory for report.html and the histogram")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    _tracking_uri_argument(p)
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -195,20 +195,64 @@ class OrchestrationSpec(Section):
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
 
+# the evaluation's metrics a promotion can compare; where more is better (the rest: errors and losses)
+RANKED_METRICS = ("normalized_mse", "fraction_variance_explained", "dead_fraction", "dense_fraction", "ce_increase",
+                  "kl_divergence", "loss_recovered_vs_zero", "loss_recovered_vs_mean", "ablation_sparsity")
+HIGHER_IS_BETTER = ("fraction_variance_explained", "loss_recovered_vs_zero", "loss_recovered_vs_mean")
+
+
+def _alias_name(v: str) -> str:
+    # MLflow reserves `latest` and v<N> (they name versions)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", v) or re.fullmatch(r"[vV]\d+", v) or v.lower() == "latest":
+        raise ValueError(f"{v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
+                         "letter, and not `latest` or v<N> (MLflow reserves them), e.g. candidate")
+    return v
+
+
+class PromoteRule(Section):
+    """Promote a newly registered version to `alias` only when it beats the version there now, on the
+    same evaluation tokens, by at least `margin` (relative: 0.02 = 2% better)."""
+
+    metric: str = "normalized_mse"
+    margin: float = Field(0.0, ge=0)
+    alias: str = "champion"
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        if v not in RANKED_METRICS:
+            raise ValueError(f"{v!r} is not a metric the evaluation ranks by: use one of {', '.join(RANKED_METRICS)}")
+        return v
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str) -> str:
+        return _alias_name(v)
+
+    def better(self, new: float, old: float) -> bool:
+        if self.metric in HIGHER_IS_BETTER:
+            return new > old + self.margin * abs(old)
+        return new < old - self.margin * abs(old)
+
+
 class RegistrySpec(Section):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
     model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # default: the spec's name
     alias: str = "candidate"
     experiment: str | None = None  # default: the spec's name
+    promote_if: PromoteRule | None = None  # e.g. {metric: normalized_mse, margin: 0.01, alias: champion}
 
     @field_validator("alias")
     @classmethod
     def _alias(cls, v: str) -> str:
-        # MLflow reserves `latest` and v<N> (they name versions)
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", v) or re.fullmatch(r"[vV]\d+", v) or v.lower() == "latest":
-            raise ValueError(f"{v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
-                             "letter, and not `latest` or v<N> (MLflow reserves them), e.g. candidate")
-        return v
+        return _alias_name(v)
+
+    @model_validator(mode="after")
+    def _two_aliases(self):
+        if self.promote_if is not None and self.promote_if.alias == self.alias:
+            raise ValueError(f"promote_if.alias is {self.alias!r}, the alias every new version gets: promote to "
+                             "another alias (e.g. champion)")
+        return self
 
     @field_validator("tracking_uri")
     @classmethod

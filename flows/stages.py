@@ -411,7 +411,45 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
             log.info("already registered as %s (version %s)", found.uri, found.version)
             return found.uri
         log.info("registering into %s (from %s)", uri, source)
-        return _register(spec, hookpoint, index, uri).uri
+        registered = _register(spec, hookpoint, index, uri)
+        if spec.registry.promote_if is not None:
+            apply_promotion(spec, hookpoint, index, registered, uri)
+        return registered.uri
+
+
+def eval_data_hash(spec: RunSpec) -> str:
+    """Which held-out tokens an evaluation used: versions are compared only when theirs are the same."""
+    return spec.part_hash(*CACHE_SECTIONS, "eval")
+
+
+def apply_promotion(spec: RunSpec, hookpoint: str, index: int, registered, uri: str) -> bool:
+    """registry.promote_if: moves its alias to the new version only if that beats the version there
+    now on the same evaluation tokens; the decision and its numbers go into the version's description."""
+    from storage.registry import NotRegistered, describe, model_version, promote
+
+    rule = spec.registry.promote_if
+    name, version = registered.name, registered.version
+    new = stored_metrics(spec, hookpoint, index).get(rule.metric)
+    if new is None:
+        describe(name, version, f"not promoted to {rule.alias}: the evaluation has no {rule.metric}")
+        return False
+    try:
+        current = model_version(f"models:/{name}@{rule.alias}")
+    except NotRegistered:
+        promote(uri, name, version, rule.alias, f"promoted to {rule.alias}: the first version ranked by {rule.metric} "
+                                                f"({new:.6g})")
+        return True
+    if current.tags.get("eval_data") != eval_data_hash(spec):
+        describe(name, version, f"not promoted to {rule.alias}: version {current.version} there was evaluated on "
+                                "other tokens, so the two are not comparable")
+        return False
+    old = float(current.tags[f"metric.{rule.metric}"])
+    verdict = f"{rule.metric} {new:.6g} vs {old:.6g} of version {current.version} (margin {rule.margin:g})"
+    if rule.better(new, old):
+        promote(uri, name, version, rule.alias, f"promoted to {rule.alias}: {verdict}")
+        return True
+    describe(name, version, f"not promoted to {rule.alias}: {verdict}")
+    return False
 
 
 def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
@@ -434,12 +472,21 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         "aux_k": spec.sae[index].aux_k,
         "dead_tokens": spec.sae[index].dead_tokens,
     }
+    sae_meta = json.loads((directory / "config.json").read_text()).get("metadata", {})
+    store_attrs = store.open_group_for_status(store_url(spec), store_options(spec)).attrs
     tags = {
         "lm": spec.model.source,
+        "lm_revision": str(store_attrs.get("model_revision") or ""),
         "hookpoint": hookpoint,
+        "d_in": str(cfg["d_in"]),
         "n_latents": str(cfg["n_latents"]),
         "k": str(cfg["k"]),
+        "activation": cfg["activation"],
+        "normalization": cfg["normalization"],
+        "data": spec.data.source,
+        "tokens_trained": str(sae_meta.get("train_tokens", "")),
         "spec_hash": spec.part_hash(*register_parts(index)),
+        "eval_data": eval_data_hash(spec),
         "spec_name": spec.name,
     }
     return register_sae(

@@ -15,8 +15,9 @@ class SAEConfig:
     """Shape and architecture of one TopK SAE.
 
     normalization:
-      - "standardize": per token, (x - mean_d(x)) / (std_d(x) + eps), undone on decode, as the
-        released GPT-2 TopK SAEs do (the paper's §2.1 mean-subtraction + unit norm, up to sqrt(d)).
+      - "standardize": per token, (x - mean_d(x)) / (std_d(x) + eps), undone on decode as
+        x_hat * std_d(x) + mean_d(x), as the released GPT-2 TopK SAEs do (the paper's §2.1
+        mean-subtraction + unit norm, up to sqrt(d)); SAELens calls it layer_norm.
       - "dataset_scale": one scalar s computed once from a sample so that E||s x||^2 = d.
       - "none": raw activations.
     """

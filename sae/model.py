@@ -17,6 +17,7 @@ from sae.kernels import sparse_decode, topk_encode
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 STANDARDIZE_EPS = 1e-5  # as in the released GPT-2 SAEs
+SOURCES_GROUP = "saeflow.sae_sources"  # entry points: ref -> TopKSAE | None (from_pretrained)
 
 
 @dataclass
@@ -79,9 +80,10 @@ class TopKSAE(nn.Module):
         x = x.to(self.W_enc.dtype)
         mode = self.cfg.normalization
         if mode == "standardize":
+            # as the released code's LN (and SAELens' layer_norm): divide by std + eps, undo with std
             mean = x.mean(dim=-1, keepdim=True)
-            std = x.std(dim=-1, keepdim=True) + STANDARDIZE_EPS
-            return (x - mean) / std, NormStats(shift=mean, scale=std)
+            std = x.std(dim=-1, keepdim=True)
+            return (x - mean) / (std + STANDARDIZE_EPS), NormStats(shift=mean, scale=std)
         if mode == "dataset_scale":
             zero = x.new_zeros(())
             return x * self.input_scale, NormStats(shift=zero, scale=1 / self.input_scale)
@@ -139,6 +141,22 @@ class TopKSAE(nn.Module):
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
         return out
+
+    @classmethod
+    def from_pretrained(cls, ref: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":
+        """A saeflow SAE directory, or any reference an installed source resolves: saeflow's storage
+        package adds models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH and SAELens or sparsify
+        directories (entry point group `saeflow.sae_sources`; this package imports none of them)."""
+        from importlib.metadata import entry_points
+
+        for source in entry_points(group=SOURCES_GROUP):
+            found = source.load()(str(ref))
+            if found is not None:
+                return found.to(device)
+        if (Path(ref) / CONFIG_FILE).is_file():
+            return cls.load(ref, device)
+        raise FileNotFoundError(f"{ref}: not an SAE directory, nor a reference an installed source resolves "
+                                "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH need saeflow's storage package)")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 PYFUNC_CODE = Path(__file__).with_name("sae_pyfunc.py")
 ARTIFACT_KEY = "sae"
+CARD_FILE = "MODEL_CARD.md"
 WEIGHTS_TAG = "weights_sha256"
 COMPLETE_TAG = "saeflow.complete"  # set last: a version without it is an interrupted registration
 SAFE_TAG_VALUE = re.compile(r"[A-Za-z0-9._-]+")  # quotable in a registry search filter as is
@@ -92,7 +93,8 @@ def register_sae(
         raise FloatingPointError(f"refusing to register {sae_dir}: non-finite {', '.join(bad)}")
     mlflow = _mlflow(tracking_uri)
     example = np.zeros((2, sae.cfg.d_in), dtype=np.float32)
-    signature = infer_signature(example, np.zeros((2, sae.cfg.n_latents), dtype=np.float32))
+    # params: predict(..., params={"output": "reconstruction"}) returns reconstructions instead of codes
+    signature = infer_signature(example, np.zeros((2, sae.cfg.n_latents), dtype=np.float32), params={"output": "codes"})
     with mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, artifact_root), run_name=model_name) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
@@ -102,6 +104,8 @@ def register_sae(
         with tempfile.TemporaryDirectory() as weights_only:
             for name in (WEIGHTS_FILE, CONFIG_FILE):
                 shutil.copyfile(Path(sae_dir) / name, Path(weights_only) / name)
+            # the model card travels with the weights (saeflow pull copies it too)
+            (Path(weights_only) / CARD_FILE).write_text(model_card(model_name, sae, params, metrics, tags))
             info = mlflow.pyfunc.log_model(
                 name="sae",
                 python_model=str(PYFUNC_CODE),
@@ -126,6 +130,101 @@ def register_sae(
     registered = Registered(model_name, str(version.version), alias, run.info.run_id)
     log.info("registered %s (version %s) in %s", registered.uri, registered.version, tracking_uri)
     return registered
+
+
+def model_card(model_name: str, sae, params: dict, metrics: dict[str, float], tags: dict[str, str]) -> str:
+    """A markdown card: what the SAE is, how it was trained, its metrics, how to load it."""
+    cfg = sae.cfg
+    shown = {k: v for k, v in metrics.items() if k in CARD_METRICS}
+    lines = [
+        f"# {model_name}",
+        "",
+        f"A TopK sparse autoencoder (Gao et al. 2024) on `{tags.get('hookpoint')}` of `{tags.get('lm')}`, trained "
+        "with saeflow.",
+        "",
+        f"- latents: {cfg.n_latents} over d_in = {cfg.d_in}, k = {cfg.k} ({cfg.activation}), input normalisation "
+        f"`{cfg.normalization}`, encoder bias: {cfg.encoder_bias}",
+        f"- data: `{params.get('data')}`, {params.get('train_tokens')} training tokens in contexts of "
+        f"{params.get('context_length')}, batches of {params.get('batch_tokens')}",
+        f"- recipe: {params.get('recipe')}, optimizer {params.get('optimizer') or 'default'}, "
+        f"lr {params.get('lr') or 'auto'}; spec hash `{tags.get('spec_hash')}`",
+        "",
+        "## Held-out metrics",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        *[f"| {k} | {v:.4g} |" for k, v in shown.items()],
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "from sae import TopKSAE",
+        f'sae = TopKSAE.from_pretrained("models:/{model_name}/VERSION")   # or @ALIAS, or a pulled directory',
+        "codes = sae.encode(x)          # raw activations in; sae(x) reconstructs",
+        "```",
+        "",
+        f"`saeflow pull models:/{model_name}@ALIAS --out DIR` writes `sae.safetensors` and `config.json` (no pickle).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+CARD_METRICS = ("normalized_mse", "fraction_variance_explained", "l0", "dead_fraction", "ce_increase", "kl_divergence",
+                "loss_recovered_vs_zero", "loss_recovered_vs_mean", "ablation_sparsity", "eval_tokens")
+
+
+def promote(tracking_uri: str, model_name: str, ref: str, alias: str, reason: str | None = None) -> Registered:
+    """Points `alias` at the version `ref` names (a number, or @ALIAS); `reason` is added to that
+    version's description. Only complete registrations can be promoted."""
+    from mlflow import MlflowClient
+
+    _mlflow(tracking_uri)
+    version = model_version(f"models:/{model_name}{ref if ref.startswith('@') else '/' + ref}")
+    if version.tags.get(COMPLETE_TAG, "true") != "true":
+        raise ValueError(f"version {version.version} of {model_name} is an interrupted registration: not promoted")
+    client = MlflowClient()
+    client.set_registered_model_alias(model_name, alias, version.version)
+    if reason:
+        describe(model_name, version.version, reason)
+    log.info("models:/%s@%s -> version %s", model_name, alias, version.version)
+    return Registered(model_name, str(version.version), alias, version.run_id)
+
+
+def describe(model_name: str, version: str, line: str) -> None:
+    """Adds a line to a version's description (the registry's record of promotion decisions)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    old = client.get_model_version(model_name, version).description or ""
+    client.update_model_version(model_name, version, description=(old + "\n" + line).strip())
+
+
+def list_models(tracking_uri: str, name: str | None = None) -> list[dict]:
+    """Registered models (or the one named) with their versions, aliases and main metrics."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _mlflow(tracking_uri)
+    client = MlflowClient()
+    if name is not None:
+        try:
+            models = [client.get_registered_model(name)]
+        except MlflowException as e:
+            if _absent(e):
+                raise NotRegistered(f"no registered model named {name!r} in {tracking_uri}") from None
+            raise
+    else:
+        models = client.search_registered_models()
+    out = []
+    for m in sorted(models, key=lambda m: m.name):
+        versions = list_versions(tracking_uri, m.name)
+        for row in versions:
+            tags = client.get_model_version(m.name, str(row["version"])).tags
+            row["metrics"] = {k.removeprefix("metric."): float(v) for k, v in tags.items()
+                              if k.removeprefix("metric.") in CARD_METRICS and k.startswith("metric.")}
+            row.update({k: tags.get(k) for k in ("lm", "hookpoint", "n_latents", "k")})
+        out.append({"name": m.name, "aliases": dict(sorted((a, int(v)) for a, v in m.aliases.items())),
+                    "versions": versions})
+    return out
 
 
 def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
@@ -271,8 +370,9 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
             raise OSError(f"{model_uri}: the downloaded {WEIGHTS_FILE} does not match its registered sha256 "
                           f"{expected}: the artifact store holds a damaged copy")
         out.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            shutil.copyfile(src / name, out / name)
+        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
+            if (src / name).exists():  # versions registered before model cards have none
+                shutil.copyfile(src / name, out / name)
     log.info("pulled %s into %s", model_uri, out)
     return out
 

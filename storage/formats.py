@@ -1,0 +1,202 @@
+"""SAEs in and out of the field's other on-disk formats: SAELens (`SAE.load_from_disk`) and EleutherAI
+sparsify (`SparseCoder.load_from_disk`), each in its own file names, keys, orientation and config.
+
+The three models compute the same thing on their inputs, z = ReLU(TopK(W_enc (x - b_dec) + b_enc)) and
+x_hat = W_dec^T z + b_dec; they differ in what they do to the input first. saeflow's `dataset_scale`
+(one constant s) is folded into the weights exactly, so that codes and reconstructions are unchanged:
+W_enc -> s W_enc, W_dec -> W_dec / s, b_dec -> b_dec / s. Per-token standardisation is SAELens'
+`layer_norm` (the same arithmetic); sparsify has no input normalisation, so an SAE that standardises
+is refused there rather than silently changed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae.config import SAEConfig
+from sae.model import CONFIG_FILE, WEIGHTS_FILE, TopKSAE
+
+FORMATS = ("saeflow", "saelens", "sparsify")
+SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"  # the config layout SAELens 6 reads without converting it
+
+
+class FormatError(ValueError):
+    """A directory, config or weights file that is not what its format says: one line naming it."""
+
+
+def detect(directory: str | Path) -> str:
+    d = Path(directory)
+    if (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file():
+        return "saeflow"
+    if (d / SAELENS_CONFIG).is_file() and (d / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (d / SPARSIFY_CONFIG).is_file() and (d / SPARSIFY_WEIGHTS).is_file():
+        return "sparsify"
+    if not d.is_dir():
+        raise FormatError(f"{d}: no such directory")
+    raise FormatError(f"{d}: not an SAE directory in a known format: expected {CONFIG_FILE} + {WEIGHTS_FILE} (saeflow), "
+                      f"{SAELENS_CONFIG} + {SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS} (sparsify)")
+
+
+def read(directory: str | Path) -> TopKSAE:
+    """An SAE from a directory in any of the three formats (float32, on the CPU)."""
+    d = Path(directory)
+    fmt = detect(d)
+    if fmt == "saeflow":
+        config = _json(d / CONFIG_FILE)
+        sae = TopKSAE(_config(d / CONFIG_FILE, lambda: SAEConfig(**config["sae"])))
+        _load_into(sae, _tensors(d / WEIGHTS_FILE), d / WEIGHTS_FILE)
+        sae.metadata = config.get("metadata", {})
+        return sae
+    return (_read_saelens if fmt == "saelens" else _read_sparsify)(d)
+
+
+# export ---------------------------------------------------------------------------------------------
+def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
+    """Writes `sae` in `fmt`'s own layout into `out`; raises FormatError where the format cannot say
+    exactly what the SAE computes."""
+    if fmt not in FORMATS:
+        raise FormatError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if fmt == "saeflow":
+        return sae.save(out, sae.metadata)
+    if sae.cfg.activation != "topk":
+        raise FormatError(f"activation {sae.cfg.activation}: only TopK SAEs export to {fmt} (its inference has no "
+                          "learnt threshold like saeflow's batchtopk)")
+    if fmt == "sparsify" and sae.cfg.normalization == "standardize":
+        raise FormatError("normalization standardize: sparsify's SparseCoder takes raw activations and no linear map "
+                          "can express a per-token standardisation; export to saelens (its layer_norm), or train with "
+                          "normalization: none or dataset_scale")
+    W_enc, b_enc, W_dec, b_dec = _raw_weights(sae)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = sae.metadata
+    if fmt == "saelens":
+        config = {
+            "architecture": "topk", "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents, "k": sae.cfg.k,
+            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+            "normalize_activations": "layer_norm" if sae.cfg.normalization == "standardize" else "none",
+            "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
+            "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+                         "model_name": meta.get("model"), "hook_name": meta.get("hookpoint"), "exported_by": "saeflow"},
+        }
+        save_file({"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SAELENS_WEIGHTS)
+        (out / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
+        return out
+    unit = bool(torch.allclose(W_dec.norm(dim=1), torch.ones(W_dec.shape[0]), atol=1e-4))
+    config = {"activation": "topk", "expansion_factor": max(sae.cfg.n_latents // sae.cfg.d_in, 1),
+              "normalize_decoder": unit, "num_latents": sae.cfg.n_latents, "k": sae.cfg.k, "multi_topk": False,
+              "skip_connection": False, "transcode": False, "d_in": sae.cfg.d_in}
+    save_file({"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SPARSIFY_WEIGHTS)
+    (out / SPARSIFY_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _raw_weights(sae: TopKSAE) -> tuple[torch.Tensor, ...]:
+    """(W_enc, b_enc, W_dec, b_dec) of the same map on the input the target format sees."""
+    W_enc, W_dec, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_pre))
+    b_enc = sae.b_enc.detach().float().cpu() if sae.b_enc is not None else torch.zeros(sae.cfg.n_latents)
+    if sae.cfg.normalization == "dataset_scale":
+        s = float(sae.input_scale)
+        W_enc, W_dec, b_pre = W_enc * s, W_dec / s, b_pre / s
+    return W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_pre.contiguous()
+
+
+# import ---------------------------------------------------------------------------------------------
+def _read_saelens(d: Path) -> TopKSAE:
+    cfg = _json(d / SAELENS_CONFIG)
+    where = d / SAELENS_CONFIG
+    if cfg.get("architecture") != "topk":
+        raise FormatError(f"{where}: architecture {cfg.get('architecture')!r}: saeflow imports TopK SAEs only")
+    norm = {"none": "none", "layer_norm": "standardize"}.get(cfg.get("normalize_activations", "none"))
+    if norm is None:
+        raise FormatError(f"{where}: normalize_activations {cfg.get('normalize_activations')!r} has no saeflow "
+                          "equivalent (none and layer_norm have)")
+    if cfg.get("reshape_activations", "none") != "none":
+        raise FormatError(f"{where}: reshape_activations {cfg['reshape_activations']!r}: only flat activations import")
+    sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], cfg["d_sae"], cfg["k"], True, norm))
+    w = _tensors(d / SAELENS_WEIGHTS)
+    W_enc, W_dec, b_enc, b_dec = (_key(w, k, d / SAELENS_WEIGHTS) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    W_enc = W_enc.T
+    if cfg.get("rescale_acts_by_decoder_norm"):  # decoder taken as normalised: fold its norms in (exact)
+        norms = W_dec.norm(dim=1)
+        W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
+    if not cfg.get("apply_b_dec_to_input", True):  # saeflow always subtracts b_dec: add it back in the bias
+        b_enc = b_enc + W_enc @ b_dec
+    sae = TopKSAE(sae_cfg)
+    _load_into(sae, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}, d / SAELENS_WEIGHTS)
+    meta = cfg.get("metadata") or {}
+    sae.metadata = {"imported_from": "saelens", "source": str(d), "model": meta.get("model_name"),
+                    "hookpoint": meta.get("hook_name")}
+    return sae
+
+
+def _read_sparsify(d: Path) -> TopKSAE:
+    cfg = _json(d / SPARSIFY_CONFIG)
+    where = d / SPARSIFY_CONFIG
+    if cfg.get("activation", "topk") != "topk":
+        raise FormatError(f"{where}: activation {cfg['activation']!r}: saeflow imports TopK SAEs only")
+    for unsupported in ("skip_connection", "transcode"):
+        if cfg.get(unsupported):
+            raise FormatError(f"{where}: {unsupported} is set: saeflow imports plain sparse autoencoders only")
+    n = cfg.get("num_latents") or cfg.get("d_in", 0) * cfg.get("expansion_factor", 32)
+    sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], n, cfg.get("k", 32), True, "none"))
+    w = _tensors(d / SPARSIFY_WEIGHTS)
+    weights = {"W_enc": _key(w, "encoder.weight", d / SPARSIFY_WEIGHTS), "b_enc": _key(w, "encoder.bias", d / SPARSIFY_WEIGHTS),
+               "W_dec": _key(w, "W_dec", d / SPARSIFY_WEIGHTS), "b_pre": _key(w, "b_dec", d / SPARSIFY_WEIGHTS)}
+    sae = TopKSAE(sae_cfg)
+    _load_into(sae, weights, d / SPARSIFY_WEIGHTS)
+    sae.metadata = {"imported_from": "sparsify", "source": str(d)}
+    return sae
+
+
+# reading with errors that name the file -------------------------------------------------------------
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def _config(path: Path, build) -> SAEConfig:
+    try:
+        return build()
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"{path}: incomplete or invalid SAE config ({type(e).__name__}: {e})") from None
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{path}: not a readable safetensors file (truncated or damaged?): {e}") from None
+
+
+def _key(weights: dict, key: str, path: Path) -> torch.Tensor:
+    if key not in weights:
+        raise FormatError(f"{path}: no tensor {key!r} (it has {', '.join(sorted(weights))})")
+    return weights[key].float()
+
+
+def _load_into(sae: TopKSAE, weights: dict[str, torch.Tensor], path: Path) -> None:
+    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
+    for name, t in weights.items():
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise FormatError(f"{path}: {name} has shape {tuple(t.shape)}, but the config says {expected[name]}")
+    missing = sorted(set(expected) - set(weights) - {"input_scale", "threshold"} - ({"b_enc"} if sae.b_enc is None else set()))
+    if missing:
+        raise FormatError(f"{path}: missing {', '.join(missing)}")
+    with torch.no_grad():
+        state = sae.state_dict()
+        for name, t in weights.items():
+            if name in state:
+                state[name].copy_(t.float())

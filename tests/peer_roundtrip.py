@@ -1,0 +1,67 @@
+"""Runs inside the peers' own venv (SAELens, sparsify; no saeflow): loads or makes an SAE with the
+peer's own code and writes its codes and reconstructions of given inputs, all as safetensors.
+
+    python peer_roundtrip.py load saelens|sparsify SAE_DIR INPUTS OUT
+    python peer_roundtrip.py make saelens|sparsify SAE_DIR INPUTS OUT   (random SAE, nonzero biases)
+"""
+
+import sys
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def saelens_outputs(sae, x):
+    with torch.no_grad():
+        codes = sae.encode(x)
+        return codes, sae.decode(codes)
+
+
+def sparsify_outputs(sae, x):
+    with torch.no_grad():
+        out = sae.encode(x)
+        codes = torch.zeros(x.shape[0], sae.num_latents).scatter_(1, out.top_indices, out.top_acts)
+        return codes, sae.decode(out.top_acts, out.top_indices)
+
+
+def make(library, directory, d, n, k, layer_norm):
+    g = torch.Generator().manual_seed(0)
+    if library == "saelens":
+        from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+        sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=n, k=k, normalize_activations="layer_norm" if layer_norm else "none"))
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
+            sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+        sae.save_model(directory)
+        return sae
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.randn(n, d, generator=g) / d**0.5)
+        sae.encoder.bias.copy_(torch.randn(n, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+    sae.save_to_disk(directory)
+    return sae
+
+
+def main():
+    action, library, directory, inputs, out = sys.argv[1:6]
+    x = load_file(inputs)["x"]
+    if action == "make":
+        sae = make(library, directory, x.shape[1], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8] == "layer_norm")
+    elif library == "saelens":
+        from sae_lens import SAE
+
+        sae = SAE.load_from_disk(directory)
+    else:
+        from sparsify import SparseCoder
+
+        sae = SparseCoder.load_from_disk(directory)
+    codes, recon = (saelens_outputs if library == "saelens" else sparsify_outputs)(sae, x)
+    save_file({"codes": codes.contiguous(), "recon": recon.contiguous()}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""SAEs out to and in from SAELens and sparsify, checked in the peers' own code: their loaders open
+what saeflow exports and compute the same codes and reconstructions, and saeflow imports what their
+own code made and computes what they compute. The peers live in their own venv (.bench-peers/,
+built on first use, as the peer benchmarks build it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae.config import SAEConfig
+from sae.model import TopKSAE
+from storage import formats
+
+HERE = Path(__file__).parent
+D, N, K = 24, 96, 6
+
+
+@pytest.fixture(scope="session")
+def peers_python():
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    from train_throughput import peers_python as build
+
+    return build(None)
+
+
+def inputs(tmp_path) -> tuple[torch.Tensor, Path]:
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(1)) * 3 + 1
+    path = tmp_path / "inputs.safetensors"
+    save_file({"x": x}, path)
+    return x, path
+
+
+def in_peer(python, action, library, directory, inputs_path, tmp_path, *extra) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"{library}-{action}-out.safetensors"
+    done = subprocess.run([python, str(HERE / "peer_roundtrip.py"), action, library, str(directory), str(inputs_path),
+                           str(out), *map(str, extra)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(out)
+
+
+def ours(sae: TopKSAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        codes = sae.encode(x)
+        return codes.dense(sae.cfg.n_latents), sae.decode(codes)
+
+
+def random_sae(normalization: str) -> TopKSAE:
+    g = torch.Generator().manual_seed(2)
+    sae = TopKSAE(SAEConfig(D, N, K, encoder_bias=True, normalization=normalization))
+    sae.reset_parameters(generator=g)
+    with torch.no_grad():
+        sae.W_enc.mul_(torch.rand(N, 1, generator=g) + 0.5)
+        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.1)
+        sae.b_pre.copy_(torch.randn(D, generator=g) * 0.2)
+        sae.input_scale.fill_(0.37 if normalization == "dataset_scale" else 1.0)
+    sae.metadata = {"model": "tiny-lm", "hookpoint": "model.layers.1"}
+    return sae
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+CASES = [("saelens", "none"), ("saelens", "dataset_scale"), ("saelens", "standardize"),
+         ("sparsify", "none"), ("sparsify", "dataset_scale")]
+
+
+@pytest.mark.parametrize("library, normalization", CASES)
+def test_export_opens_in_the_peers_loader_and_computes_the_same(peers_python, tmp_path, library, normalization):
+    sae = random_sae(normalization)
+    x, x_path = inputs(tmp_path)
+    out = formats.export(sae, library, tmp_path / library)
+    theirs = in_peer(peers_python, "load", library, out, x_path, tmp_path)
+    codes, recon = ours(sae, x)
+    assert close(theirs["codes"], codes), (theirs["codes"] - codes).abs().max()
+    assert close(theirs["recon"], recon), (theirs["recon"] - recon).abs().max()
+    back = formats.read(out)  # and the exported files read back into the same SAE
+    assert close(ours(back, x)[1], recon)
+
+
+@pytest.mark.parametrize("library, normalization", [("saelens", "none"), ("saelens", "layer_norm"), ("sparsify", "none")])
+def test_import_of_an_sae_made_by_the_peers_code_computes_what_theirs_does(peers_python, tmp_path, library, normalization):
+    x, x_path = inputs(tmp_path)
+    theirs = in_peer(peers_python, "make", library, tmp_path / library, x_path, tmp_path, N, K, normalization)
+    sae = TopKSAE.from_pretrained(tmp_path / library)
+    assert sae.metadata["imported_from"] == library
+    codes, recon = ours(sae, x)
+    assert close(codes, theirs["codes"]), (codes - theirs["codes"]).abs().max()
+    assert close(recon, theirs["recon"]), (recon - theirs["recon"]).abs().max()
+
+
+def test_standardizing_sae_is_refused_by_sparsify_export_naming_why(tmp_path):
+    with pytest.raises(formats.FormatError, match="normalization standardize: sparsify's SparseCoder takes raw"):
+        formats.export(random_sae("standardize"), "sparsify", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

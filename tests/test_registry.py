@@ -1,0 +1,196 @@
+"""The registry as users drive it: promotion by rule and by hand, `saeflow ls`, from_pretrained for
+every kind of reference, a real MLflow server (PostgreSQL, artifacts in S3) from a fresh process,
+the model card, and one-line errors for references and files that are not what they should be."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows import stages
+from flows.spec import parse_spec
+from sae.config import SAEConfig
+from sae.model import TopKSAE
+from storage import formats
+
+from servers import BIN
+
+HOOK = "model.layers.1"
+
+
+def spec_for(tiny_model_dir, text_dir, tmp_path, tokens: int, tracking_uri: str, **registry):
+    return parse_spec({
+        "name": f"tiny-{tokens}",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3,
+                 "store": str(tmp_path / "store")},
+        "hookpoints": [HOOK],
+        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
+        "train": {"batch_tokens": 128, "tokens": tokens},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "report_latents": 0, "ablation_contexts": 0},
+        "registry": {"tracking_uri": tracking_uri, "model_name": "tiny", **registry},
+        "workdir": str(tmp_path / "work"),
+    })
+
+
+def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, text_dir, tmp_path):
+    import contextlib
+    import io
+
+    from mlflow import MlflowClient
+
+    from flows.cli import main
+    from flows.pipeline import pipeline
+    from storage.registry import model_version
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rule = {"promote_if": {"metric": "normalized_mse", "margin": 0.0, "alias": "champion"}}
+    good = spec_for(tiny_model_dir, text_dir, tmp_path, 1500, uri, **rule)
+    pipeline(good)
+    assert str(model_version("models:/tiny@champion").version) == "1"  # the first ranked version
+    assert "the first version ranked by normalized_mse" in MlflowClient().get_model_version("tiny", "1").description
+
+    worse = spec_for(tiny_model_dir, text_dir, tmp_path, 256, uri, **rule)  # 2 steps instead of 12
+    pipeline(worse)
+    assert str(model_version("models:/tiny@candidate").version) == "2"
+    assert str(model_version("models:/tiny@champion").version) == "1"  # not better: stays
+    note = MlflowClient().get_model_version("tiny", "2").description
+    assert note.startswith("not promoted to champion: normalized_mse") and "of version 1" in note
+    mse = {v: float(model_version(f"models:/tiny/{v}").tags["metric.normalized_mse"]) for v in ("1", "2")}
+    assert mse["2"] > mse["1"]
+
+    # by hand: the candidate becomes champion
+    assert main(["promote", "tiny", "@candidate", "--alias", "champion", "--tracking-uri", uri]) == 0
+    assert str(model_version("models:/tiny@champion").version) == "2"
+    assert "promoted to champion by hand" in MlflowClient().get_model_version("tiny", "2").description
+    # (not capsys: Prefect's log handler, set up in this test, would keep its closed stream)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["ls", "--json", "--tracking-uri", uri]) == 0
+    (listed,) = json.loads(out.getvalue())
+    assert listed["name"] == "tiny" and listed["aliases"] == {"candidate": 2, "champion": 2}
+    assert [v["version"] for v in listed["versions"]] == [2, 1]
+    assert listed["versions"][1]["metrics"]["normalized_mse"] == pytest.approx(mse["1"], rel=1e-5)
+    tags = model_version("models:/tiny/1").tags
+    for key in ("lm", "hookpoint", "d_in", "n_latents", "k", "activation", "normalization", "spec_hash", "data",
+                "tokens_trained", "weights_sha256", "eval_data"):
+        assert tags.get(key), key
+    assert tags["tokens_trained"] == "1536" and tags["d_in"] == "32"
+
+    # other evaluation tokens: the rule does not compare, and says so
+    other_eval = parse_spec({**worse.model_dump(mode="json"), "name": "tiny-other",
+                             "eval": {**worse.eval.model_dump(), "tokens": 200}})
+    pipeline(other_eval)
+    assert "evaluated on other tokens" in MlflowClient().get_model_version("tiny", "3").description
+    assert str(model_version("models:/tiny@champion").version) == "2"
+
+
+def test_from_pretrained_every_reference_kind_and_the_model_card(prefect_harness, tiny_model_dir, text_dir, tmp_path,
+                                                                 monkeypatch):
+    import mlflow
+
+    from flows.pipeline import pipeline
+    from storage.registry import model_version, pull
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = spec_for(tiny_model_dir, text_dir, tmp_path, 1500, uri)
+    pipeline(spec)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    reference = TopKSAE.load(stages.sae_dir(spec, HOOK))
+    x = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    expected = reference(x)
+    version = model_version("models:/tiny@candidate")
+    refs = ["models:/tiny@candidate", "models:/tiny/1", str(stages.sae_dir(spec, HOOK))]
+    mlflow.set_tracking_uri(uri)
+    run_artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(version.run_id)]
+    refs.append(f"runs:/{version.run_id}/sae")
+    for ref in refs:
+        sae = TopKSAE.from_pretrained(ref)
+        assert torch.allclose(sae(x), expected), (ref, run_artifacts)
+    pulled = pull("models:/tiny@candidate", tmp_path / "pulled")
+    card = (pulled / "MODEL_CARD.md").read_text()
+    assert card.startswith("# tiny") and "normalized_mse" in card and 'TopKSAE.from_pretrained("models:/tiny/' in card
+
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model("models:/tiny@candidate")
+    codes = model.predict(x.numpy())
+    recon = model.predict(x.numpy(), params={"output": "reconstruction"})
+    assert codes.shape == (32, 64) and (codes != 0).sum(1).max() <= 4
+    assert torch.allclose(torch.from_numpy(recon), expected, atol=1e-5)
+
+
+def test_real_mlflow_server_register_promote_and_pull_from_a_fresh_process(prefect_harness, mlflow_server, s3_server,
+                                                                           tiny_model_dir, text_dir, tmp_path):
+    from flows.pipeline import pipeline
+
+    spec = spec_for(tiny_model_dir, text_dir, tmp_path, 1500, mlflow_server)
+    rows = pipeline(parse_spec({**spec.model_dump(mode="json"), "registry": {
+        "tracking_uri": mlflow_server, "model_name": "tiny-served"}}))
+    assert rows[0]["model_uri"] == "models:/tiny-served@candidate"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"]}
+    saeflow = str(BIN / "saeflow")
+    done = subprocess.run([saeflow, "promote", "tiny-served", "1", "--alias", "champion"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "models:/tiny-served@champion -> version 1" in done.stdout, done.stderr
+    check = ("from sae import TopKSAE; import torch; sae = TopKSAE.from_pretrained('models:/tiny-served@champion'); "
+             "print(sae.cfg.n_latents, sae.metadata['hookpoint'])")
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["64", HOOK], done.stderr[-2000:]
+
+
+# bad references and files: one line, exit 2 -------------------------------------------------------
+def saved(tmp_path) -> Path:
+    sae = TopKSAE(SAEConfig(8, 16, 2))
+    return sae.save(tmp_path / "sae")
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("make, argv, message", [
+    (lambda p: None, ["export", "models:/nope@champion", "--format", "saelens", "--out", "o"],
+     "models:/nope@champion"),
+    (lambda p: None, ["export", "models:/nope", "--format", "saelens", "--out", "o"], "write models:/NAME@ALIAS"),
+    (lambda p: (p / "junk").mkdir(), ["import", "junk"], "not an SAE directory in a known format"),
+    (lambda p: truncate(saved(p) / "sae.safetensors"), ["import", "sae"], "not a readable safetensors file"),
+    (lambda p: (saved(p) / "config.json").write_text(json.dumps({"sae": {"d_in": 9, "n_latents": 16, "k": 2}})),
+     ["import", "sae"], "W_dec has shape (16, 8), but the config says (16, 9)"),
+    (lambda p: None, ["import", "no-such-dir"], "no-such-dir: no such directory"),
+])
+def test_bad_references_and_files_are_one_line_exit_2(tmp_path, monkeypatch, capsys, make, argv, message):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from storage.registry import _mlflow
+
+    _mlflow(uri).MlflowClient().search_registered_models()  # an existing, empty registry
+    make(tmp_path)
+    capsys.readouterr()
+    assert main([*argv, *(["--tracking-uri", uri] if argv[0] == "export" else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "imported-sae").exists()
+
+
+def test_import_registers_once_and_exports_back(tmp_path, capsys):
+    from flows.cli import main
+    from storage.registry import list_versions
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sae = TopKSAE(SAEConfig(8, 16, 2, normalization="none"))
+    out = formats.export(sae, "sparsify", tmp_path / "peer")
+    for _ in range(2):  # the same weights imported twice: one version
+        assert main(["import", str(out), "--register", "imported", "--tracking-uri", uri]) == 0
+    assert [v["version"] for v in list_versions(uri, "imported")] == [1]
+    assert main(["export", "models:/imported@candidate", "--format", "saelens", "--out", str(tmp_path / "lens"),
+                 "--tracking-uri", uri]) == 0
+    assert formats.detect(tmp_path / "lens") == "saelens"
