@@ -194,3 +194,9 @@ def test_import_registers_once_and_exports_back(tmp_path, capsys):
     assert main(["export", "models:/imported@candidate", "--format", "saelens", "--out", str(tmp_path / "lens"),
                  "--tracking-uri", uri]) == 0
     assert formats.detect(tmp_path / "lens") == "saelens"
+    capsys.readouterr()
+    assert main(["export", "models:/imported@nope", "--format", "saelens", "--out", str(tmp_path / "x"),
+                 "--tracking-uri", uri]) == 2  # the model exists, the alias does not
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models:/imported@nope is not registered" in err[0], err
+    assert not (tmp_path / "x").exists()
