@@ -42,12 +42,17 @@ class DeadLatentTracker:
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_tokens
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+    def update(self, values: torch.Tensor, indices: torch.Tensor, tokens: int | None = None,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """tokens: the batch's size (default: values' rows); reduce sums the hits over the ranks that
+        saw the other rows of a data-parallel batch, so that every rank keeps the same counters."""
         # counted with index_add, not boolean indexing: no host sync, so CUDA steps queue back to back
-        self.tokens_since_fired += values.shape[0]
+        self.tokens_since_fired += values.shape[0] if tokens is None else tokens
         hits = torch.zeros_like(self.tokens_since_fired).index_add_(
             0, indices.reshape(-1), (values.reshape(-1) > self.threshold).long()
         )
+        if reduce is not None:
+            hits = reduce(hits)
         self.tokens_since_fired.masked_fill_(hits > 0, 0)
 
 
@@ -230,6 +235,8 @@ class Trainer:
         # set on the device at every step, read (a host sync) only at log and checkpoint time
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.checked_steps = 0
+        # sae.parallel.Parallel when this trainer holds one shard of a distributed run
+        self.parallel = None
 
     def initialize(self, sample: torch.Tensor) -> None:
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
@@ -247,20 +254,24 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             # no latent can be dead before dead_tokens tokens: skip counting them (a host sync) until then
             dead = self.tracker.dead_mask() if self.tokens >= self.tracker.dead_tokens else None
-            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead)
+            loss_fn = self.parallel.loss if self.parallel else sae_loss
+            parts = loss_fn(sae, x_norm, self.mse_scale, tcfg, dead)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
+        if self.parallel:
+            self.parallel.average_gradients(sae)
         project_decoder_grad(sae)
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
         self.opt.step()
         if not self.schedule_free:  # schedule-free keeps z's rows at unit norm; y and x are its mixtures
             renormalize_decoder(sae)
-        self.tracker.update(parts.values, parts.indices)
+        rows = batch.shape[0] * (self.parallel.grid.data if self.parallel else 1)  # the global batch
+        self.tracker.update(parts.values, parts.indices, rows, self.parallel.sum_over_data if self.parallel else None)
         if sae.cfg.activation == "batchtopk":
             self._update_threshold(parts.values)
-        self.tokens += batch.shape[0]
+        self.tokens += rows
         self.steps += 1
         if self.ema:
             with torch.no_grad():

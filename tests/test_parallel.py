@@ -1,0 +1,74 @@
+"""Distributed training on CPU (gloo): data parallel, latents sharded, and both, against the plain
+single-process trainer on the same global batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from sae.config import SAEConfig, TrainConfig
+from sae.parallel import Grid, Parallel, rank_rows, shard_trainer
+from sae.train import Trainer
+
+from servers import free_port
+
+D, N, K, BATCH, STEPS = 16, 64, 4, 64, 10
+
+
+def configs(optimizer: str, multi_topk: bool):
+    # dead after 2 steps: AuxK is active with dead latents present for most of the run
+    return SAEConfig(D, N, K, encoder_bias=True), TrainConfig(
+        batch_tokens=BATCH, tokens=BATCH * STEPS, dead_tokens=2 * BATCH, aux_k=8, multi_topk=multi_topk,
+        optimizer=optimizer, lr=3e-3 if optimizer == "adam" else None)
+
+
+def data() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(48, D, generator=g)
+    codes = torch.rand(BATCH * STEPS, 48, generator=g) * (torch.rand(BATCH * STEPS, 48, generator=g) < 0.1)
+    return codes @ basis + 0.05 * torch.randn(BATCH * STEPS, D, generator=g)
+
+
+def single(optimizer: str, multi_topk: bool):
+    x = data()
+    trainer = Trainer(*configs(optimizer, multi_topk))
+    trainer.initialize(x)
+    for i in range(STEPS):
+        trainer.step(x[i * BATCH : (i + 1) * BATCH])
+    return trainer.final_sae(), trainer.tracker.tokens_since_fired
+
+
+def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=grid.size)
+    try:
+        x = data()
+        trainer = Trainer(*configs(optimizer, multi_topk))
+        trainer.initialize(x)  # the whole SAE, identical on every rank, then this rank's shard of it
+        parallel = Parallel(grid)
+        shard_trainer(trainer, parallel)
+        for i in range(STEPS):
+            trainer.step(rank_rows(x[i * BATCH : (i + 1) * BATCH], parallel))
+        full = parallel.gather_sae(trainer.final_sae(), K)
+        counters = torch.cat(parallel.gather_shards(trainer.tracker.tokens_since_fired))
+        if rank == 0:
+            save_file({**{k: v.contiguous() for k, v in full.state_dict().items()}, "counters": counters}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("data_parallel, shards, optimizer, multi_topk", [
+    (2, 1, "signum", False), (1, 2, "signum", True), (1, 4, "adam", True), (2, 2, "signum", True),
+])
+def test_grid_training_equals_the_single_process_run(tmp_path, data_parallel, shards, optimizer, multi_topk):
+    grid = Grid(data_parallel, shards)
+    out = tmp_path / "grid.safetensors"
+    mp.spawn(_rank, args=(grid, free_port(), optimizer, multi_topk, str(out)), nprocs=grid.size, join=True)
+    got = load_file(out)
+    reference, counters = single(optimizer, multi_topk)
+    assert torch.equal(got.pop("counters"), counters)  # the same latents fired, step by step
+    for name, value in reference.state_dict().items():
+        assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-5), (name, (got[name] - value).abs().max())
