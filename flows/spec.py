@@ -143,6 +143,32 @@ class TrainSpec(Section):
     seed: int = Field(0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # several processes (README, Train on several GPUs): devices per node (GPUs, or CPU processes),
+    # nodes joined at rdzv_endpoint, and the latents split into latent_shards (a grid of
+    # devices x nodes / latent_shards data-parallel replicas by latent_shards shards)
+    devices: PositiveInt = 1
+    nodes: PositiveInt = 1
+    rdzv_endpoint: str | None = None  # HOST:PORT of the first node (torch.distributed.run's c10d rendezvous)
+    latent_shards: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _grid(self):
+        world = self.devices * self.nodes
+        if world % self.latent_shards:
+            raise ValueError(f"train.latent_shards={self.latent_shards} does not divide the {world} processes "
+                             f"(devices x nodes): use a divisor of {world}")
+        replicas = world // self.latent_shards
+        if self.batch_tokens % replicas:
+            raise ValueError(f"train.batch_tokens={self.batch_tokens} does not split over {replicas} data-parallel "
+                             f"replicas (devices x nodes / latent_shards): use a multiple of {replicas}")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.nodes={self.nodes} needs train.rdzv_endpoint (HOST:PORT of the first node)")
+        if self.rdzv_endpoint and not re.fullmatch(r"[^\s:/]+:\d+", self.rdzv_endpoint):
+            raise ValueError(f"train.rdzv_endpoint {self.rdzv_endpoint!r}: write HOST:PORT")
+        return self
+
+    def distributed(self) -> bool:
+        return self.devices * self.nodes > 1
 
     @model_validator(mode="after")
     def _budget(self):
@@ -419,7 +445,8 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-HASH_EXCLUDED = ("data.store_options", "train.checkpoint_every_tokens", "eval.report_latents", "eval.batch_contexts")
+HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "eval.report_latents",
+                 "eval.batch_contexts")
 
 
 class SpecError(ValueError):
@@ -529,3 +556,7 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
         where = "sae" if len(spec.sae) == 1 else f"sae.{i}"
         if s.k > s.latents(d_model):
             raise SpecError(f"{where}.k={s.k} exceeds n_latents={s.latents(d_model)} (expansion_factor x d_model): lower k")
+        shards = spec.train.latent_shards
+        if s.latents(d_model) % shards:
+            raise SpecError(f"{where}: n_latents={s.latents(d_model)} does not split into train.latent_shards={shards} "
+                            f"equal shards: use a multiple of {shards}")

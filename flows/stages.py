@@ -240,7 +240,13 @@ def cache(spec: RunSpec) -> str:
 
 def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
     """Trains every SAE of the spec at one hookpoint from one pass over its activations; checkpoints
-    every train.checkpoint_every_tokens and resumes from the last checkpoint all of them share."""
+    every train.checkpoint_every_tokens and resumes from the last checkpoint all of them share. With
+    train.devices / nodes > 1, on a grid of processes (flows/distributed.py)."""
+    if spec.train.distributed() and not is_done("train", spec, hookpoint):
+        from flows.distributed import launch
+
+        launch(spec, hookpoint)
+        return [spec.work.location(sae_rel(spec, hookpoint, i)) for i in range(len(spec.sae))]
     from sae.train import Trainer, train_saes
     from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
     from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
@@ -286,28 +292,34 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
                         work.remove(f"{rels[i]}/checkpoints/{name}")
 
     results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens)
-    lm_dir = spec.converted_model_dir()
     for i, result in zip(trainers, results):
-        meta = {
-            "model": spec.model.source,
-            "hookpoint": hookpoint,
-            "first_position": int(spec.data.drop_first_position),
-            "train_tokens": result.tokens,
-            "train_steps": result.steps,
-            "train_dead_fraction": result.dead_fraction,
-            "lr": tcfgs[i].resolved_lr(result.sae.cfg.n_latents),
-            "spec_hash": spec.part_hash(*train_parts(i)),
-            "store_url": store_url(spec),
-            "lm": str(lm_dir) if (lm_dir / "config.json").exists() else spec.model.source,
-        }
-        outs[i].mkdir(parents=True, exist_ok=True)
-        _write_json(outs[i] / "train_history.json", {"history": result.history})
-        result.sae.save(outs[i], metadata=meta)
-        shutil.rmtree(ckpt_dirs[i], ignore_errors=True)
-        work.publish(rels[i], marker=SAE_MARKER)
-        work.remove(f"{rels[i]}/checkpoints")
-        log.info("SAE %d for %s written to %s", i, hookpoint, work.location(rels[i]))
+        write_sae(spec, hookpoint, i, result, tcfgs[i])
     return [work.location(r) for r in rels]
+
+
+def write_sae(spec: RunSpec, hookpoint: str, index: int, result, tcfg) -> None:
+    """Writes a trained SAE (and its history) into its folder, publishes it, drops its checkpoints."""
+    lm_dir = spec.converted_model_dir()
+    meta = {
+        "model": spec.model.source,
+        "hookpoint": hookpoint,
+        "first_position": int(spec.data.drop_first_position),
+        "train_tokens": result.tokens,
+        "train_steps": result.steps,
+        "train_dead_fraction": result.dead_fraction,
+        "lr": tcfg.resolved_lr(result.sae.cfg.n_latents),
+        "spec_hash": spec.part_hash(*train_parts(index)),
+        "store_url": store_url(spec),
+        "lm": str(lm_dir) if (lm_dir / "config.json").exists() else spec.model.source,
+    }
+    out, rel = sae_dir(spec, hookpoint, index), sae_rel(spec, hookpoint, index)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "train_history.json", {"history": result.history})
+    result.sae.save(out, metadata=meta)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    spec.work.publish(rel, marker=SAE_MARKER)
+    spec.work.remove(f"{rel}/checkpoints")
+    log.info("SAE %d for %s written to %s", index, hookpoint, spec.work.location(rel))
 
 
 def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:

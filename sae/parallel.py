@@ -51,6 +51,8 @@ class Parallel:
                              f"the world has {dist.get_world_size()}")
         self.grid = grid
         self.rank = dist.get_rank()
+        # NCCL moves CUDA tensors only
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         self.data_index, self.shard = grid.coords(self.rank)
         self.shard_group = self.data_group = None
         for d in range(grid.data):  # ranks sharing rows: one per shard
@@ -111,7 +113,7 @@ class Parallel:
         state = part.state_dict()
         for name in ("W_enc", "W_dec", "b_enc"):
             if state.get(name) is not None:
-                state[name] = torch.cat(self.gather_shards(state[name].detach()))
+                state[name] = torch.cat(self.gather_shards(state[name].detach().to(self.device))).to(state[name].device)
         full.load_state_dict(state)
         full.metadata = dict(part.metadata)
         return full
@@ -124,7 +126,8 @@ class Parallel:
         n = n_local * self.grid.latents
         k = self.k
         k_wide = min(4 * k, n) if tcfg.multi_topk else k
-        n_dead = int(self.sum_over_shards(torch.tensor(int(dead.sum()) if dead is not None else 0)))
+        local_dead = dead.sum() if dead is not None else torch.zeros((), dtype=torch.long, device=x_norm.device)
+        n_dead = int(self.sum_over_shards(local_dead.clone()))
         aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead)
         x_in = _EnterShards.apply(x_norm - sae.b_pre, self)
         # the same candidate widths on every shard (gathered side by side); a shard with fewer dead

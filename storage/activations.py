@@ -372,22 +372,31 @@ def column_mean(array: zarr.Array, stop: int | None = None, batch_rows: int = 65
 
 
 def shuffled_batches(
-    array: zarr.Array, batch_rows: int, seed: int, buffer_chunks: int = 8, start_batch: int = 0
+    array: zarr.Array, batch_rows: int, seed: int, buffer_chunks: int = 8, start_batch: int = 0,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches, deterministic for a seed, never holding the whole array.
 
     Whole chunks are read in a random order, `buffer_chunks` at a time, and rows are shuffled inside
     that buffer (random single-row reads would touch nearly every chunk). `start_batch` resumes the
-    sequence at that batch (a training checkpoint's data cursor).
+    sequence at that batch (a training checkpoint's data cursor). `part=(i, P)`: the i-th of P
+    data-parallel readers, which reads every P-th chunk of the shared order and yields batches of
+    batch_rows / P rows (together the P parts make the global batch; no reader reads another's rows).
     """
-    rng = np.random.default_rng(seed)
+    index, parts = part
+    order_rng = np.random.default_rng(seed)  # the same chunk order for every part
+    rng = np.random.default_rng([seed, index]) if parts > 1 else order_rng
+    batch_rows //= parts
     rows = array.chunks[0]
     n_chunks = math.ceil(array.shape[0] / rows)
+    if n_chunks < parts:
+        raise ValueError(f"the store has {n_chunks} chunks of rows, fewer than its {parts} data-parallel readers: "
+                         "cache more tokens or train on fewer replicas")
     carry = torch.empty(0, array.shape[1])
     batch_index = 0
     while True:
-        order = rng.permutation(n_chunks)
-        for i in range(0, n_chunks, buffer_chunks):
+        order = order_rng.permutation(n_chunks)[index::parts]
+        for i in range(0, len(order), buffer_chunks):
             buf = torch.cat([carry] + [_rows(array, c * rows, (c + 1) * rows) for c in order[i : i + buffer_chunks]])
             buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
             n_full = len(buf) // batch_rows
