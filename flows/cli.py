@@ -130,6 +130,31 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_plan_memory(args) -> int:
+    """Per-device memory of training each SAE of the spec: on its grid, and with other latent shards."""
+    from sae.lm import load_config
+
+    spec = load_spec(args.spec)
+    converted = spec.converted_model_dir()
+    d_model = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source,
+                          local_only=True).hidden_size
+    device = spec.planned_device()
+    t = spec.train
+    print(f"{spec.name}: per device, d_model {d_model}, batch {t.batch_tokens}, {device}"
+          + (f", limit {t.device_memory_gib:g} GiB" if t.device_memory_gib else ""))
+    for i, s in enumerate(spec.sae):
+        print(f"  SAE {i}: {s.latents(d_model):,} latents, k {s.k}")
+        shards = sorted({t.latent_shards, *(2**j for j in range(6) if 2**j <= max(t.devices * t.nodes, 1))})
+        header = "    " + f"{'grid':<10}" + "".join(f"{name:>17}" for name, _ in spec.memory_plan(d_model, i).rows())
+        print(header)
+        for S in shards:
+            plan = spec.memory_plan(d_model, i, shards=S, device=device)
+            mark = "  <- the spec's grid" if S == t.latent_shards else ""
+            grid = f"{max(t.devices * t.nodes // S, 1)} x {S}"
+            print("    " + f"{grid:<10}" + "".join(f"{size / 2**30:>13.3f} GiB" for _, size in plan.rows()) + mark)
+    return 0
+
+
 def cmd_promote(args) -> int:
     from flows.spec import _alias_name
     from storage.registry import promote
@@ -271,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("plan-memory", help="per-device memory of training the spec's SAEs on its grid and others")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_plan_memory)
     p = sub.add_parser("verify", help="check every shard of the spec's activation store against its checksum")
     p.add_argument("spec")
     p.set_defaults(func=cmd_verify)

@@ -150,6 +150,7 @@ class TrainSpec(Section):
     nodes: PositiveInt = 1
     rdzv_endpoint: str | None = None  # HOST:PORT of the first node (torch.distributed.run's c10d rendezvous)
     latent_shards: PositiveInt = 1
+    device_memory_gib: float | None = Field(None, gt=0)  # refuse at validation a grid that needs more per device
 
     @model_validator(mode="after")
     def _grid(self):
@@ -169,6 +170,9 @@ class TrainSpec(Section):
 
     def distributed(self) -> bool:
         return self.devices * self.nodes > 1
+
+    def replicas(self) -> int:
+        return self.devices * self.nodes // self.latent_shards
 
     @model_validator(mode="after")
     def _budget(self):
@@ -415,6 +419,26 @@ class RunSpec(Section):
                                  "in n_latents, k or activation, or split them into two specs")
         return self
 
+    def planned_device(self) -> str:
+        """train.device, with auto read as CUDA where there is one."""
+        if self.train.device != "auto":
+            return self.train.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def memory_plan(self, d_model: int, index: int = 0, shards: int | None = None, device: str = "cuda"):
+        """Per-device memory of training SAE `index` on this spec's grid (or with `shards` instead)."""
+        from sae.memory import plan_memory
+
+        t, s = self.train, self.sae[index]
+        shards = shards or t.latent_shards
+        replicas = max(t.devices * t.nodes // shards, 1)
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
+        return plan_memory(d_model, s.latents(d_model), s.k, t.batch_tokens, replicas, shards,
+                           t.optimizer or ("adam" if t.recipe == "paper" else "signum"), bool(t.ema_decay), bf16,
+                           multi_topk=s.multi_topk)
+
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]
         return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization, s.activation)
@@ -556,6 +580,14 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
         where = "sae" if len(spec.sae) == 1 else f"sae.{i}"
         if s.k > s.latents(d_model):
             raise SpecError(f"{where}.k={s.k} exceeds n_latents={s.latents(d_model)} (expansion_factor x d_model): lower k")
+        limit = spec.train.device_memory_gib
+        if limit is not None:
+            plan = spec.memory_plan(d_model, i, device=spec.planned_device())
+            if plan.total > limit * 2**30:
+                parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in plan.rows()[:-1])
+                raise SpecError(f"train.device_memory_gib={limit:g}: {where} needs {plan.total / 2**30:.2f} GiB per device "
+                                f"on a {spec.train.replicas()} x {spec.train.latent_shards} grid ({parts} GiB): raise "
+                                "train.latent_shards (with devices), or lower train.batch_tokens (saeflow plan-memory)")
         shards = spec.train.latent_shards
         if s.latents(d_model) % shards:
             raise SpecError(f"{where}: n_latents={s.latents(d_model)} does not split into train.latent_shards={shards} "

@@ -1,0 +1,44 @@
+"""How much memory one training process needs: the planner behind `saeflow plan-memory` and the
+train.device_memory_gib check. Counts what a step holds at its peak, per rank of a grid of
+`replicas` data-parallel copies x `shards` latent shards (sae/parallel.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOAT32 = 4
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights: int  # encoder and decoder rows of this shard, biases (float32)
+    gradients: int
+    optimizer: int  # schedule-free sign descent: two copies; Adam: two moments
+    ema: int
+    batch: int  # one batch's activations: inputs, pre-activations, their top-k and AuxK copies
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.ema + self.batch
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                ("weight EMA", self.ema), ("one batch", self.batch), ("total", self.total)]
+
+
+def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: int = 1, shards: int = 1,
+                optimizer: str = "signum", ema: bool = False, bf16: bool = False, aux: bool = True,
+                multi_topk: bool = False) -> MemoryPlan:
+    n = n_latents // shards
+    rows = batch_tokens // replicas
+    weights = (2 * n * d_in + n + d_in) * FLOAT32
+    # autocast keeps a bf16 copy of the encoder for the matmul
+    bf16_encoder = n * d_in * 2 if bf16 else 0
+    pre_bytes = 2 if bf16 else FLOAT32
+    width = min(4 * k, n) if multi_topk else k
+    # the pre-activations, and with AuxK their masked copy; the sparse gradient products are k wide;
+    # a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
+    batch = (rows * n * pre_bytes * (2 if aux else 1) + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4
+             + n * d_in * FLOAT32)
+    return MemoryPlan(weights=weights + bf16_encoder, gradients=weights, optimizer=2 * weights,
+                      ema=weights if ema else 0, batch=batch)

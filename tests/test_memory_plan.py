@@ -1,0 +1,63 @@
+"""The memory planner against measured peak memory (CPU, a fresh process per size), and the spec
+check that refuses a grid which does not fit the stated device memory before anything starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sae.memory import plan_memory
+
+MEASURE = """
+import json, resource, sys, torch
+from sae.config import SAEConfig, TrainConfig
+from sae.train import Trainer
+d, n, b, opt = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+x = torch.randn(2 * b, d)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = Trainer(SAEConfig(d, n, 32), TrainConfig(batch_tokens=b, tokens=10**9, dead_tokens=b, aux_k=d // 2,
+            optimizer=opt, geometric_median_samples=b))
+t.initialize(x[:b])
+for i in range(4):  # dead latents after the first step: AuxK's masked copy is held too
+    t.step(x[(i % 2) * b : (i % 2 + 1) * b])
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base))
+"""
+
+
+@pytest.mark.parametrize("d, n, batch, optimizer", [(256, 65536, 1024, "signum"), (128, 131072, 512, "adam")])
+def test_estimate_within_20_percent_of_measured_peak(d, n, batch, optimizer):
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(d), str(n), str(batch), optimizer], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    estimate = plan_memory(d, n, 32, batch, optimizer=optimizer).total
+    assert 0.8 <= estimate / measured <= 1.2, (estimate / 2**20, measured / 2**20)
+
+
+def test_sharding_divides_the_latent_state_and_replicas_divide_the_batch():
+    one = plan_memory(768, 1 << 20, 32, 4096)
+    four = plan_memory(768, 1 << 20, 32, 4096, replicas=1, shards=4)
+    assert four.weights * 4 == pytest.approx(one.weights, rel=1e-4) and four.optimizer * 4 == pytest.approx(one.optimizer, rel=1e-4)
+    assert plan_memory(768, 1 << 20, 32, 4096, replicas=2).batch < one.batch
+
+
+def test_a_grid_that_does_not_fit_is_refused_before_anything_starts(tiny_model_dir, text_dir, tmp_path, capsys):
+    from flows.cli import main
+
+    spec = {"name": "big", "model": {"source": str(tiny_model_dir)}, "data": {"source": str(text_dir)},
+            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 1 << 20, "k": 32},
+            "train": {"device_memory_gib": 1, "device": "cpu", "batch_tokens": 256}, "workdir": str(tmp_path / "work")}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.device_memory_gib=1: sae needs" in err and "GiB per device on a 1 x 1 grid" in err
+    assert "raise train.latent_shards" in err
+    spec["train"] = {**spec["train"], "devices": 4, "latent_shards": 4}
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 0  # a quarter of the latents per process fits
+    assert not (tmp_path / "work").exists()
