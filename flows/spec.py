@@ -437,7 +437,7 @@ class RunSpec(Section):
         bf16 = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
         return plan_memory(d_model, s.latents(d_model), s.k, t.batch_tokens, replicas, shards,
                            t.optimizer or ("adam" if t.recipe == "paper" else "signum"), bool(t.ema_decay), bf16,
-                           multi_topk=s.multi_topk)
+                           multi_topk=s.multi_topk, cuda=device.startswith("cuda"))
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]

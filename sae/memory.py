@@ -28,7 +28,9 @@ class MemoryPlan:
 
 def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: int = 1, shards: int = 1,
                 optimizer: str = "signum", ema: bool = False, bf16: bool = False, aux: bool = True,
-                multi_topk: bool = False) -> MemoryPlan:
+                multi_topk: bool = False, cuda: bool = False, fused: bool = False) -> MemoryPlan:
+    """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
+    gradients (no dense buffer); fused: SAEFLOW_FUSED_TOPK=1 (no pre-activation matrix at all)."""
     n = n_latents // shards
     rows = batch_tokens // replicas
     weights = (2 * n * d_in + n + d_in) * FLOAT32
@@ -37,8 +39,8 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: 
     pre_bytes = 2 if bf16 else FLOAT32
     width = min(4 * k, n) if multi_topk else k
     # the pre-activations, and with AuxK their masked copy; the sparse gradient products are k wide;
-    # a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
-    batch = (rows * n * pre_bytes * (2 if aux else 1) + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4
-             + n * d_in * FLOAT32)
+    # on the CPU a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
+    pre = 0 if fused else rows * n * pre_bytes * (2 if aux else 1)
+    batch = pre + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
     return MemoryPlan(weights=weights + bf16_encoder, gradients=weights, optimizer=2 * weights,
                       ema=weights if ema else 0, batch=batch)
