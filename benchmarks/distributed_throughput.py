@@ -19,10 +19,36 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def rank_main(rank: int, grid, port: int, args, results) -> None:
+def setup(args, device: str):
+    """The benchmark's data and an initialised full-size trainer (identical in every process)."""
     from sae.config import SAEConfig, TrainConfig
-    from sae.parallel import Grid, Parallel, rank_rows, shard_trainer
     from sae.train import Trainer
+
+    x = torch.randn(2 * args.batch, args.d, generator=torch.Generator().manual_seed(0)).to(device)
+    trainer = Trainer(SAEConfig(args.d, args.n, args.k), TrainConfig(batch_tokens=args.batch, tokens=10**12,
+                                                                      dead_tokens=10**9, device=device))
+    trainer.initialize(x)
+    return x, trainer
+
+
+def timed(steps: int, step, cuda: bool) -> float:
+    """Seconds for `steps` calls of step(i) after two warm-up calls."""
+    for i in range(2):
+        step(i)
+    if dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+    if dist.is_initialized():
+        dist.barrier()
+    return time.perf_counter() - start
+
+
+def rank_main(rank: int, grid, port: int, args, results) -> None:
+    from sae.parallel import Grid, Parallel, rank_rows, shard_trainer
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -31,45 +57,21 @@ def rank_main(rank: int, grid, port: int, args, results) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // grid[0] // grid[1]))
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=grid[0] * grid[1])
-    device = f"cuda:{rank}" if cuda else "cpu"
-    x = torch.randn(2 * args.batch, args.d, generator=torch.Generator().manual_seed(0)).to(device)
-    trainer = Trainer(SAEConfig(args.d, args.n, args.k), TrainConfig(batch_tokens=args.batch, tokens=10**12,
-                                                                      dead_tokens=10**9, device=device))
-    trainer.initialize(x)
+    x, trainer = setup(args, f"cuda:{rank}" if cuda else "cpu")
     parallel = Parallel(Grid(*grid))
     shard_trainer(trainer, parallel)
     batches = [rank_rows(x[i * args.batch : (i + 1) * args.batch], parallel) for i in range(2)]
-    for i in range(2):
-        trainer.step(batches[i])
-    dist.barrier()
-    start = time.perf_counter()
-    for i in range(args.steps):
-        trainer.step(batches[i % 2])
-    if cuda:
-        torch.cuda.synchronize()
-    dist.barrier()
+    seconds = timed(args.steps, lambda i: trainer.step(batches[i % 2]), cuda)
     if rank == 0:
-        results.put(args.batch * args.steps / (time.perf_counter() - start))
+        results.put(args.batch * args.steps / seconds)
     dist.destroy_process_group()
 
 
 def single(args) -> float:
-    from sae.config import SAEConfig, TrainConfig
-    from sae.train import Trainer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(2 * args.batch, args.d, generator=torch.Generator().manual_seed(0)).to(device)
-    trainer = Trainer(SAEConfig(args.d, args.n, args.k), TrainConfig(batch_tokens=args.batch, tokens=10**12,
-                                                                      dead_tokens=10**9, device=device))
-    trainer.initialize(x)
-    for i in range(2):
-        trainer.step(x[(i % 2) * args.batch : (i % 2 + 1) * args.batch])
-    start = time.perf_counter()
-    for i in range(args.steps):
-        trainer.step(x[(i % 2) * args.batch : (i % 2 + 1) * args.batch])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return args.batch * args.steps / (time.perf_counter() - start)
+    cuda = torch.cuda.is_available()
+    x, trainer = setup(args, "cuda" if cuda else "cpu")
+    batches = [x[i * args.batch : (i + 1) * args.batch] for i in range(2)]
+    return args.batch * args.steps / timed(args.steps, lambda i: trainer.step(batches[i % 2]), cuda)
 
 
 def main() -> None:

@@ -399,6 +399,13 @@ class RunSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _grid_activation(self):
+        if self.train.distributed() and any(s.activation == "batchtopk" for s in self.sae):
+            raise ValueError("sae.activation batchtopk trains on one process only (its threshold is not kept across "
+                             "ranks yet): use activation topk, or train.devices: 1")
+        return self
+
+    @model_validator(mode="after")
     def _shared_storage(self):
         pools = self.orchestration.pools
         if pools:
