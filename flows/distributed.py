@@ -40,7 +40,8 @@ def launch(spec: RunSpec, hookpoint: str) -> None:
     else:
         cmd += ["--standalone"]
     cmd += ["-m", "flows.distributed", str(spec_file), hookpoint]
-    grid = f"{t.devices * t.nodes // t.latent_shards} x {t.latent_shards}"
+    grid = (f"{t.devices * t.nodes // t.latent_shards} x {t.latent_shards}" if t.sae_placement == "grid"
+            else f"{t.devices * t.nodes}-process (SAEs spread)")
     log.info("training %s on a %s grid (data-parallel replicas x latent shards): %s", hookpoint, grid, " ".join(cmd))
     # each CPU rank a share of the cores (torch.distributed.run would otherwise set 1, with a warning)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.devices)))}
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_rank(spec: RunSpec, hookpoint: str, device: torch.device) -> None:
+    if spec.train.sae_placement == "spread":  # this process's SAEs, whole, on the whole batches
+        rank, world = dist.get_rank(), dist.get_world_size()
+        stages.train_here(spec, hookpoint, progress=rank == 0, device=str(device),
+                          only=[i for i in range(len(spec.sae)) if i % world == rank])
+        dist.barrier()
+        return
     from sae.parallel import Grid, Parallel, shard_trainer
     from sae.train import Trainer, TrainResult, train_saes
     from storage.checkpoints import META_FILE, load_checkpoint, save_checkpoint, steps_available

@@ -150,6 +150,9 @@ class TrainSpec(Section):
     nodes: PositiveInt = 1
     rdzv_endpoint: str | None = None  # HOST:PORT of the first node (torch.distributed.run's c10d rendezvous)
     latent_shards: PositiveInt = 1
+    # grid: every SAE of the spec trained on the whole grid, one after the other; spread: the spec's SAEs
+    # placed on the processes (SAE i on process i mod devices x nodes), each reading the batches itself
+    sae_placement: Literal["grid", "spread"] = "grid"
     device_memory_gib: float | None = Field(None, gt=0)  # refuse at validation a grid that needs more per device
 
     @model_validator(mode="after")
@@ -158,7 +161,7 @@ class TrainSpec(Section):
         if world % self.latent_shards:
             raise ValueError(f"train.latent_shards={self.latent_shards} does not divide the {world} processes "
                              f"(devices x nodes): use a divisor of {world}")
-        replicas = world // self.latent_shards
+        replicas = world // self.latent_shards if self.sae_placement == "grid" else 1
         if self.batch_tokens % replicas:
             raise ValueError(f"train.batch_tokens={self.batch_tokens} does not split over {replicas} data-parallel "
                              f"replicas (devices x nodes / latent_shards): use a multiple of {replicas}")
@@ -399,6 +402,17 @@ class RunSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _spread(self):
+        world = self.train.devices * self.train.nodes
+        if self.train.sae_placement == "spread":
+            if self.train.latent_shards > 1:
+                raise ValueError("train.sae_placement spread puts each SAE whole on one process: drop latent_shards")
+            if world > len(self.sae):
+                raise ValueError(f"train.sae_placement spread: {world} processes (devices x nodes) for {len(self.sae)} "
+                                 "SAEs would leave some idle: use at most as many processes as SAEs")
+        return self
+
+    @model_validator(mode="after")
     def _grid_activation(self):
         if self.train.distributed() and any(s.activation == "batchtopk" for s in self.sae):
             raise ValueError("sae.activation batchtopk trains on one process only (its threshold is not kept across "
@@ -440,7 +454,7 @@ class RunSpec(Section):
 
         t, s = self.train, self.sae[index]
         shards = shards or t.latent_shards
-        replicas = max(t.devices * t.nodes // shards, 1)
+        replicas = max(t.devices * t.nodes // shards, 1) if t.sae_placement == "grid" else 1
         bf16 = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
         return plan_memory(d_model, s.latents(d_model), s.k, t.batch_tokens, replicas, shards,
                            t.optimizer or ("adam" if t.recipe == "paper" else "signum"), bool(t.ema_decay), bf16,

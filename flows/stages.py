@@ -247,6 +247,12 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
 
         launch(spec, hookpoint)
         return [spec.work.location(sae_rel(spec, hookpoint, i)) for i in range(len(spec.sae))]
+    return train_here(spec, hookpoint, progress)
+
+
+def train_here(spec: RunSpec, hookpoint: str, progress: bool = True, only: list[int] | None = None,
+               device: str | None = None) -> list[str]:
+    """The train stage in this process: the SAEs `only` (default all) on `device` (default the spec's)."""
     from sae.train import Trainer, train_saes
     from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
     from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
@@ -254,14 +260,14 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
     work = spec.work
     outs = [sae_dir(spec, hookpoint, i) for i in range(len(spec.sae))]
     rels = [sae_rel(spec, hookpoint, i) for i in range(len(spec.sae))]
-    todo = [i for i in range(len(spec.sae)) if not is_done("train", spec, hookpoint, i)]
+    todo = [i for i in (only if only is not None else range(len(spec.sae))) if not is_done("train", spec, hookpoint, i)]
     if not todo:
         log.info("SAEs for %s already trained at %s", hookpoint, ", ".join(work.location(r) for r in rels))
         return [work.location(r) for r in rels]
     # verify: a missing or corrupted shard stops here, naming it, before any training
     group = store.open_store(store_url(spec), store_options(spec), verify=True)
     acts = store.activations(group, "train", hookpoint)
-    device = str(resolve_device(spec.train.device))
+    device = device or str(resolve_device(spec.train.device))
     tcfgs = {i: spec.train_config(acts.shape[0], device, i) for i in todo}
     trainers = {i: Trainer(spec.sae_config(acts.shape[1], i), tcfgs[i]) for i in todo}
     ckpt_dirs = {i: outs[i] / "checkpoints" for i in todo}
