@@ -50,6 +50,7 @@ class Parallel:
             raise ValueError(f"a {grid.data} x {grid.latents} grid needs {grid.size} processes, "
                              f"the world has {dist.get_world_size()}")
         self.grid = grid
+        self.k = 0  # the whole model's k (set by shard_trainer)
         self.rank = dist.get_rank()
         # NCCL moves CUDA tensors only
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -162,8 +163,6 @@ class Parallel:
         chosen = torch.zeros_like(every).scatter_(1, top, 1.0)
         width = values.shape[1]
         return chosen[:, self.shard * width : (self.shard + 1) * width]
-
-    k: int = 0  # the model's k (a shard's config keeps it too; set by shard_trainer)
 
 
 class _EnterShards(torch.autograd.Function):
