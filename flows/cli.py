@@ -155,6 +155,47 @@ def cmd_plan_memory(args) -> int:
     return 0
 
 
+# effective training FLOP/s (2·d·n per token) measured by benchmarks/train_throughput.py: H100, bf16,
+# d 768, n 32768, 947k tokens/s
+MEASURED_FLOPS = {"h100": 2 * 768 * 32768 * 947e3}
+
+
+def cmd_plan(args) -> int:
+    """A compute budget -> n_latents, k, tokens from a fitted law (or the paper's), and a spec."""
+    from sae.lm import load_config
+    from sae.scaling import Fit, paper_joint_law, recommend
+
+    if (args.budget_flops is None) == (args.gpu_hours is None):
+        raise UsageError("give the budget as --budget-flops X or as --gpu-hours H (with --device)")
+    budget = args.budget_flops if args.budget_flops is not None else args.gpu_hours * 3600 * MEASURED_FLOPS[args.device]
+    if not budget > 0:
+        raise UsageError(f"budget {budget}: must be positive")
+    spec = load_spec(args.spec)
+    converted = spec.converted_model_dir()
+    d_model = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source,
+                          local_only=True).hidden_size
+    if args.law:
+        try:
+            law = Fit(**json.loads(Path(args.law).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"--law {args.law}: not a saved fit ({e})") from None
+        source = args.law
+    else:
+        law, source = paper_joint_law(), "the paper's GPT-4 joint law (as remembered; fit your own with a sweep)"
+    r = recommend(budget, d_model, args.k, law)
+    print(f"budget {budget:.3g} FLOPs at d_model {d_model}, k {args.k}; law: {source}")
+    print(f"  n_latents {r.n_latents:,}  k {r.k}  tokens {r.tokens:,} (convergence needs about {r.tokens_to_convergence:,})")
+    err = f" ± {r.predicted_loss_stderr:.3g}" if r.predicted_loss_stderr else " (no uncertainty: the law has no fit covariance)"
+    print(f"  predicted normalized MSE {r.predicted_loss:.4g}{err}")
+    planned = spec.model_dump(mode="json")
+    planned["sae"] = [{**planned["sae"][0], "n_latents": r.n_latents, "expansion_factor": None, "k": r.k}]
+    planned["data"]["tokens"] = r.tokens
+    planned["name"] = f"{spec.name}-n{r.n_latents}-k{r.k}"
+    Path(args.out).write_text(yaml.safe_dump(planned, sort_keys=False))
+    print(f"wrote {args.out} (check it with saeflow validate {args.out})")
+    return 0
+
+
 def cmd_promote(args) -> int:
     from flows.spec import _alias_name
     from storage.registry import promote
@@ -296,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("plan", help="recommend n_latents, k and tokens for a compute budget, and write a spec")
+    p.add_argument("spec", help="a spec to start from (model, data, hookpoint)")
+    p.add_argument("--budget-flops", type=float)
+    p.add_argument("--gpu-hours", type=float)
+    p.add_argument("--device", default="h100", choices=sorted(MEASURED_FLOPS))
+    p.add_argument("--k", type=int, default=32, help="the sparsity you want (default 32)")
+    p.add_argument("--law", help="a fit saved as JSON (sae.scaling.Fit.to_dict); default: the paper's")
+    p.add_argument("--out", default="planned.yaml")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("plan-memory", help="per-device memory of training the spec's SAEs on its grid and others")
     p.add_argument("spec")
     p.set_defaults(func=cmd_plan_memory)

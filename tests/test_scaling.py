@@ -1,0 +1,76 @@
+"""Scaling-law fits recover known laws from noisy synthetic losses; the planner turns a budget into a
+spec that validates."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from sae.scaling import Fit, fit_joint_law, fit_power_law, joint_law, recommend, training_flops
+
+TRUE_JOINT = {"alpha": -0.3, "beta_k": 0.2, "beta_n": -0.05, "gamma": -0.03, "zeta": -1.5, "eta": -0.2}
+
+
+def test_joint_law_parameters_recovered_from_noisy_losses():
+    rng = np.random.default_rng(0)
+    n = np.repeat([2**10, 2**12, 2**14, 2**16, 2**18], 5)
+    k = np.tile([8, 16, 32, 64, 128], 5)
+    loss = joint_law(np.stack([n, k]).astype(float), *TRUE_JOINT.values()) * np.exp(rng.normal(0, 0.01, n.size))
+    fit = fit_joint_law(n, k, loss)
+    for name, value in TRUE_JOINT.items():  # every parameter within 3 standard errors of the truth
+        assert abs(fit.params[name] - value) <= 3 * fit.stderr[name], (name, fit.params[name], fit.stderr[name])
+    assert fit.rms_log_residual < 0.02  # the noise was 1%
+    # extrapolated 4x beyond the largest n: within 2% and within 3 standard errors of the true loss
+    truth = float(joint_law(np.array([[2.0**20], [32.0]]), *TRUE_JOINT.values())[0])
+    predicted, stderr = fit.predict_with_error(2**20, 32)
+    assert abs(predicted - truth) < 0.02 * truth and abs(predicted - truth) < 3 * stderr
+    again = Fit(**json.loads(json.dumps(fit.to_dict())))  # a fit saved as JSON predicts the same
+    assert again.predict(2**20, 32) == pytest.approx(predicted)
+
+
+def test_power_law_with_irreducible_loss_recovered():
+    rng = np.random.default_rng(1)
+    x = np.array([1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6])
+    loss = (2.0 * x**-0.4 + 0.05) * np.exp(rng.normal(0, 0.01, x.size))
+    fit = fit_power_law(x, loss)
+    assert np.exp(fit.params["log_a"]) == pytest.approx(2.0, rel=0.1)
+    assert fit.params["b"] == pytest.approx(0.4, abs=3 * fit.stderr["b"])
+    assert np.exp(fit.params["log_c"]) == pytest.approx(0.05, rel=0.1)
+
+
+def test_fits_refuse_what_they_cannot_fit():
+    with pytest.raises(ValueError, match="positive, finite losses"):
+        fit_power_law([1, 2, 3, 4], [1.0, 0.0, 0.5, 0.4])
+    with pytest.raises(ValueError, match="fit it to more than 6 points"):
+        fit_joint_law([1, 2, 3], [4, 8, 16], [0.3, 0.2, 0.1])
+
+
+def test_planner_spends_the_budget_on_the_largest_n_that_converges():
+    law = Fit("joint", dict(TRUE_JOINT), {k: 0.0 for k in TRUE_JOINT}, 0.0, 25)
+    small, large = recommend(1e15, 768, 32, law), recommend(1e18, 768, 32, law)
+    assert large.n_latents > small.n_latents and large.predicted_loss < small.predicted_loss
+    for r in (small, large):
+        assert r.flops <= 1e18 and r.tokens >= r.tokens_to_convergence
+        assert training_flops(768, 2 * r.n_latents, int(4e7 * (2 * r.n_latents / 4096) ** 0.6)) > (1e15 if r is small else 1e18)
+    with pytest.raises(ValueError, match="cannot train even"):
+        recommend(1e6, 768, 32, law)
+
+
+def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(tiny_model_dir, text_dir, tmp_path, capsys):
+    from flows.cli import main
+
+    base = {"name": "tiny", "model": {"source": str(tiny_model_dir)}, "data": {"source": str(text_dir)},
+            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 64, "k": 4}, "workdir": str(tmp_path / "w")}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    out = tmp_path / "planned.yaml"
+    assert main(["plan", str(tmp_path / "base.yaml"), "--budget-flops", "1e14", "--k", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    planned = yaml.safe_load(out.read_text())
+    n = planned["sae"][0]["n_latents"]
+    assert f"n_latents {n:,}  k 8" in printed and "predicted normalized MSE" in printed
+    assert planned["data"]["tokens"] * 2 * 32 * n <= 1e14
+    assert main(["validate", str(out)]) == 0
+    assert main(["plan", str(tmp_path / "base.yaml"), "--out", str(out)]) == 2  # no budget: one line, exit 2
