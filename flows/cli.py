@@ -160,6 +160,20 @@ def cmd_plan_memory(args) -> int:
 MEASURED_FLOPS = {"h100": 2 * 768 * 32768 * 947e3}
 
 
+def cmd_sweep(args) -> int:
+    """Runs the spec's sweep (all its SAEs in one pass), then fits and reports it."""
+    from flows import sweep
+    from flows.pipeline import run_pipeline
+
+    spec = load_spec(args.spec)
+    if spec.sweep is None:
+        raise UsageError(f"{args.spec} has no sweep section: add sweep: {{n_latents: [...], k: [...]}}")
+    run_pipeline(spec)
+    path = sweep.report(spec)
+    print(f"sweep of {len(spec.sae)} SAEs: report {path}, fits {path.parent / 'fits.json'}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     """A compute budget -> n_latents, k, tokens from a fitted law (or the paper's), and a spec."""
     from sae.lm import load_config
@@ -337,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("sweep", help="run the spec's sweep (n_latents x k) and fit the scaling law over it")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("plan", help="recommend n_latents, k and tokens for a compute budget, and write a spec")
     p.add_argument("spec", help="a spec to start from (model, data, hookpoint)")
     p.add_argument("--budget-flops", type=float)

@@ -199,6 +199,14 @@ class EvalSpec(Section):
 STAGE_NAMES = ("cache", "train", "evaluate", "register")
 
 
+class SweepSpec(Section):
+    """A grid over latents and k: the one `sae` entry is the template, every (n_latents, k) pair becomes
+    an SAE of the spec (trained together in one pass over the cache, evaluated and registered each)."""
+
+    n_latents: list[PositiveInt] = Field(min_length=1)
+    k: list[PositiveInt] = Field(min_length=1)
+
+
 class OrchestrationSpec(Section):
     dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786
     dask_workers: int = Field(0, ge=0)  # > 0: start a local Dask cluster with this many worker processes
@@ -307,6 +315,7 @@ class RunSpec(Section):
     hookpoints: list[str] = Field(min_length=1)
     # one SAE, or several (n_latents, k, ...) trained together from one pass over the data
     sae: list[SAESpec] = Field(min_length=1)
+    sweep: SweepSpec | None = None  # expands the one sae entry over n_latents x k (flows/sweep.py reports it)
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     registry: RegistrySpec = RegistrySpec()
@@ -324,6 +333,27 @@ class RunSpec(Section):
     @classmethod
     def _one_or_many(cls, value):
         return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_sweep(cls, data):
+        """A sweep turns the sae template into one SAE per (n_latents, k), kept k <= n_latents."""
+        if not isinstance(data, dict) or not data.get("sweep"):
+            return data
+        template = data.get("sae")
+        if isinstance(template, list):
+            if len(template) != 1:
+                return data  # expanded already (a spec dumped and read again)
+            template = template[0]
+        if not isinstance(template, dict):
+            return data
+        grid = data["sweep"]
+        if not isinstance(grid, dict) or not isinstance(grid.get("n_latents"), list) or not isinstance(grid.get("k"), list):
+            return data  # SweepSpec's own validation names what is missing
+        base = {key: v for key, v in template.items() if key not in ("n_latents", "expansion_factor", "k")}
+        saes = [{**base, "n_latents": n, "k": k} for n in grid["n_latents"] for k in grid["k"]
+                if isinstance(n, int) and isinstance(k, int) and k <= n]
+        return {**data, "sae": saes or [template]}
 
     def part_hash(self, *parts: str) -> str:
         """Hash of the named sections or `section.field`s: a stage's key depends only on what it reads.
