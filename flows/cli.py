@@ -257,9 +257,9 @@ def _load_ref(ref: str, tracking_uri: str | None):
             raise UsageError(f"model URI {ref!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
         if not tracking_uri:
             raise UsageError("no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
-        from storage.registry import _mlflow
+        from storage.registry import connect
 
-        _mlflow(tracking_uri)
+        connect(tracking_uri)
     elif not os.path.isdir(ref):
         raise UsageError(f"{ref}: no such directory (or write models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH)")
     try:

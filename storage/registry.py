@@ -50,6 +50,11 @@ def _mlflow(tracking_uri: str):
     return mlflow
 
 
+def connect(tracking_uri: str):
+    """Points this process's MLflow client at tracking_uri (leaving $MLFLOW_TRACKING_URI as it was)."""
+    return _mlflow(tracking_uri)
+
+
 def _experiment_id(mlflow, name: str, artifact_root: Path | None) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
