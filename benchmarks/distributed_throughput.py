@@ -1,5 +1,7 @@
 """Training throughput on a grid of processes (sae/parallel.py): tokens/s per data-parallel x
 latent-shard grid, against the plain single-process step, on CPU (gloo) or GPUs (NCCL, one per rank).
+A grid with more ranks than GPUs shares them over gloo (NCCL refuses two ranks on one device): its
+collectives go through the host, so on one GPU the number bounds the sharding overhead from above.
 
     python benchmarks/distributed_throughput.py [--grids 1x1,2x1,1x2,2x2] [--d 256 --n 16384 --batch 2048]
 """
@@ -52,12 +54,12 @@ def rank_main(rank: int, grid, port: int, args, results) -> None:
 
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // grid[0] // grid[1]))
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend(grid), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=grid[0] * grid[1])
-    x, trainer = setup(args, f"cuda:{rank}" if cuda else "cpu")
+    x, trainer = setup(args, f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
     parallel = Parallel(Grid(*grid))
     shard_trainer(trainer, parallel)
     batches = [rank_rows(x[i * args.batch : (i + 1) * args.batch], parallel) for i in range(2)]
@@ -65,6 +67,10 @@ def rank_main(rank: int, grid, port: int, args, results) -> None:
     if rank == 0:
         results.put(args.batch * args.steps / seconds)
     dist.destroy_process_group()
+
+
+def backend(grid) -> str:
+    return "nccl" if torch.cuda.is_available() and grid[0] * grid[1] <= torch.cuda.device_count() else "gloo"
 
 
 def single(args) -> float:
@@ -88,8 +94,8 @@ def main() -> None:
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()} CPU cores"
     print(f"{where}; d {args.d}, n {args.n}, k {args.k}, global batch {args.batch}, {args.steps} steps")
     base = single(args)
-    print(f"{'grid (replicas x shards)':<26} {'tokens/s':>10} {'vs 1 process':>13}")
-    print(f"{'single process':<26} {base:>10.0f} {1.0:>12.2f}x")
+    print(f"{'grid (replicas x shards)':<26} {'backend':>8} {'tokens/s':>10} {'vs 1 process':>13}")
+    print(f"{'single process':<26} {'-':>8} {base:>10.0f} {1.0:>12.2f}x")
     ctx = mp.get_context("spawn")
     for spec in args.grids.split(","):
         grid = tuple(int(v) for v in spec.split("x"))
@@ -97,7 +103,7 @@ def main() -> None:
         mp.start_processes(rank_main, args=(grid, free_port(), args, results), nprocs=grid[0] * grid[1], join=True,
                            start_method="spawn")
         rate = results.get()
-        print(f"{spec:<26} {rate:>10.0f} {rate / base:>12.2f}x")
+        print(f"{spec:<26} {backend(grid):>8} {rate:>10.0f} {rate / base:>12.2f}x")
 
 
 if __name__ == "__main__":

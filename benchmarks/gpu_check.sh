@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (a lent GPU's time is short): the CUDA tests, the training-throughput
-# table with sparsify side by side, the step profile at both sizes, the largest n_latents per width.
-# Runs with the machine's own python (torch + triton); the peers' pure-Python packages come from
-# PEERS_PATH (a folder holding sparsify and its small dependencies). Outputs go to OUT (default out/).
+# table with sparsify side by side, the grid overhead on one GPU, the step profile, the largest
+# n_latents at d 2304. Runs with the machine's own python (torch + triton); the peers' pure-Python
+# packages come from PEERS_PATH (a folder holding sparsify and its small dependencies). Outputs go to
+# OUT (default out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -15,18 +16,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 section "CUDA tests"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_precision.py \
-    tests/test_model.py 2>&1 | tee "$OUT/tests.txt" | tail -8
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_triton_kernels.py tests/test_precision.py \
+    tests/test_model.py > "$OUT/tests.txt" 2>&1
+tail -25 "$OUT/tests.txt"
 
 section "training throughput (saeflow variants and sparsify)"
-timeout 200 $PY benchmarks/train_throughput.py --steps 50 --peers --peer-impls sparsify --peers-python "$PY" \
+timeout 210 $PY benchmarks/train_throughput.py --steps 30 --peers --peer-impls sparsify --peers-python "$PY" \
     2>&1 | tee "$OUT/throughput.txt"
 
-for size in "--d 768 --n 32768" "--d 256 --n 4096"; do
-    section "step profile $size"
-    timeout 60 $PY benchmarks/step_profile.py $size --rows 14 2>&1 | tee -a "$OUT/profile.txt" | grep -v "^-\|^$"
-done
+section "grids on one GPU (1x1 NCCL; more ranks share the GPU over gloo)"
+timeout 90 $PY benchmarks/distributed_throughput.py --grids 1x1,1x2,2x1 --d 768 --n 32768 --batch 4096 --steps 10 \
+    2>&1 | tee "$OUT/grid.txt"
 
-section "largest n_latents"
-timeout 140 $PY benchmarks/max_latents.py --d 768,2304 --start 262144 --max 2097152 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
+section "step profile d 768"
+timeout 45 $PY benchmarks/step_profile.py --d 768 --n 32768 --rows 14 2>&1 | tee "$OUT/profile.txt" | grep -v "^-\|^$"
+
+section "largest n_latents at d 2304"
+timeout 100 $PY benchmarks/max_latents.py --d 2304 --start 262144 --max 1048576 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
 section done

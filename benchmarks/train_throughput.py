@@ -4,7 +4,8 @@ Side by side in one run: saeflow's trainer step with its defaults (sparse encode
 sparse decoder); on the CPU the same step with a dense masked code (what autograd through
 `scatter` + matmul costs); on CUDA saeflow with Adam (saeflow-adam) and, in bf16, with the fused
 encoder + TopK kernel in place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks
-others (saeflow-eb: embedding_bag's backward in place of the Triton kernels). With --peers, the
+others (saeflow-eb: embedding_bag's backward in place of the Triton kernels; saeflow-foreach: the
+optimizer's foreach passes in place of its one-pass kernel). With --peers, the
 training steps of EleutherAI sparsify and SAELens at the same settings (installed into their own venv, .bench-peers/, on first use, or taken from --peers-python;
 `--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
 measurement's alone; speed-ups are against saeflow measured in the same run at the same precision.
@@ -44,6 +45,10 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
         os.environ["SAEFLOW_TRITON"] = "0"
     if impl == "saeflow-fused":  # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
         os.environ["SAEFLOW_FUSED_TOPK"] = "1"
+    if impl == "saeflow-foreach":  # the optimizer's foreach passes instead of its one-pass Triton kernel
+        import sae.optim
+
+        sae.optim._fused = lambda params: False
     torch.manual_seed(0)
     tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
                        precision=precision, optimizer="adam" if impl == "saeflow-adam" else None)
@@ -100,8 +105,8 @@ def default_impls(device: str, precision: str) -> tuple[str, ...]:
     if device != "cuda":
         return ("saeflow", "dense")
     if precision == "bf16":
-        return ("saeflow", "saeflow-fused", "saeflow-adam")
-    return ("saeflow", "saeflow-adam")
+        return ("saeflow", "saeflow-foreach", "saeflow-fused", "saeflow-adam")
+    return ("saeflow", "saeflow-foreach", "saeflow-adam")
 
 
 def peers_python(given: str | None) -> str:

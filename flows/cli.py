@@ -156,8 +156,8 @@ def cmd_plan_memory(args) -> int:
 
 
 # effective training FLOP/s (2·d·n per token) measured by benchmarks/train_throughput.py: H100, bf16,
-# d 768, n 32768, 947k tokens/s
-MEASURED_FLOPS = {"h100": 2 * 768 * 32768 * 947e3}
+# d 768, n 32768, 1.154M tokens/s (README, "Training speed on one GPU")
+MEASURED_FLOPS = {"h100": 2 * 768 * 32768 * 1.154e6}
 
 
 def cmd_sweep(args) -> int:

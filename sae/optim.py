@@ -14,7 +14,25 @@ constraint, applied to the sequence that takes the steps.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+
+
+@functools.cache
+def _triton_optim():
+    try:
+        from sae import triton_optim
+    except ImportError:  # no triton: the foreach form serves every device
+        return None
+    return triton_optim
+
+
+def _fused(params: list[torch.Tensor]) -> bool:
+    """One Triton kernel per parameter on CUDA (float32, contiguous), unless SAEFLOW_TRITON=0."""
+    return (all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and p.grad.is_contiguous() for p in params)
+            and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_optim() is not None)
 
 
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
@@ -38,6 +56,12 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             lr, beta = group["lr"], group["momentum"]
             zs = [self.state[p]["z"] for p in params]
             xs = [self.state[p]["x"] for p in params]
+            group["weight_sum"] += lr * lr
+            avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
+            if _fused(params):
+                for p, z, x in zip(params, zs, xs):
+                    _triton_optim().sign_free_step(p, z, x, lr, avg, beta, group["unit_rows"] and p.dim() == 2)
+                continue
             # foreach: a few kernels per group, not per parameter; sign in place on the gradients (not
             # read after the step)
             grads = [p.grad for p in params]
@@ -46,9 +70,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             if group["unit_rows"]:
                 for z in zs:
                     z.div_(z.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            group["weight_sum"] += lr * lr
-            # x += c (z - x) with c = lr^2 / sum of lr^2 so far: x is the lr^2-weighted mean of z
-            torch._foreach_lerp_(xs, zs, min(1.0, lr * lr / group["weight_sum"]))
+            torch._foreach_lerp_(xs, zs, avg)
             torch._foreach_copy_(params, zs)
             torch._foreach_lerp_(params, xs, beta)  # y = z + beta (x - z)
 

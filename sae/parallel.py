@@ -66,22 +66,28 @@ class Parallel:
                 self.data_group = group
 
     # collectives ----------------------------------------------------------------------------------
+    # gloo moves host memory: a CUDA tensor under gloo (ranks sharing one GPU, where NCCL refuses
+    # two ranks per device) goes through the host and back
+    def _all_reduce(self, t: torch.Tensor, group) -> torch.Tensor:
+        if t.device == self.device:
+            dist.all_reduce(t, group=group)
+            return t
+        staged = t.to(self.device)
+        dist.all_reduce(staged, group=group)
+        return t.copy_(staged)
+
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
-        if self.grid.latents > 1:
-            dist.all_reduce(t, group=self.shard_group)
-        return t
+        return self._all_reduce(t, self.shard_group) if self.grid.latents > 1 else t
 
     def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
-        if self.grid.data > 1:
-            dist.all_reduce(t, group=self.data_group)
-        return t
+        return self._all_reduce(t, self.data_group) if self.grid.data > 1 else t
 
     def gather_shards(self, t: torch.Tensor) -> list[torch.Tensor]:
         if self.grid.latents == 1:
             return [t]
-        parts = [torch.empty_like(t) for _ in range(self.grid.latents)]
-        dist.all_gather(parts, t.contiguous(), group=self.shard_group)
-        return parts
+        parts = [torch.empty_like(t, device=self.device) for _ in range(self.grid.latents)]
+        dist.all_gather(parts, t.contiguous().to(self.device), group=self.shard_group)
+        return [part.to(t.device) for part in parts]
 
     def average_gradients(self, sae: TopKSAE) -> None:
         """Mean over the data-parallel replicas: the gradient of the global batch's mean loss."""
@@ -89,8 +95,7 @@ class Parallel:
             return
         for p in sae.parameters():
             if p.grad is not None:
-                dist.all_reduce(p.grad, group=self.data_group)
-                p.grad.div_(self.grid.data)
+                self._all_reduce(p.grad, self.data_group).div_(self.grid.data)
 
     # the model ------------------------------------------------------------------------------------
     def shard_of(self, full: TopKSAE) -> TopKSAE:
@@ -114,7 +119,7 @@ class Parallel:
         state = part.state_dict()
         for name in ("W_enc", "W_dec", "b_enc"):
             if state.get(name) is not None:
-                state[name] = torch.cat(self.gather_shards(state[name].detach().to(self.device))).to(state[name].device)
+                state[name] = torch.cat(self.gather_shards(state[name].detach()))
         full.load_state_dict(state)
         full.metadata = dict(part.metadata)
         return full

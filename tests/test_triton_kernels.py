@@ -12,6 +12,7 @@ from sae.config import SAEConfig, TrainConfig
 from sae.train import Trainer
 
 triton_kernels = pytest.importorskip("sae.triton_kernels", reason="triton is not installed")
+triton_optim = pytest.importorskip("sae.triton_optim", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -115,3 +116,42 @@ def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path(mon
         assert distance("fused", n) <= 1.5 * distance("unfused", n) + 1e-3, (n, distance("fused", n), distance("unfused", n))
     for a, b in zip(losses["fp32"], losses["fused"]):
         assert abs(a - b) < 0.02 * abs(a), losses
+
+
+def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
+    """Three schedule-free sign steps at changing lr: the one-pass kernel against the optimizer's
+    foreach form, on a unit-row matrix and on a vector that fills no row evenly, zero gradients included."""
+    from sae import optim
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(50, 37, generator=g)
+    start = [w / w.norm(dim=1, keepdim=True), torch.randn(1500, generator=g)]
+    grads = [[torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) > 0.2) for t in start] for _ in range(3)]
+    lrs = [0.05, 0.02, 0.03]
+
+    monkeypatch.setenv("SAEFLOW_TRITON", "0")  # the reference: the foreach form on any device
+    ref = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
+    opt = optim.ScheduleFreeSignSGD([{"params": ref[:1], "unit_rows": True}, {"params": ref[1:]}], lr=1.0, momentum=0.9)
+    for lr, gs in zip(lrs, grads):
+        for p, gr in zip(ref, gs):
+            p.grad = gr.clone().to(DEVICE)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+
+    params = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
+    zs, xs = [p.detach().clone() for p in params], [p.detach().clone() for p in params]
+    weight_sum = 0.0
+    for lr, gs in zip(lrs, grads):
+        weight_sum += lr * lr
+        for i, (p, gr) in enumerate(zip(params, gs)):
+            p.grad = gr.clone().to(DEVICE)
+            with torch.no_grad():
+                triton_optim.sign_free_step(p, zs[i], xs[i], lr, lr * lr / weight_sum, 0.9, unit_rows=i == 0)
+    for i, p in enumerate(params):
+        assert torch.allclose(p, ref[i], atol=1e-6), i
+        assert torch.allclose(xs[i], opt.averaged(ref[i]), atol=1e-6), i
+    assert torch.allclose(zs[0].norm(dim=1), torch.ones(50, device=DEVICE), atol=1e-6)
+    if DEVICE == "cuda":
+        monkeypatch.delenv("SAEFLOW_TRITON")
+        assert optim._fused(ref)  # the optimizer takes the kernel on CUDA by default
