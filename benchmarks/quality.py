@@ -294,6 +294,19 @@ def verdict(rows: list[dict]) -> str:
         ok = ratio < 1 and ("cos" not in r or r["cos"] >= max(p["cos"] for p in peers))
         lines.append(f"{'ok  ' if ok else 'MISS'} {data} {tokens} {settings}: nMSE {ratio:.2f}x the best peer "
                      f"({best['library']}){rec}")
+    for data in sorted({r["data"] for r in rows}):
+        ours = sorted((r for r in rows if (r["data"], r["settings"], r["library"]) == (data, "defaults", "saeflow")),
+                      key=lambda r: r["tokens"])
+        peers = [r for r in rows if r["data"] == data and r["settings"] == "defaults" and r["library"] != "saeflow"
+                 and ours and r["tokens"] == ours[0]["tokens"]]
+        if peers:  # at least 10% lower normalized MSE than the better peer at the smallest budget
+            ratio = ours[0]["nmse"] / min(p["nmse"] for p in peers)
+            lines.append(f"{'ok  ' if ratio <= 0.9 else 'MISS'} {data} {ours[0]['tokens']}: the smallest budget's nMSE "
+                         f"is {ratio:.2f}x the better peer's (target <= 0.90x)")
+        if ours and "cos" not in ours[-1]:  # real data: dead latents at the largest budget
+            dead = ours[-1]["dead"]
+            lines.append(f"{'ok  ' if dead <= 0.01 else 'MISS'} {data} {ours[-1]['tokens']}: {dead:.1%} of the latents "
+                         "dead on the held-out rows (target <= 1%)")
     for (data, tokens, settings, lib), r in by.items():
         swept = [s for s in rows if (s["data"], s["tokens"], s["library"]) == (data, tokens, "saeflow")
                  and s["settings"].startswith("lr x")]

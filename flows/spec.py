@@ -94,7 +94,7 @@ class SAESpec(Section):
     expansion_factor: PositiveInt | None = None
     k: PositiveInt = 32
     aux_k: PositiveInt | None = None  # default: d_model / 2, at most 512
-    dead_tokens: PositiveInt | None = None  # default: 5% of the run, at most 10M (recipe paper: 10M)
+    dead_tokens: PositiveInt | None = None  # default: 8 n/k tokens, from one batch to 10M (recipe paper: 10M)
     multi_topk: bool = False
     encoder_bias: bool = False
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"

@@ -224,9 +224,8 @@ class Trainer:
         self.opt = make_optimizer(self.sae, tcfg, lr)
         self.schedule_free = isinstance(self.opt, ScheduleFreeSignSGD)
         self.base_lr = lr
-        self.tracker = DeadLatentTracker(
-            torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device), tcfg.dead_window(), tcfg.fire_threshold
-        )
+        self.tracker = DeadLatentTracker(torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device),
+                                         tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k), tcfg.fire_threshold)
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
         self.mse_scale = 1.0
         self.steps = 0

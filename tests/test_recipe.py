@@ -71,14 +71,15 @@ def test_auto_lr_rules():
 def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():
     t = TrainConfig(tokens=1_000_000)
     assert t.resolved_optimizer() == "signum"  # schedule-free: no warmup, no decay
-    assert (t.warmup_tokens(), t.decay(), t.dead_window(), t.resolved_aux_k(768)) == (0, "constant", 50_000, 384)
+    assert (t.warmup_tokens(), t.decay(), t.dead_window(4096, 32), t.resolved_aux_k(768)) == (0, "constant", 4096, 384)
+    assert t.dead_window(32768, 16) == 8 * 2048  # where an average latent (k/n) fires 8 times
     assert t.scaled_encoder_init()
     t = TrainConfig(tokens=1_000_000, optimizer="adam")
     assert (t.warmup_tokens(), t.decay()) == (50_000, "linear")
-    assert TrainConfig(tokens=10**10).dead_window() == 10_000_000
-    assert TrainConfig(tokens=1000, batch_tokens=4096).dead_window() == 4096  # never below one batch
+    assert TrainConfig(tokens=10**10).dead_window(2**24, 8) == 10_000_000  # never above the paper's window
+    assert TrainConfig(tokens=1000, batch_tokens=4096).dead_window(1024, 64) == 4096  # never below one batch
     p = TrainConfig(tokens=1_000_000, recipe="paper")
-    assert (p.warmup_tokens(), p.decay(), p.dead_window(), p.resolved_aux_k(768)) == (0, "constant", 10_000_000, 256)
+    assert (p.warmup_tokens(), p.decay(), p.dead_window(4096, 32), p.resolved_aux_k(768)) == (0, "constant", 10_000_000, 256)
     assert not p.scaled_encoder_init() and p.resolved_optimizer() == "adam"
     assert math.isclose(p.resolved_lr(2**15), 1e-4)
     # linear warmup, then linear decay reaching zero after the last step
