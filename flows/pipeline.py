@@ -18,7 +18,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import stages
+from flows import stages, sweep
 from flows.locks import exclusive
 from flows.retry import Unreachable, retry_transient
 from flows.spec import RunSpec
@@ -212,10 +212,11 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
     rows = []
     for hookpoint in spec.hookpoints:
         run("train", hookpoint)
+        metrics = [run("evaluate", hookpoint, index) for index in range(len(spec.sae))]
+        chosen = sweep.to_register(spec, hookpoint, metrics) if "register" in only else [False] * len(spec.sae)
         for index in range(len(spec.sae)):
-            metrics = run("evaluate", hookpoint, index)
-            uri = run("register", hookpoint, index)
-            rows.append(_row(spec, hookpoint, index, metrics, uri))
+            uri = run("register", hookpoint, index) if chosen[index] else None
+            rows.append(_row(spec, hookpoint, index, metrics[index], uri))
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
     return rows

@@ -8,12 +8,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from sae.config import SAEConfig, TrainConfig
+from sae.config import RECIPE_VERSION, SAEConfig, TrainConfig
 
 
 class Section(BaseModel):
@@ -87,6 +87,7 @@ class DataSpec(Section):
 
 
 MAX_LATENTS = 2**25  # twice the paper's largest SAE (16M latents)
+LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class SAESpec(Section):
@@ -99,6 +100,7 @@ class SAESpec(Section):
     encoder_bias: bool = False
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
     activation: Literal["topk", "batchtopk"] = "topk"
+    lr: LearningRate | None = None  # this SAE's learning rate (default: train.lr); a sweep's lr axis sets it
 
     @model_validator(mode="after")
     def _size(self):
@@ -205,6 +207,13 @@ class SweepSpec(Section):
 
     n_latents: list[PositiveInt] = Field(min_length=1)
     k: list[PositiveInt] = Field(min_length=1)
+    lr: list[LearningRate] | None = Field(None, min_length=1)  # optional third axis: each SAE's learning rate (default: train.lr)
+    # all: every SAE of the sweep is registered; frontier: only those on the normalized-MSE-vs-L0
+    # frontier of their hookpoint (no other SAE has an L0 at most as large and a lower MSE)
+    registered: Literal["all", "frontier"] = "all"
+    # held-out normalized MSE of every SAE at tokens/2, /4, ... (this many points) while it trains:
+    # loss-vs-tokens curves and the compute frontier L(C) in the report
+    milestones: int = Field(4, ge=0, le=12)
 
 
 class OrchestrationSpec(Section):
@@ -351,7 +360,11 @@ class RunSpec(Section):
         if not isinstance(grid, dict) or not isinstance(grid.get("n_latents"), list) or not isinstance(grid.get("k"), list):
             return data  # SweepSpec's own validation names what is missing
         base = {key: v for key, v in template.items() if key not in ("n_latents", "expansion_factor", "k")}
-        saes = [{**base, "n_latents": n, "k": k} for n in grid["n_latents"] for k in grid["k"]
+        lrs = grid.get("lr")
+        if not (isinstance(lrs, list) and lrs and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       and 0 < v < math.inf for v in lrs)):
+            lrs = [base.get("lr")]  # none, or a bad axis: SweepSpec's own validation names it once
+        saes = [{**base, "n_latents": n, "k": k, "lr": lr} for n in grid["n_latents"] for k in grid["k"] for lr in lrs
                 if isinstance(n, int) and isinstance(k, int) and k <= n]
         return {**data, "sae": saes or [template]}
 
@@ -370,6 +383,8 @@ class RunSpec(Section):
             section, _, name = part.partition(".")
             value = dumped[section]
             payload[part] = (value[int(name)] if isinstance(value, list) else value[name]) if name else value
+        if "train" in parts:  # an SAE trained by older defaults is not this spec's SAE
+            payload["recipe_version"] = RECIPE_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # paths and names derived from the spec -------------------------------------------------------
@@ -416,6 +431,7 @@ class RunSpec(Section):
             s = self.sae[index]
             name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
             name += "-batchtopk" if s.activation == "batchtopk" else ""
+            name += f"-lr{s.lr:g}" if s.lr is not None else ""
         return name
 
     @model_validator(mode="after")
@@ -440,13 +456,6 @@ class RunSpec(Section):
             if world > len(self.sae):
                 raise ValueError(f"train.sae_placement spread: {world} processes (devices x nodes) for {len(self.sae)} "
                                  "SAEs would leave some idle: use at most as many processes as SAEs")
-        return self
-
-    @model_validator(mode="after")
-    def _grid_activation(self):
-        if self.train.distributed() and any(s.activation == "batchtopk" for s in self.sae):
-            raise ValueError("sae.activation batchtopk trains on one process only (its threshold is not kept across "
-                             "ranks yet): use activation topk, or train.devices: 1")
         return self
 
     @model_validator(mode="after")
@@ -501,7 +510,7 @@ class RunSpec(Section):
             tokens=t.tokens or cached_tokens,
             recipe=t.recipe,
             optimizer=t.optimizer,
-            lr=None if t.lr == "auto" else float(t.lr),
+            lr=s.lr if s.lr is not None else None if t.lr == "auto" else float(t.lr),
             lr_warmup_tokens=t.lr_warmup_tokens,
             lr_decay=t.lr_decay,
             grad_clip=t.grad_clip,

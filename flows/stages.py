@@ -4,6 +4,7 @@ path derived from the spec sections it reads, and returns at once when that outp
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -250,6 +251,9 @@ def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
     return train_here(spec, hookpoint, progress)
 
 
+MILESTONE_ROWS = 4096  # held-out rows a sweep's milestone is scored on
+
+
 def train_here(spec: RunSpec, hookpoint: str, progress: bool = True, only: list[int] | None = None,
                device: str | None = None) -> list[str]:
     """The train stage in this process: the SAEs `only` (default all) on `device` (default the spec's)."""
@@ -297,13 +301,22 @@ def train_here(spec: RunSpec, hookpoint: str, progress: bool = True, only: list[
                     if not (ckpt_dirs[i] / name).exists():  # pruned locally: prune there too
                         work.remove(f"{rels[i]}/checkpoints/{name}")
 
-    results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens)
+    milestones, score = [], None
+    if spec.sweep is not None and spec.sweep.milestones:  # a sweep's loss-vs-tokens curves
+        from sae.evaluate import held_out_metrics
+        from sae.train import milestone_tokens
+
+        held = next(store.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
+        milestones = milestone_tokens(first.tcfg.tokens, spec.sweep.milestones, first.tcfg.batch_tokens)
+        score = functools.partial(held_out_metrics, rows=held)
+    results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens,
+                         milestones, score)
     for i, result in zip(trainers, results):
-        write_sae(spec, hookpoint, i, result, tcfgs[i])
+        write_sae(spec, hookpoint, i, result, tcfgs[i], trainers[i].milestones)
     return [work.location(r) for r in rels]
 
 
-def write_sae(spec: RunSpec, hookpoint: str, index: int, result, tcfg) -> None:
+def write_sae(spec: RunSpec, hookpoint: str, index: int, result, tcfg, milestones: list[dict] = ()) -> None:
     """Writes a trained SAE (and its history) into its folder, publishes it, drops its checkpoints."""
     lm_dir = spec.converted_model_dir()
     meta = {
@@ -320,7 +333,7 @@ def write_sae(spec: RunSpec, hookpoint: str, index: int, result, tcfg) -> None:
     }
     out, rel = sae_dir(spec, hookpoint, index), sae_rel(spec, hookpoint, index)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "train_history.json", {"history": result.history})
+    _write_json(out / "train_history.json", {"history": result.history, "milestones": list(milestones)})
     result.sae.save(out, metadata=meta)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     spec.work.publish(rel, marker=SAE_MARKER)
@@ -485,7 +498,7 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         "batch_tokens": spec.train.batch_tokens,
         "recipe": spec.train.recipe,
         "optimizer": spec.train.optimizer,
-        "lr": spec.train.lr,
+        "lr": spec.sae[index].lr or spec.train.lr,
         **{f"sae.{k}": v for k, v in cfg.items()},
         "aux_k": spec.sae[index].aux_k,
         "dead_tokens": spec.sae[index].dead_tokens,

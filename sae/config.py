@@ -41,6 +41,11 @@ class SAEConfig:
         return asdict(self)
 
 
+# Bumped whenever a default of the training recipe changes what a spec that leaves it unset trains
+# (the pipeline's stage keys include it: SAEs trained by older defaults are retrained, not reused).
+# 2: the dead-latent window of 8 n/k tokens.
+RECIPE_VERSION = 2
+
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]
 Optimizer = Literal["signum", "adam"]

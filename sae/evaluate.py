@@ -21,6 +21,16 @@ def reconstruction_metrics(sae: TopKSAE, batches: Iterable[torch.Tensor], progre
 
 
 @torch.no_grad()
+def held_out_metrics(sae: TopKSAE, rows: torch.Tensor) -> dict[str, float]:
+    """normalized MSE, L0 and dead fraction on a block of held-out rows (the evaluation's scorer, for
+    scoring an SAE while it trains)."""
+    stats = ReconstructionStats(sae)
+    stats.update(rows)
+    result = stats.result()
+    return {key: result[key] for key in ("normalized_mse", "l0", "dead_fraction")}
+
+
+@torch.no_grad()
 def downstream_metrics(
     sae: TopKSAE,
     model: torch.nn.Module,

@@ -164,17 +164,23 @@ def topk_encode(
 
 
 class BatchTopKEncode(torch.autograd.Function):
-    """BatchTopK (Bussmann et al. 2024): the k·B largest pre-activations of the whole batch, so tokens
-    get a variable number of latents averaging k. Returns a ragged code: (rows, cols, values) sorted
-    by row, for `embedding_bag` with offsets; the backward touches only the selected entries."""
+    """BatchTopK (Bussmann et al. 2024): the `count` (= k·B) largest pre-activations of the whole
+    batch, so tokens get a variable number of latents averaging k. Returns a ragged code: (rows, cols,
+    values) sorted by row, for `embedding_bag` with offsets; the backward touches only the selected
+    entries. `keep`, given the candidates' values in descending order, says how many of them to keep:
+    on a grid of processes each holding part of a batch, count is the whole batch's and keep compares
+    with the threshold found over every process's candidates (sae/parallel.py)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int):
+    def forward(ctx, x, W_enc, b_enc, count: int, keep=None):
         pre = _pre_activations(x, W_enc, b_enc)
         n = W_enc.shape[0]
-        top = pre.flatten().topk(k * x.shape[0], sorted=False)
-        order = top.indices.argsort()  # by row, then column
-        flat, values = top.indices[order], top.values[order].to(W_enc.dtype).relu()
+        top = pre.flatten().topk(min(count, pre.numel()), sorted=keep is not None)
+        if keep is not None:
+            m = keep(top.values)
+            top = top.values[:m], top.indices[:m]
+        order = top[1].argsort()  # by row, then column
+        flat, values = top[1][order], top[0][order].to(W_enc.dtype).relu()
         rows, cols = flat // n, flat % n
         ctx.save_for_backward(x, W_enc, rows, cols, values)
         ctx.has_bias = b_enc is not None
@@ -193,7 +199,7 @@ class BatchTopKEncode(torch.autograd.Function):
             grad_W = scatter_rows(W_enc.shape[0], cols, g, x, rows)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, cols, g)
-        return grad_x, grad_W, grad_b, None
+        return grad_x, grad_W, grad_b, None, None
 
 
 def ragged_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:

@@ -9,7 +9,10 @@ dead-latent counters). Every rank of a shard group computes the same loss:
 - TopK over all latents: each shard takes its local top k (the global top k is among the union of
   the local ones), the candidates are gathered, and the global top k is taken over them;
 - the reconstruction is the sum of the shards' partial decodes (an all-reduce) plus b_pre;
-- AuxK takes the top aux_k among the dead latents of every shard the same way.
+- AuxK takes the top aux_k among the dead latents of every shard the same way;
+- BatchTopK keeps the k·B largest pre-activations of the global batch: every rank offers its own
+  block's k·B largest, and all keep what reaches the k·B-th largest offer (the same threshold
+  everywhere); its inference threshold is the minimum over every rank's smallest kept value.
 
 Two autograd functions carry the gradients across shards, as in Megatron-LM: the encoder's input
 enters every shard (backward: sum the shards' input gradients), and the partial decodes are summed
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sae.kernels import sparse_decode, topk_encode
+from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
 
 
@@ -82,12 +85,24 @@ class Parallel:
     def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(t, self.data_group) if self.grid.data > 1 else t
 
-    def gather_shards(self, t: torch.Tensor) -> list[torch.Tensor]:
-        if self.grid.latents == 1:
-            return [t]
-        parts = [torch.empty_like(t, device=self.device) for _ in range(self.grid.latents)]
-        dist.all_gather(parts, t.contiguous().to(self.device), group=self.shard_group)
+    def _all_gather(self, t: torch.Tensor, group, size: int) -> list[torch.Tensor]:
+        parts = [torch.empty_like(t, device=self.device) for _ in range(size)]
+        dist.all_gather(parts, t.contiguous().to(self.device), group=group)
         return [part.to(t.device) for part in parts]
+
+    def gather_shards(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return self._all_gather(t, self.shard_group, self.grid.latents) if self.grid.latents > 1 else [t]
+
+    def gather_all(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """t from every rank of the grid (one shape on every rank)."""
+        return self._all_gather(t, None, self.grid.size) if self.grid.size > 1 else [t]
+
+    def min_over_all(self, t: torch.Tensor) -> torch.Tensor:
+        if self.grid.size == 1:
+            return t
+        staged = t.to(self.device)
+        dist.all_reduce(staged, op=dist.ReduceOp.MIN)
+        return t.copy_(staged)
 
     def average_gradients(self, sae: TopKSAE) -> None:
         """Mean over the data-parallel replicas: the gradient of the global batch's mean loss."""
@@ -136,6 +151,8 @@ class Parallel:
         n_dead = int(self.sum_over_shards(local_dead.clone()))
         aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead)
         x_in = _EnterShards.apply(x_norm - sae.b_pre, self)
+        if sae.cfg.activation == "batchtopk":
+            return self._batch_topk_loss(sae, x_in, x_norm, mse_scale, tcfg, dead, aux_k)
         # the same candidate widths on every shard (gathered side by side); a shard with fewer dead
         # latents than aux_k offers zeros, which contribute nothing
         values, indices, aux_values, aux_indices = topk_encode(
@@ -153,12 +170,43 @@ class Parallel:
             loss = loss + _sq_err(x_norm, decode(wide, values, indices) + sae.b_pre, mse_scale) / 8
         aux = torch.zeros((), device=x_norm.device)
         if aux_k > 0:
-            aux_mask = self._select(aux_values, aux_k)
-            aux = _sq_err(x_norm - recon.detach(), decode(aux_mask, aux_values, aux_indices), mse_scale)
-            aux = torch.nan_to_num(aux, nan=0.0)
+            aux = self._aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale)
             loss = loss + tcfg.aux_coef * aux
         # this shard's part of the main code, for its dead-latent counters
         return LossParts(loss, mse.detach(), aux.detach(), (values * main).detach(), indices)
+
+    def _batch_topk_loss(self, sae: TopKSAE, x_in, x_norm, mse_scale: float, tcfg, dead, aux_k: int):
+        """BatchTopK over the global batch: the k·B largest pre-activations of all rows of all replicas
+        and all shards' latents. Each rank offers its own block's k·B largest (the global set's part in
+        any block is among them), the k·B-th largest of all offers is the threshold, and each rank
+        keeps its candidates at or above it. AuxK as for TopK (per row, over the dead latents)."""
+        from sae.train import LossParts, _sq_err
+
+        rows_here = x_norm.shape[0]
+        count = self.k * rows_here * self.grid.data
+
+        def keep(candidates: torch.Tensor) -> int:  # candidates: this rank's, descending
+            every = torch.cat(self.gather_all(candidates))
+            threshold = every.topk(min(count, every.numel())).values[-1]
+            return int((candidates >= threshold).sum())
+
+        rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, keep)
+        recon = _SumShards.apply(ragged_decode(rows, cols, values, sae.W_dec, rows_here), self) + sae.b_pre
+        mse = _sq_err(x_norm, recon, mse_scale)
+        loss, aux = mse, torch.zeros((), device=x_norm.device)
+        if aux_k > 0:
+            _, _, aux_values, aux_indices = topk_encode(x_in, sae.W_enc, sae.b_enc, 1, min(aux_k, sae.cfg.n_latents), dead)
+            aux = self._aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale)
+            loss = loss + tcfg.aux_coef * aux
+        return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)
+
+    def _aux_loss(self, sae: TopKSAE, aux_values, aux_indices, aux_k: int, x_norm, recon, mse_scale: float):
+        """AuxK over the global dead latents: the top aux_k of every shard's dead candidates model the
+        live latents' residual (§A.2)."""
+        from sae.train import _sq_err
+
+        partial = sparse_decode(aux_values * self._select(aux_values, aux_k), aux_indices, sae.W_dec)
+        return torch.nan_to_num(_sq_err(x_norm - recon.detach(), _SumShards.apply(partial, self), mse_scale), nan=0.0)
 
     def _select(self, values: torch.Tensor, k: int) -> torch.Tensor:
         """1.0 where this shard's candidate is among the global top k of all shards' candidates (every

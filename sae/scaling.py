@@ -152,3 +152,17 @@ def recommend(budget_flops: float, d_model: int, k: int, law: Fit, tokens_at_409
     # spend the rest of the budget on more tokens at that n: beyond convergence it only helps
     spend = int(budget_flops / (2.0 * d_model * n))
     return Recommendation(n, k, spend, training_flops(d_model, n, spend), loss, err, tokens)
+
+
+def l0_frontier(l0, loss) -> list[bool]:
+    """Which points lie on the loss-vs-L0 frontier (the curve SAEs are compared on, §3): no other point
+    has an L0 at most as large and a strictly lower loss."""
+    points = list(zip(l0, loss))
+    return [not any(l2 <= l1 and m2 < m1 for l2, m2 in points) for l1, m1 in points]
+
+
+def compute_frontier(flops, loss) -> list[bool]:
+    """Which (training compute, loss) points lie on the compute-efficient frontier (§3, L(C)): no
+    point of at most the same compute has a lower loss."""
+    points = list(zip(flops, loss))
+    return [not any(c2 <= c1 and m2 < m1 for c2, m2 in points) for c1, m1 in points]

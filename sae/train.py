@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -132,7 +132,7 @@ def _sq_err(target: torch.Tensor, recon: torch.Tensor, scale: float) -> torch.Te
 def _batch_topk_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead) -> LossParts:
     """BatchTopK: k·B latents over the whole batch; AuxK over the dead latents as for TopK."""
     x_in = x_norm - sae.b_pre
-    rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
+    rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, sae.cfg.k * x_in.shape[0])
     recon = ragged_decode(rows, cols, values, sae.W_dec, x_norm.shape[0]) + sae.b_pre
     mse = _sq_err(x_norm, recon, mse_scale)
     loss, aux = mse, torch.zeros((), device=x_norm.device)
@@ -231,6 +231,7 @@ class Trainer:
         self.steps = 0
         self.tokens = 0
         self.history: list[dict] = []
+        self.milestones: list[dict] = []  # held-out metrics at token milestones (train_saes' evaluate)
         # set on the device at every step, read (a host sync) only at log and checkpoint time
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.checked_steps = 0
@@ -283,6 +284,8 @@ class Trainer:
         """Moving average (0.9: it follows the drift of training) of the smallest positive activation
         BatchTopK kept in each batch; inference keeps what exceeds it."""
         smallest = torch.where(kept > 0, kept, torch.inf).min()  # inf: nothing positive was kept
+        if self.parallel:  # the global batch's smallest, the same on every rank
+            smallest = self.parallel.min_over_all(smallest)
         t = self.sae.threshold
         moved = torch.where(t == 0, smallest, 0.9 * t + 0.1 * smallest)
         t.copy_(torch.where(smallest.isfinite(), moved, t))
@@ -351,6 +354,7 @@ class Trainer:
             "tokens": self.tokens,
             "mse_scale": self.mse_scale,
             "history": self.history,
+            "milestones": self.milestones,
             "opt_param_groups": opt["param_groups"],
         }
         return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, meta
@@ -368,6 +372,13 @@ class Trainer:
             self.ema[name] = tensors[f"ema.{name}"].to(self.device)
         self.steps, self.tokens = meta["steps"], meta["tokens"]
         self.mse_scale, self.history = meta["mse_scale"], list(meta["history"])
+        self.milestones = list(meta.get("milestones", []))
+
+
+def milestone_tokens(tokens: int, count: int, batch_tokens: int) -> list[int]:
+    """tokens / 2^count, ..., tokens / 4, tokens / 2 (at least one batch, each once): where a sweep
+    measures its SAEs during training, for loss-vs-tokens curves and the compute frontier (§3)."""
+    return sorted({max(batch_tokens, tokens >> i) for i in range(1, count + 1)} - {tokens})
 
 
 def train_saes(
@@ -376,13 +387,17 @@ def train_saes(
     progress: bool = True,
     checkpoint: Callable[[list[Trainer]], None] | None = None,
     checkpoint_every_tokens: int = 0,
+    milestones: Sequence[int] = (),
+    evaluate: Callable[[TopKSAE], dict] | None = None,
 ) -> list[TrainResult]:
     """Trains several SAEs from one pass over the data: every batch is fed to every trainer.
 
     The trainers must share the token budget and be at the same cursor (new, or restored from
     checkpoints taken together); `batches` must start at that cursor. `checkpoint(trainers)` is
-    called every `checkpoint_every_tokens` tokens. A stream that ends before the budget ends the
-    run there with a warning: the SAEs trained so far are returned, not lost.
+    called every `checkpoint_every_tokens` tokens. When the run passes each of `milestones`
+    (tokens), `evaluate(sae)` scores each trainer's SAE as it stands (the one it would return) and
+    the result joins its `milestones` (kept in checkpoints). A stream that ends before the budget
+    ends the run there with a warning: the SAEs trained so far are returned, not lost.
     """
     lead = trainers[0]
     if any(t.tcfg.tokens != lead.tcfg.tokens or t.steps != lead.steps for t in trainers):
@@ -390,6 +405,7 @@ def train_saes(
     bar = tqdm(total=lead.tcfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, desc="train",
                disable=not progress)
     next_checkpoint = lead.tokens + checkpoint_every_tokens
+    pending = [m for m in sorted(milestones) if m > lead.tokens] if evaluate else []
     for batch in batches:
         if lead.done:
             break
@@ -398,6 +414,12 @@ def train_saes(
             if trainer.steps % trainer.tcfg.log_every == 0 or trainer.done:
                 trainer.check_finite()
                 trainer.log(parts)
+        if pending and lead.tokens >= pending[0] and not lead.done:
+            while pending and lead.tokens >= pending[0]:
+                pending.pop(0)
+            for trainer in trainers:
+                trainer.check_finite()
+                trainer.milestones.append({"tokens": trainer.tokens, **evaluate(trainer.final_sae())})
         bar.update(batch.shape[0])
         if lead.history:
             bar.set_postfix(mse=" ".join(f"{t.history[-1]['mse']:.4f}" for t in trainers if t.history))

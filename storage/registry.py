@@ -344,6 +344,49 @@ def log_run_files(run_id: str, paths: list[Path]) -> None:
         client.log_artifact(run_id, str(path))
 
 
+SWEEP_TAG = "saeflow.sweep"  # on a sweep's parent run: the sweep's key
+POINT_TAG = "saeflow.sweep_point"  # on the run of an SAE the sweep did not register: "<key>/<name>"
+
+
+def log_sweep(tracking_uri: str, experiment: str, name: str, key: str, files: list[Path], metrics: dict[str, float],
+              children: list[str], unregistered: dict[str, tuple[dict, dict[str, float]]],
+              artifact_root: Path | None = None) -> str:
+    """The sweep's parent run (found again by `key`, so a rerun updates it): the report's files as
+    artifacts and the fit as metrics; the registered SAEs' runs (`children`) become its child runs,
+    and every SAE the sweep did not register gets a child run of its own with its params and metrics
+    (`unregistered`: model name -> (params, metrics)). Returns the parent's run id."""
+    from mlflow import MlflowClient
+
+    mlflow = _mlflow(tracking_uri)
+    client = MlflowClient()
+    experiment_id = _experiment_id(mlflow, experiment, artifact_root)
+
+    def run_tagged(tag: str, value: str, run_name: str, extra: dict[str, str]) -> str:
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        return client.create_run(experiment_id, run_name=run_name, tags={tag: value, **extra}).info.run_id
+
+    parent = run_tagged(SWEEP_TAG, key, f"sweep-{name}", {})
+    for path in files:
+        client.log_artifact(parent, str(path))
+    for metric, value in metrics.items():
+        client.log_metric(parent, metric, value)
+    client.set_terminated(parent)
+    for child in children:
+        client.set_tag(child, "mlflow.parentRunId", parent)
+    for model_name, (params, point_metrics) in unregistered.items():
+        child = run_tagged(POINT_TAG, f"{key}/{model_name}", model_name, {"mlflow.parentRunId": parent})
+        for param, value in params.items():
+            client.log_param(child, param, value)
+        for metric, value in point_metrics.items():
+            client.log_metric(child, metric, value)
+        client.set_terminated(child)
+    log.info("sweep %s logged to MLflow run %s (%d SAEs under it) in %s", name, parent,
+             len(children) + len(unregistered), tracking_uri)
+    return parent
+
+
 class NotRegistered(LookupError):
     """The registry answered, and has no such model version or alias."""
 

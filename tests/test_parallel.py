@@ -20,7 +20,9 @@ D, N, K, BATCH, STEPS = 16, 64, 4, 64, 10
 
 def configs(optimizer: str, multi_topk: bool):
     # dead after 2 steps: AuxK is active with dead latents present for most of the run
-    return SAEConfig(D, N, K, encoder_bias=True), TrainConfig(
+    activation = "batchtopk" if optimizer.endswith("+batchtopk") else "topk"
+    optimizer = optimizer.removesuffix("+batchtopk")
+    return SAEConfig(D, N, K, encoder_bias=True, activation=activation), TrainConfig(
         batch_tokens=BATCH, tokens=BATCH * STEPS, dead_tokens=2 * BATCH, aux_k=8, multi_topk=multi_topk,
         optimizer=optimizer, lr=3e-3 if optimizer == "adam" else None)
 
@@ -62,6 +64,8 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
 
 @pytest.mark.parametrize("data_parallel, shards, optimizer, multi_topk", [
     (2, 1, "signum", False), (1, 2, "signum", True), (1, 4, "adam", True), (2, 2, "signum", True),
+    # BatchTopK: the k·B largest of the global batch, and its inference threshold, on every grid shape
+    (2, 1, "signum+batchtopk", False), (1, 2, "adam+batchtopk", False), (2, 2, "signum+batchtopk", False),
 ])
 def test_grid_training_equals_the_single_process_run(tmp_path, data_parallel, shards, optimizer, multi_topk):
     grid = Grid(data_parallel, shards)
@@ -69,6 +73,8 @@ def test_grid_training_equals_the_single_process_run(tmp_path, data_parallel, sh
     mp.spawn(_rank, args=(grid, free_port(), optimizer, multi_topk, str(out)), nprocs=grid.size, join=True)
     got = load_file(out)
     reference, counters = single(optimizer, multi_topk)
+    if "batchtopk" in optimizer:
+        assert reference.threshold > 0  # the inference threshold was learnt, and is compared below
     assert torch.equal(got.pop("counters"), counters)  # the same latents fired, step by step
     for name, value in reference.state_dict().items():
         assert torch.allclose(got[name], value, rtol=1e-4, atol=1e-5), (name, (got[name] - value).abs().max())

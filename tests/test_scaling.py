@@ -76,6 +76,19 @@ def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(t
     assert main(["plan", str(tmp_path / "base.yaml"), "--out", str(out)]) == 2  # no budget: one line, exit 2
 
 
+def sweep_spec(tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downstream_contexts: int):
+    """A sweep spec on the tiny model: 1500 tokens, 30% held out, batches of 128."""
+    spec = {"name": name, "model": {"source": str(tiny_model_dir)},
+            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500}, "sweep": sweep,
+            "train": {"batch_tokens": 128}, "eval": {"tokens": 300, "downstream_contexts": downstream_contexts,
+                                                      "report_latents": 0, "ablation_contexts": 0},
+            "workdir": str(tmp_path / "work")}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
 def test_a_small_real_sweep_runs_end_to_end(prefect_harness, tiny_model_dir, text_dir, tmp_path):
     """3 x 3 (latents x k) on the tiny model: nine SAEs trained in one pass, evaluated, registered,
     then fitted and reported."""
@@ -83,15 +96,7 @@ def test_a_small_real_sweep_runs_end_to_end(prefect_harness, tiny_model_dir, tex
     from flows.spec import load_spec
     from flows.sweep import sweep_dir
 
-    spec = {"name": "tiny-sweep", "model": {"source": str(tiny_model_dir)},
-            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
-            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
-            "sweep": {"n_latents": [32, 64, 128], "k": [2, 4, 8]},
-            "train": {"batch_tokens": 128}, "eval": {"tokens": 300, "downstream_contexts": 0, "report_latents": 0,
-                                                      "ablation_contexts": 0},
-            "workdir": str(tmp_path / "work")}
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path = sweep_spec(tmp_path, tiny_model_dir, text_dir, "tiny-sweep", {"n_latents": [32, 64, 128], "k": [2, 4, 8]}, 0)
     assert main(["sweep", str(path)]) == 0
     out = sweep_dir(load_spec(path))
     rows = json.loads((out / "points.json").read_text())
@@ -101,9 +106,59 @@ def test_a_small_real_sweep_runs_end_to_end(prefect_harness, tiny_model_dir, tex
     if "params" in fit:
         assert fit["points"] == 9
     page = (out / "report.html").read_text()
-    assert page.count("<tr>") == 10 and page.count("data:image/png;base64,") == 3
-    for name in ("mse_vs_n", "mse_vs_l0", "dead_vs_n"):
+    assert page.count("<tr>") == 10 and page.count("data:image/png;base64,") == 5
+    for name in ("mse_vs_n", "mse_vs_l0", "dead_vs_n", "mse_vs_tokens", "mse_vs_compute"):
         assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # each SAE was scored at 4 token milestones while training, before its final evaluation
+    for r in rows:
+        assert [m["tokens"] for m in r["milestones"]] == sorted(m["tokens"] for m in r["milestones"])
+        assert len(r["milestones"]) == 4 and r["milestones"][-1]["tokens"] < r["tokens"]
+    compute = json.loads((out / "compute.json").read_text())
+    assert len(compute["points"]) == 9 * 5
+    # the frontier by a plain double loop: nothing at most as costly has a lower loss
+    for p in compute["points"]:
+        assert p["frontier"] == (not any(o["flops"] <= p["flops"] and o["normalized_mse"] < p["normalized_mse"]
+                                         for o in compute["points"]))
+    assert "params" in compute["fits"]["model.layers.1"] or "error" in compute["fits"]["model.layers.1"]
     # more latents at the same k reconstruct better on these held-out tokens
     by = {(r["n_latents"], r["k"]): r["normalized_mse"] for r in rows}
     assert by[(128, 8)] < by[(32, 2)]
+
+
+def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(prefect_harness, tiny_model_dir, text_dir, tmp_path):
+    """latents x k x lr with registered: frontier: every SAE has a run under the sweep's parent run,
+    only the loss-vs-L0 frontier is registered, and the parent holds the report with the dCE plot."""
+    from mlflow import MlflowClient
+
+    from flows.cli import main
+    from flows.spec import load_spec
+    from flows.sweep import sweep_dir
+    from storage.registry import connect
+
+    grid = {"n_latents": [32, 64], "k": [2, 4], "lr": [1e-3, 4e-3], "registered": "frontier"}
+    path = sweep_spec(tmp_path, tiny_model_dir, text_dir, "tiny-lr-sweep", grid, downstream_contexts=2)
+    assert main(["sweep", str(path)]) == 0
+    parsed = load_spec(path)
+    out = sweep_dir(parsed)
+    rows = json.loads((out / "points.json").read_text())
+    assert len(rows) == 8 and (out / "dce_vs_mse.png").read_bytes()[:4] == b"\x89PNG"
+    # the frontier by a plain double loop over the evaluated points
+    frontier = {i for i, r in enumerate(rows)
+                if not any(o["l0"] <= r["l0"] and o["normalized_mse"] < r["normalized_mse"] for o in rows)}
+    assert 0 < len(frontier) < 8
+    connect(parsed.tracking_uri())
+    client = MlflowClient()
+    names = [parsed.model_name("model.layers.1", i) for i in range(8)]
+    assert "-lr0.004" in names[1]
+    registered = {m.name for m in client.search_registered_models()}
+    assert registered == {names[i] for i in frontier}
+    experiment = client.get_experiment_by_name("tiny-lr-sweep")
+    parents = client.search_runs([experiment.experiment_id], filter_string=f"tags.`saeflow.sweep` = '{out.name}'")
+    assert len(parents) == 1
+    parent = parents[0].info.run_id
+    children = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.info.run_name for r in children) == sorted(names)
+    logged = {a.path for a in client.list_artifacts(parent)}
+    assert {"report.html", "fits.json", "points.json", "dce_vs_mse.png"} <= logged
+    assert main(["sweep", str(path)]) == 0  # a rerun updates the same parent and children
+    assert len(client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")) == 8

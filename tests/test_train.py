@@ -1,5 +1,6 @@
 import itertools
 
+import pytest
 import torch
 
 from sae.config import SAEConfig, TrainConfig
@@ -115,3 +116,38 @@ def test_weight_ema_is_bias_corrected():
     assert torch.allclose(trainer.ema_sae().W_dec, expected, atol=1e-6)
     assert torch.allclose(weights.sum() / (1 - decay**3), torch.tensor(1.0))
     assert trainer.final_sae() is not trainer.sae
+
+
+def test_milestones_score_the_sae_as_it_stands_and_survive_a_resume():
+    """train_saes scores each trainer's returned SAE when the run passes a milestone; a run restored
+    from a checkpoint between milestones ends with the same list as an uninterrupted one."""
+    from sae.train import milestone_tokens, train_saes
+
+    assert milestone_tokens(4096, 3, 256) == [512, 1024, 2048]
+    assert milestone_tokens(1000, 4, 256) == [256, 500]  # at least one batch, each once
+    x = torch.randn(8 * 256, 16, generator=torch.Generator().manual_seed(0)) + 1
+    cfg, tcfg = SAEConfig(16, 64, 4), TrainConfig(batch_tokens=256, tokens=8 * 256)
+
+    def score(sae):
+        return {"decoder_sum": float(sae.W_dec.detach().sum())}
+
+    def fresh():
+        trainer = Trainer(cfg, tcfg)
+        trainer.initialize(x)
+        return trainer
+
+    whole = fresh()
+    train_saes([whole], x.split(256), progress=False, milestones=[512, 1200], evaluate=score)
+    assert [m["tokens"] for m in whole.milestones] == [512, 1280]  # the first step at or past each
+    by_hand = fresh()
+    for batch in x.split(256)[:2]:
+        by_hand.step(batch)
+    assert whole.milestones[0]["decoder_sum"] == score(by_hand.final_sae())["decoder_sum"]
+    # stop after 3 steps, checkpoint, restore into a new trainer and finish
+    first = fresh()
+    with pytest.warns(UserWarning, match="ran out"):
+        train_saes([first], x.split(256)[:3], progress=False, milestones=[512, 1200], evaluate=score)
+    resumed = Trainer(cfg, tcfg)
+    resumed.load_state_dict(*first.state_dict())
+    train_saes([resumed], x.split(256)[3:], progress=False, milestones=[512, 1200], evaluate=score)
+    assert resumed.milestones == whole.milestones
