@@ -69,8 +69,8 @@ def cache_activations(spec: RunSpec) -> str:
 
 
 @task(name="train_sae", **_GPU_TASK_OPTIONS)
-def train_sae(spec: RunSpec, hookpoint: str) -> list[str]:
-    return _stage("train", spec, hookpoint)
+def train_sae(spec: RunSpec, hookpoint: str, group: list[int] | None = None) -> list[str]:
+    return _stage("train", spec, hookpoint, group)
 
 
 @task(name="evaluate", **_GPU_TASK_OPTIONS)
@@ -211,7 +211,15 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
     logger.info("activation store: %s", stages.store_url(spec))
     rows = []
     for hookpoint in spec.hookpoints:
-        run("train", hookpoint)
+        groups = stages.train_groups(spec, hookpoint) if "train" in only else [None]
+        if len(groups) == 1:
+            run("train", hookpoint)
+        else:  # SAEs that do not fit on a device together: a task per group, each re-runnable alone
+            logger.info("training %d SAEs at %s in %d groups that fit train.device_memory_gib: %s", len(spec.sae),
+                        hookpoint, len(groups), groups)
+            # over the task runner: Dask workers take groups side by side, the default threads one by one
+            for future in [train_sae.submit(spec, hookpoint, g) for g in groups]:
+                future.result()
         metrics = [run("evaluate", hookpoint, index) for index in range(len(spec.sae))]
         chosen = sweep.to_register(spec, hookpoint, metrics) if "register" in only else [False] * len(spec.sae)
         for index in range(len(spec.sae)):

@@ -82,8 +82,8 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
     `index` is given."""
     if stage == "cache":
         return store.is_complete(store_url(spec), store_options(spec))
-    if stage == "train":
-        indices = range(len(spec.sae)) if index is None else [index]
+    if stage == "train":  # index: one SAE, a group of them (list), or None for all
+        indices = range(len(spec.sae)) if index is None else index if isinstance(index, list) else [index]
         return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices
                    for name in (SAE_MARKER, SAE_WEIGHTS))
     if stage == "evaluate":
@@ -101,7 +101,8 @@ def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, ind
     if stage == "cache":
         return store_url(spec) if is_done("cache", spec) else None
     if stage == "train":
-        return [str(sae_dir(spec, hookpoint, i)) for i in range(len(spec.sae))] if is_done("train", spec, hookpoint) else None
+        return ([str(sae_dir(spec, hookpoint, i)) for i in (index if isinstance(index, list) else range(len(spec.sae)))]
+                if is_done("train", spec, hookpoint, index) else None)
     if stage == "evaluate":
         return stored_metrics(spec, hookpoint, index) if is_done("evaluate", spec, hookpoint, index) else None
     found = registered(spec, hookpoint, index)
@@ -239,16 +240,29 @@ def cache(spec: RunSpec) -> str:
     return url
 
 
-def train(spec: RunSpec, hookpoint: str, progress: bool = True) -> list[str]:
-    """Trains every SAE of the spec at one hookpoint from one pass over its activations; checkpoints
-    every train.checkpoint_every_tokens and resumes from the last checkpoint all of them share. With
-    train.devices / nodes > 1, on a grid of processes (flows/distributed.py)."""
+def train(spec: RunSpec, hookpoint: str, group: list[int] | None = None, progress: bool = True) -> list[str]:
+    """Trains the SAEs of `group` (default all) at one hookpoint from one pass over its activations;
+    checkpoints every train.checkpoint_every_tokens and resumes from the last checkpoint all of them
+    share. With train.devices / nodes > 1, on a grid of processes (flows/distributed.py)."""
     if spec.train.distributed() and not is_done("train", spec, hookpoint):
         from flows.distributed import launch
 
         launch(spec, hookpoint)
         return [spec.work.location(sae_rel(spec, hookpoint, i)) for i in range(len(spec.sae))]
-    return train_here(spec, hookpoint, progress)
+    return train_here(spec, hookpoint, progress, only=group)
+
+
+def train_groups(spec: RunSpec, hookpoint: str) -> list[list[int]]:
+    """The SAEs of a hookpoint in groups that fit train.device_memory_gib together (sae/memory.py),
+    each trained by a task of its own; one group when no limit is set or the grid is distributed."""
+    if spec.train.device_memory_gib is None or spec.train.distributed() or len(spec.sae) == 1:
+        return [list(range(len(spec.sae)))]
+    from sae.memory import pack_groups
+
+    d_model = store.activations(store.open_group_for_status(store_url(spec), store_options(spec)), "train",
+                                hookpoint).shape[1]
+    plans = [spec.memory_plan(d_model, i, device=spec.planned_device()) for i in range(len(spec.sae))]
+    return pack_groups(plans, int(spec.train.device_memory_gib * 2**30))
 
 
 MILESTONE_ROWS = 4096  # held-out rows a sweep's milestone is scored on

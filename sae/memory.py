@@ -44,3 +44,23 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: 
     batch = pre + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
     return MemoryPlan(weights=weights + bf16_encoder, gradients=weights, optimizer=2 * weights,
                       ema=weights if ema else 0, batch=batch)
+
+
+def pack_groups(plans: list[MemoryPlan], limit: int) -> list[list[int]]:
+    """SAEs (by index) in groups that train together within `limit` bytes per device, first fit by
+    decreasing size. Trained together, SAEs keep their weights, gradients and optimiser state side by
+    side but take their steps one after the other, so a group needs the sum of the former and the
+    largest batch. An SAE that alone exceeds the limit gets a group of its own (validation refuses it)."""
+    def persistent(p: MemoryPlan) -> int:
+        return p.total - p.batch
+
+    groups: list[list[int]] = []
+    for i in sorted(range(len(plans)), key=lambda i: -plans[i].total):
+        for group in groups:
+            members = [plans[j] for j in group] + [plans[i]]
+            if sum(map(persistent, members)) + max(p.batch for p in members) <= limit:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return [sorted(g) for g in sorted(groups)]

@@ -66,3 +66,20 @@ def test_a_grid_that_does_not_fit_is_refused_before_anything_starts(tiny_model_d
     path.write_text(yaml.safe_dump(spec))
     assert main(["validate", str(path)]) == 0  # a quarter of the latents per process fits
     assert not (tmp_path / "work").exists()
+
+
+def test_pack_groups_fits_every_group_and_isolates_an_oversized_sae():
+    from sae.memory import MemoryPlan, pack_groups
+
+    def plan(persistent: int, batch: int) -> MemoryPlan:
+        return MemoryPlan(weights=persistent, gradients=0, optimizer=0, ema=0, batch=batch)
+
+    plans = [plan(40, 10), plan(30, 30), plan(20, 5), plan(200, 1), plan(10, 10)]
+    groups = pack_groups(plans, limit=100)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]  # each SAE exactly once
+    assert [3] in groups  # alone over the limit: a group of its own
+    for g in groups:
+        if g != [3]:  # the persistent parts add up, the steps take turns: the largest batch counts once
+            assert sum(plans[i].total - plans[i].batch for i in g) + max(plans[i].batch for i in g) <= 100
+    assert len(groups) == 3  # 40+30+10 persistent + batch 30 = 110 > 100: not one group of four
+    assert pack_groups(plans[:3], limit=10**6) == [[0, 1, 2]]  # no limit reached: one pass for all

@@ -123,3 +123,44 @@ def test_stage_needs_its_inputs(prefect_harness, spec):
 
     with pytest.raises(RuntimeError, match=r"run `saeflow cache SPEC`"):
         pipeline(spec, only=("train",))
+
+
+def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(prefect_harness, tiny_model_dir, text_dir,
+                                                                           tmp_path):
+    """train.device_memory_gib below what three SAEs need together: one train task per group (sae/memory.py's
+    packing), and each SAE ends with the weights it gets when all three train in one pass."""
+    from flows.pipeline import pipeline
+    from sae.lm import load_config
+    from sae.memory import pack_groups
+
+    def make(workdir: str, limit_gib: float | None):
+        s = parse_spec({
+            "name": "groups", "model": {"source": str(tiny_model_dir)},
+            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+            "hookpoints": ["model.layers.1"],
+            "sae": [{"n_latents": n, "k": 4, "dead_tokens": 500} for n in (64, 128, 256)],
+            "train": {"batch_tokens": 128, "tokens": 1024, "device": "cpu", "device_memory_gib": limit_gib},
+            "eval": {"tokens": 200, "downstream_contexts": 0, "report_latents": 0, "ablation_contexts": 0},
+            "workdir": str(tmp_path / workdir)})
+        check_resources(s)
+        return s
+
+    together = make("together", None)
+    d_model = load_config(str(tiny_model_dir)).hidden_size
+    plans = [together.memory_plan(d_model, i, device="cpu") for i in range(3)]
+    limit_gib = max(p.total for p in plans) * 1.01 / 2**30
+    expected = pack_groups(plans, int(limit_gib * 2**30))
+    assert len(expected) > 1
+    grouped = make("grouped", limit_gib)
+    state = pipeline(grouped, return_state=True)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert sum(r.name.startswith("train_sae") for r in runs) == len(expected)
+    pipeline(together)
+    for i in range(3):
+        a = TopKSAE.load(stages.sae_dir(grouped, "model.layers.1", i))
+        b = TopKSAE.load(stages.sae_dir(together, "model.layers.1", i))
+        assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc), i
