@@ -324,7 +324,7 @@ def train_here(spec: RunSpec, hookpoint: str, progress: bool = True, only: list[
         milestones = milestone_tokens(first.tcfg.tokens, spec.sweep.milestones, first.tcfg.batch_tokens)
         score = functools.partial(held_out_metrics, rows=held)
     results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens,
-                         milestones, score)
+                         milestones=milestones, evaluate=score)
     for i, result in zip(trainers, results):
         write_sae(spec, hookpoint, i, result, tcfgs[i], trainers[i].milestones)
     return [work.location(r) for r in rels]

@@ -92,13 +92,13 @@ def test_training_resumes_from_checkpoints_in_the_object_store_on_another_machin
     calls = {"n": 0}
     original = train_module.train_saes
 
-    def stop_after_two_checkpoints(trainers, batches, progress, checkpoint, every):
+    def stop_after_two_checkpoints(trainers, batches, progress, checkpoint, every, **options):
         def counting(t):
             checkpoint(t)
             calls["n"] += 1
             if calls["n"] == 2:
                 raise Stop
-        return original(trainers, batches, progress, counting, every)
+        return original(trainers, batches, progress, counting, every, **options)
 
     monkeypatch.setattr(train_module, "train_saes", stop_after_two_checkpoints)
     with pytest.raises(Stop):
