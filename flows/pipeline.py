@@ -214,9 +214,9 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
         groups = stages.train_groups(spec, hookpoint) if "train" in only else [None]
         if len(groups) == 1:
             run("train", hookpoint)
-        else:  # SAEs that do not fit on a device together: a task per group, each re-runnable alone
-            logger.info("training %d SAEs at %s in %d groups that fit train.device_memory_gib: %s", len(spec.sae),
-                        hookpoint, len(groups), groups)
+        else:  # by token budget, and by what fits on a device together: a task per group, each re-runnable alone
+            logger.info("training %d SAEs at %s in %d groups (one pass each): %s", len(spec.sae), hookpoint,
+                        len(groups), groups)
             # over the task runner: Dask workers take groups side by side, the default threads one by one
             for future in [train_sae.submit(spec, hookpoint, g) for g in groups]:
                 future.result()

@@ -101,6 +101,7 @@ class SAESpec(Section):
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
     activation: Literal["topk", "batchtopk"] = "topk"
     lr: LearningRate | None = None  # this SAE's learning rate (default: train.lr); a sweep's lr axis sets it
+    tokens: PositiveInt | None = None  # this SAE's training tokens (default: train.tokens); a sweep's tokens axis
 
     @model_validator(mode="after")
     def _size(self):
@@ -208,6 +209,8 @@ class SweepSpec(Section):
     n_latents: list[PositiveInt] = Field(min_length=1)
     k: list[PositiveInt] = Field(min_length=1)
     lr: list[LearningRate] | None = Field(None, min_length=1)  # optional third axis: each SAE's learning rate (default: train.lr)
+    # optional axis: each SAE's training tokens; SAEs of one budget share a pass, each budget its own
+    tokens: list[PositiveInt] | None = Field(None, min_length=1)
     # all: every SAE of the sweep is registered; frontier: only those on the normalized-MSE-vs-L0
     # frontier of their hookpoint (no other SAE has an L0 at most as large and a lower MSE)
     registered: Literal["all", "frontier"] = "all"
@@ -364,8 +367,12 @@ class RunSpec(Section):
         if not (isinstance(lrs, list) and lrs and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                        and 0 < v < math.inf for v in lrs)):
             lrs = [base.get("lr")]  # none, or a bad axis: SweepSpec's own validation names it once
-        saes = [{**base, "n_latents": n, "k": k, "lr": lr} for n in grid["n_latents"] for k in grid["k"] for lr in lrs
-                if isinstance(n, int) and isinstance(k, int) and k <= n]
+        budgets = grid.get("tokens")
+        if not (isinstance(budgets, list) and budgets and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                              for v in budgets)):
+            budgets = [base.get("tokens")]
+        saes = [{**base, "n_latents": n, "k": k, "lr": lr, "tokens": t} for n in grid["n_latents"] for k in grid["k"]
+                for lr in lrs for t in budgets if isinstance(n, int) and isinstance(k, int) and k <= n]
         return {**data, "sae": saes or [template]}
 
     def part_hash(self, *parts: str) -> str:
@@ -432,6 +439,7 @@ class RunSpec(Section):
             name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
             name += "-batchtopk" if s.activation == "batchtopk" else ""
             name += f"-lr{s.lr:g}" if s.lr is not None else ""
+            name += f"-t{s.tokens}" if s.tokens is not None else ""
         return name
 
     @model_validator(mode="after")
@@ -445,6 +453,17 @@ class RunSpec(Section):
         if self.train.tokens is None and (self.train.lr_warmup_tokens or 0) >= self.data.tokens:
             raise ValueError(f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below the run's "
                              f"{self.data.tokens} tokens: the lr would never leave its warmup; lower it")
+        for i, s in enumerate(self.sae):
+            where = "sae" if len(self.sae) == 1 else f"sae.{i}"
+            if s.tokens is not None and s.tokens < self.train.batch_tokens:
+                raise ValueError(f"{where}.tokens={s.tokens} is less than one batch (train.batch_tokens="
+                                 f"{self.train.batch_tokens}): raise tokens or lower batch_tokens")
+            if s.tokens is not None and (self.train.lr_warmup_tokens or 0) >= s.tokens:
+                raise ValueError(f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below {where}.tokens="
+                                 f"{s.tokens}: the lr would never leave its warmup; lower it")
+        if self.train.distributed() and len({s.tokens for s in self.sae}) > 1:
+            raise ValueError("sae: SAEs with different tokens train on one process (each budget its own pass): give "
+                             "them one budget, or train.devices: 1")
         return self
 
     @model_validator(mode="after")
@@ -507,7 +526,7 @@ class RunSpec(Section):
         t, s = self.train, self.sae[index]
         return TrainConfig(
             batch_tokens=t.batch_tokens,
-            tokens=t.tokens or cached_tokens,
+            tokens=s.tokens or t.tokens or cached_tokens,
             recipe=t.recipe,
             optimizer=t.optimizer,
             lr=s.lr if s.lr is not None else None if t.lr == "auto" else float(t.lr),

@@ -253,16 +253,23 @@ def train(spec: RunSpec, hookpoint: str, group: list[int] | None = None, progres
 
 
 def train_groups(spec: RunSpec, hookpoint: str) -> list[list[int]]:
-    """The SAEs of a hookpoint in groups that fit train.device_memory_gib together (sae/memory.py),
-    each trained by a task of its own; one group when no limit is set or the grid is distributed."""
-    if spec.train.device_memory_gib is None or spec.train.distributed() or len(spec.sae) == 1:
-        return [list(range(len(spec.sae)))]
+    """The SAEs of a hookpoint in groups trained by a task each: one per token budget (SAEs of one
+    budget share a pass over the cache), each split further into groups that fit
+    train.device_memory_gib together (sae/memory.py) when a limit is set on one process."""
+    budgets: dict = {}
+    for i, s in enumerate(spec.sae):
+        budgets.setdefault(s.tokens, []).append(i)
+    if spec.train.device_memory_gib is None or spec.train.distributed():
+        return list(budgets.values())
     from sae.memory import pack_groups
 
     d_model = store.activations(store.open_group_for_status(store_url(spec), store_options(spec)), "train",
                                 hookpoint).shape[1]
-    plans = [spec.memory_plan(d_model, i, device=spec.planned_device()) for i in range(len(spec.sae))]
-    return pack_groups(plans, int(spec.train.device_memory_gib * 2**30))
+    groups = []
+    for members in budgets.values():
+        plans = [spec.memory_plan(d_model, i, device=spec.planned_device()) for i in members]
+        groups += [[members[j] for j in g] for g in pack_groups(plans, int(spec.train.device_memory_gib * 2**30))]
+    return groups
 
 
 MILESTONE_ROWS = 4096  # held-out rows a sweep's milestone is scored on
@@ -508,7 +515,7 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         "hookpoint": hookpoint,
         "data": spec.data.source,
         "context_length": spec.data.context_length,
-        "train_tokens": spec.train.tokens or spec.data.tokens,
+        "train_tokens": spec.sae[index].tokens or spec.train.tokens or spec.data.tokens,
         "batch_tokens": spec.train.batch_tokens,
         "recipe": spec.train.recipe,
         "optimizer": spec.train.optimizer,

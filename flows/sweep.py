@@ -80,7 +80,13 @@ def report(spec: RunSpec) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     fits = {}
     for hookpoint in spec.hookpoints:
-        mine = [r for r in rows if r["hookpoint"] == hookpoint]
+        # L(n, k): the best SAE of each (n, k) over the sweep's lrs and token budgets
+        best: dict = {}
+        for r in rows:
+            key = (r["n_latents"], r["k"])
+            if r["hookpoint"] == hookpoint and (key not in best or r["normalized_mse"] < best[key]["normalized_mse"]):
+                best[key] = r
+        mine = list(best.values())
         try:
             fit = fit_joint_law([r["n_latents"] for r in mine], [r["k"] for r in mine], [r["normalized_mse"] for r in mine])
             fits[hookpoint] = fit.to_dict()

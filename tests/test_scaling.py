@@ -162,3 +162,31 @@ def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(prefect_har
     assert {"report.html", "fits.json", "points.json", "dce_vs_mse.png"} <= logged
     assert main(["sweep", str(path)]) == 0  # a rerun updates the same parent and children
     assert len(client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")) == 8
+
+
+def test_a_sweep_over_token_budgets_trains_each_budget_in_its_own_pass(prefect_harness, tiny_model_dir, text_dir,
+                                                                        tmp_path):
+    """tokens as a sweep axis: SAEs of one budget share a pass (one train task per budget), each SAE
+    trains for its own budget, and the report's fit takes the best SAE of each (n, k)."""
+    from flows import stages
+    from flows.cli import main
+    from flows.spec import load_spec
+    from flows.sweep import sweep_dir
+    from sae.model import TopKSAE
+
+    grid = {"n_latents": [32, 64], "k": [4], "tokens": [512, 1024], "milestones": 0}
+    path = sweep_spec(tmp_path, tiny_model_dir, text_dir, "tiny-token-sweep", grid, downstream_contexts=0)
+    parsed = load_spec(path)
+    assert [s.tokens for s in parsed.sae] == [512, 1024, 512, 1024]
+    assert parsed.model_name("model.layers.1", 1).endswith("-n32-k4-t1024")
+    assert main(["sweep", str(path)]) == 0
+    assert stages.train_groups(parsed, "model.layers.1") == [[0, 2], [1, 3]]
+    for i, s in enumerate(parsed.sae):
+        sae = TopKSAE.load(stages.sae_dir(parsed, "model.layers.1", i))
+        assert sae.metadata["train_tokens"] == s.tokens
+    rows = json.loads((sweep_dir(parsed) / "points.json").read_text())
+    assert sorted(r["tokens"] for r in rows) == [512, 512, 1024, 1024]
+    spec = yaml.safe_load(path.read_text())
+    spec["train"]["devices"] = 2  # different budgets cannot share one distributed pass: refused at validation
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(path)]) == 2
