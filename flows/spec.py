@@ -522,6 +522,10 @@ class RunSpec(Section):
         s = self.sae[index]
         return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization, s.activation)
 
+    def lr_setting(self, index: int = 0) -> float | str:
+        """SAE `index`'s lr as the spec sets it: its own (a sweep's lr axis), else train.lr (maybe "auto")."""
+        return self.sae[index].lr if self.sae[index].lr is not None else self.train.lr
+
     def train_config(self, cached_tokens: int, device: str, index: int = 0) -> TrainConfig:
         t, s = self.train, self.sae[index]
         return TrainConfig(
@@ -529,7 +533,7 @@ class RunSpec(Section):
             tokens=s.tokens or t.tokens or cached_tokens,
             recipe=t.recipe,
             optimizer=t.optimizer,
-            lr=s.lr if s.lr is not None else None if t.lr == "auto" else float(t.lr),
+            lr=None if self.lr_setting(index) == "auto" else float(self.lr_setting(index)),
             lr_warmup_tokens=t.lr_warmup_tokens,
             lr_decay=t.lr_decay,
             grad_clip=t.grad_clip,

@@ -519,7 +519,7 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         "batch_tokens": spec.train.batch_tokens,
         "recipe": spec.train.recipe,
         "optimizer": spec.train.optimizer,
-        "lr": spec.sae[index].lr or spec.train.lr,
+        "lr": spec.lr_setting(index),
         **{f"sae.{k}": v for k, v in cfg.items()},
         "aux_k": spec.sae[index].aux_k,
         "dead_tokens": spec.sae[index].dead_tokens,

@@ -129,7 +129,7 @@ def _log_to_mlflow(spec: RunSpec, out: Path, fits: dict, files: list[Path]) -> s
                 children.append(found.run_id)
             elif stages.is_done("evaluate", spec, hookpoint, i):
                 metrics = stages.stored_metrics(spec, hookpoint, i)
-                params = {"hookpoint": hookpoint, "n_latents": s.n_latents, "k": s.k, "lr": s.lr or spec.train.lr,
+                params = {"hookpoint": hookpoint, "n_latents": s.n_latents, "k": s.k, "lr": spec.lr_setting(i),
                           "registered": "no: not on the sweep's frontier"}
                 unregistered[spec.model_name(hookpoint, i)] = (
                     params, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -142,15 +142,11 @@ def _log_to_mlflow(spec: RunSpec, out: Path, fits: dict, files: list[Path]) -> s
 
 
 def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from sae.scaling import Fit
 
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    fig, ax = _figure()
     for (hookpoint, k), group in _groups(rows).items():
         group.sort(key=lambda r: r["n_latents"])
         n = [r["n_latents"] for r in group]
@@ -182,15 +178,11 @@ def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
 def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) -> bytes:
     """Held-out normalized MSE against training tokens (one curve per SAE), or against training
     compute with the frontier and its fitted L(C)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from sae.scaling import Fit
 
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    fig, ax = _figure()
     if name == "mse_vs_tokens":
         for r in rows:
             curve = r["milestones"] + [{"tokens": r["tokens"], "normalized_mse": r["normalized_mse"]}]
@@ -212,6 +204,15 @@ def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) 
     ax.set_ylabel("normalized MSE (held-out)")
     ax.legend(fontsize=6)
     return _png(fig)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(5, 3.6), dpi=110)
 
 
 def _png(fig) -> bytes:
