@@ -12,7 +12,9 @@ same held-out rows in the raw activation space:
   row; the mean, and the fraction above 0.9;
 - dead: latents that fire on none of the held-out rows; L0: mean active latents per row;
 - dCE (real data only): next-token cross-entropy increase of SmolLM2-135M with the reconstruction
-  of each library spliced in at the hookpoint, on held-out contexts.
+  of each library spliced in at the hookpoint, on held-out contexts;
+- nMSE* (real data only): normalized MSE without the massive-activation rows (`massive_rows`: 7 of
+  the 8192 held-out rows carry 94% of the variance, so the plain nMSE is decided by those 7 alone).
 
 Settings: `defaults` (each library as a new user gets it) at every budget, and `same` (Adam at one
 lr, linear decay to zero, AuxK 1/32, one dead window) at the middle budget. Synthetic data: see
@@ -194,8 +196,21 @@ def score(data: dict, out: dict) -> dict:
         best = (data["features"] @ dec.T).max(axis=1)
         row.update(cos=float(best.mean()), recovered=float((best > 0.9).mean()))
     else:
+        typical = ~massive_rows(x)
+        xt, rt = x[typical], r[typical]
+        row["nmse_typical"] = float(((xt - rt) ** 2).sum() / ((xt - xt.mean(0)) ** 2).sum())
         row["dce"] = delta_ce(data, recon[len(held) - n_ce :])
     return row
+
+
+def massive_rows(x: np.ndarray) -> np.ndarray:
+    """Rows whose norm is over 10x the median: SmolLM2's massive activations (attention-sink tokens,
+    e.g. the second "\n" of a context that starts with "\n\n"). In the real held-out rows 7 of 8192
+    rows, at ~100x the median norm, hold 94% of the variance, so the plain normalized MSE measures
+    how well an SAE reconstructs those 7 rows (saeflow at identical settings, seeds 0 / 1: 0.0173 /
+    0.0149; on the other rows 0.2523 / 0.2525)."""
+    norms = np.linalg.norm(x, axis=1)
+    return norms > 10 * np.median(norms)
 
 
 _LM = {}
@@ -247,7 +262,7 @@ def main() -> None:
     rows = []
     start = time.time()
     print(f"{'data':<15} {'tokens':>8} {'settings':<9} {'library':<9} {'nMSE':>7} {'cos':>6} {'rec>.9':>6} "
-          f"{'dead':>6} {'L0':>6} {'dCE':>6} {'sec':>5}", flush=True)
+          f"{'dead':>6} {'L0':>6} {'dCE':>6} {'nMSE*':>7} {'sec':>5}", flush=True)
     for name, grid, load in datasets:
         data = load()
         runs = [(t, "defaults", lib) for t in grid for lib in libraries]
@@ -269,7 +284,8 @@ def main() -> None:
             rows.append(row)
             print(f"{name:<15} {tokens:>8} {settings:<9} {lib:<9} {row['nmse']:>7.4f} {row.get('cos', float('nan')):>6.3f} "
                   f"{row.get('recovered', float('nan')):>6.3f} {row['dead']:>6.3f} {row['l0']:>6.1f} "
-                  f"{row.get('dce', float('nan')):>6.3f} {row['seconds']:>5.0f}", flush=True)
+                  f"{row.get('dce', float('nan')):>6.3f} {row.get('nmse_typical', float('nan')):>7.4f} "
+                  f"{row['seconds']:>5.0f}", flush=True)
     print(f"total {time.time() - start:.0f} s")
     if workers is not None:
         workers.close()
@@ -290,8 +306,14 @@ def verdict(rows: list[dict]) -> str:
             continue
         best = min(peers, key=lambda p: p["nmse"])
         ratio = r["nmse"] / best["nmse"]
-        rec = "" if "cos" not in r else f", cos {r['cos']:.3f} vs {max(p['cos'] for p in peers):.3f}"
-        ok = ratio < 1 and ("cos" not in r or r["cos"] >= max(p["cos"] for p in peers))
+        if "cos" in r:
+            rec = f", cos {r['cos']:.3f} vs {max(p['cos'] for p in peers):.3f}"
+            ok = ratio < 1 and r["cos"] >= max(p["cos"] for p in peers)
+        else:  # real data: the plain nMSE is 7 rows' (massive_rows); judged without them and by dCE
+            typical = r["nmse_typical"] / min(p["nmse_typical"] for p in peers)
+            rec = (f" ({typical:.2f}x without the massive-activation rows), dCE {r['dce']:.3f} vs "
+                   f"{min(p['dce'] for p in peers):.3f}")
+            ok = typical < 1 and r["dce"] <= min(p["dce"] for p in peers)
         lines.append(f"{'ok  ' if ok else 'MISS'} {data} {tokens} {settings}: nMSE {ratio:.2f}x the best peer "
                      f"({best['library']}){rec}")
     for data in sorted({r["data"] for r in rows}):

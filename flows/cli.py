@@ -18,7 +18,8 @@ from flows.spec import SpecError, load_spec
 EXIT_BAD_INPUT = 2
 SHOWN_METRICS = ("normalized_mse", "fraction_variance_explained", "l0", "dead_fraction", "train_dead_fraction",
                  "ce_clean", "ce_with_sae", "ce_increase", "kl_divergence", "loss_recovered_vs_zero",
-                 "loss_recovered_vs_mean", "ablation_sparsity")
+                 "loss_recovered_vs_mean", "ablation_sparsity", "probe_loss", "probe_loss_raw", "probe_loss_random",
+                 "probe_loss_prior", "n2g_precision", "n2g_recall")
 
 
 def _configure_environment() -> None:
@@ -398,9 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alias", default="candidate", help="alias of the registered version (default: candidate)")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("report", help="write the HTML feature browser of a registered SAE")
+    p = sub.add_parser("report", help="write the all-latent feature browser of a registered SAE")
     p.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--out", default="saeflow-report", help="directory for report.html and the histogram")
+    p.add_argument("--out", default="saeflow-report", help="directory for browser/index.html and the histogram")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_report)
     return parser

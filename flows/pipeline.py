@@ -235,7 +235,7 @@ def _row(spec: RunSpec, hookpoint: str, index: int, metrics: dict | None, uri: s
         "hookpoint": hookpoint,
         "sae": spec.model_name(hookpoint, index),
         "sae_dir": spec.work.location(stages.sae_rel(spec, hookpoint, index)),
-        "report": spec.work.location(f"{stages.eval_rel(spec, hookpoint, index)}/{stages.REPORT_FILE}")
+        "report": spec.work.location(f"{stages.eval_rel(spec, hookpoint, index)}/{stages.BROWSER_DIR}/index.html")
         if metrics else None,
         "model_uri": uri,
         **(metrics or {}),

@@ -195,8 +195,18 @@ class EvalSpec(Section):
     tokens: PositiveInt = 8192
     downstream_contexts: int = Field(64, ge=0)  # contexts for the LM loss with the SAE spliced in
     batch_contexts: PositiveInt = 16
-    report_latents: int = Field(16, ge=0)  # random latents in the feature browser (0: no report)
     ablation_contexts: int = Field(16, ge=0)  # sample size of the §4.4 ablation sparsity (0: skip)
+    # held-out tokens (whole contexts; the first half fits, the second half scores) for the probe
+    # loss, the N2G explanations and the feature browser
+    feature_tokens: PositiveInt = 16384
+    probes: bool = True  # §4.2 probe loss
+    n2g: bool = True  # §4.3 N2G explanations, precision and recall
+    browser: bool = True  # the all-latent feature browser (browser/index.html)
+
+    def plan(self) -> "EvalPlan":
+        from sae.evaluation import EvalPlan
+
+        return EvalPlan(**self.model_dump())
 
 
 STAGE_NAMES = ("cache", "train", "evaluate", "register")
@@ -552,7 +562,7 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "eval.report_latents",
+HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "eval.browser",
                  "eval.batch_contexts")
 
 

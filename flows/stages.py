@@ -13,6 +13,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from flows.locks import exclusive
@@ -363,96 +364,62 @@ def write_sae(spec: RunSpec, hookpoint: str, index: int, result, tcfg, milestone
 
 
 def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:
-    from sae.evaluate import ablation_sparsity, downstream_metrics, reconstruction_metrics
+    from sae.evaluation import evaluate_sae
     from sae.model import TopKSAE
 
     path, rel = metrics_path(spec, hookpoint, index), eval_rel(spec, hookpoint, index)
     if is_done("evaluate", spec, hookpoint, index):
         log.info("metrics for %s already at %s", hookpoint, spec.work.location(f"{rel}/{METRICS_FILE}"))
         return stored_metrics(spec, hookpoint, index)
-    sae = TopKSAE.load(fetch_sae(spec, hookpoint, index)).eval()
+    sae = TopKSAE.load(fetch_sae(spec, hookpoint, index))
     # the eval split's checksums: damaged bytes could decode without error into wrong metrics
     group = store.open_store(store_url(spec), store_options(spec), verify=("eval",))
-    acts = store.activations(group, "eval", hookpoint)
-    batches = store.iter_rows(acts, 4096, stop=spec.eval.tokens)
-    metrics = reconstruction_metrics(sae, batches, progress=progress)
-    if "train_dead_fraction" in sae.metadata:
-        metrics["train_dead_fraction"] = sae.metadata["train_dead_fraction"]
-    if spec.eval.downstream_contexts > 0:
-        model, _ = _lm(spec)
-        contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.downstream_contexts])
-        metrics.update(
-            downstream_metrics(
-                sae,
-                model,
-                contexts,
-                hookpoint,
-                int(spec.data.drop_first_position),
-                store.column_mean(acts, stop=spec.eval.tokens),
-                spec.eval.batch_contexts,
-                progress,
-            )
-        )
-    if spec.eval.ablation_contexts > 0:
-        model, _ = _lm(spec)
-        contexts = torch.from_numpy(group["eval/tokens"][: spec.eval.ablation_contexts])
-        metrics.update(ablation_sparsity(sae, model, contexts, hookpoint, int(spec.data.drop_first_position)))
-    if spec.eval.report_latents > 0:
-        model, tokenizer = _lm(spec)
-        write_report(sae, group, hookpoint, model, tokenizer, spec.eval.tokens, path.parent,
-                     f"{spec.name} · {hookpoint}", metrics, spec.eval.report_latents)
-    check_finite_metrics(metrics, f"the evaluation of {sae_dir(spec, hookpoint, index)}")
+    record = evaluate_sae(sae, spec.eval.plan(), eval_source(group, hookpoint, lambda: _lm(spec)), progress)
+    check_finite_metrics(record.metrics, f"the evaluation of {sae_dir(spec, hookpoint, index)}")
+    if spec.eval.browser:
+        write_browser(record, sae.cfg.n_latents, path.parent, f"{spec.name} · {hookpoint}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, metrics)
+    _write_json(path, record.metrics)
     spec.work.publish(rel, marker=METRICS_FILE)
     log.info("metrics for %s written to %s", hookpoint, spec.work.location(f"{rel}/{METRICS_FILE}"))
-    return metrics
+    return record.metrics
 
 
-REPORT_FILE = "report.html"
-HISTOGRAM_FILE = "activation_frequency.png"
-
-
-def write_report(sae, group, hookpoint, model, tokenizer, max_rows, out_dir: Path, title, metrics, n_latents=16) -> Path:
-    """The feature browser over held-out tokens: summary, frequency histogram, and for random and for
-    the most frequent latents their top contexts, contexts across quantiles and promoted tokens."""
-    from sae.features import encode_rows, latent_card, pick_latents, promoted_tokens
-    from sae.report import frequency_histogram_png, render_report
+def eval_source(group, hookpoint: str, lm) -> "EvalSource":
+    """The store's eval split as the evaluation reads it (rows, contexts, their mean)."""
+    from sae.evaluation import EvalSource
 
     layout = store.layout_of(group, "eval")
     acts = store.activations(group, "eval", hookpoint)
-    rows = min(max_rows, acts.shape[0]) // layout.positions * layout.positions
-    codes = encode_rows(sae, store.iter_rows(acts, 4096, stop=rows), layout.positions, layout.first_position)
-    freqs = codes.frequencies(sae.cfg.n_latents)
-    random, frequent = pick_latents(freqs, n_latents, n_latents // 2)
-    unembedding = model.get_output_embeddings().weight
-    promo = promoted_tokens(sae, unembedding, sorted(set(random + frequent)))
-    tokens = group["eval/tokens"]
-    piece = {}
+    return EvalSource(
+        rows=lambda n: store.iter_rows(acts, 4096, stop=n),
+        contexts=lambda n: np.asarray(group["eval/tokens"][:n]),
+        n_contexts=layout.n_contexts,
+        positions=layout.positions,
+        first_position=layout.first_position,
+        hookpoint=hookpoint,
+        lm=lm,
+        mean_activation=lambda n: store.column_mean(acts, stop=n),
+    )
 
-    def token_text(token_id: int) -> str:
-        if token_id not in piece:
-            piece[token_id] = tokenizer.decode([token_id])
-        return piece[token_id]
 
-    def context_tokens(context: int) -> list[str]:
-        return [token_text(int(t)) for t in tokens[context]]
+BROWSER_DIR = "browser"
+HISTOGRAM_FILE = "activation_frequency.png"
 
-    sections = []
-    for heading, latents in (("Random latents", random), ("Most frequent latents", frequent)):
-        cards = [latent_card(codes, latent, layout.context_length) for latent in latents]
-        for card in cards:
-            card.promoted_tokens = promo[card.latent]
-        sections.append((heading, cards))
-    png = frequency_histogram_png(freqs, title)
-    page = render_report(title, metrics, png, sections, context_tokens, token_text)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / HISTOGRAM_FILE).write_bytes(png)
-    tmp = out_dir / (REPORT_FILE + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out_dir / REPORT_FILE)
-    log.info("feature browser written to %s", out_dir / REPORT_FILE)
-    return out_dir / REPORT_FILE
+
+def write_browser(record, n_latents: int, eval_folder: Path, title: str) -> Path:
+    """The all-latent feature browser into eval_folder/browser/ (and its density histogram beside it)."""
+    from sae.browser import build_browser
+    from sae.features import Firings
+    from sae.report import frequency_histogram_png
+
+    sample = record.features
+    png = frequency_histogram_png(Firings.of(sample.values, sample.indices, n_latents).density(), title)
+    eval_folder.mkdir(parents=True, exist_ok=True)
+    (eval_folder / HISTOGRAM_FILE).write_bytes(png)
+    index = build_browser(eval_folder / BROWSER_DIR, sample, n_latents, title, record.metrics, record.details, png)
+    log.info("feature browser of %d latents written to %s", n_latents, index)
+    return index
 
 
 def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
@@ -553,7 +520,7 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         artifact_root=spec.root / "mlartifacts" if uri.startswith(("sqlite:", "file:")) else None,
         run_files=[
             p
-            for p in (eval_dir(spec, hookpoint, index) / REPORT_FILE, eval_dir(spec, hookpoint, index) / HISTOGRAM_FILE,
+            for p in (eval_dir(spec, hookpoint, index) / BROWSER_DIR, eval_dir(spec, hookpoint, index) / HISTOGRAM_FILE,
                       directory / "train_history.json")
             if p.exists()
         ],
@@ -564,6 +531,7 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     """`saeflow report`: the feature browser of a registered SAE, also logged to its MLflow run."""
     import tempfile
 
+    from sae.evaluation import EvalPlan, EvalRecord, collect_features
     from sae.model import TopKSAE
     from storage.registry import log_run_files, model_version, pull
 
@@ -573,9 +541,10 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     version = model_version(model_uri)
     metrics = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
     group = store.open_store(meta["store_url"], verify=("eval",))
-    model, tokenizer = load_lm(meta["lm"], "auto", "auto")
+    lm = load_lm(meta["lm"], "auto", "auto")
+    source = eval_source(group, meta["hookpoint"], lambda: lm)
+    sample, _ = collect_features(sae, EvalPlan(feature_tokens=source.n_contexts * source.positions, probes=False), source)
     title = f"{version.name} v{version.version} · {meta['hookpoint']}"
-    rows = store.activations(group, "eval", meta["hookpoint"]).shape[0]
-    path = write_report(sae, group, meta["hookpoint"], model, tokenizer, rows, Path(out_dir), title, metrics)
-    log_run_files(version.run_id, [path, path.parent / HISTOGRAM_FILE])
-    return path
+    index = write_browser(EvalRecord(metrics, sample), sae.cfg.n_latents, Path(out_dir), title)
+    log_run_files(version.run_id, [index.parent, index.parent.parent / HISTOGRAM_FILE])
+    return index

@@ -1,8 +1,9 @@
-"""What the feature browser shows about each latent, computed from codes of held-out tokens."""
+"""What the feature browser shows about every latent, computed at once for all latents from the TopK
+codes of whole held-out contexts (rows context after context, `positions` rows per context)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,105 +12,84 @@ from sae.model import TopKSAE
 
 
 @dataclass
-class SparseCodes:
-    """TopK codes of n token rows; row r is context r // positions, position first + r % positions."""
+class Firings:
+    """The (row, latent, activation) triples where a latent fired (kept with a positive value)."""
 
-    values: np.ndarray  # (n, k) float32
-    indices: np.ndarray  # (n, k) int64
-    positions: int
-    first_position: int
+    rows: np.ndarray
+    latents: np.ndarray
+    values: np.ndarray
+    n_rows: int
+    n_latents: int
 
-    def latent_activations(self, latent: int) -> np.ndarray:
-        """(n,) activation of one latent on every row (0 where it was not selected)."""
-        return np.where(self.indices == latent, self.values, 0.0).sum(axis=1)
+    @classmethod
+    def of(cls, values: np.ndarray, indices: np.ndarray, n_latents: int) -> "Firings":
+        fired = values > 0
+        rows = np.broadcast_to(np.arange(len(values))[:, None], values.shape)[fired]
+        return cls(rows, indices[fired].astype(np.int64), values[fired].astype(np.float32), len(values), n_latents)
 
-    def frequencies(self, n_latents: int) -> np.ndarray:
-        fired = self.values > 0
-        return np.bincount(self.indices[fired], minlength=n_latents) / len(self.values)
+    def density(self) -> np.ndarray:
+        return np.bincount(self.latents, minlength=self.n_latents) / max(self.n_rows, 1)
+
+    def max_activation(self) -> np.ndarray:
+        out = np.zeros(self.n_latents, np.float32)
+        np.maximum.at(out, self.latents, self.values)
+        return out
+
+    def histograms(self, bins: int = 16) -> np.ndarray:
+        """(n_latents, bins) counts of each latent's activations over [0, its max]."""
+        top = self.max_activation()[self.latents]
+        b = np.minimum((self.values / np.maximum(top, 1e-30) * bins).astype(np.int64), bins - 1)
+        return np.bincount(self.latents * bins + b, minlength=self.n_latents * bins).reshape(self.n_latents, bins)
+
+    def top_contexts(self, positions: int, n_top: int = 8) -> list[list[tuple[int, float]]]:
+        """Per latent, its n_top contexts by strongest activation: (context, that activation)."""
+        context = self.rows // positions
+        order = np.lexsort((-self.values, context, self.latents))
+        lat, ctx, val = self.latents[order], context[order], self.values[order]
+        first = np.ones(len(lat), bool)
+        first[1:] = (lat[1:] != lat[:-1]) | (ctx[1:] != ctx[:-1])  # the strongest row of each (latent, context)
+        lat, ctx, val = lat[first], ctx[first], val[first]
+        order = np.lexsort((-val, lat))
+        lat, ctx, val = lat[order], ctx[order], val[order]
+        rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
+        keep = rank < n_top
+        out: list[list[tuple[int, float]]] = [[] for _ in range(self.n_latents)]
+        for latent, c, v in zip(lat[keep].tolist(), ctx[keep].tolist(), val[keep].tolist()):
+            out[latent].append((c, v))
+        return out
+
+    def in_context(self, positions: int) -> dict[tuple[int, int], list[tuple[int, float]]]:
+        """(latent, context) -> [(position within the encoded rows, activation)], every firing."""
+        out: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        context, pos = np.divmod(self.rows, positions)
+        for latent, c, p, v in zip(self.latents.tolist(), context.tolist(), pos.tolist(), self.values.tolist()):
+            out.setdefault((latent, c), []).append((p, v))
+        return out
+
+    def by_token(self, row_tokens: np.ndarray, per_token: int = 16) -> dict[int, list[tuple[int, int]]]:
+        """token id -> the latents that fire most often on it: [(latent, firings)], most first."""
+        tok = row_tokens[self.rows].astype(np.int64)
+        pairs, counts = np.unique(tok * self.n_latents + self.latents, return_counts=True)
+        t, lat = np.divmod(pairs, self.n_latents)
+        order = np.lexsort((-counts, t))
+        t, lat, counts = t[order], lat[order], counts[order]
+        rank = np.arange(len(t)) - np.searchsorted(t, t, side="left")
+        out: dict[int, list[tuple[int, int]]] = {}
+        for token, latent, c in zip(t[rank < per_token].tolist(), lat[rank < per_token].tolist(),
+                                    counts[rank < per_token].tolist()):
+            out.setdefault(token, []).append((latent, c))
+        return out
 
 
 @torch.no_grad()
-def encode_rows(sae: TopKSAE, batches, positions: int, first_position: int) -> SparseCodes:
-    values, indices = [], []
-    for batch in batches:
-        codes = sae.encode(batch)
-        values.append(codes.values.float().cpu().numpy())
-        indices.append(codes.indices.cpu().numpy())
-    return SparseCodes(np.concatenate(values), np.concatenate(indices), positions, first_position)
-
-
-@dataclass
-class Example:
-    context: int
-    activations: list[float]  # one per token of the context (0 at positions never encoded)
-    max_activation: float
-
-
-@dataclass
-class LatentCard:
-    latent: int
-    frequency: float
-    max_activation: float
-    top: list[Example]
-    by_quantile: list[tuple[str, list[Example]]]
-    histogram: tuple[list[float], list[int]]  # bin edges, counts of non-zero activations
-    promoted_tokens: list[tuple[int, float]] = field(default_factory=list)
-
-
-def _example(codes: SparseCodes, acts: np.ndarray, context: int, context_length: int) -> Example:
-    rows = acts[context * codes.positions : (context + 1) * codes.positions]
-    per_token = [0.0] * codes.first_position + rows.tolist()
-    return Example(context, per_token[:context_length], float(rows.max()))
-
-
-def latent_card(
-    codes: SparseCodes,
-    latent: int,
-    context_length: int,
-    n_top: int = 8,
-    n_per_quantile: int = 2,
-    rng: np.random.Generator | None = None,
-) -> LatentCard:
-    rng = rng or np.random.default_rng(0)
-    acts = codes.latent_activations(latent)
-    # one example per context: the context's strongest activation of this latent
-    per_context = acts.reshape(-1, codes.positions).max(axis=1)
-    order = np.argsort(-per_context, kind="stable")
-    top = [_example(codes, acts, int(c), context_length) for c in order[:n_top] if per_context[c] > 0]
-    active = np.flatnonzero(per_context > 0)
-    by_quantile = []
-    if len(active):
-        edges = np.quantile(per_context[active], [0, 0.25, 0.5, 0.75, 1.0])
-        for lo, hi, name in zip(edges[:-1], edges[1:], ("0-25%", "25-50%", "50-75%", "75-100%")):
-            members = active[(per_context[active] >= lo) & (per_context[active] <= hi)]
-            picked = rng.choice(members, size=min(n_per_quantile, len(members)), replace=False) if len(members) else []
-            by_quantile.append((name, [_example(codes, acts, int(c), context_length) for c in picked]))
-    nonzero = acts[acts > 0]
-    counts, bin_edges = np.histogram(nonzero, bins=20) if len(nonzero) else (np.zeros(0, int), np.zeros(0))
-    return LatentCard(
-        latent=latent,
-        frequency=float((acts > 0).mean()),
-        max_activation=float(acts.max()),
-        top=top,
-        by_quantile=by_quantile,
-        histogram=(bin_edges.tolist(), counts.tolist()),
-    )
-
-
-def promoted_tokens(sae: TopKSAE, unembedding: torch.Tensor, latents: list[int], n: int = 8) -> dict[int, list]:
-    """Tokens whose logits the latent's decoder direction raises most (direct path through W_U)."""
-    with torch.no_grad():
-        logits = sae.W_dec[latents].float() @ unembedding.float().T  # (latents, vocab)
-        top = logits.topk(n, dim=1)
-    return {
-        latent: list(zip(top.indices[i].tolist(), top.values[i].tolist())) for i, latent in enumerate(latents)
-    }
-
-
-def pick_latents(frequencies: np.ndarray, n_random: int, n_frequent: int, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(random latents among those that fired, most frequent latents)."""
-    alive = np.flatnonzero(frequencies > 0)
-    rng = np.random.default_rng(seed)
-    random = sorted(rng.choice(alive, size=min(n_random, len(alive)), replace=False).tolist())
-    frequent = np.argsort(-frequencies, kind="stable")[:n_frequent].tolist()
-    return random, frequent
+def logit_effects(sae: TopKSAE, unembedding: torch.Tensor, n: int = 8, chunk: int = 1024):
+    """The tokens whose logits each latent's decoder direction raises and lowers most through the
+    unembedding (the direct path): ((n_latents, n) ids, values) promoted, then suppressed."""
+    w_u = unembedding.detach().float().cpu()
+    parts = []
+    for rows in sae.W_dec.detach().float().cpu().split(chunk):
+        logits = rows @ w_u.T
+        up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+        parts.append((up.indices, up.values, down.indices, down.values))
+    ids_up, val_up, ids_down, val_down = (torch.cat(p).numpy() for p in zip(*parts))
+    return (ids_up, val_up), (ids_down, val_down)

@@ -104,8 +104,11 @@ def register_sae(
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
-        for path in run_files:
-            mlflow.log_artifact(str(path))
+        for path in run_files:  # a folder (the feature browser) keeps its name and layout
+            if Path(path).is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=Path(path).name)
+            else:
+                mlflow.log_artifact(str(path))
         with tempfile.TemporaryDirectory() as weights_only:
             for name in (WEIGHTS_FILE, CONFIG_FILE):
                 shutil.copyfile(Path(sae_dir) / name, Path(weights_only) / name)
@@ -341,7 +344,10 @@ def log_run_files(run_id: str, paths: list[Path]) -> None:
 
     client = MlflowClient()
     for path in paths:
-        client.log_artifact(run_id, str(path))
+        if Path(path).is_dir():
+            client.log_artifacts(run_id, str(path), artifact_path=Path(path).name)
+        else:
+            client.log_artifact(run_id, str(path))
 
 
 SWEEP_TAG = "saeflow.sweep"  # on a sweep's parent run: the sweep's key

@@ -25,7 +25,7 @@ def s3_spec(tiny_model_dir, text_dir, s3, prefix: str, tracking_uri: str):
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "train": {"batch_tokens": 128, "tokens": 1500, "checkpoint_every_tokens": 512},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "report_latents": 4, "ablation_contexts": 0},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": True, "ablation_contexts": 0},
         "registry": {"tracking_uri": tracking_uri},
         "workdir": f"s3://saeflow/{prefix}",
         "workdir_options": s3["options"],

@@ -73,7 +73,7 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "train": {"batch_tokens": 128, "tokens": 1500},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "report_latents": 4, "ablation_contexts": 0},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": True, "ablation_contexts": 0},
         "registry": {"tracking_uri": mlflow_server},
         "orchestration": {"dask_address": dask_scheduler},
         "workdir": "s3://saeflow/e2e",

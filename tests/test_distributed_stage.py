@@ -31,7 +31,7 @@ def spec_dict(tiny_model_dir, text_dir, tmp_path, name, devices, shards, **train
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500, "aux_k": 8},
         "train": {"batch_tokens": 128, "devices": devices, "latent_shards": shards, **train},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "report_latents": 0, "ablation_contexts": 0},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
         "workdir": str(tmp_path / name),
     }
 

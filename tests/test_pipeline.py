@@ -111,11 +111,15 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     assert float(version.tags["metric.normalized_mse"]) == pytest.approx(row["normalized_mse"], rel=1e-5)
     assert version.tags["k"] == "8" and version.tags["hookpoint"] == "model.layers.1"
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(version.run_id)}
-    assert {"report.html", "activation_frequency.png", "train_history.json"} <= artifacts
+    assert {"browser", "activation_frequency.png", "train_history.json"} <= artifacts
+    browser = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(version.run_id, "browser")}
+    assert {"browser/index.html", "browser/browser.js", "browser/data"} <= browser
+    assert "probe_loss" in row and "n2g_recall" in row  # §4.2 and §4.3 in the evaluation's metrics
 
     # `saeflow report` rebuilds the browser from the registry alone
     assert main(["report", "models:/tiny@candidate", "--out", str(tmp_path / "rep"), "--tracking-uri", uri]) == 0
-    assert "top activations" in (tmp_path / "rep" / "report.html").read_text()
+    summary = (tmp_path / "rep" / "browser" / "data" / "summary.js").read_text()
+    assert summary.startswith("window.SAE") and (tmp_path / "rep" / "browser" / "index.html").exists()
 
 
 def test_stage_needs_its_inputs(prefect_harness, spec):
@@ -140,7 +144,7 @@ def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(prefe
             "hookpoints": ["model.layers.1"],
             "sae": [{"n_latents": n, "k": 4, "dead_tokens": 500} for n in (64, 128, 256)],
             "train": {"batch_tokens": 128, "tokens": 1024, "device": "cpu", "device_memory_gib": limit_gib},
-            "eval": {"tokens": 200, "downstream_contexts": 0, "report_latents": 0, "ablation_contexts": 0},
+            "eval": {"tokens": 200, "downstream_contexts": 0, "browser": False, "ablation_contexts": 0},
             "workdir": str(tmp_path / workdir)})
         check_resources(s)
         return s

@@ -65,7 +65,7 @@ def test_auto_lr_rules():
     assert math.isclose(sign, 2e-2 / math.sqrt(2))
     assert math.isclose(auto_lr(16384, 4096), sign / 2)  # 1/sqrt(n)
     assert math.isclose(auto_lr(4096, 1024), sign)  # no batch scaling
-    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32), sign * math.sqrt(2))  # (128 / 32)^(1/4)
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32), sign * 4**0.375)  # (128 / 32)^(3/8)
 
 
 def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():

@@ -33,7 +33,7 @@ def spec_for(tiny_model_dir, text_dir, tmp_path, tokens: int, tracking_uri: str,
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "train": {"batch_tokens": 128, "tokens": tokens},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "report_latents": 0, "ablation_contexts": 0},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
         "registry": {"tracking_uri": tracking_uri, "model_name": "tiny", **registry},
         "workdir": str(tmp_path / "work"),
     })

@@ -21,7 +21,7 @@ def tiny(tiny_model_dir, text_dir, workdir, store):
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "train": {"batch_tokens": 128, "tokens": 1500},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "report_latents": 0, "ablation_contexts": 0},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
         "workdir": str(workdir),
     })
 

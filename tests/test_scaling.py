@@ -82,7 +82,7 @@ def sweep_spec(tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downs
             "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
             "hookpoints": ["model.layers.1"], "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500}, "sweep": sweep,
             "train": {"batch_tokens": 128}, "eval": {"tokens": 300, "downstream_contexts": downstream_contexts,
-                                                      "report_latents": 0, "ablation_contexts": 0},
+                                                      "browser": False, "ablation_contexts": 0},
             "workdir": str(tmp_path / "work")}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))

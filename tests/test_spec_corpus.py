@@ -73,7 +73,7 @@ CASES = [
     ("train", {"batch_tokens": 128, "devices": 3, "latent_shards": 3}, "train.latent_shards=3"),  # 64 latents in 3
     ("train.device_memory_gib", 0, "train.device_memory_gib"),
     ("eval.tokens", 0, "eval.tokens"), ("eval.downstream_contexts", -1, "eval.downstream_contexts"),
-    ("eval.batch_contexts", 0, "eval.batch_contexts"), ("eval.report_latents", -1, "eval.report_latents"),
+    ("eval.batch_contexts", 0, "eval.batch_contexts"), ("eval.feature_tokens", 0, "eval.feature_tokens"),
     ("eval.ablation_contexts", -1, "eval.ablation_contexts"), ("eval.foo", 1, "eval.foo"),
     ("registry.alias", "v1", "registry.alias"), ("registry.alias", "V12", "registry.alias"), ("registry.alias", "latest", "registry.alias"),
     ("registry.alias", "", "registry.alias"), ("registry.alias", "has space", "registry.alias"),

@@ -1,0 +1,127 @@
+"""The all-latent feature browser: a static site (HTML, one script, data as JavaScript files) that
+opens from the file system, with no server and no network.
+
+Data files assign to `window.SAE` and are loaded by script tags, because browsers refuse fetch()
+of file:// URLs. The page loads the summary of every latent (density, max activation, N2G
+explanation and scores), the token index for search and the contexts once; each latent's details
+(top contexts, logit effects, histogram, explanation) live in shards of SHARD_SIZE latents loaded
+when one of them is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sae.features import Firings
+
+SHARD_SIZE = 256
+ASSET_DIR = Path(__file__).parent / "browser_assets"
+ASSETS = ("index.html", "browser.js", "style.css")
+INDEX_FILE = "index.html"
+
+
+def _js(name: str, value) -> str:
+    return f"window.SAE = window.SAE || {{}};\nSAE.{name} = {json.dumps(value, separators=(',', ':'))};\n"
+
+
+def _round(x: float, digits: int = 4):
+    return None if not math.isfinite(x) else float(f"{x:.{digits}g}")
+
+
+def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str, metrics: dict[str, float],
+                  details: dict | None = None, histogram_png: bytes | None = None, n_top: int = 8) -> Path:
+    """Writes the browser into out_dir (replacing an older one only once the new one is complete);
+    returns the path of its index.html. `sample` is an evaluation's FeatureSample."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data" / "latents").mkdir(parents=True)
+    positions = sample.tokens.shape[1] - sample.first_position
+    firings = Firings.of(sample.values, sample.indices, n_latents)
+    density, top_act, hist = firings.density(), firings.max_activation(), firings.histograms()
+    top = firings.top_contexts(positions, n_top)
+    in_context = firings.in_context(positions)
+    expl = sample.explanations
+    used: set[int] = set()
+
+    def tokens_of(ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        used.update(ids)
+        return ids
+
+    contexts = sorted({c for examples in top for c, _ in examples})
+    (tmp / "data" / "contexts.js").write_text(_js("contexts", {c: tokens_of(sample.tokens[c]) for c in contexts}))
+    row_tokens = sample.tokens[:, sample.first_position :].reshape(-1)
+    index = {t: [[l, c] for l, c in pairs] for t, pairs in firings.by_token(row_tokens).items()}
+    tokens_of(index)
+    (tmp / "data" / "search.js").write_text(_js("tokens", index))
+
+    patterns = expl.patterns if expl is not None else [[] for _ in range(n_latents)]
+    nan = np.full(n_latents, np.nan)
+    precision, recall = (expl.precision, expl.recall) if expl is not None else (nan, nan)
+    for start in range(0, n_latents, SHARD_SIZE):
+        shard = {}
+        for latent in range(start, min(start + SHARD_SIZE, n_latents)):
+            shard[latent] = {
+                "top": [[c, _round(v), [[p, _round(a, 3)] for p, a in in_context[(latent, c)]]] for c, v in top[latent]],
+                "hist": hist[latent].tolist(),
+                "n2g": [tokens_of(g) for g in patterns[latent][:8]],
+                "promoted": _effects(sample.promoted, latent, tokens_of),
+                "suppressed": _effects(sample.suppressed, latent, tokens_of),
+            }
+        body = json.dumps(shard, separators=(",", ":"))
+        (tmp / "data" / "latents" / f"{start // SHARD_SIZE:04d}.js").write_text(f"SAE.shard({start // SHARD_SIZE}, {body});\n")
+
+    summary = {
+        "density": [_round(x) for x in density.tolist()],
+        "max": [_round(x, 3) for x in top_act.tolist()],
+        "n2g": [tokens_of(p[0]) if p else None for p in patterns],
+        "n2g_precision": [_round(x, 2) for x in precision.tolist()],
+        "n2g_recall": [_round(x, 2) for x in recall.tolist()],
+    }
+    (tmp / "data" / "summary.js").write_text(_js("summary", summary))
+    (tmp / "data" / "vocab.js").write_text(_js("vocab", {t: sample.token_text(t) for t in sorted(used)}))
+    meta = {
+        "title": title,
+        "n_latents": n_latents,
+        "shard_size": SHARD_SIZE,
+        "first_position": sample.first_position,
+        "metrics": {k: v for k, v in metrics.items() if "." not in k and isinstance(v, (int, float)) and math.isfinite(v)},
+        "probes": _probe_rows(metrics, (details or {}).get("probe_latents", {})),
+        "n2g": {
+            "scored": int((~np.isnan(recall)).sum()),
+            "precision_hist": np.histogram(precision[~np.isnan(precision)], bins=10, range=(0, 1))[0].tolist(),
+            "recall_hist": np.histogram(recall[~np.isnan(recall)], bins=10, range=(0, 1))[0].tolist(),
+        },
+        "by_density": np.argsort(-density, kind="stable").tolist(),
+    }
+    (tmp / "data" / "meta.js").write_text(_js("meta", meta))
+    for name in ASSETS:
+        shutil.copyfile(ASSET_DIR / name, tmp / name)
+    if histogram_png is not None:
+        (tmp / "activation_frequency.png").write_bytes(histogram_png)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out / INDEX_FILE
+
+
+def _effects(effects, latent: int, tokens_of) -> list:
+    if effects is None:
+        return []
+    ids, values = effects
+    return [[t, _round(float(v), 3)] for t, v in zip(tokens_of(ids[latent]), values[latent].tolist())]
+
+
+def _probe_rows(metrics: dict[str, float], latents: dict[str, int]) -> list[dict]:
+    return [
+        {"task": task, "sae": metrics[f"probe_loss.{task}"], "raw": metrics.get(f"probe_loss_raw.{task}"),
+         "random": metrics.get(f"probe_loss_random.{task}"), "prior": metrics.get(f"probe_loss_prior.{task}"),
+         "latent": latent}
+        for task, latent in latents.items()
+    ]

@@ -1,0 +1,169 @@
+"""The all-latent feature browser: built by the evaluation from a real store, checked as data and as
+rendered by headless Chromium (page loads, search by token, a latent page opens)."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from flows.stages import BROWSER_DIR, HISTOGRAM_FILE, eval_source, write_browser
+from sae.config import SAEConfig, TrainConfig
+from sae.evaluation import EvalPlan, evaluate_sae
+from sae.features import Firings
+from sae.lm import load_lm
+from sae.model import TopKSAE
+from sae.train import train_sae
+from storage import activations as store
+from storage.corpus import split_contexts
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+N_LATENTS = 64
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_model_dir, text_dir, tmp_path_factory):
+    model, tokenizer = load_lm(str(tiny_model_dir), "float32", "cpu")
+    train, heldout = split_contexts(str(text_dir), tokenizer, 16, 4, 40, 0.5)
+    url = str(tmp_path_factory.mktemp("store") / "s")
+    store.plan_store(url, {"train": train, "eval": heldout}, ["model.layers.1"], d_model=32, first_position=1,
+                     attrs={}, shard_contexts=16)
+    for split, i in store.missing_shards(url):
+        store.write_shard(url, split, i, model, 8)
+    store.finalize_store(url)
+    group = store.open_store(url)
+    rows = torch.cat(list(store.iter_rows(store.activations(group, "train", "model.layers.1"), 4096)))
+    sae = train_sae(SAEConfig(32, N_LATENTS, 4), TrainConfig(batch_tokens=64, tokens=len(rows)), rows, progress=False).sae
+    plan = EvalPlan(tokens=400, downstream_contexts=0, ablation_contexts=0, feature_tokens=10**6)
+    record = evaluate_sae(sae, plan, eval_source(group, "model.layers.1", lambda: (model, tokenizer)), progress=False)
+    out = tmp_path_factory.mktemp("eval")
+    index = write_browser(record, N_LATENTS, out, "tiny browser")
+    return record, index, tokenizer
+
+
+def _load_js(path, name):
+    text = path.read_text()
+    prefix = f"SAE.{name} = "
+    return json.loads(text[text.index(prefix) + len(prefix) :].rstrip().rstrip(";"))
+
+
+def _expected_by_token(record, tokenizer, query):
+    """The latents firing most often on tokens whose text is `query`, from the codes directly."""
+    sample = record.features
+    row_tokens = sample.tokens[:, sample.first_position :].reshape(-1)
+    counts = np.zeros(N_LATENTS, int)
+    for row, token in enumerate(row_tokens):
+        if tokenizer.decode([int(token)]).strip().lower() == query:
+            for v, latent in zip(sample.values[row], sample.indices[row]):
+                counts[latent] += v > 0
+    order = sorted(np.flatnonzero(counts), key=lambda latent: (-counts[latent], latent))
+    return order, counts
+
+
+def test_browser_covers_every_latent(evaluated):
+    record, index, _ = evaluated
+    root = index.parent
+    assert index.name == "index.html" and (root.parent / HISTOGRAM_FILE).read_bytes().startswith(b"\x89PNG")
+    summary = _load_js(root / "data" / "summary.js", "summary")
+    assert len(summary["density"]) == N_LATENTS
+    firings = Firings.of(record.features.values, record.features.indices, N_LATENTS)
+    np.testing.assert_allclose(summary["density"], firings.density(), rtol=1e-3)
+    shard = json.loads(re.search(r"SAE\.shard\(0, (.*)\);", (root / "data" / "latents" / "0000.js").read_text()).group(1))
+    assert sorted(map(int, shard)) == list(range(N_LATENTS))
+    for page in (root / "index.html", root / "browser.js"):
+        assert "http://" not in page.read_text() and "https://" not in page.read_text()
+
+
+def test_browser_top_contexts_are_the_strongest(evaluated):
+    record, index, _ = evaluated
+    sample = record.features
+    positions = sample.tokens.shape[1] - sample.first_position
+    shard = json.loads(re.search(r"SAE\.shard\(0, (.*)\);", (index.parent / "data" / "latents" / "0000.js").read_text()).group(1))
+    dense = np.zeros((len(sample.values), N_LATENTS), np.float32)
+    np.put_along_axis(dense, sample.indices, sample.values, axis=1)
+    per_context = dense.reshape(-1, positions, N_LATENTS).max(axis=1)
+    for latent in range(N_LATENTS):
+        top = shard[str(latent)]["top"]
+        expected = [c for c in np.argsort(-per_context[:, latent], kind="stable")[:8] if per_context[c, latent] > 0]
+        assert [c for c, _, _ in top] == [int(c) for c in expected]
+        for c, best, fires in top:
+            assert best == pytest.approx(per_context[c, latent], rel=1e-3)
+            assert max(a for _, a in fires) == pytest.approx(best, rel=1e-2)
+
+
+def test_search_index_matches_the_codes(evaluated):
+    record, index, tokenizer = evaluated
+    tokens = _load_js(index.parent / "data" / "search.js", "tokens")
+    vocab = _load_js(index.parent / "data" / "vocab.js", "vocab")
+    the = [t for t in tokens if vocab[t].strip().lower() == "the"]
+    assert the
+    expected, counts = _expected_by_token(record, tokenizer, "the")
+    merged = {}
+    for t in the:
+        for latent, c in tokens[t]:
+            merged[latent] = merged.get(latent, 0) + c
+    assert all(merged[latent] == counts[latent] for latent in merged)
+    assert expected[0] in merged
+
+
+def _chromium(tmp_path, url, *extra):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--allow-file-access-from-files", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
+    return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_browser_in_headless_chromium(evaluated, tmp_path):
+    record, index, tokenizer = evaluated
+    url = index.as_uri()
+    overview = _chromium(tmp_path, url, "--dump-dom").stdout
+    assert "tiny browser" in overview and overview.count('class="result"') == min(100, N_LATENTS)
+    assert "Probe loss" in overview and "N2G explanations" in overview
+
+    found = _chromium(tmp_path, url + "#search=the", "--dump-dom").stdout
+    shown = [int(x) for x in re.findall(r'class="result" data-latent="(\d+)"', found)]
+    expected, _ = _expected_by_token(record, tokenizer, "the")
+    assert shown[:5] == [int(x) for x in expected[:5]]
+
+    latent = int(expected[0])
+    page = _chromium(tmp_path, url + f"#latent={latent}", "--dump-dom").stdout
+    assert f'id="latent-{latent}"' in page and page.count('class="ctx"') >= 1
+    assert "background:rgba(255,110,0," in page and "promotes:" in page
+    shot = tmp_path / "shot.png"
+    _chromium(tmp_path, url + f"#latent={latent}", "--window-size=1100,1300", f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000
+
+
+def test_browser_build_replaces_an_old_one_whole(evaluated, tmp_path):
+    record, _, _ = evaluated
+    stale = tmp_path / BROWSER_DIR / "data" / "latents" / "9999.js"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
+    write_browser(record, N_LATENTS, tmp_path, "again")
+    assert not stale.exists() and (tmp_path / BROWSER_DIR / "index.html").exists()
+    assert not (tmp_path / (BROWSER_DIR + ".tmp")).exists()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+def test_browser_works_from_the_mlflow_artifact(evaluated, tmp_path):
+    """Logged to a run as the registry logs it, downloaded again, it opens and searches offline."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from storage.registry import log_run_files
+
+    record, index, tokenizer = evaluated
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("browser", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = MlflowClient().create_run(experiment)
+    log_run_files(run.info.run_id, [index.parent])
+    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="browser", dst_path=str(tmp_path / "dl"))
+    page = _chromium(tmp_path, (tmp_path / "dl" / "browser" / "index.html").as_uri() + "#search=the", "--dump-dom").stdout
+    expected, _ = _expected_by_token(record, tokenizer, "the")
+    assert local.endswith("browser")
+    assert f'data-latent="{int(expected[0])}"' in page
