@@ -5,7 +5,8 @@
 For each width an SAE is trained briefly on the demo's cached activations (specs/demo.yaml; cached on
 first use), then timed: encoding the held-out contexts with the N2G explanations and logit effects
 (`collect_features`), the probe loss over its tasks, and writing the browser; the browser's size on
-disk and file count are measured. Prints one row per width.
+disk, its file count, what opening the page loads (all but the latent shards) and the mean shard
+are measured. Prints one row per width.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ def main() -> None:
     lm = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())
     source = eval_source(group, hook, lambda: lm)
     plan = spec.eval.plan()
-    print(f"{'latents':>8} {'tokens':>7} {'features s':>10} {'probes s':>9} {'build s':>8} {'files':>6} {'MB':>7}", flush=True)
+    print(f"{'latents':>8} {'tokens':>7} {'features s':>10} {'probes s':>9} {'build s':>8} {'files':>6} {'MB':>7} {'page MB':>8} {'shard kB':>9}", flush=True)
     for n in [int(x) for x in args.latents.split(",")]:
-        sae = train_sae(SAEConfig(rows.shape[1], n, spec.sae.k),
+        sae = train_sae(SAEConfig(rows.shape[1], n, spec.sae[0].k),
                         TrainConfig(batch_tokens=1024, tokens=len(rows)), rows, progress=False).sae.eval()
         t0 = time.time()
         sample, acts = collect_features(sae, plan, source)
@@ -63,7 +64,12 @@ def main() -> None:
             t3 = time.time()
             found = [p for p in index.parent.rglob("*") if p.is_file()]
             size = sum(p.stat().st_size for p in found) / 2**20
-        print(f"{n:>8} {len(acts):>7} {t1 - t0:>10.1f} {t2 - t1:>9.1f} {t3 - t2:>8.1f} {len(found):>6} {size:>7.1f}", flush=True)
+            # what opening the page loads (everything but the shards), and one shard
+            shards = [p for p in found if p.parent.name == "latents"]
+            page = (sum(p.stat().st_size for p in found) - sum(p.stat().st_size for p in shards)) / 2**20
+            shard = sum(p.stat().st_size for p in shards) / len(shards) / 2**10
+        print(f"{n:>8} {len(acts):>7} {t1 - t0:>10.1f} {t2 - t1:>9.1f} {t3 - t2:>8.1f} {len(found):>6} {size:>7.1f} "
+              f"{page:>8.1f} {shard:>9.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str
     summary = {
         "density": [_round(x) for x in density.tolist()],
         "max": [_round(x, 3) for x in top_act.tolist()],
-        "n2g": [tokens_of(p[0]) if p else None for p in patterns],
+        "n2g": [[tokens_of(g) for g in p[:3]] for p in patterns],  # the first three n-grams
         "n2g_precision": [_round(x, 2) for x in precision.tolist()],
         "n2g_recall": [_round(x, 2) for x in recall.tolist()],
     }

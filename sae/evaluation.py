@@ -90,7 +90,7 @@ def evaluate_sae(sae: TopKSAE, plan: EvalPlan, source: EvalSource, progress: boo
     record = EvalRecord(metrics)
     if plan.needs_features():
         record.features, acts = collect_features(sae, plan, source)
-        _feature_metrics(sae, plan, record, acts)
+        _feature_metrics(sae, plan, record, acts, progress)
     return record
 
 
@@ -124,7 +124,7 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
     return sample, acts
 
 
-def _feature_metrics(sae: TopKSAE, plan: EvalPlan, record: EvalRecord, acts: torch.Tensor) -> None:
+def _feature_metrics(sae: TopKSAE, plan: EvalPlan, record: EvalRecord, acts: torch.Tensor, progress: bool) -> None:
     sample = record.features
     n_contexts = len(sample.tokens)
     n_train = n_contexts // 2 * (sample.tokens.shape[1] - sample.first_position)
@@ -132,7 +132,7 @@ def _feature_metrics(sae: TopKSAE, plan: EvalPlan, record: EvalRecord, acts: tor
         texts = [[sample.token_text(int(t)) for t in context] for context in sample.tokens]
         labels = {task: y.reshape(-1) for task, y in task_labels(texts, sample.first_position).items()}
         probes = probe_metrics(labels, (torch.from_numpy(sample.values), torch.from_numpy(sample.indices)), acts,
-                               sae.cfg.n_latents, n_train)
+                               sae.cfg.n_latents, n_train, progress=progress)
         record.details["probe_latents"] = {k.split(".", 1)[1]: int(v) for k, v in probes.items() if k.startswith("probe_latent.")}
         record.metrics.update({k: v for k, v in probes.items() if not k.startswith("probe_latent.")})
         if probes["probe_tasks"] == 0:

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 MIN_LABELS = 10
 RIDGE = 1e-3  # on a, with z scaled to unit RMS: keeps perfectly separating latents finite
@@ -197,6 +198,7 @@ def probe_metrics(
     n_latents: int,
     n_train: int,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Probe loss per task and averaged over tasks for the SAE's latents (`probe_loss`), the raw
     dimensions (`probe_loss_raw`), as many random directions (`probe_loss_random`) and the constant
@@ -217,7 +219,7 @@ def probe_metrics(
     }
     per_kind: dict[str, list[float]] = {kind: [] for kind in (*candidates, "_prior")}
     out: dict[str, float] = {}
-    for task, y in labels.items():
+    for task, y in tqdm(labels.items(), desc="probe loss", unit="task", disable=not progress):
         y_train, y_test = y[:n_train], y[n_train:]
         if min(y_train.sum(), (~y_train).sum(), y_test.sum(), (~y_test).sum()) < MIN_LABELS:
             continue

@@ -19,8 +19,8 @@ function bars(counts) {
   return `<span class="bars">${counts.map(c => `<div style="height:${Math.max(1, Math.round(44 * c / top))}px" title="${c}"></div>`).join("")}</span>`;
 }
 function explanation(latent) {
-  const g = S.summary.n2g[latent];
-  return g ? gram(g) : '<span class="lbl">no n-gram explains it</span>';
+  const grams = S.summary.n2g[latent];
+  return grams.length ? grams.map(gram).join("") : '<span class="lbl">no n-gram explains it</span>';
 }
 function row(latent, extra = "") {
   const s = S.summary;
