@@ -49,9 +49,10 @@ def test_pipeline_on_an_s3_work_dir_is_found_by_a_machine_with_an_empty_disk(
     sae = rows[0]["sae_dir"].removeprefix("s3://")
     assert {"sae.safetensors", "config.json", "train_history.json"} <= {p.rsplit("/", 1)[-1] for p in fs.ls(sae)}
     assert not fs.exists(f"{sae}/checkpoints")  # removed once the SAE is complete
-    metrics = json.loads(fs.cat_file(rows[0]["report"].removeprefix("s3://").rsplit("/", 1)[0] + "/metrics.json"))
+    eval_folder = rows[0]["report"].removeprefix("s3://").removesuffix("/browser/index.html")
+    metrics = json.loads(fs.cat_file(eval_folder + "/metrics.json"))
     assert metrics["normalized_mse"] == pytest.approx(rows[0]["normalized_mse"])
-    assert fs.exists(rows[0]["report"].removeprefix("s3://"))
+    assert fs.exists(rows[0]["report"].removeprefix("s3://")) and fs.exists(eval_folder + "/browser/data/summary.js")
     assert fs.exists(stages.store_url(spec).removeprefix("s3://") + "/zarr.json")
 
     # another machine: nothing on its disk, the same object store and registry: everything is Cached
@@ -62,7 +63,7 @@ def test_pipeline_on_an_s3_work_dir_is_found_by_a_machine_with_an_empty_disk(
     assert [ran[t] for t in STAGE_TASKS] == ["Cached"] * 4, ran
 
     # evaluation outputs deleted from the object store: the third machine recomputes them (and only them)
-    fs.rm(rows[0]["report"].removeprefix("s3://").rsplit("/", 1)[0], recursive=True)
+    fs.rm(eval_folder, recursive=True)
     monkeypatch.setenv("SAEFLOW_SCRATCH", str(tmp_path / "machine-3"))
     ran = task_states(pipeline(spec, return_state=True))
     assert ran["cache_activations"] == ran["train_sae"] == ran["register"] == "Cached" and ran["evaluate"] == "Completed", ran
