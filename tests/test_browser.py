@@ -154,11 +154,11 @@ def test_browser_works_from_the_mlflow_artifact(evaluated, tmp_path):
     import mlflow
     from mlflow import MlflowClient
 
-    from storage.registry import log_run_files
+    from storage.registry import connect, log_run_files
 
     record, index, tokenizer = evaluated
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    connect(uri)  # leaves $MLFLOW_TRACKING_URI as it was for the tests after this one
     experiment = mlflow.create_experiment("browser", artifact_location=(tmp_path / "artifacts").as_uri())
     run = MlflowClient().create_run(experiment)
     log_run_files(run.info.run_id, [index.parent])
