@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from flows.locks import exclusive
 from flows.spec import RunSpec, safe_name

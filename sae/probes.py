@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keyword
 import math
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def task_labels(contexts: Sequence[Sequence[str]], first_position: int) -> dict[
     return out
 
 
-class Candidates:
+class Candidates(Protocol):
     """m candidate features over n rows; `sums` gives each candidate's probe loss and its derivatives."""
 
     n: int
@@ -93,7 +93,7 @@ class Candidates:
         ...
 
 
-class SparseCandidates(Candidates):
+class SparseCandidates:
     """Value `values[e]` of candidate `cols[e]` on row `rows[e]`; absent entries are zero (TopK codes)."""
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int, m: int):
@@ -131,7 +131,7 @@ class SparseCandidates(Candidates):
         return tuple(t / self.n for t in (loss, ga, gb, haa, hab, hbb))
 
 
-class DenseCandidates(Candidates):
+class DenseCandidates:
     """The columns of an (n, m) matrix (raw dimensions, projections on random directions)."""
 
     CHUNK = 2**22  # elements per block of columns: bounds the temporaries at large n
