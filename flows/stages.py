@@ -17,6 +17,7 @@ import numpy as np
 
 from flows.locks import exclusive
 from flows.spec import RunSpec, safe_name
+from sae.browser import HISTOGRAM_FILE
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
 from storage.corpus import split_contexts
@@ -403,20 +404,15 @@ def eval_source(group, hookpoint: str, lm) -> "EvalSource":
 
 
 BROWSER_DIR = "browser"
-HISTOGRAM_FILE = "activation_frequency.png"
 
 
 def write_browser(record, n_latents: int, eval_folder: Path, title: str) -> Path:
-    """The all-latent feature browser into eval_folder/browser/ (and its density histogram beside it)."""
+    """The all-latent feature browser into eval_folder/browser/, its density histogram also beside it
+    (logged to the MLflow run on its own)."""
     from sae.browser import build_browser
-    from sae.features import Firings
-    from sae.report import frequency_histogram_png
 
-    sample = record.features
-    png = frequency_histogram_png(Firings.of(sample.values, sample.indices, n_latents).density(), title)
-    eval_folder.mkdir(parents=True, exist_ok=True)
-    (eval_folder / HISTOGRAM_FILE).write_bytes(png)
-    index = build_browser(eval_folder / BROWSER_DIR, sample, n_latents, title, record.metrics, record.details, png)
+    index = build_browser(eval_folder / BROWSER_DIR, record.features, n_latents, title, record.metrics, record.details)
+    shutil.copyfile(index.parent / HISTOGRAM_FILE, eval_folder / HISTOGRAM_FILE)
     log.info("feature browser of %d latents written to %s", n_latents, index)
     return index
 

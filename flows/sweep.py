@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import logging
 import math
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from flows import stages
 from flows.spec import RunSpec, safe_name
+from sae.plots import figure, png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
 
     from sae.scaling import Fit
 
-    fig, ax = _figure()
+    fig, ax = figure()
     for (hookpoint, k), group in _groups(rows).items():
         group.sort(key=lambda r: r["n_latents"])
         n = [r["n_latents"] for r in group]
@@ -172,7 +172,7 @@ def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
     ax.set_ylabel({"dead_vs_n": "dead fraction (held-out)", "dce_vs_mse": "CE increase (nats)"}.get(
         name, "normalized MSE (held-out)"))
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) -> bytes:
@@ -182,7 +182,7 @@ def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) 
 
     from sae.scaling import Fit
 
-    fig, ax = _figure()
+    fig, ax = figure()
     if name == "mse_vs_tokens":
         for r in rows:
             curve = r["milestones"] + [{"tokens": r["tokens"], "normalized_mse": r["normalized_mse"]}]
@@ -203,26 +203,7 @@ def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) 
     ax.set_yscale("log")
     ax.set_ylabel("normalized MSE (held-out)")
     ax.legend(fontsize=6)
-    return _png(fig)
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(5, 3.6), dpi=110)
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def _groups(rows: list[dict]) -> dict:

@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from sae.features import Firings
+from sae.plots import frequency_histogram_png
 
 SHARD_SIZE = 256
 ASSET_DIR = Path(__file__).parent / "browser_assets"
 ASSETS = ("index.html", "browser.js", "style.css")
 INDEX_FILE = "index.html"
+HISTOGRAM_FILE = "activation_frequency.png"
 
 
 def _js(name: str, value) -> str:
@@ -35,9 +37,10 @@ def _round(x: float, digits: int = 4):
 
 
 def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str, metrics: dict[str, float],
-                  details: dict | None = None, histogram_png: bytes | None = None, n_top: int = 8) -> Path:
-    """Writes the browser into out_dir (replacing an older one only once the new one is complete);
-    returns the path of its index.html. `sample` is an evaluation's FeatureSample."""
+                  details: dict | None = None, n_top: int = 8) -> Path:
+    """Writes the browser into out_dir (replacing an older one only once the new one is complete),
+    its density histogram as HISTOGRAM_FILE among them; returns the path of its index.html. `sample`
+    is an evaluation's FeatureSample."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -104,8 +107,7 @@ def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str
     (tmp / "data" / "meta.js").write_text(_js("meta", meta))
     for name in ASSETS:
         shutil.copyfile(ASSET_DIR / name, tmp / name)
-    if histogram_png is not None:
-        (tmp / "activation_frequency.png").write_bytes(histogram_png)
+    (tmp / HISTOGRAM_FILE).write_bytes(frequency_histogram_png(density, title))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out / INDEX_FILE

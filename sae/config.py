@@ -72,9 +72,10 @@ ADAM_LR_AT_4K = 6e-3
 # 128 steps: at 32 steps 2.8e-2 (exponent 1/4) against 3.4e-2 (3/8), normalized MSE / mean best
 # cosine, "more-features" 0.361 / 0.329 -> 0.354 / 0.330, "fewer-features" 0.235 / 0.575 -> 0.226 /
 # 0.596, "noisy" 0.308 / 0.519 -> 0.296 / 0.534, "correlated" 0.203 / 0.620 -> 0.202 / 0.624,
-# "steep" 0.082 / 0.487 -> 0.086 / 0.489 (the one worse MSE; recovery better in all five). No batch scaling: on SmolLM2 layer-20 activations (n 4096, batches of 1024, 200k
-# tokens) lr 7e-3 / 1.4e-2 / 2.8e-2 gave normalized MSE 0.0172 / 0.0164 / 0.0166 and dCE 0.30 /
-# 0.25 / 0.30, the best at the unscaled 1.4e-2.
+# "steep" 0.082 / 0.487 -> 0.086 / 0.489 (the one worse MSE; recovery better in all five). No batch
+# scaling: on SmolLM2 layer-20 activations (n 4096, batches of 1024, 200k tokens) lr 7e-3 / 1.4e-2 /
+# 2.8e-2 gave normalized MSE 0.0172 / 0.0164 / 0.0166 and dCE 0.30 / 0.25 / 0.30, the best at the
+# unscaled 1.4e-2.
 SIGNUM_LR_AT_4K = 2e-2 / math.sqrt(2)
 SHORT_RUN_STEPS = 128
 

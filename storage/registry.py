@@ -104,11 +104,7 @@ def register_sae(
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
-        for path in run_files:  # a folder (the feature browser) keeps its name and layout
-            if Path(path).is_dir():
-                mlflow.log_artifacts(str(path), artifact_path=Path(path).name)
-            else:
-                mlflow.log_artifact(str(path))
+        log_run_files(run.info.run_id, run_files)
         with tempfile.TemporaryDirectory() as weights_only:
             for name in (WEIGHTS_FILE, CONFIG_FILE):
                 shutil.copyfile(Path(sae_dir) / name, Path(weights_only) / name)
@@ -339,7 +335,8 @@ def mlflow_tracking_uri() -> str:
 
 
 def log_run_files(run_id: str, paths: list[Path]) -> None:
-    """Adds files (e.g. a rebuilt report) to the MLflow run a registered version came from."""
+    """Adds files and folders (e.g. a rebuilt feature browser) to an MLflow run; a folder keeps its
+    name and layout."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -374,8 +371,7 @@ def log_sweep(tracking_uri: str, experiment: str, name: str, key: str, files: li
         return client.create_run(experiment_id, run_name=run_name, tags={tag: value, **extra}).info.run_id
 
     parent = run_tagged(SWEEP_TAG, key, f"sweep-{name}", {})
-    for path in files:
-        client.log_artifact(parent, str(path))
+    log_run_files(parent, files)
     for metric, value in metrics.items():
         client.log_metric(parent, metric, value)
     client.set_terminated(parent)
