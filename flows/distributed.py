@@ -24,7 +24,7 @@ from flows import stages
 from flows.spec import RunSpec, parse_spec, safe_name
 from storage import activations as store
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("flows.distributed")  # not __name__: the ranks run this module as __main__
 
 
 def launch(spec: RunSpec, hookpoint: str) -> None:
@@ -33,7 +33,10 @@ def launch(spec: RunSpec, hookpoint: str) -> None:
     key = spec.part_hash(*stages.train_parts(0))
     spec_file = spec.root / "locks" / f"distributed-{key}-{safe_name(hookpoint)}.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(spec.model_dump_json())
+    # written whole, then renamed: nodes sharing a disk never read each other's half-written file
+    tmp = spec_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(spec.model_dump_json())
+    os.replace(tmp, spec_file)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={t.devices}", f"--nnodes={t.nodes}"]
     if t.nodes > 1:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id=saeflow-{key}"]
@@ -77,9 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # the ranks are plain processes (no Prefect logger): rank 0 speaks for the grid
-    logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
-                        format=f"%(asctime)s rank {dist.get_rank()}: %(message)s", datefmt="%H:%M:%S")
+    # the ranks are plain processes (no Prefect logger): rank 0 speaks for the grid, in saeflow's own
+    # words (the storage libraries' INFO lines, e.g. botocore finding credentials, stay quiet)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {dist.get_rank()}: %(message)s",
+                        datefmt="%H:%M:%S")
+    for package in ("flows", "storage", "sae"):
+        logging.getLogger(package).setLevel(logging.INFO if dist.get_rank() == 0 else logging.WARNING)
     try:
         run_rank(spec, hookpoint, device)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Sequence
 
 from prefect import flow, get_run_logger, tags, task, unmapped
@@ -260,14 +261,30 @@ def _placed(spec: RunSpec, only: Sequence[str]) -> list[dict]:
         if pool is None:
             run_stage(payload, stage)
             continue
-        logger.info("running the %s stage on work pool %s", stage, pool)
-        child = run_deployment(f"{STAGE_DEPLOYMENT}/{pool}", parameters={"spec": payload, "stage": stage}, timeout=None)
-        if not child.state.is_completed():
-            raise RuntimeError(f"the {stage} stage failed on work pool {pool} (flow run {child.name}, "
-                               f"{child.state.name}): {child.state.message}")
+        # a multi-node train stage is one job per node: the jobs meet at train.rdzv_endpoint
+        jobs = spec.train.nodes if stage == "train" else 1
+        logger.info("running the %s stage on work pool %s%s", stage, pool, f" ({jobs} jobs, one per node)" * (jobs > 1))
+        children = [run_deployment(f"{STAGE_DEPLOYMENT}/{pool}", parameters={"spec": payload, "stage": stage}, timeout=0)
+                    for _ in range(jobs)]
+        for child in _wait_for_flow_runs([c.id for c in children]):
+            if not child.state.is_completed():
+                raise RuntimeError(f"the {stage} stage failed on work pool {pool} (flow run {child.name}, "
+                                   f"{child.state.name}): {child.state.message}")
     # the values are read back from the outputs, as a Cached stage's are
     return [_row(spec, h, i, stages.existing_output("evaluate", spec, h, i), stages.existing_output("register", spec, h, i))
             for h in spec.hookpoints for i in range(len(spec.sae))]
+
+
+def _wait_for_flow_runs(ids: list, poll_seconds: float = 5.0) -> list:
+    """The flow runs, once every one of them has reached a final state (as run_deployment waits)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [client.read_flow_run(i) for i in ids]
+            if all(r.state is not None and r.state.is_final() for r in runs):
+                return runs
+            time.sleep(poll_seconds)
 
 
 @flow(name="saeflow-stage")

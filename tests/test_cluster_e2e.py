@@ -18,7 +18,7 @@ import yaml
 from servers import BIN, free_port, server
 
 REPO = Path(__file__).resolve().parents[1]
-POOLS = ("saeflow", "gpu", "cpu")
+POOLS = ("saeflow", "gpu", "cpu")  # and `nodes`, with two workers
 HOOK = "model.layers.1"
 RUN = """
 import json, sys
@@ -44,13 +44,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 with get_client(sync_client=True) as client:
     runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["saeflow-stage"])))
-print(json.dumps({r.parameters["stage"]: r.work_pool_name for r in runs if r.state.is_completed()}))
+print(json.dumps([[r.parameters["spec"]["name"], r.parameters["stage"], r.work_pool_name]
+                  for r in runs if r.state.is_completed()]))
 """
 
 
-def stage_pools(env) -> dict:
-    """The work pool of each completed stage flow run."""
-    return json.loads(cli([sys.executable, "-c", STAGE_POOLS], env).strip().splitlines()[-1])
+def stage_pools(env, name: str) -> list[tuple[str, str]]:
+    """(stage, work pool) of each completed stage flow run of the spec `name`, sorted."""
+    runs = json.loads(cli([sys.executable, "-c", STAGE_POOLS], env).strip().splitlines()[-1])
+    return sorted((stage, pool) for spec, stage, pool in runs if spec == name)
 
 
 def cli(args, env, **kwargs):
@@ -83,9 +85,15 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
     spec_path.write_text(yaml.safe_dump(spec))
 
     prefect = str(BIN / "prefect")
-    for pool in POOLS:
+    for pool in (*POOLS, "nodes"):
         cli([prefect, "work-pool", "create", "--type", "process", pool], env)
     cli([prefect, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all"], env, cwd=REPO)
+    # a pool of its own for the two-node train stage: the gpu deployment, named after that pool
+    config = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
+    (gpu,) = [d for d in config["deployments"] if d["name"] == "gpu"]
+    config["deployments"] = [{**gpu, "name": "nodes", "work_pool": {**gpu["work_pool"], "name": "nodes"}}]
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(config))
+    cli([prefect, "--no-prompt", "deploy", "--prefect-file", str(tmp_path / "nodes.yaml"), "--all"], env, cwd=REPO)
     with contextlib.ExitStack() as workers:
         for pool in POOLS:  # one worker per pool, as on three kinds of machine
             port = free_port()
@@ -93,6 +101,15 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
                           "SAEFLOW_SCRATCH": str(tmp_path / f"disk-{pool}")}
             workers.enter_context(server(f"prefect-worker-{pool}", [prefect, "worker", "start", "-p", pool,
                                                                     "--with-healthcheck"],
+                                         f"http://127.0.0.1:{port}/health", tmp_path / "logs", worker_env, timeout=120))
+        for node in (0, 1):  # two machines serving the `nodes` pool, one job at a time each
+            port = free_port()
+            # torch.distributed.run takes --local-addr from PET_LOCAL_ADDR: the nodes talk over loopback
+            worker_env = {**env, "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+                          "SAEFLOW_SCRATCH": str(tmp_path / f"disk-node-{node}"), "PET_LOCAL_ADDR": "127.0.0.1",
+                          "GLOO_SOCKET_IFNAME": "lo"}
+            workers.enter_context(server(f"prefect-worker-node-{node}", [prefect, "worker", "start", "-p", "nodes",
+                                                                         "--limit", "1", "--with-healthcheck"],
                                          f"http://127.0.0.1:{port}/health", tmp_path / "logs", worker_env, timeout=120))
 
         def run(**job_env) -> dict:
@@ -117,7 +134,20 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
         spec_path.write_text(yaml.safe_dump(placed))
         done = run()
         assert done["state"] == "COMPLETED", done
-        assert stage_pools(env) == {"cache": "gpu", "train": "gpu", "evaluate": "gpu", "register": "cpu"}
+        assert stage_pools(env, "tiny-placed") == [("cache", "gpu"), ("evaluate", "gpu"), ("register", "cpu"),
+                                                   ("train", "gpu")]
+
+        # two nodes: the train stage is two jobs on the `nodes` pool, each taken by a worker of its own
+        # (as on two machines), meeting at a c10d rendezvous on loopback
+        nodes = {**spec, "name": "tiny-nodes", "workdir": "s3://saeflow/e2e-nodes",
+                 "train": {**spec["train"], "nodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
+                 "orchestration": {"pools": {"train": "nodes"}}}
+        spec_path.write_text(yaml.safe_dump(nodes))
+        done = run()
+        assert done["state"] == "COMPLETED", done
+        # the stages not placed ran in the parent's process (no pool)
+        assert stage_pools(env, "tiny-nodes") == [("cache", None), ("evaluate", None), ("register", None),
+                                                  ("train", "nodes"), ("train", "nodes")]
 
     # a fresh process elsewhere pulls the SAE from the MLflow server (its files from the S3 store)
     out = tmp_path / "pulled"

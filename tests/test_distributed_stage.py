@@ -1,6 +1,8 @@
 """The train stage on a grid of CPU processes (torch.distributed.run, gloo), from the command line:
-`saeflow run` with train.devices 2 registers one ordinary SAE, and a distributed run killed with
-SIGKILL after its first checkpoints resumes to the same weights as an uninterrupted one."""
+`saeflow run` with train.devices 2 registers one ordinary SAE, a distributed run killed with
+SIGKILL after its first checkpoints resumes to the same weights as an uninterrupted one, and two
+nodes (two `saeflow train` processes with disks of their own, meeting at a c10d rendezvous and
+sharing an object store) train the SAE that two processes of one node train."""
 
 from __future__ import annotations
 
@@ -36,8 +38,8 @@ def spec_dict(tiny_model_dir, text_dir, tmp_path, name, devices, shards, **train
     }
 
 
-def cli(args, tmp_path, wait=True):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+def cli(args, tmp_path, wait=True, **env_vars):
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), **env_vars}
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen([str(BIN / "saeflow"), *args], env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -105,3 +107,34 @@ def test_saes_spread_over_processes_train_as_in_one_process(tiny_model_dir, text
         b = TopKSAE.load(stages.sae_dir(parse_spec(alone), HOOK, index)).state_dict()
         for name, value in a.items():
             assert torch.allclose(value, b[name], rtol=1e-3, atol=1e-4), (index, name, (value - b[name]).abs().max())
+
+
+def test_two_nodes_meet_at_a_rendezvous_and_train_what_one_node_trains(tiny_model_dir, text_dir, s3_server, tmp_path,
+                                                                       monkeypatch):
+    """Each node: its own scratch disk and Prefect home, the spec with train.nodes 2 and the first
+    node's rendezvous endpoint; what they share is the object store (work dir and activations)."""
+    from servers import free_port
+
+    s3 = {"workdir_options": s3_server["options"]}
+    train = {"optimizer": "adam", "lr": 3e-3, "checkpoint_every_tokens": 1024}
+    nodes = {**spec_dict(tiny_model_dir, text_dir, tmp_path, "nodes", devices=1, shards=1, nodes=2,
+                         rdzv_endpoint=f"127.0.0.1:{free_port()}", **train), **s3, "workdir": "s3://saeflow/nodes"}
+    one = {**spec_dict(tiny_model_dir, text_dir, tmp_path, "one", devices=2, shards=1, **train), **s3,
+           "workdir": "s3://saeflow/one-node"}
+    for d in (nodes, one):
+        d["data"].update(store="s3://saeflow/multi-node-store", store_options=s3_server["options"])
+    cli(["cache", write(tmp_path, one)], tmp_path, SAEFLOW_SCRATCH=str(tmp_path / "node-0"))
+    # torch.distributed.run reads --local-addr from PET_LOCAL_ADDR: both nodes on loopback
+    local = {"PET_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    procs = [cli(["train", write(tmp_path, nodes)], tmp_path / f"node-{i}", wait=False, **local,
+                 SAEFLOW_SCRATCH=str(tmp_path / f"node-{i}")) for i in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
+    assert all("on a 2 x 1 grid" in o for o in outs)
+    cli(["train", write(tmp_path, one)], tmp_path, SAEFLOW_SCRATCH=str(tmp_path / "node-0"), **local)
+
+    monkeypatch.setenv("SAEFLOW_SCRATCH", str(tmp_path / "reader"))  # a third machine reads the object store
+    a, b = (TopKSAE.load(stages.fetch_sae(parse_spec(d), HOOK)) for d in (nodes, one))
+    assert a.metadata["train_tokens"] == b.metadata["train_tokens"] == 3072
+    for name, value in a.state_dict().items():
+        assert torch.allclose(value, b.state_dict()[name], rtol=1e-5, atol=1e-6), (name, (value - b.state_dict()[name]).abs().max())
