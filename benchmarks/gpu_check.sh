@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (a lent GPU's time is short): the CUDA tests, the training-throughput
-# table with sparsify side by side, the grid overhead on one GPU, the step profile, the largest
-# n_latents at d 2304. Runs with the machine's own python (torch + triton); the peers' pure-Python
-# packages come from PEERS_PATH (a folder holding sparsify and its small dependencies). Outputs go to
-# OUT (default out/).
+# table with sparsify side by side (saeflow's default step and the CUDA-graph step), the step
+# profile. Runs with the machine's own python (torch + triton); the peers' pure-Python packages come
+# from PEERS_PATH (a folder holding sparsify and its small dependencies). Outputs go to OUT (default
+# out/). FULL=1 adds what earlier runs measured already: the other saeflow variants, the grids on
+# one GPU and the largest n_latents at d 2304.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
 PY=${PY:-python3}
+FULL=${FULL:-0}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks:${PEERS_PATH:-}"
 section() { echo; echo "== $* ($(date +%T))"; }
 
@@ -16,21 +18,24 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 section "CUDA tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_triton_kernels.py tests/test_precision.py \
-    tests/test_model.py > "$OUT/tests.txt" 2>&1
+timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_cuda_graph.py tests/test_triton_kernels.py \
+    tests/test_precision.py tests/test_model.py > "$OUT/tests.txt" 2>&1
 tail -25 "$OUT/tests.txt"
 
-section "training throughput (saeflow variants and sparsify)"
-timeout 210 $PY benchmarks/train_throughput.py --steps 30 --peers --peer-impls sparsify --peers-python "$PY" \
-    2>&1 | tee "$OUT/throughput.txt"
-
-section "grids on one GPU (1x1 NCCL; more ranks share the GPU over gloo)"
-timeout 90 $PY benchmarks/distributed_throughput.py --grids 1x1,1x2,2x1 --d 768 --n 32768 --batch 4096 --steps 10 \
-    2>&1 | tee "$OUT/grid.txt"
+section "training throughput (saeflow, its CUDA-graph step, sparsify)"
+IMPLS=saeflow,saeflow-graph
+[ "$FULL" = 1 ] && IMPLS=saeflow,saeflow-graph,saeflow-foreach,saeflow-fused,saeflow-adam
+timeout 240 $PY benchmarks/train_throughput.py --steps 50 --impls "$IMPLS" --peers --peer-impls sparsify \
+    --peers-python "$PY" 2>&1 | tee "$OUT/throughput.txt"
 
 section "step profile d 768"
 timeout 45 $PY benchmarks/step_profile.py --d 768 --n 32768 --rows 14 2>&1 | tee "$OUT/profile.txt" | grep -v "^-\|^$"
 
-section "largest n_latents at d 2304"
-timeout 100 $PY benchmarks/max_latents.py --d 2304 --start 262144 --max 1048576 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
+if [ "$FULL" = 1 ]; then
+    section "grids on one GPU (1x1 NCCL; more ranks share the GPU over gloo)"
+    timeout 90 $PY benchmarks/distributed_throughput.py --grids 1x1,1x2,2x1 --d 768 --n 32768 --batch 4096 --steps 10 \
+        2>&1 | tee "$OUT/grid.txt"
+    section "largest n_latents at d 2304"
+    timeout 100 $PY benchmarks/max_latents.py --d 2304 --start 262144 --max 1048576 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
+fi
 section done

@@ -5,7 +5,8 @@ sparse decoder); on the CPU the same step with a dense masked code (what autogra
 `scatter` + matmul costs); on CUDA saeflow with Adam (saeflow-adam) and, in bf16, with the fused
 encoder + TopK kernel in place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks
 others (saeflow-eb: embedding_bag's backward in place of the Triton kernels; saeflow-foreach: the
-optimizer's foreach passes in place of its one-pass kernel). With --peers, the
+optimizer's foreach passes in place of its one-pass kernel; saeflow-graph: the step replayed as a
+CUDA graph, train.cuda_graph). With --peers, the
 training steps of EleutherAI sparsify and SAELens at the same settings (installed into their own venv, .bench-peers/, on first use, or taken from --peers-python;
 `--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
 measurement's alone; speed-ups are against saeflow measured in the same run at the same precision.
@@ -51,7 +52,8 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
         sae.optim._fused = lambda params: False
     torch.manual_seed(0)
     tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
-                       precision=precision, optimizer="adam" if impl == "saeflow-adam" else None)
+                       precision=precision, optimizer="adam" if impl == "saeflow-adam" else None,
+                       cuda_graph=impl == "saeflow-graph")
     trainer = Trainer(SAEConfig(d, n, k), tcfg)
     data = torch.randn(4 * batch, d, device=device)
     trainer.initialize(data)
@@ -64,11 +66,12 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
 
 
 def time_steps(step, steps: int, device: str) -> dict:
-    """Steps per second over `steps` calls after two warm-up calls; peak memory of the device (or process)."""
+    """Steps per second over `steps` calls after four warm-up calls (a CUDA graph is captured in the
+    third); peak memory of the device (or process)."""
     import torch
 
-    step(0)
-    step(1)
+    for i in range(4):
+        step(i)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -105,8 +108,8 @@ def default_impls(device: str, precision: str) -> tuple[str, ...]:
     if device != "cuda":
         return ("saeflow", "dense")
     if precision == "bf16":
-        return ("saeflow", "saeflow-foreach", "saeflow-fused", "saeflow-adam")
-    return ("saeflow", "saeflow-foreach", "saeflow-adam")
+        return ("saeflow", "saeflow-graph", "saeflow-foreach", "saeflow-fused", "saeflow-adam")
+    return ("saeflow", "saeflow-graph", "saeflow-foreach", "saeflow-adam")
 
 
 def peers_python(given: str | None) -> str:

@@ -146,6 +146,7 @@ class TrainSpec(Section):
     seed: int = Field(0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    cuda_graph: bool = False  # CUDA: replay the step as a CUDA graph (signum, TopK, one process; sae/cuda_graph.py)
     # several processes (README, Train on several GPUs): devices per node (GPUs, or CPU processes),
     # nodes joined at rdzv_endpoint, and the latents split into latent_shards (a grid of
     # devices x nodes / latent_shards data-parallel replicas by latent_shards shards)
@@ -172,6 +173,14 @@ class TrainSpec(Section):
             raise ValueError(f"train.nodes={self.nodes} needs train.rdzv_endpoint (HOST:PORT of the first node)")
         if self.rdzv_endpoint and not re.fullmatch(r"[^\s:/]+:\d+", self.rdzv_endpoint):
             raise ValueError(f"train.rdzv_endpoint {self.rdzv_endpoint!r}: write HOST:PORT")
+        if self.cuda_graph:
+            unsupported = [why for bad, why in [
+                (self.device == "cpu", "device cpu (CUDA only)"),
+                (world > 1, "several processes (devices x nodes)"),
+                ((self.optimizer or ("adam" if self.recipe == "paper" else "signum")) == "adam",
+                 "optimizer adam (signum only)")] if bad]
+            if unsupported:
+                raise ValueError(f"train.cuda_graph: not with {'; '.join(unsupported)}: set it to false")
         return self
 
     def distributed(self) -> bool:
@@ -488,6 +497,13 @@ class RunSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _graphable(self):
+        if self.train.cuda_graph and any(s.activation == "batchtopk" for s in self.sae):
+            raise ValueError("train.cuda_graph: not with sae.activation batchtopk (its code size changes from batch "
+                             "to batch): set it to false")
+        return self
+
+    @model_validator(mode="after")
     def _shared_storage(self):
         pools = self.orchestration.pools
         if pools:
@@ -554,6 +570,7 @@ class RunSpec(Section):
             seed=t.seed,
             device=device,
             precision=t.precision,
+            cuda_graph=t.cuda_graph,
         )
 
 
@@ -562,7 +579,7 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
-HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "eval.browser",
+HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "train.cuda_graph", "eval.browser",
                  "eval.batch_contexts")
 
 
@@ -577,8 +594,8 @@ def _format(err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key: remove it or check its spelling"
-        # a cross-field rule's message starts with the field it names
-        lines.append(f"{where}: {msg}" if where else msg)
+        # a cross-field rule's message starts with the field it names (within the section it checks)
+        lines.append(f"{where}: {msg}" if where and not msg.startswith(f"{where}.") else msg)
     return "\n".join(lines)
 
 

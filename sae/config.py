@@ -143,6 +143,9 @@ class TrainConfig:
     # state, the sparse decoder and every gradient product stay float32. auto: bf16 on CUDA only
     # (on CPU bf16 matmuls are rarely faster and fp32 keeps resumes bitwise exact).
     precision: Precision = "auto"
+    # CUDA only: capture the training step as a CUDA graph and replay it (no per-kernel launch cost
+    # on the host); the default optimizer (signum), TopK, one process. Opt-in until measured on a GPU.
+    cuda_graph: bool = False
     log_every: int = 20
 
     def __post_init__(self) -> None:

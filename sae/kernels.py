@@ -79,8 +79,8 @@ def scatter_rows(
     materialising the (B*k, d) products.
     """
     if _use_triton(x):
-        if tokens is None:
-            tokens = torch.arange(x.shape[0], device=x.device).repeat_interleave(indices.shape[1])
+        if tokens is None:  # each token's row, once per code entry (an expand: no host sync)
+            tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand(indices.shape).reshape(-1)
         return _triton_kernels().segment_rows(n_rows, indices.reshape(-1), grads.reshape(-1).to(x.dtype), tokens, x)
     offsets = ragged_offsets(tokens, x.shape[0]) if tokens is not None else None
     weight = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
@@ -118,9 +118,12 @@ class TopKEncode(torch.autograd.Function):
             values, indices = top.values.to(W_enc.dtype).relu(), top.indices
         if aux_k > 0 and pre is None:
             dead = aux_mask.nonzero().squeeze(1)
-            aux = _pre_activations(x, W_enc[dead], b_enc[dead] if b_enc is not None else None).topk(aux_k, dim=-1,
-                                                                                                   sorted=False)
-            aux_values, aux_indices = aux.values.to(W_enc.dtype).relu(), dead[aux.indices]
+            aux = _pre_activations(x, W_enc[dead], b_enc[dead] if b_enc is not None else None).topk(
+                min(aux_k, len(dead)), dim=-1, sorted=False)
+            # fewer dead latents than aux_k: the rest are zero picks (of latent 0), as the masked path gives
+            missing = aux_k - aux.values.shape[1]
+            aux_values = F.pad(aux.values.to(W_enc.dtype).relu(), (0, missing))
+            aux_indices = F.pad(dead[aux.indices], (0, missing))
         elif aux_k > 0:
             aux = pre.masked_fill(~aux_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
             aux_values, aux_indices = aux.values.to(W_enc.dtype).relu(), aux.indices

@@ -31,36 +31,63 @@ def _triton_optim():
 
 def _fused(params: list[torch.Tensor]) -> bool:
     """One Triton kernel per parameter on CUDA (float32, contiguous), unless SAEFLOW_TRITON=0."""
-    return (all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() and p.grad.is_contiguous() for p in params)
+    return (all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
             and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_optim() is not None)
 
 
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
+    """`step()` is `prepare()` (host: this step's lr and averaging weight) then `apply()` (device
+    work only, reading them from a device tensor on the Triton path), so that a CUDA graph can
+    capture `apply` and replay it with each step's values (sae/cuda_graph.py)."""
+
     def __init__(self, params, lr: float, momentum: float = 0.95):
         if not lr > 0 or not 0 <= momentum < 1:
             raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={lr}, momentum={momentum}")
         # weight_sum (sum of lr^2 so far) lives in the group: a plain float, saved with the groups
         super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False, weight_sum=0.0))
+        self._step_values: list[tuple[float, float]] = []  # per group, from prepare
+        self._hyper: dict[int, torch.Tensor] = {}  # per group: (lr, avg) on the device, for the kernel
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
         if closure is not None:
             raise ValueError("closures are not supported")
-        for group in self.param_groups:
+        self.prepare()
+        self.apply()
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Host side of a step: state for new parameters, the lr^2 sum, and (lr, avg) per group,
+        written to the device for the Triton kernel (a fill, no host sync)."""
+        self._step_values = []
+        for i, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if not self.state[p]:
+                    self.state[p].update(z=p.detach().clone(), x=p.detach().clone())
+            lr = group["lr"]
+            group["weight_sum"] += lr * lr
+            avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
+            self._step_values.append((lr, avg))
+            if _fused(group["params"]):
+                hyper = self._hyper.get(i)
+                if hyper is None:
+                    hyper = self._hyper[i] = torch.empty(2, dtype=torch.float32, device=group["params"][0].device)
+                hyper[0].fill_(lr)
+                hyper[1].fill_(avg)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Device side of a step: the update of every parameter with a gradient."""
+        for i, (group, (lr, avg)) in enumerate(zip(self.param_groups, self._step_values)):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            for p in params:
-                if not self.state[p]:
-                    self.state[p].update(z=p.detach().clone(), x=p.detach().clone())
-            lr, beta = group["lr"], group["momentum"]
+            beta = group["momentum"]
             zs = [self.state[p]["z"] for p in params]
             xs = [self.state[p]["x"] for p in params]
-            group["weight_sum"] += lr * lr
-            avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
             if _fused(params):
                 for p, z, x in zip(params, zs, xs):
-                    _triton_optim().sign_free_step(p, z, x, lr, avg, beta, group["unit_rows"] and p.dim() == 2)
+                    _triton_optim().sign_free_step(p, z, x, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2)
                 continue
             # foreach: a few kernels per group, not per parameter; sign in place on the gradients (not
             # read after the step)

@@ -105,8 +105,9 @@ def sae_loss(
         return _batch_topk_loss(sae, x_norm, mse_scale, tcfg, dead)
     k = sae.cfg.k
     k_wide = min(4 * k, sae.cfg.n_latents) if tcfg.multi_topk else k
-    n_dead = int(dead.sum()) if dead is not None else 0
-    aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead)
+    # a fixed aux_k, not min(aux_k, dead latents): counting them would be a host sync every step (and
+    # a shape a CUDA graph cannot replay); picks beyond the dead latents come out zero and add nothing
+    aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), sae.cfg.n_latents) if dead is not None else 0
     values, indices, aux_values, aux_indices = topk_encode(
         x_norm - sae.b_pre, sae.W_enc, sae.b_enc, k_wide, aux_k, dead
     )
@@ -120,7 +121,8 @@ def sae_loss(
     if aux_k > 0:
         # the dead latents learn to predict the live ones' residual error (§A.2)
         aux = _sq_err(x_norm - recon.detach(), sparse_decode(aux_values, aux_indices, sae.W_dec), mse_scale)
-        aux = torch.nan_to_num(aux, nan=0.0)
+        # no dead latent, no AuxK term (a device-side choice: no sync)
+        aux = torch.where(dead.any(), torch.nan_to_num(aux, nan=0.0), 0.0)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), values[:, :k].detach(), indices[:, :k])
 
@@ -237,6 +239,12 @@ class Trainer:
         self.checked_steps = 0
         # sae.parallel.Parallel when this trainer holds one shard of a distributed run
         self.parallel = None
+        # train.cuda_graph: the step captured once per AuxK phase and replayed (sae/cuda_graph.py)
+        self.graphs = None
+        if tcfg.cuda_graph:
+            from sae.cuda_graph import StepGraphs
+
+            self.graphs = StepGraphs(self)
 
     def initialize(self, sample: torch.Tensor) -> None:
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
@@ -247,13 +255,33 @@ class Trainer:
         return self.tokens >= self.tcfg.tokens
 
     def step(self, batch: torch.Tensor) -> LossParts:
-        sae, tcfg = self.sae, self.tcfg
-        x_norm, _ = sae.normalize(batch.to(self.device, non_blocking=True))
         for group in self.opt.param_groups:
-            group["lr"] = self.base_lr * lr_factor(tcfg, self.tokens)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            # no latent can be dead before dead_tokens tokens: skip counting them (a host sync) until then
-            dead = self.tracker.dead_mask() if self.tokens >= self.tracker.dead_tokens else None
+            group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens)
+        # no latent can be dead before dead_tokens tokens: AuxK starts then
+        aux = self.tokens >= self.tracker.dead_tokens
+        if self.graphs is not None:
+            self.opt.prepare()  # the host half of the optimizer step; the graph replays the rest
+            parts = self.graphs.step(batch, aux)
+        else:
+            parts = self.device_step(batch.to(self.device, non_blocking=True), aux)
+        self.tokens += self.rows(batch)
+        self.steps += 1
+        return parts
+
+    def rows(self, batch: torch.Tensor) -> int:
+        """Tokens a step on `batch` trains on: the global batch on a data-parallel grid."""
+        return batch.shape[0] * (self.parallel.grid.data if self.parallel else 1)
+
+    def device_step(self, batch: torch.Tensor, aux: bool) -> LossParts:
+        """One training step's device work on a batch already on the device, with AuxK active or not:
+        no host sync and no host state changed, so that sae/cuda_graph.py can capture it (the
+        optimizer's host half, `prepare`, is then run before each replay)."""
+        sae, tcfg = self.sae, self.tcfg
+        x_norm, _ = sae.normalize(batch)
+        # autocast's cache of cast weights would outlive a captured graph's memory: off when graphed
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
+                            cache_enabled=self.graphs is None):
+            dead = self.tracker.dead_mask() if aux else None
             loss_fn = self.parallel.loss if self.parallel else sae_loss
             parts = loss_fn(sae, x_norm, self.mse_scale, tcfg, dead)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
@@ -264,15 +292,16 @@ class Trainer:
         project_decoder_grad(sae)
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
-        self.opt.step()
+        if self.graphs is not None:
+            self.opt.apply()
+        else:
+            self.opt.step()
         if not self.schedule_free:  # schedule-free keeps z's rows at unit norm; y and x are its mixtures
             renormalize_decoder(sae)
-        rows = batch.shape[0] * (self.parallel.grid.data if self.parallel else 1)  # the global batch
-        self.tracker.update(parts.values, parts.indices, rows, self.parallel.sum_over_data if self.parallel else None)
+        self.tracker.update(parts.values, parts.indices, self.rows(batch),
+                            self.parallel.sum_over_data if self.parallel else None)
         if sae.cfg.activation == "batchtopk":
             self._update_threshold(parts.values)
-        self.tokens += rows
-        self.steps += 1
         if self.ema:
             with torch.no_grad():
                 for name, p in sae.named_parameters():

@@ -19,8 +19,10 @@ FLAT_ROW = 1024  # a tensor without unit rows is stepped in rows of this many el
 
 
 @triton.jit
-def _sign_free_kernel(p, g, z, x, numel, row_len, lr, avg, beta,
+def _sign_free_kernel(p, g, z, x, hyper, numel, row_len, beta,
                       UNIT_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    lr = tl.load(hyper)  # read on the device: a captured CUDA graph replays with each step's values
+    avg = tl.load(hyper + 1)
     cols = tl.arange(0, BLOCK)
     offs = tl.program_id(0).to(tl.int64) * row_len + cols
     ok = (cols < row_len) & (offs < numel)
@@ -37,15 +39,16 @@ def _sign_free_kernel(p, g, z, x, numel, row_len, lr, avg, beta,
     tl.store(p + offs, zs + beta * (xs - zs), mask=ok)  # y, where the next gradient is taken
 
 
-def sign_free_step(p: torch.Tensor, z: torch.Tensor, x: torch.Tensor, lr: float, avg: float, beta: float,
+def sign_free_step(p: torch.Tensor, z: torch.Tensor, x: torch.Tensor, hyper: torch.Tensor, beta: float,
                    unit_rows: bool) -> None:
     """In place: z -= lr sign(p.grad) (rows of z back to unit norm if unit_rows), x += avg (z - x),
-    p = z + beta (x - z). p, z, x: contiguous float32 tensors of one shape; unit_rows needs 2-D."""
+    p = z + beta (x - z), with (lr, avg) = hyper, a float32 tensor on p's device. p, z, x:
+    contiguous float32 tensors of one shape; unit_rows needs 2-D."""
     if unit_rows:
         n_rows, row_len = p.shape
     else:
         row_len = min(FLAT_ROW, p.numel())
         n_rows = triton.cdiv(p.numel(), row_len)
     block = triton.next_power_of_2(row_len)
-    _sign_free_kernel[(n_rows,)](p, p.grad, z, x, p.numel(), row_len, lr, avg, beta, UNIT_ROWS=unit_rows,
+    _sign_free_kernel[(n_rows,)](p, p.grad.contiguous(), z, x, hyper, p.numel(), row_len, beta, UNIT_ROWS=unit_rows,
                                  BLOCK=block, num_warps=max(1, min(8, block // 256)))

@@ -116,3 +116,23 @@ def test_several_saes_are_named_by_index_and_size(tiny_model_dir, text_dir, tmp_
     assert [ok.model_name("model.layers.1", i) for i in range(2)] == ["t-n64-k4", "t-x1-k8"]
     assert ok.part_hash("sae.0") != ok.part_hash("sae.1")
     assert ok.sae_config(32, 1).n_latents == 32 and ok.train_config(100, "cpu", 1).tokens == 100
+
+
+@pytest.mark.parametrize("over, says", [
+    ({"train__device": "cpu"}, "device cpu"),
+    ({"train__devices": 2}, "several processes"),
+    ({"train__optimizer": "adam"}, "optimizer adam"),
+    ({"train__recipe": "paper"}, "optimizer adam"),
+    ({"sae__activation": "batchtopk"}, "batchtopk"),
+])
+def test_a_cuda_graph_is_refused_where_the_step_cannot_be_captured(tiny_model_dir, text_dir, tmp_path, over, says):
+    msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, train__cuda_graph=True, **over))
+    assert msg.startswith("train.cuda_graph: not with") and says in msg and "set it to false" in msg, msg
+
+
+def test_a_cuda_graph_does_not_change_what_the_train_stage_computes(tiny_model_dir, text_dir, tmp_path):
+    """It changes how the step runs, not its result: the SAE's hash (and so its cache) stays."""
+    plain = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda"))
+    graphed = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__cuda_graph=True))
+    assert graphed.train_config(1000, "cuda").cuda_graph and not plain.train_config(1000, "cuda").cuda_graph
+    assert graphed.part_hash("train", "sae") == plain.part_hash("train", "sae")

@@ -114,8 +114,10 @@ def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path(mon
 
     for n in weights["fp32"]:
         assert distance("fused", n) <= 1.5 * distance("unfused", n) + 1e-3, (n, distance("fused", n), distance("unfused", n))
-    for a, b in zip(losses["fp32"], losses["fused"]):
-        assert abs(a - b) < 0.02 * abs(a), losses
+    # the losses too, as close as the unfused bf16 run's (an absolute bound failed on the H100 where
+    # AuxK starts: few dead latents, picked at bf16 resolution, make both bf16 runs' AuxK terms move)
+    for a, unfused, fused in zip(losses["fp32"], losses["unfused"], losses["fused"]):
+        assert abs(fused - a) <= 2 * abs(unfused - a) + 0.005 * abs(a), losses
 
 
 def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
@@ -147,7 +149,8 @@ def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
         for i, (p, gr) in enumerate(zip(params, gs)):
             p.grad = gr.clone().to(DEVICE)
             with torch.no_grad():
-                triton_optim.sign_free_step(p, zs[i], xs[i], lr, lr * lr / weight_sum, 0.9, unit_rows=i == 0)
+                hyper = torch.tensor([lr, lr * lr / weight_sum], device=DEVICE)
+                triton_optim.sign_free_step(p, zs[i], xs[i], hyper, 0.9, unit_rows=i == 0)
     for i, p in enumerate(params):
         assert torch.allclose(p, ref[i], atol=1e-6), i
         assert torch.allclose(xs[i], opt.averaged(ref[i]), atol=1e-6), i

@@ -1,0 +1,67 @@
+"""train.cuda_graph (sae/cuda_graph.py): the captured step is the eager step, replayed. On the CPU,
+what cannot be captured is refused with the reason; on a GPU, the training step takes no host sync,
+and graphed training (both AuxK phases, a short last batch) ends with the eager run's weights."""
+
+import pytest
+import torch
+
+from sae.config import SAEConfig, TrainConfig
+from sae.train import Trainer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("over, says", [({}, "device cpu (CUDA only)"),
+                                        ({"optimizer": "adam"}, "optimizer adam")])
+def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, says):
+    with pytest.raises(ValueError) as e:
+        Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096, cuda_graph=True, **over))
+    assert str(e.value).startswith("train.cuda_graph: not with") and says in str(e.value)
+
+
+def make_trainer(precision: str, graph: bool, x: torch.Tensor) -> Trainer:
+    # dead after 5 batches: the run crosses from the phase without AuxK into the one with it
+    tcfg = TrainConfig(batch_tokens=512, tokens=x.shape[0], device="cuda", dead_tokens=5 * 512, aux_k=64,
+                       precision=precision, cuda_graph=graph, log_every=1000)
+    trainer = Trainer(SAEConfig(128, 2048, 16), tcfg)
+    trainer.initialize(x[:4096])
+    return trainer
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_training_step_takes_no_host_sync(precision):
+    x = torch.randn(2048, 128, generator=torch.Generator().manual_seed(0))
+    trainer = make_trainer(precision, False, x)
+    batch = x[:512].cuda()
+    trainer.step(batch)  # compiles the Triton kernels and sets up the optimizer's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for aux in (False, True):
+            trainer.device_step(batch, aux)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_training_ends_with_the_eager_runs_weights(precision):
+    steps = 14
+    x = torch.randn(steps * 512 + 200, 128, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for graph in (False, True):
+        trainer = make_trainer(precision, graph, x)
+        losses = [trainer.step(x[i * 512 : (i + 1) * 512]).loss.item() for i in range(steps)]
+        losses.append(trainer.step(x[steps * 512 :]).loss.item())  # a short batch: eager, beside the graph
+        runs[graph] = trainer, losses
+    (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
+    assert graphed.graphs.captured is not None and graphed.graphs.captured[0]  # the AuxK phase was captured
+    assert graphed.steps == eager.steps and graphed.tokens == eager.tokens
+    assert torch.tensor(eager_losses).isfinite().all()
+    assert torch.allclose(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-5), (graphed_losses, eager_losses)
+    for (name, a), b in zip(graphed.sae.named_parameters(), eager.sae.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, (a - b).abs().max().item())
+    for a, b in zip(graphed.final_sae().parameters(), eager.final_sae().parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(graphed.tracker.tokens_since_fired, eager.tracker.tokens_since_fired)
