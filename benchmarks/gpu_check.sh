@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (a lent GPU's time is short): the CUDA tests, the training-throughput
-# table with sparsify side by side (saeflow's default step and the CUDA-graph step), the step
-# profile. Runs with the machine's own python (torch + triton); the peers' pure-Python packages come
+# table with sparsify side by side (saeflow's default step and the CUDA-graph step), 1M latents
+# at d 2304. Runs with the machine's own python (torch + triton); the peers' pure-Python packages come
 # from PEERS_PATH (a folder holding sparsify and its small dependencies). Outputs go to OUT (default
-# out/). FULL=1 adds what earlier runs measured already: the other saeflow variants, the grids on
-# one GPU and the largest n_latents at d 2304.
+# out/). FULL=1 adds what earlier runs measured already: the other saeflow variants, the step
+# profile, the grids on one GPU and the largest n_latents at d 768.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -28,14 +28,16 @@ IMPLS=saeflow,saeflow-graph
 timeout 240 $PY benchmarks/train_throughput.py --steps 50 --impls "$IMPLS" --peers --peer-impls sparsify \
     --peers-python "$PY" 2>&1 | tee "$OUT/throughput.txt"
 
-section "step profile d 768"
-timeout 45 $PY benchmarks/step_profile.py --d 768 --n 32768 --rows 14 2>&1 | tee "$OUT/profile.txt" | grep -v "^-\|^$"
+section "1,048,576 latents at d 2304 (planned to fit now that the optimizer keeps no x)"
+timeout 90 $PY benchmarks/max_latents.py --d 2304 --start 1048576 --max 1048576 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
 
 if [ "$FULL" = 1 ]; then
+    section "step profile d 768"
+    timeout 45 $PY benchmarks/step_profile.py --d 768 --n 32768 --rows 14 2>&1 | tee "$OUT/profile.txt" | grep -v "^-\|^$"
     section "grids on one GPU (1x1 NCCL; more ranks share the GPU over gloo)"
     timeout 90 $PY benchmarks/distributed_throughput.py --grids 1x1,1x2,2x1 --d 768 --n 32768 --batch 4096 --steps 10 \
         2>&1 | tee "$OUT/grid.txt"
-    section "largest n_latents at d 2304"
-    timeout 100 $PY benchmarks/max_latents.py --d 2304 --start 262144 --max 1048576 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
+    section "largest n_latents at d 768"
+    timeout 100 $PY benchmarks/max_latents.py --d 768 --start 2097152 --max 4194304 --steps 3 2>&1 | tee "$OUT/max_latents_768.txt"
 fi
 section done

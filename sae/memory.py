@@ -13,7 +13,7 @@ FLOAT32 = 4
 class MemoryPlan:
     weights: int  # encoder and decoder rows of this shard, biases (float32)
     gradients: int
-    optimizer: int  # schedule-free sign descent: two copies; Adam: two moments
+    optimizer: int  # schedule-free sign descent: one copy (z); Adam: two moments
     ema: int
     batch: int  # one batch's activations: inputs, pre-activations, their top-k and AuxK copies
 
@@ -42,7 +42,8 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: 
     # on the CPU a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
     pre = 0 if fused else rows * n * pre_bytes * (2 if aux else 1)
     batch = pre + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
-    return MemoryPlan(weights=weights + bf16_encoder, gradients=weights, optimizer=2 * weights,
+    return MemoryPlan(weights=weights + bf16_encoder, gradients=weights,
+                      optimizer=(1 if optimizer == "signum" else 2) * weights,
                       ema=weights if ema else 0, batch=batch)
 
 

@@ -10,6 +10,11 @@ than Adam at equal tokens (see sae/config.py).
 
 A group with `unit_rows=True` keeps the rows of z at unit norm after each step: the SAE decoder's
 constraint, applied to the sequence that takes the steps.
+
+Only z is kept as state: the parameter holds y, and x = (y - (1 - beta) z) / beta follows from the
+two (as in Defazio et al.'s reference code). With c the step's averaging weight, the step is
+y <- (1 - c) y - (1 - c)(1 - beta) z_old + (1 - beta + beta c) z_new: one float32 copy of the
+weights less than keeping x, which is a quarter of training memory (weights, gradients, z, x).
 """
 
 from __future__ import annotations
@@ -41,8 +46,8 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
     capture `apply` and replay it with each step's values (sae/cuda_graph.py)."""
 
     def __init__(self, params, lr: float, momentum: float = 0.95):
-        if not lr > 0 or not 0 <= momentum < 1:
-            raise ValueError(f"need lr > 0 and 0 <= momentum < 1, got lr={lr}, momentum={momentum}")
+        if not lr > 0 or not 0 < momentum < 1:  # momentum 0 would leave x unrecoverable from y and z
+            raise ValueError(f"need lr > 0 and 0 < momentum < 1, got lr={lr}, momentum={momentum}")
         # weight_sum (sum of lr^2 so far) lives in the group: a plain float, saved with the groups
         super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False, weight_sum=0.0))
         self._step_values: list[tuple[float, float]] = []  # per group, from prepare
@@ -63,7 +68,8 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if not self.state[p]:
-                    self.state[p].update(z=p.detach().clone(), x=p.detach().clone())
+                    self.state[p]["z"] = p.detach().clone()
+                self.state[p].pop("x", None)  # kept by checkpoints of earlier versions: implied by y and z
             lr = group["lr"]
             group["weight_sum"] += lr * lr
             avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
@@ -84,24 +90,28 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 continue
             beta = group["momentum"]
             zs = [self.state[p]["z"] for p in params]
-            xs = [self.state[p]["x"] for p in params]
             if _fused(params):
-                for p, z, x in zip(params, zs, xs):
-                    _triton_optim().sign_free_step(p, z, x, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2)
+                for p, z in zip(params, zs):
+                    _triton_optim().sign_free_step(p, z, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2)
                 continue
-            # foreach: a few kernels per group, not per parameter; sign in place on the gradients (not
-            # read after the step)
+            # foreach: a few kernels per group, not per parameter, and no temporaries: sign in place on
+            # the gradients (not read after the step); y takes its z_old term before z moves
             grads = [p.grad for p in params]
+            torch._foreach_mul_(params, 1 - avg)
+            torch._foreach_add_(params, zs, alpha=-(1 - avg) * (1 - beta))
             torch._foreach_sign_(grads)
             torch._foreach_add_(zs, grads, alpha=-lr)
             if group["unit_rows"]:
                 for z in zs:
                     z.div_(z.norm(dim=1, keepdim=True).clamp_min(1e-12))
-            torch._foreach_lerp_(xs, zs, avg)
-            torch._foreach_copy_(params, zs)
-            torch._foreach_lerp_(params, xs, beta)  # y = z + beta (x - z)
+            torch._foreach_add_(params, zs, alpha=1 - beta + beta * avg)
 
+    @torch.no_grad()
     def averaged(self, p: torch.Tensor) -> torch.Tensor:
-        """The averaged iterate x of a parameter (the parameter itself before its first step)."""
+        """The averaged iterate x of a parameter, (y - (1 - beta) z) / beta (the parameter itself
+        before its first step); a new tensor."""
         state = self.state.get(p)
-        return state["x"] if state else p.detach()
+        if not state:
+            return p.detach().clone()
+        beta = next(g["momentum"] for g in self.param_groups if any(q is p for q in g["params"]))
+        return (p.detach() - (1 - beta) * state["z"]) / beta

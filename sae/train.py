@@ -320,11 +320,13 @@ class Trainer:
         t.copy_(torch.where(smallest.isfinite(), moved, t))
 
     @torch.no_grad()
-    def _copy_with(self, weights: dict[str, torch.Tensor]) -> TopKSAE:
+    def _copy_with(self, weight: Callable[[str], torch.Tensor]) -> TopKSAE:
+        """A copy of the SAE whose parameters are weight(name), computed one at a time (at most one
+        parameter's temporary beside the copy: the end of a run is no memory peak)."""
         out = TopKSAE(self.sae.cfg).to(self.device)
         out.load_state_dict(self.sae.state_dict())
         for name, p in out.named_parameters():
-            p.copy_(weights[name])
+            p.copy_(weight(name))
         return out
 
     def check_finite(self) -> None:
@@ -339,13 +341,14 @@ class Trainer:
     def ema_sae(self) -> TopKSAE:
         """A copy of the SAE holding the bias-corrected EMA of the weights (ema / (1 - decay^steps))."""
         correction = 1 - self.tcfg.ema_decay**self.steps
-        return self._copy_with({name: e / correction for name, e in self.ema.items()})
+        return self._copy_with(lambda name: self.ema[name] / correction)
 
     @torch.no_grad()
     def averaged_sae(self) -> TopKSAE:
         """Schedule-free: a copy holding the averaged weights x, decoder rows back at unit norm (each
         row's norm moved into its encoder row: a latent's contribution is unchanged)."""
-        out = self._copy_with({name: self.opt.averaged(p) for name, p in self.sae.named_parameters()})
+        params = dict(self.sae.named_parameters())
+        out = self._copy_with(lambda name: self.opt.averaged(params[name]))
         fold_decoder_norms(out)
         return out
 

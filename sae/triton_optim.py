@@ -3,8 +3,8 @@
 Why: on an H100 (d 768, 32768 latents) the foreach form of the step took 1.2 ms of a 4.0 ms training
 step: six passes over 50M parameters (sign, step, row norms, average, copy, mix), each reading and
 writing whole tensors. The step is elementwise except the decoder's unit rows, so one program per
-row reads the gradient, z and x once and writes z, x and the parameter once: 24 bytes per float32
-parameter, the least the update can move.
+row reads the gradient, z and the parameter once and writes z and the parameter once: 20 bytes per
+float32 parameter, the least the update can move (x is implied by y and z, sae/optim.py).
 
 Imported only where triton is installed; the CPU correctness test runs it under Triton's interpreter.
 """
@@ -19,7 +19,7 @@ FLAT_ROW = 1024  # a tensor without unit rows is stepped in rows of this many el
 
 
 @triton.jit
-def _sign_free_kernel(p, g, z, x, hyper, numel, row_len, beta,
+def _sign_free_kernel(p, g, z, hyper, numel, row_len, beta,
                       UNIT_ROWS: tl.constexpr, BLOCK: tl.constexpr):
     lr = tl.load(hyper)  # read on the device: a captured CUDA graph replays with each step's values
     avg = tl.load(hyper + 1)
@@ -27,28 +27,27 @@ def _sign_free_kernel(p, g, z, x, hyper, numel, row_len, beta,
     offs = tl.program_id(0).to(tl.int64) * row_len + cols
     ok = (cols < row_len) & (offs < numel)
     grad = tl.load(g + offs, mask=ok, other=0.0).to(tl.float32)
-    zs = tl.load(z + offs, mask=ok, other=0.0)
-    xs = tl.load(x + offs, mask=ok, other=0.0)
+    z_old = tl.load(z + offs, mask=ok, other=0.0)
+    ys = tl.load(p + offs, mask=ok, other=0.0)
     step = tl.where(grad > 0, 1.0, tl.where(grad < 0, -1.0, 0.0))
-    zs = zs - lr * step
+    zs = z_old - lr * step
     if UNIT_ROWS:
         zs = zs / tl.maximum(tl.sqrt(tl.sum(zs * zs, axis=0)), 1e-12)
-    xs = xs + avg * (zs - xs)  # x: the lr^2-weighted running mean of z
+    # y = (1 - beta) z + beta x, with x moved avg of the way to the new z
+    ys = (1 - avg) * ys - (1 - avg) * (1 - beta) * z_old + (1 - beta + beta * avg) * zs
     tl.store(z + offs, zs, mask=ok)
-    tl.store(x + offs, xs, mask=ok)
-    tl.store(p + offs, zs + beta * (xs - zs), mask=ok)  # y, where the next gradient is taken
+    tl.store(p + offs, ys, mask=ok)
 
 
-def sign_free_step(p: torch.Tensor, z: torch.Tensor, x: torch.Tensor, hyper: torch.Tensor, beta: float,
-                   unit_rows: bool) -> None:
-    """In place: z -= lr sign(p.grad) (rows of z back to unit norm if unit_rows), x += avg (z - x),
-    p = z + beta (x - z), with (lr, avg) = hyper, a float32 tensor on p's device. p, z, x:
-    contiguous float32 tensors of one shape; unit_rows needs 2-D."""
+def sign_free_step(p: torch.Tensor, z: torch.Tensor, hyper: torch.Tensor, beta: float, unit_rows: bool) -> None:
+    """In place: z -= lr sign(p.grad) (rows of z back to unit norm if unit_rows), and the parameter
+    y = (1 - beta) z + beta x after x += avg (z - x), with (lr, avg) = hyper, a float32 tensor on
+    p's device. p, z: contiguous float32 tensors of one shape; unit_rows needs 2-D."""
     if unit_rows:
         n_rows, row_len = p.shape
     else:
         row_len = min(FLAT_ROW, p.numel())
         n_rows = triton.cdiv(p.numel(), row_len)
     block = triton.next_power_of_2(row_len)
-    _sign_free_kernel[(n_rows,)](p, p.grad.contiguous(), z, x, hyper, p.numel(), row_len, beta, UNIT_ROWS=unit_rows,
+    _sign_free_kernel[(n_rows,)](p, p.grad.contiguous(), z, hyper, p.numel(), row_len, beta, UNIT_ROWS=unit_rows,
                                  BLOCK=block, num_warps=max(1, min(8, block // 256)))
