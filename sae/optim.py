@@ -9,7 +9,9 @@ EleutherAI sparsify's default; on the quality benchmark it recovers planted dict
 than Adam at equal tokens (see sae/config.py).
 
 A group with `unit_rows=True` keeps the rows of z at unit norm after each step: the SAE decoder's
-constraint, applied to the sequence that takes the steps.
+constraint, applied to the sequence that takes the steps. With `project_rows=True` as well, the step
+first removes from each row's gradient its component along the row (the decoder gradient
+projection, §A.1), in the same pass on the Triton path.
 
 Only z is kept as state: the parameter holds y, and x = (y - (1 - beta) z) / beta follows from the
 two (as in Defazio et al.'s reference code). With c the step's averaging weight, the step is
@@ -49,7 +51,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         if not lr > 0 or not 0 < momentum < 1:  # momentum 0 would leave x unrecoverable from y and z
             raise ValueError(f"need lr > 0 and 0 < momentum < 1, got lr={lr}, momentum={momentum}")
         # weight_sum (sum of lr^2 so far) lives in the group: a plain float, saved with the groups
-        super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False, weight_sum=0.0))
+        super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False, project_rows=False, weight_sum=0.0))
         self._step_values: list[tuple[float, float]] = []  # per group, from prepare
         self._hyper: dict[int, torch.Tensor] = {}  # per group: (lr, avg) on the device, for the kernel
 
@@ -92,11 +94,16 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             zs = [self.state[p]["z"] for p in params]
             if _fused(params):
                 for p, z in zip(params, zs):
-                    _triton_optim().sign_free_step(p, z, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2)
+                    _triton_optim().sign_free_step(p, z, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2,
+                                                   group.get("project_rows", False) and p.dim() == 2)
                 continue
             # foreach: a few kernels per group, not per parameter, and no temporaries: sign in place on
             # the gradients (not read after the step); y takes its z_old term before z moves
             grads = [p.grad for p in params]
+            if group.get("project_rows", False):
+                for p, g in zip(params, grads):
+                    if p.dim() == 2:
+                        g.sub_((g * p).sum(dim=1, keepdim=True) * p)
             torch._foreach_mul_(params, 1 - avg)
             torch._foreach_add_(params, zs, alpha=-(1 - avg) * (1 - beta))
             torch._foreach_sign_(grads)

@@ -176,7 +176,9 @@ def fold_decoder_norms(sae: TopKSAE) -> None:
 def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if tcfg.resolved_optimizer() == "signum":
         rest = [p for name, p in sae.named_parameters() if name != "W_dec"]
-        return ScheduleFreeSignSGD([{"params": [sae.W_dec], "unit_rows": True}, {"params": rest}], lr=lr,
+        # the optimizer projects the decoder gradient in its own pass, unless clipping must see it first
+        decoder = {"params": [sae.W_dec], "unit_rows": True, "project_rows": not tcfg.grad_clip}
+        return ScheduleFreeSignSGD([decoder, {"params": rest}], lr=lr,
                                    momentum=tcfg.momentum)
     # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
@@ -289,7 +291,8 @@ class Trainer:
         parts.loss.backward()
         if self.parallel:
             self.parallel.average_gradients(sae)
-        project_decoder_grad(sae)
+        if not self.opt.param_groups[0].get("project_rows"):  # else the optimizer's step does it
+            project_decoder_grad(sae)
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
         if self.graphs is not None:

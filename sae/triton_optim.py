@@ -20,7 +20,7 @@ FLAT_ROW = 1024  # a tensor without unit rows is stepped in rows of this many el
 
 @triton.jit
 def _sign_free_kernel(p, g, z, hyper, numel, row_len, beta,
-                      UNIT_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                      UNIT_ROWS: tl.constexpr, PROJECT: tl.constexpr, BLOCK: tl.constexpr):
     lr = tl.load(hyper)  # read on the device: a captured CUDA graph replays with each step's values
     avg = tl.load(hyper + 1)
     cols = tl.arange(0, BLOCK)
@@ -29,6 +29,8 @@ def _sign_free_kernel(p, g, z, hyper, numel, row_len, beta,
     grad = tl.load(g + offs, mask=ok, other=0.0).to(tl.float32)
     z_old = tl.load(z + offs, mask=ok, other=0.0)
     ys = tl.load(p + offs, mask=ok, other=0.0)
+    if PROJECT:  # the row's gradient without its component along the row (a row per program)
+        grad = grad - tl.sum(grad * ys, axis=0) * ys
     step = tl.where(grad > 0, 1.0, tl.where(grad < 0, -1.0, 0.0))
     zs = z_old - lr * step
     if UNIT_ROWS:
@@ -39,15 +41,17 @@ def _sign_free_kernel(p, g, z, hyper, numel, row_len, beta,
     tl.store(p + offs, ys, mask=ok)
 
 
-def sign_free_step(p: torch.Tensor, z: torch.Tensor, hyper: torch.Tensor, beta: float, unit_rows: bool) -> None:
-    """In place: z -= lr sign(p.grad) (rows of z back to unit norm if unit_rows), and the parameter
+def sign_free_step(p: torch.Tensor, z: torch.Tensor, hyper: torch.Tensor, beta: float, unit_rows: bool,
+                   project: bool = False) -> None:
+    """In place: z -= lr sign(g) (rows of z back to unit norm if unit_rows), and the parameter
     y = (1 - beta) z + beta x after x += avg (z - x), with (lr, avg) = hyper, a float32 tensor on
-    p's device. p, z: contiguous float32 tensors of one shape; unit_rows needs 2-D."""
-    if unit_rows:
+    p's device; g is p.grad, less each row's component along p's row if project. p, z: contiguous
+    float32 tensors of one shape; unit_rows and project need 2-D."""
+    if unit_rows or project:
         n_rows, row_len = p.shape
     else:
         row_len = min(FLAT_ROW, p.numel())
         n_rows = triton.cdiv(p.numel(), row_len)
     block = triton.next_power_of_2(row_len)
     _sign_free_kernel[(n_rows,)](p, p.grad.contiguous(), z, hyper, p.numel(), row_len, beta, UNIT_ROWS=unit_rows,
-                                 BLOCK=block, num_warps=max(1, min(8, block // 256)))
+                                 PROJECT=project, BLOCK=block, num_warps=max(1, min(8, block // 256)))

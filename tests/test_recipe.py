@@ -174,3 +174,22 @@ def test_the_trained_sae_is_the_average_with_unit_decoder_rows():
     assert torch.allclose(final.W_dec, avg_dec / norms, atol=1e-6)
     assert torch.allclose(final.W_enc, avg_enc * norms, atol=1e-6)
     assert not torch.equal(final.W_enc, trainer.sae.W_enc)  # not the training iterate y
+
+
+def test_the_optimizer_projects_the_decoder_gradient_as_the_separate_pass_does():
+    """Default: the sign step removes the decoder gradient's component along each row itself; with
+    gradient clipping (which must see the projected gradient) the trainer's own pass does it."""
+    x = torch.randn(6 * 256, 16, generator=torch.Generator().manual_seed(2)) * 2 + 1
+    runs = []
+    for project_in_optimizer in (True, False):
+        trainer = Trainer(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=256, tokens=x.shape[0], dead_tokens=256))
+        assert trainer.opt.param_groups[0]["project_rows"]
+        trainer.opt.param_groups[0]["project_rows"] = project_in_optimizer
+        trainer.initialize(x)
+        for batch in x.split(256):
+            trainer.step(batch)
+        runs.append(trainer)
+    for a, b in zip(runs[0].sae.parameters(), runs[1].sae.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    clipped = Trainer(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=256, tokens=x.shape[0], grad_clip=1.0))
+    assert not clipped.opt.param_groups[0]["project_rows"]

@@ -122,7 +122,8 @@ def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path(mon
 
 def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
     """Three schedule-free sign steps at changing lr: the one-pass kernel against the optimizer's
-    foreach form, on a unit-row matrix and on a vector that fills no row evenly, zero gradients included."""
+    foreach form, on a unit-row matrix (its gradient projected) and on a vector that fills no row
+    evenly, zero gradients included."""
     from sae import optim
 
     g = torch.Generator().manual_seed(3)
@@ -133,7 +134,8 @@ def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
 
     monkeypatch.setenv("SAEFLOW_TRITON", "0")  # the reference: the foreach form on any device
     ref = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
-    opt = optim.ScheduleFreeSignSGD([{"params": ref[:1], "unit_rows": True}, {"params": ref[1:]}], lr=1.0, momentum=0.9)
+    opt = optim.ScheduleFreeSignSGD([{"params": ref[:1], "unit_rows": True, "project_rows": True}, {"params": ref[1:]}],
+                                    lr=1.0, momentum=0.9)
     for lr, gs in zip(lrs, grads):
         for p, gr in zip(ref, gs):
             p.grad = gr.clone().to(DEVICE)
@@ -150,7 +152,7 @@ def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
             p.grad = gr.clone().to(DEVICE)
             with torch.no_grad():
                 hyper = torch.tensor([lr, lr * lr / weight_sum], device=DEVICE)
-                triton_optim.sign_free_step(p, zs[i], hyper, 0.9, unit_rows=i == 0)
+                triton_optim.sign_free_step(p, zs[i], hyper, 0.9, unit_rows=i == 0, project=i == 0)
     for i, p in enumerate(params):
         assert torch.allclose(p, ref[i], atol=1e-6), i
         assert torch.allclose(zs[i], opt.state[ref[i]]["z"], atol=1e-6), i
