@@ -408,6 +408,10 @@ class Trainer:
         self.steps, self.tokens = meta["steps"], meta["tokens"]
         self.mse_scale, self.history = meta["mse_scale"], list(meta["history"])
         self.milestones = list(meta.get("milestones", []))
+        if self.graphs is not None:  # a captured graph would go on updating the tensors just replaced
+            from sae.cuda_graph import StepGraphs
+
+            self.graphs = StepGraphs(self)
 
 
 def milestone_tokens(tokens: int, count: int, batch_tokens: int) -> list[int]:

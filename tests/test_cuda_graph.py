@@ -65,3 +65,26 @@ def test_graphed_training_ends_with_the_eager_runs_weights(precision):
     for a, b in zip(graphed.final_sae().parameters(), eager.final_sae().parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert torch.equal(graphed.tracker.tokens_since_fired, eager.tracker.tokens_since_fired)
+
+
+@needs_cuda
+def test_a_graphed_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one():
+    """Loading a checkpoint replaces the tensors a captured graph writes: the trainer captures anew."""
+    x = torch.randn(10 * 512, 128, generator=torch.Generator().manual_seed(2))
+    batches = x.split(512)
+    straight = make_trainer("fp32", True, x)
+    for batch in batches:
+        straight.step(batch)
+    first = make_trainer("fp32", True, x)
+    for batch in batches[:6]:
+        first.step(batch)
+    resumed = make_trainer("fp32", True, x)
+    for batch in batches[:4]:  # a graph captured on this trainer's own tensors
+        resumed.step(batch)
+    assert resumed.graphs.captured is not None
+    resumed.load_state_dict(*first.state_dict())
+    assert resumed.graphs.captured is None
+    for batch in batches[6:]:
+        resumed.step(batch)
+    for a, b in zip(resumed.sae.parameters(), straight.sae.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
