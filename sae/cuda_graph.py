@@ -79,7 +79,8 @@ class StepGraphs:
         static = batch.clone()
         graph = torch.cuda.CUDAGraph()
         self.trainer.opt.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (a user's, a data loader's) may go on meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             parts = self.trainer.device_step(static, aux)
         graph.replay()
         self.captured = (aux, graph, static, parts)
