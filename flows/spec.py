@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from sae.config import RECIPE_VERSION, SAEConfig, TrainConfig
+from sae.config import RECIPE_VERSION, SAEConfig, TrainConfig, cuda_graph_blockers
 
 
 class Section(BaseModel):
@@ -173,14 +173,6 @@ class TrainSpec(Section):
             raise ValueError(f"train.nodes={self.nodes} needs train.rdzv_endpoint (HOST:PORT of the first node)")
         if self.rdzv_endpoint and not re.fullmatch(r"[^\s:/]+:\d+", self.rdzv_endpoint):
             raise ValueError(f"train.rdzv_endpoint {self.rdzv_endpoint!r}: write HOST:PORT")
-        if self.cuda_graph:
-            unsupported = [why for bad, why in [
-                (self.device == "cpu", "device cpu (CUDA only)"),
-                (world > 1, "several processes (devices x nodes)"),
-                ((self.optimizer or ("adam" if self.recipe == "paper" else "signum")) == "adam",
-                 "optimizer adam (signum only)")] if bad]
-            if unsupported:
-                raise ValueError(f"train.cuda_graph: not with {'; '.join(unsupported)}: set it to false")
         return self
 
     def distributed(self) -> bool:
@@ -498,9 +490,13 @@ class RunSpec(Section):
 
     @model_validator(mode="after")
     def _graphable(self):
-        if self.train.cuda_graph and any(s.activation == "batchtopk" for s in self.sae):
-            raise ValueError("train.cuda_graph: not with sae.activation batchtopk (its code size changes from batch "
-                             "to batch): set it to false")
+        t = self.train
+        if t.cuda_graph:
+            optimizer = t.optimizer or ("adam" if t.recipe == "paper" else "signum")
+            problems = dict.fromkeys(why for s in self.sae for why in cuda_graph_blockers(
+                t.device, optimizer, s.activation, t.devices * t.nodes))
+            if problems:
+                raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
         return self
 
     @model_validator(mode="after")

@@ -210,3 +210,18 @@ class TrainConfig:
     def bf16(self) -> bool:
         """Whether the training forward runs under bf16 autocast."""
         return self.precision == "bf16" or (self.precision == "auto" and self.device.startswith("cuda"))
+
+
+def cuda_graph_blockers(device: str, optimizer: Optimizer, activation: str, processes: int = 1) -> list[str]:
+    """What keeps a training step from being captured as a CUDA graph (sae/cuda_graph.py); empty:
+    nothing. device "auto" passes (it may resolve to CUDA)."""
+    problems = []
+    if device != "auto" and not device.startswith("cuda"):
+        problems.append(f"device {device} (CUDA only)")
+    if optimizer == "adam":
+        problems.append("optimizer adam (the default, signum, reads its lr on the device)")
+    if activation == "batchtopk":
+        problems.append("activation batchtopk (its code size changes from batch to batch)")
+    if processes > 1:
+        problems.append("several processes (devices x nodes)")
+    return problems

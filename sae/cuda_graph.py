@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sae.config import cuda_graph_blockers
 from sae.train import LossParts, Trainer
 
 WARMUP_STEPS = 2  # eager steps of a phase before its capture
@@ -25,17 +26,11 @@ def unsupported(trainer: Trainer) -> list[str]:
     """What keeps this trainer's step from being captured (empty: nothing)."""
     from sae import optim
 
-    problems = []
-    if trainer.device.type != "cuda":
-        problems.append(f"device {trainer.tcfg.device} (CUDA only)")
-    if not trainer.schedule_free:
-        problems.append("optimizer adam (the default, signum, reads its lr on the device)")
-    elif trainer.device.type == "cuda" and not optim._fused(list(trainer.sae.parameters())):
+    tcfg = trainer.tcfg
+    problems = cuda_graph_blockers(tcfg.device, tcfg.resolved_optimizer(), trainer.sae.cfg.activation,
+                                   1 if trainer.parallel is None else 2)
+    if not problems and not optim._fused(list(trainer.sae.parameters())):
         problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
-    if trainer.sae.cfg.activation == "batchtopk":
-        problems.append("activation batchtopk (its code size changes from batch to batch)")
-    if trainer.parallel is not None:
-        problems.append("a grid of processes")
     return problems
 
 
@@ -45,7 +40,7 @@ class StepGraphs:
     def __init__(self, trainer: Trainer):
         problems = unsupported(trainer)
         if problems:
-            raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set cuda_graph to false")
+            raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
         self.trainer = trainer
         self.warm = {False: 0, True: 0}  # eager steps run per AuxK phase
         # (AuxK phase, graph, its input buffer, its outputs): one phase at a time
@@ -53,7 +48,7 @@ class StepGraphs:
 
     def step(self, batch: torch.Tensor, aux: bool) -> LossParts:
         if self.trainer.parallel is not None:  # sharded after construction
-            raise ValueError("train.cuda_graph: not on a grid of processes: set cuda_graph to false")
+            raise ValueError("train.cuda_graph: not on a grid of processes: set it to false")
         if self.captured is not None and self.captured[0] == aux and self.captured[2].shape == batch.shape:
             _, graph, static, parts = self.captured
             static.copy_(batch, non_blocking=True)

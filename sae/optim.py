@@ -42,6 +42,12 @@ def _fused(params: list[torch.Tensor]) -> bool:
             and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_optim() is not None)
 
 
+def project_rows_(grad: torch.Tensor, rows: torch.Tensor) -> None:
+    """In place: removes from each row of grad its component along the same row of `rows` (unit
+    rows; the decoder gradient projection, §A.1)."""
+    grad.sub_((grad * rows).sum(dim=1, keepdim=True) * rows)
+
+
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
     """`step()` is `prepare()` (host: this step's lr and averaging weight) then `apply()` (device
     work only, reading them from a device tensor on the Triton path), so that a CUDA graph can
@@ -71,7 +77,6 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if not self.state[p]:
                     self.state[p]["z"] = p.detach().clone()
-                self.state[p].pop("x", None)  # kept by checkpoints of earlier versions: implied by y and z
             lr = group["lr"]
             group["weight_sum"] += lr * lr
             avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
@@ -103,7 +108,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             if group.get("project_rows", False):
                 for p, g in zip(params, grads):
                     if p.dim() == 2:
-                        g.sub_((g * p).sum(dim=1, keepdim=True) * p)
+                        project_rows_(g, p)
             torch._foreach_mul_(params, 1 - avg)
             torch._foreach_add_(params, zs, alpha=-(1 - avg) * (1 - beta))
             torch._foreach_sign_(grads)
@@ -112,6 +117,11 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 for z in zs:
                     z.div_(z.norm(dim=1, keepdim=True).clamp_min(1e-12))
             torch._foreach_add_(params, zs, alpha=1 - beta + beta * avg)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            state.pop("x", None)  # kept by checkpoints of earlier versions: implied by y and z
 
     @torch.no_grad()
     def averaged(self, p: torch.Tensor) -> torch.Tensor:

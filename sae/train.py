@@ -15,7 +15,7 @@ from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
 from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
-from sae.optim import ScheduleFreeSignSGD
+from sae.optim import ScheduleFreeSignSGD, project_rows_
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -154,8 +154,7 @@ def project_decoder_grad(sae: TopKSAE) -> None:
     """Removes from each decoder row's gradient its component along the row (§A.1, unit norm)."""
     if sae.W_dec.grad is None:
         return
-    w, g = sae.W_dec, sae.W_dec.grad
-    g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+    project_rows_(sae.W_dec.grad, sae.W_dec)
 
 
 @torch.no_grad()
