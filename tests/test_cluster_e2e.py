@@ -28,7 +28,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.deployments import run_deployment
 
 run = run_deployment("saeflow-run-spec/saeflow", parameters={"spec_path": sys.argv[1]},
-                     job_variables={"env": json.loads(sys.argv[2])}, timeout=900)
+                     job_variables={"env": json.loads(sys.argv[2])}, timeout=900, poll_interval=1)
 with get_client(sync_client=True) as client:
     (sub,) = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["saeflow-pipeline"])),
                                    sort=FlowRunSort.START_TIME_DESC, limit=1)
@@ -65,7 +65,9 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
                                            tiny_model_dir, text_dir, tmp_path):
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "SAEFLOW_REPO": str(REPO),
            "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
-           "SAEFLOW_SCRATCH": str(tmp_path / "worker-disk"), "PREFECT_HOME": str(tmp_path / "prefect-client")}
+           "SAEFLOW_SCRATCH": str(tmp_path / "worker-disk"), "PREFECT_HOME": str(tmp_path / "prefect-client"),
+           # workers look for new flow runs every second (default 10 s): the test waits on each pickup
+           "PREFECT_WORKER_QUERY_SECONDS": "1"}
     env.pop("SAEFLOW_FAIL_STAGE", None)
     spec = {
         "name": "tiny-cluster",
