@@ -14,6 +14,8 @@ optimizer's state); they are ordinary training steps. A batch of another shape r
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from sae.config import cuda_graph_blockers
@@ -29,6 +31,9 @@ def unsupported(trainer: Trainer) -> list[str]:
     tcfg = trainer.tcfg
     problems = cuda_graph_blockers(tcfg.device, tcfg.resolved_optimizer(), trainer.sae.cfg.activation,
                                    1 if trainer.parallel is None else 2)
+    if os.environ.get("SAEFLOW_FUSED_TOPK") == "1" and trainer.bf16:
+        # sae/kernels.py's fused path gathers the dead latents for AuxK: a host sync, a shape per step
+        problems.append("SAEFLOW_FUSED_TOPK=1 (its AuxK gathers the dead latents, a host sync)")
     if not problems and not optim._fused(list(trainer.sae.parameters())):
         problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
     return problems

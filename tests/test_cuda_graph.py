@@ -11,9 +11,11 @@ from sae.train import Trainer
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-@pytest.mark.parametrize("over, says", [({}, "device cpu (CUDA only)"),
-                                        ({"optimizer": "adam"}, "optimizer adam")])
-def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, says):
+@pytest.mark.parametrize("over, fused, says", [({}, "0", "device cpu (CUDA only)"),
+                                                ({"optimizer": "adam"}, "0", "optimizer adam"),
+                                                ({"precision": "bf16"}, "1", "SAEFLOW_FUSED_TOPK=1")])
+def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, fused, says, monkeypatch):
+    monkeypatch.setenv("SAEFLOW_FUSED_TOPK", fused)
     with pytest.raises(ValueError) as e:
         Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096, cuda_graph=True, **over))
     assert str(e.value).startswith("train.cuda_graph: not with") and says in str(e.value)
