@@ -57,6 +57,9 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
     trainer = Trainer(SAEConfig(d, n, k), tcfg)
     data = torch.randn(4 * batch, d, device=device)
     trainer.initialize(data)
+    # in the AuxK phase with no latent dead, as the peers' runs: the step counts the dead latents
+    # (a host sync, as sparsify's) and skips AuxK
+    trainer.tokens = tcfg.dead_tokens
     if impl == "dense":
         import sae.train as train_module
 
@@ -89,7 +92,7 @@ def time_steps(step, steps: int, device: str) -> dict:
     return {"steps_per_s": steps / elapsed, "peak_mib": peak}
 
 
-def dense_loss(sae, x_norm, mse_scale, tcfg, dead):
+def dense_loss(sae, x_norm, mse_scale, tcfg, dead, n_dead=None):
     """The same loss with a dense (batch, n_latents) code, for comparison only."""
     import torch
 

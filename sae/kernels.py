@@ -105,7 +105,7 @@ class TopKEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k: int, aux_k: int, aux_mask):
+    def forward(ctx, x, W_enc, b_enc, k: int, aux_k: int, aux_mask, aux_latents):
         if _use_fused_topk(x, k):
             # the (batch x n_latents) pre-activations never reach memory; AuxK multiplies the dead rows only
             bf16 = torch.bfloat16
@@ -116,8 +116,9 @@ class TopKEncode(torch.autograd.Function):
             pre = _pre_activations(x, W_enc, b_enc)
             top = pre.topk(k, dim=-1, sorted=True)
             values, indices = top.values.to(W_enc.dtype).relu(), top.indices
-        if aux_k > 0 and pre is None:
-            dead = aux_mask.nonzero().squeeze(1)
+        if aux_k > 0 and (pre is None or aux_latents is not None):
+            # the candidates' rows only: a small product (the fused path has no pre-activations to mask)
+            dead = aux_latents if aux_latents is not None else aux_mask.nonzero().squeeze(1)
             aux = _pre_activations(x, W_enc[dead], b_enc[dead] if b_enc is not None else None).topk(
                 min(aux_k, len(dead)), dim=-1, sorted=False)
             # fewer dead latents than aux_k: the rest are zero picks (of latent 0), as the masked path gives
@@ -149,7 +150,7 @@ class TopKEncode(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
             grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return grad_x, grad_W, grad_b, None, None, None
+        return grad_x, grad_W, grad_b, None, None, None, None
 
 
 def topk_encode(
@@ -159,11 +160,24 @@ def topk_encode(
     k: int,
     aux_k: int = 0,
     aux_mask: torch.Tensor | None = None,
+    aux_latents: torch.Tensor | None = None,
 ):
-    """Returns (values, indices, aux_values, aux_indices); values sorted descending per row."""
-    if aux_k > 0 and aux_mask is None:
-        raise ValueError("aux_k > 0 needs aux_mask (which latents may be picked)")
-    return TopKEncode.apply(x, W_enc, b_enc, k, aux_k, aux_mask)
+    """Returns (values, indices, aux_values, aux_indices); values sorted descending per row.
+
+    The second selection picks among the latents of aux_mask, or of aux_latents (their indices)
+    when given: then only their rows of W_enc are multiplied, which costs far less than masking
+    and selecting over the whole (batch x n_latents) matrix while few latents are candidates."""
+    if aux_k > 0 and aux_mask is None and aux_latents is None:
+        raise ValueError("aux_k > 0 needs aux_mask or aux_latents (which latents may be picked)")
+    return TopKEncode.apply(x, W_enc, b_enc, k, aux_k, aux_mask, aux_latents)
+
+
+def mask_indices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The positions of a 1-D mask's `count` True entries, ascending (mask.nonzero() when count is
+    right), without a host sync: the caller knows the count."""
+    slot = torch.where(mask, mask.long().cumsum(0) - 1, count)  # False entries land in a spare slot
+    positions = torch.arange(len(mask), device=mask.device)
+    return torch.zeros(count + 1, dtype=torch.long, device=mask.device).scatter_(0, slot, positions)[:count]
 
 
 class BatchTopKEncode(torch.autograd.Function):

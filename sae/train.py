@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from sae.config import SAEConfig, TrainConfig
 from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
-from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
+from sae.kernels import BatchTopKEncode, mask_indices, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD, project_rows_
 
@@ -98,18 +98,26 @@ def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor) -> float:
 
 
 def sae_loss(
-    sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead: torch.Tensor | None
+    sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead: torch.Tensor | None,
+    n_dead: int | None = None,
 ) -> LossParts:
-    """L(k) [+ L(4k)/8 with multi-TopK] + aux_coef * L_aux, all scaled by the same constant."""
+    """L(k) [+ L(4k)/8 with multi-TopK] + aux_coef * L_aux, all scaled by the same constant.
+
+    n_dead: how many latents `dead` holds, when the caller counted them (the trainer does): AuxK then
+    picks min(aux_k, n_dead) latents among their rows alone. None: aux_k picks over the masked
+    pre-activations whatever the count, zero beyond the dead latents: no host sync, and the fixed
+    shapes a CUDA graph replays, for the price of a second selection over every latent."""
     if sae.cfg.activation == "batchtopk":
         return _batch_topk_loss(sae, x_norm, mse_scale, tcfg, dead)
     k = sae.cfg.k
     k_wide = min(4 * k, sae.cfg.n_latents) if tcfg.multi_topk else k
-    # a fixed aux_k, not min(aux_k, dead latents): counting them would be a host sync every step (and
-    # a shape a CUDA graph cannot replay); picks beyond the dead latents come out zero and add nothing
-    aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), sae.cfg.n_latents) if dead is not None else 0
+    aux_k, aux_latents = 0, None
+    if dead is not None and n_dead is None:
+        aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), sae.cfg.n_latents)
+    elif dead is not None and n_dead > 0:
+        aux_k, aux_latents = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead), mask_indices(dead, n_dead)
     values, indices, aux_values, aux_indices = topk_encode(
-        x_norm - sae.b_pre, sae.W_enc, sae.b_enc, k_wide, aux_k, dead
+        x_norm - sae.b_pre, sae.W_enc, sae.b_enc, k_wide, aux_k, dead, aux_latents
     )
 
     recon = sparse_decode(values[:, :k], indices[:, :k], sae.W_dec) + sae.b_pre
@@ -121,8 +129,8 @@ def sae_loss(
     if aux_k > 0:
         # the dead latents learn to predict the live ones' residual error (§A.2)
         aux = _sq_err(x_norm - recon.detach(), sparse_decode(aux_values, aux_indices, sae.W_dec), mse_scale)
-        # no dead latent, no AuxK term (a device-side choice: no sync)
-        aux = torch.where(dead.any(), torch.nan_to_num(aux, nan=0.0), 0.0)
+        if n_dead is None:  # uncounted: no dead latent, no AuxK term (a device-side choice, no sync)
+            aux = torch.where(dead.any(), torch.nan_to_num(aux, nan=0.0), 0.0)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), values[:, :k].detach(), indices[:, :k])
 
@@ -258,13 +266,12 @@ class Trainer:
     def step(self, batch: torch.Tensor) -> LossParts:
         for group in self.opt.param_groups:
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens)
-        # no latent can be dead before dead_tokens tokens: AuxK starts then
-        aux = self.tokens >= self.tracker.dead_tokens
+        n_dead = self.dead_count()
         if self.graphs is not None:
             self.opt.prepare()  # the host half of the optimizer step; the graph replays the rest
-            parts = self.graphs.step(batch, aux)
+            parts = self.graphs.step(batch, n_dead)
         else:
-            parts = self.device_step(batch.to(self.device, non_blocking=True), aux)
+            parts = self.device_step(batch.to(self.device, non_blocking=True), n_dead)
         self.tokens += self.rows(batch)
         self.steps += 1
         return parts
@@ -273,18 +280,37 @@ class Trainer:
         """Tokens a step on `batch` trains on: the global batch on a data-parallel grid."""
         return batch.shape[0] * (self.parallel.grid.data if self.parallel else 1)
 
-    def device_step(self, batch: torch.Tensor, aux: bool) -> LossParts:
-        """One training step's device work on a batch already on the device, with AuxK active or not:
-        no host sync and no host state changed, so that sae/cuda_graph.py can capture it (the
-        optimizer's host half, `prepare`, is then run before each replay)."""
+    def dead_count(self) -> int | None:
+        """The number of dead latents for this step's AuxK (sae_loss's n_dead); 0 skips AuxK.
+
+        Counting them is one host sync per step (sparsify's step takes one too). It pays: AuxK over
+        few dead latents multiplies their rows alone, and none is run while none is dead, where the
+        uncounted form selects over every latent again. None: not counted. A grid counts in
+        Parallel.loss over every shard; a CUDA graph replays one of two fixed shapes, no AuxK (0) or
+        AuxK over the mask (None)."""
+        if self.tokens < self.tracker.dead_tokens:  # no latent can be dead yet
+            return 0
+        if self.parallel is not None:
+            return None
+        dead = int(self.tracker.dead_mask().sum())
+        if self.graphs is not None:
+            return None if dead else 0
+        return dead
+
+    def device_step(self, batch: torch.Tensor, n_dead: int | None) -> LossParts:
+        """One training step's device work on a batch already on the device, AuxK over n_dead dead
+        latents (see dead_count): no host sync and no host state changed, so that sae/cuda_graph.py
+        can capture it (the optimizer's host half, `prepare`, is then run before each replay)."""
         sae, tcfg = self.sae, self.tcfg
         x_norm, _ = sae.normalize(batch)
         # autocast's cache of cast weights would outlive a captured graph's memory: off when graphed
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
                             cache_enabled=self.graphs is None):
-            dead = self.tracker.dead_mask() if aux else None
-            loss_fn = self.parallel.loss if self.parallel else sae_loss
-            parts = loss_fn(sae, x_norm, self.mse_scale, tcfg, dead)
+            dead = self.tracker.dead_mask() if n_dead != 0 else None
+            if self.parallel:
+                parts = self.parallel.loss(sae, x_norm, self.mse_scale, tcfg, dead)
+            else:
+                parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, n_dead)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()

@@ -48,14 +48,18 @@ def make_sae(bias=True, n=96, d=12, k=5, seed=0):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("multi_topk", [False, True])
 @pytest.mark.parametrize("n_dead", [0, 3, 40])
-def test_loss_and_gradients_match_dense_reference(bias, multi_topk, n_dead):
+@pytest.mark.parametrize("picks", ["counted", "fixed"])
+def test_loss_and_gradients_match_dense_reference(bias, multi_topk, n_dead, picks):
+    """AuxK as the trainer runs it (the dead latents counted: their rows alone, at most aux_k picks)
+    and as a CUDA graph replays it (aux_k picks over the mask, zero beyond the dead latents): both
+    are the dense reference."""
     sae = make_sae(bias)
     x = torch.randn(33, 12, dtype=torch.float64)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
     tcfg = TrainConfig(aux_k=16, multi_topk=multi_topk)
 
-    parts = sae_loss(sae, x, 0.7, tcfg, dead)
+    parts = sae_loss(sae, x, 0.7, tcfg, dead, n_dead if picks == "counted" else None)
     parts.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()

@@ -5,6 +5,7 @@ import torch
 
 from sae.config import SAEConfig, TrainConfig
 from sae.geometric_median import geometric_median
+from sae.kernels import mask_indices
 from sae.model import TopKSAE
 from sae.train import DeadLatentTracker, Trainer, project_decoder_grad, renormalize_decoder, train_sae
 
@@ -58,6 +59,32 @@ def test_dead_latent_counter_counts_tokens():
     # latents 0 and 2 fired every batch; 1 (zero) and 3 (below threshold) never did: 5 batches x 2 tokens
     assert tracker.tokens_since_fired.tolist() == [0, 10, 0, 10, 10, 10]
     assert tracker.dead_mask().tolist() == [False, True, False, True, True, True]
+
+
+def test_the_trainer_counts_the_dead_latents_for_auxk_and_skips_it_while_none_is():
+    """AuxK costs about what the main TopK does: the trainer counts the dead latents, skips AuxK
+    while there are none and multiplies their rows alone when there are (at most aux_k picks)."""
+    tcfg = TrainConfig(batch_tokens=64, tokens=64 * 20, dead_tokens=128, aux_k=8, log_every=1000)
+    trainer = Trainer(SAEConfig(16, 64, 4), tcfg)
+    x = torch.randn(64 * 20, 16, generator=torch.Generator().manual_seed(0))
+    trainer.initialize(x)
+    assert trainer.dead_count() == 0  # before dead_tokens tokens nothing can be dead
+    trainer.step(x[:64])
+    trainer.step(x[64:128])
+    counters = trainer.tracker.tokens_since_fired
+    for i, dead in enumerate((0, 3, 20)):
+        counters.zero_()
+        counters[torch.randperm(64, generator=torch.Generator().manual_seed(i))[:dead]] = tcfg.dead_tokens
+        assert trainer.dead_count() == dead
+        parts = trainer.step(x[128 + 64 * i : 192 + 64 * i])
+        assert (parts.aux.item() > 0.0) == (dead > 0), (dead, parts.aux.item())
+
+
+@pytest.mark.parametrize("n, count", [(1, 0), (1, 1), (50, 0), (50, 7), (50, 50)])
+def test_mask_indices_are_the_masks_true_positions(n, count):
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(count))[:count]] = True
+    assert torch.equal(mask_indices(mask, count), mask.nonzero().squeeze(1))
 
 
 def planted_data(n_tokens, d, n_features, active, seed):
