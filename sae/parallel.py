@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sae.kernels import BatchTopKEncode, ragged_decode, sparse_decode, topk_encode
+from sae.kernels import BatchTopKEncode, mask_indices, ragged_decode, sparse_decode, topk_encode
 from sae.model import TopKSAE
 
 
@@ -148,15 +148,17 @@ class Parallel:
         k = self.k
         k_wide = min(4 * k, n) if tcfg.multi_topk else k
         local_dead = dead.sum() if dead is not None else torch.zeros((), dtype=torch.long, device=x_norm.device)
-        n_dead = int(self.sum_over_shards(local_dead.clone()))
+        # this shard's dead latents and all shards': one host sync
+        n_here, n_dead = torch.stack([local_dead, self.sum_over_shards(local_dead.clone())]).tolist()
         aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead)
         x_in = _EnterShards.apply(x_norm - sae.b_pre, self)
         if sae.cfg.activation == "batchtopk":
             return self._batch_topk_loss(sae, x_in, x_norm, mse_scale, tcfg, dead, aux_k)
         # the same candidate widths on every shard (gathered side by side); a shard with fewer dead
-        # latents than aux_k offers zeros, which contribute nothing
+        # latents than aux_k offers zeros, which contribute nothing. AuxK multiplies the dead rows alone.
         values, indices, aux_values, aux_indices = topk_encode(
-            x_in, sae.W_enc, sae.b_enc, min(k_wide, n_local), min(aux_k, n_local), dead if aux_k else None)
+            x_in, sae.W_enc, sae.b_enc, min(k_wide, n_local), min(aux_k, n_local), dead if aux_k else None,
+            mask_indices(dead, n_here) if aux_k else None)
         wide = self._select(values, k_wide)  # (B, candidates) masks of this shard's winners
         main = self._select(values, k)
 
