@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from sae.config import RECIPE_VERSION, SAEConfig, TrainConfig, cuda_graph_blockers
+from sae.config import RECIPE_VERSION, SAEConfig, TrainConfig, cuda_graph_blockers, resolve_optimizer
 
 
 class Section(BaseModel):
@@ -492,9 +492,8 @@ class RunSpec(Section):
     def _graphable(self):
         t = self.train
         if t.cuda_graph:
-            optimizer = t.optimizer or ("adam" if t.recipe == "paper" else "signum")
             problems = dict.fromkeys(why for s in self.sae for why in cuda_graph_blockers(
-                t.device, optimizer, s.activation, t.devices * t.nodes))
+                t.device, resolve_optimizer(t.optimizer, t.recipe), s.activation, t.devices * t.nodes))
             if problems:
                 raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
         return self
@@ -537,7 +536,7 @@ class RunSpec(Section):
         replicas = max(t.devices * t.nodes // shards, 1) if t.sae_placement == "grid" else 1
         bf16 = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
         return plan_memory(d_model, s.latents(d_model), s.k, t.batch_tokens, replicas, shards,
-                           t.optimizer or ("adam" if t.recipe == "paper" else "signum"), bool(t.ema_decay), bf16,
+                           resolve_optimizer(t.optimizer, t.recipe), bool(t.ema_decay), bf16,
                            multi_topk=s.multi_topk, cuda=device.startswith("cuda"))
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:

@@ -173,7 +173,7 @@ class TrainConfig:
         return auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens, self.resolved_optimizer())
 
     def resolved_optimizer(self) -> Optimizer:
-        return self.optimizer or ("adam" if self.paper else "signum")
+        return resolve_optimizer(self.optimizer, self.recipe)
 
     def _scheduled(self) -> bool:
         """Adam in the default recipe: warmup and decay to zero (signum averages instead)."""
@@ -210,6 +210,11 @@ class TrainConfig:
     def bf16(self) -> bool:
         """Whether the training forward runs under bf16 autocast."""
         return self.precision == "bf16" or (self.precision == "auto" and self.device.startswith("cuda"))
+
+
+def resolve_optimizer(optimizer: Optimizer | None, recipe: str) -> Optimizer:
+    """The optimizer a run uses: the one set, else the recipe's (the paper's Adam, or signum)."""
+    return optimizer or ("adam" if recipe == "paper" else "signum")
 
 
 def cuda_graph_blockers(device: str, optimizer: Optimizer, activation: str, processes: int = 1) -> list[str]:
