@@ -21,14 +21,15 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def setup(args, device: str):
-    """The benchmark's data and an initialised full-size trainer (identical in every process)."""
+def setup(args, device: str, placement=None):
+    """The benchmark's data and an initialised trainer (of the whole SAE, or of this rank's shard)."""
     from sae.config import SAEConfig, TrainConfig
     from sae.train import Trainer
 
     x = torch.randn(2 * args.batch, args.d, generator=torch.Generator().manual_seed(0)).to(device)
-    trainer = Trainer(SAEConfig(args.d, args.n, args.k), TrainConfig(batch_tokens=args.batch, tokens=10**12,
-                                                                      dead_tokens=10**9, device=device))
+    cfg = SAEConfig(args.d, args.n, args.k)
+    trainer = Trainer(cfg, TrainConfig(batch_tokens=args.batch, tokens=10**12, dead_tokens=10**9, device=device),
+                      placement(cfg) if placement else None)
     trainer.initialize(x)
     return x, trainer
 
@@ -50,7 +51,7 @@ def timed(steps: int, step, cuda: bool) -> float:
 
 
 def rank_main(rank: int, grid, port: int, args, results) -> None:
-    from sae.parallel import Grid, Parallel, rank_rows, shard_trainer
+    from sae.parallel import Grid, GridShard, Parallel, rank_rows
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -59,9 +60,9 @@ def rank_main(rank: int, grid, port: int, args, results) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // grid[0] // grid[1]))
     dist.init_process_group(backend(grid), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=grid[0] * grid[1])
-    x, trainer = setup(args, f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
     parallel = Parallel(Grid(*grid))
-    shard_trainer(trainer, parallel)
+    x, trainer = setup(args, f"cuda:{torch.cuda.current_device()}" if cuda else "cpu",
+                       lambda cfg: GridShard(parallel, cfg))
     batches = [rank_rows(x[i * args.batch : (i + 1) * args.batch], parallel) for i in range(2)]
     seconds = timed(args.steps, lambda i: trainer.step(batches[i % 2]), cuda)
     if rank == 0:

@@ -9,7 +9,6 @@ embedding_bag's backward (the CPU path) and by the Triton kernel (CUDA).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -74,10 +73,9 @@ def main() -> None:
     top = pre.topk(args.k, dim=-1)
     grads = torch.randn(batch, args.k, device=device)
 
-    def weight_grad(triton: str):
+    def weight_grad(triton: bool):
         def run():
-            os.environ["SAEFLOW_TRITON"] = triton
-            return scatter_rows(args.n, top.indices, grads, xs[0])
+            return scatter_rows(args.n, top.indices, grads, xs[0], triton=triton)
 
         return run
 
@@ -86,9 +84,9 @@ def main() -> None:
         from sae.triton_kernels import encode_topk
 
         rows.append(("fused encoder + topk (Triton)", lambda: encode_topk(x, w, None, args.k)))
-    rows.append(("weight gradient, embedding_bag", weight_grad("0")))
+    rows.append(("weight gradient, embedding_bag", weight_grad(False)))
     if device == "cuda":
-        rows.append(("weight gradient, Triton", weight_grad("1")))
+        rows.append(("weight gradient, Triton", weight_grad(True)))
     print(f"{'op (batch ' + str(batch) + ', n ' + str(args.n) + ')':<40} {'ms':>8}")
     for name, fn in rows:
         print(f"{name:<40} {bench(fn, device):>8.3f}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -42,18 +41,18 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
     from sae.config import SAEConfig, TrainConfig
     from sae.train import Trainer
 
-    if impl == "saeflow-eb":  # the CPU path's embedding_bag backward instead of the Triton kernels
-        os.environ["SAEFLOW_TRITON"] = "0"
-    if impl == "saeflow-fused":  # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
-        os.environ["SAEFLOW_FUSED_TOPK"] = "1"
     if impl == "saeflow-foreach":  # the optimizer's foreach passes instead of its one-pass Triton kernel
         import sae.optim
 
-        sae.optim._fused = lambda params: False
+        sae.optim._fused = lambda params, triton=True: False
     torch.manual_seed(0)
     tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
                        precision=precision, optimizer="adam" if impl == "saeflow-adam" else None,
-                       cuda_graph=impl == "saeflow-graph")
+                       cuda_graph=impl == "saeflow-graph",
+                       # embedding_bag's backward and the foreach optimizer instead of the Triton kernels
+                       triton=impl != "saeflow-eb",
+                       # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
+                       fused_topk=impl == "saeflow-fused")
     trainer = Trainer(SAEConfig(d, n, k), tcfg)
     data = torch.randn(4 * batch, d, device=device)
     trainer.initialize(data)
@@ -92,11 +91,11 @@ def time_steps(step, steps: int, device: str) -> dict:
     return {"steps_per_s": steps / elapsed, "peak_mib": peak}
 
 
-def dense_loss(sae, x_norm, mse_scale, tcfg, dead, n_dead=None):
+def dense_loss(sae, x_norm, mse_scale, tcfg, dead=None, latents=None):
     """The same loss with a dense (batch, n_latents) code, for comparison only."""
     import torch
 
-    from sae.train import LossParts
+    from sae.loss import LossParts
 
     pre = (x_norm - sae.b_pre) @ sae.W_enc.T
     top = pre.topk(sae.cfg.k, dim=1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,9 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from flows import stages
+from flows.paths import CHECKPOINTS, train_parts
 from flows.spec import RunSpec, parse_spec, safe_name
-from storage import activations as store
+from flows.training import Alone, train_hookpoint
+from sae.config import SAEConfig
+from sae.lm import resolve_device
+from sae.parallel import Grid, GridShard, Parallel
+from sae.train import Trainer, TrainResult
 
 log = logging.getLogger("flows.distributed")  # not __name__: the ranks run this module as __main__
 
@@ -30,7 +33,7 @@ log = logging.getLogger("flows.distributed")  # not __name__: the ranks run this
 def launch(spec: RunSpec, hookpoint: str) -> None:
     """Runs the grid's ranks on this node (and waits for them); other nodes run the same command."""
     t = spec.train
-    key = spec.part_hash(*stages.train_parts(0))
+    key = spec.part_hash(*train_parts(0))
     spec_file = spec.root / "locks" / f"distributed-{key}-{safe_name(hookpoint)}.json"
     spec_file.parent.mkdir(parents=True, exist_ok=True)
     # written whole, then renamed: nodes sharing a disk never read each other's half-written file
@@ -72,8 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     _die_with_launcher()
     spec_file, hookpoint = argv or sys.argv[1:]
     spec = parse_spec(json.loads(Path(spec_file).read_text()))
-    from sae.lm import resolve_device
-
     device = resolve_device(spec.train.device)
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -93,76 +94,49 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_rank(spec: RunSpec, hookpoint: str, device: torch.device) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
     if spec.train.sae_placement == "spread":  # this process's SAEs, whole, on the whole batches
-        rank, world = dist.get_rank(), dist.get_world_size()
-        stages.train_here(spec, hookpoint, progress=rank == 0, device=str(device),
-                          only=[i for i in range(len(spec.sae)) if i % world == rank])
+        train_hookpoint(spec, hookpoint, [i for i in range(len(spec.sae)) if i % world == rank], str(device),
+                        Alone(), progress=rank == 0)
         dist.barrier()
         return
-    from sae.parallel import Grid, Parallel, shard_trainer
-    from sae.train import Trainer, TrainResult, train_saes
-    from storage.checkpoints import META_FILE, load_checkpoint, save_checkpoint, steps_available
-
     S = spec.train.latent_shards
-    parallel = Parallel(Grid(dist.get_world_size() // S, S))
-    lead = dist.get_rank() == 0
-    work = spec.work
-    todo = [i for i in range(len(spec.sae)) if not stages.is_done("train", spec, hookpoint, i)]
-    group = store.open_store(stages.store_url(spec), stages.store_options(spec), verify=lead)
-    dist.barrier()  # rank 0 checked every shard of the store
-    acts = store.activations(group, "train", hookpoint)
-    tcfgs = {i: spec.train_config(acts.shape[0], str(device), i) for i in todo}
-    trainers = {i: Trainer(spec.sae_config(acts.shape[1], i), tcfgs[i]) for i in todo}
-    rels = {i: f"{stages.sae_rel(spec, hookpoint, i)}/checkpoints/shard-{parallel.shard}-of-{S}" for i in todo}
-    for i in todo:
-        _refuse_other_grids(stages.sae_dir(spec, hookpoint, i) / "checkpoints", work, stages.sae_rel(spec, hookpoint, i), S)
-        if work.remote:
-            work.fetch(rels[i])
-    # resume where every rank has its shard's checkpoint
-    steps = set.intersection(*(set(steps_available(work.local(rels[i]))) for i in todo))
-    agreed = torch.tensor(max(steps, default=0), device=parallel.device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    first = tcfgs[todo[0]]
-    if not agreed:
-        sample = store.sample_rows(acts, first.geometric_median_samples, seed=first.seed)
-    for i, trainer in trainers.items():
-        if not agreed:
-            trainer.initialize(sample)  # the whole SAE, identical on every rank, then this rank's shard
-        shard_trainer(trainer, parallel)
-        if agreed:
-            trainer.load_state_dict(*load_checkpoint(work.local(rels[i]), int(agreed)))
-    if agreed and lead:
-        log.info("resuming %s from checkpoints at step %d", hookpoint, int(agreed))
-    start = trainers[todo[0]].steps
-    batches = store.prefetch(store.shuffled_batches(acts, first.batch_tokens, seed=first.seed, start_batch=start,
-                                                    part=(parallel.data_index, parallel.grid.data)))
+    train_hookpoint(spec, hookpoint, list(range(len(spec.sae))), str(device), GridRank(Parallel(Grid(world // S, S))))
 
-    def checkpoint(_trainers):
-        if parallel.data_index == 0:  # the replicas of a shard hold the same state: one writes it
-            for i, trainer in trainers.items():
-                saved = save_checkpoint(work.local(rels[i]), *trainer.state_dict())
-                work.publish(f"{rels[i]}/{saved.name}", marker=META_FILE)
+
+class GridRank:
+    """This rank's part in training a hookpoint's SAEs on the grid (flows.training.Team): rank 0 speaks
+    and writes the gathered SAEs; the first data-parallel replica of each shard writes its checkpoints
+    (the replicas hold the same state)."""
+
+    milestones = False  # a sweep's milestones score whole SAEs
+
+    def __init__(self, parallel: Parallel):
+        self.parallel = parallel
+        self.lead = dist.get_rank() == 0
+        self.writes_checkpoints = parallel.data_index == 0
+        self.latent_shards = parallel.grid.latents
+        self.batch_part = (parallel.data_index, parallel.grid.data)
+
+    def placement(self, cfg: SAEConfig) -> GridShard:
+        return GridShard(self.parallel, cfg)
+
+    def checkpoints_rel(self, rel: str) -> str:
+        return f"{rel}/{CHECKPOINTS}/shard-{self.parallel.shard}-of-{self.latent_shards}"
+
+    def agree(self, step: int) -> int:
+        agreed = torch.tensor(step, device=self.parallel.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        return int(agreed)
+
+    def barrier(self) -> None:
         dist.barrier()
 
-    results = train_saes(list(trainers.values()), batches, lead, checkpoint, spec.train.checkpoint_every_tokens)
-    for i, result in zip(trainers, results):
-        full = parallel.gather_sae(result.sae, parallel.k)
-        counters = torch.cat(parallel.gather_shards(trainers[i].tracker.tokens_since_fired))
-        dead = float((counters >= trainers[i].tracker.dead_tokens).float().mean())
-        if lead:
-            stages.write_sae(spec, hookpoint, i, replace(result, sae=full, dead_fraction=dead), tcfgs[i])
-    dist.barrier()
-
-
-def _refuse_other_grids(local: Path, work, rel: str, shards: int) -> None:
-    """Checkpoints of another number of latent shards cannot resume this run: say so, never mix them."""
-    names = set(work.listdir(f"{rel}/checkpoints")) | ({p.name for p in local.iterdir()} if local.is_dir() else set())
-    other = sorted({int(m.group(1)) for n in names if (m := re.fullmatch(r"shard-\d+-of-(\d+)", n)) and int(m.group(1)) != shards})
-    single = any(n.startswith("step-") for n in names)
-    if other or single:
-        was = f"{other[0]} latent shards" if other else "one process"
-        raise ValueError(f"the checkpoints in {work.location(rel + '/checkpoints')} come from a run with {was}: resume "
-                         f"with that grid (train.latent_shards), or delete them to start over with {shards}")
+    def whole(self, trainer: Trainer, result: TrainResult) -> TrainResult:
+        full = self.parallel.gather_sae(result.sae, trainer.whole_cfg.k)
+        counters = torch.cat(self.parallel.gather_shards(trainer.tracker.tokens_since_fired))
+        dead = float((counters >= trainer.tracker.dead_tokens).float().mean())
+        return replace(result, sae=full, dead_fraction=dead)
 
 
 if __name__ == "__main__":

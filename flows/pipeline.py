@@ -19,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import stages, sweep
+from flows import paths, stages, sweep
 from flows.locks import exclusive
 from flows.retry import Unreachable, retry_transient
 from flows.spec import RunSpec
@@ -148,8 +148,8 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
     """
     runner = task_runner(spec)  # first: a scheduler that does not answer fails here, before any server starts
     check_storage(spec)
-    key = spec.part_hash(*stages.CACHE_SECTIONS)
-    with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({stages.store_url(spec)})"):
+    key = spec.part_hash(*paths.CACHE_SECTIONS)
+    with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({paths.store_url(spec)})"):
         tag = f"saeflow-run:{socket.gethostname()}:{key}"
         mark_orphans_crashed(tag)
         with tags(tag):
@@ -209,7 +209,7 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
             logger.info("computing %d activation shards", len(missing))
             cache_shard.map(unmapped(spec), [s for s, _ in missing], [i for _, i in missing]).result()
     run("cache")
-    logger.info("activation store: %s", stages.store_url(spec))
+    logger.info("activation store: %s", paths.store_url(spec))
     rows = []
     for hookpoint in spec.hookpoints:
         groups = stages.train_groups(spec, hookpoint) if "train" in only else [None]
@@ -235,8 +235,8 @@ def _row(spec: RunSpec, hookpoint: str, index: int, metrics: dict | None, uri: s
     return {
         "hookpoint": hookpoint,
         "sae": spec.model_name(hookpoint, index),
-        "sae_dir": spec.work.location(stages.sae_rel(spec, hookpoint, index)),
-        "report": spec.work.location(f"{stages.eval_rel(spec, hookpoint, index)}/{stages.BROWSER_DIR}/index.html")
+        "sae_dir": spec.work.location(paths.sae_rel(spec, hookpoint, index)),
+        "report": spec.work.location(f"{paths.eval_rel(spec, hookpoint, index)}/{stages.BROWSER_DIR}/index.html")
         if metrics else None,
         "model_uri": uri,
         **(metrics or {}),

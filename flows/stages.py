@@ -4,19 +4,21 @@ path derived from the spec sections it reads, and returns at once when that outp
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
-import os
 import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from flows import distributed
 from flows.locks import exclusive
-from flows.spec import RunSpec, safe_name
+from flows.paths import (CACHE_SECTIONS, METRICS_FILE, eval_dir, eval_rel, fetch_sae, is_trained, metrics_path,
+                         register_parts, sae_dir, sae_rel, store_options, store_url)
+from flows.spec import RunSpec
+from flows.training import Alone, train_hookpoint, write_json
 from sae.browser import HISTOGRAM_FILE
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
@@ -25,57 +27,7 @@ from storage.registry import file_sha256, find_registered, register_sae
 
 log = logging.getLogger(__name__)
 
-# the spec sections each stage's output depends on (cache keys and output paths)
-CACHE_SECTIONS = ("model", "data", "hookpoints", "eval.tokens", "eval.downstream_contexts")
-TRAIN_ALL_SECTIONS = CACHE_SECTIONS + ("train", "sae")  # one training pass feeds every SAE of the spec
 STAGES = ("cache", "train", "evaluate", "register")
-
-
-def train_parts(index: int) -> tuple[str, ...]:
-    return CACHE_SECTIONS + ("train", f"sae.{index}")
-
-
-def eval_parts(index: int) -> tuple[str, ...]:
-    return train_parts(index) + ("eval",)
-
-
-def register_parts(index: int) -> tuple[str, ...]:
-    return eval_parts(index) + ("registry", "name")
-
-
-# output locations: `*_rel` inside the work dir; `*_dir` the local copy this machine reads and writes --
-SAE_MARKER = "config.json"  # written last: a SAE folder is complete once it exists
-SAE_WEIGHTS = "sae.safetensors"
-METRICS_FILE = "metrics.json"  # written last in an evaluation folder
-
-
-def store_url(spec: RunSpec) -> str:
-    base, _ = spec.store_location()
-    return f"{base.rstrip('/')}/{spec.part_hash(*CACHE_SECTIONS)}"
-
-
-def store_options(spec: RunSpec) -> dict:
-    return spec.store_location()[1]
-
-
-def sae_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
-    return f"saes/{spec.part_hash(*train_parts(index))}/{safe_name(hookpoint)}"
-
-
-def eval_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
-    return f"{sae_rel(spec, hookpoint, index)}/eval-{spec.part_hash(*eval_parts(index))}"
-
-
-def sae_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return spec.root / sae_rel(spec, hookpoint, index)
-
-
-def eval_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return spec.root / eval_rel(spec, hookpoint, index)
-
-
-def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    return eval_dir(spec, hookpoint, index) / METRICS_FILE
 
 
 def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None) -> bool:
@@ -84,17 +36,11 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
     if stage == "cache":
         return store.is_complete(store_url(spec), store_options(spec))
     if stage == "train":  # index: one SAE, a group of them (list), or None for all
-        indices = range(len(spec.sae)) if index is None else index if isinstance(index, list) else [index]
-        return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices
-                   for name in (SAE_MARKER, SAE_WEIGHTS))
+        return is_trained(spec, hookpoint,
+                          range(len(spec.sae)) if index is None else index if isinstance(index, list) else [index])
     if stage == "evaluate":
         return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}")
     return registered(spec, hookpoint, index) is not None
-
-
-def fetch_sae(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
-    """The trained SAE's folder on this machine (downloaded when the work dir is remote)."""
-    return spec.work.fetch(sae_rel(spec, hookpoint, index)) if spec.work.remote else sae_dir(spec, hookpoint, index)
 
 
 def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None):
@@ -129,12 +75,6 @@ def registry_lock(uri: str):
     if uri.startswith("sqlite:///"):
         return exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"), "the MLflow database")
     return contextlib.nullcontext()
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, allow_nan=False))
-    os.replace(tmp, path)
 
 
 class NonFiniteError(ValueError):
@@ -246,9 +186,7 @@ def train(spec: RunSpec, hookpoint: str, group: list[int] | None = None, progres
     checkpoints every train.checkpoint_every_tokens and resumes from the last checkpoint all of them
     share. With train.devices / nodes > 1, on a grid of processes (flows/distributed.py)."""
     if spec.train.distributed() and not is_done("train", spec, hookpoint):
-        from flows.distributed import launch
-
-        launch(spec, hookpoint)
+        distributed.launch(spec, hookpoint)
         return [spec.work.location(sae_rel(spec, hookpoint, i)) for i in range(len(spec.sae))]
     return train_here(spec, hookpoint, progress, only=group)
 
@@ -273,94 +211,12 @@ def train_groups(spec: RunSpec, hookpoint: str) -> list[list[int]]:
     return groups
 
 
-MILESTONE_ROWS = 4096  # held-out rows a sweep's milestone is scored on
-
-
 def train_here(spec: RunSpec, hookpoint: str, progress: bool = True, only: list[int] | None = None,
                device: str | None = None) -> list[str]:
     """The train stage in this process: the SAEs `only` (default all) on `device` (default the spec's)."""
-    from sae.train import Trainer, train_saes
-    from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
-    from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
-
-    work = spec.work
-    outs = [sae_dir(spec, hookpoint, i) for i in range(len(spec.sae))]
-    rels = [sae_rel(spec, hookpoint, i) for i in range(len(spec.sae))]
-    todo = [i for i in (only if only is not None else range(len(spec.sae))) if not is_done("train", spec, hookpoint, i)]
-    if not todo:
-        log.info("SAEs for %s already trained at %s", hookpoint, ", ".join(work.location(r) for r in rels))
-        return [work.location(r) for r in rels]
-    # verify: a missing or corrupted shard stops here, naming it, before any training
-    group = store.open_store(store_url(spec), store_options(spec), verify=True)
-    acts = store.activations(group, "train", hookpoint)
-    device = device or str(resolve_device(spec.train.device))
-    tcfgs = {i: spec.train_config(acts.shape[0], device, i) for i in todo}
-    trainers = {i: Trainer(spec.sae_config(acts.shape[1], i), tcfgs[i]) for i in todo}
-    ckpt_dirs = {i: outs[i] / "checkpoints" for i in todo}
-    if work.remote:  # checkpoints live in the work dir: a run on another machine resumes from them
-        for i in todo:
-            work.fetch(f"{rels[i]}/checkpoints")
-    common = set.intersection(*(set(steps_available(ckpt_dirs[i])) for i in todo))
-    if common:
-        for i in todo:
-            trainers[i].load_state_dict(*load_checkpoint(ckpt_dirs[i], max(common)))
-        log.info("resuming %s from checkpoints at step %d", hookpoint, max(common))
-    else:
-        lead = tcfgs[todo[0]]
-        sample = store.sample_rows(acts, lead.geometric_median_samples, seed=lead.seed)
-        for trainer in trainers.values():
-            trainer.initialize(sample)
-    first = trainers[todo[0]]
-    batches = store.prefetch(store.shuffled_batches(acts, first.tcfg.batch_tokens, seed=first.tcfg.seed,
-                                                    start_batch=first.steps))
-
-    def checkpoint(_trainers):
-        for i, trainer in trainers.items():
-            saved = save_checkpoint(ckpt_dirs[i], *trainer.state_dict())
-            if work.remote:
-                work.publish(f"{rels[i]}/checkpoints/{saved.name}", marker=CHECKPOINT_MARKER)
-                for name in work.listdir(f"{rels[i]}/checkpoints"):
-                    if not (ckpt_dirs[i] / name).exists():  # pruned locally: prune there too
-                        work.remove(f"{rels[i]}/checkpoints/{name}")
-
-    milestones, score = [], None
-    if spec.sweep is not None and spec.sweep.milestones:  # a sweep's loss-vs-tokens curves
-        from sae.evaluate import held_out_metrics
-        from sae.train import milestone_tokens
-
-        held = next(store.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
-        milestones = milestone_tokens(first.tcfg.tokens, spec.sweep.milestones, first.tcfg.batch_tokens)
-        score = functools.partial(held_out_metrics, rows=held)
-    results = train_saes(list(trainers.values()), batches, progress, checkpoint, spec.train.checkpoint_every_tokens,
-                         milestones=milestones, evaluate=score)
-    for i, result in zip(trainers, results):
-        write_sae(spec, hookpoint, i, result, tcfgs[i], trainers[i].milestones)
-    return [work.location(r) for r in rels]
-
-
-def write_sae(spec: RunSpec, hookpoint: str, index: int, result, tcfg, milestones: list[dict] = ()) -> None:
-    """Writes a trained SAE (and its history) into its folder, publishes it, drops its checkpoints."""
-    lm_dir = spec.converted_model_dir()
-    meta = {
-        "model": spec.model.source,
-        "hookpoint": hookpoint,
-        "first_position": int(spec.data.drop_first_position),
-        "train_tokens": result.tokens,
-        "train_steps": result.steps,
-        "train_dead_fraction": result.dead_fraction,
-        "lr": tcfg.resolved_lr(result.sae.cfg.n_latents),
-        "spec_hash": spec.part_hash(*train_parts(index)),
-        "store_url": store_url(spec),
-        "lm": str(lm_dir) if (lm_dir / "config.json").exists() else spec.model.source,
-    }
-    out, rel = sae_dir(spec, hookpoint, index), sae_rel(spec, hookpoint, index)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "train_history.json", {"history": result.history, "milestones": list(milestones)})
-    result.sae.save(out, metadata=meta)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    spec.work.publish(rel, marker=SAE_MARKER)
-    spec.work.remove(f"{rel}/checkpoints")
-    log.info("SAE %d for %s written to %s", index, hookpoint, spec.work.location(rel))
+    indices = only if only is not None else list(range(len(spec.sae)))
+    return train_hookpoint(spec, hookpoint, indices, device or str(resolve_device(spec.train.device)), Alone(),
+                           progress)
 
 
 def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:
@@ -379,7 +235,7 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
     if spec.eval.browser:
         write_browser(record, sae.cfg.n_latents, path.parent, f"{spec.name} · {hookpoint}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, record.metrics)
+    write_json(path, record.metrics)
     spec.work.publish(rel, marker=METRICS_FILE)
     log.info("metrics for %s written to %s", hookpoint, spec.work.location(f"{rel}/{METRICS_FILE}"))
     return record.metrics

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows import stages
+from flows import paths, stages
 from flows.spec import RunSpec
 from storage import activations as store
 
@@ -17,7 +17,7 @@ def spec_status(spec: RunSpec) -> dict:
 
 
 def _cache(spec: RunSpec) -> dict:
-    url, opts = stages.store_url(spec), stages.store_options(spec)
+    url, opts = paths.store_url(spec), paths.store_options(spec)
     if store.is_complete(url, opts):
         return {"state": "done", "store": url}
     if store.planned_hash(url, opts) is None:
@@ -31,7 +31,7 @@ def _cache(spec: RunSpec) -> dict:
 def _sae(spec: RunSpec, hookpoint: str, index: int) -> dict:
     from storage.checkpoints import META_FILE
 
-    work, rel = spec.work, stages.sae_rel(spec, hookpoint, index)
+    work, rel = spec.work, paths.sae_rel(spec, hookpoint, index)
     row = {"sae": spec.model_name(hookpoint, index), "hookpoint": hookpoint, "dir": work.location(rel)}
     # complete checkpoints only: a step folder gets its meta file last
     steps = [name for name in work.listdir(f"{rel}/checkpoints")
@@ -44,7 +44,7 @@ def _sae(spec: RunSpec, hookpoint: str, index: int) -> dict:
                         "last_checkpoint": work.location(f"{rel}/checkpoints/{max(steps)}"), "step": meta["steps"]}
     else:
         row["train"] = {"state": "missing"}
-    metrics = f"{stages.eval_rel(spec, hookpoint, index)}/{stages.METRICS_FILE}"
+    metrics = f"{paths.eval_rel(spec, hookpoint, index)}/{paths.METRICS_FILE}"
     row["evaluate"] = ({"state": "done", "metrics": work.location(metrics)} if work.exists(metrics)
                        else {"state": "missing"})
     row["register"] = _registry(spec, hookpoint, index)

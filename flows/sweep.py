@@ -10,7 +10,7 @@ import logging
 import math
 from pathlib import Path
 
-from flows import stages
+from flows import paths, stages
 from flows.spec import RunSpec, safe_name
 from sae.plots import figure, png_bytes
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def sweep_dir(spec: RunSpec) -> Path:
-    return spec.root / "sweeps" / spec.part_hash(*stages.CACHE_SECTIONS, "train", "sae", "eval")
+    return spec.root / "sweeps" / spec.part_hash(*paths.CACHE_SECTIONS, "train", "sae", "eval")
 
 
 def points(spec: RunSpec) -> list[dict]:
@@ -29,8 +29,8 @@ def points(spec: RunSpec) -> list[dict]:
         for i, s in enumerate(spec.sae):
             if stages.is_done("evaluate", spec, hookpoint, i):
                 m = stages.stored_metrics(spec, hookpoint, i)
-                rel = stages.sae_rel(spec, hookpoint, i)
-                config = json.loads(spec.work.read_bytes(f"{rel}/{stages.SAE_MARKER}"))
+                rel = paths.sae_rel(spec, hookpoint, i)
+                config = json.loads(spec.work.read_bytes(f"{rel}/{paths.SAE_MARKER}"))
                 history = json.loads(spec.work.read_bytes(f"{rel}/train_history.json"))
                 rows.append({"hookpoint": hookpoint, "n_latents": s.n_latents, "k": s.k, "lr": config["metadata"]["lr"],
                              "d_in": config["sae"]["d_in"], "tokens": config["metadata"]["train_tokens"], **m,

@@ -146,6 +146,11 @@ class TrainConfig:
     # CUDA only: capture the training step as a CUDA graph and replay it (no per-kernel launch cost
     # on the host); the default optimizer (signum), TopK, one process. Opt-in until measured on a GPU.
     cuda_graph: bool = False
+    # CUDA kernels (sae/kernels.py): triton, the Triton kernels of the sparse backward and the optimizer
+    # (False: PyTorch's embedding_bag and foreach forms, the reference); fused_topk, the encoder matmul
+    # and TopK in one kernel (bf16, k <= 64; off: slower at small d, docs/benchmarks.md)
+    triton: bool = True
+    fused_topk: bool = False
     log_every: int = 20
 
     def __post_init__(self) -> None:
@@ -217,16 +222,38 @@ def resolve_optimizer(optimizer: Optimizer | None, recipe: str) -> Optimizer:
     return optimizer or ("adam" if recipe == "paper" else "signum")
 
 
-def cuda_graph_blockers(device: str, optimizer: Optimizer, activation: str, processes: int = 1) -> list[str]:
-    """What keeps a training step from being captured as a CUDA graph (sae/cuda_graph.py); empty:
-    nothing. device "auto" passes (it may resolve to CUDA)."""
-    problems = []
-    if device != "auto" and not device.startswith("cuda"):
-        problems.append(f"device {device} (CUDA only)")
+def _not_cuda(device: str) -> list[str]:
+    """device "auto" passes (it may resolve to CUDA)."""
+    return [] if device == "auto" or device.startswith("cuda") else [f"device {device} (CUDA only)"]
+
+
+def cuda_graph_blockers(device: str, optimizer: Optimizer, activation: str, processes: int = 1,
+                        fused_topk: bool = False, triton: bool = True) -> list[str]:
+    """What keeps a training step from being captured as a CUDA graph (sae/cuda_graph.py); empty: nothing."""
+    problems = _not_cuda(device)
     if optimizer == "adam":
         problems.append("optimizer adam (the default, signum, reads its lr on the device)")
     if activation == "batchtopk":
         problems.append("activation batchtopk (its code size changes from batch to batch)")
     if processes > 1:
         problems.append("several processes (devices x nodes)")
+    if fused_topk:
+        problems.append("fused_topk (its AuxK gathers the dead latents, a host sync)")
+    if not triton:
+        problems.append("triton false (the optimizer's one-pass Triton kernel is what reads the lr on the device)")
+    return problems
+
+
+FUSED_MAX_K = 64  # the fused encoder + TopK kernel keeps a block's running top k in registers
+
+
+def fused_topk_blockers(device: str, precision: Precision, triton: bool, k: int) -> list[str]:
+    """What keeps the fused encoder + TopK kernel (train.fused_topk) from running; empty: nothing."""
+    problems = _not_cuda(device)
+    if precision == "fp32":  # auto is bf16 on CUDA
+        problems.append("precision fp32 (the kernel runs in bf16)")
+    if not triton:
+        problems.append("triton false (it is a Triton kernel)")
+    if k > FUSED_MAX_K:
+        problems.append(f"k {k} (at most {FUSED_MAX_K})")
     return problems

@@ -16,79 +16,68 @@ optimizer's state); they are ordinary training steps. A batch of another shape r
 
 from __future__ import annotations
 
-import os
+from typing import Callable
 
 import torch
 
-from sae.config import cuda_graph_blockers
-from sae.train import LossParts, Trainer
+from sae.loss import AuxMode, DeadLatents, LossParts
 
 WARMUP_STEPS = 2  # eager steps of a phase before its capture
 
-
-def unsupported(trainer: Trainer) -> list[str]:
-    """What keeps this trainer's step from being captured (empty: nothing)."""
-    from sae import optim
-
-    tcfg = trainer.tcfg
-    problems = cuda_graph_blockers(tcfg.device, tcfg.resolved_optimizer(), trainer.sae.cfg.activation,
-                                   1 if trainer.parallel is None else 2)
-    if os.environ.get("SAEFLOW_FUSED_TOPK") == "1" and trainer.bf16:
-        # sae/kernels.py's fused path gathers the dead latents for AuxK: a host sync, a shape per step
-        problems.append("SAEFLOW_FUSED_TOPK=1 (its AuxK gathers the dead latents, a host sync)")
-    if not problems and not optim._fused(list(trainer.sae.parameters())):
-        problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
-    return problems
+DeviceStep = Callable[[torch.Tensor, DeadLatents], LossParts]
 
 
 class StepGraphs:
     """Runs a trainer's device steps: eagerly while warming up a phase, then as a replayed graph.
 
-    Two phases, each with its graph once warm: without AuxK (n_dead 0: no latent dead) and with it
-    over the mask of dead latents (n_dead None). Both are kept: latents die and revive again and again."""
+    Two phases, each with its graph once warm: without AuxK (AuxMode.OFF: no latent dead) and with it
+    over the mask of dead latents (AuxMode.MASKED). Both are kept: latents die and revive again and
+    again. `step` is the trainer's device step; `zero_grad` drops the gradients before a capture."""
 
-    def __init__(self, trainer: Trainer):
-        problems = unsupported(trainer)
-        if problems:
-            raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
-        self.trainer = trainer
+    captures = True  # the trainer gives it AuxK over the mask (fixed shapes), and autocast no weight cache
+
+    def __init__(self, step: DeviceStep, zero_grad: Callable[[], None], device: torch.device):
+        self.device_step, self.zero_grad, self.device = step, zero_grad, device
         self.warm = {False: 0, True: 0}  # eager steps run per phase (True: with AuxK)
         # per phase: (graph, its input buffer, its outputs)
         self.captured: dict[bool, tuple[torch.cuda.CUDAGraph, torch.Tensor, LossParts]] = {}
 
-    def step(self, batch: torch.Tensor, n_dead: int | None) -> LossParts:
-        if self.trainer.parallel is not None:  # sharded after construction
-            raise ValueError("train.cuda_graph: not on a grid of processes: set it to false")
-        if n_dead not in (0, None):
-            raise ValueError(f"a CUDA graph replays AuxK over the mask (n_dead None) or no AuxK (0), not n_dead {n_dead}")
-        aux = n_dead is None
+    def reset(self) -> None:
+        """Forgets the graphs: they write tensors that a loaded checkpoint has just replaced."""
+        self.warm = {False: 0, True: 0}
+        self.captured = {}
+
+    def __call__(self, batch: torch.Tensor, dead: DeadLatents) -> LossParts:
+        if dead.mode is AuxMode.DEAD_ROWS:
+            raise ValueError("a CUDA graph replays AuxK over the mask or no AuxK, not AuxK over counted rows")
+        aux = dead.mode is AuxMode.MASKED
         if aux in self.captured and self.captured[aux][1].shape == batch.shape:
             graph, static, parts = self.captured[aux]
             static.copy_(batch, non_blocking=True)
             graph.replay()
             return parts
-        on_device = batch.to(self.trainer.device, non_blocking=True)
+        on_device = batch.to(self.device, non_blocking=True)
         if self.warm[aux] < WARMUP_STEPS or aux in self.captured:  # warming up, or a batch of another shape
             self.warm[aux] += 1
-            return self._eager(on_device, n_dead)
-        return self._capture(on_device, n_dead)
+            return self._eager(on_device, dead)
+        return self._capture(on_device, dead)
 
-    def _eager(self, batch: torch.Tensor, n_dead: int | None) -> LossParts:
+    def _eager(self, batch: torch.Tensor, dead: DeadLatents) -> LossParts:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            parts = self.trainer.device_step(batch, n_dead)
+            parts = self.device_step(batch, dead)
         torch.cuda.current_stream().wait_stream(side)
         return parts
 
-    def _capture(self, batch: torch.Tensor, n_dead: int | None) -> LossParts:
+    def _capture(self, batch: torch.Tensor, dead: DeadLatents) -> LossParts:
         """Records this step (recording runs nothing), then replays it: the step is taken once."""
         static = batch.clone()
         graph = torch.cuda.CUDAGraph()
-        self.trainer.opt.zero_grad(set_to_none=True)  # the gradients are allocated inside the graph
+        self.zero_grad()  # the gradients are allocated inside the graph
         # thread_local: CUDA calls of other threads (a user's, a data loader's) may go on meanwhile
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            parts = self.trainer.device_step(static, n_dead)
+            parts = self.device_step(static, dead)
         graph.replay()
-        self.captured[n_dead is None] = (graph, static, parts)
+        self.captured[dead.mode is AuxMode.MASKED] = (graph, static, parts)
         return parts

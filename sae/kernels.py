@@ -9,11 +9,15 @@ makes TopK training cheap per token (the released code's Triton kernels do the s
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sae.config import FUSED_MAX_K
 
 
 @functools.cache
@@ -25,20 +29,41 @@ def _triton_kernels():
     return triton_kernels
 
 
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which kernels the forward passes below take (TrainConfig.triton / fused_topk set them for a run).
+
+    triton: CUDA tensors use the Triton kernels (where triton is installed); False: PyTorch's
+    embedding_bag everywhere, the reference. fused_topk: the bf16 CUDA path runs the encoder matmul
+    and the TopK in one Triton kernel. Off by default: on an H100 (batch 4096, k 32) it made the
+    d 768 / n 32768 step only 1.04x faster (and 23% lighter), and at d 256 / n 4096 the kernel alone
+    took 0.61 ms against 0.31 ms for the bf16 matmul + torch.topk (docs/benchmarks.md)."""
+
+    triton: bool = True
+    fused_topk: bool = False
+
+
+# read by forward passes only: a CUDA backward runs on autograd's own thread, which does not see it,
+# so each autograd function keeps its forward's choice for its backward
+_CHOICE: ContextVar[KernelChoice] = ContextVar("saeflow_kernels", default=KernelChoice())
+
+
+@contextlib.contextmanager
+def using(choice: KernelChoice):
+    """Runs the block's forward passes with `choice`."""
+    token = _CHOICE.set(choice)
+    try:
+        yield
+    finally:
+        _CHOICE.reset(token)
+
+
 def _use_triton(t: torch.Tensor) -> bool:
-    """CUDA tensors use the Triton kernels unless SAEFLOW_TRITON=0 (to compare with embedding_bag)."""
-    return t.is_cuda and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_kernels() is not None
-
-
-FUSED_MAX_K = 64  # the running top k of a block of rows lives in registers
+    return t.is_cuda and _CHOICE.get().triton and _triton_kernels() is not None
 
 
 def _use_fused_topk(x: torch.Tensor, k: int) -> bool:
-    """SAEFLOW_FUSED_TOPK=1 sends the bf16 CUDA path through the fused encoder + TopK kernel. Off by
-    default: on an H100 (batch 4096, k 32) it made the d 768 / n 32768 step only 1.04x faster (and
-    23% lighter), and at d 256 / n 4096 the kernel alone took 0.61 ms against 0.31 ms for the bf16
-    matmul + torch.topk (its sorting network costs more than the matmul it saves re-reading)."""
-    return (os.environ.get("SAEFLOW_FUSED_TOPK") == "1" and k <= FUSED_MAX_K and _use_triton(x)
+    return (_CHOICE.get().fused_topk and k <= FUSED_MAX_K and _use_triton(x)
             and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
 
 
@@ -64,21 +89,22 @@ class _TritonSparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_values = _triton_kernels().gather_dot(grad_out, indices, W_dec).to(values.dtype)
         if ctx.needs_input_grad[2]:
-            grad_W = scatter_rows(W_dec.shape[0], indices, values, grad_out)
+            grad_W = scatter_rows(W_dec.shape[0], indices, values, grad_out, triton=True)
         return grad_values, None, grad_W
 
 
 def scatter_rows(
-    n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor | None = None
+    n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor | None = None,
+    triton: bool = True,
 ) -> torch.Tensor:
     """sum over code entries (b, j) of grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d)
     weight gradient, for a (B, k) code or a ragged one (1-D indices/grads with their rows in `tokens`).
 
     This is exactly the weight gradient of `sparse_decode` for an upstream gradient x. On CUDA a
     Triton kernel computes it; elsewhere PyTorch's embedding_bag backward, which does so without
-    materialising the (B*k, d) products.
+    materialising the (B*k, d) products. triton=False takes embedding_bag's on CUDA too.
     """
-    if _use_triton(x):
+    if triton and x.is_cuda and _triton_kernels() is not None:
         if tokens is None:  # each token's row, once per code entry (an expand: no host sync)
             tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand(indices.shape).reshape(-1)
         return _triton_kernels().segment_rows(n_rows, indices.reshape(-1), grads.reshape(-1).to(x.dtype), tokens, x)
@@ -132,7 +158,7 @@ class TopKEncode(torch.autograd.Function):
             aux_values = x.new_zeros(x.shape[0], 0)
             aux_indices = indices.new_zeros(x.shape[0], 0)
         ctx.save_for_backward(x, W_enc, indices, values, aux_indices, aux_values)
-        ctx.has_bias = b_enc is not None
+        ctx.has_bias, ctx.triton = b_enc is not None, _use_triton(x)
         ctx.mark_non_differentiable(indices, aux_indices)
         return values, indices, aux_values, aux_indices
 
@@ -146,7 +172,7 @@ class TopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = sparse_decode(g, idx, W_enc)
         if ctx.needs_input_grad[1]:
-            grad_W = scatter_rows(W_enc.shape[0], idx, g, x)
+            grad_W = scatter_rows(W_enc.shape[0], idx, g, x, triton=ctx.triton)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device)
             grad_b.index_add_(0, idx.reshape(-1), g.reshape(-1))
@@ -200,7 +226,7 @@ class BatchTopKEncode(torch.autograd.Function):
         flat, values = top[1][order], top[0][order].to(W_enc.dtype).relu()
         rows, cols = flat // n, flat % n
         ctx.save_for_backward(x, W_enc, rows, cols, values)
-        ctx.has_bias = b_enc is not None
+        ctx.has_bias, ctx.triton = b_enc is not None, _use_triton(x)
         ctx.mark_non_differentiable(rows, cols)
         return rows, cols, values
 
@@ -213,7 +239,7 @@ class BatchTopKEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.embedding_bag(cols, W_enc, offsets, per_sample_weights=g, mode="sum")
         if ctx.needs_input_grad[1]:
-            grad_W = scatter_rows(W_enc.shape[0], cols, g, x, rows)
+            grad_W = scatter_rows(W_enc.shape[0], cols, g, x, rows, triton=ctx.triton)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = torch.zeros(W_enc.shape[0], dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         return grad_x, grad_W, grad_b, None, None

@@ -22,7 +22,6 @@ weights less than keeping x, which is a quarter of training memory (weights, gra
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -36,10 +35,10 @@ def _triton_optim():
     return triton_optim
 
 
-def _fused(params: list[torch.Tensor]) -> bool:
-    """One Triton kernel per parameter on CUDA (float32, contiguous), unless SAEFLOW_TRITON=0."""
-    return (all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
-            and os.environ.get("SAEFLOW_TRITON", "1") != "0" and _triton_optim() is not None)
+def _fused(params: list[torch.Tensor], triton: bool = True) -> bool:
+    """One Triton kernel per parameter on CUDA (float32, contiguous), unless triton is False."""
+    return (triton and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+            and _triton_optim() is not None)
 
 
 def project_rows_(grad: torch.Tensor, rows: torch.Tensor) -> None:
@@ -53,13 +52,14 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
     work only, reading them from a device tensor on the Triton path), so that a CUDA graph can
     capture `apply` and replay it with each step's values (sae/cuda_graph.py)."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.95):
+    def __init__(self, params, lr: float, momentum: float = 0.95, triton: bool = True):
         if not lr > 0 or not 0 < momentum < 1:  # momentum 0 would leave x unrecoverable from y and z
             raise ValueError(f"need lr > 0 and 0 < momentum < 1, got lr={lr}, momentum={momentum}")
         # weight_sum (sum of lr^2 so far) lives in the group: a plain float, saved with the groups
         super().__init__(params, dict(lr=lr, momentum=momentum, unit_rows=False, project_rows=False, weight_sum=0.0))
         self._step_values: list[tuple[float, float]] = []  # per group, from prepare
         self._hyper: dict[int, torch.Tensor] = {}  # per group: (lr, avg) on the device, for the kernel
+        self.triton = triton  # False: the foreach form on CUDA too (the reference)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -81,7 +81,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             group["weight_sum"] += lr * lr
             avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
             self._step_values.append((lr, avg))
-            if _fused(group["params"]):
+            if self.fused(group["params"]):
                 hyper = self._hyper.get(i)
                 if hyper is None:
                     hyper = self._hyper[i] = torch.empty(2, dtype=torch.float32, device=group["params"][0].device)
@@ -97,7 +97,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 continue
             beta = group["momentum"]
             zs = [self.state[p]["z"] for p in params]
-            if _fused(params):
+            if self.fused(params):
                 for p, z in zip(params, zs):
                     _triton_optim().sign_free_step(p, z, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2,
                                                    group.get("project_rows", False) and p.dim() == 2)
@@ -117,6 +117,10 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 for z in zs:
                     z.div_(z.norm(dim=1, keepdim=True).clamp_min(1e-12))
             torch._foreach_add_(params, zs, alpha=1 - beta + beta * avg)
+
+    def fused(self, params: list[torch.Tensor]) -> bool:
+        """Whether these parameters take the one-pass Triton kernel, which reads the lr on the device."""
+        return _fused(params, self.triton)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

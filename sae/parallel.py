@@ -4,7 +4,8 @@ CPU, NCCL on GPUs).
 Rank r sits at (d, s) = divmod(r, S) of a D x S grid. The D ranks of one shard index s see different
 rows of each global batch and average their gradients; the S ranks of one data index d see the same
 rows and each hold n/S of the latents (encoder rows, decoder rows, their optimiser state and
-dead-latent counters). Every rank of a shard group computes the same loss:
+dead-latent counters). Every rank of a shard group computes the same loss, sae/loss.py's, through
+the hooks of `GridShard`:
 
 - TopK over all latents: each shard takes its local top k (the global top k is among the union of
   the local ones), the candidates are gathered, and the global top k is taken over them;
@@ -22,12 +23,12 @@ step up to float rounding (tests/test_parallel.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
-from sae.kernels import BatchTopKEncode, mask_indices, ragged_decode, sparse_decode, topk_encode
+from sae.config import SAEConfig
 from sae.model import TopKSAE
 
 
@@ -53,7 +54,6 @@ class Parallel:
             raise ValueError(f"a {grid.data} x {grid.latents} grid needs {grid.size} processes, "
                              f"the world has {dist.get_world_size()}")
         self.grid = grid
-        self.k = 0  # the whole model's k (set by shard_trainer)
         self.rank = dist.get_rank()
         # NCCL moves CUDA tensors only
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -113,24 +113,9 @@ class Parallel:
                 self._all_reduce(p.grad, self.data_group).div_(self.grid.data)
 
     # the model ------------------------------------------------------------------------------------
-    def shard_of(self, full: TopKSAE) -> TopKSAE:
-        """This rank's latents of a full SAE (b_pre and the normalisation are replicated)."""
-        n, S = full.cfg.n_latents, self.grid.latents
-        if n % S:
-            raise ValueError(f"n_latents={n} does not split into {S} equal shards: use a multiple of {S}")
-        rows = slice(self.shard * (n // S), (self.shard + 1) * (n // S))
-        part = TopKSAE(_replace(full.cfg, n_latents=n // S, k=min(full.cfg.k, n // S)))
-        state = full.state_dict()
-        for name in ("W_enc", "W_dec", "b_enc"):
-            if state.get(name) is not None:
-                state[name] = state[name][rows]
-        part.load_state_dict(state)
-        part.metadata = dict(full.metadata)
-        return part.to(full.W_dec.device)
-
     def gather_sae(self, part: TopKSAE, k: int) -> TopKSAE:
         """The whole SAE from every rank's shard (on every rank of the shard group)."""
-        full = TopKSAE(_replace(part.cfg, n_latents=part.cfg.n_latents * self.grid.latents, k=k))
+        full = TopKSAE(replace(part.cfg, n_latents=part.cfg.n_latents * self.grid.latents, k=k))
         state = part.state_dict()
         for name in ("W_enc", "W_dec", "b_enc"):
             if state.get(name) is not None:
@@ -139,78 +124,7 @@ class Parallel:
         full.metadata = dict(part.metadata)
         return full
 
-    def loss(self, sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg, dead: torch.Tensor | None):
-        """sae_loss over the sharded latents (same value on every shard of a data index)."""
-        from sae.train import LossParts, _sq_err
-
-        n_local = sae.cfg.n_latents
-        n = n_local * self.grid.latents
-        k = self.k
-        k_wide = min(4 * k, n) if tcfg.multi_topk else k
-        local_dead = dead.sum() if dead is not None else torch.zeros((), dtype=torch.long, device=x_norm.device)
-        # this shard's dead latents and all shards': one host sync
-        n_here, n_dead = torch.stack([local_dead, self.sum_over_shards(local_dead.clone())]).tolist()
-        aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead)
-        x_in = _EnterShards.apply(x_norm - sae.b_pre, self)
-        if sae.cfg.activation == "batchtopk":
-            return self._batch_topk_loss(sae, x_in, x_norm, mse_scale, tcfg, dead, aux_k)
-        # the same candidate widths on every shard (gathered side by side); a shard with fewer dead
-        # latents than aux_k offers zeros, which contribute nothing. AuxK multiplies the dead rows alone.
-        values, indices, aux_values, aux_indices = topk_encode(
-            x_in, sae.W_enc, sae.b_enc, min(k_wide, n_local), min(aux_k, n_local), dead if aux_k else None,
-            mask_indices(dead, n_here) if aux_k else None)
-        wide = self._select(values, k_wide)  # (B, candidates) masks of this shard's winners
-        main = self._select(values, k)
-
-        def decode(mask, v, idx):
-            return _SumShards.apply(sparse_decode(v * mask, idx, sae.W_dec), self)
-
-        recon = decode(main, values, indices) + sae.b_pre
-        mse = _sq_err(x_norm, recon, mse_scale)
-        loss = mse
-        if k_wide > k:
-            loss = loss + _sq_err(x_norm, decode(wide, values, indices) + sae.b_pre, mse_scale) / 8
-        aux = torch.zeros((), device=x_norm.device)
-        if aux_k > 0:
-            aux = self._aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale)
-            loss = loss + tcfg.aux_coef * aux
-        # this shard's part of the main code, for its dead-latent counters
-        return LossParts(loss, mse.detach(), aux.detach(), (values * main).detach(), indices)
-
-    def _batch_topk_loss(self, sae: TopKSAE, x_in, x_norm, mse_scale: float, tcfg, dead, aux_k: int):
-        """BatchTopK over the global batch: the k·B largest pre-activations of all rows of all replicas
-        and all shards' latents. Each rank offers its own block's k·B largest (the global set's part in
-        any block is among them), the k·B-th largest of all offers is the threshold, and each rank
-        keeps its candidates at or above it. AuxK as for TopK (per row, over the dead latents)."""
-        from sae.train import LossParts, _sq_err
-
-        rows_here = x_norm.shape[0]
-        count = self.k * rows_here * self.grid.data
-
-        def keep(candidates: torch.Tensor) -> int:  # candidates: this rank's, descending
-            every = torch.cat(self.gather_all(candidates))
-            threshold = every.topk(min(count, every.numel())).values[-1]
-            return int((candidates >= threshold).sum())
-
-        rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, keep)
-        recon = _SumShards.apply(ragged_decode(rows, cols, values, sae.W_dec, rows_here), self) + sae.b_pre
-        mse = _sq_err(x_norm, recon, mse_scale)
-        loss, aux = mse, torch.zeros((), device=x_norm.device)
-        if aux_k > 0:
-            _, _, aux_values, aux_indices = topk_encode(x_in, sae.W_enc, sae.b_enc, 1, min(aux_k, sae.cfg.n_latents), dead)
-            aux = self._aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale)
-            loss = loss + tcfg.aux_coef * aux
-        return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)
-
-    def _aux_loss(self, sae: TopKSAE, aux_values, aux_indices, aux_k: int, x_norm, recon, mse_scale: float):
-        """AuxK over the global dead latents: the top aux_k of every shard's dead candidates model the
-        live latents' residual (§A.2)."""
-        from sae.train import _sq_err
-
-        partial = sparse_decode(aux_values * self._select(aux_values, aux_k), aux_indices, sae.W_dec)
-        return torch.nan_to_num(_sq_err(x_norm - recon.detach(), _SumShards.apply(partial, self), mse_scale), nan=0.0)
-
-    def _select(self, values: torch.Tensor, k: int) -> torch.Tensor:
+    def select(self, values: torch.Tensor, k: int) -> torch.Tensor:
         """1.0 where this shard's candidate is among the global top k of all shards' candidates (every
         rank of the group gathers the same candidates in the same order, so all choose alike)."""
         every = torch.cat(self.gather_shards(values.detach()), dim=1)  # (B, S * width), shard-major
@@ -218,6 +132,64 @@ class Parallel:
         chosen = torch.zeros_like(every).scatter_(1, top, 1.0)
         width = values.shape[1]
         return chosen[:, self.shard * width : (self.shard + 1) * width]
+
+
+class GridShard:
+    """One SAE's latents on the grid: this rank's shard, and the hooks through which the loss
+    (sae.loss.Latents) and the trainer (sae.placement.Placement) see the whole SAE."""
+
+    def __init__(self, parallel: Parallel, cfg: SAEConfig):
+        n, S = cfg.n_latents, parallel.grid.latents
+        if n % S:
+            raise ValueError(f"n_latents={n} does not split into {S} equal shards: use a multiple of {S}")
+        self.parallel = parallel
+        self.n_latents, self.k = n, cfg.k
+        self.replicas, self.processes = parallel.grid.data, parallel.grid.size
+        self.rows = slice(parallel.shard * (n // S), (parallel.shard + 1) * (n // S))
+
+    def part(self, full: TopKSAE) -> TopKSAE:
+        """This rank's latents of a full SAE (b_pre and the normalisation are replicated)."""
+        n_here = self.rows.stop - self.rows.start
+        part = TopKSAE(replace(full.cfg, n_latents=n_here, k=min(full.cfg.k, n_here)))
+        state = full.state_dict()
+        for name in ("W_enc", "W_dec", "b_enc"):
+            if state.get(name) is not None:
+                state[name] = state[name][self.rows]
+        part.load_state_dict(state)
+        part.metadata = dict(full.metadata)
+        return part.to(full.W_dec.device)
+
+    # the loss's hooks -----------------------------------------------------------------------------
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return _EnterShards.apply(x, self.parallel)
+
+    def top(self, values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return values * self.parallel.select(values, k), indices
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        return _SumShards.apply(partial, self.parallel)
+
+    def batch_keep(self, count: int):
+        def keep(candidates: torch.Tensor) -> int:  # this rank's candidates, descending
+            every = torch.cat(self.parallel.gather_all(candidates))
+            threshold = every.topk(min(count, every.numel())).values[-1]
+            return int((candidates >= threshold).sum())
+
+        return keep
+
+    # the trainer's hooks --------------------------------------------------------------------------
+    def count_dead(self, mask: torch.Tensor) -> tuple[int, int]:
+        here = mask.sum()
+        return tuple(torch.stack([here, self.parallel.sum_over_shards(here.clone())]).tolist())
+
+    def average_gradients(self, sae: TopKSAE) -> None:
+        self.parallel.average_gradients(sae)
+
+    def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
+        return self.parallel.sum_over_data(t)
+
+    def min_over_all(self, t: torch.Tensor) -> torch.Tensor:
+        return self.parallel.min_over_all(t)
 
 
 class _EnterShards(torch.autograd.Function):
@@ -243,30 +215,6 @@ class _SumShards(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
-
-
-def _replace(cfg, **changes):
-    from dataclasses import replace
-
-    return replace(cfg, **changes)
-
-
-def shard_trainer(trainer, parallel: Parallel) -> None:
-    """Turns an initialised full-size Trainer (identical on every rank) into this rank's part: its
-    shard of the SAE, an optimiser over the shard (same lr as the whole), its dead-latent counters."""
-    from sae.train import DeadLatentTracker, make_optimizer
-
-    full = trainer.sae
-    parallel.k = full.cfg.k
-    trainer.sae = parallel.shard_of(full)
-    trainer.opt = make_optimizer(trainer.sae, trainer.tcfg, trainer.base_lr)
-    old = trainer.tracker
-    n_local = trainer.sae.cfg.n_latents
-    trainer.tracker = DeadLatentTracker(
-        old.tokens_since_fired[parallel.shard * n_local : (parallel.shard + 1) * n_local].clone(),
-        old.dead_tokens, old.threshold)
-    trainer.ema = {name: torch.zeros_like(p) for name, p in trainer.sae.named_parameters()} if trainer.ema else {}
-    trainer.parallel = parallel
 
 
 def rank_rows(batch: torch.Tensor, parallel: Parallel) -> torch.Tensor:

@@ -10,50 +10,20 @@ from typing import Callable, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sae.config import SAEConfig, TrainConfig
+from sae import kernels
+from sae.config import SAEConfig, TrainConfig, cuda_graph_blockers, fused_topk_blockers
+from sae.cuda_graph import DeviceStep, StepGraphs
 from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
-from sae.kernels import BatchTopKEncode, mask_indices, ragged_decode, sparse_decode, topk_encode
+from sae.kernels import sparse_decode, topk_encode
+from sae.loss import NO_DEAD, AuxMode, DeadLatents, DeadLatentTracker, LossParts, sae_loss
 from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD, project_rows_
+from sae.placement import OneProcess, Placement
 
 
 class NonFiniteLoss(FloatingPointError):
     """Training diverged: the run stops, and nothing after the last finite loss is saved."""
-
-
-@dataclass
-class LossParts:
-    loss: torch.Tensor
-    mse: torch.Tensor  # normalised by the constant from `init_from_sample`
-    aux: torch.Tensor
-    values: torch.Tensor  # (B, k) kept values of the main TopK
-    indices: torch.Tensor
-
-
-@dataclass
-class DeadLatentTracker:
-    """Tokens since each latent last fired; dead = not fired for `dead_tokens` tokens (§A.2)."""
-
-    tokens_since_fired: torch.Tensor
-    dead_tokens: int
-    threshold: float
-
-    def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.dead_tokens
-
-    def update(self, values: torch.Tensor, indices: torch.Tensor, tokens: int | None = None,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        """tokens: the batch's size (default: values' rows); reduce sums the hits over the ranks that
-        saw the other rows of a data-parallel batch, so that every rank keeps the same counters."""
-        # counted with index_add, not boolean indexing: no host sync, so CUDA steps queue back to back
-        self.tokens_since_fired += values.shape[0] if tokens is None else tokens
-        hits = torch.zeros_like(self.tokens_since_fired).index_add_(
-            0, indices.reshape(-1), (values.reshape(-1) > self.threshold).long()
-        )
-        if reduce is not None:
-            hits = reduce(hits)
-        self.tokens_since_fired.masked_fill_(hits > 0, 0)
 
 
 @torch.no_grad()
@@ -97,66 +67,6 @@ def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor) -> float:
     return c
 
 
-def sae_loss(
-    sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead: torch.Tensor | None,
-    n_dead: int | None = None,
-) -> LossParts:
-    """L(k) [+ L(4k)/8 with multi-TopK] + aux_coef * L_aux, all scaled by the same constant.
-
-    n_dead: how many latents `dead` holds, when the caller counted them (the trainer does): AuxK then
-    picks min(aux_k, n_dead) latents among their rows alone. None: aux_k picks over the masked
-    pre-activations whatever the count, zero beyond the dead latents: no host sync, and the fixed
-    shapes a CUDA graph replays, for the price of a second selection over every latent."""
-    if sae.cfg.activation == "batchtopk":
-        return _batch_topk_loss(sae, x_norm, mse_scale, tcfg, dead)
-    k = sae.cfg.k
-    k_wide = min(4 * k, sae.cfg.n_latents) if tcfg.multi_topk else k
-    aux_k, aux_latents = 0, None
-    if dead is not None and n_dead is None:
-        aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), sae.cfg.n_latents)
-    elif dead is not None and n_dead > 0:
-        aux_k, aux_latents = min(tcfg.resolved_aux_k(sae.cfg.d_in), n_dead), mask_indices(dead, n_dead)
-    values, indices, aux_values, aux_indices = topk_encode(
-        x_norm - sae.b_pre, sae.W_enc, sae.b_enc, k_wide, aux_k, dead, aux_latents
-    )
-
-    recon = sparse_decode(values[:, :k], indices[:, :k], sae.W_dec) + sae.b_pre
-    mse = _sq_err(x_norm, recon, mse_scale)
-    loss = mse
-    if k_wide > k:
-        loss = loss + _sq_err(x_norm, sparse_decode(values, indices, sae.W_dec) + sae.b_pre, mse_scale) / 8
-    aux = torch.zeros((), device=x_norm.device)
-    if aux_k > 0:
-        # the dead latents learn to predict the live ones' residual error (§A.2)
-        aux = _sq_err(x_norm - recon.detach(), sparse_decode(aux_values, aux_indices, sae.W_dec), mse_scale)
-        if n_dead is None:  # uncounted: no dead latent, no AuxK term (a device-side choice, no sync)
-            aux = torch.where(dead.any(), torch.nan_to_num(aux, nan=0.0), 0.0)
-        loss = loss + tcfg.aux_coef * aux
-    return LossParts(loss, mse.detach(), aux.detach(), values[:, :k].detach(), indices[:, :k])
-
-
-def _sq_err(target: torch.Tensor, recon: torch.Tensor, scale: float) -> torch.Tensor:
-    return (target - recon).pow(2).sum(-1).mean() * scale
-
-
-def _batch_topk_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig, dead) -> LossParts:
-    """BatchTopK: k·B latents over the whole batch; AuxK over the dead latents as for TopK."""
-    x_in = x_norm - sae.b_pre
-    rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, sae.cfg.k * x_in.shape[0])
-    recon = ragged_decode(rows, cols, values, sae.W_dec, x_norm.shape[0]) + sae.b_pre
-    mse = _sq_err(x_norm, recon, mse_scale)
-    loss, aux = mse, torch.zeros((), device=x_norm.device)
-    dead_idx = dead.nonzero().squeeze(1) if dead is not None else cols.new_zeros(0)
-    aux_k = min(tcfg.resolved_aux_k(sae.cfg.d_in), len(dead_idx))
-    if aux_k > 0:
-        # only the dead rows of the encoder take part: a small matmul
-        b = sae.b_enc[dead_idx] if sae.b_enc is not None else None
-        aux_values, aux_pos, _, _ = topk_encode(x_in, sae.W_enc[dead_idx], b, aux_k)
-        aux = _sq_err(x_norm - recon.detach(), sparse_decode(aux_values, dead_idx[aux_pos], sae.W_dec), mse_scale)
-        loss = loss + tcfg.aux_coef * aux
-    return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)
-
-
 @torch.no_grad()
 def project_decoder_grad(sae: TopKSAE) -> None:
     """Removes from each decoder row's gradient its component along the row (§A.1, unit norm)."""
@@ -185,8 +95,7 @@ def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Op
         rest = [p for name, p in sae.named_parameters() if name != "W_dec"]
         # the optimizer projects the decoder gradient in its own pass, unless clipping must see it first
         decoder = {"params": [sae.W_dec], "unit_rows": True, "project_rows": not tcfg.grad_clip}
-        return ScheduleFreeSignSGD([decoder, {"params": rest}], lr=lr,
-                                   momentum=tcfg.momentum)
+        return ScheduleFreeSignSGD([decoder, {"params": rest}], lr=lr, momentum=tcfg.momentum, triton=tcfg.triton)
     # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
 
@@ -215,27 +124,48 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+class EagerSteps:
+    """Runs each device step as it comes (sae/cuda_graph.StepGraphs replays captured ones instead)."""
+
+    captures = False
+
+    def __init__(self, step: DeviceStep, device: torch.device):
+        self.device_step, self.device = step, device
+
+    def __call__(self, batch: torch.Tensor, dead: DeadLatents) -> LossParts:
+        return self.device_step(batch.to(self.device, non_blocking=True), dead)
+
+    def reset(self) -> None:
+        return None
+
+
 class Trainer:
     """All state of one training run: SAE, optimizer, dead-latent counters, progress, loss scale.
 
     The loop consumes no randomness after initialisation, so (state_dict, data cursor = steps) is a
     complete checkpoint: resuming from it reproduces an uninterrupted run bit for bit on CPU.
+
+    `placement` says where the SAE lives: whole in this process (default) or one shard of a grid
+    (sae.parallel.GridShard); train.cuda_graph replays the device step as a CUDA graph
+    (sae/cuda_graph.py). Both are chosen here, when the trainer is built.
     """
 
-    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig):
+    def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, placement: Placement | None = None):
         if tcfg.tokens is None:
             raise ValueError("TrainConfig.tokens: a trainer needs its token budget (train_sae derives it from the data)")
-        self.tcfg = tcfg
+        self.tcfg, self.whole_cfg = tcfg, sae_cfg
+        self.place = placement or OneProcess(sae_cfg)
         self.device = torch.device(tcfg.device)
         self.bf16 = tcfg.bf16()
-        self.sae = TopKSAE(sae_cfg)
-        self.sae.reset_parameters(generator=torch.Generator().manual_seed(tcfg.seed))
-        self.sae.to(self.device)
+        if tcfg.fused_topk and (problems := fused_topk_blockers(tcfg.device, tcfg.precision, tcfg.triton, sae_cfg.k)):
+            raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
+        self.kernels = kernels.KernelChoice(tcfg.triton, tcfg.fused_topk)
+        self.sae = self.place.part(self._seeded_sae())
         lr = tcfg.resolved_lr(sae_cfg.n_latents)
         self.opt = make_optimizer(self.sae, tcfg, lr)
         self.schedule_free = isinstance(self.opt, ScheduleFreeSignSGD)
         self.base_lr = lr
-        self.tracker = DeadLatentTracker(torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=self.device),
+        self.tracker = DeadLatentTracker(torch.zeros(self.sae.cfg.n_latents, dtype=torch.long, device=self.device),
                                          tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k), tcfg.fire_threshold)
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
         self.mse_scale = 1.0
@@ -246,18 +176,33 @@ class Trainer:
         # set on the device at every step, read (a host sync) only at log and checkpoint time
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.checked_steps = 0
-        # sae.parallel.Parallel when this trainer holds one shard of a distributed run
-        self.parallel = None
-        # train.cuda_graph: the step captured once per AuxK phase and replayed (sae/cuda_graph.py)
-        self.graphs = None
-        if tcfg.cuda_graph:
-            from sae.cuda_graph import StepGraphs
+        self.runner = self._runner()
 
-            self.graphs = StepGraphs(self)
+    def _seeded_sae(self) -> TopKSAE:
+        """The whole SAE at its seeded random initialisation, on the device."""
+        sae = TopKSAE(self.whole_cfg)
+        sae.reset_parameters(generator=torch.Generator().manual_seed(self.tcfg.seed))
+        return sae.to(self.device)
+
+    def _runner(self) -> EagerSteps | StepGraphs:
+        if not self.tcfg.cuda_graph:
+            return EagerSteps(self.device_step, self.device)
+        t = self.tcfg
+        problems = cuda_graph_blockers(t.device, t.resolved_optimizer(), self.sae.cfg.activation, self.place.processes,
+                                       t.fused_topk, t.triton)
+        if not problems and not self.opt.fused(list(self.sae.parameters())):
+            problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
+        if problems:
+            raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
+        return StepGraphs(self.device_step, lambda: self.opt.zero_grad(set_to_none=True), self.device)
 
     def initialize(self, sample: torch.Tensor) -> None:
+        """The data-dependent initialisation, on the whole SAE (on a grid, identical on every rank)."""
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
-        self.mse_scale = init_from_sample(self.sae, sample, scale_encoder=self.tcfg.scaled_encoder_init())
+        whole = self.sae if self.place.processes == 1 else self._seeded_sae()
+        self.mse_scale = init_from_sample(whole, sample, scale_encoder=self.tcfg.scaled_encoder_init())
+        if whole is not self.sae:
+            self.sae.load_state_dict(self.place.part(whole).state_dict())
 
     @property
     def done(self) -> bool:
@@ -266,68 +211,59 @@ class Trainer:
     def step(self, batch: torch.Tensor) -> LossParts:
         for group in self.opt.param_groups:
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens)
-        n_dead = self.dead_count()
-        if self.graphs is not None:
-            self.opt.prepare()  # the host half of the optimizer step; the graph replays the rest
-            parts = self.graphs.step(batch, n_dead)
-        else:
-            parts = self.device_step(batch.to(self.device, non_blocking=True), n_dead)
+        if self.schedule_free:
+            self.opt.prepare()  # the host half of the optimizer step (device_step applies it)
+        parts = self.runner(batch, self.dead_latents())
         self.tokens += self.rows(batch)
         self.steps += 1
         return parts
 
     def rows(self, batch: torch.Tensor) -> int:
         """Tokens a step on `batch` trains on: the global batch on a data-parallel grid."""
-        return batch.shape[0] * (self.parallel.grid.data if self.parallel else 1)
+        return batch.shape[0] * self.place.replicas
 
-    def dead_count(self) -> int | None:
-        """The number of dead latents for this step's AuxK (sae_loss's n_dead); 0 skips AuxK.
+    def dead_latents(self) -> DeadLatents:
+        """The dead latents for this step's AuxK.
 
         Counting them is one host sync per step (sparsify's step takes one too). It pays: AuxK over
-        few dead latents multiplies their rows alone, and none is run while none is dead, where the
-        uncounted form selects over every latent again. None: not counted. A grid counts in
-        Parallel.loss over every shard; a CUDA graph replays one of two fixed shapes, no AuxK (0) or
-        AuxK over the mask (None)."""
+        few dead latents multiplies their rows alone, and none is run while none is dead. A CUDA
+        graph replays one of two fixed shapes instead: no AuxK, or AuxK over the mask."""
         if self.tokens < self.tracker.dead_tokens:  # no latent can be dead yet
-            return 0
-        if self.parallel is not None:
-            return None
-        dead = int(self.tracker.dead_mask().sum())
-        if self.graphs is not None:
-            return None if dead else 0
-        return dead
+            return NO_DEAD
+        mask = self.tracker.dead_mask()
+        if self.runner.captures:
+            return DeadLatents(AuxMode.MASKED, mask) if bool(mask.any()) else NO_DEAD
+        here, everywhere = self.place.count_dead(mask)
+        return DeadLatents(AuxMode.DEAD_ROWS, mask, here, everywhere) if everywhere else NO_DEAD
 
-    def device_step(self, batch: torch.Tensor, n_dead: int | None) -> LossParts:
-        """One training step's device work on a batch already on the device, AuxK over n_dead dead
-        latents (see dead_count): no host sync and no host state changed, so that sae/cuda_graph.py
-        can capture it (the optimizer's host half, `prepare`, is then run before each replay)."""
+    def dead_count(self) -> int:
+        """How many latents of the whole SAE this step's AuxK counts as dead."""
+        return self.dead_latents().everywhere
+
+    def device_step(self, batch: torch.Tensor, dead: DeadLatents) -> LossParts:
+        """One training step's device work on a batch already on the device: no host sync and no
+        host state changed, so that sae/cuda_graph.py can capture it (the optimizer's host half,
+        `prepare`, runs in `step` before it)."""
         sae, tcfg = self.sae, self.tcfg
         x_norm, _ = sae.normalize(batch)
         # autocast's cache of cast weights would outlive a captured graph's memory: off when graphed
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
-                            cache_enabled=self.graphs is None):
-            dead = self.tracker.dead_mask() if n_dead != 0 else None
-            if self.parallel:
-                parts = self.parallel.loss(sae, x_norm, self.mse_scale, tcfg, dead)
-            else:
-                parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, n_dead)
+                            cache_enabled=not self.runner.captures), kernels.using(self.kernels):
+            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, self.place)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
-        if self.parallel:
-            self.parallel.average_gradients(sae)
+        self.place.average_gradients(sae)
         if not self.opt.param_groups[0].get("project_rows"):  # else the optimizer's step does it
             project_decoder_grad(sae)
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
-        if self.graphs is not None:
+        if self.schedule_free:
             self.opt.apply()
         else:
             self.opt.step()
-        if not self.schedule_free:  # schedule-free keeps z's rows at unit norm; y and x are its mixtures
-            renormalize_decoder(sae)
-        self.tracker.update(parts.values, parts.indices, self.rows(batch),
-                            self.parallel.sum_over_data if self.parallel else None)
+            renormalize_decoder(sae)  # schedule-free keeps z's rows at unit norm; y and x are its mixtures
+        self.tracker.update(parts.values, parts.indices, self.rows(batch), self.place.sum_over_data)
         if sae.cfg.activation == "batchtopk":
             self._update_threshold(parts.values)
         if self.ema:
@@ -339,10 +275,9 @@ class Trainer:
     @torch.no_grad()
     def _update_threshold(self, kept: torch.Tensor) -> None:
         """Moving average (0.9: it follows the drift of training) of the smallest positive activation
-        BatchTopK kept in each batch; inference keeps what exceeds it."""
-        smallest = torch.where(kept > 0, kept, torch.inf).min()  # inf: nothing positive was kept
-        if self.parallel:  # the global batch's smallest, the same on every rank
-            smallest = self.parallel.min_over_all(smallest)
+        BatchTopK kept in each batch (of the global batch, the same on every rank); inference keeps
+        what exceeds it."""
+        smallest = self.place.min_over_all(torch.where(kept > 0, kept, torch.inf).min())  # inf: nothing kept
         t = self.sae.threshold
         moved = torch.where(t == 0, smallest, 0.9 * t + 0.1 * smallest)
         t.copy_(torch.where(smallest.isfinite(), moved, t))
@@ -433,10 +368,7 @@ class Trainer:
         self.steps, self.tokens = meta["steps"], meta["tokens"]
         self.mse_scale, self.history = meta["mse_scale"], list(meta["history"])
         self.milestones = list(meta.get("milestones", []))
-        if self.graphs is not None:  # a captured graph would go on updating the tensors just replaced
-            from sae.cuda_graph import StepGraphs
-
-            self.graphs = StepGraphs(self)
+        self.runner.reset()  # a captured graph would go on updating the tensors just replaced
 
 
 def milestone_tokens(tokens: int, count: int, batch_tokens: int) -> list[int]:

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from sae.config import SAEConfig, TrainConfig
+from sae.loss import NO_DEAD, AuxMode, DeadLatents
 from sae.train import Trainer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-@pytest.mark.parametrize("over, fused, says", [({}, "0", "device cpu (CUDA only)"),
-                                                ({"optimizer": "adam"}, "0", "optimizer adam"),
-                                                ({"precision": "bf16"}, "1", "SAEFLOW_FUSED_TOPK=1")])
-def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, fused, says, monkeypatch):
-    monkeypatch.setenv("SAEFLOW_FUSED_TOPK", fused)
+@pytest.mark.parametrize("over, says", [({}, "device cpu (CUDA only)"),
+                                        ({"optimizer": "adam"}, "optimizer adam"),
+                                        ({"triton": False}, "triton false")])
+def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, says):
     with pytest.raises(ValueError) as e:
         Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096, cuda_graph=True, **over))
     assert str(e.value).startswith("train.cuda_graph: not with") and says in str(e.value)
@@ -41,8 +41,10 @@ def test_the_training_step_takes_no_host_sync(precision):
     torch.cuda.set_sync_debug_mode("error")
     try:
         trainer.tracker.tokens_since_fired[:5] = trainer.tracker.dead_tokens
-        for n_dead in (0, None, 5):  # no AuxK, AuxK over the mask, AuxK over the 5 dead latents' rows
-            trainer.device_step(batch, n_dead)
+        mask = trainer.tracker.dead_mask()
+        # no AuxK, AuxK over the mask, AuxK over the 5 dead latents' rows
+        for dead in (NO_DEAD, DeadLatents(AuxMode.MASKED, mask), DeadLatents(AuxMode.DEAD_ROWS, mask, 5, 5)):
+            trainer.device_step(batch, dead)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -56,15 +58,16 @@ def test_graphed_training_ends_with_the_eager_runs_weights(precision):
     for graph in (False, True):
         trainer = make_trainer(precision, graph, x)
         if not graph:  # the eager run takes the graph's AuxK form (over the mask, not the dead rows alone):
-            counted = trainer.dead_count  # the same kernels, so equal to float rounding
-            trainer.dead_count = lambda counted=counted: None if counted() else 0
+            counted = trainer.dead_latents  # the same kernels, so equal to float rounding
+            trainer.dead_latents = lambda counted=counted: (
+                DeadLatents.masked(trainer.tracker.dead_mask()) if counted() is not NO_DEAD else NO_DEAD)
         losses = [trainer.step(x[i * 512 : (i + 1) * 512]).loss.item() for i in range(steps)]
         losses.append(trainer.step(x[steps * 512 :]).loss.item())  # a short batch: eager, beside the graph
         runs[graph] = trainer, losses
     (eager, eager_losses), (graphed, graphed_losses) = runs[False], runs[True]
     # both phases were captured (on the CPU this data leaves 1-3 latents dead from step 5 on, none at step 8:
     # the run goes back and forth between them)
-    assert set(graphed.graphs.captured) == {False, True}
+    assert set(graphed.runner.captured) == {False, True}
     assert graphed.steps == eager.steps and graphed.tokens == eager.tokens
     assert torch.tensor(eager_losses).isfinite().all()
     assert torch.allclose(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-5), (graphed_losses, eager_losses)
@@ -89,9 +92,9 @@ def test_a_graphed_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one
     resumed = make_trainer("fp32", True, x)
     for batch in batches[:4]:  # a graph captured on this trainer's own tensors
         resumed.step(batch)
-    assert resumed.graphs.captured
+    assert resumed.runner.captured
     resumed.load_state_dict(*first.state_dict())
-    assert not resumed.graphs.captured
+    assert not resumed.runner.captured
     for batch in batches[6:]:
         resumed.step(batch)
     for a, b in zip(resumed.sae.parameters(), straight.sae.parameters()):

@@ -6,7 +6,7 @@ import torch
 from sae.config import SAEConfig, TrainConfig
 from sae.kernels import topk_encode
 from sae.model import TopKSAE
-from sae.train import sae_loss
+from sae.loss import DeadLatents, sae_loss
 
 
 def dense_reference_loss(sae, x_norm, mse_scale, tcfg, dead):
@@ -59,7 +59,7 @@ def test_loss_and_gradients_match_dense_reference(bias, multi_topk, n_dead, pick
     dead[torch.randperm(96)[:n_dead]] = True
     tcfg = TrainConfig(aux_k=16, multi_topk=multi_topk)
 
-    parts = sae_loss(sae, x, 0.7, tcfg, dead, n_dead if picks == "counted" else None)
+    parts = sae_loss(sae, x, 0.7, tcfg, DeadLatents.counted(dead) if picks == "counted" else DeadLatents.masked(dead))
     parts.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
@@ -98,7 +98,8 @@ def test_aux_selection_only_picks_dead_latents():
 
 def test_no_dead_latents_gives_zero_aux_loss():
     sae = make_sae()
-    parts = sae_loss(sae, torch.randn(8, 12, dtype=torch.float64), 1.0, TrainConfig(), torch.zeros(96, dtype=torch.bool))
+    parts = sae_loss(sae, torch.randn(8, 12, dtype=torch.float64), 1.0, TrainConfig(),
+                     DeadLatents.masked(torch.zeros(96, dtype=torch.bool)))
     assert parts.aux.item() == 0.0 and torch.isfinite(parts.loss)
 
 
@@ -160,7 +161,7 @@ def test_batch_topk_loss_and_gradients_match_dense_reference(n_dead):
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
     tcfg = TrainConfig(aux_k=3)
-    parts = sae_loss(sae, x, 0.3, tcfg, dead)
+    parts = sae_loss(sae, x, 0.3, tcfg, DeadLatents.counted(dead))
     parts.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()

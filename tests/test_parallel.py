@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from sae.config import SAEConfig, TrainConfig
-from sae.parallel import Grid, Parallel, rank_rows, shard_trainer
+from sae.parallel import Grid, GridShard, Parallel, rank_rows
 from sae.train import Trainer
 
 from servers import free_port
@@ -48,10 +48,10 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=grid.size)
     try:
         x = data()
-        trainer = Trainer(*configs(optimizer, multi_topk))
-        trainer.initialize(x)  # the whole SAE, identical on every rank, then this rank's shard of it
         parallel = Parallel(grid)
-        shard_trainer(trainer, parallel)
+        sae_cfg, tcfg = configs(optimizer, multi_topk)
+        trainer = Trainer(sae_cfg, tcfg, GridShard(parallel, sae_cfg))
+        trainer.initialize(x)  # the whole SAE, identical on every rank, then this rank's shard of it
         for i in range(STEPS):
             trainer.step(rank_rows(x[i * BATCH : (i + 1) * BATCH], parallel))
         full = parallel.gather_sae(trainer.final_sae(), K)

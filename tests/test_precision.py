@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from sae.config import SAEConfig, TrainConfig
+from sae import kernels
 from sae.kernels import topk_encode
+from sae.loss import DeadLatents, sae_loss
 from sae.model import TopKSAE
-from sae.train import Trainer, sae_loss
+from sae.train import Trainer
 from test_train import train_on_planted
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -53,7 +55,7 @@ def test_bf16_loss_and_gradients_close_to_float64_reference_on_the_same_selectio
     dead[::3] = True
     tcfg = TrainConfig(aux_k=16, multi_topk=True)
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        parts = sae_loss(sae, x, 0.5, tcfg, dead)
+        parts = sae_loss(sae, x, 0.5, tcfg, DeadLatents.masked(dead))
     parts.loss.backward()
     assert all(p.grad.dtype == torch.float32 for p in sae.parameters())
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -124,7 +126,7 @@ def test_cuda_bf16_training_tracks_float32():
 
 @needs_cuda
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
-def test_triton_backward_matches_embedding_bag_backward(activation, monkeypatch):
+def test_triton_backward_matches_embedding_bag_backward(activation):
     torch.manual_seed(0)
     sae = TopKSAE(SAEConfig(64, 2048, 16, encoder_bias=True, activation=activation)).cuda()
     x = torch.randn(512, 64, device="cuda")
@@ -133,9 +135,9 @@ def test_triton_backward_matches_embedding_bag_backward(activation, monkeypatch)
     tcfg = TrainConfig(aux_k=64, multi_topk=activation == "topk")
     grads = {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("SAEFLOW_TRITON", flag)
         sae.zero_grad()
-        sae_loss(sae, x, 0.5, tcfg, dead).loss.backward()
+        with kernels.using(kernels.KernelChoice(triton=flag == "1")):
+            sae_loss(sae, x, 0.5, tcfg, DeadLatents.counted(dead)).loss.backward()
         grads[flag] = {name: p.grad.clone() for name, p in sae.named_parameters()}
     for name, ref in grads["0"].items():
         assert torch.allclose(grads["1"][name], ref, rtol=1e-4, atol=1e-6), name

@@ -95,16 +95,15 @@ def test_fused_encoder_topk_bf16_at_training_size():
 
 
 @needs_cuda
-def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path(monkeypatch):
+def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path():
     """Ten steps with AuxK active: the fused bf16 run stays as close to the float32 run as the unfused
     bf16 run does (both select at bf16 resolution; ties go different ways)."""
     x = torch.randn(10 * 1024, 512, generator=torch.Generator().manual_seed(0))
     weights, losses = {}, {}
-    for name, precision, flag in [("fp32", "fp32", "0"), ("unfused", "bf16", "0"), ("fused", "bf16", "1")]:
-        monkeypatch.setenv("SAEFLOW_FUSED_TOPK", flag)
+    for name, precision, fused in [("fp32", "fp32", False), ("unfused", "bf16", False), ("fused", "bf16", True)]:
         trainer = Trainer(SAEConfig(512, 4096, 32), TrainConfig(batch_tokens=1024, tokens=10 * 1024, device="cuda",
                                                                 dead_tokens=1024, aux_k=64, optimizer="adam", lr=1e-3,
-                                                                precision=precision))
+                                                                precision=precision, fused_topk=fused))
         trainer.initialize(x)
         losses[name] = [trainer.step(x[i * 1024 : (i + 1) * 1024]).loss.item() for i in range(10)]
         weights[name] = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
@@ -120,7 +119,7 @@ def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path(mon
         assert abs(fused - a) <= 2 * abs(unfused - a) + 0.005 * abs(a), losses
 
 
-def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
+def test_sign_free_step_kernel_matches_the_foreach_step():
     """Three schedule-free sign steps at changing lr: the one-pass kernel against the optimizer's
     foreach form, on a unit-row matrix (its gradient projected) and on a vector that fills no row
     evenly, zero gradients included."""
@@ -132,10 +131,10 @@ def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
     grads = [[torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) > 0.2) for t in start] for _ in range(3)]
     lrs = [0.05, 0.02, 0.03]
 
-    monkeypatch.setenv("SAEFLOW_TRITON", "0")  # the reference: the foreach form on any device
     ref = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
+    # the reference: the foreach form on any device
     opt = optim.ScheduleFreeSignSGD([{"params": ref[:1], "unit_rows": True, "project_rows": True}, {"params": ref[1:]}],
-                                    lr=1.0, momentum=0.9)
+                                    lr=1.0, momentum=0.9, triton=False)
     for lr, gs in zip(lrs, grads):
         for p, gr in zip(ref, gs):
             p.grad = gr.clone().to(DEVICE)
@@ -158,5 +157,4 @@ def test_sign_free_step_kernel_matches_the_foreach_step(monkeypatch):
         assert torch.allclose(zs[i], opt.state[ref[i]]["z"], atol=1e-6), i
     assert torch.allclose(zs[0].norm(dim=1), torch.ones(50, device=DEVICE), atol=1e-6)
     if DEVICE == "cuda":
-        monkeypatch.delenv("SAEFLOW_TRITON")
         assert optim._fused(ref)  # the optimizer takes the kernel on CUDA by default

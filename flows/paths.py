@@ -1,0 +1,70 @@
+"""Where each stage's output lives: paths derived from the spec sections the stage reads, so that a
+stage's output is found again exactly when those sections are unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.spec import RunSpec, safe_name
+
+# the spec sections each stage's output depends on (cache keys and output paths)
+CACHE_SECTIONS = ("model", "data", "hookpoints", "eval.tokens", "eval.downstream_contexts")
+TRAIN_ALL_SECTIONS = CACHE_SECTIONS + ("train", "sae")  # one training pass feeds every SAE of the spec
+
+SAE_MARKER = "config.json"  # written last: a SAE folder is complete once it exists
+SAE_WEIGHTS = "sae.safetensors"
+METRICS_FILE = "metrics.json"  # written last in an evaluation folder
+CHECKPOINTS = "checkpoints"
+
+
+def train_parts(index: int) -> tuple[str, ...]:
+    return CACHE_SECTIONS + ("train", f"sae.{index}")
+
+
+def eval_parts(index: int) -> tuple[str, ...]:
+    return train_parts(index) + ("eval",)
+
+
+def register_parts(index: int) -> tuple[str, ...]:
+    return eval_parts(index) + ("registry", "name")
+
+
+# `*_rel` inside the work dir; `*_dir` the local copy this machine reads and writes
+def store_url(spec: RunSpec) -> str:
+    base, _ = spec.store_location()
+    return f"{base.rstrip('/')}/{spec.part_hash(*CACHE_SECTIONS)}"
+
+
+def store_options(spec: RunSpec) -> dict:
+    return spec.store_location()[1]
+
+
+def sae_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
+    return f"saes/{spec.part_hash(*train_parts(index))}/{safe_name(hookpoint)}"
+
+
+def eval_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
+    return f"{sae_rel(spec, hookpoint, index)}/eval-{spec.part_hash(*eval_parts(index))}"
+
+
+def sae_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    return spec.root / sae_rel(spec, hookpoint, index)
+
+
+def eval_dir(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    return spec.root / eval_rel(spec, hookpoint, index)
+
+
+def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    return eval_dir(spec, hookpoint, index) / METRICS_FILE
+
+
+def is_trained(spec: RunSpec, hookpoint: str, indices) -> bool:
+    """Whether the work dir holds the finished SAEs `indices` of a hookpoint."""
+    return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices
+               for name in (SAE_MARKER, SAE_WEIGHTS))
+
+
+def fetch_sae(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
+    """The trained SAE's folder on this machine (downloaded when the work dir is remote)."""
+    return spec.work.fetch(sae_rel(spec, hookpoint, index)) if spec.work.remote else sae_dir(spec, hookpoint, index)

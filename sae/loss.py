@@ -1,0 +1,218 @@
+"""The training loss of a TopK SAE (Gao et al. 2024, §2.3, §5.3, §A.2), written once.
+
+    L = L(k) [+ L(4k) / 8 with multi-TopK] + aux_coef * L_aux
+
+every term a squared error summed over d, averaged over the batch and multiplied by one constant
+fixed at initialisation (1 / E||x - mean(x)||^2 on a sample). L_aux is AuxK: the top aux_k
+pre-activations among the dead latents reconstruct the residual the live latents left.
+
+One process holds every latent; a grid of processes holds each SAE's latents in shards
+(sae/parallel.py). The loss is the same in both; where the latents are is given to it as hooks
+(`Latents`): which of this process's candidates are among the top k of all of them, and the sum of
+the processes' partial decodes. `WholeLatents` is the one-process form: both hooks are identities.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from sae.config import TrainConfig
+from sae.kernels import BatchTopKEncode, mask_indices, ragged_decode, sparse_decode, topk_encode
+from sae.model import TopKSAE
+
+
+@dataclass
+class LossParts:
+    loss: torch.Tensor
+    mse: torch.Tensor  # normalised by the constant from `init_from_sample`
+    aux: torch.Tensor
+    values: torch.Tensor  # (B, k) kept values of the main TopK (this process's latents)
+    indices: torch.Tensor
+
+
+@dataclass
+class DeadLatentTracker:
+    """Tokens since each latent last fired; dead = not fired for `dead_tokens` tokens (§A.2)."""
+
+    tokens_since_fired: torch.Tensor
+    dead_tokens: int
+    threshold: float
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def update(self, values: torch.Tensor, indices: torch.Tensor, tokens: int | None = None,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """tokens: the batch's size (default: values' rows); reduce sums the hits over the ranks that
+        saw the other rows of a data-parallel batch, so that every rank keeps the same counters."""
+        # counted with index_add, not boolean indexing: no host sync, so CUDA steps queue back to back
+        self.tokens_since_fired += values.shape[0] if tokens is None else tokens
+        hits = torch.zeros_like(self.tokens_since_fired).index_add_(
+            0, indices.reshape(-1), (values.reshape(-1) > self.threshold).long()
+        )
+        if reduce is not None:
+            hits = reduce(hits)
+        self.tokens_since_fired.masked_fill_(hits > 0, 0)
+
+
+class AuxMode(enum.Enum):
+    """How a step's AuxK picks among the dead latents."""
+
+    OFF = "off"  # no latent is dead: no AuxK term
+    DEAD_ROWS = "dead_rows"  # the counted dead latents' encoder rows alone: a small product
+    MASKED = "masked"  # a second selection over every latent, the live ones masked: fixed shapes, no host sync
+
+
+@dataclass(frozen=True)
+class DeadLatents:
+    """This step's dead latents as the loss uses them. `here` counts those of this process's latents,
+    `everywhere` those of the whole SAE (the same on one process); MASKED leaves both uncounted."""
+
+    mode: AuxMode
+    mask: torch.Tensor | None = None  # (this process's n_latents,) bool
+    here: int = 0
+    everywhere: int = 0
+
+    @classmethod
+    def counted(cls, mask: torch.Tensor) -> "DeadLatents":
+        """All latents in this process, counted (one host sync)."""
+        n = int(mask.sum())
+        return cls(AuxMode.DEAD_ROWS, mask, n, n)
+
+    @classmethod
+    def masked(cls, mask: torch.Tensor) -> "DeadLatents":
+        return cls(AuxMode.MASKED, mask)
+
+    def rows(self) -> torch.Tensor:
+        """The dead latents' positions (DEAD_ROWS), without a host sync: the count is known."""
+        return mask_indices(self.mask, self.here)
+
+
+NO_DEAD = DeadLatents(AuxMode.OFF)
+
+
+class Latents(Protocol):
+    """Where the SAE's latents live, as the loss needs to know: `n_latents` and `k` are the whole
+    SAE's. `enter` passes the encoder input to this process's latents, `top` zeroes this process's
+    candidates (values sorted descending per row) that are not among the top k of all processes',
+    `sum` adds the processes' partial decodes, `batch_keep` is BatchTopKEncode's `keep` (None: keep
+    `count`), `replicas` how many processes share a batch's rows."""
+
+    n_latents: int
+    k: int
+    replicas: int
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def top(self, values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor: ...
+
+    def batch_keep(self, count: int) -> Callable[[torch.Tensor], int] | None: ...
+
+
+class WholeLatents:
+    """Every latent in this process: the hooks change nothing."""
+
+    replicas = 1
+
+    def __init__(self, n_latents: int, k: int):
+        self.n_latents, self.k = n_latents, k
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def top(self, values: torch.Tensor, indices: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return values[:, :k], indices[:, :k]
+
+    def sum(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial
+
+    def batch_keep(self, count: int) -> None:
+        return None
+
+
+def sq_err(target: torch.Tensor, recon: torch.Tensor, scale: float) -> torch.Tensor:
+    """sum_d (target - recon)^2, averaged over the batch, times the run's fixed scale."""
+    return (target - recon).pow(2).sum(-1).mean() * scale
+
+
+def sae_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig,
+             dead: DeadLatents = NO_DEAD, latents: Latents | None = None) -> LossParts:
+    """The loss of `sae` (this process's latents) on a normalised batch; `latents` defaults to all
+    of them in this process."""
+    latents = latents or WholeLatents(sae.cfg.n_latents, sae.cfg.k)
+    aux_k = _aux_width(tcfg, sae.cfg.d_in, latents.n_latents, dead)
+    x_in = latents.enter(x_norm - sae.b_pre)
+    if sae.cfg.activation == "batchtopk":
+        return _batch_topk_loss(sae, x_in, x_norm, mse_scale, tcfg, dead, aux_k, latents)
+    k, n_here = latents.k, sae.cfg.n_latents
+    k_wide = min(4 * k, latents.n_latents) if tcfg.multi_topk else k
+    values, indices, aux_values, aux_indices = topk_encode(
+        x_in, sae.W_enc, sae.b_enc, min(k_wide, n_here), min(aux_k, n_here),
+        dead.mask if aux_k else None, dead.rows() if aux_k and dead.mode is AuxMode.DEAD_ROWS else None)
+
+    def decode(width: int) -> torch.Tensor:
+        return latents.sum(sparse_decode(*latents.top(values, indices, width), sae.W_dec)) + sae.b_pre
+
+    main_values, main_indices = latents.top(values, indices, k)
+    recon = latents.sum(sparse_decode(main_values, main_indices, sae.W_dec)) + sae.b_pre
+    mse = sq_err(x_norm, recon, mse_scale)
+    loss = mse
+    if k_wide > k:  # multi-TopK (§5.3)
+        loss = loss + sq_err(x_norm, decode(k_wide), mse_scale) / 8
+    aux = torch.zeros((), device=x_norm.device)
+    if aux_k > 0:
+        aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents)
+        loss = loss + tcfg.aux_coef * aux
+    return LossParts(loss, mse.detach(), aux.detach(), main_values.detach(), main_indices)
+
+
+def _aux_width(tcfg: TrainConfig, d_in: int, n_latents: int, dead: DeadLatents) -> int:
+    """How many dead latents AuxK picks: aux_k, at most as many as are dead (all latents when uncounted)."""
+    if dead.mode is AuxMode.OFF:
+        return 0
+    return min(tcfg.resolved_aux_k(d_in), n_latents if dead.mode is AuxMode.MASKED else dead.everywhere)
+
+
+def _aux_loss(sae: TopKSAE, aux_values, aux_indices, aux_k: int, x_norm, recon, mse_scale: float,
+              dead: DeadLatents, latents: Latents) -> torch.Tensor:
+    """AuxK (§A.2): the top aux_k dead candidates of every process model the live latents' residual."""
+    partial = sparse_decode(*latents.top(aux_values, aux_indices, aux_k), sae.W_dec)
+    aux = sq_err(x_norm - recon.detach(), latents.sum(partial), mse_scale)
+    if dead.mode is AuxMode.MASKED:  # uncounted: no dead latent, no AuxK term (a device-side choice, no sync)
+        aux = torch.where(dead.mask.any(), torch.nan_to_num(aux, nan=0.0), 0.0)
+    return aux
+
+
+def _batch_topk_loss(sae: TopKSAE, x_in, x_norm, mse_scale: float, tcfg: TrainConfig, dead: DeadLatents,
+                     aux_k: int, latents: Latents) -> LossParts:
+    """BatchTopK: the k·B largest pre-activations of the whole (global) batch; AuxK per row over the
+    dead latents' encoder rows alone, as for TopK."""
+    if dead.mode is AuxMode.MASKED:
+        raise ValueError("BatchTopK's AuxK needs the dead latents counted (a CUDA graph cannot run it)")
+    rows_here = x_norm.shape[0]
+    count = latents.k * rows_here * latents.replicas
+    rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, latents.batch_keep(count))
+    recon = latents.sum(ragged_decode(rows, cols, values, sae.W_dec, rows_here)) + sae.b_pre
+    mse = sq_err(x_norm, recon, mse_scale)
+    loss, aux = mse, torch.zeros((), device=x_norm.device)
+    if aux_k > 0:
+        width = min(aux_k, sae.cfg.n_latents)  # the same on every process: the candidates are gathered
+        dead_rows = dead.rows()
+        if dead.here:
+            b = sae.b_enc[dead_rows] if sae.b_enc is not None else None
+            aux_values, picked, _, _ = topk_encode(x_in, sae.W_enc[dead_rows], b, min(width, dead.here))
+            aux_indices = dead_rows[picked]
+        else:  # none dead among this process's latents (others have some)
+            aux_values, aux_indices = sae.W_dec.new_zeros(rows_here, 0), dead_rows.new_zeros(rows_here, 0)
+        missing = width - aux_values.shape[1]  # fewer dead latents here than the width: zero picks
+        aux_values, aux_indices = F.pad(aux_values, (0, missing)), F.pad(aux_indices, (0, missing))
+        aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents)
+        loss = loss + tcfg.aux_coef * aux
+    return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)
