@@ -212,14 +212,14 @@ def cmd_plan(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from flows.spec import _alias_name
+    from flows.spec import alias_name
     from storage.registry import promote
 
     _registry_args(args)
     if not re.fullmatch(r"\d+|@[A-Za-z_][A-Za-z0-9_-]*", args.version):
         raise UsageError(f"version {args.version!r}: write a version number (3) or an alias (@candidate)")
     try:
-        _alias_name(args.alias)
+        alias_name(args.alias)
     except ValueError as e:
         raise UsageError(f"--alias: {e}") from None
     done = promote(args.tracking_uri, args.name, args.version, args.alias,

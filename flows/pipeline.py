@@ -31,21 +31,11 @@ GPU_TAG = "saeflow-gpu"
 _GPU_TASK_OPTIONS = dict(_TASK_OPTIONS, tags=[GPU_TAG])
 
 
-FAIL_STAGE_VARIABLE = "SAEFLOW_FAIL_STAGE"
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by a stage named in $SAEFLOW_FAIL_STAGE: a test hook for re-running what failed."""
-
-
 def _stage(stage: str, spec: RunSpec, *where):
     """Runs a stage, or ends Cached with the value its existing outputs give."""
     found = stages.existing_output(stage, spec, *where)
     if found is not None:
         return Completed(name="Cached", data=found, message="its outputs exist")
-    # read at the entry of a stage that is about to work (a finished one is Cached above)
-    if os.environ.get(FAIL_STAGE_VARIABLE) == stage:
-        raise InjectedFailure(f"{FAIL_STAGE_VARIABLE}={stage}: failure injected at the start of the {stage} stage")
     return getattr(stages, stage)(spec, *where)
 
 

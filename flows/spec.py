@@ -13,7 +13,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from sae.config import RECIPE_VERSION, SAEConfig, TrainConfig, cuda_graph_blockers, resolve_optimizer
+from sae.config import (RECIPE_VERSION, SAEConfig, TrainConfig, cuda_graph_blockers, fused_topk_blockers,
+                        resolve_optimizer)
 
 
 class Section(BaseModel):
@@ -147,6 +148,8 @@ class TrainSpec(Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cuda_graph: bool = False  # CUDA: replay the step as a CUDA graph (signum, TopK, one process; sae/cuda_graph.py)
+    triton: bool = True  # CUDA: Triton kernels for the sparse backward and the optimizer (false: PyTorch's forms)
+    fused_topk: bool = False  # CUDA, bf16: the encoder matmul and TopK in one Triton kernel (k <= 64)
     # several processes (README, Train on several GPUs): devices per node (GPUs, or CPU processes),
     # nodes joined at rdzv_endpoint, and the latents split into latent_shards (a grid of
     # devices x nodes / latent_shards data-parallel replicas by latent_shards shards)
@@ -265,7 +268,7 @@ RANKED_METRICS = ("normalized_mse", "fraction_variance_explained", "dead_fractio
 HIGHER_IS_BETTER = ("fraction_variance_explained", "loss_recovered_vs_zero", "loss_recovered_vs_mean")
 
 
-def _alias_name(v: str) -> str:
+def alias_name(v: str) -> str:
     # MLflow reserves `latest` and v<N> (they name versions)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", v) or re.fullmatch(r"[vV]\d+", v) or v.lower() == "latest":
         raise ValueError(f"{v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
@@ -291,7 +294,7 @@ class PromoteRule(Section):
     @field_validator("alias")
     @classmethod
     def _alias(cls, v: str) -> str:
-        return _alias_name(v)
+        return alias_name(v)
 
     def better(self, new: float, old: float) -> bool:
         if self.metric in HIGHER_IS_BETTER:
@@ -309,7 +312,7 @@ class RegistrySpec(Section):
     @field_validator("alias")
     @classmethod
     def _alias(cls, v: str) -> str:
-        return _alias_name(v)
+        return alias_name(v)
 
     @model_validator(mode="after")
     def _two_aliases(self):
@@ -396,6 +399,10 @@ class RunSpec(Section):
         for dotted in HASH_EXCLUDED:
             section, name = dotted.split(".")
             dumped[section].pop(name, None)
+        for dotted, default in HASHED_WHEN_SET.items():
+            section, name = dotted.split(".")
+            if dumped[section].get(name) == default:
+                dumped[section].pop(name)
         payload = {}
         for part in parts:
             section, _, name = part.partition(".")
@@ -489,11 +496,16 @@ class RunSpec(Section):
         return self
 
     @model_validator(mode="after")
-    def _graphable(self):
+    def _kernels(self):
         t = self.train
+        if t.fused_topk:
+            problems = dict.fromkeys(why for s in self.sae for why in fused_topk_blockers(t.device, t.precision, t.triton, s.k))
+            if problems:
+                raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
         if t.cuda_graph:
             problems = dict.fromkeys(why for s in self.sae for why in cuda_graph_blockers(
-                t.device, resolve_optimizer(t.optimizer, t.recipe), s.activation, t.devices * t.nodes))
+                t.device, resolve_optimizer(t.optimizer, t.recipe), s.activation, t.devices * t.nodes, t.fused_topk,
+                t.triton))
             if problems:
                 raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
         return self
@@ -566,6 +578,8 @@ class RunSpec(Section):
             device=device,
             precision=t.precision,
             cuda_graph=t.cuda_graph,
+            triton=t.triton,
+            fused_topk=t.fused_topk,
         )
 
 
@@ -574,6 +588,9 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+# kernel choices change a trained SAE's bits, so they key the train stage; at their defaults they are
+# left out, so that the keys of specs written before they were options stay the same
+HASHED_WHEN_SET = {"train.triton": True, "train.fused_topk": False}
 HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "train.cuda_graph", "eval.browser",
                  "eval.batch_contexts")
 

@@ -118,7 +118,8 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
             return json.loads(cli([sys.executable, "-c", RUN, str(spec_path), json.dumps(job_env)], env).strip()
                               .splitlines()[-1])
 
-        failed = run(SAEFLOW_FAIL_STAGE="evaluate")
+        # the flow run's process makes evaluate fail (tests/inject/sitecustomize.py)
+        failed = run(SAEFLOW_FAIL_STAGE="evaluate", PYTHONPATH=str(REPO / "tests" / "inject"))
         assert failed["state"] == "FAILED" and "train_sae" in failed["tasks"], failed
         assert failed["tasks"]["train_sae"] == "Completed" and failed["tasks"]["evaluate"] == "Failed", failed
         assert failed["tasks"]["cache_shard"] == "Completed"  # the shards ran on the Dask workers

@@ -8,6 +8,7 @@ import pytest
 from flows import stages
 from flows.spec import parse_spec
 
+import failing_stage
 from test_pipeline import task_states
 
 HOOK = "model.layers.1"
@@ -38,19 +39,19 @@ def outputs(spec) -> dict[str, int]:
 @pytest.mark.parametrize("failing", stages.STAGES)
 def test_rerun_runs_only_the_failed_stage_and_those_after(prefect_harness, tiny_model_dir, text_dir, tmp_path,
                                                           monkeypatch, failing):
-    from flows.pipeline import InjectedFailure, pipeline
+    from flows.pipeline import pipeline
 
     # a separate work dir (and registry) per case; the activation store is shared unless cache is the one failing
     store = tmp_path / "store" if failing == "cache" else tmp_path.parent / "shared-store"
     spec = tiny(tiny_model_dir, text_dir, tmp_path / "work", store)
-    monkeypatch.setenv("SAEFLOW_FAIL_STAGE", failing)
-    with pytest.raises(InjectedFailure, match=f"SAEFLOW_FAIL_STAGE={failing}"):
-        pipeline(spec)
+    with monkeypatch.context() as patch:
+        failing_stage.failing(patch, failing)
+        with pytest.raises(failing_stage.InjectedFailure, match=f"SAEFLOW_FAIL_STAGE={failing}"):
+            pipeline(spec)
     before = outputs(spec)
     done_before = {s: stages.is_done(s, spec, *(() if s == "cache" else (HOOK, 0))) for s in stages.STAGES}
     assert not done_before[failing]
 
-    monkeypatch.delenv("SAEFLOW_FAIL_STAGE")
     state = pipeline(spec, return_state=True)
     rows = state.result()
     assert rows[0]["model_uri"] == "models:/tiny@candidate"

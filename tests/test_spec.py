@@ -136,3 +136,37 @@ def test_a_cuda_graph_does_not_change_what_the_train_stage_computes(tiny_model_d
     graphed = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__cuda_graph=True))
     assert graphed.train_config(1000, "cuda").cuda_graph and not plain.train_config(1000, "cuda").cuda_graph
     assert graphed.part_hash("train", "sae") == plain.part_hash("train", "sae")
+
+
+@pytest.mark.parametrize("over, says", [({"train__device": "cpu"}, "device cpu (CUDA only)"),
+                                        ({"train__device": "cuda", "train__precision": "fp32"}, "precision fp32"),
+                                        ({"train__device": "cuda", "train__triton": False}, "triton false"),
+                                        ({"train__device": "cuda", "sae__n_latents": 256, "sae__k": 65}, "k 65 (at most 64)")])
+def test_the_fused_topk_kernel_is_refused_where_it_cannot_run(tiny_model_dir, text_dir, tmp_path, over, says):
+    msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, train__fused_topk=True, **over))
+    assert msg.startswith("train.fused_topk: not with") and says in msg and "set it to false" in msg, msg
+
+
+def test_kernel_choices_key_the_train_stage_only_when_set(tiny_model_dir, text_dir, tmp_path):
+    """They change a trained SAE's bits, so a set one keys the stage; at their defaults the keys of
+    specs written before they were options stay as they were."""
+    plain = parse_spec(base(tiny_model_dir, text_dir, tmp_path))
+    defaults = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__triton=True,
+                               train__fused_topk=False))
+    reference = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__triton=False))
+    fused = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__fused_topk=True))
+    on_cuda = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda"))
+    assert defaults.part_hash("train") == on_cuda.part_hash("train") != plain.part_hash("train")
+    assert len({on_cuda.part_hash("train"), reference.part_hash("train"), fused.part_hash("train")}) == 3
+    assert reference.train_config(1000, "cuda").triton is False and fused.train_config(1000, "cuda").fused_topk
+
+
+def test_a_trainer_refuses_the_fused_kernel_where_it_cannot_run():
+    import torch  # noqa: F401  (the trainer's module needs it; the spec's checks do not)
+
+    from sae.config import SAEConfig, TrainConfig
+    from sae.train import Trainer
+
+    with pytest.raises(ValueError) as e:
+        Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096, fused_topk=True))
+    assert str(e.value) == "train.fused_topk: not with device cpu (CUDA only): set it to false"
