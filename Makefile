@@ -1,11 +1,11 @@
 # make demo: set up .venv and run the whole pipeline on the embedded default (specs/demo.yaml)
-# make test: set up .venv and run the test suite
+# make test: set up .venv and run the test suite; make lint: ruff and pyright
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quality clean
+.PHONY: install demo test lint docs-check bench bench-quality clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff (lint and format) and pyright (basic) over the package, as configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyright
+
+# every command and code example of README.md and docs/ (also part of make test)
+docs-check: $(STAMP)
+	$(PY) -m pytest -q tests/test_docs.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -41,16 +41,26 @@ def main() -> None:
     spec = load_spec(HERE.parent / "specs" / "demo.yaml")
     hook = spec.hookpoints[0]
     if not store.is_complete(store_url(spec)):
-        subprocess.run([str(Path(sys.executable).parent / "saeflow"), "cache", "specs/demo.yaml"], check=True, cwd=HERE.parent)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "saeflow"), "cache", "specs/demo.yaml"], check=True, cwd=HERE.parent
+        )
     group = store.open_store(store_url(spec), verify=True)
     rows = torch.cat(list(store.iter_rows(store.activations(group, "train", hook), 65536, stop=args.train_tokens)))
     lm = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())
     source = eval_source(group, hook, lambda: lm)
     plan = spec.eval.plan()
-    print(f"{'latents':>8} {'tokens':>7} {'features s':>10} {'probes s':>9} {'build s':>8} {'files':>6} {'MB':>7} {'page MB':>8} {'shard kB':>9}", flush=True)
+    print(
+        f"{'latents':>8} {'tokens':>7} {'features s':>10} {'probes s':>9} {'build s':>8} {'files':>6} {'MB':>7} "
+        f"{'page MB':>8} {'shard kB':>9}",
+        flush=True,
+    )
     for n in [int(x) for x in args.latents.split(",")]:
-        sae = train_sae(SAEConfig(rows.shape[1], n, spec.sae[0].k),
-                        TrainConfig(batch_tokens=1024, tokens=len(rows)), rows, progress=False).sae.eval()
+        sae = train_sae(
+            SAEConfig(rows.shape[1], n, spec.sae[0].k),
+            TrainConfig(batch_tokens=1024, tokens=len(rows)),
+            rows,
+            progress=False,
+        ).sae.eval()
         t0 = time.time()
         sample, acts = collect_features(sae, plan, source)
         t1 = time.time()
@@ -68,8 +78,11 @@ def main() -> None:
             shards = [p for p in found if p.parent.name == "latents"]
             page = (sum(p.stat().st_size for p in found) - sum(p.stat().st_size for p in shards)) / 2**20
             shard = sum(p.stat().st_size for p in shards) / len(shards) / 2**10
-        print(f"{n:>8} {len(acts):>7} {t1 - t0:>10.1f} {t2 - t1:>9.1f} {t3 - t2:>8.1f} {len(found):>6} {size:>7.1f} "
-              f"{page:>8.1f} {shard:>9.0f}", flush=True)
+        print(
+            f"{n:>8} {len(acts):>7} {t1 - t0:>10.1f} {t2 - t1:>9.1f} {t3 - t2:>8.1f} {len(found):>6} {size:>7.1f} "
+            f"{page:>8.1f} {shard:>9.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

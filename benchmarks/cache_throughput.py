@@ -32,6 +32,7 @@ def caching(model_source: str, hookpoint: str, n_contexts: int, batch_contexts: 
     model, tok = load_lm(model_source, "auto", "auto", workdir / "model")
     train, _ = split_contexts(PYTHON_DOCS, tok, 64, n_contexts, 1, 0.1)
     ids = torch.from_numpy(train.tokens).long()
+
     def bare_forward() -> float:
         start = time.perf_counter()
         for b in range(0, n_contexts, batch_contexts):
@@ -43,8 +44,15 @@ def caching(model_source: str, hookpoint: str, n_contexts: int, batch_contexts: 
 
     url = str(workdir / "store")
     start = time.perf_counter()
-    store.plan_store(url, {"train": train}, [hookpoint], d_model=model.config.hidden_size, first_position=1,
-                     attrs={}, shard_contexts=batch_contexts * 2)
+    store.plan_store(
+        url,
+        {"train": train},
+        [hookpoint],
+        d_model=model.config.hidden_size,
+        first_position=1,
+        attrs={},
+        shard_contexts=batch_contexts * 2,
+    )
     for split, i in store.missing_shards(url):
         store.write_shard(url, split, i, model, batch_contexts)
     store.finalize_store(url)
@@ -58,13 +66,17 @@ def caching(model_source: str, hookpoint: str, n_contexts: int, batch_contexts: 
 
 
 def loading(workdir: Path, rows: int, train_steps: int) -> None:
-    print(f"\nloader (float16 store, shuffle buffer of 8 chunks, prefetch thread) vs trainer consumption")
+    print("\nloader (float16 store, shuffle buffer of 8 chunks, prefetch thread) vs trainer consumption")
     print(f"{'d':>5} {'n_latents':>9} {'batch':>6} | {'loader tok/s':>12} {'trainer tok/s':>13} | {'ratio':>6}")
     for d, n, k, batch in CONFIGS:
         data = np.random.default_rng(0).standard_normal((rows, d)).astype(np.float16)
-        arr = zarr.create_array(str(workdir / f"load-{d}"), shape=data.shape, dtype="float16",
-                                chunks=(store.TARGET_CHUNK_BYTES // (2 * d), d),
-                                compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"))
+        arr = zarr.create_array(
+            str(workdir / f"load-{d}"),
+            shape=data.shape,
+            dtype="float16",
+            chunks=(store.TARGET_CHUNK_BYTES // (2 * d), d),
+            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+        )
         arr[:] = data
         it = store.prefetch(store.shuffled_batches(arr, batch, seed=0))
         next(it)

@@ -28,8 +28,11 @@ def setup(args, device: str, placement=None):
 
     x = torch.randn(2 * args.batch, args.d, generator=torch.Generator().manual_seed(0)).to(device)
     cfg = SAEConfig(args.d, args.n, args.k)
-    trainer = Trainer(cfg, TrainConfig(batch_tokens=args.batch, tokens=10**12, dead_tokens=10**9, device=device),
-                      placement(cfg) if placement else None)
+    trainer = Trainer(
+        cfg,
+        TrainConfig(batch_tokens=args.batch, tokens=10**12, dead_tokens=10**9, device=device),
+        placement(cfg) if placement else None,
+    )
     trainer.initialize(x)
     return x, trainer
 
@@ -58,11 +61,13 @@ def rank_main(rank: int, grid, port: int, args, results) -> None:
         torch.cuda.set_device(rank % torch.cuda.device_count())
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // grid[0] // grid[1]))
-    dist.init_process_group(backend(grid), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=grid[0] * grid[1])
+    dist.init_process_group(
+        backend(grid), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=grid[0] * grid[1]
+    )
     parallel = Parallel(Grid(*grid))
-    x, trainer = setup(args, f"cuda:{torch.cuda.current_device()}" if cuda else "cpu",
-                       lambda cfg: GridShard(parallel, cfg))
+    x, trainer = setup(
+        args, f"cuda:{torch.cuda.current_device()}" if cuda else "cpu", lambda cfg: GridShard(parallel, cfg)
+    )
     batches = [rank_rows(x[i * args.batch : (i + 1) * args.batch], parallel) for i in range(2)]
     seconds = timed(args.steps, lambda i: trainer.step(batches[i % 2]), cuda)
     if rank == 0:
@@ -101,8 +106,13 @@ def main() -> None:
     for spec in args.grids.split(","):
         grid = tuple(int(v) for v in spec.split("x"))
         results = ctx.Queue()
-        mp.start_processes(rank_main, args=(grid, free_port(), args, results), nprocs=grid[0] * grid[1], join=True,
-                           start_method="spawn")
+        mp.start_processes(
+            rank_main,
+            args=(grid, free_port(), args, results),
+            nprocs=grid[0] * grid[1],
+            join=True,
+            start_method="spawn",
+        )
         rate = results.get()
         print(f"{spec:<26} {backend(grid):>8} {rate:>10.0f} {rate / base:>12.2f}x")
 

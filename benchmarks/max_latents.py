@@ -20,19 +20,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 def one(d: int, n: int, steps: int) -> dict:
     import torch
-
     from train_throughput import time_steps
+
     from sae.config import SAEConfig, TrainConfig
     from sae.train import Trainer
 
     batch = 4096
-    trainer = Trainer(SAEConfig(d, n, 32), TrainConfig(batch_tokens=batch, tokens=10**12, device="cuda",
-                                                       dead_tokens=10**9, geometric_median_samples=batch))
+    trainer = Trainer(
+        SAEConfig(d, n, 32),
+        TrainConfig(
+            batch_tokens=batch, tokens=10**12, device="cuda", dead_tokens=10**9, geometric_median_samples=batch
+        ),
+    )
     data = torch.randn(2 * batch, d, device="cuda")
     trainer.initialize(data)
     result = time_steps(lambda i: trainer.step(data[(i % 2) * batch : (i % 2 + 1) * batch]), steps, "cuda")
-    return {"tokens_per_s": result["steps_per_s"] * batch, "peak_gib": result["peak_mib"] / 1024,
-            "bytes_per_latent": torch.cuda.max_memory_allocated() / n}
+    return {
+        "tokens_per_s": result["steps_per_s"] * batch,
+        "peak_gib": result["peak_mib"] / 1024,
+        "bytes_per_latent": torch.cuda.max_memory_allocated() / n,
+    }
 
 
 def main() -> None:
@@ -49,14 +56,19 @@ def main() -> None:
         return
     import torch
 
-    print(f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB; "
-          f"bf16, batch 4096, k 32, default optimizer")
+    print(
+        f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB; "
+        f"bf16, batch 4096, k 32, default optimizer"
+    )
     print(f"{'d':>5} {'n_latents':>9} | {'tokens/s':>10} {'peak GiB':>8}")
     for d in map(int, args.d.split(",")):
         n = args.start
         while n <= args.max:
-            done = subprocess.run([sys.executable, __file__, "--one", f"{d},{n}", "--steps", str(args.steps)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", f"{d},{n}", "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 last = (done.stderr.strip().splitlines() or ["?"])[-1]
                 print(f"{d:>5} {n:>9} | {'out of memory' if 'out of memory' in done.stderr else last[:90]}")

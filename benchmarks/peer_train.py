@@ -53,7 +53,9 @@ def train_sparsify(job: dict):
     sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
     steps = job["tokens"] // job["batch"]
     if job["settings"] == "defaults":
-        opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]), momentum=0.95)
+        opt = ScheduleFreeWrapper(
+            SignSGD([{"params": sae.parameters(), "lr": 5e-3 / (n / 2**14) ** 0.5}]), momentum=0.95
+        )
         opt.train()
         sched, aux_alpha = None, 0.0
     else:
@@ -106,8 +108,14 @@ def train_saelens(job: dict):
     if job["settings"] != "defaults":
         sae.cfg.aux_loss_coefficient = job["aux_coef"]
         steps = job["tokens"] // job["batch"]
-        extra = dict(dead_feature_window=max(1, job["dead_tokens"] // job["batch"]), lr=job["lr"], lr_scheduler_name="constant", lr_warm_up_steps=job["warmup_steps"],
-                     lr_decay_steps=steps - job["warmup_steps"], lr_end=0.0)
+        extra = dict(
+            dead_feature_window=max(1, job["dead_tokens"] // job["batch"]),
+            lr=job["lr"],
+            lr_scheduler_name="constant",
+            lr_warm_up_steps=job["warmup_steps"],
+            lr_decay_steps=steps - job["warmup_steps"],
+            lr_end=0.0,
+        )
     cfg = SAETrainerConfig(total_training_samples=job["tokens"], train_batch_size_samples=job["batch"], **extra)
     SAETrainer(cfg, sae, batches(job["train"], job["batch"], job["tokens"])).fit()
     held = torch.from_numpy(np.load(job["held"]).astype(np.float32))

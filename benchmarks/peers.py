@@ -46,8 +46,9 @@ def saelens_step(d, n, k, device, autocast):
     def step(x):
         with autocast:
             out = sae.training_forward_pass(
-                TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=count[0],
-                               is_logging_step=False)
+                TrainStepInput(
+                    sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=count[0], is_logging_step=False
+                )
             )
         out.loss.backward()
         opt.step()

@@ -72,8 +72,12 @@ def synthetic_data(name: str, tokens: int) -> dict:
         np.save(out / "held.npy", held_out(gen, HELD_ROWS).half().numpy())
         np.save(out / "features.npy", gen.features.numpy())
         (out / "done").write_text("")
-    return {"train": out / "train.npy", "held": out / "held.npy", "features": np.load(out / "features.npy"),
-            "shape": SYNTH}
+    return {
+        "train": out / "train.npy",
+        "held": out / "held.npy",
+        "features": np.load(out / "features.npy"),
+        "shape": SYNTH,
+    }
 
 
 def real_data() -> dict:
@@ -94,13 +98,17 @@ def real_data() -> dict:
     if not (out / "done").exists():
         if not store.is_complete(store_url(spec)):
             print(f"caching the real activations (once, about 8 minutes): saeflow cache {spec_path}", flush=True)
-            subprocess.run([str(Path(sys.executable).parent / "saeflow"), "cache", str(spec_path)], check=True,
-                           cwd=HERE.parent)
+            subprocess.run(
+                [str(Path(sys.executable).parent / "saeflow"), "cache", str(spec_path)], check=True, cwd=HERE.parent
+            )
         group = store.open_store(store_url(spec), verify=True)
         out.mkdir(parents=True, exist_ok=True)
         train = store.activations(group, "train", hook)
         rows = torch.cat(list(store.iter_rows(train, 65536)))
-        np.save(out / "train.npy", rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].half().numpy())
+        np.save(
+            out / "train.npy",
+            rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].half().numpy(),
+        )
         held = torch.cat(list(store.iter_rows(store.activations(group, "eval", hook), 4096, stop=HELD_ROWS)))
         # contexts for dCE: the last eval contexts, their activations recomputed (rows after the first position)
         contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
@@ -110,8 +118,14 @@ def real_data() -> dict:
         np.save(out / "contexts.npy", contexts.numpy())
         (out / "done").write_text("")
     d = np.load(out / "held.npy", mmap_mode="r").shape[1]
-    return {"train": out / "train.npy", "held": out / "held.npy", "features": None, "shape": dict(REAL, d=d),
-            "contexts": np.load(out / "contexts.npy"), "spec": spec}
+    return {
+        "train": out / "train.npy",
+        "held": out / "held.npy",
+        "features": None,
+        "shape": dict(REAL, d=d),
+        "contexts": np.load(out / "contexts.npy"),
+        "spec": spec,
+    }
 
 
 # training -----------------------------------------------------------------------------------------
@@ -120,8 +134,15 @@ def run_saeflow(data: dict, tokens: int, settings: str, **overrides) -> dict:
 
     s = data["shape"]
     if settings == "same":
-        overrides = dict(optimizer="adam", lr=SAME["lr"], lr_warmup_tokens=0, lr_decay="linear", aux_coef=SAME["aux_coef"],
-                         dead_tokens=dead_window(tokens), **overrides)
+        overrides = dict(
+            optimizer="adam",
+            lr=SAME["lr"],
+            lr_warmup_tokens=0,
+            lr_decay="linear",
+            aux_coef=SAME["aux_coef"],
+            dead_tokens=dead_window(tokens),
+            **overrides,
+        )
     tcfg = TrainConfig(batch_tokens=s["batch"], tokens=tokens, **overrides)
     rows = np.load(data["train"], mmap_mode="r")
     result = train_sae(SAEConfig(s["d"], s["n_latents"], s["k"]), tcfg, rows, progress=False)
@@ -144,8 +165,12 @@ class PeerWorkers:
         if proc is None:
             log = open(self.work / f"{library}.log", "a")
             proc = self.procs[library] = subprocess.Popen(
-                [self.python, str(HERE / "peer_train.py"), "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=log, text=True)
+                [self.python, str(HERE / "peer_train.py"), "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
         proc.stdin.write(f"{job_path}\n")
         proc.stdin.flush()
         reply = proc.stdout.readline().strip()
@@ -160,9 +185,23 @@ class PeerWorkers:
 
 def run_peer(workers: PeerWorkers, library: str, data: dict, tokens: int, settings: str) -> dict:
     s = data["shape"]
-    job = dict(library=library, settings=settings, d=s["d"], n_latents=s["n_latents"], k=s["k"], batch=s["batch"],
-               tokens=tokens, seed=0, train=str(data["train"]), held=str(data["held"]),
-               lr=SAME["lr"], aux_coef=SAME["aux_coef"], warmup_steps=0, dead_tokens=dead_window(tokens), threads=2)
+    job = dict(
+        library=library,
+        settings=settings,
+        d=s["d"],
+        n_latents=s["n_latents"],
+        k=s["k"],
+        batch=s["batch"],
+        tokens=tokens,
+        seed=0,
+        train=str(data["train"]),
+        held=str(data["held"]),
+        lr=SAME["lr"],
+        aux_coef=SAME["aux_coef"],
+        warmup_steps=0,
+        dead_tokens=dead_window(tokens),
+        threads=2,
+    )
     path = workers.work / f"{library}-{settings}-{tokens}.json"
     path.write_text(json.dumps(job))
     workers.run(library, path)
@@ -189,8 +228,11 @@ def score(data: dict, out: dict) -> dict:
     recon = out["recon"].astype(np.float64)
     n_ce = 0 if data["features"] is not None else len(held) - HELD_ROWS
     x, r = held[: len(held) - n_ce], recon[: len(held) - n_ce]
-    row = {"nmse": float(((x - r) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()),
-           "dead": float((out["fires"] == 0).mean()), "l0": float(out["fires"].sum() / len(held))}
+    row = {
+        "nmse": float(((x - r) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()),
+        "dead": float((out["fires"] == 0).mean()),
+        "l0": float(out["fires"].sum() / len(held)),
+    }
     if data["features"] is not None:
         dec = out["decoder"] / np.linalg.norm(out["decoder"], axis=1, keepdims=True)
         best = (data["features"] @ dec.T).max(axis=1)
@@ -245,8 +287,11 @@ def main() -> None:
     parser.add_argument("--no-real", action="store_true", help="skip SmolLM2's real activations")
     parser.add_argument("--no-peers", action="store_true", help="saeflow only")
     parser.add_argument("--peers-python", help="an interpreter that has the peers (default: .bench-peers)")
-    parser.add_argument("--lr-sweep", help="also train saeflow at these multiples of its auto lr, comma-separated "
-                        "(e.g. 0.5,0.7,1.4), at every budget")
+    parser.add_argument(
+        "--lr-sweep",
+        help="also train saeflow at these multiples of its auto lr, comma-separated "
+        "(e.g. 0.5,0.7,1.4), at every budget",
+    )
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -255,14 +300,21 @@ def main() -> None:
     work = DATA / "runs"
     work.mkdir(parents=True, exist_ok=True)
     workers = None if peers is None else PeerWorkers(peers, work)
-    datasets = [(name, budgets, lambda name=name: synthetic_data(name, max(budgets))) for name in args.regimes.split(",") if name]
+    datasets = [
+        (name, budgets, lambda name=name: synthetic_data(name, max(budgets)))
+        for name in args.regimes.split(",")
+        if name
+    ]
     if not args.no_real:
         datasets.append(("smollm2-L20", REAL_BUDGETS, real_data))
     libraries = ["saeflow"] + ([] if peers is None else ["sparsify", "saelens"])
     rows = []
     start = time.time()
-    print(f"{'data':<15} {'tokens':>8} {'settings':<9} {'library':<9} {'nMSE':>7} {'cos':>6} {'rec>.9':>6} "
-          f"{'dead':>6} {'L0':>6} {'dCE':>6} {'nMSE*':>7} {'sec':>5}", flush=True)
+    print(
+        f"{'data':<15} {'tokens':>8} {'settings':<9} {'library':<9} {'nMSE':>7} {'cos':>6} {'rec>.9':>6} "
+        f"{'dead':>6} {'L0':>6} {'dCE':>6} {'nMSE*':>7} {'sec':>5}",
+        flush=True,
+    )
     for name, grid, load in datasets:
         data = load()
         runs = [(t, "defaults", lib) for t in grid for lib in libraries]
@@ -279,13 +331,23 @@ def main() -> None:
                 out = run_saeflow(data, tokens, settings, **({"encoder_init": "tied"} if lib == "saeflow-tied" else {}))
             else:
                 out = run_peer(workers, lib, data, tokens, settings)
-            row = dict(data=name, tokens=tokens, settings=settings, library=lib, **score(data, out),
-                       seconds=round(time.time() - t0, 1))
+            row = dict(
+                data=name,
+                tokens=tokens,
+                settings=settings,
+                library=lib,
+                **score(data, out),
+                seconds=round(time.time() - t0, 1),
+            )
             rows.append(row)
-            print(f"{name:<15} {tokens:>8} {settings:<9} {lib:<9} {row['nmse']:>7.4f} {row.get('cos', float('nan')):>6.3f} "
-                  f"{row.get('recovered', float('nan')):>6.3f} {row['dead']:>6.3f} {row['l0']:>6.1f} "
-                  f"{row.get('dce', float('nan')):>6.3f} {row.get('nmse_typical', float('nan')):>7.4f} "
-                  f"{row['seconds']:>5.0f}", flush=True)
+            print(
+                f"{name:<15} {tokens:>8} {settings:<9} {lib:<9} {row['nmse']:>7.4f} "
+                f"{row.get('cos', float('nan')):>6.3f} "
+                f"{row.get('recovered', float('nan')):>6.3f} {row['dead']:>6.3f} {row['l0']:>6.1f} "
+                f"{row.get('dce', float('nan')):>6.3f} {row.get('nmse_typical', float('nan')):>7.4f} "
+                f"{row['seconds']:>5.0f}",
+                flush=True,
+            )
     print(f"total {time.time() - start:.0f} s")
     if workers is not None:
         workers.close()
@@ -311,33 +373,55 @@ def verdict(rows: list[dict]) -> str:
             ok = ratio < 1 and r["cos"] >= max(p["cos"] for p in peers)
         else:  # real data: the plain nMSE is 7 rows' (massive_rows); judged without them and by dCE
             typical = r["nmse_typical"] / min(p["nmse_typical"] for p in peers)
-            rec = (f" ({typical:.2f}x without the massive-activation rows), dCE {r['dce']:.3f} vs "
-                   f"{min(p['dce'] for p in peers):.3f}")
+            rec = (
+                f" ({typical:.2f}x without the massive-activation rows), dCE {r['dce']:.3f} vs "
+                f"{min(p['dce'] for p in peers):.3f}"
+            )
             ok = typical < 1 and r["dce"] <= min(p["dce"] for p in peers)
-        lines.append(f"{'ok  ' if ok else 'MISS'} {data} {tokens} {settings}: nMSE {ratio:.2f}x the best peer "
-                     f"({best['library']}){rec}")
+        lines.append(
+            f"{'ok  ' if ok else 'MISS'} {data} {tokens} {settings}: nMSE {ratio:.2f}x the best peer "
+            f"({best['library']}){rec}"
+        )
     for data in sorted({r["data"] for r in rows}):
-        ours = sorted((r for r in rows if (r["data"], r["settings"], r["library"]) == (data, "defaults", "saeflow")),
-                      key=lambda r: r["tokens"])
-        peers = [r for r in rows if r["data"] == data and r["settings"] == "defaults" and r["library"] != "saeflow"
-                 and ours and r["tokens"] == ours[0]["tokens"]]
+        ours = sorted(
+            (r for r in rows if (r["data"], r["settings"], r["library"]) == (data, "defaults", "saeflow")),
+            key=lambda r: r["tokens"],
+        )
+        peers = [
+            r
+            for r in rows
+            if r["data"] == data
+            and r["settings"] == "defaults"
+            and r["library"] != "saeflow"
+            and ours
+            and r["tokens"] == ours[0]["tokens"]
+        ]
         if peers:  # at least 10% lower normalized MSE than the better peer at the smallest budget
             ratio = ours[0]["nmse"] / min(p["nmse"] for p in peers)
-            lines.append(f"{'ok  ' if ratio <= 0.9 else 'MISS'} {data} {ours[0]['tokens']}: the smallest budget's nMSE "
-                         f"is {ratio:.2f}x the better peer's (target <= 0.90x)")
+            lines.append(
+                f"{'ok  ' if ratio <= 0.9 else 'MISS'} {data} {ours[0]['tokens']}: the smallest budget's nMSE "
+                f"is {ratio:.2f}x the better peer's (target <= 0.90x)"
+            )
         if ours and "cos" not in ours[-1]:  # real data: dead latents at the largest budget
             dead = ours[-1]["dead"]
-            lines.append(f"{'ok  ' if dead <= 0.01 else 'MISS'} {data} {ours[-1]['tokens']}: {dead:.1%} of the latents "
-                         "dead on the held-out rows (target <= 1%)")
+            lines.append(
+                f"{'ok  ' if dead <= 0.01 else 'MISS'} {data} {ours[-1]['tokens']}: {dead:.1%} of the latents "
+                "dead on the held-out rows (target <= 1%)"
+            )
     for (data, tokens, settings, lib), r in by.items():
-        swept = [s for s in rows if (s["data"], s["tokens"], s["library"]) == (data, tokens, "saeflow")
-                 and s["settings"].startswith("lr x")]
+        swept = [
+            s
+            for s in rows
+            if (s["data"], s["tokens"], s["library"]) == (data, tokens, "saeflow") and s["settings"].startswith("lr x")
+        ]
         if settings != "defaults" or lib != "saeflow" or not swept:
             continue
         best = min(swept + [r], key=lambda s: s["nmse"])
         ratio = r["nmse"] / best["nmse"]
-        lines.append(f"{'ok  ' if ratio <= 1.1 else 'MISS'} {data} {tokens}: the auto lr's nMSE is {ratio:.2f}x the "
-                     f"best of the lr sweep ({best['settings'].replace('lr ', '') if best is not r else 'x1'})")
+        lines.append(
+            f"{'ok  ' if ratio <= 1.1 else 'MISS'} {data} {tokens}: the auto lr's nMSE is {ratio:.2f}x the "
+            f"best of the lr sweep ({best['settings'].replace('lr ', '') if best is not r else 'x1'})"
+        )
     return "\n".join(lines)
 
 

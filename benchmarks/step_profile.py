@@ -3,7 +3,8 @@ operations on their own: the encoder matmul, the top-k selection, on CUDA in bf1
 fused kernel, and one weight gradient by
 embedding_bag's backward (the CPU path) and by the Triton kernel (CUDA).
 
-    python benchmarks/step_profile.py [--device cpu|cuda] [--precision auto|fp32|bf16] [--d 768 --n 32768 --k 32 --batch 4096]
+    python benchmarks/step_profile.py [--device cpu|cuda] [--precision auto|fp32|bf16]
+                                      [--d 768 --n 32768 --k 32 --batch 4096]
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def main() -> None:
     trainer.initialize(data)
     xs = [data[i * batch : (i + 1) * batch] for i in range(4)]
     step_ms = bench(lambda: trainer.step(xs[0]), device, repeat=10)
-    print(f"device {device}; precision {args.precision} (bf16 autocast: {tcfg.bf16()}); "
-          f"d {args.d} n {args.n} k {args.k} batch {batch}: {step_ms:.2f} ms/step, "
-          f"{batch / step_ms * 1e3:,.0f} tokens/s")
+    print(
+        f"device {device}; precision {args.precision} (bf16 autocast: {tcfg.bf16()}); "
+        f"d {args.d} n {args.n} k {args.k} batch {batch}: {step_ms:.2f} ms/step, "
+        f"{batch / step_ms * 1e3:,.0f} tokens/s"
+    )
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -79,7 +82,10 @@ def main() -> None:
 
         return run
 
-    rows = [(f"encoder matmul x W^T ({str(dtype)[6:]})", lambda: x @ w.T), ("topk of the pre-activations", lambda: pre.topk(args.k, dim=-1))]
+    rows = [
+        (f"encoder matmul x W^T ({str(dtype)[6:]})", lambda: x @ w.T),
+        ("topk of the pre-activations", lambda: pre.topk(args.k, dim=-1)),
+    ]
     if device == "cuda" and dtype == torch.bfloat16:
         from sae.triton_kernels import encode_topk
 
@@ -90,6 +96,7 @@ def main() -> None:
     print(f"{'op (batch ' + str(batch) + ', n ' + str(args.n) + ')':<40} {'ms':>8}")
     for name, fn in rows:
         print(f"{name:<40} {bench(fn, device):>8.3f}")
+
 
 if __name__ == "__main__":
     main()

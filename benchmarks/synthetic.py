@@ -94,7 +94,8 @@ class PlantedDictionary:
             # (p < 0.02, most of them) draw Binomial(size, p_i) tokens uniformly, in O(fires), where
             # a token drawn twice for one feature (rare at that p) gets the sum of two magnitudes
             rows_f, cols_f = (torch.rand(size, self.n_frequent, generator=g) < self.p_fire[: self.n_frequent]).nonzero(
-                as_tuple=True)
+                as_tuple=True
+            )
             p_rare = self.p_fire[self.n_frequent :]
             counts = torch.binomial(torch.full_like(p_rare, size), p_rare, generator=g).long()
             cols_r = self.n_frequent + torch.repeat_interleave(torch.arange(len(p_rare)), counts)

@@ -6,9 +6,9 @@ sparse decoder); on the CPU the same step with a dense masked code (what autogra
 encoder + TopK kernel in place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks
 others (saeflow-eb: embedding_bag's backward in place of the Triton kernels; saeflow-foreach: the
 optimizer's foreach passes in place of its one-pass kernel; saeflow-graph: the step replayed as a
-CUDA graph, train.cuda_graph). With --peers, the
-training steps of EleutherAI sparsify and SAELens at the same settings (installed into their own venv, .bench-peers/, on first use, or taken from --peers-python;
-`--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
+CUDA graph, train.cuda_graph). With --peers, the training steps of EleutherAI sparsify and SAELens
+at the same settings (installed into their own venv, .bench-peers/, on first use, or taken from
+--peers-python; `--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
 measurement's alone; speed-ups are against saeflow measured in the same run at the same precision.
 On CUDA every implementation runs in float32 and under bf16 autocast (saeflow's default there).
 
@@ -46,13 +46,20 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
 
         sae.optim._fused = lambda params, triton=True: False
     torch.manual_seed(0)
-    tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, aux_k=min(256, n // 2), dead_tokens=10**9,
-                       precision=precision, optimizer="adam" if impl == "saeflow-adam" else None,
-                       cuda_graph=impl == "saeflow-graph",
-                       # embedding_bag's backward and the foreach optimizer instead of the Triton kernels
-                       triton=impl != "saeflow-eb",
-                       # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
-                       fused_topk=impl == "saeflow-fused")
+    tcfg = TrainConfig(
+        batch_tokens=batch,
+        tokens=10**12,
+        device=device,
+        aux_k=min(256, n // 2),
+        dead_tokens=10**9,
+        precision=precision,
+        optimizer="adam" if impl == "saeflow-adam" else None,
+        cuda_graph=impl == "saeflow-graph",
+        # embedding_bag's backward and the foreach optimizer instead of the Triton kernels
+        triton=impl != "saeflow-eb",
+        # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
+        fused_topk=impl == "saeflow-fused",
+    )
     trainer = Trainer(SAEConfig(d, n, k), tcfg)
     data = torch.randn(4 * batch, d, device=device)
     trainer.initialize(data)
@@ -131,7 +138,7 @@ def run_json(cmd: list[str]) -> dict:
     """The measurement's JSON line, or its last error line when it failed (a peer not installed)."""
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]}
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -144,8 +151,11 @@ def main() -> None:
     parser.add_argument("--precisions", help="fp32,bf16 (default: both on CUDA, fp32 on CPU)")
     parser.add_argument("--peer-impls", default="sparsify,saelens")
     parser.add_argument("--peers-python", help="an interpreter that already has the peers (default: .bench-peers)")
-    parser.add_argument("--impls", help="saeflow's variants to run (default: by device and precision), e.g. "
-                        "saeflow,saeflow-adam,saeflow-fused,saeflow-eb,dense")
+    parser.add_argument(
+        "--impls",
+        help="saeflow's variants to run (default: by device and precision), e.g. "
+        "saeflow,saeflow-adam,saeflow-fused,saeflow-eb,dense",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -161,8 +171,10 @@ def main() -> None:
     precisions = args.precisions.split(",") if args.precisions else ["fp32", "bf16"] if device == "cuda" else ["fp32"]
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"device {device} ({name}); torch {torch.__version__}; steps {args.steps}")
-    header = (f"{'d':>5} {'n_latents':>9} {'k':>3} {'batch':>6} {'prec':>4} | {'impl':<10} {'tokens/s':>10} "
-              f"{'peak MiB':>9} | {'saeflow is':>10}")
+    header = (
+        f"{'d':>5} {'n_latents':>9} {'k':>3} {'batch':>6} {'prec':>4} | {'impl':<10} {'tokens/s':>10} "
+        f"{'peak MiB':>9} | {'saeflow is':>10}"
+    )
     print(header)
     print("-" * len(header))
     for d, n, k, batch in CONFIGS[:1] if args.quick else CONFIGS:
@@ -170,8 +182,18 @@ def main() -> None:
             setting = f"{precision},{d},{n},{k},{batch}"
             results = {}
             for impl in args.impls.split(",") if args.impls else default_impls(device, precision):
-                results[impl] = run_json([sys.executable, __file__, "--one", f"{impl},{setting}",
-                                          "--steps", str(args.steps), "--device", device])
+                results[impl] = run_json(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        f"{impl},{setting}",
+                        "--steps",
+                        str(args.steps),
+                        "--device",
+                        device,
+                    ]
+                )
             if peers:
                 for impl in args.peer_impls.split(","):
                     results[impl] = run_json([peers, str(HERE / "peers.py"), impl, setting, str(args.steps), device])

@@ -16,10 +16,26 @@ from flows.retry import Unreachable
 from flows.spec import SpecError, load_spec
 
 EXIT_BAD_INPUT = 2
-SHOWN_METRICS = ("normalized_mse", "fraction_variance_explained", "l0", "dead_fraction", "train_dead_fraction",
-                 "ce_clean", "ce_with_sae", "ce_increase", "kl_divergence", "loss_recovered_vs_zero",
-                 "loss_recovered_vs_mean", "ablation_sparsity", "probe_loss", "probe_loss_raw", "probe_loss_random",
-                 "probe_loss_prior", "n2g_precision", "n2g_recall")
+SHOWN_METRICS = (
+    "normalized_mse",
+    "fraction_variance_explained",
+    "l0",
+    "dead_fraction",
+    "train_dead_fraction",
+    "ce_clean",
+    "ce_with_sae",
+    "ce_increase",
+    "kl_divergence",
+    "loss_recovered_vs_zero",
+    "loss_recovered_vs_mean",
+    "ablation_sparsity",
+    "probe_loss",
+    "probe_loss_raw",
+    "probe_loss_random",
+    "probe_loss_prior",
+    "n2g_precision",
+    "n2g_recall",
+)
 
 
 def _configure_environment() -> None:
@@ -112,12 +128,16 @@ def _registry_args(args) -> None:
     if getattr(args, "model_uri", None) is not None and not MODEL_URI.fullmatch(args.model_uri):
         raise UsageError(f"model URI {args.model_uri!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
     if not args.tracking_uri:
-        raise UsageError("no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
-                         "(the embedded one is sqlite:///<workdir>/mlflow.db)")
+        raise UsageError(
+            "no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
+            "(the embedded one is sqlite:///<workdir>/mlflow.db)"
+        )
     if args.tracking_uri.startswith("sqlite:///") and not os.path.isfile(args.tracking_uri.removeprefix("sqlite:///")):
         # opening it would create an empty database: a typo would leave a stray file and say "not registered"
-        raise UsageError(f"tracking URI {args.tracking_uri}: no such MLflow database file; check the path "
-                         "(the embedded one is sqlite:///<workdir>/mlflow.db)")
+        raise UsageError(
+            f"tracking URI {args.tracking_uri}: no such MLflow database file; check the path "
+            "(the embedded one is sqlite:///<workdir>/mlflow.db)"
+        )
 
 
 def cmd_pull(args) -> int:
@@ -137,12 +157,15 @@ def cmd_plan_memory(args) -> int:
 
     spec = load_spec(args.spec)
     converted = spec.converted_model_dir()
-    d_model = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source,
-                          local_only=True).hidden_size
+    d_model = load_config(
+        str(converted) if (converted / "config.json").exists() else spec.model.source, local_only=True
+    ).hidden_size
     device = spec.planned_device()
     t = spec.train
-    print(f"{spec.name}: per device, d_model {d_model}, batch {t.batch_tokens}, {device}"
-          + (f", limit {t.device_memory_gib:g} GiB" if t.device_memory_gib else ""))
+    print(
+        f"{spec.name}: per device, d_model {d_model}, batch {t.batch_tokens}, {device}"
+        + (f", limit {t.device_memory_gib:g} GiB" if t.device_memory_gib else "")
+    )
     for i, s in enumerate(spec.sae):
         print(f"  SAE {i}: {s.latents(d_model):,} latents, k {s.k}")
         shards = sorted({t.latent_shards, *(2**j for j in range(6) if 2**j <= max(t.devices * t.nodes, 1))})
@@ -157,7 +180,7 @@ def cmd_plan_memory(args) -> int:
 
 
 # effective training FLOP/s (2·d·n per token) measured by benchmarks/train_throughput.py: H100, bf16,
-# d 768, n 32768, 1.154M tokens/s (README, "Training speed on one GPU")
+# d 768, n 32768, 1.154M tokens/s (docs/benchmarks.md, "Training speed on one GPU")
 MEASURED_FLOPS = {"h100": 2 * 768 * 32768 * 1.154e6}
 
 
@@ -187,8 +210,9 @@ def cmd_plan(args) -> int:
         raise UsageError(f"budget {budget}: must be positive")
     spec = load_spec(args.spec)
     converted = spec.converted_model_dir()
-    d_model = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source,
-                          local_only=True).hidden_size
+    d_model = load_config(
+        str(converted) if (converted / "config.json").exists() else spec.model.source, local_only=True
+    ).hidden_size
     if args.law:
         try:
             law = Fit(**json.loads(Path(args.law).read_text()))
@@ -199,8 +223,15 @@ def cmd_plan(args) -> int:
         law, source = paper_joint_law(), "the paper's GPT-4 joint law (as remembered; fit your own with a sweep)"
     r = recommend(budget, d_model, args.k, law)
     print(f"budget {budget:.3g} FLOPs at d_model {d_model}, k {args.k}; law: {source}")
-    print(f"  n_latents {r.n_latents:,}  k {r.k}  tokens {r.tokens:,} (convergence needs about {r.tokens_to_convergence:,})")
-    err = f" ± {r.predicted_loss_stderr:.3g}" if r.predicted_loss_stderr else " (no uncertainty: the law has no fit covariance)"
+    print(
+        f"  n_latents {r.n_latents:,}  k {r.k}  tokens {r.tokens:,} "
+        f"(convergence needs about {r.tokens_to_convergence:,})"
+    )
+    err = (
+        f" ± {r.predicted_loss_stderr:.3g}"
+        if r.predicted_loss_stderr
+        else " (no uncertainty: the law has no fit covariance)"
+    )
     print(f"  predicted normalized MSE {r.predicted_loss:.4g}{err}")
     planned = spec.model_dump(mode="json")
     planned["sae"] = [{**planned["sae"][0], "n_latents": r.n_latents, "expansion_factor": None, "k": r.k}]
@@ -222,8 +253,13 @@ def cmd_promote(args) -> int:
         alias_name(args.alias)
     except ValueError as e:
         raise UsageError(f"--alias: {e}") from None
-    done = promote(args.tracking_uri, args.name, args.version, args.alias,
-                   f"promoted to {args.alias} by hand (saeflow promote {args.name} {args.version})")
+    done = promote(
+        args.tracking_uri,
+        args.name,
+        args.version,
+        args.alias,
+        f"promoted to {args.alias} by hand (saeflow promote {args.name} {args.version})",
+    )
     print(f"models:/{done.name}@{done.alias} -> version {done.version}")
     return 0
 
@@ -241,10 +277,15 @@ def cmd_ls(args) -> int:
     for m in models:
         print(f"{m['name']}  " + "  ".join(f"@{a} -> v{v}" for a, v in m["aliases"].items()))
         for v in m["versions"]:
-            metrics = "  ".join(f"{k} {x:.4g}" for k, x in v["metrics"].items()
-                                if k in ("normalized_mse", "ce_increase", "dead_fraction"))
-            print(f"  v{v['version']:<4} {v.get('hookpoint') or '':<18} n={v.get('n_latents')} k={v.get('k')}  {metrics}"
-                  + (f"  [{', '.join(v['aliases'])}]" if v["aliases"] else ""))
+            metrics = "  ".join(
+                f"{k} {x:.4g}"
+                for k, x in v["metrics"].items()
+                if k in ("normalized_mse", "ce_increase", "dead_fraction")
+            )
+            print(
+                f"  v{v['version']:<4} {v.get('hookpoint') or '':<18} n={v.get('n_latents')} k={v.get('k')}  {metrics}"
+                + (f"  [{', '.join(v['aliases'])}]" if v["aliases"] else "")
+            )
     return 0
 
 
@@ -262,7 +303,9 @@ def _load_ref(ref: str, tracking_uri: str | None):
 
         connect(tracking_uri)
     elif not os.path.isdir(ref):
-        raise UsageError(f"{ref}: no such directory (or write models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH)")
+        raise UsageError(
+            f"{ref}: no such directory (or write models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH)"
+        )
     try:
         return TopKSAE.from_pretrained(ref)
     except formats.FormatError as e:
@@ -277,8 +320,11 @@ def cmd_export(args) -> int:
         out = formats.export(sae, args.format, args.out)
     except formats.FormatError as e:
         raise UsageError(f"cannot export {args.ref} to {args.format}: {e}") from None
-    loader = {"saelens": "sae_lens.SAE.load_from_disk", "sparsify": "sparsify.SparseCoder.load_from_disk",
-              "saeflow": "sae.TopKSAE.load"}[args.format]
+    loader = {
+        "saelens": "sae_lens.SAE.load_from_disk",
+        "sparsify": "sparsify.SparseCoder.load_from_disk",
+        "saeflow": "sae.TopKSAE.load",
+    }[args.format]
     print(f"wrote {out} ({args.format} format); load it with {loader}({str(out)!r})")
     return 0
 
@@ -293,7 +339,9 @@ def cmd_import(args) -> int:
     fmt = formats.detect(args.dir)
     if not args.register:
         out = sae.save(args.out or "imported-sae", sae.metadata)
-        print(f"read {args.dir} ({fmt} format, {sae.cfg.n_latents} latents, k={sae.cfg.k}); wrote {out} (saeflow format)")
+        print(
+            f"read {args.dir} ({fmt} format, {sae.cfg.n_latents} latents, k={sae.cfg.k}); wrote {out} (saeflow format)"
+        )
         return 0
     if not args.tracking_uri:
         raise UsageError("--register needs a tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
@@ -303,13 +351,27 @@ def cmd_import(args) -> int:
         key = f"import-{digest[:16]}"  # the same weights imported again find their version
         found = find_registered(args.tracking_uri, args.register, args.alias, key, digest)
         if found is None:
-            tags = {"imported_from": fmt, "source": str(Path(args.dir).resolve()), "spec_hash": key,
-                    "d_in": str(sae.cfg.d_in), "n_latents": str(sae.cfg.n_latents), "k": str(sae.cfg.k),
-                    "normalization": sae.cfg.normalization, "lm": str(sae.metadata.get("model") or ""),
-                    "hookpoint": str(sae.metadata.get("hookpoint") or "")}
-            found = register_sae(tmp, tracking_uri=args.tracking_uri, experiment="imported", model_name=args.register,
-                                 alias=args.alias, params={"imported_from": fmt, "source": str(args.dir)}, metrics={},
-                                 tags=tags)
+            tags = {
+                "imported_from": fmt,
+                "source": str(Path(args.dir).resolve()),
+                "spec_hash": key,
+                "d_in": str(sae.cfg.d_in),
+                "n_latents": str(sae.cfg.n_latents),
+                "k": str(sae.cfg.k),
+                "normalization": sae.cfg.normalization,
+                "lm": str(sae.metadata.get("model") or ""),
+                "hookpoint": str(sae.metadata.get("hookpoint") or ""),
+            }
+            found = register_sae(
+                tmp,
+                tracking_uri=args.tracking_uri,
+                experiment="imported",
+                model_name=args.register,
+                alias=args.alias,
+                params={"imported_from": fmt, "source": str(args.dir)},
+                metrics={},
+                tags=tags,
+            )
     print(f"registered {args.dir} ({fmt} format) as {found.uri}")
     return 0
 
@@ -324,8 +386,11 @@ def cmd_report(args) -> int:
 
 
 def _tracking_uri_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,8 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="print the resolved spec, or what is wrong with it (exit 2)")
     v.add_argument("spec")
-    v.add_argument("--online", action="store_true", help="may ask a model hub for the model's config "
-                   "(default: the local cache only)")
+    v.add_argument(
+        "--online",
+        action="store_true",
+        help="may ask a model hub for the model's config (default: the local cache only)",
+    )
     v.set_defaults(func=cmd_validate)
     helps = {
         "run": "run the whole pipeline (finished stages are re-used)",
@@ -416,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = str(e)
-        print(f"error in spec {args.spec}:" + (f" {message}" if "\n" not in message else f"\n{message}"), file=sys.stderr)
+        print(
+            f"error in spec {args.spec}:" + (f" {message}" if "\n" not in message else f"\n{message}"), file=sys.stderr
+        )
         return EXIT_BAD_INPUT
     except (UsageError, LookupError) as e:  # LookupError: e.g. a model URI the registry does not have
         if args.debug:
@@ -436,19 +506,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _unreachable_server(e: BaseException) -> str | None:
     """The server behind a connection failure, named with its fix; None for any other error."""
-    chain = []
-    while e is not None and e not in chain:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
+    chain: list[BaseException] = []
+    cause: BaseException | None = e
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
     names = {type(x).__module__.split(".")[0] + "." + type(x).__name__ for x in chain}
     if names & {"httpx.ConnectError", "httpx.ConnectTimeout", "httpcore.ConnectError"}:
         url = os.environ.get("PREFECT_API_URL")
         if url:
-            return (f"cannot reach the Prefect API at {url}: start that server (prefect server start) or unset "
-                    "PREFECT_API_URL to run with a temporary local one")
+            return (
+                f"cannot reach the Prefect API at {url}: start that server (prefect server start) or unset "
+                "PREFECT_API_URL to run with a temporary local one"
+            )
     if any("API request to" in str(x) and ("Max retries" in str(x) or "Connection" in str(x)) for x in chain):
-        return ("cannot reach the MLflow tracking server (see the tracking URI printed above): start it, or fix "
-                "registry.tracking_uri / MLFLOW_TRACKING_URI")
+        return (
+            "cannot reach the MLflow tracking server (see the tracking URI printed above): start it, or fix "
+            "registry.tracking_uri / MLFLOW_TRACKING_URI"
+        )
     return None
 
 

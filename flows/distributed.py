@@ -46,15 +46,23 @@ def launch(spec: RunSpec, hookpoint: str) -> None:
     else:
         cmd += ["--standalone"]
     cmd += ["-m", "flows.distributed", str(spec_file), hookpoint]
-    grid = (f"{t.devices * t.nodes // t.latent_shards} x {t.latent_shards}" if t.sae_placement == "grid"
-            else f"{t.devices * t.nodes}-process (SAEs spread)")
+    grid = (
+        f"{t.devices * t.nodes // t.latent_shards} x {t.latent_shards}"
+        if t.sae_placement == "grid"
+        else f"{t.devices * t.nodes}-process (SAEs spread)"
+    )
     log.info("training %s on a %s grid (data-parallel replicas x latent shards): %s", hookpoint, grid, " ".join(cmd))
     # each CPU rank a share of the cores (torch.distributed.run would otherwise set 1, with a warning)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.devices)))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.devices))),
+    }
     done = subprocess.run(cmd, env=env)
     if done.returncode:
-        raise RuntimeError(f"distributed training of {hookpoint} on a {grid} grid failed (exit {done.returncode}); "
-                           "the ranks' errors are above")
+        raise RuntimeError(
+            f"distributed training of {hookpoint} on a {grid} grid failed (exit {done.returncode}); "
+            "the ranks' errors are above"
+        )
 
 
 def _die_with_launcher() -> None:
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # the ranks are plain processes (no Prefect logger): rank 0 speaks for the grid, in saeflow's own
     # words (the storage libraries' INFO lines, e.g. botocore finding credentials, stay quiet)
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s rank {dist.get_rank()}: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format=f"%(asctime)s rank {dist.get_rank()}: %(message)s", datefmt="%H:%M:%S"
+    )
     for package in ("flows", "storage", "sae"):
         logging.getLogger(package).setLevel(logging.INFO if dist.get_rank() == 0 else logging.WARNING)
     try:
@@ -96,8 +105,14 @@ def main(argv: list[str] | None = None) -> None:
 def run_rank(spec: RunSpec, hookpoint: str, device: torch.device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if spec.train.sae_placement == "spread":  # this process's SAEs, whole, on the whole batches
-        train_hookpoint(spec, hookpoint, [i for i in range(len(spec.sae)) if i % world == rank], str(device),
-                        Alone(), progress=rank == 0)
+        train_hookpoint(
+            spec,
+            hookpoint,
+            [i for i in range(len(spec.sae)) if i % world == rank],
+            str(device),
+            Alone(),
+            progress=rank == 0,
+        )
         dist.barrier()
         return
     S = spec.train.latent_shards

@@ -3,7 +3,7 @@
 A lock is an advisory `flock` on a small file that names its holder. The second run waits for the
 first (saying whom it waits for), then finds the first's outputs and reports them as Cached. flock is
 per host on most network file systems: runs on several machines should share a Prefect server and
-let it schedule them (see README, Real servers and a cluster).
+let it schedule them (see docs/cluster.md).
 """
 
 from __future__ import annotations

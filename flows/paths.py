@@ -61,8 +61,9 @@ def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
 
 def is_trained(spec: RunSpec, hookpoint: str, indices) -> bool:
     """Whether the work dir holds the finished SAEs `indices` of a hookpoint."""
-    return all(spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices
-               for name in (SAE_MARKER, SAE_WEIGHTS))
+    return all(
+        spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices for name in (SAE_MARKER, SAE_WEIGHTS)
+    )
 
 
 def fetch_sae(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:

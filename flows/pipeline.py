@@ -9,13 +9,14 @@ from a shared work dir could run code that someone wrote there. Only transient f
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import time
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 from prefect import flow, get_run_logger, tags, task, unmapped
 from prefect.artifacts import create_table_artifact
+from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -24,14 +25,16 @@ from flows.locks import exclusive
 from flows.retry import Unreachable, retry_transient
 from flows.spec import RunSpec
 
-_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, persist_result=False)
+_TASK_OPTIONS: dict[str, Any] = dict(
+    retries=2, retry_delay_seconds=10, retry_condition_fn=retry_transient, persist_result=False
+)
 # the stages that use the accelerator: `prefect concurrency-limit create saeflow-gpu N` lets at most N of
 # them run at once across every spec and worker (N = the GPUs there are)
 GPU_TAG = "saeflow-gpu"
-_GPU_TASK_OPTIONS = dict(_TASK_OPTIONS, tags=[GPU_TAG])
+_GPU_TASK_OPTIONS: dict[str, Any] = dict(_TASK_OPTIONS, tags=[GPU_TAG])
 
 
-def _stage(stage: str, spec: RunSpec, *where):
+def _stage(stage: str, spec: RunSpec, *where) -> Any:
     """Runs a stage, or ends Cached with the value its existing outputs give."""
     found = stages.existing_output(stage, spec, *where)
     if found is not None:
@@ -86,14 +89,15 @@ def _probe(address: str, field: str, what: str) -> None:
         with socket.create_connection((host or host_port, int(port or 8786)), timeout=5):
             pass
     except OSError as e:
-        raise Unreachable(f"{field}: cannot reach the {what} at {address} ({e.strerror or e}): start it, or fix "
-                          f"{field} in the spec") from None
+        raise Unreachable(
+            f"{field}: cannot reach the {what} at {address} ({e.strerror or e}): start it, or fix {field} in the spec"
+        ) from None
 
 
 STORAGE_HINTS = {
     "unreachable": "check the endpoint in {options} (client_kwargs.endpoint_url) and that the server is up",
     "credentials": "set the store's credentials (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or key and secret "
-                   "in {options})",
+    "in {options})",
     "missing": "create the bucket, or fix {field}",
 }
 
@@ -149,7 +153,12 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
 def mark_orphans_crashed(tag: str) -> int:
     """Sets every flow run with `tag` that is still Running or Pending to Crashed; returns how many."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType, FlowRunFilterTags
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
 
@@ -157,17 +166,27 @@ def mark_orphans_crashed(tag: str) -> int:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]), state=alive))
         for run in runs:
-            client.set_flow_run_state(run.id, Crashed(message="its process ended without reporting (killed, or the "
-                                                      "API was unreachable); a later run of the spec found it"),
-                                      force=True)
-            logging.getLogger(__name__).warning("flow run %s (%s) was left %s by a process that is gone: marked "
-                                                "Crashed", run.name, run.id, run.state_name)
+            client.set_flow_run_state(
+                run.id,
+                Crashed(
+                    message="its process ended without reporting (killed, or the "
+                    "API was unreachable); a later run of the spec found it"
+                ),
+                force=True,
+            )
+            logging.getLogger(__name__).warning(
+                "flow run %s (%s) was left %s by a process that is gone: marked Crashed",
+                run.name,
+                run.id,
+                run.state_name,
+            )
     return len(runs)
 
 
 # one task at a time unless run_pipeline picks Dask: an LM forward uses every core, and the LM (with its
 # capture hooks) is shared by the tasks of a process
-@flow(name="saeflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))
+# (Prefect's stubs do not see a ThreadPoolTaskRunner as the TaskRunner it is)
+@flow(name="saeflow-pipeline", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=1))  # pyright: ignore[reportCallIssue, reportArgumentType]
 def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = False) -> list[dict]:
     """Runs the selected stages; an earlier stage that is not selected must already be done, later
     ones are left alone. With orchestration.pools each named stage runs on its pool (unless `here`:
@@ -206,8 +225,9 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
         if len(groups) == 1:
             run("train", hookpoint)
         else:  # by token budget, and by what fits on a device together: a task per group, each re-runnable alone
-            logger.info("training %d SAEs at %s in %d groups (one pass each): %s", len(spec.sae), hookpoint,
-                        len(groups), groups)
+            logger.info(
+                "training %d SAEs at %s in %d groups (one pass each): %s", len(spec.sae), hookpoint, len(groups), groups
+            )
             # over the task runner: Dask workers take groups side by side, the default threads one by one
             for future in [train_sae.submit(spec, hookpoint, g) for g in groups]:
                 future.result()
@@ -227,7 +247,8 @@ def _row(spec: RunSpec, hookpoint: str, index: int, metrics: dict | None, uri: s
         "sae": spec.model_name(hookpoint, index),
         "sae_dir": spec.work.location(paths.sae_rel(spec, hookpoint, index)),
         "report": spec.work.location(f"{paths.eval_rel(spec, hookpoint, index)}/{stages.BROWSER_DIR}/index.html")
-        if metrics else None,
+        if metrics
+        else None,
         "model_uri": uri,
         **(metrics or {}),
     }
@@ -254,15 +275,25 @@ def _placed(spec: RunSpec, only: Sequence[str]) -> list[dict]:
         # a multi-node train stage is one job per node: the jobs meet at train.rdzv_endpoint
         jobs = spec.train.nodes if stage == "train" else 1
         logger.info("running the %s stage on work pool %s%s", stage, pool, f" ({jobs} jobs, one per node)" * (jobs > 1))
-        children = [run_deployment(f"{STAGE_DEPLOYMENT}/{pool}", parameters={"spec": payload, "stage": stage}, timeout=0)
-                    for _ in range(jobs)]
+        children = [
+            cast(
+                FlowRun,
+                run_deployment(f"{STAGE_DEPLOYMENT}/{pool}", parameters={"spec": payload, "stage": stage}, timeout=0),
+            )  # called from a flow: the sync form, a FlowRun
+            for _ in range(jobs)
+        ]
         for child in _wait_for_flow_runs([c.id for c in children]):
             if not child.state.is_completed():
-                raise RuntimeError(f"the {stage} stage failed on work pool {pool} (flow run {child.name}, "
-                                   f"{child.state.name}): {child.state.message}")
+                raise RuntimeError(
+                    f"the {stage} stage failed on work pool {pool} (flow run {child.name}, "
+                    f"{child.state.name}): {child.state.message}"
+                )
     # the values are read back from the outputs, as a Cached stage's are
-    return [_row(spec, h, i, stages.existing_output("evaluate", spec, h, i), stages.existing_output("register", spec, h, i))
-            for h in spec.hookpoints for i in range(len(spec.sae))]
+    return [
+        _row(spec, h, i, stages.existing_output("evaluate", spec, h, i), stages.existing_output("register", spec, h, i))
+        for h in spec.hookpoints
+        for i in range(len(spec.sae))
+    ]
 
 
 def _wait_for_flow_runs(ids: list, poll_seconds: float = 5.0) -> list:
@@ -287,8 +318,8 @@ def run_stage(spec: dict, stage: str) -> None:
 
 
 @flow(name="saeflow-run-spec")
-def run_spec_file(spec_path: str, only: list[str] = list(stages.STAGES)) -> list[dict]:
+def run_spec_file(spec_path: str, only: list[str] | None = None) -> list[dict]:
     """Deployment entry point: validates a spec file on the worker, then runs the pipeline."""
     from flows.spec import load_spec
 
-    return run_pipeline(load_spec(spec_path), only=only)
+    return run_pipeline(load_spec(spec_path), only=stages.STAGES if only is None else only)

@@ -8,8 +8,16 @@ from __future__ import annotations
 
 import errno
 
-TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                    errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE}
+TRANSIENT_ERRNOS = {
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETDOWN,
+    errno.EPIPE,
+}
 # MLflow's error codes for a server that was unavailable or overloaded, not for a bad request; its
 # INTERNAL_ERROR is also the default code of any MlflowException, so it counts only from a server
 TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
@@ -41,8 +49,17 @@ def _transient_here(exc: BaseException) -> bool:
     if isinstance(status, int) and (status >= 500 or status == 429):
         return True
     name = type(exc).__name__
-    if name in {"ConnectTimeout", "ReadTimeout", "ConnectError", "RemoteProtocolError", "ProtocolError",
-                "ChunkedEncodingError", "ReadError", "WriteError", "PoolTimeout"}:
+    if name in {
+        "ConnectTimeout",
+        "ReadTimeout",
+        "ConnectError",
+        "RemoteProtocolError",
+        "ProtocolError",
+        "ChunkedEncodingError",
+        "ReadError",
+        "WriteError",
+        "PoolTimeout",
+    }:
         return True
     code = getattr(exc, "error_code", None)
     return code in TRANSIENT_MLFLOW_CODES or (name == "RestException" and code == "INTERNAL_ERROR")

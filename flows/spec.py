@@ -8,13 +8,22 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from sae.config import (RECIPE_VERSION, SAEConfig, TrainConfig, cuda_graph_blockers, fused_topk_blockers,
-                        resolve_optimizer)
+from sae.config import (
+    RECIPE_VERSION,
+    SAEConfig,
+    TrainConfig,
+    cuda_graph_blockers,
+    fused_topk_blockers,
+    resolve_optimizer,
+)
+
+if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
+    from sae.evaluation import EvalPlan
 
 
 class Section(BaseModel):
@@ -31,9 +40,9 @@ def _device(value: str) -> str:
     return value
 
 
-def _known_protocol(location: str | None) -> str | None:
+def _known_protocol(location: str) -> str:
     """A local path, or a URL whose protocol fsspec knows and whose package is installed."""
-    if location is None or "://" not in location:
+    if "://" not in location:
         return location
     import fsspec
 
@@ -43,14 +52,15 @@ def _known_protocol(location: str | None) -> str | None:
     except ImportError as e:
         raise ValueError(f"{protocol}:// needs a package that is not installed ({e})") from None
     except ValueError:
-        raise ValueError(f"{protocol}:// is not a file system fsspec knows: use a local path, "
-                         "s3://, gs://, file://, ...") from None
+        raise ValueError(
+            f"{protocol}:// is not a file system fsspec knows: use a local path, s3://, gs://, file://, ..."
+        ) from None
     return location
 
 
 class ModelSpec(Section):
     source: str = Field(
-        "builtin:smollm2-135m",
+        default="builtin:smollm2-135m",
         description="HF model id (offline cache) or local dir, a .gguf file, or builtin:smollm2-135m",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -63,11 +73,13 @@ class ModelSpec(Section):
 
 
 class DataSpec(Section):
-    source: str = Field("builtin:python-docs", description="builtin:python-docs, local .txt/.jsonl/.parquet, hf:NAME")
+    source: str = Field(
+        default="builtin:python-docs", description="builtin:python-docs, local .txt/.jsonl/.parquet, hf:NAME"
+    )
     context_length: PositiveInt = 64  # §2.1: 64 tokens in all the paper's experiments
     tokens: PositiveInt = 100_000  # training tokens to cache per hookpoint
     drop_first_position: bool = True  # the first position's activations are outliers (attention sink)
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
     batch_contexts: PositiveInt = 32
     store: str | None = None  # activation store root, any fsspec URL; default <workdir>/activations
     store_options: dict = Field(default_factory=dict)  # fsspec storage_options, e.g. S3 endpoint/credentials
@@ -77,13 +89,15 @@ class DataSpec(Section):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str | None) -> str | None:
-        return _known_protocol(v)
+        return None if v is None else _known_protocol(v)
 
     @model_validator(mode="after")
     def _positions(self):
         if self.context_length - int(self.drop_first_position) < 1:
-            raise ValueError(f"data.context_length={self.context_length} keeps no position once the first is dropped: "
-                             "use at least 2 (or drop_first_position: false)")
+            raise ValueError(
+                f"data.context_length={self.context_length} keeps no position once the first is dropped: "
+                "use at least 2 (or drop_first_position: false)"
+            )
         return self
 
 
@@ -92,7 +106,7 @@ LearningRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 class SAESpec(Section):
-    n_latents: int | None = Field(None, gt=0, le=MAX_LATENTS)
+    n_latents: int | None = Field(default=None, gt=0, le=MAX_LATENTS)
     expansion_factor: PositiveInt | None = None
     k: PositiveInt = 32
     aux_k: PositiveInt | None = None  # default: d_model / 2, at most 512
@@ -115,7 +129,10 @@ class SAESpec(Section):
         return self
 
     def latents(self, d_model: int) -> int:
-        return self.n_latents or self.expansion_factor * d_model
+        if self.n_latents is not None:
+            return self.n_latents
+        assert self.expansion_factor is not None  # the validator above asks for exactly one
+        return self.expansion_factor * d_model
 
 
 class TrainSpec(Section):
@@ -138,19 +155,20 @@ class TrainSpec(Section):
     @classmethod
     def _dev(cls, v: str) -> str:
         return _device(v)
+
     tokens: PositiveInt | None = None  # default: one pass over the cached tokens
-    lr_warmup_tokens: int | None = Field(None, ge=0)  # default: 5% of the run with adam, else 0
+    lr_warmup_tokens: int | None = Field(default=None, ge=0)  # default: 5% of the run with adam, else 0
     lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 with adam, else constant
-    grad_clip: float | None = Field(None, gt=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
-    checkpoint_every_tokens: int = Field(1_000_000, ge=0)  # 0: no checkpoints
-    seed: int = Field(0, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
+    checkpoint_every_tokens: int = Field(default=1_000_000, ge=0)  # 0: no checkpoints
+    seed: int = Field(default=0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     cuda_graph: bool = False  # CUDA: replay the step as a CUDA graph (signum, TopK, one process; sae/cuda_graph.py)
     triton: bool = True  # CUDA: Triton kernels for the sparse backward and the optimizer (false: PyTorch's forms)
     fused_topk: bool = False  # CUDA, bf16: the encoder matmul and TopK in one Triton kernel (k <= 64)
-    # several processes (README, Train on several GPUs): devices per node (GPUs, or CPU processes),
+    # several processes (docs/distributed.md): devices per node (GPUs, or CPU processes),
     # nodes joined at rdzv_endpoint, and the latents split into latent_shards (a grid of
     # devices x nodes / latent_shards data-parallel replicas by latent_shards shards)
     devices: PositiveInt = 1
@@ -160,18 +178,24 @@ class TrainSpec(Section):
     # grid: every SAE of the spec trained on the whole grid, one after the other; spread: the spec's SAEs
     # placed on the processes (SAE i on process i mod devices x nodes), each reading the batches itself
     sae_placement: Literal["grid", "spread"] = "grid"
-    device_memory_gib: float | None = Field(None, gt=0)  # refuse at validation a grid that needs more per device
+    device_memory_gib: float | None = Field(
+        default=None, gt=0
+    )  # refuse at validation a grid that needs more per device
 
     @model_validator(mode="after")
     def _grid(self):
         world = self.devices * self.nodes
         if world % self.latent_shards:
-            raise ValueError(f"train.latent_shards={self.latent_shards} does not divide the {world} processes "
-                             f"(devices x nodes): use a divisor of {world}")
+            raise ValueError(
+                f"train.latent_shards={self.latent_shards} does not divide the {world} processes "
+                f"(devices x nodes): use a divisor of {world}"
+            )
         replicas = world // self.latent_shards if self.sae_placement == "grid" else 1
         if self.batch_tokens % replicas:
-            raise ValueError(f"train.batch_tokens={self.batch_tokens} does not split over {replicas} data-parallel "
-                             f"replicas (devices x nodes / latent_shards): use a multiple of {replicas}")
+            raise ValueError(
+                f"train.batch_tokens={self.batch_tokens} does not split over {replicas} data-parallel "
+                f"replicas (devices x nodes / latent_shards): use a multiple of {replicas}"
+            )
         if self.nodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"train.nodes={self.nodes} needs train.rdzv_endpoint (HOST:PORT of the first node)")
         if self.rdzv_endpoint and not re.fullmatch(r"[^\s:/]+:\d+", self.rdzv_endpoint):
@@ -187,19 +211,23 @@ class TrainSpec(Section):
     @model_validator(mode="after")
     def _budget(self):
         if self.tokens is not None and self.tokens < self.batch_tokens:
-            raise ValueError(f"train.tokens={self.tokens} is less than one batch (train.batch_tokens={self.batch_tokens}): "
-                             "raise tokens or lower batch_tokens")
+            raise ValueError(
+                f"train.tokens={self.tokens} is less than one batch (train.batch_tokens={self.batch_tokens}): "
+                "raise tokens or lower batch_tokens"
+            )
         if self.tokens is not None and self.lr_warmup_tokens is not None and self.lr_warmup_tokens >= self.tokens:
-            raise ValueError(f"train.lr_warmup_tokens={self.lr_warmup_tokens} is not below train.tokens={self.tokens}: "
-                             "the lr would never leave its warmup; lower it")
+            raise ValueError(
+                f"train.lr_warmup_tokens={self.lr_warmup_tokens} is not below train.tokens={self.tokens}: "
+                "the lr would never leave its warmup; lower it"
+            )
         return self
 
 
 class EvalSpec(Section):
     tokens: PositiveInt = 8192
-    downstream_contexts: int = Field(64, ge=0)  # contexts for the LM loss with the SAE spliced in
+    downstream_contexts: int = Field(default=64, ge=0)  # contexts for the LM loss with the SAE spliced in
     batch_contexts: PositiveInt = 16
-    ablation_contexts: int = Field(16, ge=0)  # sample size of the §4.4 ablation sparsity (0: skip)
+    ablation_contexts: int = Field(default=16, ge=0)  # sample size of the §4.4 ablation sparsity (0: skip)
     # held-out tokens (whole contexts; the first half fits, the second half scores) for the probe
     # loss, the N2G explanations and the feature browser
     feature_tokens: PositiveInt = 16384
@@ -207,7 +235,7 @@ class EvalSpec(Section):
     n2g: bool = True  # §4.3 N2G explanations, precision and recall
     browser: bool = True  # the all-latent feature browser (browser/index.html)
 
-    def plan(self) -> "EvalPlan":
+    def plan(self) -> EvalPlan:
         from sae.evaluation import EvalPlan
 
         return EvalPlan(**self.model_dump())
@@ -222,20 +250,22 @@ class SweepSpec(Section):
 
     n_latents: list[PositiveInt] = Field(min_length=1)
     k: list[PositiveInt] = Field(min_length=1)
-    lr: list[LearningRate] | None = Field(None, min_length=1)  # optional third axis: each SAE's learning rate (default: train.lr)
+    lr: list[LearningRate] | None = Field(
+        default=None, min_length=1
+    )  # optional third axis: each SAE's learning rate (default: train.lr)
     # optional axis: each SAE's training tokens; SAEs of one budget share a pass, each budget its own
-    tokens: list[PositiveInt] | None = Field(None, min_length=1)
+    tokens: list[PositiveInt] | None = Field(default=None, min_length=1)
     # all: every SAE of the sweep is registered; frontier: only those on the normalized-MSE-vs-L0
     # frontier of their hookpoint (no other SAE has an L0 at most as large and a lower MSE)
     registered: Literal["all", "frontier"] = "all"
     # held-out normalized MSE of every SAE at tokens/2, /4, ... (this many points) while it trains:
     # loss-vs-tokens curves and the compute frontier L(C) in the report
-    milestones: int = Field(4, ge=0, le=12)
+    milestones: int = Field(default=4, ge=0, le=12)
 
 
 class OrchestrationSpec(Section):
     dask_address: str | None = None  # an existing Dask scheduler, e.g. tcp://scheduler:8786
-    dask_workers: int = Field(0, ge=0)  # > 0: start a local Dask cluster with this many worker processes
+    dask_workers: int = Field(default=0, ge=0)  # > 0: start a local Dask cluster with this many worker processes
     # stage -> Prefect work pool: each named stage runs as its own flow run of the deployment
     # saeflow-stage/<pool> (deploy/prefect.yaml), e.g. {cache: gpu, train: gpu, evaluate: gpu, register: cpu}
     pools: dict[str, str] = Field(default_factory=dict)
@@ -263,16 +293,27 @@ TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "m
 
 
 # the evaluation's metrics a promotion can compare; where more is better (the rest: errors and losses)
-RANKED_METRICS = ("normalized_mse", "fraction_variance_explained", "dead_fraction", "dense_fraction", "ce_increase",
-                  "kl_divergence", "loss_recovered_vs_zero", "loss_recovered_vs_mean", "ablation_sparsity")
+RANKED_METRICS = (
+    "normalized_mse",
+    "fraction_variance_explained",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_increase",
+    "kl_divergence",
+    "loss_recovered_vs_zero",
+    "loss_recovered_vs_mean",
+    "ablation_sparsity",
+)
 HIGHER_IS_BETTER = ("fraction_variance_explained", "loss_recovered_vs_zero", "loss_recovered_vs_mean")
 
 
 def alias_name(v: str) -> str:
     # MLflow reserves `latest` and v<N> (they name versions)
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", v) or re.fullmatch(r"[vV]\d+", v) or v.lower() == "latest":
-        raise ValueError(f"{v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
-                         "letter, and not `latest` or v<N> (MLflow reserves them), e.g. candidate")
+        raise ValueError(
+            f"{v!r} cannot be an alias: use letters, digits, _ or -, starting with a "
+            "letter, and not `latest` or v<N> (MLflow reserves them), e.g. candidate"
+        )
     return v
 
 
@@ -281,7 +322,7 @@ class PromoteRule(Section):
     same evaluation tokens, by at least `margin` (relative: 0.02 = 2% better)."""
 
     metric: str = "normalized_mse"
-    margin: float = Field(0.0, ge=0)
+    margin: float = Field(default=0.0, ge=0)
     alias: str = "champion"
 
     @field_validator("metric")
@@ -304,7 +345,7 @@ class PromoteRule(Section):
 
 class RegistrySpec(Section):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db
-    model_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # default: the spec's name
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # default: the spec's name
     alias: str = "candidate"
     experiment: str | None = None  # default: the spec's name
     promote_if: PromoteRule | None = None  # e.g. {metric: normalized_mse, margin: 0.01, alias: champion}
@@ -317,8 +358,10 @@ class RegistrySpec(Section):
     @model_validator(mode="after")
     def _two_aliases(self):
         if self.promote_if is not None and self.promote_if.alias == self.alias:
-            raise ValueError(f"promote_if.alias is {self.alias!r}, the alias every new version gets: promote to "
-                             "another alias (e.g. champion)")
+            raise ValueError(
+                f"promote_if.alias is {self.alias!r}, the alias every new version gets: promote to "
+                "another alias (e.g. champion)"
+            )
         return self
 
     @field_validator("tracking_uri")
@@ -328,10 +371,14 @@ class RegistrySpec(Section):
             return v
         scheme = re.match(r"([a-z][a-z0-9+]*)://", v)
         base = scheme.group(1).split("+")[0] if scheme else None
-        if v == "databricks" or (base in TRACKING_SCHEMES and (base not in ("http", "https") or re.match(r"https?://[^/\s]+", v))):
+        if v == "databricks" or (
+            base in TRACKING_SCHEMES and (base not in ("http", "https") or re.match(r"https?://[^/\s]+", v))
+        ):
             return v
-        raise ValueError(f"{v!r} is not an MLflow tracking URI: write http://HOST:PORT, "
-                         "sqlite:///PATH, postgresql://... or leave it out for the embedded default")
+        raise ValueError(
+            f"{v!r} is not an MLflow tracking URI: write http://HOST:PORT, "
+            "sqlite:///PATH, postgresql://... or leave it out for the embedded default"
+        )
 
 
 class RunSpec(Section):
@@ -374,19 +421,35 @@ class RunSpec(Section):
         if not isinstance(template, dict):
             return data
         grid = data["sweep"]
-        if not isinstance(grid, dict) or not isinstance(grid.get("n_latents"), list) or not isinstance(grid.get("k"), list):
+        if (
+            not isinstance(grid, dict)
+            or not isinstance(grid.get("n_latents"), list)
+            or not isinstance(grid.get("k"), list)
+        ):
             return data  # SweepSpec's own validation names what is missing
         base = {key: v for key, v in template.items() if key not in ("n_latents", "expansion_factor", "k")}
         lrs = grid.get("lr")
-        if not (isinstance(lrs, list) and lrs and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       and 0 < v < math.inf for v in lrs)):
+        if not (
+            isinstance(lrs, list)
+            and lrs
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in lrs)
+        ):
             lrs = [base.get("lr")]  # none, or a bad axis: SweepSpec's own validation names it once
         budgets = grid.get("tokens")
-        if not (isinstance(budgets, list) and budgets and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                                                              for v in budgets)):
+        if not (
+            isinstance(budgets, list)
+            and budgets
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in budgets)
+        ):
             budgets = [base.get("tokens")]
-        saes = [{**base, "n_latents": n, "k": k, "lr": lr, "tokens": t} for n in grid["n_latents"] for k in grid["k"]
-                for lr in lrs for t in budgets if isinstance(n, int) and isinstance(k, int) and k <= n]
+        saes = [
+            {**base, "n_latents": n, "k": k, "lr": lr, "tokens": t}
+            for n in grid["n_latents"]
+            for k in grid["k"]
+            for lr in lrs
+            for t in budgets
+            if isinstance(n, int) and isinstance(k, int) and k <= n
+        ]
         return {**data, "sae": saes or [template]}
 
     def part_hash(self, *parts: str) -> str:
@@ -466,22 +529,32 @@ class RunSpec(Section):
         if repeated:
             raise ValueError(f"hookpoints: {', '.join(repeated)} listed twice: list each hookpoint once")
         if self.train.tokens is None and self.data.tokens < self.train.batch_tokens:
-            raise ValueError(f"data.tokens={self.data.tokens} is less than one training batch "
-                             f"(train.batch_tokens={self.train.batch_tokens}): raise data.tokens or lower batch_tokens")
+            raise ValueError(
+                f"data.tokens={self.data.tokens} is less than one training batch "
+                f"(train.batch_tokens={self.train.batch_tokens}): raise data.tokens or lower batch_tokens"
+            )
         if self.train.tokens is None and (self.train.lr_warmup_tokens or 0) >= self.data.tokens:
-            raise ValueError(f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below the run's "
-                             f"{self.data.tokens} tokens: the lr would never leave its warmup; lower it")
+            raise ValueError(
+                f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below the run's "
+                f"{self.data.tokens} tokens: the lr would never leave its warmup; lower it"
+            )
         for i, s in enumerate(self.sae):
             where = "sae" if len(self.sae) == 1 else f"sae.{i}"
             if s.tokens is not None and s.tokens < self.train.batch_tokens:
-                raise ValueError(f"{where}.tokens={s.tokens} is less than one batch (train.batch_tokens="
-                                 f"{self.train.batch_tokens}): raise tokens or lower batch_tokens")
+                raise ValueError(
+                    f"{where}.tokens={s.tokens} is less than one batch (train.batch_tokens="
+                    f"{self.train.batch_tokens}): raise tokens or lower batch_tokens"
+                )
             if s.tokens is not None and (self.train.lr_warmup_tokens or 0) >= s.tokens:
-                raise ValueError(f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below {where}.tokens="
-                                 f"{s.tokens}: the lr would never leave its warmup; lower it")
+                raise ValueError(
+                    f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below {where}.tokens="
+                    f"{s.tokens}: the lr would never leave its warmup; lower it"
+                )
         if self.train.distributed() and len({s.tokens for s in self.sae}) > 1:
-            raise ValueError("sae: SAEs with different tokens train on one process (each budget its own pass): give "
-                             "them one budget, or train.devices: 1")
+            raise ValueError(
+                "sae: SAEs with different tokens train on one process (each budget its own pass): give "
+                "them one budget, or train.devices: 1"
+            )
         return self
 
     @model_validator(mode="after")
@@ -491,21 +564,34 @@ class RunSpec(Section):
             if self.train.latent_shards > 1:
                 raise ValueError("train.sae_placement spread puts each SAE whole on one process: drop latent_shards")
             if world > len(self.sae):
-                raise ValueError(f"train.sae_placement spread: {world} processes (devices x nodes) for {len(self.sae)} "
-                                 "SAEs would leave some idle: use at most as many processes as SAEs")
+                raise ValueError(
+                    f"train.sae_placement spread: {world} processes (devices x nodes) for {len(self.sae)} "
+                    "SAEs would leave some idle: use at most as many processes as SAEs"
+                )
         return self
 
     @model_validator(mode="after")
     def _kernels(self):
         t = self.train
         if t.fused_topk:
-            problems = dict.fromkeys(why for s in self.sae for why in fused_topk_blockers(t.device, t.precision, t.triton, s.k))
+            problems = dict.fromkeys(
+                why for s in self.sae for why in fused_topk_blockers(t.device, t.precision, t.triton, s.k)
+            )
             if problems:
                 raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
         if t.cuda_graph:
-            problems = dict.fromkeys(why for s in self.sae for why in cuda_graph_blockers(
-                t.device, resolve_optimizer(t.optimizer, t.recipe), s.activation, t.devices * t.nodes, t.fused_topk,
-                t.triton))
+            problems = dict.fromkeys(
+                why
+                for s in self.sae
+                for why in cuda_graph_blockers(
+                    t.device,
+                    resolve_optimizer(t.optimizer, t.recipe),
+                    s.activation,
+                    t.devices * t.nodes,
+                    t.fused_topk,
+                    t.triton,
+                )
+            )
             if problems:
                 raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
         return self
@@ -514,12 +600,17 @@ class RunSpec(Section):
     def _shared_storage(self):
         pools = self.orchestration.pools
         if pools:
-            local = [(field, where) for field, where in (("workdir", self.workdir), ("data.store", self.data.store))
-                     if where is not None and ("://" not in where or where.startswith("file://"))]
+            local = [
+                (field, where)
+                for field, where in (("workdir", self.workdir), ("data.store", self.data.store))
+                if where is not None and ("://" not in where or where.startswith("file://"))
+            ]
             if local:
                 field, where = local[0]
-                raise ValueError(f"{field}={where!r} is a local path, but orchestration.pools runs stages on other "
-                                 f"machines, which cannot see it: use a shared URL (s3://bucket/prefix, gs://...)")
+                raise ValueError(
+                    f"{field}={where!r} is a local path, but orchestration.pools runs stages on other "
+                    f"machines, which cannot see it: use a shared URL (s3://bucket/prefix, gs://...)"
+                )
         return self
 
     @model_validator(mode="after")
@@ -527,8 +618,10 @@ class RunSpec(Section):
         for h in self.hookpoints:
             names = [self.model_name(h, i) for i in range(len(self.sae))]
             if len(set(names)) < len(names):
-                raise ValueError(f"sae: two SAEs would be registered as the same model ({names}): make them differ "
-                                 "in n_latents, k or activation, or split them into two specs")
+                raise ValueError(
+                    f"sae: two SAEs would be registered as the same model ({names}): make them differ "
+                    "in n_latents, k or activation, or split them into two specs"
+                )
         return self
 
     def planned_device(self) -> str:
@@ -547,9 +640,19 @@ class RunSpec(Section):
         shards = shards or t.latent_shards
         replicas = max(t.devices * t.nodes // shards, 1) if t.sae_placement == "grid" else 1
         bf16 = t.precision == "bf16" or (t.precision == "auto" and device.startswith("cuda"))
-        return plan_memory(d_model, s.latents(d_model), s.k, t.batch_tokens, replicas, shards,
-                           resolve_optimizer(t.optimizer, t.recipe), bool(t.ema_decay), bf16,
-                           multi_topk=s.multi_topk, cuda=device.startswith("cuda"))
+        return plan_memory(
+            d_model,
+            s.latents(d_model),
+            s.k,
+            t.batch_tokens,
+            replicas,
+            shards,
+            resolve_optimizer(t.optimizer, t.recipe),
+            bool(t.ema_decay),
+            bf16,
+            multi_topk=s.multi_topk,
+            cuda=device.startswith("cuda"),
+        )
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]
@@ -557,7 +660,8 @@ class RunSpec(Section):
 
     def lr_setting(self, index: int = 0) -> float | str:
         """SAE `index`'s lr as the spec sets it: its own (a sweep's lr axis), else train.lr (maybe "auto")."""
-        return self.sae[index].lr if self.sae[index].lr is not None else self.train.lr
+        own = self.sae[index].lr
+        return own if own is not None else self.train.lr
 
     def train_config(self, cached_tokens: int, device: str, index: int = 0) -> TrainConfig:
         t, s = self.train, self.sae[index]
@@ -591,8 +695,14 @@ def safe_name(name: str) -> str:
 # kernel choices change a trained SAE's bits, so they key the train stage; at their defaults they are
 # left out, so that the keys of specs written before they were options stay the same
 HASHED_WHEN_SET = {"train.triton": True, "train.fused_topk": False}
-HASH_EXCLUDED = ("data.store_options", "train.rdzv_endpoint", "train.checkpoint_every_tokens", "train.cuda_graph", "eval.browser",
-                 "eval.batch_contexts")
+HASH_EXCLUDED = (
+    "data.store_options",
+    "train.rdzv_endpoint",
+    "train.checkpoint_every_tokens",
+    "train.cuda_graph",
+    "eval.browser",
+    "eval.batch_contexts",
+)
 
 
 class SpecError(ValueError):
@@ -629,8 +739,9 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice: keep one",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice: keep one", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -684,13 +795,16 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
             raise SpecError(f"data.source: {e}") from None
     converted = spec.converted_model_dir()  # a GGUF converted earlier reads in milliseconds
     try:
-        config = load_config(str(converted) if (converted / "config.json").exists() else spec.model.source,
-                             local_only=not online)
+        config = load_config(
+            str(converted) if (converted / "config.json").exists() else spec.model.source, local_only=not online
+        )
         names, d_model = set(module_names(config)), config.hidden_size
     except (OSError, ValueError, KeyError) as e:
         hint = "" if online else " (validation reads the local cache only; `saeflow validate --online` may download)"
-        raise SpecError(f"model.source: cannot read the model config of {spec.model.source!r}{hint}: "
-                        f"{' '.join(str(e).split())[:300]}") from None
+        raise SpecError(
+            f"model.source: cannot read the model config of {spec.model.source!r}{hint}: "
+            f"{' '.join(str(e).split())[:300]}"
+        ) from None
     for i, h in enumerate(spec.hookpoints):
         if h not in names:
             layers = sorted(n for n in names if n.count(".") == 2 and ".layers." in n)[:3]
@@ -701,16 +815,22 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
     for i, s in enumerate(spec.sae):
         where = "sae" if len(spec.sae) == 1 else f"sae.{i}"
         if s.k > s.latents(d_model):
-            raise SpecError(f"{where}.k={s.k} exceeds n_latents={s.latents(d_model)} (expansion_factor x d_model): lower k")
+            raise SpecError(
+                f"{where}.k={s.k} exceeds n_latents={s.latents(d_model)} (expansion_factor x d_model): lower k"
+            )
         limit = spec.train.device_memory_gib
         if limit is not None:
             plan = spec.memory_plan(d_model, i, device=spec.planned_device())
             if plan.total > limit * 2**30:
                 parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in plan.rows()[:-1])
-                raise SpecError(f"train.device_memory_gib={limit:g}: {where} needs {plan.total / 2**30:.2f} GiB per device "
-                                f"on a {spec.train.replicas()} x {spec.train.latent_shards} grid ({parts} GiB): raise "
-                                "train.latent_shards (with devices), or lower train.batch_tokens (saeflow plan-memory)")
+                raise SpecError(
+                    f"train.device_memory_gib={limit:g}: {where} needs {plan.total / 2**30:.2f} GiB per device "
+                    f"on a {spec.train.replicas()} x {spec.train.latent_shards} grid ({parts} GiB): raise "
+                    "train.latent_shards (with devices), or lower train.batch_tokens (saeflow plan-memory)"
+                )
         shards = spec.train.latent_shards
         if s.latents(d_model) % shards:
-            raise SpecError(f"{where}: n_latents={s.latents(d_model)} does not split into train.latent_shards={shards} "
-                            f"equal shards: use a multiple of {shards}")
+            raise SpecError(
+                f"{where}: n_latents={s.latents(d_model)} does not split into train.latent_shards={shards} "
+                f"equal shards: use a multiple of {shards}"
+            )

@@ -10,13 +10,26 @@ import math
 import shutil
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flows import distributed
 from flows.locks import exclusive
-from flows.paths import (CACHE_SECTIONS, METRICS_FILE, eval_dir, eval_rel, fetch_sae, is_trained, metrics_path,
-                         register_parts, sae_dir, sae_rel, store_options, store_url)
+from flows.paths import (
+    CACHE_SECTIONS,
+    METRICS_FILE,
+    eval_dir,
+    eval_rel,
+    fetch_sae,
+    is_trained,
+    metrics_path,
+    register_parts,
+    sae_dir,
+    sae_rel,
+    store_options,
+    store_url,
+)
 from flows.spec import RunSpec
 from flows.training import Alone, train_hookpoint, write_json
 from sae.browser import HISTOGRAM_FILE
@@ -25,31 +38,48 @@ from storage import activations as store
 from storage.corpus import split_contexts
 from storage.registry import file_sha256, find_registered, register_sae
 
+if TYPE_CHECKING:
+    from sae.evaluation import EvalSource
+
 log = logging.getLogger(__name__)
 
 STAGES = ("cache", "train", "evaluate", "register")
 
 
-def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None) -> bool:
+def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | list[int] | None = None) -> bool:
     """Whether a stage's output exists in the work dir: for train, every SAE of the hookpoint unless
     `index` is given."""
     if stage == "cache":
         return store.is_complete(store_url(spec), store_options(spec))
+    if hookpoint is None:
+        raise ValueError(f"the {stage} stage's outputs are per hookpoint: name one")
     if stage == "train":  # index: one SAE, a group of them (list), or None for all
-        return is_trained(spec, hookpoint,
-                          range(len(spec.sae)) if index is None else index if isinstance(index, list) else [index])
+        return is_trained(
+            spec, hookpoint, range(len(spec.sae)) if index is None else index if isinstance(index, list) else [index]
+        )
+    if not isinstance(index, int):
+        raise ValueError(f"the {stage} stage's outputs are per SAE: give its index")
     if stage == "evaluate":
         return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}")
     return registered(spec, hookpoint, index) is not None
 
 
-def existing_output(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | None = None):
+def existing_output(
+    stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | list[int] | None = None
+) -> Any:
     """What a finished stage returns, read back from its outputs; None when the stage has not finished."""
     if stage == "cache":
         return store_url(spec) if is_done("cache", spec) else None
+    if hookpoint is None:
+        raise ValueError(f"the {stage} stage's outputs are per hookpoint: name one")
     if stage == "train":
-        return ([str(sae_dir(spec, hookpoint, i)) for i in (index if isinstance(index, list) else range(len(spec.sae)))]
-                if is_done("train", spec, hookpoint, index) else None)
+        return (
+            [str(sae_dir(spec, hookpoint, i)) for i in (index if isinstance(index, list) else range(len(spec.sae)))]
+            if is_done("train", spec, hookpoint, index)
+            else None
+        )
+    if not isinstance(index, int):
+        raise ValueError(f"the {stage} stage's outputs are per SAE: give its index")
     if stage == "evaluate":
         return stored_metrics(spec, hookpoint, index) if is_done("evaluate", spec, hookpoint, index) else None
     found = registered(spec, hookpoint, index)
@@ -66,8 +96,13 @@ def _find(spec: RunSpec, hookpoint: str, index: int):
     weights = sae_dir(spec, hookpoint, index) / "sae.safetensors"
     if spec.work.remote and not weights.exists() and is_done("train", spec, hookpoint, index):
         fetch_sae(spec, hookpoint, index)
-    return find_registered(spec.tracking_uri(), spec.model_name(hookpoint, index), spec.registry.alias,
-                           spec.part_hash(*register_parts(index)), file_sha256(weights) if weights.exists() else None)
+    return find_registered(
+        spec.tracking_uri(),
+        spec.model_name(hookpoint, index),
+        spec.registry.alias,
+        spec.part_hash(*register_parts(index)),
+        file_sha256(weights) if weights.exists() else None,
+    )
 
 
 def registry_lock(uri: str):
@@ -85,8 +120,10 @@ def check_finite_metrics(metrics: dict, what: str) -> dict:
     bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
     if bad:
         listed = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise NonFiniteError(f"{what} has non-finite metrics ({listed}): the SAE or its evaluation data is "
-                             "broken; retrain it (and check the activation store) before evaluating again")
+        raise NonFiniteError(
+            f"{what} has non-finite metrics ({listed}): the SAE or its evaluation data is "
+            "broken; retrain it (and check the activation store) before evaluating again"
+        )
     return metrics
 
 
@@ -159,15 +196,20 @@ def reverify_cache(spec: RunSpec) -> list[str]:
         return []
     problems = store.reopen_bad_shards(url, opts)
     if problems:
-        log.warning("the activation store at %s has %d bad shards, recomputing them:\n  %s", url, len(problems),
-                    "\n  ".join(problems))
+        log.warning(
+            "the activation store at %s has %d bad shards, recomputing them:\n  %s",
+            url,
+            len(problems),
+            "\n  ".join(problems),
+        )
     return problems
 
 
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     model, _ = _lm(spec)
-    store.write_shard(store_url(spec), split, index, model, spec.data.batch_contexts, store_options(spec),
-                      progress=True)
+    store.write_shard(
+        store_url(spec), split, index, model, spec.data.batch_contexts, store_options(spec), progress=True
+    )
 
 
 def cache(spec: RunSpec) -> str:
@@ -202,8 +244,9 @@ def train_groups(spec: RunSpec, hookpoint: str) -> list[list[int]]:
         return list(budgets.values())
     from sae.memory import pack_groups
 
-    d_model = store.activations(store.open_group_for_status(store_url(spec), store_options(spec)), "train",
-                                hookpoint).shape[1]
+    d_model = store.activations(
+        store.open_group_for_status(store_url(spec), store_options(spec)), "train", hookpoint
+    ).shape[1]
     groups = []
     for members in budgets.values():
         plans = [spec.memory_plan(d_model, i, device=spec.planned_device()) for i in members]
@@ -211,12 +254,14 @@ def train_groups(spec: RunSpec, hookpoint: str) -> list[list[int]]:
     return groups
 
 
-def train_here(spec: RunSpec, hookpoint: str, progress: bool = True, only: list[int] | None = None,
-               device: str | None = None) -> list[str]:
+def train_here(
+    spec: RunSpec, hookpoint: str, progress: bool = True, only: list[int] | None = None, device: str | None = None
+) -> list[str]:
     """The train stage in this process: the SAEs `only` (default all) on `device` (default the spec's)."""
     indices = only if only is not None else list(range(len(spec.sae)))
-    return train_hookpoint(spec, hookpoint, indices, device or str(resolve_device(spec.train.device)), Alone(),
-                           progress)
+    return train_hookpoint(
+        spec, hookpoint, indices, device or str(resolve_device(spec.train.device)), Alone(), progress
+    )
 
 
 def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = True) -> dict[str, float]:
@@ -241,7 +286,7 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
     return record.metrics
 
 
-def eval_source(group, hookpoint: str, lm) -> "EvalSource":
+def eval_source(group, hookpoint: str, lm) -> EvalSource:
     """The store's eval split as the evaluation reads it (rows, contexts, their mean)."""
     from sae.evaluation import EvalSource
 
@@ -298,6 +343,8 @@ def apply_promotion(spec: RunSpec, hookpoint: str, index: int, registered, uri: 
     from storage.registry import NotRegistered, describe, model_version, promote
 
     rule = spec.registry.promote_if
+    if rule is None:
+        return False
     name, version = registered.name, registered.version
     new = stored_metrics(spec, hookpoint, index).get(rule.metric)
     if new is None:
@@ -306,12 +353,21 @@ def apply_promotion(spec: RunSpec, hookpoint: str, index: int, registered, uri: 
     try:
         current = model_version(f"models:/{name}@{rule.alias}")
     except NotRegistered:
-        promote(uri, name, version, rule.alias, f"promoted to {rule.alias}: the first version ranked by {rule.metric} "
-                                                f"({new:.6g})")
+        promote(
+            uri,
+            name,
+            version,
+            rule.alias,
+            f"promoted to {rule.alias}: the first version ranked by {rule.metric} ({new:.6g})",
+        )
         return True
     if current.tags.get("eval_data") != eval_data_hash(spec):
-        describe(name, version, f"not promoted to {rule.alias}: version {current.version} there was evaluated on "
-                                "other tokens, so the two are not comparable")
+        describe(
+            name,
+            version,
+            f"not promoted to {rule.alias}: version {current.version} there was evaluated on "
+            "other tokens, so the two are not comparable",
+        )
         return False
     old = float(current.tags[f"metric.{rule.metric}"])
     verdict = f"{rule.metric} {new:.6g} vs {old:.6g} of version {current.version} (margin {rule.margin:g})"
@@ -371,8 +427,11 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         artifact_root=spec.root / "mlartifacts" if uri.startswith(("sqlite:", "file:")) else None,
         run_files=[
             p
-            for p in (eval_dir(spec, hookpoint, index) / BROWSER_DIR, eval_dir(spec, hookpoint, index) / HISTOGRAM_FILE,
-                      directory / "train_history.json")
+            for p in (
+                eval_dir(spec, hookpoint, index) / BROWSER_DIR,
+                eval_dir(spec, hookpoint, index) / HISTOGRAM_FILE,
+                directory / "train_history.json",
+            )
             if p.exists()
         ],
     )
@@ -394,8 +453,10 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     group = store.open_store(meta["store_url"], verify=("eval",))
     lm = load_lm(meta["lm"], "auto", "auto")
     source = eval_source(group, meta["hookpoint"], lambda: lm)
-    sample, _ = collect_features(sae, EvalPlan(feature_tokens=source.n_contexts * source.positions, probes=False), source)
+    sample, _ = collect_features(
+        sae, EvalPlan(feature_tokens=source.n_contexts * source.positions, probes=False), source
+    )
     title = f"{version.name} v{version.version} · {meta['hookpoint']}"
     index = write_browser(EvalRecord(metrics, sample), sae.cfg.n_latents, Path(out_dir), title)
-    log_run_files(version.run_id, [index.parent, index.parent.parent / HISTOGRAM_FILE])
+    log_run_files(str(version.run_id), [index.parent, index.parent.parent / HISTOGRAM_FILE])
     return index

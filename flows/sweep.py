@@ -32,9 +32,18 @@ def points(spec: RunSpec) -> list[dict]:
                 rel = paths.sae_rel(spec, hookpoint, i)
                 config = json.loads(spec.work.read_bytes(f"{rel}/{paths.SAE_MARKER}"))
                 history = json.loads(spec.work.read_bytes(f"{rel}/train_history.json"))
-                rows.append({"hookpoint": hookpoint, "n_latents": s.n_latents, "k": s.k, "lr": config["metadata"]["lr"],
-                             "d_in": config["sae"]["d_in"], "tokens": config["metadata"]["train_tokens"], **m,
-                             "milestones": history.get("milestones", [])})
+                rows.append(
+                    {
+                        "hookpoint": hookpoint,
+                        "n_latents": s.n_latents,
+                        "k": s.k,
+                        "lr": config["metadata"]["lr"],
+                        "d_in": config["sae"]["d_in"],
+                        "tokens": config["metadata"]["train_tokens"],
+                        **m,
+                        "milestones": history.get("milestones", []),
+                    }
+                )
     return rows
 
 
@@ -46,9 +55,16 @@ def compute_points(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
         for m in r["milestones"] + [{"tokens": r["tokens"], "normalized_mse": r["normalized_mse"]}]:
-            out.append({"hookpoint": r["hookpoint"], "n_latents": r["n_latents"], "k": r["k"], "tokens": m["tokens"],
-                        "flops": training_flops(r["d_in"], r["n_latents"], m["tokens"]),
-                        "normalized_mse": m["normalized_mse"]})
+            out.append(
+                {
+                    "hookpoint": r["hookpoint"],
+                    "n_latents": r["n_latents"],
+                    "k": r["k"],
+                    "tokens": m["tokens"],
+                    "flops": training_flops(r["d_in"], r["n_latents"], m["tokens"]),
+                    "normalized_mse": m["normalized_mse"],
+                }
+            )
     for hookpoint in {p["hookpoint"] for p in out}:
         mine = [p for p in out if p["hookpoint"] == hookpoint]
         for p, on in zip(mine, compute_frontier([p["flops"] for p in mine], [p["normalized_mse"] for p in mine])):
@@ -66,9 +82,12 @@ def to_register(spec: RunSpec, hookpoint: str, metrics: list[dict | None]) -> li
 
     found = [m or stages.existing_output("evaluate", spec, hookpoint, i) for i, m in enumerate(metrics)]
     if any(m is None for m in found):
-        raise RuntimeError(f"the sweep registers its frontier, which needs every SAE of {hookpoint} evaluated: "
-                           "run `saeflow evaluate SPEC` (or `saeflow sweep SPEC`) first")
-    return l0_frontier([m["l0"] for m in found], [m["normalized_mse"] for m in found])
+        raise RuntimeError(
+            f"the sweep registers its frontier, which needs every SAE of {hookpoint} evaluated: "
+            "run `saeflow evaluate SPEC` (or `saeflow sweep SPEC`) first"
+        )
+    evaluated: list[dict] = found
+    return l0_frontier([m["l0"] for m in evaluated], [m["normalized_mse"] for m in evaluated])
 
 
 def report(spec: RunSpec) -> Path:
@@ -88,7 +107,9 @@ def report(spec: RunSpec) -> Path:
                 best[key] = r
         mine = list(best.values())
         try:
-            fit = fit_joint_law([r["n_latents"] for r in mine], [r["k"] for r in mine], [r["normalized_mse"] for r in mine])
+            fit = fit_joint_law(
+                [r["n_latents"] for r in mine], [r["k"] for r in mine], [r["normalized_mse"] for r in mine]
+            )
             fits[hookpoint] = fit.to_dict()
         except (ValueError, RuntimeError) as e:  # too few points, or no convergence: said in the report
             fits[hookpoint] = {"error": str(e)}
@@ -97,7 +118,9 @@ def report(spec: RunSpec) -> Path:
     for hookpoint in spec.hookpoints:  # L(C): a power law with an irreducible term over the frontier
         front = [p for p in compute if p["hookpoint"] == hookpoint and p["frontier"]]
         try:
-            compute_fits[hookpoint] = fit_power_law([p["flops"] for p in front], [p["normalized_mse"] for p in front]).to_dict()
+            compute_fits[hookpoint] = fit_power_law(
+                [p["flops"] for p in front], [p["normalized_mse"] for p in front]
+            ).to_dict()
         except (ValueError, RuntimeError) as e:
             compute_fits[hookpoint] = {"error": str(e)}
     (out / "points.json").write_text(json.dumps(rows, indent=2))
@@ -105,15 +128,24 @@ def report(spec: RunSpec) -> Path:
     (out / "compute.json").write_text(json.dumps({"points": compute, "fits": compute_fits}, indent=2))
     plots = ["mse_vs_n", "mse_vs_l0", "dead_vs_n"] + (["dce_vs_mse"] if all("ce_increase" in r for r in rows) else [])
     plots += ["mse_vs_tokens", "mse_vs_compute"] if any(r["milestones"] for r in rows) else []
-    pngs = {name: _plot(name, rows, fits) if name not in ("mse_vs_tokens", "mse_vs_compute")
-            else _compute_plot(name, rows, compute, compute_fits) for name in plots}
+    pngs = {
+        name: _plot(name, rows, fits)
+        if name not in ("mse_vs_tokens", "mse_vs_compute")
+        else _compute_plot(name, rows, compute, compute_fits)
+        for name in plots
+    }
     for name, png in pngs.items():
         (out / f"{name}.png").write_bytes(png)
     page = _page(spec, rows, fits, compute_fits, pngs)
     (out / "report.html").write_text(page, encoding="utf-8")
     log.info("sweep report written to %s", out / "report.html")
-    _log_to_mlflow(spec, out, fits, [out / name for name in ("points.json", "fits.json", "compute.json", "report.html")]
-                   + [out / f"{name}.png" for name in pngs])
+    _log_to_mlflow(
+        spec,
+        out,
+        fits,
+        [out / name for name in ("points.json", "fits.json", "compute.json", "report.html")]
+        + [out / f"{name}.png" for name in pngs],
+    )
     return out / "report.html"
 
 
@@ -129,16 +161,35 @@ def _log_to_mlflow(spec: RunSpec, out: Path, fits: dict, files: list[Path]) -> s
                 children.append(found.run_id)
             elif stages.is_done("evaluate", spec, hookpoint, i):
                 metrics = stages.stored_metrics(spec, hookpoint, i)
-                params = {"hookpoint": hookpoint, "n_latents": s.n_latents, "k": s.k, "lr": spec.lr_setting(i),
-                          "registered": "no: not on the sweep's frontier"}
+                params = {
+                    "hookpoint": hookpoint,
+                    "n_latents": s.n_latents,
+                    "k": s.k,
+                    "lr": spec.lr_setting(i),
+                    "registered": "no: not on the sweep's frontier",
+                }
                 unregistered[spec.model_name(hookpoint, i)] = (
-                    params, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    fit_metrics = {f"fit.{safe_name(hookpoint)}.{name}": value for hookpoint, fit in fits.items()
-                   for name, value in fit.get("params", {}).items()}
+                    params,
+                    {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                )
+    fit_metrics = {
+        f"fit.{safe_name(hookpoint)}.{name}": value
+        for hookpoint, fit in fits.items()
+        for name, value in fit.get("params", {}).items()
+    }
     uri = spec.tracking_uri()
     with stages.registry_lock(uri):
-        return log_sweep(uri, spec.registry.experiment or spec.name, spec.name, out.name, files, fit_metrics, children,
-                         unregistered, spec.root / "mlartifacts" if uri.startswith(("sqlite:", "file:")) else None)
+        return log_sweep(
+            uri,
+            spec.registry.experiment or spec.name,
+            spec.name,
+            out.name,
+            files,
+            fit_metrics,
+            children,
+            unregistered,
+            spec.root / "mlartifacts" if uri.startswith(("sqlite:", "file:")) else None,
+        )
 
 
 def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
@@ -167,10 +218,16 @@ def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
     ax.set_xscale("log")
     if name in ("mse_vs_n", "mse_vs_l0"):
         ax.set_yscale("log")
-    ax.set_xlabel({"mse_vs_n": "latents", "mse_vs_l0": "L0", "dead_vs_n": "latents",
-                   "dce_vs_mse": "normalized MSE (held-out)"}[name])
-    ax.set_ylabel({"dead_vs_n": "dead fraction (held-out)", "dce_vs_mse": "CE increase (nats)"}.get(
-        name, "normalized MSE (held-out)"))
+    ax.set_xlabel(
+        {"mse_vs_n": "latents", "mse_vs_l0": "L0", "dead_vs_n": "latents", "dce_vs_mse": "normalized MSE (held-out)"}[
+            name
+        ]
+    )
+    ax.set_ylabel(
+        {"dead_vs_n": "dead fraction (held-out)", "dce_vs_mse": "CE increase (nats)"}.get(
+            name, "normalized MSE (held-out)"
+        )
+    )
     ax.legend(fontsize=7)
     return png_bytes(fig)
 
@@ -186,14 +243,25 @@ def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) 
     if name == "mse_vs_tokens":
         for r in rows:
             curve = r["milestones"] + [{"tokens": r["tokens"], "normalized_mse": r["normalized_mse"]}]
-            ax.plot([m["tokens"] for m in curve], [m["normalized_mse"] for m in curve], "o-", ms=3, lw=1,
-                    label=f"n={r['n_latents']} k={r['k']}" + (f" lr={r['lr']:.2g}" if len({x['lr'] for x in rows}) > 1 else ""))
+            ax.plot(
+                [m["tokens"] for m in curve],
+                [m["normalized_mse"] for m in curve],
+                "o-",
+                ms=3,
+                lw=1,
+                label=f"n={r['n_latents']} k={r['k']}"
+                + (f" lr={r['lr']:.2g}" if len({x["lr"] for x in rows}) > 1 else ""),
+            )
         ax.set_xlabel("training tokens")
     else:
         ax.plot([p["flops"] for p in compute], [p["normalized_mse"] for p in compute], ".", color="0.6", label="all")
         for hookpoint, fit in fits.items():
-            front = sorted((p for p in compute if p["hookpoint"] == hookpoint and p["frontier"]), key=lambda p: p["flops"])
-            line = ax.plot([p["flops"] for p in front], [p["normalized_mse"] for p in front], "o", label=f"frontier {hookpoint}")[0]
+            front = sorted(
+                (p for p in compute if p["hookpoint"] == hookpoint and p["frontier"]), key=lambda p: p["flops"]
+            )
+            line = ax.plot(
+                [p["flops"] for p in front], [p["normalized_mse"] for p in front], "o", label=f"frontier {hookpoint}"
+            )[0]
             if "params" in fit:
                 grid = np.geomspace(front[0]["flops"], front[-1]["flops"] * 4, 50)
                 f = Fit(**fit)
@@ -217,28 +285,37 @@ def _page(spec: RunSpec, rows: list[dict], fits: dict, compute_fits: dict, pngs:
     cells = "".join(
         f"<tr><td>{html.escape(r['hookpoint'])}</td><td>{r['n_latents']}</td><td>{r['k']}</td><td>{r['lr']:.3g}</td>"
         f"<td>{r['normalized_mse']:.4f}</td><td>{r['l0']:.1f}</td><td>{r['dead_fraction']:.3f}</td>"
-        f"<td>{r.get('ce_increase', float('nan')):.4f}</td></tr>" for r in rows)
+        f"<td>{r.get('ce_increase', float('nan')):.4f}</td></tr>"
+        for r in rows
+    )
     fit_lines = []
     for hookpoint, fit in fits.items():
         if "params" in fit:
             params = ", ".join(f"{k} = {v:.4g} ± {fit['stderr'][k]:.2g}" for k, v in fit["params"].items())
-            fit_lines.append(f"<p>{html.escape(hookpoint)}: L(n, k) = exp(α + β_k log k + β_n log n + γ log k log n) + "
-                             f"exp(ζ + η log k); {params}; rms log residual {fit['rms_log_residual']:.3g} over "
-                             f"{fit['points']} SAEs</p>")
+            fit_lines.append(
+                f"<p>{html.escape(hookpoint)}: L(n, k) = exp(α + β_k log k + β_n log n + γ log k log n) + "
+                f"exp(ζ + η log k); {params}; rms log residual {fit['rms_log_residual']:.3g} over "
+                f"{fit['points']} SAEs</p>"
+            )
         else:
             fit_lines.append(f"<p>{html.escape(hookpoint)}: no fit ({html.escape(fit['error'])})</p>")
     for hookpoint, fit in compute_fits.items():
         if "params" in fit:
             p, e = fit["params"], fit["stderr"]
-            fit_lines.append(f"<p>{html.escape(hookpoint)}: on the compute frontier L(C) = a·C^-b + c with "
-                             f"b = {p['b']:.3g} ± {e['b']:.2g}, c = {math.exp(p['log_c']):.3g} "
-                             f"(from {fit['points']} frontier points; C in FLOPs)</p>")
+            fit_lines.append(
+                f"<p>{html.escape(hookpoint)}: on the compute frontier L(C) = a·C^-b + c with "
+                f"b = {p['b']:.3g} ± {e['b']:.2g}, c = {math.exp(p['log_c']):.3g} "
+                f"(from {fit['points']} frontier points; C in FLOPs)</p>"
+            )
         else:
             fit_lines.append(f"<p>{html.escape(hookpoint)}: no L(C) fit ({html.escape(fit['error'])})</p>")
-    images = "".join(f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                     for name, png in pngs.items())
-    return (f"<!doctype html><meta charset=utf-8><title>sweep {html.escape(spec.name)}</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}</style>"
-            f"<h1>Sweep {html.escape(spec.name)}</h1>{''.join(fit_lines)}{images}"
-            f"<table><tr><th>hookpoint</th><th>latents</th><th>k</th><th>lr</th><th>normalized MSE</th><th>L0</th>"
-            f"<th>dead</th><th>CE increase</th></tr>{cells}</table>")
+    images = "".join(
+        f'<img alt="{name}" src="data:image/png;base64,{base64.b64encode(png).decode()}">' for name, png in pngs.items()
+    )
+    return (
+        f"<!doctype html><meta charset=utf-8><title>sweep {html.escape(spec.name)}</title>"
+        f"<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:2px 8px;text-align:right}}</style>"
+        f"<h1>Sweep {html.escape(spec.name)}</h1>{''.join(fit_lines)}{images}"
+        f"<table><tr><th>hookpoint</th><th>latents</th><th>k</th><th>lr</th><th>normalized MSE</th><th>L0</th>"
+        f"<th>dead</th><th>CE increase</th></tr>{cells}</table>"
+    )

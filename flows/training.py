@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -63,15 +63,14 @@ class Team(Protocol):
         ...
 
 
-@dataclass
 class Alone:
     """One process trains the SAEs whole."""
 
-    lead = True
-    writes_checkpoints = True
-    latent_shards = 1
-    batch_part = (0, 1)
-    milestones = True
+    lead: bool = True
+    writes_checkpoints: bool = True
+    latent_shards: int = 1
+    batch_part: tuple[int, int] = (0, 1)
+    milestones: bool = True
 
     def placement(self, cfg: SAEConfig) -> Placement:
         return OneProcess(cfg)
@@ -89,8 +88,9 @@ class Alone:
         return result
 
 
-def train_hookpoint(spec: RunSpec, hookpoint: str, indices: list[int], device: str, team: Team,
-                    progress: bool = True) -> list[str]:
+def train_hookpoint(
+    spec: RunSpec, hookpoint: str, indices: list[int], device: str, team: Team, progress: bool = True
+) -> list[str]:
     """Trains the SAEs `indices` of one hookpoint from one pass over its activations (those already
     trained are skipped); checkpoints every train.checkpoint_every_tokens and resumes from the last
     checkpoint all of them share. Returns where every SAE of the hookpoint is."""
@@ -120,15 +120,21 @@ def train_hookpoint(spec: RunSpec, hookpoint: str, indices: list[int], device: s
     first = tcfgs[todo[0]]
     if step:
         for i, trainer in trainers.items():
-            trainer.load_state_dict(*load_checkpoint(work.local(ckpt_rels[i]), step))
+            state = load_checkpoint(work.local(ckpt_rels[i]), step)
+            if state is None:  # listed above, gone since: another process is pruning the same folder
+                raise RuntimeError(f"the checkpoint at step {step} in {work.location(ckpt_rels[i])} went missing")
+            trainer.load_state_dict(*state)
         if team.lead:
             log.info("resuming %s from checkpoints at step %d", hookpoint, step)
     else:
         sample = store.sample_rows(acts, first.geometric_median_samples, seed=first.seed)
         for trainer in trainers.values():
             trainer.initialize(sample)  # the whole SAE (identical on every process), then this one's part
-    batches = store.prefetch(store.shuffled_batches(acts, first.batch_tokens, seed=first.seed,
-                                                    start_batch=trainers[todo[0]].steps, part=team.batch_part))
+    batches = store.prefetch(
+        store.shuffled_batches(
+            acts, first.batch_tokens, seed=first.seed, start_batch=trainers[todo[0]].steps, part=team.batch_part
+        )
+    )
 
     def checkpoint(_trainers):
         if team.writes_checkpoints:
@@ -141,10 +147,17 @@ def train_hookpoint(spec: RunSpec, hookpoint: str, indices: list[int], device: s
         from sae.evaluate import held_out_metrics
 
         held = next(store.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
-        milestones = milestone_tokens(first.tokens, spec.sweep.milestones, first.batch_tokens)
+        milestones = milestone_tokens(first.tokens or 0, spec.sweep.milestones, first.batch_tokens)
         score = functools.partial(held_out_metrics, rows=held)
-    results = train_saes(list(trainers.values()), batches, progress and team.lead, checkpoint,
-                         spec.train.checkpoint_every_tokens, milestones=milestones, evaluate=score)
+    results = train_saes(
+        list(trainers.values()),
+        batches,
+        progress and team.lead,
+        checkpoint,
+        spec.train.checkpoint_every_tokens,
+        milestones=milestones,
+        evaluate=score,
+    )
     for (i, trainer), result in zip(trainers.items(), results):
         whole = team.whole(trainer, result)
         if team.lead:
@@ -167,17 +180,21 @@ def refuse_other_grids(work, rel: str, shards: int) -> None:
     """Checkpoints of another number of latent shards cannot resume this run: say so, never mix them."""
     local = work.local(f"{rel}/{CHECKPOINTS}")
     names = set(work.listdir(f"{rel}/{CHECKPOINTS}")) | ({p.name for p in local.iterdir()} if local.is_dir() else set())
-    other = sorted({int(m.group(1)) for n in names
-                    if (m := re.fullmatch(r"shard-\d+-of-(\d+)", n)) and int(m.group(1)) != shards})
+    other = sorted(
+        {int(m.group(1)) for n in names if (m := re.fullmatch(r"shard-\d+-of-(\d+)", n)) and int(m.group(1)) != shards}
+    )
     single = shards > 1 and any(n.startswith("step-") for n in names)
     if other or single:
         was = f"{other[0]} latent shards" if other else "one process"
-        raise ValueError(f"the checkpoints in {work.location(rel + '/' + CHECKPOINTS)} come from a run with {was}: "
-                         f"resume with that grid (train.latent_shards), or delete them to start over with {shards}")
+        raise ValueError(
+            f"the checkpoints in {work.location(rel + '/' + CHECKPOINTS)} come from a run with {was}: "
+            f"resume with that grid (train.latent_shards), or delete them to start over with {shards}"
+        )
 
 
-def write_sae(spec: RunSpec, hookpoint: str, index: int, result: TrainResult, lr: float,
-              milestones: list[dict] = ()) -> None:
+def write_sae(
+    spec: RunSpec, hookpoint: str, index: int, result: TrainResult, lr: float, milestones: Sequence[dict] = ()
+) -> None:
     """Writes a trained SAE (and its history) into its folder, publishes it, drops its checkpoints."""
     lm_dir = spec.converted_model_dir()
     meta = {

@@ -5,5 +5,19 @@ from sae.evaluation import EvalPlan, EvalRecord, EvalSource, evaluate_sae
 from sae.model import Codes, NormStats, TopKSAE
 from sae.train import Trainer, TrainResult, train_sae, train_saes
 
-__all__ = ["Codes", "EvalPlan", "EvalRecord", "EvalSource", "NormStats", "SAEConfig", "TopKSAE", "TrainConfig",
-           "TrainResult", "Trainer", "auto_lr", "evaluate_sae", "train_sae", "train_saes"]
+__all__ = [
+    "Codes",
+    "EvalPlan",
+    "EvalRecord",
+    "EvalSource",
+    "NormStats",
+    "SAEConfig",
+    "TopKSAE",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "auto_lr",
+    "evaluate_sae",
+    "train_sae",
+    "train_saes",
+]

@@ -36,8 +36,15 @@ def _round(x: float, digits: int = 4):
     return None if not math.isfinite(x) else float(f"{x:.{digits}g}")
 
 
-def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str, metrics: dict[str, float],
-                  details: dict | None = None, n_top: int = 8) -> Path:
+def build_browser(
+    out_dir: str | os.PathLike,
+    sample,
+    n_latents: int,
+    title: str,
+    metrics: dict[str, float],
+    details: dict | None = None,
+    n_top: int = 8,
+) -> Path:
     """Writes the browser into out_dir (replacing an older one only once the new one is complete),
     its density histogram as HISTOGRAM_FILE among them; returns the path of its index.html. `sample`
     is an evaluation's FeatureSample."""
@@ -61,7 +68,7 @@ def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str
     contexts = sorted({c for examples in top for c, _ in examples})
     (tmp / "data" / "contexts.js").write_text(_js("contexts", {c: tokens_of(sample.tokens[c]) for c in contexts}))
     row_tokens = sample.tokens[:, sample.first_position :].reshape(-1)
-    index = {t: [[l, c] for l, c in pairs] for t, pairs in firings.by_token(row_tokens).items()}
+    index = {t: [[latent, c] for latent, c in pairs] for t, pairs in firings.by_token(row_tokens).items()}
     tokens_of(index)
     (tmp / "data" / "search.js").write_text(_js("tokens", index))
 
@@ -72,14 +79,18 @@ def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str
         shard = {}
         for latent in range(start, min(start + SHARD_SIZE, n_latents)):
             shard[latent] = {
-                "top": [[c, _round(v), [[p, _round(a, 3)] for p, a in in_context[(latent, c)]]] for c, v in top[latent]],
+                "top": [
+                    [c, _round(v), [[p, _round(a, 3)] for p, a in in_context[(latent, c)]]] for c, v in top[latent]
+                ],
                 "hist": hist[latent].tolist(),
                 "n2g": [tokens_of(g) for g in patterns[latent][:8]],
                 "promoted": _effects(sample.promoted, latent, tokens_of),
                 "suppressed": _effects(sample.suppressed, latent, tokens_of),
             }
         body = json.dumps(shard, separators=(",", ":"))
-        (tmp / "data" / "latents" / f"{start // SHARD_SIZE:04d}.js").write_text(f"SAE.shard({start // SHARD_SIZE}, {body});\n")
+        (tmp / "data" / "latents" / f"{start // SHARD_SIZE:04d}.js").write_text(
+            f"SAE.shard({start // SHARD_SIZE}, {body});\n"
+        )
 
     summary = {
         "density": [_round(x) for x in density.tolist()],
@@ -95,7 +106,9 @@ def build_browser(out_dir: str | os.PathLike, sample, n_latents: int, title: str
         "n_latents": n_latents,
         "shard_size": SHARD_SIZE,
         "first_position": sample.first_position,
-        "metrics": {k: v for k, v in metrics.items() if "." not in k and isinstance(v, (int, float)) and math.isfinite(v)},
+        "metrics": {
+            k: v for k, v in metrics.items() if "." not in k and isinstance(v, (int, float)) and math.isfinite(v)
+        },
         "probes": _probe_rows(metrics, (details or {}).get("probe_latents", {})),
         "n2g": {
             "scored": int((~np.isnan(recall)).sum()),
@@ -122,8 +135,13 @@ def _effects(effects, latent: int, tokens_of) -> list:
 
 def _probe_rows(metrics: dict[str, float], latents: dict[str, int]) -> list[dict]:
     return [
-        {"task": task, "sae": metrics[f"probe_loss.{task}"], "raw": metrics.get(f"probe_loss_raw.{task}"),
-         "random": metrics.get(f"probe_loss_random.{task}"), "prior": metrics.get(f"probe_loss_prior.{task}"),
-         "latent": latent}
+        {
+            "task": task,
+            "sae": metrics[f"probe_loss.{task}"],
+            "raw": metrics.get(f"probe_loss_raw.{task}"),
+            "random": metrics.get(f"probe_loss_random.{task}"),
+            "prior": metrics.get(f"probe_loss_prior.{task}"),
+            "latent": latent,
+        }
         for task, latent in latents.items()
     ]

@@ -55,39 +55,16 @@ Optimizer = Literal["signum", "adam"]
 PAPER_LR_AT_32K = 1e-4
 PAPER_DEAD_TOKENS = 10_000_000
 
-# Adam's lr at 4096 latents and batches of 4096 tokens, with warmup and linear decay to zero. From
-# lr sweeps on benchmarks/quality.py's synthetic "fewer-features" data (d 128, n 2048, k 16, batch
-# 4096; held-out normalized MSE): at 524k tokens (128 steps) lr 2e-3 0.306, 4e-3 0.214, 8e-3 0.136,
-# 8.5e-3 0.134, 1.6e-2 0.132, 1.7e-2 0.135, 3.4e-2 0.174; "more-features" at 524k: 2e-3 0.374, 4e-3
-# 0.329, 8e-3 0.278, 1.6e-2 0.261; at 131k tokens (32 steps): 8.5e-3 0.331, 1.7e-2 0.280, 3.4e-2
-# 0.278. The optimum is broad at 128+ steps and moves up in shorter runs: 8.5e-3 at n 2048 (6e-3 at
-# n 4096), as 1/sqrt(n) like the paper's and as sqrt(batch) (Adam's batch rule), times
-# sqrt(128 / steps) for runs shorter than 128 steps (at most 2x).
+# Adam's lr at 4096 latents and batches of 4096 tokens (warmup, linear decay to zero); scaled as
+# 1/sqrt(n), sqrt(batch) and up to 2x in short runs. The sweeps: docs/method.md.
 ADAM_LR_AT_4K = 6e-3
-# Schedule-free sign descent (the default), same data (normalized MSE / mean best cosine of the true
-# features): "fewer-features" 524k tokens, lr 1.4e-2 0.130 / 0.795, 2e-2 0.121 / 0.832, 2.8e-2
-# 0.124 / 0.856; "steep" 524k: 1.4e-2 0.032 / 0.642, 2e-2 0.034 / 0.659, 2.8e-2 0.039 / 0.646;
-# "fewer-features" 131k (32 steps): 1.4e-2 0.304 / 0.471, 2.8e-2 0.235 / 0.581 (Adam's best there:
-# 0.280 / 0.487). So 2e-2 at n 2048, as 1/sqrt(n), times (128 / steps)^(3/8) in runs shorter than
-# 128 steps: at 32 steps 2.8e-2 (exponent 1/4) against 3.4e-2 (3/8), normalized MSE / mean best
-# cosine, "more-features" 0.361 / 0.329 -> 0.354 / 0.330, "fewer-features" 0.235 / 0.575 -> 0.226 /
-# 0.596, "noisy" 0.308 / 0.519 -> 0.296 / 0.534, "correlated" 0.203 / 0.620 -> 0.202 / 0.624,
-# "steep" 0.082 / 0.487 -> 0.086 / 0.489 (the one worse MSE; recovery better in all five). No batch
-# scaling: on SmolLM2 layer-20 activations (n 4096, batches of 1024, 200k tokens) lr 7e-3 / 1.4e-2 /
-# 2.8e-2 gave normalized MSE 0.0172 / 0.0164 / 0.0166 and dCE 0.30 / 0.25 / 0.30, the best at the
-# unscaled 1.4e-2.
+# Schedule-free sign descent's lr at 4096 latents: 1/sqrt(n), (128 / steps)^(3/8) in runs shorter than
+# SHORT_RUN_STEPS (at most 2x), no batch scaling. The sweeps: docs/method.md.
 SIGNUM_LR_AT_4K = 2e-2 / math.sqrt(2)
 SHORT_RUN_STEPS = 128
 
-# Default recipe: a latent is dead (AuxK trains it) when it has not fired in the tokens over which a
-# latent of average frequency k/n fires this many times, at least one batch, at most the paper's 10M
-# (which this rule gives at the paper's 16M latents, k 32). Measured on benchmarks/quality.py
-# (normalized MSE / latents dead on the held-out rows), SmolLM2 layer 20, n 4096, k 32, batches of
-# 1024, 400k tokens: the old window of 5% of the run (20k tokens) 0.0119 / 23%; 4096 tokens
-# 0.0111 / 2.9%; 2048 0.0121 / 1.0%; 1024 (8 firings, one batch) 0.0115 / 0.3%. Synthetic (d 128,
-# n 2048, k 16, 1M tokens), one batch of 4096 against 5% of the run: recovered dictionary (mean best
-# cosine) 0.903 -> 0.929 ("fewer-features"), 0.855 -> 0.895 ("noisy"), 0.386 -> 0.393
-# ("more-features"), 0.726 -> 0.753 ("steep"), with lower normalized MSE in each.
+# A latent is dead (AuxK trains it) after the tokens in which a latent of average frequency k/n fires
+# this many times (one batch to 10M): fewer dead latents and lower MSE than 5% of the run (docs/method.md).
 DEAD_FIRINGS = 8
 
 
@@ -169,7 +146,7 @@ class TrainConfig:
     def paper(self) -> bool:
         return self.recipe == "paper"
 
-    def with_tokens(self, tokens: int) -> "TrainConfig":
+    def with_tokens(self, tokens: int) -> TrainConfig:
         return replace(self, tokens=tokens)
 
     def resolved_lr(self, n_latents: int) -> float:
@@ -187,7 +164,7 @@ class TrainConfig:
     def warmup_tokens(self) -> int:
         if self.lr_warmup_tokens is not None:
             return self.lr_warmup_tokens
-        return self._budget() // 20 if self._scheduled() else 0
+        return self.budget() // 20 if self._scheduled() else 0
 
     def decay(self) -> Decay:
         return self.lr_decay or ("linear" if self._scheduled() else "constant")
@@ -207,7 +184,7 @@ class TrainConfig:
     def scaled_encoder_init(self) -> bool:
         return (self.encoder_init or ("tied" if self.paper else "least_squares")) == "least_squares"
 
-    def _budget(self) -> int:
+    def budget(self) -> int:
         if self.tokens is None:
             raise ValueError("TrainConfig.tokens is unknown: give tokens=... (or train on data of known length)")
         return self.tokens
@@ -227,8 +204,14 @@ def _not_cuda(device: str) -> list[str]:
     return [] if device == "auto" or device.startswith("cuda") else [f"device {device} (CUDA only)"]
 
 
-def cuda_graph_blockers(device: str, optimizer: Optimizer, activation: str, processes: int = 1,
-                        fused_topk: bool = False, triton: bool = True) -> list[str]:
+def cuda_graph_blockers(
+    device: str,
+    optimizer: Optimizer,
+    activation: str,
+    processes: int = 1,
+    fused_topk: bool = False,
+    triton: bool = True,
+) -> list[str]:
     """What keeps a training step from being captured as a CUDA graph (sae/cuda_graph.py); empty: nothing."""
     problems = _not_cuda(device)
     if optimizer == "adam":

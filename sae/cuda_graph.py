@@ -16,7 +16,7 @@ optimizer's state); they are ordinary training steps. A batch of another shape r
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Union
 
 import numpy as np
 import torch
 
-Activations = Union[torch.Tensor, np.ndarray, str, os.PathLike, Iterable[torch.Tensor]]
+Activations = torch.Tensor | np.ndarray | str | os.PathLike | Iterable[torch.Tensor]
 
 
 def open_activations(data: Activations) -> tuple[Iterable[torch.Tensor] | torch.Tensor | np.ndarray, int | None]:
@@ -25,6 +25,8 @@ def open_activations(data: Activations) -> tuple[Iterable[torch.Tensor] | torch.
         if data.ndim != 2:
             raise ValueError(f"activations must have shape (rows, d), got {tuple(data.shape)}")
         return data, data.shape[0]
+    if isinstance(data, (str, os.PathLike)):  # unreachable: a path was loaded above
+        raise TypeError(f"{data}: not loaded")
     return data, None
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -134,7 +134,9 @@ def ablation_sparsity(
         base = logits(model, ids)
     with replaced(model, hookpoint, splice(True)):
         ablated = logits(model, ids)
-    scores = [ablation_sparsity_score((ablated[b, t[b] : t[b] + window] - base[b, t[b] : t[b] + window])) for b in range(B)]
+    scores = [
+        ablation_sparsity_score(ablated[b, t[b] : t[b] + window] - base[b, t[b] : t[b] + window]) for b in range(B)
+    ]
     scores = torch.stack([s for s in scores if torch.isfinite(s)])  # an inactive (zero) latent changes nothing
     return {
         "ablation_sparsity": scores.mean().item(),

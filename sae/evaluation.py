@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -81,8 +81,18 @@ def evaluate_sae(sae: TopKSAE, plan: EvalPlan, source: EvalSource, progress: boo
     if plan.downstream_contexts > 0:
         model, _ = source.lm()
         contexts = torch.from_numpy(source.contexts(plan.downstream_contexts))
-        metrics.update(downstream_metrics(sae, model, contexts, source.hookpoint, source.first_position,
-                                          source.mean_activation(plan.tokens), plan.batch_contexts, progress))
+        metrics.update(
+            downstream_metrics(
+                sae,
+                model,
+                contexts,
+                source.hookpoint,
+                source.first_position,
+                source.mean_activation(plan.tokens),
+                plan.batch_contexts,
+                progress,
+            )
+        )
     if plan.ablation_contexts > 0:
         model, _ = source.lm()
         contexts = torch.from_numpy(source.contexts(plan.ablation_contexts))
@@ -113,12 +123,24 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
             pieces[token] = tokenizer.decode([token])
         return pieces[token]
 
-    sample = FeatureSample(source.contexts(n_contexts).astype(np.int64), source.first_position,
-                           np.concatenate(values), np.concatenate(indices), token_text)
+    sample = FeatureSample(
+        source.contexts(n_contexts).astype(np.int64),
+        source.first_position,
+        np.concatenate(values),
+        np.concatenate(indices),
+        token_text,
+    )
     if plan.n2g or plan.browser:
         vocab = max(int(sample.tokens.max()) + 1, len(tokenizer))
-        sample.explanations = explain(sample.tokens, sample.first_position, sample.values, sample.indices,
-                                      sae.cfg.n_latents, n_contexts // 2, vocab)
+        sample.explanations = explain(
+            sample.tokens,
+            sample.first_position,
+            sample.values,
+            sample.indices,
+            sae.cfg.n_latents,
+            n_contexts // 2,
+            vocab,
+        )
     if plan.browser:
         sample.promoted, sample.suppressed = logit_effects(sae, model.get_output_embeddings().weight)
     return sample, acts
@@ -126,18 +148,32 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
 
 def _feature_metrics(sae: TopKSAE, plan: EvalPlan, record: EvalRecord, acts: torch.Tensor, progress: bool) -> None:
     sample = record.features
+    if sample is None:
+        raise ValueError("feature metrics need the record's feature sample (collect_features)")
     n_contexts = len(sample.tokens)
     n_train = n_contexts // 2 * (sample.tokens.shape[1] - sample.first_position)
     if plan.probes:
         texts = [[sample.token_text(int(t)) for t in context] for context in sample.tokens]
         labels = {task: y.reshape(-1) for task, y in task_labels(texts, sample.first_position).items()}
-        probes = probe_metrics(labels, (torch.from_numpy(sample.values), torch.from_numpy(sample.indices)), acts,
-                               sae.cfg.n_latents, n_train, progress=progress)
-        record.details["probe_latents"] = {k.split(".", 1)[1]: int(v) for k, v in probes.items() if k.startswith("probe_latent.")}
+        probes = probe_metrics(
+            labels,
+            (torch.from_numpy(sample.values), torch.from_numpy(sample.indices)),
+            acts,
+            sae.cfg.n_latents,
+            n_train,
+            progress=progress,
+        )
+        record.details["probe_latents"] = {
+            k.split(".", 1)[1]: int(v) for k, v in probes.items() if k.startswith("probe_latent.")
+        }
         record.metrics.update({k: v for k, v in probes.items() if not k.startswith("probe_latent.")})
         if probes["probe_tasks"] == 0:
-            log.warning("probe loss: no task has %d positive and negative tokens in each half of the %d contexts; "
-                        "raise eval.feature_tokens", MIN_LABELS, n_contexts)
+            log.warning(
+                "probe loss: no task has %d positive and negative tokens in each half of the %d contexts; "
+                "raise eval.feature_tokens",
+                MIN_LABELS,
+                n_contexts,
+            )
     if plan.n2g and sample.explanations is not None:
         n2g = sample.explanations.metrics()
         record.metrics.update({k: v for k, v in n2g.items() if math.isfinite(v)})

@@ -22,7 +22,7 @@ class Firings:
     n_latents: int
 
     @classmethod
-    def of(cls, values: np.ndarray, indices: np.ndarray, n_latents: int) -> "Firings":
+    def of(cls, values: np.ndarray, indices: np.ndarray, n_latents: int) -> Firings:
         fired = values > 0
         rows = np.broadcast_to(np.arange(len(values))[:, None], values.shape)[fired]
         return cls(rows, indices[fired].astype(np.int64), values[fired].astype(np.float32), len(values), n_latents)
@@ -75,8 +75,9 @@ class Firings:
         t, lat, counts = t[order], lat[order], counts[order]
         rank = np.arange(len(t)) - np.searchsorted(t, t, side="left")
         out: dict[int, list[tuple[int, int]]] = {}
-        for token, latent, c in zip(t[rank < per_token].tolist(), lat[rank < per_token].tolist(),
-                                    counts[rank < per_token].tolist()):
+        for token, latent, c in zip(
+            t[rank < per_token].tolist(), lat[rank < per_token].tolist(), counts[rank < per_token].tolist()
+        ):
             out.setdefault(token, []).append((latent, c))
         return out
 

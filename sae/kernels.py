@@ -29,6 +29,14 @@ def _triton_kernels():
     return triton_kernels
 
 
+def _kernels():
+    """The Triton kernels, where `_use_triton` chose them (so triton is installed)."""
+    module = _triton_kernels()
+    if module is None:
+        raise RuntimeError("the Triton kernels were chosen, but triton is not installed")
+    return module
+
+
 @dataclass(frozen=True)
 class KernelChoice:
     """Which kernels the forward passes below take (TrainConfig.triton / fused_topk set them for a run).
@@ -45,7 +53,7 @@ class KernelChoice:
 
 # read by forward passes only: a CUDA backward runs on autograd's own thread, which does not see it,
 # so each autograd function keeps its forward's choice for its backward
-_CHOICE: ContextVar[KernelChoice] = ContextVar("saeflow_kernels", default=KernelChoice())
+_CHOICE: ContextVar[KernelChoice] = ContextVar("saeflow_kernels", default=KernelChoice())  # noqa: B039 (frozen)
 
 
 @contextlib.contextmanager
@@ -63,8 +71,13 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _use_fused_topk(x: torch.Tensor, k: int) -> bool:
-    return (_CHOICE.get().fused_topk and k <= FUSED_MAX_K and _use_triton(x)
-            and torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+    return (
+        _CHOICE.get().fused_topk
+        and k <= FUSED_MAX_K
+        and _use_triton(x)
+        and torch.is_autocast_enabled("cuda")
+        and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    )
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
@@ -87,14 +100,18 @@ class _TritonSparseDecode(torch.autograd.Function):
         values, indices, W_dec = ctx.saved_tensors
         grad_values = grad_W = None
         if ctx.needs_input_grad[0]:
-            grad_values = _triton_kernels().gather_dot(grad_out, indices, W_dec).to(values.dtype)
+            grad_values = _kernels().gather_dot(grad_out, indices, W_dec).to(values.dtype)
         if ctx.needs_input_grad[2]:
             grad_W = scatter_rows(W_dec.shape[0], indices, values, grad_out, triton=True)
         return grad_values, None, grad_W
 
 
 def scatter_rows(
-    n_rows: int, indices: torch.Tensor, grads: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor | None = None,
+    n_rows: int,
+    indices: torch.Tensor,
+    grads: torch.Tensor,
+    x: torch.Tensor,
+    tokens: torch.Tensor | None = None,
     triton: bool = True,
 ) -> torch.Tensor:
     """sum over code entries (b, j) of grads[b, j] * outer(e_{indices[b, j]}, x[b]): an (n_rows, d)
@@ -107,7 +124,7 @@ def scatter_rows(
     if triton and x.is_cuda and _triton_kernels() is not None:
         if tokens is None:  # each token's row, once per code entry (an expand: no host sync)
             tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand(indices.shape).reshape(-1)
-        return _triton_kernels().segment_rows(n_rows, indices.reshape(-1), grads.reshape(-1).to(x.dtype), tokens, x)
+        return _kernels().segment_rows(n_rows, indices.reshape(-1), grads.reshape(-1).to(x.dtype), tokens, x)
     offsets = ragged_offsets(tokens, x.shape[0]) if tokens is not None else None
     weight = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     with torch.enable_grad():
@@ -135,7 +152,7 @@ class TopKEncode(torch.autograd.Function):
         if _use_fused_topk(x, k):
             # the (batch x n_latents) pre-activations never reach memory; AuxK multiplies the dead rows only
             bf16 = torch.bfloat16
-            values, indices = _triton_kernels().encode_topk(x.to(bf16), W_enc.to(bf16), b_enc, k)
+            values, indices = _kernels().encode_topk(x.to(bf16), W_enc.to(bf16), b_enc, k)
             values = values.to(W_enc.dtype).relu()
             pre = None
         else:
@@ -146,12 +163,13 @@ class TopKEncode(torch.autograd.Function):
             # the candidates' rows only: a small product (the fused path has no pre-activations to mask)
             dead = aux_latents if aux_latents is not None else aux_mask.nonzero().squeeze(1)
             aux = _pre_activations(x, W_enc[dead], b_enc[dead] if b_enc is not None else None).topk(
-                min(aux_k, len(dead)), dim=-1, sorted=False)
+                min(aux_k, len(dead)), dim=-1, sorted=False
+            )
             # fewer dead latents than aux_k: the rest are zero picks (of latent 0), as the masked path gives
             missing = aux_k - aux.values.shape[1]
             aux_values = F.pad(aux.values.to(W_enc.dtype).relu(), (0, missing))
             aux_indices = F.pad(dead[aux.indices], (0, missing))
-        elif aux_k > 0:
+        elif aux_k > 0 and pre is not None:
             aux = pre.masked_fill(~aux_mask, float("-inf")).topk(aux_k, dim=-1, sorted=False)
             aux_values, aux_indices = aux.values.to(W_enc.dtype).relu(), aux.indices
         else:
@@ -252,4 +270,6 @@ def ragged_offsets(rows: torch.Tensor, n_rows: int) -> torch.Tensor:
 
 
 def ragged_decode(rows, cols, values, W_dec: torch.Tensor, n_rows: int) -> torch.Tensor:
-    return F.embedding_bag(cols, W_dec, ragged_offsets(rows, n_rows), per_sample_weights=values.to(W_dec.dtype), mode="sum")
+    return F.embedding_bag(
+        cols, W_dec, ragged_offsets(rows, n_rows), per_sample_weights=values.to(W_dec.dtype), mode="sum"
+    )

@@ -6,8 +6,8 @@ import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
         # a model loaded from GGUF refuses save_pretrained: move the dequantised weights to a plain one
         config = model.config
         if hasattr(config, "quantization_config"):
-            del config.quantization_config
+            del config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]  (set by the GGUF loader)
         plain = AutoModelForCausalLM.from_config(config)
         plain.load_state_dict(model.state_dict())
         model = plain
@@ -103,7 +103,7 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
     else:
         tok = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    return model.to(dev, torch_dtype).eval(), tok
+    return model.to(dev, torch_dtype).eval(), tok  # pyright: ignore[reportArgumentType]  (transformers' stubs)
 
 
 def _output_tensor(output) -> torch.Tensor:

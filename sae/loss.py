@@ -15,8 +15,9 @@ the processes' partial decodes. `WholeLatents` is the one-process form: both hoo
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,13 @@ class DeadLatentTracker:
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_tokens
 
-    def update(self, values: torch.Tensor, indices: torch.Tensor, tokens: int | None = None,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def update(
+        self,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        tokens: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         """tokens: the batch's size (default: values' rows); reduce sums the hits over the ranks that
         saw the other rows of a data-parallel batch, so that every rank keeps the same counters."""
         # counted with index_add, not boolean indexing: no host sync, so CUDA steps queue back to back
@@ -79,17 +85,19 @@ class DeadLatents:
     everywhere: int = 0
 
     @classmethod
-    def counted(cls, mask: torch.Tensor) -> "DeadLatents":
+    def counted(cls, mask: torch.Tensor) -> DeadLatents:
         """All latents in this process, counted (one host sync)."""
         n = int(mask.sum())
         return cls(AuxMode.DEAD_ROWS, mask, n, n)
 
     @classmethod
-    def masked(cls, mask: torch.Tensor) -> "DeadLatents":
+    def masked(cls, mask: torch.Tensor) -> DeadLatents:
         return cls(AuxMode.MASKED, mask)
 
     def rows(self) -> torch.Tensor:
         """The dead latents' positions (DEAD_ROWS), without a host sync: the count is known."""
+        if self.mask is None:
+            raise ValueError("no dead-latent mask: AuxK is off")
         return mask_indices(self.mask, self.here)
 
 
@@ -142,8 +150,14 @@ def sq_err(target: torch.Tensor, recon: torch.Tensor, scale: float) -> torch.Ten
     return (target - recon).pow(2).sum(-1).mean() * scale
 
 
-def sae_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainConfig,
-             dead: DeadLatents = NO_DEAD, latents: Latents | None = None) -> LossParts:
+def sae_loss(
+    sae: TopKSAE,
+    x_norm: torch.Tensor,
+    mse_scale: float,
+    tcfg: TrainConfig,
+    dead: DeadLatents = NO_DEAD,
+    latents: Latents | None = None,
+) -> LossParts:
     """The loss of `sae` (this process's latents) on a normalised batch; `latents` defaults to all
     of them in this process."""
     latents = latents or WholeLatents(sae.cfg.n_latents, sae.cfg.k)
@@ -154,8 +168,14 @@ def sae_loss(sae: TopKSAE, x_norm: torch.Tensor, mse_scale: float, tcfg: TrainCo
     k, n_here = latents.k, sae.cfg.n_latents
     k_wide = min(4 * k, latents.n_latents) if tcfg.multi_topk else k
     values, indices, aux_values, aux_indices = topk_encode(
-        x_in, sae.W_enc, sae.b_enc, min(k_wide, n_here), min(aux_k, n_here),
-        dead.mask if aux_k else None, dead.rows() if aux_k and dead.mode is AuxMode.DEAD_ROWS else None)
+        x_in,
+        sae.W_enc,
+        sae.b_enc,
+        min(k_wide, n_here),
+        min(aux_k, n_here),
+        dead.mask if aux_k else None,
+        dead.rows() if aux_k and dead.mode is AuxMode.DEAD_ROWS else None,
+    )
 
     def decode(width: int) -> torch.Tensor:
         return latents.sum(sparse_decode(*latents.top(values, indices, width), sae.W_dec)) + sae.b_pre
@@ -180,18 +200,28 @@ def _aux_width(tcfg: TrainConfig, d_in: int, n_latents: int, dead: DeadLatents) 
     return min(tcfg.resolved_aux_k(d_in), n_latents if dead.mode is AuxMode.MASKED else dead.everywhere)
 
 
-def _aux_loss(sae: TopKSAE, aux_values, aux_indices, aux_k: int, x_norm, recon, mse_scale: float,
-              dead: DeadLatents, latents: Latents) -> torch.Tensor:
+def _aux_loss(
+    sae: TopKSAE,
+    aux_values,
+    aux_indices,
+    aux_k: int,
+    x_norm,
+    recon,
+    mse_scale: float,
+    dead: DeadLatents,
+    latents: Latents,
+) -> torch.Tensor:
     """AuxK (§A.2): the top aux_k dead candidates of every process model the live latents' residual."""
     partial = sparse_decode(*latents.top(aux_values, aux_indices, aux_k), sae.W_dec)
     aux = sq_err(x_norm - recon.detach(), latents.sum(partial), mse_scale)
-    if dead.mode is AuxMode.MASKED:  # uncounted: no dead latent, no AuxK term (a device-side choice, no sync)
+    if dead.mode is AuxMode.MASKED and dead.mask is not None:  # uncounted: none dead, no AuxK (no sync)
         aux = torch.where(dead.mask.any(), torch.nan_to_num(aux, nan=0.0), 0.0)
     return aux
 
 
-def _batch_topk_loss(sae: TopKSAE, x_in, x_norm, mse_scale: float, tcfg: TrainConfig, dead: DeadLatents,
-                     aux_k: int, latents: Latents) -> LossParts:
+def _batch_topk_loss(
+    sae: TopKSAE, x_in, x_norm, mse_scale: float, tcfg: TrainConfig, dead: DeadLatents, aux_k: int, latents: Latents
+) -> LossParts:
     """BatchTopK: the k·B largest pre-activations of the whole (global) batch; AuxK per row over the
     dead latents' encoder rows alone, as for TopK."""
     if dead.mode is AuxMode.MASKED:

@@ -22,13 +22,31 @@ class MemoryPlan:
         return self.weights + self.gradients + self.optimizer + self.ema + self.batch
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
-                ("weight EMA", self.ema), ("one batch", self.batch), ("total", self.total)]
+        return [
+            ("weights", self.weights),
+            ("gradients", self.gradients),
+            ("optimizer state", self.optimizer),
+            ("weight EMA", self.ema),
+            ("one batch", self.batch),
+            ("total", self.total),
+        ]
 
 
-def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: int = 1, shards: int = 1,
-                optimizer: str = "signum", ema: bool = False, bf16: bool = False, aux: bool = True,
-                multi_topk: bool = False, cuda: bool = False, fused: bool = False) -> MemoryPlan:
+def plan_memory(
+    d_in: int,
+    n_latents: int,
+    k: int,
+    batch_tokens: int,
+    replicas: int = 1,
+    shards: int = 1,
+    optimizer: str = "signum",
+    ema: bool = False,
+    bf16: bool = False,
+    aux: bool = True,
+    multi_topk: bool = False,
+    cuda: bool = False,
+    fused: bool = False,
+) -> MemoryPlan:
     """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
     gradients (no dense buffer); fused: SAEFLOW_FUSED_TOPK=1 (no pre-activation matrix at all)."""
     n = n_latents // shards
@@ -42,9 +60,13 @@ def plan_memory(d_in: int, n_latents: int, k: int, batch_tokens: int, replicas: 
     # on the CPU a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
     pre = 0 if fused else rows * n * pre_bytes * (2 if aux else 1)
     batch = pre + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
-    return MemoryPlan(weights=weights + bf16_encoder, gradients=weights,
-                      optimizer=(1 if optimizer == "signum" else 2) * weights,
-                      ema=weights if ema else 0, batch=batch)
+    return MemoryPlan(
+        weights=weights + bf16_encoder,
+        gradients=weights,
+        optimizer=(1 if optimizer == "signum" else 2) * weights,
+        ema=weights if ema else 0,
+        batch=batch,
+    )
 
 
 def pack_groups(plans: list[MemoryPlan], limit: int) -> list[list[int]]:
@@ -52,6 +74,7 @@ def pack_groups(plans: list[MemoryPlan], limit: int) -> list[list[int]]:
     decreasing size. Trained together, SAEs keep their weights, gradients and optimiser state side by
     side but take their steps one after the other, so a group needs the sum of the former and the
     largest batch. An SAE that alone exceeds the limit gets a group of its own (validation refuses it)."""
+
     def persistent(p: MemoryPlan) -> int:
         return p.total - p.batch
 

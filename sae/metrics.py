@@ -54,7 +54,9 @@ class ReconstructionStats:
             self.sq_err[k] += (x - recon).double().pow(2).sum().item()
         # the SAE's own code: its k for TopK, the thresholded code for BatchTopK
         k = sae.cfg.k
-        main = Codes(wide.values[:, :k], wide.indices[:, :k]) if sae.cfg.activation == "topk" else sae.encode_normalized(x)
+        main = (
+            Codes(wide.values[:, :k], wide.indices[:, :k]) if sae.cfg.activation == "topk" else sae.encode_normalized(x)
+        )
         self.main_sq_err += (x - sae.decode_normalized(main)).double().pow(2).sum().item()
         fired = main.values > 0
         self.active += int(fired.sum())

@@ -52,6 +52,9 @@ class TopKSAE(nn.Module):
     undone inside. Decoder rows (one per latent) have unit norm.
     """
 
+    input_scale: torch.Tensor  # buffers (register_buffer below)
+    threshold: torch.Tensor
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -116,8 +119,10 @@ class TopKSAE(nn.Module):
         stats = stats or codes.stats
         if stats is None:
             if self.cfg.normalization == "standardize":
-                raise ValueError("decode: these codes carry no per-token normalisation (they did not come "
-                                 "from encode); pass stats=, or use decode_normalized for the normalised space")
+                raise ValueError(
+                    "decode: these codes carry no per-token normalisation (they did not come "
+                    "from encode); pass stats=, or use decode_normalized for the normalised space"
+                )
             _, stats = self.normalize(self.b_pre[None])
         return stats.undo(self.decode_normalized(codes))
 
@@ -143,7 +148,7 @@ class TopKSAE(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":
+    def from_pretrained(cls, ref: str | os.PathLike, device: str | torch.device = "cpu") -> TopKSAE:
         """A saeflow SAE directory, or any reference an installed source resolves: saeflow's storage
         package adds models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH and SAELens or sparsify
         directories (entry point group `saeflow.sae_sources`; this package imports none of them)."""
@@ -155,11 +160,13 @@ class TopKSAE(nn.Module):
                 return found.to(device)
         if (Path(ref) / CONFIG_FILE).is_file():
             return cls.load(ref, device)
-        raise FileNotFoundError(f"{ref}: not an SAE directory, nor a reference an installed source resolves "
-                                "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH need saeflow's storage package)")
+        raise FileNotFoundError(
+            f"{ref}: not an SAE directory, nor a reference an installed source resolves "
+            "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH need saeflow's storage package)"
+        )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> "TopKSAE":
+    def load(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TopKSAE:
         """Loads what `save` (or `saeflow pull`) wrote: `TopKSAE.load("path/to/dir")`."""
         d = Path(directory)
         meta = json.loads((d / CONFIG_FILE).read_text())

@@ -97,8 +97,10 @@ def explain(
     firings = [np.bincount(latents[train], minlength=n_latents), np.bincount(latents[~train], minlength=n_latents)]
 
     pattern_count = [(_count(d[:split]), _count(d[split:])) for d in dense]
-    pair_count = [(_count(latents[train] * width + d[rows[train]]), _count(latents[~train] * width + d[rows[~train]]))
-                  for d in dense]
+    pair_count = [
+        (_count(latents[train] * width + d[rows[train]]), _count(latents[~train] * width + d[rows[~train]]))
+        for d in dense
+    ]
 
     # each latent's TOP strongest training activations
     tr_lat, tr_rows, tr_acts = latents[train], rows[train], acts[train]

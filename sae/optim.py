@@ -35,10 +35,20 @@ def _triton_optim():
     return triton_optim
 
 
+def _optim_kernel():
+    module = _triton_optim()
+    if module is None:
+        raise RuntimeError("the optimizer's Triton kernel was chosen, but triton is not installed")
+    return module
+
+
 def _fused(params: list[torch.Tensor], triton: bool = True) -> bool:
     """One Triton kernel per parameter on CUDA (float32, contiguous), unless triton is False."""
-    return (triton and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
-            and _triton_optim() is not None)
+    return (
+        triton
+        and all(p.is_cuda and p.dtype == torch.float32 and p.is_contiguous() for p in params)
+        and _triton_optim() is not None
+    )
 
 
 def project_rows_(grad: torch.Tensor, rows: torch.Tensor) -> None:
@@ -99,8 +109,14 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             zs = [self.state[p]["z"] for p in params]
             if self.fused(params):
                 for p, z in zip(params, zs):
-                    _triton_optim().sign_free_step(p, z, self._hyper[i], beta, group["unit_rows"] and p.dim() == 2,
-                                                   group.get("project_rows", False) and p.dim() == 2)
+                    _optim_kernel().sign_free_step(
+                        p,
+                        z,
+                        self._hyper[i],
+                        beta,
+                        group["unit_rows"] and p.dim() == 2,
+                        group.get("project_rows", False) and p.dim() == 2,
+                    )
                 continue
             # foreach: a few kernels per group, not per parameter, and no temporaries: sign in place on
             # the gradients (not read after the step); y takes its z_old term before z moves

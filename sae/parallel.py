@@ -51,12 +51,16 @@ class Parallel:
 
     def __init__(self, grid: Grid):
         if dist.get_world_size() != grid.size:
-            raise ValueError(f"a {grid.data} x {grid.latents} grid needs {grid.size} processes, "
-                             f"the world has {dist.get_world_size()}")
+            raise ValueError(
+                f"a {grid.data} x {grid.latents} grid needs {grid.size} processes, "
+                f"the world has {dist.get_world_size()}"
+            )
         self.grid = grid
         self.rank = dist.get_rank()
         # NCCL moves CUDA tensors only
-        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         self.data_index, self.shard = grid.coords(self.rank)
         self.shard_group = self.data_group = None
         for d in range(grid.data):  # ranks sharing rows: one per shard

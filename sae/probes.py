@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import keyword
 import math
-from typing import Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -86,9 +87,9 @@ class Candidates(Protocol):
 
     def rms(self) -> torch.Tensor: ...
 
-    def scaled(self, scale: torch.Tensor) -> "Candidates": ...
+    def scaled(self, scale: torch.Tensor) -> Candidates: ...
 
-    def sums(self, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    def sums(self, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per candidate: mean loss, gradient and Hessian in (a, b) over all n rows."""
         ...
 
@@ -100,7 +101,7 @@ class SparseCandidates:
         self.rows, self.cols, self.values, self.n, self.m = rows, cols, values.double(), n, m
 
     @classmethod
-    def from_codes(cls, values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> "SparseCandidates":
+    def from_codes(cls, values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> SparseCandidates:
         keep = values.reshape(-1) > 0
         rows = torch.arange(values.shape[0]).repeat_interleave(values.shape[1])[keep]
         return cls(rows, indices.reshape(-1)[keep], values.reshape(-1)[keep], values.shape[0], n_latents)
@@ -111,7 +112,7 @@ class SparseCandidates:
     def rms(self) -> torch.Tensor:
         return (self._total(self.values.pow(2)) / self.n).sqrt().clamp_min(1e-12)
 
-    def scaled(self, scale: torch.Tensor) -> "SparseCandidates":
+    def scaled(self, scale: torch.Tensor) -> SparseCandidates:
         return SparseCandidates(self.rows, self.cols, self.values / scale[self.cols], self.n, self.m)
 
     def sums(self, y, a, b):
@@ -143,7 +144,7 @@ class DenseCandidates:
     def rms(self) -> torch.Tensor:
         return self.x.pow(2).mean(0).sqrt().clamp_min(1e-12)
 
-    def scaled(self, scale: torch.Tensor) -> "DenseCandidates":
+    def scaled(self, scale: torch.Tensor) -> DenseCandidates:
         return DenseCandidates(self.x / scale)
 
     def sums(self, y, a, b):
@@ -154,8 +155,18 @@ class DenseCandidates:
             s = a[lo : lo + step] * z + b[lo : lo + step]
             p = torch.sigmoid(s)
             r, w = p - y[:, None], p * (1 - p)
-            parts.append(torch.stack([_log_loss(s, y[:, None]).mean(0), (r * z).mean(0), r.mean(0),
-                                      (w * z * z).mean(0), (w * z).mean(0), w.mean(0)]))
+            parts.append(
+                torch.stack(
+                    [
+                        _log_loss(s, y[:, None]).mean(0),
+                        (r * z).mean(0),
+                        r.mean(0),
+                        (w * z * z).mean(0),
+                        (w * z).mean(0),
+                        w.mean(0),
+                    ]
+                )
+            )
         return tuple(torch.cat(parts, dim=1))
 
 
@@ -208,12 +219,15 @@ def probe_metrics(
     raw activations; rows before n_train fit the probes, the rest score them."""
     values, indices = codes
     acts = acts.double()
-    directions = torch.randn(acts.shape[1], acts.shape[1], generator=torch.Generator().manual_seed(seed),
-                             dtype=torch.float64)
+    directions = torch.randn(
+        acts.shape[1], acts.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
     projected = (acts - acts[:n_train].mean(0)) @ (directions / directions.norm(dim=0, keepdim=True))
     candidates = {
-        "": (SparseCandidates.from_codes(values[:n_train], indices[:n_train], n_latents),
-             SparseCandidates.from_codes(values[n_train:], indices[n_train:], n_latents)),
+        "": (
+            SparseCandidates.from_codes(values[:n_train], indices[:n_train], n_latents),
+            SparseCandidates.from_codes(values[n_train:], indices[n_train:], n_latents),
+        ),
         "_raw": (DenseCandidates(acts[:n_train]), DenseCandidates(acts[n_train:])),
         "_random": (DenseCandidates(projected[:n_train]), DenseCandidates(projected[n_train:])),
     }

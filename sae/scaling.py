@@ -40,8 +40,12 @@ class Fit:
         def log_loss(t):
             return math.log(_LAWS[self.law](x, *t)[0])
 
-        grad = np.array([(log_loss(theta + step) - log_loss(theta - step)) / (2 * h)
-                         for step, h in ((np.eye(len(theta))[i] * _h(theta[i]), _h(theta[i])) for i in range(len(theta)))])
+        grad = np.array(
+            [
+                (log_loss(theta + step) - log_loss(theta - step)) / (2 * h)
+                for step, h in ((np.eye(len(theta))[i] * _h(theta[i]), _h(theta[i])) for i in range(len(theta)))
+            ]
+        )
         value = math.exp(log_loss(theta))
         var = float(grad @ np.asarray(self.cov) @ grad) if self.cov else 0.0
         return value, value * math.sqrt(max(var, 0.0))
@@ -81,8 +85,14 @@ def _fit(law: str, x: np.ndarray, loss: np.ndarray, start) -> Fit:
     theta, cov = curve_fit(model, x, np.log(loss), p0=start, maxfev=20000)
     residual = np.log(loss) - model(x, *theta)
     cov = np.where(np.isfinite(cov), cov, 0.0)
-    return Fit(law, dict(zip(names, map(float, theta))), dict(zip(names, map(float, np.sqrt(np.diag(cov))))),
-               float(np.sqrt(np.mean(residual**2))), len(loss), cov.tolist())
+    return Fit(
+        law,
+        dict(zip(names, map(float, theta))),
+        dict(zip(names, map(float, np.sqrt(np.diag(cov))))),
+        float(np.sqrt(np.mean(residual**2))),
+        len(loss),
+        cov.tolist(),
+    )
 
 
 def fit_power_law(x, loss) -> Fit:
@@ -145,8 +155,10 @@ def recommend(budget_flops: float, d_model: int, k: int, law: Fit, tokens_at_409
             best = (n, int(tokens))
         n *= 2
     if best is None:
-        raise ValueError(f"a budget of {budget_flops:.3g} FLOPs cannot train even {max(256, 2 * k)} latents at "
-                         f"d_model {d_model} to convergence: raise the budget")
+        raise ValueError(
+            f"a budget of {budget_flops:.3g} FLOPs cannot train even {max(256, 2 * k)} latents at "
+            f"d_model {d_model} to convergence: raise the budget"
+        )
     n, tokens = best
     loss, err = law.predict_with_error(n, k)
     # spend the rest of the budget on more tokens at that n: beyond convergence it only helps

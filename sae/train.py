@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -108,7 +108,7 @@ def lr_factor(tcfg: TrainConfig, tokens_seen: int) -> float:
         return (tokens_seen + tcfg.batch_tokens) / warmup
     if decay == "constant":
         return 1.0
-    span = max(tcfg.tokens - warmup, 1)
+    span = max(tcfg.budget() - warmup, 1)
     progress = min((tokens_seen - warmup) / span, 1.0)
     if decay == "linear":
         return 1.0 - progress
@@ -152,7 +152,9 @@ class Trainer:
 
     def __init__(self, sae_cfg: SAEConfig, tcfg: TrainConfig, placement: Placement | None = None):
         if tcfg.tokens is None:
-            raise ValueError("TrainConfig.tokens: a trainer needs its token budget (train_sae derives it from the data)")
+            raise ValueError(
+                "TrainConfig.tokens: a trainer needs its token budget (train_sae derives it from the data)"
+            )
         self.tcfg, self.whole_cfg = tcfg, sae_cfg
         self.place = placement or OneProcess(sae_cfg)
         self.device = torch.device(tcfg.device)
@@ -163,10 +165,12 @@ class Trainer:
         self.sae = self.place.part(self._seeded_sae())
         lr = tcfg.resolved_lr(sae_cfg.n_latents)
         self.opt = make_optimizer(self.sae, tcfg, lr)
-        self.schedule_free = isinstance(self.opt, ScheduleFreeSignSGD)
         self.base_lr = lr
-        self.tracker = DeadLatentTracker(torch.zeros(self.sae.cfg.n_latents, dtype=torch.long, device=self.device),
-                                         tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k), tcfg.fire_threshold)
+        self.tracker = DeadLatentTracker(
+            torch.zeros(self.sae.cfg.n_latents, dtype=torch.long, device=self.device),
+            tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k),
+            tcfg.fire_threshold,
+        )
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
         self.mse_scale = 1.0
         self.steps = 0
@@ -188,9 +192,12 @@ class Trainer:
         if not self.tcfg.cuda_graph:
             return EagerSteps(self.device_step, self.device)
         t = self.tcfg
-        problems = cuda_graph_blockers(t.device, t.resolved_optimizer(), self.sae.cfg.activation, self.place.processes,
-                                       t.fused_topk, t.triton)
-        if not problems and not self.opt.fused(list(self.sae.parameters())):
+        problems = cuda_graph_blockers(
+            t.device, t.resolved_optimizer(), self.sae.cfg.activation, self.place.processes, t.fused_topk, t.triton
+        )
+        if not problems and not (
+            isinstance(self.opt, ScheduleFreeSignSGD) and self.opt.fused(list(self.sae.parameters()))
+        ):
             problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
         if problems:
             raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
@@ -206,12 +213,12 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.tokens >= self.tcfg.tokens
+        return self.tokens >= self.tcfg.budget()
 
     def step(self, batch: torch.Tensor) -> LossParts:
         for group in self.opt.param_groups:
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens)
-        if self.schedule_free:
+        if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.prepare()  # the host half of the optimizer step (device_step applies it)
         parts = self.runner(batch, self.dead_latents())
         self.tokens += self.rows(batch)
@@ -247,8 +254,12 @@ class Trainer:
         sae, tcfg = self.sae, self.tcfg
         x_norm, _ = sae.normalize(batch)
         # autocast's cache of cast weights would outlive a captured graph's memory: off when graphed
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16,
-                            cache_enabled=not self.runner.captures), kernels.using(self.kernels):
+        with (
+            torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=not self.runner.captures
+            ),
+            kernels.using(self.kernels),
+        ):
             parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, self.place)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
@@ -258,7 +269,7 @@ class Trainer:
             project_decoder_grad(sae)
         if tcfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), tcfg.grad_clip)
-        if self.schedule_free:
+        if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.apply()
         else:
             self.opt.step()
@@ -269,7 +280,7 @@ class Trainer:
         if self.ema:
             with torch.no_grad():
                 for name, p in sae.named_parameters():
-                    self.ema[name].lerp_(p, 1 - tcfg.ema_decay)
+                    self.ema[name].lerp_(p, 1 - (tcfg.ema_decay or 0.0))
         return parts
 
     @torch.no_grad()
@@ -298,27 +309,31 @@ class Trainer:
             lr = self.base_lr
             raise NonFiniteLoss(
                 f"the training loss became non-finite between steps {self.checked_steps} and {self.steps} (lr {lr:g}): "
-                "the run stopped and keeps only its last finite checkpoint; lower train.lr (or leave it at auto)")
+                "the run stopped and keeps only its last finite checkpoint; lower train.lr (or leave it at auto)"
+            )
         self.checked_steps = self.steps
 
     def ema_sae(self) -> TopKSAE:
         """A copy of the SAE holding the bias-corrected EMA of the weights (ema / (1 - decay^steps))."""
-        correction = 1 - self.tcfg.ema_decay**self.steps
+        correction = 1 - (self.tcfg.ema_decay or 0.0) ** self.steps
         return self._copy_with(lambda name: self.ema[name] / correction)
 
     @torch.no_grad()
     def averaged_sae(self) -> TopKSAE:
         """Schedule-free: a copy holding the averaged weights x, decoder rows back at unit norm (each
         row's norm moved into its encoder row: a latent's contribution is unchanged)."""
+        opt = self.opt
+        if not isinstance(opt, ScheduleFreeSignSGD):
+            raise ValueError("averaged weights come from the schedule-free optimizer; this run uses Adam")
         params = dict(self.sae.named_parameters())
-        out = self._copy_with(lambda name: self.opt.averaged(params[name]))
+        out = self._copy_with(lambda name: opt.averaged(params[name]))
         fold_decoder_norms(out)
         return out
 
     def final_sae(self) -> TopKSAE:
         if self.ema:
             return self.ema_sae().cpu()
-        return (self.averaged_sae() if self.schedule_free else self.sae).cpu()
+        return (self.averaged_sae() if isinstance(self.opt, ScheduleFreeSignSGD) else self.sae).cpu()
 
     def log(self, parts: LossParts) -> None:
         self.history.append(
@@ -398,8 +413,9 @@ def train_saes(
     lead = trainers[0]
     if any(t.tcfg.tokens != lead.tcfg.tokens or t.steps != lead.steps for t in trainers):
         raise ValueError("trainers fed from one pass must share tokens and cursor")
-    bar = tqdm(total=lead.tcfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, desc="train",
-               disable=not progress)
+    bar = tqdm(
+        total=lead.tcfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, desc="train", disable=not progress
+    )
     next_checkpoint = lead.tokens + checkpoint_every_tokens
     pending = [m for m in sorted(milestones) if m > lead.tokens] if evaluate else []
     for batch in batches:
@@ -410,7 +426,7 @@ def train_saes(
             if trainer.steps % trainer.tcfg.log_every == 0 or trainer.done:
                 trainer.check_finite()
                 trainer.log(parts)
-        if pending and lead.tokens >= pending[0] and not lead.done:
+        if pending and evaluate is not None and lead.tokens >= pending[0] and not lead.done:
             while pending and lead.tokens >= pending[0]:
                 pending.pop(0)
             for trainer in trainers:
@@ -428,9 +444,11 @@ def train_saes(
     for trainer in trainers:
         trainer.check_finite()
     if not lead.done:
-        warnings.warn(f"the activations ran out after {lead.tokens:,} of {lead.tcfg.tokens:,} tokens: training "
-                      "stopped there (the learning rate had not decayed to its end); pass tokens= to match the data",
-                      stacklevel=2)
+        warnings.warn(
+            f"the activations ran out after {lead.tokens:,} of {lead.tcfg.tokens:,} tokens: training "
+            "stopped there (the learning rate had not decayed to its end); pass tokens= to match the data",
+            stacklevel=2,
+        )
     return [TrainResult(t.final_sae(), t.tokens, t.steps, t.dead_fraction(), t.history) for t in trainers]
 
 
@@ -460,7 +478,7 @@ def train_sae(
         if length is None:
             raise ValueError("TrainConfig.tokens: an iterable of batches has no known length; give tokens=...")
         tcfg = tcfg.with_tokens(length)
-    passes = -(-tcfg.tokens // length) if length else None
+    passes = -(-tcfg.budget() // length) if length else None
     batches = iter(batch_stream(rows, tcfg.batch_tokens, passes))
     if trainer is None:
         trainer = Trainer(sae_cfg, tcfg)

@@ -21,8 +21,9 @@ ENTRIES = 16  # code entries loaded together: a latent that fires on every token
 
 
 @triton.jit
-def _segment_rows_kernel(order, starts, tokens, weights, x, out, d, stride_x, stride_out,
-                         ENTRIES: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_rows_kernel(
+    order, starts, tokens, weights, x, out, d, stride_x, stride_out, ENTRIES: tl.constexpr, BLOCK_D: tl.constexpr
+):
     latent = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
@@ -40,8 +41,9 @@ def _segment_rows_kernel(order, starts, tokens, weights, x, out, d, stride_x, st
     tl.store(out + latent * stride_out + cols, acc, mask=col_ok)
 
 
-def segment_rows(n_rows: int, latents: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor,
-                 x: torch.Tensor) -> torch.Tensor:
+def segment_rows(
+    n_rows: int, latents: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
     """(n_rows, d) with row n = sum of weights[e] * x[tokens[e]] over the entries e where latents[e] == n.
 
     latents, weights, tokens: 1-D, one value per code entry. Rows no entry names come out zero.
@@ -53,14 +55,25 @@ def segment_rows(n_rows: int, latents: torch.Tensor, weights: torch.Tensor, toke
     out = torch.empty(n_rows, x.shape[1], dtype=x.dtype, device=x.device)
     block_d = min(triton.next_power_of_2(x.shape[1]), 256)
     grid = (n_rows, triton.cdiv(x.shape[1], block_d))
-    _segment_rows_kernel[grid](order, starts, tokens.contiguous(), weights.contiguous(), x, out, x.shape[1],
-                               x.stride(0), out.stride(0), ENTRIES=ENTRIES, BLOCK_D=block_d, num_warps=2)
+    _segment_rows_kernel[grid](
+        order,
+        starts,
+        tokens.contiguous(),
+        weights.contiguous(),
+        x,
+        out,
+        x.shape[1],
+        x.stride(0),
+        out.stride(0),
+        ENTRIES=ENTRIES,
+        BLOCK_D=block_d,
+        num_warps=2,  # pyright: ignore[reportCallIssue]  (a launch option, not in Triton's stubs)
+    )
     return out
 
 
 @triton.jit
-def _gather_dot_kernel(a, indices, w, out, k, d, stride_a, stride_w,
-                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_dot_kernel(a, indices, w, out, k, d, stride_a, stride_w, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     token = tl.program_id(0)
     js = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     j_ok = js < k
@@ -75,8 +88,9 @@ def _gather_dot_kernel(a, indices, w, out, k, d, stride_a, stride_w,
     tl.store(out + token * k + js, acc, mask=j_ok)
 
 
-def gather_dot(a: torch.Tensor, indices: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None
-               ) -> torch.Tensor:
+def gather_dot(
+    a: torch.Tensor, indices: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """(B, k) with [b, j] = a[b] . w[indices[b, j]], without materialising the (B, k, d) gather;
     accumulated in float32, returned in out_dtype (default: a's dtype)."""
     a, indices, w = a.contiguous(), indices.contiguous(), w.contiguous()
@@ -84,8 +98,19 @@ def gather_dot(a: torch.Tensor, indices: torch.Tensor, w: torch.Tensor, out_dtyp
     out = torch.empty(batch, k, dtype=torch.float32, device=a.device)
     block_k = min(triton.next_power_of_2(k), 16)
     grid = (batch, triton.cdiv(k, block_k))
-    _gather_dot_kernel[grid](a, indices, w, out, k, a.shape[1], a.stride(0), w.stride(0),
-                             BLOCK_K=block_k, BLOCK_D=128, num_warps=4)
+    _gather_dot_kernel[grid](
+        a,
+        indices,
+        w,
+        out,
+        k,
+        a.shape[1],
+        a.stride(0),
+        w.stride(0),
+        BLOCK_K=block_k,
+        BLOCK_D=128,
+        num_warps=4,  # pyright: ignore[reportCallIssue]  (a launch option, not in Triton's stubs)
+    )
     return out.to(out_dtype or a.dtype)
 
 
@@ -113,9 +138,23 @@ def _pack(values, local):
 
 
 @triton.jit
-def _encode_topk_kernel(x, w, b, out, n_rows, n_latents, d, stride_x, stride_w,
-                        HAS_BIAS: tl.constexpr, K: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _encode_topk_kernel(
+    x,
+    w,
+    b,
+    out,
+    n_rows,
+    n_latents,
+    d,
+    stride_x,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    K: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     chunk = tl.program_id(1)
     row_ok = rows < n_rows
@@ -136,7 +175,7 @@ def _encode_topk_kernel(x, w, b, out, n_rows, n_latents, d, stride_x, stride_w,
         # best is descending and the tile's top k flipped is ascending: their elementwise max is the
         # top k of both (a bitonic sequence), which one bitonic merge sorts again
         top = tl.topk(keys, K)
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)  # pyright: ignore[reportArgumentType]
     ks = tl.arange(0, K)
     n_chunks = tl.num_programs(1)
     tl.store(out + (rows[:, None] * n_chunks + chunk) * K + ks[None, :], best, mask=row_ok[:, None])
@@ -155,14 +194,19 @@ def _configs():
         triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_D=bd), num_warps=wp, num_stages=st)
         # the configs that ptxas compiles for sm_90 without register spills (or nearly)
         for m, n, bd, wp, st in [
-            (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (32, 128, 64, 8, 3), (64, 64, 64, 8, 3),
-            (128, 128, 32, 16, 4), (64, 128, 64, 16, 3),
+            (64, 128, 64, 8, 3),
+            (128, 64, 64, 8, 3),
+            (32, 128, 64, 8, 3),
+            (64, 64, 64, 8, 3),
+            (128, 128, 32, 16, 4),
+            (64, 128, 64, 16, 3),
         ]
     ]
 
 
 _encode_topk = triton.autotune(configs=_configs(), key=["n_latents", "d", "K", "CHUNK", "HAS_BIAS"])(
-    _encode_topk_kernel)
+    _encode_topk_kernel
+)
 
 
 def encode_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +228,20 @@ def encode_topk(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, k: int
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]), n_chunks)
 
-    _encode_topk[grid](x, w, b if b is not None else w, cand, n_rows, n_latents, d, x.stride(0), w.stride(0),
-                       HAS_BIAS=b is not None, K=K, CHUNK=chunk)
+    _encode_topk[grid](
+        x,
+        w,
+        b if b is not None else w,
+        cand,
+        n_rows,
+        n_latents,
+        d,
+        x.stride(0),
+        w.stride(0),
+        HAS_BIAS=b is not None,
+        K=K,
+        CHUNK=chunk,
+    )
     keys, pos = cand.topk(k, dim=1, sorted=True)
     indices = (pos // K) * chunk + (keys & 0xFFFF).long()
     values = gather_dot(x, indices, w, out_dtype=torch.float32)

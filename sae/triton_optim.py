@@ -19,8 +19,9 @@ FLAT_ROW = 1024  # a tensor without unit rows is stepped in rows of this many el
 
 
 @triton.jit
-def _sign_free_kernel(p, g, z, hyper, numel, row_len, beta,
-                      UNIT_ROWS: tl.constexpr, PROJECT: tl.constexpr, BLOCK: tl.constexpr):
+def _sign_free_kernel(
+    p, g, z, hyper, numel, row_len, beta, UNIT_ROWS: tl.constexpr, PROJECT: tl.constexpr, BLOCK: tl.constexpr
+):
     lr = tl.load(hyper)  # read on the device: a captured CUDA graph replays with each step's values
     avg = tl.load(hyper + 1)
     cols = tl.arange(0, BLOCK)
@@ -41,8 +42,9 @@ def _sign_free_kernel(p, g, z, hyper, numel, row_len, beta,
     tl.store(p + offs, ys, mask=ok)
 
 
-def sign_free_step(p: torch.Tensor, z: torch.Tensor, hyper: torch.Tensor, beta: float, unit_rows: bool,
-                   project: bool = False) -> None:
+def sign_free_step(
+    p: torch.Tensor, z: torch.Tensor, hyper: torch.Tensor, beta: float, unit_rows: bool, project: bool = False
+) -> None:
     """In place: z -= lr sign(g) (rows of z back to unit norm if unit_rows), and the parameter
     y = (1 - beta) z + beta x after x += avg (z - x), with (lr, avg) = hyper, a float32 tensor on
     p's device; g is p.grad, less each row's component along p's row if project. p, z: contiguous
@@ -53,5 +55,16 @@ def sign_free_step(p: torch.Tensor, z: torch.Tensor, hyper: torch.Tensor, beta: 
         row_len = min(FLAT_ROW, p.numel())
         n_rows = triton.cdiv(p.numel(), row_len)
     block = triton.next_power_of_2(row_len)
-    _sign_free_kernel[(n_rows,)](p, p.grad.contiguous(), z, hyper, p.numel(), row_len, beta, UNIT_ROWS=unit_rows,
-                                 PROJECT=project, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    _sign_free_kernel[(n_rows,)](
+        p,
+        p.grad.contiguous(),  # pyright: ignore[reportOptionalMemberAccess]  (only parameters with a gradient step)
+        z,
+        hyper,
+        p.numel(),
+        row_len,
+        beta,
+        UNIT_ROWS=unit_rows,
+        PROJECT=project,
+        BLOCK=block,
+        num_warps=max(1, min(8, block // 256)),  # pyright: ignore[reportCallIssue]  (a launch option)
+    )

@@ -20,14 +20,17 @@ import math
 import queue
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any, Literal, cast
 
 import fsspec
 import numpy as np
 import torch
 import zarr
 from tqdm.auto import tqdm
+from zarr.codecs import BloscCodec
+from zarr.errors import GroupNotFoundError
 
 from sae.lm import capture
 from storage.corpus import Contexts
@@ -76,7 +79,15 @@ class Layout:
         return i * self.shard_contexts, min((i + 1) * self.shard_contexts, self.n_contexts)
 
     @classmethod
-    def plan(cls, n_contexts: int, context_length: int, first_position: int, d: int, itemsize: int, shard_contexts: int | None):
+    def plan(
+        cls,
+        n_contexts: int,
+        context_length: int,
+        first_position: int,
+        d: int,
+        itemsize: int,
+        shard_contexts: int | None,
+    ):
         positions = context_length - first_position
         chunk = max(1, math.ceil(TARGET_CHUNK_BYTES / (positions * d * itemsize)))
         shard = shard_contexts or chunk * CHUNKS_PER_SHARD
@@ -86,9 +97,28 @@ class Layout:
 
 
 # opening and verifying ---------------------------------------------------------------------------
-def _group(url: str, mode: str, storage_options: dict | None) -> zarr.Group:
+def _group(url: str, mode: Literal["r", "r+", "w"], storage_options: dict | None) -> zarr.Group:
     # zarr refuses storage_options (even empty) for a local path
     return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
+
+
+def _meta(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """A node's attributes, for reading: the store writes plain JSON (zarr types them as its JSON union)."""
+    return cast(dict[str, Any], node.attrs)
+
+
+def _array(group: zarr.Group, path: str) -> zarr.Array:
+    node = group[path]
+    if not isinstance(node, zarr.Array):
+        raise IncompleteStoreError(f"{group.store_path}/{path} is not an array: the store is damaged")
+    return node
+
+
+def _subgroup(group: zarr.Group, path: str) -> zarr.Group:
+    node = group[path]
+    if not isinstance(node, zarr.Group):
+        raise IncompleteStoreError(f"{group.store_path}/{path} is not a group: the store is damaged")
+    return node
 
 
 def _fs(url: str, storage_options: dict | None):
@@ -115,8 +145,13 @@ def open_group_for_status(url: str, storage_options: dict | None = None) -> zarr
     return _group(url, "r", storage_options)
 
 
+def split_names(group: zarr.Group) -> list[str]:
+    """The splits of a planned store ("train", "eval")."""
+    return list(_meta(group)["splits"])
+
+
 def layout_of(group: zarr.Group, split: str) -> Layout:
-    return Layout(**group[split].attrs["layout"])
+    return Layout(**_meta(_subgroup(group, split))["layout"])
 
 
 def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
@@ -125,19 +160,21 @@ def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[
     fs, root = _fs(url, storage_options)
     return [
         (split, i)
-        for split in group.attrs["splits"]
+        for split in _meta(group)["splits"]
         for i in range(layout_of(group, split).n_shards)
         if _read_marker(fs, _marker_path(root, split, i)) is None
     ]
 
 
-def bad_shards(url: str, storage_options: dict | None = None, splits=None, full: bool = True) -> list[tuple[str, int, str]]:
+def bad_shards(
+    url: str, storage_options: dict | None = None, splits=None, full: bool = True
+) -> list[tuple[str, int, str]]:
     """(split, shard, what is wrong) for every shard of `splits` (default all) that has no marker or
     (full=True) whose files do not match the crc32 recorded when it was written."""
     group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     problems = []
-    for split in splits or group.attrs["splits"]:
+    for split in splits or _meta(group)["splits"]:
         layout = layout_of(group, split)
         for i in range(layout.n_shards):
             c0, c1 = layout.shard_contexts_range(i)
@@ -154,7 +191,9 @@ def bad_shards(url: str, storage_options: dict | None = None, splits=None, full:
                 except FileNotFoundError:
                     actual = None
                 if actual != crc:
-                    problems.append((split, i, f"{where} of {h} is corrupted or gone ({_shard_file(root, split, h, i)})"))
+                    problems.append(
+                        (split, i, f"{where} of {h} is corrupted or gone ({_shard_file(root, split, h, i)})")
+                    )
     return problems
 
 
@@ -176,7 +215,7 @@ def reopen_bad_shards(url: str, storage_options: dict | None = None) -> list[str
     if problems:
         fs, root = _fs(url, storage_options)
         group = _group(url, "r+", storage_options)
-        group.attrs["complete"] = False  # first: a kill from here on leaves a store that is not complete
+        _meta(group)["complete"] = False  # first: a kill from here on leaves a store that is not complete
         for split, i in sorted({(split, i) for split, i, _ in problems}):
             if fs.exists(_marker_path(root, split, i)):
                 fs.rm_file(_marker_path(root, split, i))
@@ -188,9 +227,9 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
     shard's checksum, a tuple of splits (e.g. ("eval",)) only theirs."""
     try:
         group = _group(url, "r", storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+    except (FileNotFoundError, GroupNotFoundError) as e:
         raise IncompleteStoreError(f"no activation store at {url}: run `saeflow cache SPEC` first") from e
-    if not group.attrs.get("complete", False):
+    if not _meta(group).get("complete", False):
         raise IncompleteStoreError(f"the activation store at {url} is unfinished: run `saeflow cache SPEC` again")
     if verify:
         verify_shards(url, storage_options, splits=None if verify is True else verify)
@@ -200,8 +239,8 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
 def planned_hash(url: str, storage_options: dict | None = None) -> str | None:
     """The spec hash of a fully planned store at url (shards may still be missing), else None."""
     try:
-        attrs = _group(url, "r", storage_options).attrs
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        attrs = _meta(_group(url, "r", storage_options))
+    except (FileNotFoundError, GroupNotFoundError):
         return None
     return attrs.get("spec_hash") if "splits" in attrs else None  # `splits` is written last by plan_store
 
@@ -230,7 +269,7 @@ def plan_store(
     """Creates the group, the token/document arrays and the empty sharded activation arrays."""
     group = _group(url, "w", storage_options)
     stored = np.dtype(STORE_DTYPES[dtype])
-    codec = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    codec = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
     for split, ctx in splits.items():
         n, length = ctx.tokens.shape
         layout = Layout.plan(n, length, first_position, d_model, stored.itemsize, shard_contexts)
@@ -250,9 +289,16 @@ def plan_store(
                 attributes={"logical_dtype": dtype, "hookpoint": h},
             )
     group.attrs.update(
-        {**attrs, "hookpoints": hookpoints, "splits": list(splits), "d_model": d_model, "dtype": dtype,
-         "context_length": next(iter(splits.values())).tokens.shape[1], "first_position": first_position,
-         "complete": False}
+        {
+            **attrs,
+            "hookpoints": hookpoints,
+            "splits": list(splits),
+            "d_model": d_model,
+            "dtype": dtype,
+            "context_length": next(iter(splits.values())).tokens.shape[1],
+            "first_position": first_position,
+            "complete": False,
+        }
     )
     log.info("planned activation store at %s", url)
 
@@ -281,15 +327,20 @@ def write_shard(
 ) -> None:
     """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it."""
     group = _group(url, "r+", storage_options)
-    hookpoints, dtype, first = group.attrs["hookpoints"], group.attrs["dtype"], group.attrs["first_position"]
-    sub = group[split]
+    hookpoints, dtype, first = _meta(group)["hookpoints"], _meta(group)["dtype"], _meta(group)["first_position"]
+    sub = _subgroup(group, split)
     layout = layout_of(group, split)
     c0, c1 = layout.shard_contexts_range(index)
-    ids = torch.from_numpy(sub["tokens"][c0:c1])
+    ids = torch.from_numpy(np.asarray(_array(sub, "tokens")[c0:c1]))
     device = next(model.parameters()).device
     blocks: dict[str, list[np.ndarray]] = {h: [] for h in hookpoints}
-    bar = tqdm(total=len(ids) * layout.positions, unit="tok", unit_scale=True, desc=f"cache {split} shard {index}",
-               disable=not progress)
+    bar = tqdm(
+        total=len(ids) * layout.positions,
+        unit="tok",
+        unit_scale=True,
+        desc=f"cache {split} shard {index}",
+        disable=not progress,
+    )
     for start in range(0, len(ids), batch_contexts):
         out = capture(model, ids[start : start + batch_contexts].to(device, torch.long), hookpoints)
         bar.update(len(out[hookpoints[0]]) * layout.positions)
@@ -307,7 +358,7 @@ def write_shard(
     fs, root = _fs(url, storage_options)
     crcs = {}
     for h in hookpoints:
-        sub[f"acts/{array_name(h)}"][c0 * layout.positions : c1 * layout.positions] = np.concatenate(blocks[h])
+        _array(sub, f"acts/{array_name(h)}")[c0 * layout.positions : c1 * layout.positions] = np.concatenate(blocks[h])
         crcs[h] = zlib.crc32(fs.cat_file(_shard_file(root, split, h, index)))
     fs.makedirs(f"{root}/{MARKERS}", exist_ok=True)
     _write_marker(fs, _marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
@@ -332,11 +383,13 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
     verify_shards(url, storage_options)
     group = _group(url, "r+", storage_options)
     stats = {}
-    for split in group.attrs["splits"]:
-        for h in group.attrs["hookpoints"]:
-            arr = group[f"{split}/acts/{array_name(h)}"]
-            logical = arr.attrs["logical_dtype"]
-            x = da.from_zarr(arr).map_blocks(lambda b: _decode(b, logical).numpy().astype(np.float64), dtype=np.float64)
+    for split in _meta(group)["splits"]:
+        for h in _meta(group)["hookpoints"]:
+            arr = _array(group, f"{split}/acts/{array_name(h)}")
+            logical = _meta(arr)["logical_dtype"]
+            x = da.from_zarr(arr).map_blocks(
+                lambda b, logical=logical: _decode(b, logical).numpy().astype(np.float64), dtype=np.float64
+            )
             mean, sq_norm, nonfinite = da.compute(x.mean(axis=0), (x**2).sum(axis=1).mean(), (~da.isfinite(x)).sum())
             if nonfinite:
                 raise ValueError(f"{split} activations at {h} hold {int(nonfinite)} non-finite values")
@@ -348,11 +401,11 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
 
 # reading -----------------------------------------------------------------------------------------
 def activations(group: zarr.Group, split: str, hookpoint: str) -> zarr.Array:
-    return group[f"{split}/acts/{array_name(hookpoint)}"]
+    return _array(group, f"{split}/acts/{array_name(hookpoint)}")
 
 
 def _rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
-    return _decode(array[start:stop], array.attrs.get("logical_dtype", "float16"))
+    return _decode(np.asarray(array[start:stop]), _meta(array).get("logical_dtype", "float16"))
 
 
 def iter_rows(array: zarr.Array, batch_rows: int, stop: int | None = None) -> Iterator[torch.Tensor]:
@@ -372,7 +425,11 @@ def column_mean(array: zarr.Array, stop: int | None = None, batch_rows: int = 65
 
 
 def shuffled_batches(
-    array: zarr.Array, batch_rows: int, seed: int, buffer_chunks: int = 8, start_batch: int = 0,
+    array: zarr.Array,
+    batch_rows: int,
+    seed: int,
+    buffer_chunks: int = 8,
+    start_batch: int = 0,
     part: tuple[int, int] = (0, 1),
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches, deterministic for a seed, never holding the whole array.
@@ -390,8 +447,10 @@ def shuffled_batches(
     rows = array.chunks[0]
     n_chunks = math.ceil(array.shape[0] / rows)
     if n_chunks < parts:
-        raise ValueError(f"the store has {n_chunks} chunks of rows, fewer than its {parts} data-parallel readers: "
-                         "cache more tokens or train on fewer replicas")
+        raise ValueError(
+            f"the store has {n_chunks} chunks of rows, fewer than its {parts} data-parallel readers: "
+            "cache more tokens or train on fewer replicas"
+        )
     carry = torch.empty(0, array.shape[1])
     batch_index = 0
     while True:

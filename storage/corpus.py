@@ -7,9 +7,9 @@ import glob
 import hashlib
 import json
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -33,7 +33,9 @@ def _python_docs() -> Iterator[tuple[str, str]]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         docs = [d for d in (ast.get_docstring(n) for n in nodes) if d and len(d) > 20]
         if docs:
             yield str(rel), "\n\n".join(docs)
@@ -78,7 +80,7 @@ def _file_documents(files: list[Path]) -> Iterator[tuple[str, str]]:
 
 def _hf_documents(name: str) -> Iterator[tuple[str, str]]:
     try:
-        import datasets
+        import datasets  # pyright: ignore[reportMissingImports]  (optional: hf: sources only)
     except ImportError as e:
         raise ImportError(f"data.source {HF_PREFIX}{name} needs the `datasets` package") from e
     for i, row in enumerate(datasets.load_dataset(name, split="train", streaming=True)):

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sae.config import SAEConfig
+from sae.config import Normalization, SAEConfig
 from sae.model import CONFIG_FILE, WEIGHTS_FILE, TopKSAE
 
 FORMATS = ("saeflow", "saelens", "sparsify")
@@ -41,8 +41,10 @@ def detect(directory: str | Path) -> str:
         return "sparsify"
     if not d.is_dir():
         raise FormatError(f"{d}: no such directory")
-    raise FormatError(f"{d}: not an SAE directory in a known format: expected {CONFIG_FILE} + {WEIGHTS_FILE} (saeflow), "
-                      f"{SAELENS_CONFIG} + {SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS} (sparsify)")
+    raise FormatError(
+        f"{d}: not an SAE directory in a known format: expected {CONFIG_FILE} + {WEIGHTS_FILE} (saeflow), "
+        f"{SAELENS_CONFIG} + {SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_CONFIG} + {SPARSIFY_WEIGHTS} (sparsify)"
+    )
 
 
 def read(directory: str | Path) -> TopKSAE:
@@ -68,31 +70,56 @@ def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
     if fmt == "saeflow":
         return sae.save(out, sae.metadata)
     if sae.cfg.activation != "topk":
-        raise FormatError(f"activation {sae.cfg.activation}: only TopK SAEs export to {fmt} (its inference has no "
-                          "learnt threshold like saeflow's batchtopk)")
+        raise FormatError(
+            f"activation {sae.cfg.activation}: only TopK SAEs export to {fmt} (its inference has no "
+            "learnt threshold like saeflow's batchtopk)"
+        )
     if fmt == "sparsify" and sae.cfg.normalization == "standardize":
-        raise FormatError("normalization standardize: sparsify's SparseCoder takes raw activations and no linear map "
-                          "can express a per-token standardisation; export to saelens (its layer_norm), or train with "
-                          "normalization: none or dataset_scale")
+        raise FormatError(
+            "normalization standardize: sparsify's SparseCoder takes raw activations and no linear map "
+            "can express a per-token standardisation; export to saelens (its layer_norm), or train with "
+            "normalization: none or dataset_scale"
+        )
     W_enc, b_enc, W_dec, b_dec = _raw_weights(sae)
     out.mkdir(parents=True, exist_ok=True)
     meta = sae.metadata
     if fmt == "saelens":
         config = {
-            "architecture": "topk", "d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_latents, "k": sae.cfg.k,
-            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+            "architecture": "topk",
+            "d_in": sae.cfg.d_in,
+            "d_sae": sae.cfg.n_latents,
+            "k": sae.cfg.k,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
             "normalize_activations": "layer_norm" if sae.cfg.normalization == "standardize" else "none",
-            "reshape_activations": "none", "rescale_acts_by_decoder_norm": False,
-            "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-                         "model_name": meta.get("model"), "hook_name": meta.get("hookpoint"), "exported_by": "saeflow"},
+            "reshape_activations": "none",
+            "rescale_acts_by_decoder_norm": False,
+            "metadata": {
+                "sae_lens_version": SAELENS_FORMAT_VERSION,
+                "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+                "model_name": meta.get("model"),
+                "hook_name": meta.get("hookpoint"),
+                "exported_by": "saeflow",
+            },
         }
-        save_file({"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SAELENS_WEIGHTS)
+        save_file(
+            {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SAELENS_WEIGHTS
+        )
         (out / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
         return out
     unit = bool(torch.allclose(W_dec.norm(dim=1), torch.ones(W_dec.shape[0]), atol=1e-4))
-    config = {"activation": "topk", "expansion_factor": max(sae.cfg.n_latents // sae.cfg.d_in, 1),
-              "normalize_decoder": unit, "num_latents": sae.cfg.n_latents, "k": sae.cfg.k, "multi_topk": False,
-              "skip_connection": False, "transcode": False, "d_in": sae.cfg.d_in}
+    config = {
+        "activation": "topk",
+        "expansion_factor": max(sae.cfg.n_latents // sae.cfg.d_in, 1),
+        "normalize_decoder": unit,
+        "num_latents": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.cfg.d_in,
+    }
     save_file({"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SPARSIFY_WEIGHTS)
     (out / SPARSIFY_CONFIG).write_text(json.dumps(config, indent=2))
     return out
@@ -103,7 +130,7 @@ def _raw_weights(sae: TopKSAE) -> tuple[torch.Tensor, ...]:
     W_enc, W_dec, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_pre))
     b_enc = sae.b_enc.detach().float().cpu() if sae.b_enc is not None else torch.zeros(sae.cfg.n_latents)
     if sae.cfg.normalization == "dataset_scale":
-        s = float(sae.input_scale)
+        s = float(sae.input_scale)  # pyright: ignore[reportArgumentType]  (a registered buffer: a tensor)
         W_enc, W_dec, b_pre = W_enc * s, W_dec / s, b_pre / s
     return W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_pre.contiguous()
 
@@ -114,10 +141,13 @@ def _read_saelens(d: Path) -> TopKSAE:
     where = d / SAELENS_CONFIG
     if cfg.get("architecture") != "topk":
         raise FormatError(f"{where}: architecture {cfg.get('architecture')!r}: saeflow imports TopK SAEs only")
-    norm = {"none": "none", "layer_norm": "standardize"}.get(cfg.get("normalize_activations", "none"))
+    ours: dict[str, Normalization] = {"none": "none", "layer_norm": "standardize"}
+    norm = ours.get(cfg.get("normalize_activations", "none"))
     if norm is None:
-        raise FormatError(f"{where}: normalize_activations {cfg.get('normalize_activations')!r} has no saeflow "
-                          "equivalent (none and layer_norm have)")
+        raise FormatError(
+            f"{where}: normalize_activations {cfg.get('normalize_activations')!r} has no saeflow "
+            "equivalent (none and layer_norm have)"
+        )
     if cfg.get("reshape_activations", "none") != "none":
         raise FormatError(f"{where}: reshape_activations {cfg['reshape_activations']!r}: only flat activations import")
     sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], cfg["d_sae"], cfg["k"], True, norm))
@@ -132,8 +162,12 @@ def _read_saelens(d: Path) -> TopKSAE:
     sae = TopKSAE(sae_cfg)
     _load_into(sae, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}, d / SAELENS_WEIGHTS)
     meta = cfg.get("metadata") or {}
-    sae.metadata = {"imported_from": "saelens", "source": str(d), "model": meta.get("model_name"),
-                    "hookpoint": meta.get("hook_name")}
+    sae.metadata = {
+        "imported_from": "saelens",
+        "source": str(d),
+        "model": meta.get("model_name"),
+        "hookpoint": meta.get("hook_name"),
+    }
     return sae
 
 
@@ -148,8 +182,12 @@ def _read_sparsify(d: Path) -> TopKSAE:
     n = cfg.get("num_latents") or cfg.get("d_in", 0) * cfg.get("expansion_factor", 32)
     sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], n, cfg.get("k", 32), True, "none"))
     w = _tensors(d / SPARSIFY_WEIGHTS)
-    weights = {"W_enc": _key(w, "encoder.weight", d / SPARSIFY_WEIGHTS), "b_enc": _key(w, "encoder.bias", d / SPARSIFY_WEIGHTS),
-               "W_dec": _key(w, "W_dec", d / SPARSIFY_WEIGHTS), "b_pre": _key(w, "b_dec", d / SPARSIFY_WEIGHTS)}
+    weights = {
+        "W_enc": _key(w, "encoder.weight", d / SPARSIFY_WEIGHTS),
+        "b_enc": _key(w, "encoder.bias", d / SPARSIFY_WEIGHTS),
+        "W_dec": _key(w, "W_dec", d / SPARSIFY_WEIGHTS),
+        "b_pre": _key(w, "b_dec", d / SPARSIFY_WEIGHTS),
+    }
     sae = TopKSAE(sae_cfg)
     _load_into(sae, weights, d / SPARSIFY_WEIGHTS)
     sae.metadata = {"imported_from": "sparsify", "source": str(d)}
@@ -192,7 +230,9 @@ def _load_into(sae: TopKSAE, weights: dict[str, torch.Tensor], path: Path) -> No
     for name, t in weights.items():
         if name in expected and tuple(t.shape) != expected[name]:
             raise FormatError(f"{path}: {name} has shape {tuple(t.shape)}, but the config says {expected[name]}")
-    missing = sorted(set(expected) - set(weights) - {"input_scale", "threshold"} - ({"b_enc"} if sae.b_enc is None else set()))
+    missing = sorted(
+        set(expected) - set(weights) - {"input_scale", "threshold"} - ({"b_enc"} if sae.b_enc is None else set())
+    )
     if missing:
         raise FormatError(f"{path}: missing {', '.join(missing)}")
     with torch.no_grad():

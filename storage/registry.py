@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def register_sae(
     metrics: dict[str, float],
     tags: dict[str, str],
     artifact_root: Path | None = None,
-    run_files: list[Path] = (),
+    run_files: Sequence[Path] = (),
 ) -> Registered:
     """Logs params/metrics, logs the SAE as a models-from-code pyfunc, registers it, sets the alias.
 
@@ -172,8 +173,18 @@ def model_card(model_name: str, sae, params: dict, metrics: dict[str, float], ta
     return "\n".join(lines) + "\n"
 
 
-CARD_METRICS = ("normalized_mse", "fraction_variance_explained", "l0", "dead_fraction", "ce_increase", "kl_divergence",
-                "loss_recovered_vs_zero", "loss_recovered_vs_mean", "ablation_sparsity", "eval_tokens")
+CARD_METRICS = (
+    "normalized_mse",
+    "fraction_variance_explained",
+    "l0",
+    "dead_fraction",
+    "ce_increase",
+    "kl_divergence",
+    "loss_recovered_vs_zero",
+    "loss_recovered_vs_mean",
+    "ablation_sparsity",
+    "eval_tokens",
+)
 
 
 def promote(tracking_uri: str, model_name: str, ref: str, alias: str, reason: str | None = None) -> Registered:
@@ -190,7 +201,7 @@ def promote(tracking_uri: str, model_name: str, ref: str, alias: str, reason: st
     if reason:
         describe(model_name, version.version, reason)
     log.info("models:/%s@%s -> version %s", model_name, alias, version.version)
-    return Registered(model_name, str(version.version), alias, version.run_id)
+    return Registered(model_name, str(version.version), alias, str(version.run_id))
 
 
 def describe(model_name: str, version: str, line: str) -> None:
@@ -223,11 +234,15 @@ def list_models(tracking_uri: str, name: str | None = None) -> list[dict]:
         versions = list_versions(tracking_uri, m.name)
         for row in versions:
             tags = client.get_model_version(m.name, str(row["version"])).tags
-            row["metrics"] = {k.removeprefix("metric."): float(v) for k, v in tags.items()
-                              if k.removeprefix("metric.") in CARD_METRICS and k.startswith("metric.")}
+            row["metrics"] = {
+                k.removeprefix("metric."): float(v)
+                for k, v in tags.items()
+                if k.removeprefix("metric.") in CARD_METRICS and k.startswith("metric.")
+            }
             row.update({k: tags.get(k) for k in ("lm", "hookpoint", "n_latents", "k")})
-        out.append({"name": m.name, "aliases": dict(sorted((a, int(v)) for a, v in m.aliases.items())),
-                    "versions": versions})
+        out.append(
+            {"name": m.name, "aliases": dict(sorted((a, int(v)) for a, v in m.aliases.items())), "versions": versions}
+        )
     return out
 
 
@@ -243,9 +258,15 @@ def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
     if not versions:
         return []
     aliases = client.get_registered_model(model_name).aliases  # {alias: version}; a search leaves them out
-    return [{"version": int(v.version), "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
-             "spec_hash": v.tags.get("spec_hash"), "run_id": v.run_id}
-            for v in sorted(versions, key=lambda v: -int(v.version))]
+    return [
+        {
+            "version": int(v.version),
+            "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
+            "spec_hash": v.tags.get("spec_hash"),
+            "run_id": v.run_id,
+        }
+        for v in sorted(versions, key=lambda v: -int(v.version))
+    ]
 
 
 def _same(version, spec_hash: str, weights_sha256: str | None) -> bool:
@@ -260,8 +281,9 @@ def _delete_quietly(client, model_name: str, version: str) -> None:
         log.warning("could not remove the incomplete version %s of %s: %s", version, model_name, e)
 
 
-def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: str,
-                    weights_sha256: str | None = None) -> Registered | None:
+def find_registered(
+    tracking_uri: str, model_name: str, alias: str, spec_hash: str, weights_sha256: str | None = None
+) -> Registered | None:
     """A complete version registered from this spec hash (tag `spec_hash`) and, when given, these
     weights (tag `weights_sha256`): the one under `alias` if it is one, else the newest. None when
     there is none; only the registry's "no such model or alias" counts as absent, a connection error
@@ -271,20 +293,31 @@ def find_registered(tracking_uri: str, model_name: str, alias: str, spec_hash: s
     _mlflow(tracking_uri)
     try:
         mv = model_version(f"models:/{model_name}@{alias}")
-        if _same(mv, spec_hash, weights_sha256) and mv.tags.get(COMPLETE_TAG, "true") == "true" and _run_alive(mv.run_id):
-            return Registered(model_name, str(mv.version), alias, mv.run_id)
+        if (
+            _same(mv, spec_hash, weights_sha256)
+            and mv.tags.get(COMPLETE_TAG, "true") == "true"
+            and _run_alive(mv.run_id)
+        ):
+            return Registered(model_name, str(mv.version), alias, str(mv.run_id))
     except NotRegistered:
         pass
     if not SAFE_TAG_VALUE.fullmatch(spec_hash) or not SAFE_TAG_VALUE.fullmatch(model_name):
         return None
-    found = [v for v in MlflowClient().search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'")
-             if v.tags.get(COMPLETE_TAG) == "true" and _same(v, spec_hash, weights_sha256) and _run_alive(v.run_id)]
+    found = [
+        v
+        for v in MlflowClient().search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'")
+        if v.tags.get(COMPLETE_TAG) == "true" and _same(v, spec_hash, weights_sha256) and _run_alive(v.run_id)
+    ]
     if not found:
         return None
     newest = max(found, key=lambda v: int(v.version))
-    log.info("version %s of %s is registered from this spec; alias %r points elsewhere and is left there",
-             newest.version, model_name, alias)
-    return Registered(model_name, str(newest.version), None, newest.run_id)
+    log.info(
+        "version %s of %s is registered from this spec; alias %r points elsewhere and is left there",
+        newest.version,
+        model_name,
+        alias,
+    )
+    return Registered(model_name, str(newest.version), None, str(newest.run_id))
 
 
 def _run_alive(run_id: str | None) -> bool:
@@ -316,8 +349,10 @@ def model_version(model_uri: str):
         return client.get_model_version(*ref.split("/", 1))
     except MlflowException as e:
         if _absent(e):
-            raise NotRegistered(f"{model_uri} is not registered at {mlflow_tracking_uri()}: check the name and "
-                                "alias (or version) in the MLflow UI") from None
+            raise NotRegistered(
+                f"{model_uri} is not registered at {mlflow_tracking_uri()}: check the name and "
+                "alias (or version) in the MLflow UI"
+            ) from None
         raise
 
 
@@ -325,7 +360,8 @@ def _absent(e) -> bool:
     """MLflow's answer for a model or version that does not exist (a missing alias comes back as an
     invalid parameter "... not found"); never a server it could not reach."""
     return e.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or (
-        e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
+        e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
+    )
 
 
 def mlflow_tracking_uri() -> str:
@@ -334,7 +370,7 @@ def mlflow_tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def log_run_files(run_id: str, paths: list[Path]) -> None:
+def log_run_files(run_id: str, paths: Sequence[Path]) -> None:
     """Adds files and folders (e.g. a rebuilt feature browser) to an MLflow run; a folder keeps its
     name and layout."""
     from mlflow import MlflowClient
@@ -351,9 +387,17 @@ SWEEP_TAG = "saeflow.sweep"  # on a sweep's parent run: the sweep's key
 POINT_TAG = "saeflow.sweep_point"  # on the run of an SAE the sweep did not register: "<key>/<name>"
 
 
-def log_sweep(tracking_uri: str, experiment: str, name: str, key: str, files: list[Path], metrics: dict[str, float],
-              children: list[str], unregistered: dict[str, tuple[dict, dict[str, float]]],
-              artifact_root: Path | None = None) -> str:
+def log_sweep(
+    tracking_uri: str,
+    experiment: str,
+    name: str,
+    key: str,
+    files: list[Path],
+    metrics: dict[str, float],
+    children: list[str],
+    unregistered: dict[str, tuple[dict, dict[str, float]]],
+    artifact_root: Path | None = None,
+) -> str:
     """The sweep's parent run (found again by `key`, so a rerun updates it): the report's files as
     artifacts and the fit as metrics; the registered SAEs' runs (`children`) become its child runs,
     and every SAE the sweep did not register gets a child run of its own with its params and metrics
@@ -384,8 +428,13 @@ def log_sweep(tracking_uri: str, experiment: str, name: str, key: str, files: li
         for metric, value in point_metrics.items():
             client.log_metric(child, metric, value)
         client.set_terminated(child)
-    log.info("sweep %s logged to MLflow run %s (%d SAEs under it) in %s", name, parent,
-             len(children) + len(unregistered), tracking_uri)
+    log.info(
+        "sweep %s logged to MLflow run %s (%d SAEs under it) in %s",
+        name,
+        parent,
+        len(children) + len(unregistered),
+        tracking_uri,
+    )
     return parent
 
 
@@ -417,8 +466,10 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
             src = found[0].parent
         expected = version.tags.get(WEIGHTS_TAG)
         if expected and file_sha256(src / WEIGHTS_FILE) != expected:
-            raise OSError(f"{model_uri}: the downloaded {WEIGHTS_FILE} does not match its registered sha256 "
-                          f"{expected}: the artifact store holds a damaged copy")
+            raise OSError(
+                f"{model_uri}: the downloaded {WEIGHTS_FILE} does not match its registered sha256 "
+                f"{expected}: the artifact store holds a damaged copy"
+            )
         out.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
             if (src / name).exists():  # versions registered before model cards have none

@@ -1,8 +1,9 @@
 """MLflow "model from code" for a TopK SAE: no pickled Python object, weights are safetensors.
 
 predict(x) takes raw activations, an (n, d_in) float array, and returns the dense (n, n_latents)
-float32 codes; predict(x, params={"output": "reconstruction"}) returns the (n, d_in) reconstructions. The `sae` package travels with the model (code_paths), so loading needs torch and
-safetensors but not saeflow itself.
+float32 codes; predict(x, params={"output": "reconstruction"}) returns the (n, d_in) reconstructions.
+The `sae` package travels with the model (code_paths), so loading needs torch and safetensors but
+not saeflow itself.
 """
 
 import mlflow

@@ -43,6 +43,13 @@ class Workdir:
     def __repr__(self) -> str:
         return f"Workdir({self.url!r})"
 
+    @property
+    def _remote_fs(self):
+        """The file system of a URL work dir (the methods below use it only when `remote`)."""
+        if self.fs is None:
+            raise ValueError(f"{self.url} is a local work dir: it has no remote file system")
+        return self.fs
+
     # names ------------------------------------------------------------------------------------------
     def location(self, rel: str) -> str:
         """The URL (or local path) of `rel` inside the work dir, for messages and metadata."""
@@ -59,7 +66,7 @@ class Workdir:
     def exists(self, rel: str) -> bool:
         if not self.remote:
             return (self.local_root / rel).exists()
-        return self.fs.exists(self._remote(rel))
+        return self._remote_fs.exists(self._remote(rel))
 
     def listdir(self, rel: str) -> list[str]:
         """Names directly under `rel` (empty when it does not exist)."""
@@ -67,7 +74,7 @@ class Workdir:
             path = self.local_root / rel
             return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         try:
-            entries = self.fs.ls(self._remote(rel), detail=False, refresh=True)
+            entries = self._remote_fs.ls(self._remote(rel), detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return sorted(PurePosixPath(e).name for e in entries)
@@ -75,7 +82,7 @@ class Workdir:
     def read_bytes(self, rel: str) -> bytes:
         if not self.remote:
             return (self.local_root / rel).read_bytes()
-        return self.fs.cat_file(self._remote(rel))
+        return self._remote_fs.cat_file(self._remote(rel))
 
     # moving folders between the mirror and the work dir ---------------------------------------------
     def publish(self, rel: str, marker: str | None = None) -> None:
@@ -87,7 +94,7 @@ class Workdir:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
         files.sort(key=lambda p: p.relative_to(folder).as_posix() == marker)
         for path in files:
-            self.fs.put_file(str(path), self._remote(f"{rel}/{path.relative_to(folder).as_posix()}"))
+            self._remote_fs.put_file(str(path), self._remote(f"{rel}/{path.relative_to(folder).as_posix()}"))
 
     def fetch(self, rel: str) -> Path:
         """The work dir's folder `rel` in the mirror (downloaded afresh for a remote work dir)."""
@@ -95,17 +102,17 @@ class Workdir:
         if self.remote:
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True, exist_ok=True)
-            for name in self.fs.find(self._remote(rel)):
+            for name in self._remote_fs.find(self._remote(rel)):
                 relative = PurePosixPath(name).relative_to(self._remote(rel))
                 (target / relative).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(name, str(target / relative))
+                self._remote_fs.get_file(name, str(target / relative))
         return target
 
     def remove(self, rel: str) -> None:
         """Removes a folder from the work dir (and the mirror)."""
         shutil.rmtree(self.local(rel), ignore_errors=True)
-        if self.remote and self.fs.exists(self._remote(rel)):
-            self.fs.rm(self._remote(rel), recursive=True)
+        if self.remote and self._remote_fs.exists(self._remote(rel)):
+            self._remote_fs.rm(self._remote(rel), recursive=True)
 
 
 class StorageProblem(OSError):

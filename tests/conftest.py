@@ -82,5 +82,4 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-
 from server_fixtures import dask_scheduler, mlflow_server, postgres, prefect_server, s3_server  # noqa: E402,F401

@@ -42,8 +42,9 @@ def server(name: str, args: list[str], health: str, log_dir: Path, env: dict | N
     """Runs `args` until the block ends; yields once `health` answers (an http URL or tcp://HOST:PORT)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{name}.log", "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + timeout
         while not _answers(health):

@@ -18,13 +18,25 @@ def tiny_lm(tiny_model_dir):
 def contexts(n, length, vocab, seed) -> Contexts:
     tokens = np.random.default_rng(seed).integers(3, vocab, (n, length), dtype=np.int32)
     doc_index = (np.arange(n * length) // 37).reshape(n, length).astype(np.int32)
-    return Contexts(tokens, doc_index, (np.arange(n * length) % 37).reshape(n, length).astype(np.int32),
-                    [f"doc{i}" for i in range(doc_index.max() + 1)])
+    return Contexts(
+        tokens,
+        doc_index,
+        (np.arange(n * length) % 37).reshape(n, length).astype(np.int32),
+        [f"doc{i}" for i in range(doc_index.max() + 1)],
+    )
 
 
 def build(url, model, data, hooks, dtype="float16", shard_contexts=16, first=1):
-    store.plan_store(url, data, hooks, d_model=model.config.hidden_size, first_position=first, dtype=dtype,
-                     shard_contexts=shard_contexts, attrs={"m": 1})
+    store.plan_store(
+        url,
+        data,
+        hooks,
+        d_model=model.config.hidden_size,
+        first_position=first,
+        dtype=dtype,
+        shard_contexts=shard_contexts,
+        attrs={"m": 1},
+    )
     for split, i in store.missing_shards(url):
         store.write_shard(url, split, i, model, batch_contexts=8)
     store.finalize_store(url)
@@ -78,7 +90,9 @@ def test_missing_and_corrupted_shards_are_named(tiny_lm, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
-    with pytest.raises(store.IncompleteStoreError, match=r"train shard 2 \(contexts 20..29\) of model.layers.1 is corrupted"):
+    with pytest.raises(
+        store.IncompleteStoreError, match=r"train shard 2 \(contexts 20..29\) of model.layers.1 is corrupted"
+    ):
         store.open_store(url, verify=True)
     os.remove(tmp_path / "acts" / "_shards" / "train-000003.json")
     with pytest.raises(store.IncompleteStoreError, match=r"train shard 3 \(contexts 30..39\) is missing"):
@@ -89,8 +103,15 @@ def test_missing_and_corrupted_shards_are_named(tiny_lm, tmp_path):
 def test_non_finite_activations_are_rejected(tiny_lm, tmp_path):
     model, _ = tiny_lm
     url = str(tmp_path / "bad")
-    store.plan_store(url, {"train": contexts(8, 8, 50, 0)}, ["model.layers.0"], d_model=32, first_position=0,
-                     shard_contexts=4, attrs={})
+    store.plan_store(
+        url,
+        {"train": contexts(8, 8, 50, 0)},
+        ["model.layers.0"],
+        d_model=32,
+        first_position=0,
+        shard_contexts=4,
+        attrs={},
+    )
 
     def poison(module, inputs, output):
         output = output.clone()
@@ -99,7 +120,9 @@ def test_non_finite_activations_are_rejected(tiny_lm, tmp_path):
 
     handle = model.model.layers[0].register_forward_hook(poison)
     try:
-        with pytest.raises(ValueError, match=r"non-finite activations at model.layers.0 in train context 5 .*tokens 40..47"):
+        with pytest.raises(
+            ValueError, match=r"non-finite activations at model.layers.0 in train context 5 .*tokens 40..47"
+        ):
             store.write_shard(url, "train", 1, model, batch_contexts=4)
     finally:
         handle.remove()

@@ -15,7 +15,6 @@ from sae.config import SAEConfig, TrainConfig
 from sae.evaluation import EvalPlan, evaluate_sae
 from sae.features import Firings
 from sae.lm import load_lm
-from sae.model import TopKSAE
 from sae.train import train_sae
 from storage import activations as store
 from storage.corpus import split_contexts
@@ -29,14 +28,23 @@ def evaluated(tiny_model_dir, text_dir, tmp_path_factory):
     model, tokenizer = load_lm(str(tiny_model_dir), "float32", "cpu")
     train, heldout = split_contexts(str(text_dir), tokenizer, 16, 4, 40, 0.5)
     url = str(tmp_path_factory.mktemp("store") / "s")
-    store.plan_store(url, {"train": train, "eval": heldout}, ["model.layers.1"], d_model=32, first_position=1,
-                     attrs={}, shard_contexts=16)
+    store.plan_store(
+        url,
+        {"train": train, "eval": heldout},
+        ["model.layers.1"],
+        d_model=32,
+        first_position=1,
+        attrs={},
+        shard_contexts=16,
+    )
     for split, i in store.missing_shards(url):
         store.write_shard(url, split, i, model, 8)
     store.finalize_store(url)
     group = store.open_store(url)
     rows = torch.cat(list(store.iter_rows(store.activations(group, "train", "model.layers.1"), 4096)))
-    sae = train_sae(SAEConfig(32, N_LATENTS, 4), TrainConfig(batch_tokens=64, tokens=len(rows)), rows, progress=False).sae
+    sae = train_sae(
+        SAEConfig(32, N_LATENTS, 4), TrainConfig(batch_tokens=64, tokens=len(rows)), rows, progress=False
+    ).sae
     plan = EvalPlan(tokens=400, downstream_contexts=0, ablation_contexts=0, feature_tokens=10**6)
     record = evaluate_sae(sae, plan, eval_source(group, "model.layers.1", lambda: (model, tokenizer)), progress=False)
     out = tmp_path_factory.mktemp("eval")
@@ -71,7 +79,9 @@ def test_browser_covers_every_latent(evaluated):
     assert len(summary["density"]) == N_LATENTS
     firings = Firings.of(record.features.values, record.features.indices, N_LATENTS)
     np.testing.assert_allclose(summary["density"], firings.density(), rtol=1e-3)
-    shard = json.loads(re.search(r"SAE\.shard\(0, (.*)\);", (root / "data" / "latents" / "0000.js").read_text()).group(1))
+    shard = json.loads(
+        re.search(r"SAE\.shard\(0, (.*)\);", (root / "data" / "latents" / "0000.js").read_text()).group(1)
+    )
     assert sorted(map(int, shard)) == list(range(N_LATENTS))
     for page in (root / "index.html", root / "browser.js"):
         assert "http://" not in page.read_text() and "https://" not in page.read_text()
@@ -81,7 +91,9 @@ def test_browser_top_contexts_are_the_strongest(evaluated):
     record, index, _ = evaluated
     sample = record.features
     positions = sample.tokens.shape[1] - sample.first_position
-    shard = json.loads(re.search(r"SAE\.shard\(0, (.*)\);", (index.parent / "data" / "latents" / "0000.js").read_text()).group(1))
+    shard = json.loads(
+        re.search(r"SAE\.shard\(0, (.*)\);", (index.parent / "data" / "latents" / "0000.js").read_text()).group(1)
+    )
     dense = np.zeros((len(sample.values), N_LATENTS), np.float32)
     np.put_along_axis(dense, sample.indices, sample.values, axis=1)
     per_context = dense.reshape(-1, positions, N_LATENTS).max(axis=1)
@@ -110,9 +122,19 @@ def test_search_index_matches_the_codes(evaluated):
 
 
 def _chromium(tmp_path, url, *extra):
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--allow-file-access-from-files", "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--allow-file-access-from-files",
+        "--virtual-time-budget=5000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     return subprocess.run([CHROMIUM, *flags, *extra, url], capture_output=True, text=True, timeout=120)
 
 
@@ -162,8 +184,12 @@ def test_browser_works_from_the_mlflow_artifact(evaluated, tmp_path):
     experiment = mlflow.create_experiment("browser", artifact_location=(tmp_path / "artifacts").as_uri())
     run = MlflowClient().create_run(experiment)
     log_run_files(run.info.run_id, [index.parent])
-    local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="browser", dst_path=str(tmp_path / "dl"))
-    page = _chromium(tmp_path, (tmp_path / "dl" / "browser" / "index.html").as_uri() + "#search=the", "--dump-dom").stdout
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="browser", dst_path=str(tmp_path / "dl")
+    )
+    page = _chromium(
+        tmp_path, (tmp_path / "dl" / "browser" / "index.html").as_uri() + "#search=the", "--dump-dom"
+    ).stdout
     expected, _ = _expected_by_token(record, tokenizer, "the")
     assert local.endswith("browser")
     assert f'data-latent="{int(expected[0])}"' in page

@@ -23,8 +23,14 @@ def spec_dict(model_dir, text_dir, workdir, **extra):
     return {
         "name": "tiny",
         "model": {"source": str(model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 3000, "eval_fraction": 0.3,
-                 "shard_contexts": 6, "batch_contexts": 4},
+        "data": {
+            "source": str(text_dir),
+            "context_length": 16,
+            "tokens": 3000,
+            "eval_fraction": 0.3,
+            "shard_contexts": 6,
+            "batch_contexts": 4,
+        },
         "hookpoints": ["model.layers.1"],
         "sae": {"n_latents": 64, "k": 4},
         "eval": {"tokens": 300, "downstream_contexts": 4},
@@ -111,8 +117,14 @@ def test_training_sigkilled_then_resumed_is_bitwise_equal(tiny_model_dir, text_d
         path.write_text(yaml.safe_dump(spec_dict))
         env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
         env.pop("PREFECT_API_URL", None)
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", str(path)], env=env,
-                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "train", str(path)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         if kill:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline and not list(ckpt.glob("step-*/meta.json")):

@@ -7,33 +7,35 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_pipeline import task_states
 
 from flows import stages
 from flows.spec import parse_spec
-
-from test_pipeline import task_states
 
 HOOK = "model.layers.1"
 STAGE_TASKS = ("cache_activations", "train_sae", "evaluate", "register")
 
 
 def s3_spec(tiny_model_dir, text_dir, s3, prefix: str, tracking_uri: str):
-    return parse_spec({
-        "name": "tiny-s3",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
-        "hookpoints": [HOOK],
-        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
-        "train": {"batch_tokens": 128, "tokens": 1500, "checkpoint_every_tokens": 512},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": True, "ablation_contexts": 0},
-        "registry": {"tracking_uri": tracking_uri},
-        "workdir": f"s3://saeflow/{prefix}",
-        "workdir_options": s3["options"],
-    })
+    return parse_spec(
+        {
+            "name": "tiny-s3",
+            "model": {"source": str(tiny_model_dir)},
+            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+            "hookpoints": [HOOK],
+            "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
+            "train": {"batch_tokens": 128, "tokens": 1500, "checkpoint_every_tokens": 512},
+            "eval": {"tokens": 300, "downstream_contexts": 4, "browser": True, "ablation_contexts": 0},
+            "registry": {"tracking_uri": tracking_uri},
+            "workdir": f"s3://saeflow/{prefix}",
+            "workdir_options": s3["options"],
+        }
+    )
 
 
 def test_pipeline_on_an_s3_work_dir_is_found_by_a_machine_with_an_empty_disk(
-        prefect_harness, tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch):
+    prefect_harness, tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch
+):
     import s3fs
 
     from flows.pipeline import pipeline
@@ -66,11 +68,14 @@ def test_pipeline_on_an_s3_work_dir_is_found_by_a_machine_with_an_empty_disk(
     fs.rm(eval_folder, recursive=True)
     monkeypatch.setenv("SAEFLOW_SCRATCH", str(tmp_path / "machine-3"))
     ran = task_states(pipeline(spec, return_state=True))
-    assert ran["cache_activations"] == ran["train_sae"] == ran["register"] == "Cached" and ran["evaluate"] == "Completed", ran
+    assert (
+        ran["cache_activations"] == ran["train_sae"] == ran["register"] == "Cached" and ran["evaluate"] == "Completed"
+    ), ran
 
 
 def test_training_resumes_from_checkpoints_in_the_object_store_on_another_machine(
-        prefect_harness, tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch):
+    prefect_harness, tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch
+):
     """Training stopped after its first checkpoints; a machine with an empty disk resumes from them
     and ends with the same weights as an uninterrupted run."""
     from safetensors.torch import load_file
@@ -99,6 +104,7 @@ def test_training_resumes_from_checkpoints_in_the_object_store_on_another_machin
             calls["n"] += 1
             if calls["n"] == 2:
                 raise Stop
+
         return original(trainers, batches, progress, counting, every, **options)
 
     monkeypatch.setattr(train_module, "train_saes", stop_after_two_checkpoints)
@@ -116,13 +122,21 @@ def test_training_resumes_from_checkpoints_in_the_object_store_on_another_machin
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
-@pytest.mark.parametrize("problem, expected", [
-    ("endpoint", "workdir: s3://saeflow/bad: EndpointConnectionError"),
-    ("credentials", "set the store's credentials (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or key and secret in workdir_options)"),
-    ("bucket", "workdir: s3://no-such-bucket/bad: no-such-bucket does not exist"),
-])
-def test_an_unusable_object_store_is_one_line_within_seconds(tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch,
-                                                             capsys, problem, expected):
+@pytest.mark.parametrize(
+    "problem, expected",
+    [
+        ("endpoint", "workdir: s3://saeflow/bad: EndpointConnectionError"),
+        (
+            "credentials",
+            "set the store's credentials (S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or key and secret in "
+            "workdir_options)",
+        ),
+        ("bucket", "workdir: s3://no-such-bucket/bad: no-such-bucket does not exist"),
+    ],
+)
+def test_an_unusable_object_store_is_one_line_within_seconds(
+    tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch, capsys, problem, expected
+):
     import time
 
     import yaml

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from servers import BIN, free_port, server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,19 +60,31 @@ def cli(args, env, **kwargs):
     return done.stdout
 
 
-def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_scheduler, s3_server,
-                                           tiny_model_dir, text_dir, tmp_path):
-    env = {**os.environ, "PREFECT_API_URL": prefect_server, "SAEFLOW_REPO": str(REPO),
-           "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
-           "SAEFLOW_SCRATCH": str(tmp_path / "worker-disk"), "PREFECT_HOME": str(tmp_path / "prefect-client"),
-           # workers look for new flow runs every second (default 10 s): the test waits on each pickup
-           "PREFECT_WORKER_QUERY_SECONDS": "1"}
+def test_deployed_pipeline_on_real_servers(
+    prefect_server, mlflow_server, dask_scheduler, s3_server, tiny_model_dir, text_dir, tmp_path
+):
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "SAEFLOW_REPO": str(REPO),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"],
+        "SAEFLOW_SCRATCH": str(tmp_path / "worker-disk"),
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        # workers look for new flow runs every second (default 10 s): the test waits on each pickup
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
     env.pop("SAEFLOW_FAIL_STAGE", None)
     spec = {
         "name": "tiny-cluster",
         "model": {"source": str(tiny_model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3,
-                 "shard_contexts": 32},
+        "data": {
+            "source": str(text_dir),
+            "context_length": 16,
+            "tokens": 1500,
+            "eval_fraction": 0.3,
+            "shard_contexts": 32,
+        },
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "train": {"batch_tokens": 128, "tokens": 1500},
@@ -99,24 +110,48 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
     with contextlib.ExitStack() as workers:
         for pool in POOLS:  # one worker per pool, as on three kinds of machine
             port = free_port()
-            worker_env = {**env, "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(port),
-                          "SAEFLOW_SCRATCH": str(tmp_path / f"disk-{pool}")}
-            workers.enter_context(server(f"prefect-worker-{pool}", [prefect, "worker", "start", "-p", pool,
-                                                                    "--with-healthcheck"],
-                                         f"http://127.0.0.1:{port}/health", tmp_path / "logs", worker_env, timeout=120))
+            worker_env = {
+                **env,
+                "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+                "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+                "SAEFLOW_SCRATCH": str(tmp_path / f"disk-{pool}"),
+            }
+            workers.enter_context(
+                server(
+                    f"prefect-worker-{pool}",
+                    [prefect, "worker", "start", "-p", pool, "--with-healthcheck"],
+                    f"http://127.0.0.1:{port}/health",
+                    tmp_path / "logs",
+                    worker_env,
+                    timeout=120,
+                )
+            )
         for node in (0, 1):  # two machines serving the `nodes` pool, one job at a time each
             port = free_port()
             # torch.distributed.run takes --local-addr from PET_LOCAL_ADDR: the nodes talk over loopback
-            worker_env = {**env, "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(port),
-                          "SAEFLOW_SCRATCH": str(tmp_path / f"disk-node-{node}"), "PET_LOCAL_ADDR": "127.0.0.1",
-                          "GLOO_SOCKET_IFNAME": "lo"}
-            workers.enter_context(server(f"prefect-worker-node-{node}", [prefect, "worker", "start", "-p", "nodes",
-                                                                         "--limit", "1", "--with-healthcheck"],
-                                         f"http://127.0.0.1:{port}/health", tmp_path / "logs", worker_env, timeout=120))
+            worker_env = {
+                **env,
+                "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+                "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+                "SAEFLOW_SCRATCH": str(tmp_path / f"disk-node-{node}"),
+                "PET_LOCAL_ADDR": "127.0.0.1",
+                "GLOO_SOCKET_IFNAME": "lo",
+            }
+            workers.enter_context(
+                server(
+                    f"prefect-worker-node-{node}",
+                    [prefect, "worker", "start", "-p", "nodes", "--limit", "1", "--with-healthcheck"],
+                    f"http://127.0.0.1:{port}/health",
+                    tmp_path / "logs",
+                    worker_env,
+                    timeout=120,
+                )
+            )
 
         def run(**job_env) -> dict:
-            return json.loads(cli([sys.executable, "-c", RUN, str(spec_path), json.dumps(job_env)], env).strip()
-                              .splitlines()[-1])
+            return json.loads(
+                cli([sys.executable, "-c", RUN, str(spec_path), json.dumps(job_env)], env).strip().splitlines()[-1]
+            )
 
         # the flow run's process makes evaluate fail (tests/inject/sitecustomize.py)
         failed = run(SAEFLOW_FAIL_STAGE="evaluate", PYTHONPATH=str(REPO / "tests" / "inject"))
@@ -127,36 +162,67 @@ def test_deployed_pipeline_on_real_servers(prefect_server, mlflow_server, dask_s
         again = run()
         assert again["state"] == "COMPLETED", again
         stages = {t: again["tasks"][t] for t in ("cache_activations", "train_sae", "evaluate", "register")}
-        assert stages == {"cache_activations": "Cached", "train_sae": "Cached", "evaluate": "Completed",
-                          "register": "Completed"}, again
+        assert stages == {
+            "cache_activations": "Cached",
+            "train_sae": "Cached",
+            "evaluate": "Completed",
+            "register": "Completed",
+        }, again
         assert "cache_shard" not in again["tasks"]
 
         # stages placed on pools: cache, train and evaluate on `gpu`, register on `cpu`, each its own flow run
-        placed = {**spec, "name": "tiny-placed", "workdir": "s3://saeflow/e2e-placed", "orchestration": {
-            "pools": {"cache": "gpu", "train": "gpu", "evaluate": "gpu", "register": "cpu"}}}
+        placed = {
+            **spec,
+            "name": "tiny-placed",
+            "workdir": "s3://saeflow/e2e-placed",
+            "orchestration": {"pools": {"cache": "gpu", "train": "gpu", "evaluate": "gpu", "register": "cpu"}},
+        }
         spec_path.write_text(yaml.safe_dump(placed))
         done = run()
         assert done["state"] == "COMPLETED", done
-        assert stage_pools(env, "tiny-placed") == [("cache", "gpu"), ("evaluate", "gpu"), ("register", "cpu"),
-                                                   ("train", "gpu")]
+        assert stage_pools(env, "tiny-placed") == [
+            ("cache", "gpu"),
+            ("evaluate", "gpu"),
+            ("register", "cpu"),
+            ("train", "gpu"),
+        ]
 
         # two nodes: the train stage is two jobs on the `nodes` pool, each taken by a worker of its own
         # (as on two machines), meeting at a c10d rendezvous on loopback
-        nodes = {**spec, "name": "tiny-nodes", "workdir": "s3://saeflow/e2e-nodes",
-                 "train": {**spec["train"], "nodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
-                 "orchestration": {"pools": {"train": "nodes"}}}
+        nodes = {
+            **spec,
+            "name": "tiny-nodes",
+            "workdir": "s3://saeflow/e2e-nodes",
+            "train": {**spec["train"], "nodes": 2, "rdzv_endpoint": f"127.0.0.1:{free_port()}"},
+            "orchestration": {"pools": {"train": "nodes"}},
+        }
         spec_path.write_text(yaml.safe_dump(nodes))
         done = run()
         assert done["state"] == "COMPLETED", done
         # the stages not placed ran in the parent's process (no pool)
-        assert stage_pools(env, "tiny-nodes") == [("cache", None), ("evaluate", None), ("register", None),
-                                                  ("train", "nodes"), ("train", "nodes")]
+        assert stage_pools(env, "tiny-nodes") == [
+            ("cache", None),
+            ("evaluate", None),
+            ("register", None),
+            ("train", "nodes"),
+            ("train", "nodes"),
+        ]
 
     # a fresh process elsewhere pulls the SAE from the MLflow server (its files from the S3 store)
     out = tmp_path / "pulled"
     clean = {k: v for k, v in env.items() if not k.startswith("SAEFLOW")}
-    cli([str(BIN / "saeflow"), "pull", "models:/tiny-cluster@candidate", "--out", str(out),
-         "--tracking-uri", mlflow_server], clean)
+    cli(
+        [
+            str(BIN / "saeflow"),
+            "pull",
+            "models:/tiny-cluster@candidate",
+            "--out",
+            str(out),
+            "--tracking-uri",
+            mlflow_server,
+        ],
+        clean,
+    )
     from sae.model import TopKSAE
 
     sae = TopKSAE.load(out)

@@ -12,9 +12,10 @@ from sae.train import Trainer
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
-@pytest.mark.parametrize("over, says", [({}, "device cpu (CUDA only)"),
-                                        ({"optimizer": "adam"}, "optimizer adam"),
-                                        ({"triton": False}, "triton false")])
+@pytest.mark.parametrize(
+    "over, says",
+    [({}, "device cpu (CUDA only)"), ({"optimizer": "adam"}, "optimizer adam"), ({"triton": False}, "triton false")],
+)
 def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, says):
     with pytest.raises(ValueError) as e:
         Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096, cuda_graph=True, **over))
@@ -23,8 +24,16 @@ def test_a_step_that_cannot_be_captured_is_refused_with_the_reason(over, says):
 
 def make_trainer(precision: str, graph: bool, x: torch.Tensor) -> Trainer:
     # dead after 5 batches: the run crosses from the phase without AuxK into the one with it
-    tcfg = TrainConfig(batch_tokens=512, tokens=x.shape[0], device="cuda", dead_tokens=5 * 512, aux_k=64,
-                       precision=precision, cuda_graph=graph, log_every=1000)
+    tcfg = TrainConfig(
+        batch_tokens=512,
+        tokens=x.shape[0],
+        device="cuda",
+        dead_tokens=5 * 512,
+        aux_k=64,
+        precision=precision,
+        cuda_graph=graph,
+        log_every=1000,
+    )
     trainer = Trainer(SAEConfig(128, 2048, 16), tcfg)
     trainer.initialize(x[:4096])
     return trainer
@@ -59,8 +68,9 @@ def test_graphed_training_ends_with_the_eager_runs_weights(precision):
         trainer = make_trainer(precision, graph, x)
         if not graph:  # the eager run takes the graph's AuxK form (over the mask, not the dead rows alone):
             counted = trainer.dead_latents  # the same kernels, so equal to float rounding
-            trainer.dead_latents = lambda counted=counted: (
-                DeadLatents.masked(trainer.tracker.dead_mask()) if counted() is not NO_DEAD else NO_DEAD)
+            trainer.dead_latents = lambda counted=counted, tracker=trainer.tracker: (
+                DeadLatents.masked(tracker.dead_mask()) if counted() is not NO_DEAD else NO_DEAD
+            )
         losses = [trainer.step(x[i * 512 : (i + 1) * 512]).loss.item() for i in range(steps)]
         losses.append(trainer.step(x[steps * 512 :]).loss.item())  # a short batch: eager, beside the graph
         runs[graph] = trainer, losses
@@ -70,7 +80,10 @@ def test_graphed_training_ends_with_the_eager_runs_weights(precision):
     assert set(graphed.runner.captured) == {False, True}
     assert graphed.steps == eager.steps and graphed.tokens == eager.tokens
     assert torch.tensor(eager_losses).isfinite().all()
-    assert torch.allclose(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-5), (graphed_losses, eager_losses)
+    assert torch.allclose(torch.tensor(graphed_losses), torch.tensor(eager_losses), rtol=1e-5), (
+        graphed_losses,
+        eager_losses,
+    )
     for (name, a), b in zip(graphed.sae.named_parameters(), eager.sae.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, (a - b).abs().max().item())
     for a, b in zip(graphed.final_sae().parameters(), eager.final_sae().parameters()):

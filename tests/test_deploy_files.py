@@ -66,4 +66,6 @@ def test_kubernetes_job_template_declares_every_variable_it_uses_and_requests_a_
     container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
     values = load("k8s/worker-values.yaml")
-    assert values["worker"]["config"]["workPool"] in {d["work_pool"]["name"] for d in load("prefect.yaml")["deployments"]}
+    assert values["worker"]["config"]["workPool"] in {
+        d["work_pool"]["name"] for d in load("prefect.yaml")["deployments"]
+    }

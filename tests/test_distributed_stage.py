@@ -9,17 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import torch
 import yaml
+from servers import BIN
 
 from flows import stages
 from flows.spec import parse_spec
 from sae.model import TopKSAE
-
-from servers import BIN
 
 HOOK = "model.layers.1"
 
@@ -28,8 +26,14 @@ def spec_dict(tiny_model_dir, text_dir, tmp_path, name, devices, shards, **train
     return {
         "name": name,
         "model": {"source": str(tiny_model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 3000, "eval_fraction": 0.2,
-                 "shard_contexts": 8, "store": str(tmp_path / "store")},
+        "data": {
+            "source": str(text_dir),
+            "context_length": 16,
+            "tokens": 3000,
+            "eval_fraction": 0.2,
+            "shard_contexts": 8,
+            "store": str(tmp_path / "store"),
+        },
         "hookpoints": [HOOK],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500, "aux_k": 8},
         "train": {"batch_tokens": 128, "devices": devices, "latent_shards": shards, **train},
@@ -41,8 +45,14 @@ def spec_dict(tiny_model_dir, text_dir, tmp_path, name, devices, shards, **train
 def cli(args, tmp_path, wait=True, **env_vars):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), **env_vars}
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([str(BIN / "saeflow"), *args], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "saeflow"), *args],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if not wait:
         return proc
     out, _ = proc.communicate(timeout=600)
@@ -97,8 +107,10 @@ def test_saes_spread_over_processes_train_as_in_one_process(tiny_model_dir, text
     a TopK selection that flips on it moves the weights by more than rounding (seen: 2e-3)."""
     saes = [{"n_latents": 64, "k": 4, "dead_tokens": 500}, {"n_latents": 128, "k": 8, "dead_tokens": 500}]
     train = {"optimizer": "adam", "lr": 3e-3}
-    spread = {**spec_dict(tiny_model_dir, text_dir, tmp_path, "spread", devices=2, shards=1, sae_placement="spread",
-                          **train), "sae": saes}
+    spread = {
+        **spec_dict(tiny_model_dir, text_dir, tmp_path, "spread", devices=2, shards=1, sae_placement="spread", **train),
+        "sae": saes,
+    }
     alone = {**spec_dict(tiny_model_dir, text_dir, tmp_path, "alone", devices=1, shards=1, **train), "sae": saes}
     cli(["cache", write(tmp_path, alone)], tmp_path)
     one_thread = {"OMP_NUM_THREADS": "1"}
@@ -111,25 +123,50 @@ def test_saes_spread_over_processes_train_as_in_one_process(tiny_model_dir, text
             assert torch.allclose(value, b[name], rtol=1e-5, atol=1e-6), (index, name, (value - b[name]).abs().max())
 
 
-def test_two_nodes_meet_at_a_rendezvous_and_train_what_one_node_trains(tiny_model_dir, text_dir, s3_server, tmp_path,
-                                                                       monkeypatch):
+def test_two_nodes_meet_at_a_rendezvous_and_train_what_one_node_trains(
+    tiny_model_dir, text_dir, s3_server, tmp_path, monkeypatch
+):
     """Each node: its own scratch disk and Prefect home, the spec with train.nodes 2 and the first
     node's rendezvous endpoint; what they share is the object store (work dir and activations)."""
     from servers import free_port
 
     s3 = {"workdir_options": s3_server["options"]}
     train = {"optimizer": "adam", "lr": 3e-3, "checkpoint_every_tokens": 1024}
-    nodes = {**spec_dict(tiny_model_dir, text_dir, tmp_path, "nodes", devices=1, shards=1, nodes=2,
-                         rdzv_endpoint=f"127.0.0.1:{free_port()}", **train), **s3, "workdir": "s3://saeflow/nodes"}
-    one = {**spec_dict(tiny_model_dir, text_dir, tmp_path, "one", devices=2, shards=1, **train), **s3,
-           "workdir": "s3://saeflow/one-node"}
+    nodes = {
+        **spec_dict(
+            tiny_model_dir,
+            text_dir,
+            tmp_path,
+            "nodes",
+            devices=1,
+            shards=1,
+            nodes=2,
+            rdzv_endpoint=f"127.0.0.1:{free_port()}",
+            **train,
+        ),
+        **s3,
+        "workdir": "s3://saeflow/nodes",
+    }
+    one = {
+        **spec_dict(tiny_model_dir, text_dir, tmp_path, "one", devices=2, shards=1, **train),
+        **s3,
+        "workdir": "s3://saeflow/one-node",
+    }
     for d in (nodes, one):
         d["data"].update(store="s3://saeflow/multi-node-store", store_options=s3_server["options"])
     cli(["cache", write(tmp_path, one)], tmp_path, SAEFLOW_SCRATCH=str(tmp_path / "node-0"))
     # torch.distributed.run reads --local-addr from PET_LOCAL_ADDR: both nodes on loopback
     local = {"PET_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
-    procs = [cli(["train", write(tmp_path, nodes)], tmp_path / f"node-{i}", wait=False, **local,
-                 SAEFLOW_SCRATCH=str(tmp_path / f"node-{i}")) for i in (0, 1)]
+    procs = [
+        cli(
+            ["train", write(tmp_path, nodes)],
+            tmp_path / f"node-{i}",
+            wait=False,
+            **local,
+            SAEFLOW_SCRATCH=str(tmp_path / f"node-{i}"),
+        )
+        for i in (0, 1)
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(o[-3000:] for o in outs)
     assert all("on a 2 x 1 grid" in o for o in outs)
@@ -139,4 +176,7 @@ def test_two_nodes_meet_at_a_rendezvous_and_train_what_one_node_trains(tiny_mode
     a, b = (TopKSAE.load(stages.fetch_sae(parse_spec(d), HOOK)) for d in (nodes, one))
     assert a.metadata["train_tokens"] == b.metadata["train_tokens"] == 3072
     for name, value in a.state_dict().items():
-        assert torch.allclose(value, b.state_dict()[name], rtol=1e-5, atol=1e-6), (name, (value - b.state_dict()[name]).abs().max())
+        assert torch.allclose(value, b.state_dict()[name], rtol=1e-5, atol=1e-6), (
+            name,
+            (value - b.state_dict()[name]).abs().max(),
+        )

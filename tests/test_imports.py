@@ -61,7 +61,7 @@ def test_no_import_cycle_even_inside_functions():
         path.append(node)
         for nxt in sorted(edges[node]):
             if state.get(nxt) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt)
         path.pop()
@@ -73,8 +73,12 @@ def test_no_import_cycle_even_inside_functions():
 
 
 def test_dependencies_point_one_way():
-    wrong = [f"{a} imports {b}" for a, targets in project_edges().items() for b in targets
-             if LAYER[b.split(".")[0]] > LAYER[a.split(".")[0]]]
+    wrong = [
+        f"{a} imports {b}"
+        for a, targets in project_edges().items()
+        for b in targets
+        if LAYER[b.split(".")[0]] > LAYER[a.split(".")[0]]
+    ]
     assert not wrong, wrong
 
 
@@ -84,13 +88,23 @@ def test_no_module_uses_another_modules_private_names():
         for module, names in imports(name, tree):
             if module.split(".")[0] in PACKAGES and module != name:
                 found += [f"{name}: from {module} import {n}" for n in names if n.startswith("_")]
-        aliases = {alias.asname or alias.name: node.module + "." + alias.name if isinstance(node, ast.ImportFrom)
-                   else alias.name
-                   for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                   for alias in node.names if isinstance(node, ast.Import) or node.module}
+        aliases = {
+            alias.asname or alias.name: node.module + "." + alias.name
+            if isinstance(node, ast.ImportFrom)
+            else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+            if isinstance(node, ast.Import) or node.module
+        }
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and isinstance(node.value, ast.Name) and node.value.id in aliases):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+            ):
                 target = aliases[node.value.id]
                 if target.split(".")[0] in PACKAGES and target != name:
                     found.append(f"{name}: {node.value.id}.{node.attr}")
@@ -101,8 +115,9 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     names = [n for n in modules() if not n.endswith("__main__")]
 
     def load(name: str) -> str | None:
-        done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=REPO,
-                              timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd=REPO, timeout=300
+        )
         return None if done.returncode == 0 else f"{name}: {done.stderr.strip().splitlines()[-1]}"
 
     with ThreadPoolExecutor(max_workers=4) as pool:

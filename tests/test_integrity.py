@@ -5,13 +5,11 @@ line, and only transient failures are retried."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,8 +27,14 @@ def tiny_spec(model_dir, text_dir, workdir, **extra) -> dict:
     return {
         "name": "tiny",
         "model": {"source": str(model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3,
-                 "shard_contexts": 6, "batch_contexts": 4},
+        "data": {
+            "source": str(text_dir),
+            "context_length": 16,
+            "tokens": 1500,
+            "eval_fraction": 0.3,
+            "shard_contexts": 6,
+            "batch_contexts": 4,
+        },
         "hookpoints": ["model.layers.1"],
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "train": {"batch_tokens": 128, "tokens": 1500},
@@ -57,8 +61,9 @@ def shard_file(spec, split: str, index: int) -> Path:
 
 
 # store corruption -----------------------------------------------------------------------------------
-def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them(prefect_harness, tiny_model_dir,
-                                                                                 text_dir, tmp_path):
+def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path
+):
     import yaml
 
     from flows.cli import main
@@ -72,8 +77,12 @@ def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them
     sae_dir = stages.sae_dir(spec, "model.layers.1")
     bad = {("train", 1), ("eval", 0), ("eval", 1)}
     good = {(s, i): shard_file(spec, s, i).read_bytes() for s, i in bad}
-    untouched = {(s, i): shard_file(spec, s, i).stat().st_mtime_ns for s in ("train", "eval") for i in range(3)
-                 if (s, i) not in bad}
+    untouched = {
+        (s, i): shard_file(spec, s, i).stat().st_mtime_ns
+        for s in ("train", "eval")
+        for i in range(3)
+        if (s, i) not in bad
+    }
 
     flip_byte(shard_file(spec, "train", 1))
     flip_byte(shard_file(spec, "eval", 0))
@@ -85,7 +94,9 @@ def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them
     assert "train shard" not in str(bad_eval.value)  # evaluate checks the split it reads
     for name in ("config.json", "sae.safetensors"):
         (sae_dir / name).rename(tmp_path / name)  # so that train runs (and reads the store) again
-    with pytest.raises(store.IncompleteStoreError, match=r"train shard 1 \(contexts 6..11\) of model.layers.1 is corrupted"):
+    with pytest.raises(
+        store.IncompleteStoreError, match=r"train shard 1 \(contexts 6..11\) of model.layers.1 is corrupted"
+    ):
         stages.train(spec, "model.layers.1", progress=False)
     assert not stages.metrics_path(spec, "model.layers.1").exists()
 
@@ -150,8 +161,15 @@ def test_non_finite_or_non_positive_lr_is_refused(lr):
     with pytest.raises(ValueError, match="lr must be a positive finite number"):
         TrainConfig(lr=lr)
     with pytest.raises(SpecError, match="train.lr"):
-        parse_spec({"name": "x", "model": {"source": "m"}, "hookpoints": ["h"], "sae": {"n_latents": 8, "k": 2},
-                    "train": {"lr": lr}})
+        parse_spec(
+            {
+                "name": "x",
+                "model": {"source": "m"},
+                "hookpoints": ["h"],
+                "sae": {"n_latents": 8, "k": 2},
+                "train": {"lr": lr},
+            }
+        )
 
 
 def test_non_finite_metrics_are_not_written_and_registration_refuses_them(tmp_path):
@@ -174,16 +192,31 @@ def test_non_finite_metrics_are_not_written_and_registration_refuses_them(tmp_pa
     save_file(tensors, tmp_path / "sae" / "sae.safetensors")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(FloatingPointError, match="refusing to register .*W_dec"):
-        register_sae(tmp_path / "sae", tracking_uri=uri, experiment="x", model_name="x", alias="candidate",
-                     params={}, metrics={"normalized_mse": 0.1}, tags={})
+        register_sae(
+            tmp_path / "sae",
+            tracking_uri=uri,
+            experiment="x",
+            model_name="x",
+            alias="candidate",
+            params={},
+            metrics={"normalized_mse": 0.1},
+            tags={},
+        )
     assert not (tmp_path / "mlflow.db").exists()  # refused before touching the registry
 
 
 # no code execution from the work dir ------------------------------------------------------------------
 def test_no_unpickling_path_in_the_product():
-    pattern = re.compile(r"\b(pickle|cloudpickle|dill|joblib)\.load|torch\.load\(|allow_pickle\s*=\s*True|persist_result\s*=\s*True")
-    hits = [f"{p.relative_to(REPO)}:{i}" for d in ("flows", "sae", "storage") for p in (REPO / d).rglob("*.py")
-            for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    pattern = re.compile(
+        r"\b(pickle|cloudpickle|dill|joblib)\.load|torch\.load\(|allow_pickle\s*=\s*True|persist_result\s*=\s*True"
+    )
+    hits = [
+        f"{p.relative_to(REPO)}:{i}"
+        for d in ("flows", "sae", "storage")
+        for p in (REPO / d).rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert hits == []
 
 
@@ -257,8 +290,13 @@ def test_only_transient_errors_are_retried(prefect_harness):
 
 # tracking URI precedence and CLI errors -----------------------------------------------------------------
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
-    base = {"name": "x", "model": {"source": "m"}, "hookpoints": ["h"], "sae": {"n_latents": 8, "k": 2},
-            "workdir": str(tmp_path)}
+    base = {
+        "name": "x",
+        "model": {"source": "m"},
+        "hookpoints": ["h"],
+        "sae": {"n_latents": 8, "k": 2},
+        "workdir": str(tmp_path),
+    }
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert parse_spec(base).tracking_uri_and_source() == (f"sqlite:///{tmp_path / 'mlflow.db'}", "the embedded default")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
@@ -272,16 +310,29 @@ def run_cli(*args, cwd, env_extra=None):
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["pull", "runs:/abc/sae", "--out", "out", "--tracking-uri", "sqlite:///reg.db"], "model URI 'runs:/abc/sae': write models:/NAME@ALIAS"),
-    (["pull", "models:/tiny@candidate", "--out", "out"], "no MLflow tracking URI: pass --tracking-uri"),
-    (["pull", "models:/tiny@candidate", "--out", "out", "--tracking-uri", "sqlite:///typo.db"], "no such MLflow database file"),
-    (["pull", "models:/nosuch@candidate", "--out", "out", "--tracking-uri", "sqlite:///reg.db"], "models:/nosuch@candidate is not registered"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["pull", "runs:/abc/sae", "--out", "out", "--tracking-uri", "sqlite:///reg.db"],
+            "model URI 'runs:/abc/sae': write models:/NAME@ALIAS",
+        ),
+        (["pull", "models:/tiny@candidate", "--out", "out"], "no MLflow tracking URI: pass --tracking-uri"),
+        (
+            ["pull", "models:/tiny@candidate", "--out", "out", "--tracking-uri", "sqlite:///typo.db"],
+            "no such MLflow database file",
+        ),
+        (
+            ["pull", "models:/nosuch@candidate", "--out", "out", "--tracking-uri", "sqlite:///reg.db"],
+            "models:/nosuch@candidate is not registered",
+        ),
+    ],
+)
 def test_pull_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, message):
     if "reg.db" in args[-1]:  # an existing registry without that model
         _register(tmp_path, "aaa", 0)
@@ -290,7 +341,9 @@ def test_pull_errors_are_one_line_exit_2_and_leave_no_files(tmp_path, args, mess
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in done.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    assert (
+        not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    )
     assert not (tmp_path / "typo.db").exists()
 
 
@@ -301,9 +354,17 @@ def _register(tmp_path, spec_hash: str, seed: int):
     sae = TopKSAE(SAEConfig(8, 16, 2))
     sae.reset_parameters(generator=torch.Generator().manual_seed(seed))
     directory = sae.save(tmp_path / f"sae-{seed}")
-    return register_sae(directory, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="x", model_name="tiny",
-                        alias="candidate", params={}, metrics={"normalized_mse": 0.1}, tags={"spec_hash": spec_hash},
-                        artifact_root=tmp_path / "artifacts")
+    return register_sae(
+        directory,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="x",
+        model_name="tiny",
+        alias="candidate",
+        params={},
+        metrics={"normalized_mse": 0.1},
+        tags={"spec_hash": spec_hash},
+        artifact_root=tmp_path / "artifacts",
+    )
 
 
 def test_registration_is_found_again_after_the_alias_moves(tmp_path):
@@ -377,8 +438,15 @@ def test_two_concurrent_runs_of_one_spec_compute_each_shard_once(tiny_model_dir,
     for i in range(2):
         env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}
         env.pop("PREFECT_API_URL", None)
-        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "cache", str(path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "cache", str(path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
         time.sleep(0.5)
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -402,12 +470,16 @@ def test_an_unreachable_prefect_api_is_one_line_naming_it(tiny_model_dir, text_d
     done = run_cli("run", str(path), cwd=tmp_path, env_extra={"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert lines[-1] == (f"saeflow run: cannot reach the Prefect API at http://127.0.0.1:{port}/api: start that server "
-                         "(prefect server start) or unset PREFECT_API_URL to run with a temporary local one")
+    assert lines[-1] == (
+        f"saeflow run: cannot reach the Prefect API at http://127.0.0.1:{port}/api: start that server "
+        "(prefect server start) or unset PREFECT_API_URL to run with a temporary local one"
+    )
     assert not (tmp_path / "work" / "activations").exists()
 
 
-def test_a_killed_run_is_marked_crashed_by_the_next_run_of_its_spec(prefect_harness, tiny_model_dir, text_dir, tmp_path):
+def test_a_killed_run_is_marked_crashed_by_the_next_run_of_its_spec(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path
+):
     """The flow run of a process killed mid-run would stay Running on the server forever."""
     import os
     import signal
@@ -427,8 +499,13 @@ def test_a_killed_run_is_marked_crashed_by_the_next_run_of_its_spec(prefect_harn
     spec = parse_spec(spec_dict)
     markers = Path(stages.store_url(spec)) / "_shards"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "cache", str(path)], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "cache", str(path)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(list(markers.glob("*.json"))) < 3:
         assert proc.poll() is None, "the caching finished before it could be killed"
@@ -451,8 +528,13 @@ def test_a_killed_run_is_marked_crashed_by_the_next_run_of_its_spec(prefect_harn
 def test_the_ui_hint_of_an_http_tracking_server_is_the_server(capsys, tmp_path):
     from flows.cli import _print_summary
 
-    base = {"name": "x", "model": {"source": "m"}, "hookpoints": ["h"], "sae": {"n_latents": 8, "k": 2},
-            "workdir": str(tmp_path)}
+    base = {
+        "name": "x",
+        "model": {"source": "m"},
+        "hookpoints": ["h"],
+        "sae": {"n_latents": 8, "k": 2},
+        "workdir": str(tmp_path),
+    }
     _print_summary(parse_spec({**base, "registry": {"tracking_uri": "http://127.0.0.1:5000"}}), [])
     out = capsys.readouterr().out
     assert "MLflow UI     http://127.0.0.1:5000   (the tracking server serves it)" in out
@@ -468,7 +550,9 @@ def test_an_unreachable_dask_scheduler_fails_at_once_naming_the_field(tiny_model
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work", orchestration={"dask_address": f"tcp://127.0.0.1:{port}"})
+    spec = tiny_spec(
+        tiny_model_dir, text_dir, tmp_path / "work", orchestration={"dask_address": f"tcp://127.0.0.1:{port}"}
+    )
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     start = time.monotonic()
@@ -476,5 +560,6 @@ def test_an_unreachable_dask_scheduler_fails_at_once_naming_the_field(tiny_model
     assert done.returncode == 2 and time.monotonic() - start < 25, done.stderr  # Dask alone waits 30 s
     assert done.stderr.strip().splitlines()[-1] == (
         f"saeflow cache: orchestration.dask_address: cannot reach the Dask scheduler at tcp://127.0.0.1:{port} "
-        "(Connection refused): start it, or fix orchestration.dask_address in the spec")
+        "(Connection refused): start it, or fix orchestration.dask_address in the spec"
+    )
     assert not (tmp_path / "work" / "activations").exists()

@@ -38,8 +38,21 @@ def inputs(tmp_path) -> tuple[torch.Tensor, Path]:
 
 def in_peer(python, action, library, directory, inputs_path, tmp_path, *extra) -> dict[str, torch.Tensor]:
     out = tmp_path / f"{library}-{action}-out.safetensors"
-    done = subprocess.run([python, str(HERE / "peer_roundtrip.py"), action, library, str(directory), str(inputs_path),
-                           str(out), *map(str, extra)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            python,
+            str(HERE / "peer_roundtrip.py"),
+            action,
+            library,
+            str(directory),
+            str(inputs_path),
+            str(out),
+            *map(str, extra),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return load_file(out)
 
@@ -67,8 +80,13 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-CASES = [("saelens", "none"), ("saelens", "dataset_scale"), ("saelens", "standardize"),
-         ("sparsify", "none"), ("sparsify", "dataset_scale")]
+CASES = [
+    ("saelens", "none"),
+    ("saelens", "dataset_scale"),
+    ("saelens", "standardize"),
+    ("sparsify", "none"),
+    ("sparsify", "dataset_scale"),
+]
 
 
 @pytest.mark.parametrize("library, normalization", CASES)
@@ -84,8 +102,12 @@ def test_export_opens_in_the_peers_loader_and_computes_the_same(peers_python, tm
     assert close(ours(back, x)[1], recon)
 
 
-@pytest.mark.parametrize("library, normalization", [("saelens", "none"), ("saelens", "layer_norm"), ("sparsify", "none")])
-def test_import_of_an_sae_made_by_the_peers_code_computes_what_theirs_does(peers_python, tmp_path, library, normalization):
+@pytest.mark.parametrize(
+    "library, normalization", [("saelens", "none"), ("saelens", "layer_norm"), ("sparsify", "none")]
+)
+def test_import_of_an_sae_made_by_the_peers_code_computes_what_theirs_does(
+    peers_python, tmp_path, library, normalization
+):
     x, x_path = inputs(tmp_path)
     theirs = in_peer(peers_python, "make", library, tmp_path / library, x_path, tmp_path, N, K, normalization)
     sae = TopKSAE.from_pretrained(tmp_path / library)

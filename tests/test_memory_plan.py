@@ -35,8 +35,12 @@ print(json.dumps(status("VmHWM") - base))
 
 @pytest.mark.parametrize("d, n, batch, optimizer", [(256, 65536, 1024, "signum"), (128, 131072, 512, "adam")])
 def test_estimate_within_20_percent_of_measured_peak(d, n, batch, optimizer):
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(d), str(n), str(batch), optimizer], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(d), str(n), str(batch), optimizer],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     estimate = plan_memory(d, n, 32, batch, optimizer=optimizer).total
@@ -46,16 +50,24 @@ def test_estimate_within_20_percent_of_measured_peak(d, n, batch, optimizer):
 def test_sharding_divides_the_latent_state_and_replicas_divide_the_batch():
     one = plan_memory(768, 1 << 20, 32, 4096)
     four = plan_memory(768, 1 << 20, 32, 4096, replicas=1, shards=4)
-    assert four.weights * 4 == pytest.approx(one.weights, rel=1e-4) and four.optimizer * 4 == pytest.approx(one.optimizer, rel=1e-4)
+    assert four.weights * 4 == pytest.approx(one.weights, rel=1e-4) and four.optimizer * 4 == pytest.approx(
+        one.optimizer, rel=1e-4
+    )
     assert plan_memory(768, 1 << 20, 32, 4096, replicas=2).batch < one.batch
 
 
 def test_a_grid_that_does_not_fit_is_refused_before_anything_starts(tiny_model_dir, text_dir, tmp_path, capsys):
     from flows.cli import main
 
-    spec = {"name": "big", "model": {"source": str(tiny_model_dir)}, "data": {"source": str(text_dir)},
-            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 1 << 20, "k": 32},
-            "train": {"device_memory_gib": 1, "device": "cpu", "batch_tokens": 256}, "workdir": str(tmp_path / "work")}
+    spec = {
+        "name": "big",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir)},
+        "hookpoints": ["model.layers.1"],
+        "sae": {"n_latents": 1 << 20, "k": 32},
+        "train": {"device_memory_gib": 1, "device": "cpu", "batch_tokens": 256},
+        "workdir": str(tmp_path / "work"),
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["validate", str(path)]) == 2

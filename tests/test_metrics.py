@@ -41,9 +41,9 @@ def test_reconstruction_metrics_against_dense_computation():
 def test_next_token_ce_and_kl_reference():
     logits = torch.randn(2, 5, 7)
     tokens = torch.randint(7, (2, 5))
-    manual = torch.stack(
-        [-(logits[b, t].log_softmax(-1)[tokens[b, t + 1]]) for b in range(2) for t in range(4)]
-    ).view(2, 4)
+    manual = torch.stack([-(logits[b, t].log_softmax(-1)[tokens[b, t + 1]]) for b in range(2) for t in range(4)]).view(
+        2, 4
+    )
     assert torch.allclose(next_token_ce(logits, tokens), manual, atol=1e-6)
     assert torch.allclose(kl_divergence(logits, logits), torch.zeros(2, 5), atol=1e-6)
     other = torch.randn(2, 5, 7)
@@ -102,6 +102,7 @@ def test_ablation_baselines_against_manual_forward(tiny_model_dir):
     m = downstream_metrics(nn.Identity(), model, ids, "model.layers.1", 1, mean, 2, progress=False)
     expected = {}
     for name, fill in (("zero", torch.zeros(32)), ("mean", mean)):
+
         def fn(h, fill=fill):
             out = h.clone()
             out[:, 1:] = fill  # position 0 keeps its clean activation

@@ -5,8 +5,8 @@ import torch
 
 from sae.config import SAEConfig, TrainConfig
 from sae.kernels import topk_encode
-from sae.model import TopKSAE
 from sae.loss import DeadLatents, sae_loss
+from sae.model import TopKSAE
 
 
 def dense_reference_loss(sae, x_norm, mse_scale, tcfg, dead):
@@ -98,8 +98,13 @@ def test_aux_selection_only_picks_dead_latents():
 
 def test_no_dead_latents_gives_zero_aux_loss():
     sae = make_sae()
-    parts = sae_loss(sae, torch.randn(8, 12, dtype=torch.float64), 1.0, TrainConfig(),
-                     DeadLatents.masked(torch.zeros(96, dtype=torch.bool)))
+    parts = sae_loss(
+        sae,
+        torch.randn(8, 12, dtype=torch.float64),
+        1.0,
+        TrainConfig(),
+        DeadLatents.masked(torch.zeros(96, dtype=torch.bool)),
+    )
     assert parts.aux.item() == 0.0 and torch.isfinite(parts.loss)
 
 

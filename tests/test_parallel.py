@@ -8,12 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
+from servers import free_port
 
 from sae.config import SAEConfig, TrainConfig
 from sae.parallel import Grid, GridShard, Parallel, rank_rows
 from sae.train import Trainer
-
-from servers import free_port
 
 D, N, K, BATCH, STEPS = 16, 64, 4, 64, 10
 
@@ -23,8 +22,14 @@ def configs(optimizer: str, multi_topk: bool):
     activation = "batchtopk" if optimizer.endswith("+batchtopk") else "topk"
     optimizer = optimizer.removesuffix("+batchtopk")
     return SAEConfig(D, N, K, encoder_bias=True, activation=activation), TrainConfig(
-        batch_tokens=BATCH, tokens=BATCH * STEPS, dead_tokens=2 * BATCH, aux_k=8, multi_topk=multi_topk,
-        optimizer=optimizer, lr=3e-3 if optimizer == "adam" else None)
+        batch_tokens=BATCH,
+        tokens=BATCH * STEPS,
+        dead_tokens=2 * BATCH,
+        aux_k=8,
+        multi_topk=multi_topk,
+        optimizer=optimizer,
+        lr=3e-3 if optimizer == "adam" else None,
+    )
 
 
 def data() -> torch.Tensor:
@@ -62,11 +67,19 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("data_parallel, shards, optimizer, multi_topk", [
-    (2, 1, "signum", False), (1, 2, "signum", True), (1, 4, "adam", True), (2, 2, "signum", True),
-    # BatchTopK: the k·B largest of the global batch, and its inference threshold, on every grid shape
-    (2, 1, "signum+batchtopk", False), (1, 2, "adam+batchtopk", False), (2, 2, "signum+batchtopk", False),
-])
+@pytest.mark.parametrize(
+    "data_parallel, shards, optimizer, multi_topk",
+    [
+        (2, 1, "signum", False),
+        (1, 2, "signum", True),
+        (1, 4, "adam", True),
+        (2, 2, "signum", True),
+        # BatchTopK: the k·B largest of the global batch, and its inference threshold, on every grid shape
+        (2, 1, "signum+batchtopk", False),
+        (1, 2, "adam+batchtopk", False),
+        (2, 2, "signum+batchtopk", False),
+    ],
+)
 def test_grid_training_equals_the_single_process_run(tmp_path, data_parallel, shards, optimizer, multi_topk):
     grid = Grid(data_parallel, shards)
     out = tmp_path / "grid.safetensors"

@@ -67,15 +67,22 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     again = pipeline(spec, return_state=True)
     assert again.result() == rows
     assert task_states(again) == {
-        "verify_cache": "Completed", "cache_activations": "Cached", "train_sae": "Cached", "evaluate": "Cached",
+        "verify_cache": "Completed",
+        "cache_activations": "Cached",
+        "train_sae": "Cached",
+        "evaluate": "Cached",
         "register": "Cached",
     }
 
     # only train.lr changes: the activations are re-used, the rest runs again
     monkeypatch.undo()
     monkeypatch.setattr(stages, "cache", _refuse)
-    new_lr = spec.model_copy(update={"train": spec.train.model_copy(update={"lr": 3e-3}),
-                                     "registry": spec.registry.model_copy(update={"alias": "lr-trial"})})
+    new_lr = spec.model_copy(
+        update={
+            "train": spec.train.model_copy(update={"lr": 3e-3}),
+            "registry": spec.registry.model_copy(update={"alias": "lr-trial"}),
+        }
+    )
     rows_lr = pipeline(new_lr)
     assert rows_lr[0]["sae_dir"] != row["sae_dir"] and rows_lr[0]["model_uri"] == "models:/tiny@lr-trial"
 
@@ -129,8 +136,9 @@ def test_stage_needs_its_inputs(prefect_harness, spec):
         pipeline(spec, only=("train",))
 
 
-def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(prefect_harness, tiny_model_dir, text_dir,
-                                                                           tmp_path):
+def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path
+):
     """train.device_memory_gib below what three SAEs need together: one train task per group (sae/memory.py's
     packing), and each SAE ends with the weights it gets when all three train in one pass."""
     from flows.pipeline import pipeline
@@ -138,14 +146,18 @@ def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(prefe
     from sae.memory import pack_groups
 
     def make(workdir: str, limit_gib: float | None):
-        s = parse_spec({
-            "name": "groups", "model": {"source": str(tiny_model_dir)},
-            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
-            "hookpoints": ["model.layers.1"],
-            "sae": [{"n_latents": n, "k": 4, "dead_tokens": 500} for n in (64, 128, 256)],
-            "train": {"batch_tokens": 128, "tokens": 1024, "device": "cpu", "device_memory_gib": limit_gib},
-            "eval": {"tokens": 200, "downstream_contexts": 0, "browser": False, "ablation_contexts": 0},
-            "workdir": str(tmp_path / workdir)})
+        s = parse_spec(
+            {
+                "name": "groups",
+                "model": {"source": str(tiny_model_dir)},
+                "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+                "hookpoints": ["model.layers.1"],
+                "sae": [{"n_latents": n, "k": 4, "dead_tokens": 500} for n in (64, 128, 256)],
+                "train": {"batch_tokens": 128, "tokens": 1024, "device": "cpu", "device_memory_gib": limit_gib},
+                "eval": {"tokens": 200, "downstream_contexts": 0, "browser": False, "ablation_contexts": 0},
+                "workdir": str(tmp_path / workdir),
+            }
+        )
         check_resources(s)
         return s
 
@@ -161,7 +173,9 @@ def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(prefe
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert sum(r.name.startswith("train_sae") for r in runs) == len(expected)
     pipeline(together)
     for i in range(3):

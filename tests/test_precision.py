@@ -6,14 +6,14 @@ CUDA-only tests run where a GPU is present.
 
 import pytest
 import torch
+from test_train import train_on_planted
 
-from sae.config import SAEConfig, TrainConfig
 from sae import kernels
+from sae.config import SAEConfig, TrainConfig
 from sae.kernels import topk_encode
 from sae.loss import DeadLatents, sae_loss
 from sae.model import TopKSAE
 from sae.train import Trainer
-from test_train import train_on_planted
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -34,7 +34,7 @@ def test_bf16_selection_is_a_top_k_up_to_bf16_rounding(device):
     with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         values, indices, _, _ = topk_encode(x, W, None, 16)
     assert values.dtype == torch.float32
-    exact = (x.double() @ W.double().T)
+    exact = x.double() @ W.double().T
     chosen = exact.gather(1, indices)
     rest = exact.scatter(1, indices, float("-inf"))
     # bf16 keeps 8 bits: a latent may only lose to another within rounding of the row's scale
@@ -99,8 +99,19 @@ def test_cuda_float32_steps_match_cpu():
     saes = []
     for device in ("cpu", "cuda"):
         # Adam: sign descent would turn summation-order differences of near-zero gradients into full steps
-        trainer = Trainer(cfg, TrainConfig(batch_tokens=512, tokens=4 * 512, optimizer="adam", lr=1e-3, device=device,
-                                           precision="fp32", dead_tokens=1024, aux_k=32))
+        trainer = Trainer(
+            cfg,
+            TrainConfig(
+                batch_tokens=512,
+                tokens=4 * 512,
+                optimizer="adam",
+                lr=1e-3,
+                device=device,
+                precision="fp32",
+                dead_tokens=1024,
+                aux_k=32,
+            ),
+        )
         trainer.initialize(x)
         for i in range(4):
             trainer.step(x[i * 512 : (i + 1) * 512])
@@ -115,8 +126,12 @@ def test_cuda_bf16_training_tracks_float32():
     x = torch.randn(40 * 512, 64, generator=torch.Generator().manual_seed(0)) * torch.rand(64) * 3
     mse = {}
     for precision in ("fp32", "bf16"):
-        trainer = Trainer(cfg, TrainConfig(batch_tokens=512, tokens=40 * 512, optimizer="adam", lr=1e-3, device="cuda",
-                                           precision=precision))
+        trainer = Trainer(
+            cfg,
+            TrainConfig(
+                batch_tokens=512, tokens=40 * 512, optimizer="adam", lr=1e-3, device="cuda", precision=precision
+            ),
+        )
         trainer.initialize(x)
         for i in range(40):
             parts = trainer.step(x[i * 512 : (i + 1) * 512])
@@ -147,8 +162,9 @@ def test_triton_backward_matches_embedding_bag_backward(activation):
 def test_cuda_checkpoint_round_trip_resumes_the_run():
     """A CUDA trainer restored from its state_dict (as the checkpoint files hold it) continues the run."""
     cfg = SAEConfig(64, 1024, 16)
-    tcfg = TrainConfig(batch_tokens=256, tokens=256 * 12, lr=1e-3, device="cuda", dead_tokens=512, aux_k=32,
-                       ema_decay=0.9)
+    tcfg = TrainConfig(
+        batch_tokens=256, tokens=256 * 12, lr=1e-3, device="cuda", dead_tokens=512, aux_k=32, ema_decay=0.9
+    )
     x = torch.randn(12 * 256, 64, generator=torch.Generator().manual_seed(0))
     batches = [x[i * 256 : (i + 1) * 256] for i in range(12)]
 

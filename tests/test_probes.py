@@ -38,9 +38,11 @@ def test_probe_matches_a_plain_optimiser_and_sparse_equals_dense():
     scale = dense.rms()
     a, b, loss = fit_probes(dense.scaled(scale), y, ridge=0.0)
     for j in range(3):
+
         def objective(p, j=j):
             s = p[0] * x[:, j] / float(scale[j]) + p[1]
             return np.mean(np.logaddexp(0, s) - y * s)
+
         ref = minimize(objective, [0.0, 0.0], method="BFGS", options={"gtol": 1e-10})
         assert float(loss[j]) == pytest.approx(ref.fun, abs=1e-7)
         assert float(a[j]) == pytest.approx(ref.x[0], abs=1e-3)
@@ -48,8 +50,9 @@ def test_probe_matches_a_plain_optimiser_and_sparse_equals_dense():
     pos = np.abs(x)
     sparse = SparseCandidates.from_codes(torch.tensor(pos), torch.tensor(np.tile([0, 1, 2], (n, 1))), 3)
     dense = DenseCandidates(torch.tensor(pos))
-    np.testing.assert_allclose(fit_probes(sparse.scaled(sparse.rms()), y)[2], fit_probes(dense.scaled(dense.rms()), y)[2],
-                               rtol=1e-9)
+    np.testing.assert_allclose(
+        fit_probes(sparse.scaled(sparse.rms()), y)[2], fit_probes(dense.scaled(dense.rms()), y)[2], rtol=1e-9
+    )
 
 
 def test_best_latent_is_chosen_on_the_training_half_and_scored_on_the_other():
@@ -69,8 +72,10 @@ def test_best_latent_is_chosen_on_the_training_half_and_scored_on_the_other():
 
 
 def test_task_labels_on_hand_made_contexts():
-    contexts = [["x", " = f", "(", "a", ",", " 1", ")", "\n", "def", " g"],
-                ["The", " \"", "quoted", "\"", " end", ".", " Next", "\n", "None", " 42"]]
+    contexts = [
+        ["x", " = f", "(", "a", ",", " 1", ")", "\n", "def", " g"],
+        ["The", ' "', "quoted", '"', " end", ".", " Next", "\n", "None", " 42"],
+    ]
     labels = task_labels(contexts, first_position=1)
     assert labels["in_parentheses"][0].tolist() == [False, False, True, True, True, True, False, False, False]
     assert labels["digit"][0].tolist() == [False, False, False, False, True, False, False, False, False]
@@ -95,5 +100,5 @@ def test_probe_metrics_rank_an_sae_latent_that_isolates_the_task_above_raw_neuro
     out = probe_metrics({"task": y}, (torch.tensor(values), torch.tensor(indices)), torch.tensor(acts), 16, n // 2)
     assert out["probe_tasks"] == 1
     assert out["probe_loss"] < 0.05 < out["probe_loss_raw"] < out["probe_loss_prior"]
-    assert out["probe_loss_prior"] == pytest.approx(_entropy(y[: n // 2].mean()) , abs=0.02)
+    assert out["probe_loss_prior"] == pytest.approx(_entropy(y[: n // 2].mean()), abs=0.02)
     assert out["probe_loss.task"] == out["probe_loss"] and out["probe_latent.task"] == 5

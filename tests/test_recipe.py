@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from test_train import planted_data
 
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
 from sae.kernels import sparse_decode, topk_encode
 from sae.train import lr_factor, scale_encoder_least_squares
-from test_train import planted_data
 
 
 def test_least_squares_encoder_scale_is_the_argmin():
@@ -42,8 +42,15 @@ def test_scaled_init_fixes_the_slow_start():
     bound = 0.58
 
     def mse_after_20_steps(init: str) -> float:
-        tcfg = TrainConfig(batch_tokens=512, tokens=len(x), optimizer="adam", lr=1e-3, lr_warmup_tokens=0,
-                           lr_decay="constant", encoder_init=init)
+        tcfg = TrainConfig(
+            batch_tokens=512,
+            tokens=len(x),
+            optimizer="adam",
+            lr=1e-3,
+            lr_warmup_tokens=0,
+            lr_decay="constant",
+            encoder_init=init,
+        )
         trainer = Trainer(SAEConfig(64, 512, 8), tcfg)
         trainer.initialize(x[:4096])
         return [trainer.step(b).mse.item() for b in x.split(512)][-1]
@@ -79,7 +86,12 @@ def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():
     assert TrainConfig(tokens=10**10).dead_window(2**24, 8) == 10_000_000  # never above the paper's window
     assert TrainConfig(tokens=1000, batch_tokens=4096).dead_window(1024, 64) == 4096  # never below one batch
     p = TrainConfig(tokens=1_000_000, recipe="paper")
-    assert (p.warmup_tokens(), p.decay(), p.dead_window(4096, 32), p.resolved_aux_k(768)) == (0, "constant", 10_000_000, 256)
+    assert (p.warmup_tokens(), p.decay(), p.dead_window(4096, 32), p.resolved_aux_k(768)) == (
+        0,
+        "constant",
+        10_000_000,
+        256,
+    )
     assert not p.scaled_encoder_init() and p.resolved_optimizer() == "adam"
     assert math.isclose(p.resolved_lr(2**15), 1e-4)
     # linear warmup, then linear decay reaching zero after the last step
@@ -115,8 +127,9 @@ def test_train_sae_on_a_tensor_an_array_a_npy_file_and_an_iterator(tmp_path):
 def test_a_short_stream_ends_training_with_a_warning_and_an_sae():
     x = torch.randn(1000, 16)
     with pytest.warns(UserWarning, match="ran out after 1,000 of 5,000 tokens"):
-        result = train_sae(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=250, tokens=5000), iter(x.split(250)),
-                           progress=False)
+        result = train_sae(
+            SAEConfig(16, 64, 4), TrainConfig(batch_tokens=250, tokens=5000), iter(x.split(250)), progress=False
+        )
     assert result.tokens == 1000 and torch.isfinite(result.sae.W_dec).all()
 
 
@@ -125,8 +138,9 @@ def test_encode_decode_round_trip_on_raw_activations(normalization):
     x = torch.randn(300, 16) * 5 + 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sae = train_sae(SAEConfig(16, 64, 4, normalization=normalization), TrainConfig(batch_tokens=100), x,
-                        progress=False).sae
+        sae = train_sae(
+            SAEConfig(16, 64, 4, normalization=normalization), TrainConfig(batch_tokens=100), x, progress=False
+        ).sae
     with torch.no_grad():
         codes = sae.encode(x)
         assert torch.allclose(sae.decode(codes), sae(x), atol=1e-5)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from servers import BIN
 
 from flows import stages
 from flows.spec import parse_spec
@@ -19,24 +20,29 @@ from sae.config import SAEConfig
 from sae.model import TopKSAE
 from storage import formats
 
-from servers import BIN
-
 HOOK = "model.layers.1"
 
 
 def spec_for(tiny_model_dir, text_dir, tmp_path, tokens: int, tracking_uri: str, **registry):
-    return parse_spec({
-        "name": f"tiny-{tokens}",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3,
-                 "store": str(tmp_path / "store")},
-        "hookpoints": [HOOK],
-        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
-        "train": {"batch_tokens": 128, "tokens": tokens},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
-        "registry": {"tracking_uri": tracking_uri, "model_name": "tiny", **registry},
-        "workdir": str(tmp_path / "work"),
-    })
+    return parse_spec(
+        {
+            "name": f"tiny-{tokens}",
+            "model": {"source": str(tiny_model_dir)},
+            "data": {
+                "source": str(text_dir),
+                "context_length": 16,
+                "tokens": 1500,
+                "eval_fraction": 0.3,
+                "store": str(tmp_path / "store"),
+            },
+            "hookpoints": [HOOK],
+            "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
+            "train": {"batch_tokens": 128, "tokens": tokens},
+            "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
+            "registry": {"tracking_uri": tracking_uri, "model_name": "tiny", **registry},
+            "workdir": str(tmp_path / "work"),
+        }
+    )
 
 
 def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, text_dir, tmp_path):
@@ -77,21 +83,35 @@ def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, 
     assert [v["version"] for v in listed["versions"]] == [2, 1]
     assert listed["versions"][1]["metrics"]["normalized_mse"] == pytest.approx(mse["1"], rel=1e-5)
     tags = model_version("models:/tiny/1").tags
-    for key in ("lm", "hookpoint", "d_in", "n_latents", "k", "activation", "normalization", "spec_hash", "data",
-                "tokens_trained", "weights_sha256", "eval_data"):
+    for key in (
+        "lm",
+        "hookpoint",
+        "d_in",
+        "n_latents",
+        "k",
+        "activation",
+        "normalization",
+        "spec_hash",
+        "data",
+        "tokens_trained",
+        "weights_sha256",
+        "eval_data",
+    ):
         assert tags.get(key), key
     assert tags["tokens_trained"] == "1536" and tags["d_in"] == "32"
 
     # other evaluation tokens: the rule does not compare, and says so
-    other_eval = parse_spec({**worse.model_dump(mode="json"), "name": "tiny-other",
-                             "eval": {**worse.eval.model_dump(), "tokens": 200}})
+    other_eval = parse_spec(
+        {**worse.model_dump(mode="json"), "name": "tiny-other", "eval": {**worse.eval.model_dump(), "tokens": 200}}
+    )
     pipeline(other_eval)
     assert "evaluated on other tokens" in MlflowClient().get_model_version("tiny", "3").description
     assert str(model_version("models:/tiny@champion").version) == "2"
 
 
-def test_from_pretrained_every_reference_kind_and_the_model_card(prefect_harness, tiny_model_dir, text_dir, tmp_path,
-                                                                 monkeypatch):
+def test_from_pretrained_every_reference_kind_and_the_model_card(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path, monkeypatch
+):
     import mlflow
 
     from flows.pipeline import pipeline
@@ -125,21 +145,32 @@ def test_from_pretrained_every_reference_kind_and_the_model_card(prefect_harness
     assert torch.allclose(torch.from_numpy(recon), expected, atol=1e-5)
 
 
-def test_real_mlflow_server_register_promote_and_pull_from_a_fresh_process(prefect_harness, mlflow_server, s3_server,
-                                                                           tiny_model_dir, text_dir, tmp_path):
+def test_real_mlflow_server_register_promote_and_pull_from_a_fresh_process(
+    prefect_harness, mlflow_server, s3_server, tiny_model_dir, text_dir, tmp_path
+):
     from flows.pipeline import pipeline
 
     spec = spec_for(tiny_model_dir, text_dir, tmp_path, 1500, mlflow_server)
-    rows = pipeline(parse_spec({**spec.model_dump(mode="json"), "registry": {
-        "tracking_uri": mlflow_server, "model_name": "tiny-served"}}))
+    rows = pipeline(
+        parse_spec(
+            {**spec.model_dump(mode="json"), "registry": {"tracking_uri": mlflow_server, "model_name": "tiny-served"}}
+        )
+    )
     assert rows[0]["model_uri"] == "models:/tiny-served@candidate"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"]}
     saeflow = str(BIN / "saeflow")
-    done = subprocess.run([saeflow, "promote", "tiny-served", "1", "--alias", "champion"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [saeflow, "promote", "tiny-served", "1", "--alias", "champion"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "models:/tiny-served@champion -> version 1" in done.stdout, done.stderr
-    check = ("from sae import TopKSAE; import torch; sae = TopKSAE.from_pretrained('models:/tiny-served@champion'); "
-             "print(sae.cfg.n_latents, sae.metadata['hookpoint'])")
+    check = (
+        "from sae import TopKSAE; import torch; sae = TopKSAE.from_pretrained('models:/tiny-served@champion'); "
+        "print(sae.cfg.n_latents, sae.metadata['hookpoint'])"
+    )
     done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["64", HOOK], done.stderr[-2000:]
 
@@ -155,16 +186,25 @@ def truncate(path: Path) -> None:
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("make, argv, message", [
-    (lambda p: None, ["export", "models:/nope@champion", "--format", "saelens", "--out", "o"],
-     "models:/nope@champion"),
-    (lambda p: None, ["export", "models:/nope", "--format", "saelens", "--out", "o"], "write models:/NAME@ALIAS"),
-    (lambda p: (p / "junk").mkdir(), ["import", "junk"], "not an SAE directory in a known format"),
-    (lambda p: truncate(saved(p) / "sae.safetensors"), ["import", "sae"], "not a readable safetensors file"),
-    (lambda p: (saved(p) / "config.json").write_text(json.dumps({"sae": {"d_in": 9, "n_latents": 16, "k": 2}})),
-     ["import", "sae"], "W_dec has shape (16, 8), but the config says (16, 9)"),
-    (lambda p: None, ["import", "no-such-dir"], "no-such-dir: no such directory"),
-])
+@pytest.mark.parametrize(
+    "make, argv, message",
+    [
+        (
+            lambda p: None,
+            ["export", "models:/nope@champion", "--format", "saelens", "--out", "o"],
+            "models:/nope@champion",
+        ),
+        (lambda p: None, ["export", "models:/nope", "--format", "saelens", "--out", "o"], "write models:/NAME@ALIAS"),
+        (lambda p: (p / "junk").mkdir(), ["import", "junk"], "not an SAE directory in a known format"),
+        (lambda p: truncate(saved(p) / "sae.safetensors"), ["import", "sae"], "not a readable safetensors file"),
+        (
+            lambda p: (saved(p) / "config.json").write_text(json.dumps({"sae": {"d_in": 9, "n_latents": 16, "k": 2}})),
+            ["import", "sae"],
+            "W_dec has shape (16, 8), but the config says (16, 9)",
+        ),
+        (lambda p: None, ["import", "no-such-dir"], "no-such-dir: no such directory"),
+    ],
+)
 def test_bad_references_and_files_are_one_line_exit_2(tmp_path, monkeypatch, capsys, make, argv, message):
     from flows.cli import main
 
@@ -191,12 +231,38 @@ def test_import_registers_once_and_exports_back(tmp_path, capsys):
     for _ in range(2):  # the same weights imported twice: one version
         assert main(["import", str(out), "--register", "imported", "--tracking-uri", uri]) == 0
     assert [v["version"] for v in list_versions(uri, "imported")] == [1]
-    assert main(["export", "models:/imported@candidate", "--format", "saelens", "--out", str(tmp_path / "lens"),
-                 "--tracking-uri", uri]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "models:/imported@candidate",
+                "--format",
+                "saelens",
+                "--out",
+                str(tmp_path / "lens"),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 0
+    )
     assert formats.detect(tmp_path / "lens") == "saelens"
     capsys.readouterr()
-    assert main(["export", "models:/imported@nope", "--format", "saelens", "--out", str(tmp_path / "x"),
-                 "--tracking-uri", uri]) == 2  # the model exists, the alias does not
+    assert (
+        main(
+            [
+                "export",
+                "models:/imported@nope",
+                "--format",
+                "saelens",
+                "--out",
+                str(tmp_path / "x"),
+                "--tracking-uri",
+                uri,
+            ]
+        )
+        == 2
+    )  # the model exists, the alias does not
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "models:/imported@nope is not registered" in err[0], err
     assert not (tmp_path / "x").exists()

@@ -3,42 +3,53 @@ same spec again runs only that stage and the ones after it; the earlier ones are
 
 from __future__ import annotations
 
+import failing_stage
 import pytest
+from test_pipeline import task_states
 
 from flows import stages
 from flows.spec import parse_spec
-
-import failing_stage
-from test_pipeline import task_states
 
 HOOK = "model.layers.1"
 
 
 def tiny(tiny_model_dir, text_dir, workdir, store):
-    return parse_spec({
-        "name": "tiny",
-        "model": {"source": str(tiny_model_dir)},
-        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3, "store": str(store)},
-        "hookpoints": [HOOK],
-        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
-        "train": {"batch_tokens": 128, "tokens": 1500},
-        "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
-        "workdir": str(workdir),
-    })
+    return parse_spec(
+        {
+            "name": "tiny",
+            "model": {"source": str(tiny_model_dir)},
+            "data": {
+                "source": str(text_dir),
+                "context_length": 16,
+                "tokens": 1500,
+                "eval_fraction": 0.3,
+                "store": str(store),
+            },
+            "hookpoints": [HOOK],
+            "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
+            "train": {"batch_tokens": 128, "tokens": 1500},
+            "eval": {"tokens": 300, "downstream_contexts": 4, "browser": False, "ablation_contexts": 0},
+            "workdir": str(workdir),
+        }
+    )
 
 
 def outputs(spec) -> dict[str, int]:
     """Modification times of each stage's main output (0 when absent)."""
-    files = {"cache": stages.store_url(spec) + "/zarr.json", "train": stages.sae_dir(spec, HOOK) / "sae.safetensors",
-             "evaluate": stages.metrics_path(spec, HOOK)}
+    files = {
+        "cache": stages.store_url(spec) + "/zarr.json",
+        "train": stages.sae_dir(spec, HOOK) / "sae.safetensors",
+        "evaluate": stages.metrics_path(spec, HOOK),
+    }
     from pathlib import Path
 
     return {k: Path(f).stat().st_mtime_ns if Path(f).exists() else 0 for k, f in files.items()}
 
 
 @pytest.mark.parametrize("failing", stages.STAGES)
-def test_rerun_runs_only_the_failed_stage_and_those_after(prefect_harness, tiny_model_dir, text_dir, tmp_path,
-                                                          monkeypatch, failing):
+def test_rerun_runs_only_the_failed_stage_and_those_after(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path, monkeypatch, failing
+):
     from flows.pipeline import pipeline
 
     # a separate work dir (and registry) per case; the activation store is shared unless cache is the one failing
@@ -67,7 +78,9 @@ def test_rerun_runs_only_the_failed_stage_and_those_after(prefect_harness, tiny_
             assert after[stage] == before[stage], stage
 
 
-def test_status_reports_each_stage_without_touching_anything(prefect_harness, tiny_model_dir, text_dir, tmp_path, capsys):
+def test_status_reports_each_stage_without_touching_anything(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path, capsys
+):
     import json
 
     import yaml
@@ -99,8 +112,14 @@ def test_status_reports_each_stage_without_touching_anything(prefect_harness, ti
     (sae,) = done["saes"]
     assert done["cache"]["state"] == "done" and sae["train"]["state"] == "done" and sae["evaluate"]["state"] == "done"
     assert sae["register"]["model_uri"] == "models:/tiny@candidate"
-    assert sae["register"]["versions"] == [{"version": 1, "aliases": ["candidate"], "spec_hash": sae["register"]["versions"][0]["spec_hash"],
-                                            "run_id": sae["register"]["versions"][0]["run_id"]}]
+    assert sae["register"]["versions"] == [
+        {
+            "version": 1,
+            "aliases": ["candidate"],
+            "spec_hash": sae["register"]["versions"][0]["spec_hash"],
+            "run_id": sae["register"]["versions"][0]["run_id"],
+        }
+    ]
     assert main(["status", str(path)]) == 0
     text = capsys.readouterr().out
     assert "register  done" in text and "versions: v1 @candidate" in text
@@ -132,9 +151,18 @@ def _delete_run(spec):
     MlflowClient().delete_run(run_id)
 
 
-@pytest.mark.parametrize("deleted, redone", [(_delete_shard, "cache_activations"), (_delete_weights, "train_sae"),
-                                             (_delete_metrics, "evaluate"), (_delete_run, "register")])
-def test_a_deleted_output_is_recomputed_never_trusted(prefect_harness, tiny_model_dir, text_dir, tmp_path, deleted, redone):
+@pytest.mark.parametrize(
+    "deleted, redone",
+    [
+        (_delete_shard, "cache_activations"),
+        (_delete_weights, "train_sae"),
+        (_delete_metrics, "evaluate"),
+        (_delete_run, "register"),
+    ],
+)
+def test_a_deleted_output_is_recomputed_never_trusted(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path, deleted, redone
+):
     from flows.pipeline import pipeline
 
     spec = tiny(tiny_model_dir, text_dir, tmp_path / "work", tmp_path / "store")

@@ -40,8 +40,14 @@ def run(acts, ckpt_dir, kill_at_step=None):
             raise Killed
 
     return train_sae(
-        cfg, tcfg, batches, None if trainer else sample_rows(acts, 1000, seed=5), progress=False,
-        trainer=trainer, checkpoint=checkpoint, checkpoint_every_tokens=700,
+        cfg,
+        tcfg,
+        batches,
+        None if trainer else sample_rows(acts, 1000, seed=5),
+        progress=False,
+        trainer=trainer,
+        checkpoint=checkpoint,
+        checkpoint_every_tokens=700,
     )
 
 

@@ -54,16 +54,26 @@ def test_planner_spends_the_budget_on_the_largest_n_that_converges():
     assert large.n_latents > small.n_latents and large.predicted_loss < small.predicted_loss
     for r in (small, large):
         assert r.flops <= 1e18 and r.tokens >= r.tokens_to_convergence
-        assert training_flops(768, 2 * r.n_latents, int(4e7 * (2 * r.n_latents / 4096) ** 0.6)) > (1e15 if r is small else 1e18)
+        assert training_flops(768, 2 * r.n_latents, int(4e7 * (2 * r.n_latents / 4096) ** 0.6)) > (
+            1e15 if r is small else 1e18
+        )
     with pytest.raises(ValueError, match="cannot train even"):
         recommend(1e6, 768, 32, law)
 
 
-def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(tiny_model_dir, text_dir, tmp_path, capsys):
+def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(
+    tiny_model_dir, text_dir, tmp_path, capsys
+):
     from flows.cli import main
 
-    base = {"name": "tiny", "model": {"source": str(tiny_model_dir)}, "data": {"source": str(text_dir)},
-            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 64, "k": 4}, "workdir": str(tmp_path / "w")}
+    base = {
+        "name": "tiny",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir)},
+        "hookpoints": ["model.layers.1"],
+        "sae": {"n_latents": 64, "k": 4},
+        "workdir": str(tmp_path / "w"),
+    }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     out = tmp_path / "planned.yaml"
     assert main(["plan", str(tmp_path / "base.yaml"), "--budget-flops", "1e14", "--k", "8", "--out", str(out)]) == 0
@@ -78,12 +88,17 @@ def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(t
 
 def sweep_spec(tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downstream_contexts: int):
     """A sweep spec on the tiny model: 1500 tokens, 30% held out, batches of 128."""
-    spec = {"name": name, "model": {"source": str(tiny_model_dir)},
-            "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
-            "hookpoints": ["model.layers.1"], "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500}, "sweep": sweep,
-            "train": {"batch_tokens": 128}, "eval": {"tokens": 300, "downstream_contexts": downstream_contexts,
-                                                      "browser": False, "ablation_contexts": 0},
-            "workdir": str(tmp_path / "work")}
+    spec = {
+        "name": name,
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+        "hookpoints": ["model.layers.1"],
+        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
+        "sweep": sweep,
+        "train": {"batch_tokens": 128},
+        "eval": {"tokens": 300, "downstream_contexts": downstream_contexts, "browser": False, "ablation_contexts": 0},
+        "workdir": str(tmp_path / "work"),
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -117,15 +132,18 @@ def test_a_small_real_sweep_runs_end_to_end(prefect_harness, tiny_model_dir, tex
     assert len(compute["points"]) == 9 * 5
     # the frontier by a plain double loop: nothing at most as costly has a lower loss
     for p in compute["points"]:
-        assert p["frontier"] == (not any(o["flops"] <= p["flops"] and o["normalized_mse"] < p["normalized_mse"]
-                                         for o in compute["points"]))
+        assert p["frontier"] == (
+            not any(o["flops"] <= p["flops"] and o["normalized_mse"] < p["normalized_mse"] for o in compute["points"])
+        )
     assert "params" in compute["fits"]["model.layers.1"] or "error" in compute["fits"]["model.layers.1"]
     # more latents at the same k reconstruct better on these held-out tokens
     by = {(r["n_latents"], r["k"]): r["normalized_mse"] for r in rows}
     assert by[(128, 8)] < by[(32, 2)]
 
 
-def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(prefect_harness, tiny_model_dir, text_dir, tmp_path):
+def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path
+):
     """latents x k x lr with registered: frontier: every SAE has a run under the sweep's parent run,
     only the loss-vs-L0 frontier is registered, and the parent holds the report with the dCE plot."""
     from mlflow import MlflowClient
@@ -143,8 +161,11 @@ def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(prefect_har
     rows = json.loads((out / "points.json").read_text())
     assert len(rows) == 8 and (out / "dce_vs_mse.png").read_bytes()[:4] == b"\x89PNG"
     # the frontier by a plain double loop over the evaluated points
-    frontier = {i for i, r in enumerate(rows)
-                if not any(o["l0"] <= r["l0"] and o["normalized_mse"] < r["normalized_mse"] for o in rows)}
+    frontier = {
+        i
+        for i, r in enumerate(rows)
+        if not any(o["l0"] <= r["l0"] and o["normalized_mse"] < r["normalized_mse"] for o in rows)
+    }
     assert 0 < len(frontier) < 8
     connect(parsed.tracking_uri())
     client = MlflowClient()
@@ -161,11 +182,15 @@ def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(prefect_har
     logged = {a.path for a in client.list_artifacts(parent)}
     assert {"report.html", "fits.json", "points.json", "dce_vs_mse.png"} <= logged
     assert main(["sweep", str(path)]) == 0  # a rerun updates the same parent and children
-    assert len(client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")) == 8
+    assert (
+        len(client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"))
+        == 8
+    )
 
 
-def test_a_sweep_over_token_budgets_trains_each_budget_in_its_own_pass(prefect_harness, tiny_model_dir, text_dir,
-                                                                        tmp_path):
+def test_a_sweep_over_token_budgets_trains_each_budget_in_its_own_pass(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path
+):
     """tokens as a sweep axis: SAEs of one budget share a pass (one train task per budget), each SAE
     trains for its own budget, and the report's fit takes the best SAE of each (n, k)."""
     from flows import stages

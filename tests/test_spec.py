@@ -118,13 +118,16 @@ def test_several_saes_are_named_by_index_and_size(tiny_model_dir, text_dir, tmp_
     assert ok.sae_config(32, 1).n_latents == 32 and ok.train_config(100, "cpu", 1).tokens == 100
 
 
-@pytest.mark.parametrize("over, says", [
-    ({"train__device": "cpu"}, "device cpu"),
-    ({"train__devices": 2}, "several processes"),
-    ({"train__optimizer": "adam"}, "optimizer adam"),
-    ({"train__recipe": "paper"}, "optimizer adam"),
-    ({"sae__activation": "batchtopk"}, "batchtopk"),
-])
+@pytest.mark.parametrize(
+    "over, says",
+    [
+        ({"train__device": "cpu"}, "device cpu"),
+        ({"train__devices": 2}, "several processes"),
+        ({"train__optimizer": "adam"}, "optimizer adam"),
+        ({"train__recipe": "paper"}, "optimizer adam"),
+        ({"sae__activation": "batchtopk"}, "batchtopk"),
+    ],
+)
 def test_a_cuda_graph_is_refused_where_the_step_cannot_be_captured(tiny_model_dir, text_dir, tmp_path, over, says):
     msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, train__cuda_graph=True, **over))
     assert msg.startswith("train.cuda_graph: not with") and says in msg and "set it to false" in msg, msg
@@ -138,10 +141,15 @@ def test_a_cuda_graph_does_not_change_what_the_train_stage_computes(tiny_model_d
     assert graphed.part_hash("train", "sae") == plain.part_hash("train", "sae")
 
 
-@pytest.mark.parametrize("over, says", [({"train__device": "cpu"}, "device cpu (CUDA only)"),
-                                        ({"train__device": "cuda", "train__precision": "fp32"}, "precision fp32"),
-                                        ({"train__device": "cuda", "train__triton": False}, "triton false"),
-                                        ({"train__device": "cuda", "sae__n_latents": 256, "sae__k": 65}, "k 65 (at most 64)")])
+@pytest.mark.parametrize(
+    "over, says",
+    [
+        ({"train__device": "cpu"}, "device cpu (CUDA only)"),
+        ({"train__device": "cuda", "train__precision": "fp32"}, "precision fp32"),
+        ({"train__device": "cuda", "train__triton": False}, "triton false"),
+        ({"train__device": "cuda", "sae__n_latents": 256, "sae__k": 65}, "k 65 (at most 64)"),
+    ],
+)
 def test_the_fused_topk_kernel_is_refused_where_it_cannot_run(tiny_model_dir, text_dir, tmp_path, over, says):
     msg = error_of(tmp_path, base(tiny_model_dir, text_dir, tmp_path, train__fused_topk=True, **over))
     assert msg.startswith("train.fused_topk: not with") and says in msg and "set it to false" in msg, msg
@@ -151,8 +159,9 @@ def test_kernel_choices_key_the_train_stage_only_when_set(tiny_model_dir, text_d
     """They change a trained SAE's bits, so a set one keys the stage; at their defaults the keys of
     specs written before they were options stay as they were."""
     plain = parse_spec(base(tiny_model_dir, text_dir, tmp_path))
-    defaults = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__triton=True,
-                               train__fused_topk=False))
+    defaults = parse_spec(
+        base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__triton=True, train__fused_topk=False)
+    )
     reference = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__triton=False))
     fused = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda", train__fused_topk=True))
     on_cuda = parse_spec(base(tiny_model_dir, text_dir, tmp_path, train__device="cuda"))

@@ -112,9 +112,16 @@ def train_on_planted(n_tokens: int, precision: str):
 
     cfg = SAEConfig(d, n_true, active, normalization="none")
     # the default optimizer and lr, on a constant schedule: this checks the numerics (fp32, bf16)
-    tcfg = TrainConfig(batch_tokens=batch, tokens=2_000_000 if precision == "fp32" else 1_000_000,
-                       lr_warmup_tokens=0, lr_decay="constant", dead_tokens=20_000, aux_k=16, log_every=1000,
-                       precision=precision)
+    tcfg = TrainConfig(
+        batch_tokens=batch,
+        tokens=2_000_000 if precision == "fp32" else 1_000_000,
+        lr_warmup_tokens=0,
+        lr_decay="constant",
+        dead_tokens=20_000,
+        aux_k=16,
+        log_every=1000,
+        precision=precision,
+    )
     result = train_sae(cfg, tcfg, batches(), x[:8192], progress=False)
     cos = dictionary @ result.sae.W_dec.T  # (true features, learned latents)
     return (cos.max(dim=1).values > 0.9).float().mean().item(), result

@@ -101,9 +101,20 @@ def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path():
     x = torch.randn(10 * 1024, 512, generator=torch.Generator().manual_seed(0))
     weights, losses = {}, {}
     for name, precision, fused in [("fp32", "fp32", False), ("unfused", "bf16", False), ("fused", "bf16", True)]:
-        trainer = Trainer(SAEConfig(512, 4096, 32), TrainConfig(batch_tokens=1024, tokens=10 * 1024, device="cuda",
-                                                                dead_tokens=1024, aux_k=64, optimizer="adam", lr=1e-3,
-                                                                precision=precision, fused_topk=fused))
+        trainer = Trainer(
+            SAEConfig(512, 4096, 32),
+            TrainConfig(
+                batch_tokens=1024,
+                tokens=10 * 1024,
+                device="cuda",
+                dead_tokens=1024,
+                aux_k=64,
+                optimizer="adam",
+                lr=1e-3,
+                precision=precision,
+                fused_topk=fused,
+            ),
+        )
         trainer.initialize(x)
         losses[name] = [trainer.step(x[i * 1024 : (i + 1) * 1024]).loss.item() for i in range(10)]
         weights[name] = {n: p.detach().clone() for n, p in trainer.sae.named_parameters()}
@@ -112,7 +123,11 @@ def test_fused_training_steps_track_float32_as_well_as_the_unfused_bf16_path():
         return ((weights[run][n] - weights["fp32"][n]).norm() / weights["fp32"][n].norm()).item()
 
     for n in weights["fp32"]:
-        assert distance("fused", n) <= 1.5 * distance("unfused", n) + 1e-3, (n, distance("fused", n), distance("unfused", n))
+        assert distance("fused", n) <= 1.5 * distance("unfused", n) + 1e-3, (
+            n,
+            distance("fused", n),
+            distance("unfused", n),
+        )
     # the losses too, as close as the unfused bf16 run's (an absolute bound failed on the H100 where
     # AuxK starts: few dead latents, picked at bf16 resolution, make both bf16 runs' AuxK terms move)
     for a, unfused, fused in zip(losses["fp32"], losses["unfused"], losses["fused"]):
@@ -128,13 +143,19 @@ def test_sign_free_step_kernel_matches_the_foreach_step():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(50, 37, generator=g)
     start = [w / w.norm(dim=1, keepdim=True), torch.randn(1500, generator=g)]
-    grads = [[torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) > 0.2) for t in start] for _ in range(3)]
+    grads = [
+        [torch.randn(t.shape, generator=g) * (torch.rand(t.shape, generator=g) > 0.2) for t in start] for _ in range(3)
+    ]
     lrs = [0.05, 0.02, 0.03]
 
     ref = [torch.nn.Parameter(t.clone().to(DEVICE)) for t in start]
     # the reference: the foreach form on any device
-    opt = optim.ScheduleFreeSignSGD([{"params": ref[:1], "unit_rows": True, "project_rows": True}, {"params": ref[1:]}],
-                                    lr=1.0, momentum=0.9, triton=False)
+    opt = optim.ScheduleFreeSignSGD(
+        [{"params": ref[:1], "unit_rows": True, "project_rows": True}, {"params": ref[1:]}],
+        lr=1.0,
+        momentum=0.9,
+        triton=False,
+    )
     for lr, gs in zip(lrs, grads):
         for p, gr in zip(ref, gs):
             p.grad = gr.clone().to(DEVICE)
