@@ -80,7 +80,7 @@ def test_training_resumes_from_checkpoints_in_the_object_store_on_another_machin
     and ends with the same weights as an uninterrupted run."""
     from safetensors.torch import load_file
 
-    import sae.train as train_module
+    import flows.training as train_module  # the lifecycle that calls train_saes
 
     registry = f"sqlite:///{tmp_path / 'registry.db'}"
     straight = s3_spec(tiny_model_dir, text_dir, s3_server, "straight", registry)

@@ -100,6 +100,8 @@ def test_deployed_pipeline_on_real_servers(
     prefect = str(BIN / "prefect")
     for pool in (*POOLS, "nodes"):
         cli([prefect, "work-pool", "create", "--type", "process", pool], env)
+    # the accelerator stages' concurrency limit, as docs/cluster.md sets it up
+    cli([prefect, "concurrency-limit", "create", "saeflow-gpu", "8"], env)
     cli([prefect, "--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all"], env, cwd=REPO)
     # a pool of its own for the two-node train stage: the gpu deployment, named after that pool
     config = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
