@@ -651,7 +651,8 @@ class RunSpec(Section):
             bool(t.ema_decay),
             bf16,
             multi_topk=s.multi_topk,
-            cuda=device.startswith("cuda"),
+            cuda=device.startswith("cuda") and t.triton,
+            fused=t.fused_topk,
         )
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:

@@ -48,7 +48,7 @@ def plan_memory(
     fused: bool = False,
 ) -> MemoryPlan:
     """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
-    gradients (no dense buffer); fused: SAEFLOW_FUSED_TOPK=1 (no pre-activation matrix at all)."""
+    gradients (no dense buffer; train.triton on CUDA); fused: train.fused_topk (no pre-activation matrix)."""
     n = n_latents // shards
     rows = batch_tokens // replicas
     weights = (2 * n * d_in + n + d_in) * FLOAT32

@@ -225,9 +225,17 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         sae = TopKSAE(SAEConfig(D_IN, 64, 4))
         sae.reset_parameters(generator=torch.Generator().manual_seed(seed))
         directory = sae.save(root / "made" / f"sae-{seed}", metadata={"hookpoint": "model.layers.1"})
-        registered = register_sae(directory, tracking_uri=uri, experiment=MODEL, model_name=MODEL, alias="candidate",
-                                  params={}, metrics={"normalized_mse": 0.3 - 0.1 * seed},
-                                  tags={"spec_hash": str(seed)}, artifact_root=root / ".saeflow" / "mlartifacts")
+        registered = register_sae(
+            directory,
+            tracking_uri=uri,
+            experiment=MODEL,
+            model_name=MODEL,
+            alias="candidate",
+            params={},
+            metrics={"normalized_mse": 0.3 - 0.1 * seed},
+            tags={"spec_hash": str(seed)},
+            artifact_root=root / ".saeflow" / "mlartifacts",
+        )
         runs.append(registered.run_id)
     formats.export(TopKSAE.load(root / "made" / "sae-0"), "saelens", root / "their-sae")
     TopKSAE(SAEConfig(D_IN, 64, 4, normalization="dataset_scale")).save(root / "scaled-sae")  # sparsify takes these
@@ -250,16 +258,28 @@ def test_the_registry_commands_run(sandbox):
             continue
         if argv[1] == "import" and "--out" in argv:  # pull made my-sae: import next to it
             argv[argv.index("--out") + 1] = "imported-sae"
-        done = subprocess.run([sys.executable, "-m", "flows.cli", *argv[1:]], cwd=sandbox["root"],
-                              env=sandbox["env"], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"{where(path, line)}: `{command}` failed:\n{done.stdout[-1500:]}{done.stderr[-1500:]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *argv[1:]],
+            cwd=sandbox["root"],
+            env=sandbox["env"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        output = done.stdout[-1500:] + done.stderr[-1500:]
+        assert done.returncode == 0, f"{where(path, line)}: `{command}` failed:\n{output}"
         ran += 1
     assert ran >= 8
 
 
 def python_blocks() -> list[tuple[Path, str, int]]:
-    return [(path, text, line) for path in DOCS if path.name in SANDBOX_DOCS
-            for lang, text, line in blocks(path) if lang == "python"]
+    return [
+        (path, text, line)
+        for path in DOCS
+        if path.name in SANDBOX_DOCS
+        for lang, text, line in blocks(path)
+        if lang == "python"
+    ]
 
 
 def stand_ins(sandbox, text: str) -> dict:
@@ -269,11 +289,11 @@ def stand_ins(sandbox, text: str) -> dict:
     if "mlflow.pyfunc" in text:
         names["x"] = names["x"].numpy()
     if "EvalSource" in text:
+        from conftest import corpus_texts
+
         from sae.config import SAEConfig
         from sae.lm import capture, load_lm
         from sae.model import TopKSAE
-
-        from conftest import corpus_texts
 
         model, tokenizer = load_lm(str(sandbox["model_dir"]), "float32", "cpu")
         text = tokenizer(" ".join(corpus_texts()), return_tensors="pt").input_ids[0]
