@@ -1,10 +1,12 @@
 """Every command and code example of README.md and docs/ (`make docs-check`; part of `make test`):
 
 - YAML blocks are specs, or parts of one: they validate (a part merged into the demo spec);
-- every `saeflow` line parses with the CLI's own parser, and those that a registry and a few files
-  suffice for run for real, in a sandbox, in the order the docs give them;
+- every `saeflow` line parses with the CLI's own parser; those that a registry and a few files
+  suffice for run for real, in a sandbox, in the order the docs give them, and the test that runs
+  each other command through the CLI is found;
 - Python blocks run, in the same sandbox, with small stand-ins for the data they assume;
-- a benchmark's command names only flags its script has;
+- a benchmark's command names only flags its script has (the benchmarks take minutes to hours: their
+  numbers are in docs/benchmarks.md, made by the commands shown there);
 - every other command (servers, deployments, make, the GPU check) is named in the test that runs it.
 
 A doc whose example breaks fails here, naming the file and line.
@@ -244,17 +246,19 @@ def sandbox(tmp_path_factory, tiny_model_dir):
     return {"root": root, "uri": uri, "run_id": runs[-1], "env": env, "model_dir": tiny_model_dir}
 
 
-CHEAP = ("pull", "promote", "ls", "export", "import", "plan")  # subcommands the sandbox suffices for
+CHEAP = ("pull", "promote", "ls", "export", "import", "plan", "plan-memory")  # what the sandbox suffices for
 
 
 def test_the_registry_commands_run(sandbox):
     """In the docs' order: pull, promote, ls, export, import; then planning."""
     ran = 0
     for path, command, line in all_commands():
-        if path.name not in (*SANDBOX_DOCS, "scaling.md") or not command.startswith("saeflow "):
+        if path.name not in (*SANDBOX_DOCS, "scaling.md", "cli.md") or not command.startswith("saeflow "):
             continue
         argv = [w.replace("$PWD", str(sandbox["root"])) for w in concrete(command)]
-        if argv[1] not in CHEAP:
+        if len(argv) < 3:  # the prose names a command
+            continue
+        if argv[1] not in CHEAP or (path.name == "cli.md" and argv[1] != "plan-memory"):  # cli.md: synopses
             continue
         if argv[1] == "import" and "--out" in argv:  # pull made my-sae: import next to it
             argv[argv.index("--out") + 1] = "imported-sae"
@@ -270,6 +274,21 @@ def test_the_registry_commands_run(sandbox):
         assert done.returncode == 0, f"{where(path, line)}: `{command}` failed:\n{output}"
         ran += 1
     assert ran >= 8
+
+
+def test_every_other_saeflow_command_is_run_by_a_test():
+    """The commands the sandbox does not run (they need a model, a store, servers) are run through
+    the CLI by the pipeline's tests."""
+    calls = "\n".join(p.read_text() for p in (REPO / "tests").glob("test_*.py") if p.name != "test_docs.py")
+    for path, command, line in all_commands():
+        if not command.startswith("saeflow "):
+            continue
+        words = concrete(command)
+        sub = next((w for w in words[1:] if not w.startswith("-")), None)
+        if sub in CHEAP or sub is None:
+            continue
+        patterns = (f'["{sub}"', f'"flows.cli", "{sub}"', f'"saeflow", "{sub}"')
+        assert any(p in calls for p in patterns), f"{where(path, line)}: no test runs `saeflow {sub}`"
 
 
 def python_blocks() -> list[tuple[Path, str, int]]:
