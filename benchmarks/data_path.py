@@ -8,8 +8,8 @@ training step on batches of the same size, in one run.
 
 The store's activations come from a stand-in LM (an embedding plus per-token noise, so that the
 rows are as incompressible as real activations: the demo store compresses by 1.0004) run through
-`storage.activations.write_shard`, as `saeflow cache` runs a real model. The reader has one
-thread today (the prefetch thread), so the table has one reader row per width.
+`storage.activations.write_shard`, as `saeflow cache` runs a real model. The train path is measured
+with 1, 2 and as many reader threads as there are cores (`shuffled_batches(readers=...)`).
 """
 
 from __future__ import annotations
@@ -133,13 +133,21 @@ def main() -> None:
             )
             step = step_rate(d, args.latents, args.batch, args.device, args.seconds)
             sequential = rate(store.iter_rows(acts, args.batch), args.seconds, args.device)[0]
-            train_path = rate(
-                store.prefetch(store.shuffled_batches(acts, args.batch, seed=0)), args.seconds, args.device
-            )[0]
+            paths = [
+                (
+                    f"train path, {readers} reader thread{'s' if readers > 1 else ''}",
+                    rate(
+                        store.prefetch(store.shuffled_batches(acts, args.batch, seed=0, readers=readers)),
+                        args.seconds,
+                        args.device,
+                    )[0],
+                )
+                for readers in sorted({1, 2, os.cpu_count() or 1})
+            ]
             for name, value in (
                 (f"training step ({args.latents} latents)", step),
                 ("sequential read + decode", sequential),
-                ("train path: shuffled + prefetch (1)", train_path),
+                *paths,
             ):
                 rows_out.append(f"{d:>5} {name:<34} {value:>10,.0f} {value * d * 2 / 1e9:>6.2f} {value / step:>7.2f}x")
         print(header)

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import queue
 import threading
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
@@ -42,6 +44,7 @@ TARGET_CHUNK_BYTES = 2 * 2**20  # >= 1 MB chunks: efficient reads from object st
 CHUNKS_PER_SHARD = 8
 MARKERS = "_shards"
 # stored dtype and the logical dtype it holds: zarr 3.1 has no bfloat16, so its raw bits go in uint16
+DEFAULT_READERS = min(4, os.cpu_count() or 1)  # threads decoding a shuffle buffer's chunks at once
 STORE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
 
@@ -431,6 +434,7 @@ def shuffled_batches(
     buffer_chunks: int = 8,
     start_batch: int = 0,
     part: tuple[int, int] = (0, 1),
+    readers: int = DEFAULT_READERS,
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches, deterministic for a seed, never holding the whole array.
 
@@ -439,6 +443,7 @@ def shuffled_batches(
     sequence at that batch (a training checkpoint's data cursor). `part=(i, P)`: the i-th of P
     data-parallel readers, which reads every P-th chunk of the shared order and yields batches of
     batch_rows / P rows (together the P parts make the global batch; no reader reads another's rows).
+    `readers` threads read and decode the buffer's chunks at once; the batches do not depend on it.
     """
     index, parts = part
     order_rng = np.random.default_rng(seed)  # the same chunk order for every part
@@ -451,19 +456,38 @@ def shuffled_batches(
             f"the store has {n_chunks} chunks of rows, fewer than its {parts} data-parallel readers: "
             "cache more tokens or train on fewer replicas"
         )
-    carry = torch.empty(0, array.shape[1])
+    carry = torch.empty(0, array.shape[1], dtype=_stored_dtype(array))
     batch_index = 0
-    while True:
-        order = order_rng.permutation(n_chunks)[index::parts]
-        for i in range(0, len(order), buffer_chunks):
-            buf = torch.cat([carry] + [_rows(array, c * rows, (c + 1) * rows) for c in order[i : i + buffer_chunks]])
-            buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
-            n_full = len(buf) // batch_rows
-            for b in range(n_full):
-                if batch_index >= start_batch:
-                    yield buf[b * batch_rows : (b + 1) * batch_rows]
-                batch_index += 1
-            carry = buf[n_full * batch_rows :]
+
+    def chunk(c: int) -> torch.Tensor:
+        return _stored_rows(array, c * rows, (c + 1) * rows)
+
+    # the buffer's chunks are read and decoded side by side; rows stay in the stored 16-bit dtype
+    # through the shuffle (half the bytes moved), and only a batch is converted to float32
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader") as pool:
+        while True:
+            order = order_rng.permutation(n_chunks)[index::parts]
+            for i in range(0, len(order), buffer_chunks):
+                buf = torch.cat([carry, *pool.map(chunk, order[i : i + buffer_chunks])])
+                buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
+                n_full = len(buf) // batch_rows
+                for b in range(n_full):
+                    if batch_index >= start_batch:
+                        yield buf[b * batch_rows : (b + 1) * batch_rows].float()
+                    batch_index += 1
+                carry = buf[n_full * batch_rows :]
+
+
+def _stored_dtype(array: zarr.Array) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        _meta(array).get("logical_dtype", "float16"), torch.float32
+    )
+
+
+def _stored_rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
+    """Rows in the store's own dtype (bfloat16 from its raw 16 bits), not yet float32."""
+    block = torch.from_numpy(np.asarray(array[start:stop]))
+    return block.view(torch.bfloat16) if _stored_dtype(array) == torch.bfloat16 else block
 
 
 def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:

@@ -142,3 +142,45 @@ def test_shuffled_batches_cover_each_row_once_per_epoch(tmp_path):
     assert torch.equal(torch.cat([next(resumed) for _ in range(13)]), epoch[350:])
     other = store.shuffled_batches(arr, batch_rows=50, seed=4, buffer_chunks=3)
     assert not torch.equal(torch.cat([next(other) for _ in range(20)]), epoch)
+
+
+def plain_shuffled_batches(arr, batch_rows, seed, buffer_chunks, logical):
+    """The reader as first written: each chunk decoded to float32, concatenated, permuted, sliced."""
+    rng = np.random.default_rng(seed)
+    rows = arr.chunks[0]
+    n_chunks = -(-arr.shape[0] // rows)
+    carry = torch.empty(0, arr.shape[1])
+    while True:
+        order = rng.permutation(n_chunks)
+        for i in range(0, len(order), buffer_chunks):
+            parts = [
+                store._decode(np.asarray(arr[c * rows : (c + 1) * rows]), logical) for c in order[i : i + buffer_chunks]
+            ]
+            buf = torch.cat([carry, *parts])
+            buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
+            n_full = len(buf) // batch_rows
+            for b in range(n_full):
+                yield buf[b * batch_rows : (b + 1) * batch_rows]
+            carry = buf[n_full * batch_rows :]
+
+
+@pytest.mark.parametrize("logical", ["float16", "bfloat16"])
+@pytest.mark.parametrize("readers", [1, 3])
+def test_parallel_readers_give_the_plain_readers_batches(tmp_path, logical, readers):
+    """Several threads decode a buffer's chunks and the shuffle runs on 16-bit rows; the batches are
+    the plain float32 reader's, value for value, over two passes of a store with a short last chunk."""
+    values = torch.randn(1000, 6, generator=torch.Generator().manual_seed(0))
+    encoded = store._encode(values, logical)
+    arr = zarr.create_array(
+        str(tmp_path / "a"),
+        shape=encoded.shape,
+        dtype=encoded.dtype,
+        chunks=(64, 6),
+        attributes={"logical_dtype": logical},
+    )
+    arr[:] = encoded
+    ours = store.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3, readers=readers)
+    plain = plain_shuffled_batches(arr, 48, 5, 3, logical)
+    for _ in range(2 * 1000 // 48):
+        a, b = next(ours), next(plain)
+        assert a.dtype == torch.float32 and torch.equal(a, b)
