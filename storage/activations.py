@@ -408,7 +408,7 @@ def activations(group: zarr.Group, split: str, hookpoint: str) -> zarr.Array:
 
 
 def _rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
-    return _decode(np.asarray(array[start:stop]), _meta(array).get("logical_dtype", "float16"))
+    return _stored_rows(array, start, stop).float()
 
 
 def iter_rows(array: zarr.Array, batch_rows: int, stop: int | None = None) -> Iterator[torch.Tensor]:
