@@ -54,7 +54,7 @@ def timed(steps: int, step, cuda: bool) -> float:
 
 
 def rank_main(rank: int, grid, port: int, args, results) -> None:
-    from sae.parallel import Grid, GridShard, Parallel, rank_rows
+    from sae.parallel import Grid, GridShard, Parallel, rank_rows, settle
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -72,6 +72,7 @@ def rank_main(rank: int, grid, port: int, args, results) -> None:
     seconds = timed(args.steps, lambda i: trainer.step(batches[i % 2]), cuda)
     if rank == 0:
         results.put(args.batch * args.steps / seconds)
+    settle()
     dist.destroy_process_group()
 
 

@@ -24,7 +24,7 @@ from flows.spec import RunSpec, parse_spec, safe_name
 from flows.training import Alone, train_hookpoint
 from sae.config import SAEConfig
 from sae.lm import resolve_device
-from sae.parallel import Grid, GridShard, Parallel
+from sae.parallel import Grid, GridShard, Parallel, settle
 from sae.train import Trainer, TrainResult
 
 log = logging.getLogger("flows.distributed")  # not __name__: the ranks run this module as __main__
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(package).setLevel(logging.INFO if dist.get_rank() == 0 else logging.WARNING)
     try:
         run_rank(spec, hookpoint, device)
+        settle()
     finally:
         dist.destroy_process_group()
 
@@ -113,7 +114,6 @@ def run_rank(spec: RunSpec, hookpoint: str, device: torch.device) -> None:
             Alone(),
             progress=rank == 0,
         )
-        dist.barrier()
         return
     S = spec.train.latent_shards
     train_hookpoint(spec, hookpoint, list(range(len(spec.sae))), str(device), GridRank(Parallel(Grid(world // S, S))))

@@ -228,3 +228,12 @@ def rank_rows(batch: torch.Tensor, parallel: Parallel) -> torch.Tensor:
         raise ValueError(f"a batch of {batch.shape[0]} rows does not split over {D} data-parallel replicas")
     per = batch.shape[0] // D
     return batch[parallel.data_index * per : (parallel.data_index + 1) * per]
+
+
+def settle() -> None:
+    """Call on every rank once its last collective is done, before the process groups go: gloo's worker
+    threads release a finished collective's tensors just after the caller wakes, which takes the GIL
+    when the caller already let go of them; a process that reaches interpreter exit first aborts
+    ("terminate called without an active exception", pytorch/pytorch#179291). A barrier's wait frees
+    the GIL for them."""
+    dist.barrier()

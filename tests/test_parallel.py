@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from servers import free_port
 
 from sae.config import SAEConfig, TrainConfig
-from sae.parallel import Grid, GridShard, Parallel, rank_rows
+from sae.parallel import Grid, GridShard, Parallel, rank_rows, settle
 from sae.train import Trainer
 
 D, N, K, BATCH, STEPS = 16, 64, 4, 64, 10
@@ -63,6 +63,7 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
         counters = torch.cat(parallel.gather_shards(trainer.tracker.tokens_since_fired))
         if rank == 0:
             save_file({**{k: v.contiguous() for k, v in full.state_dict().items()}, "counters": counters}, out)
+        settle()
     finally:
         dist.destroy_process_group()
 
