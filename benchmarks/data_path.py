@@ -1,20 +1,23 @@
 """The train stage's input path, end to end: rows/s and GB/s from an activation store on disk, written
 by the store's own writer, through exactly what the train stage runs (shuffled batches, the prefetch
-thread, the copy to the device), next to a plain sequential read of the same array and the in-memory
-training step on batches of the same size, in one run.
+thread, the copy to the device), next to the reader as it was before it was reworked, a plain
+sequential read of the same array, and training itself from memory and from the store, in one run.
 
     python benchmarks/data_path.py [--d 576,2304] [--tokens 262144] [--batch 4096] [--latents 4096]
-                                   [--device cpu|cuda] [--seconds 8] [--store-dir DIR]
+                                   [--device cpu|cuda] [--seconds 6] [--store-dir DIR]
 
 The store's activations come from a stand-in LM (an embedding plus per-token noise, so that the
 rows are as incompressible as real activations: the demo store compresses by 1.0004) run through
-`storage.activations.write_shard`, as `saeflow cache` runs a real model. The train path is measured
-with 1, 2 and as many reader threads as there are cores (`shuffled_batches(readers=...)`).
+`storage.activations.write_shard`, as `saeflow cache` runs a real model, once with the old default
+compression (zstd) and once with today's (none). The reader is measured with 1, 2 and as many
+threads as there are cores (`shuffled_batches(readers=...)`); training (`train_saes`, as the train
+stage calls it) from in-memory batches and from the store's reader.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import tempfile
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from sae.config import SAEConfig, TrainConfig
-from sae.train import Trainer
+from sae.train import Trainer, train_saes
 from storage import activations as store
 from storage.corpus import Contexts
 
@@ -51,16 +54,24 @@ class _Noisy(nn.Embedding):
         return out + torch.randn(out.shape, generator=torch.Generator().manual_seed(int(input[0, 0])))
 
 
-def build_store(root: Path, d: int, tokens: int) -> str:
+def build_store(root: Path, d: int, tokens: int, compression: str) -> str:
     """A finished store of `tokens` training rows at width d, written by the store's writer."""
-    url = str(root / f"d{d}")
+    url = str(root / f"d{d}-{compression}")
     n = math.ceil(tokens / (CONTEXT - 1))
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 32000, (n, CONTEXT), dtype=np.int32)
     docs = np.repeat(np.arange(n, dtype=np.int32)[:, None], CONTEXT, axis=1)
     positions = np.tile(np.arange(CONTEXT, dtype=np.int32), (n, 1))
     contexts = Contexts(ids, docs, positions, [f"doc-{i}" for i in range(n)])
-    store.plan_store(url, {"train": contexts}, [HOOK], d_model=d, first_position=1, attrs={"spec_hash": "bench"})
+    store.plan_store(
+        url,
+        {"train": contexts},
+        [HOOK],
+        d_model=d,
+        first_position=1,
+        compression=compression,
+        attrs={"spec_hash": "bench"},
+    )
     model = StandIn(d).eval()
     with torch.no_grad():
         for split, index in store.missing_shards(url):
@@ -73,7 +84,29 @@ def on_disk(url: str) -> int:
     return sum(f.stat().st_size for f in Path(url).rglob("*") if f.is_file() and "/acts/" in str(f))
 
 
-def rate(batches, seconds: float, device: str) -> tuple[float, int]:
+def reader_before(array, batch_rows: int, seed: int = 0, buffer_chunks: int = 8):
+    """The reader before it was reworked, for comparison: one thread decodes each chunk of an 8-chunk
+    buffer to float32, the buffer is concatenated and permuted, and batches are sliced from it."""
+    rng = np.random.default_rng(seed)
+    rows = array.chunks[0]
+    n_chunks = math.ceil(array.shape[0] / rows)
+    carry = torch.empty(0, array.shape[1])
+    while True:
+        order = rng.permutation(n_chunks)
+        for i in range(0, len(order), buffer_chunks):
+            parts = [
+                torch.from_numpy(np.asarray(array[c * rows : (c + 1) * rows]).astype(np.float32))
+                for c in order[i : i + buffer_chunks]
+            ]
+            buf = torch.cat([carry, *parts])
+            buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
+            n_full = len(buf) // batch_rows
+            for b in range(n_full):
+                yield buf[b * batch_rows : (b + 1) * batch_rows]
+            carry = buf[n_full * batch_rows :]
+
+
+def rate(batches, seconds: float, device: str) -> float:
     """Rows per second drawn from `batches` (each copied to the device) over about `seconds`."""
     rows, start = 0, time.perf_counter()
     for batch in batches:
@@ -83,26 +116,29 @@ def rate(batches, seconds: float, device: str) -> tuple[float, int]:
             break
     if device == "cuda":
         torch.cuda.synchronize()
-    return rows / (time.perf_counter() - start), rows
+    return rows / (time.perf_counter() - start)
 
 
-def step_rate(d: int, latents: int, batch: int, device: str, seconds: float) -> float:
-    """Tokens/s of the training step on in-memory batches (in the AuxK phase with none dead)."""
+def trainer(d: int, latents: int, batch: int, device: str) -> Trainer:
+    """A trainer in its AuxK phase with no latent dead (the step's steady state)."""
     tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, dead_tokens=10**9)
-    trainer = Trainer(SAEConfig(d, latents, 32), tcfg)
-    data = torch.randn(4 * batch, d, device=device)
-    trainer.initialize(data)
-    trainer.tokens = tcfg.dead_window(latents, 32)
-    xs = data.split(batch)
-    for i in range(3):
-        trainer.step(xs[i % 4])
-    steps, start = 0, time.perf_counter()
+    t = Trainer(SAEConfig(d, latents, 32), tcfg)
+    t.initialize(torch.randn(4 * batch, d, device=device))
+    t.tokens = tcfg.dead_window(latents, 32)
+    return t
+
+
+def train_rate(t: Trainer, batches, seconds: float, device: str) -> float:
+    """Tokens/s of `train_saes` (as the train stage calls it) drawing from `batches`, after 3 warm-up steps."""
+    batches = iter(batches)
+    train_saes([t], itertools.islice(batches, 3), progress=False)
+    tokens, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        trainer.step(xs[steps % 4])
-        steps += 1
+        train_saes([t], itertools.islice(batches, 4), progress=False)
+        tokens += 4 * t.tcfg.batch_tokens
     if device == "cuda":
         torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -110,48 +146,63 @@ def main() -> None:
     parser.add_argument("--d", default="576,2304", help="widths, comma-separated")
     parser.add_argument("--tokens", type=int, default=262144, help="training rows in each store")
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--latents", type=int, default=4096, help="the in-memory step's SAE size")
+    parser.add_argument("--latents", type=int, default=4096, help="the SAE trained from memory and from the store")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seconds", type=float, default=8.0, help="each measurement's duration")
+    parser.add_argument("--seconds", type=float, default=6.0, help="each measurement's duration")
     parser.add_argument("--store-dir", help="where the stores are written (default: a temporary folder)")
     args = parser.parse_args()
-    where = "GPU " + torch.cuda.get_device_name() if args.device == "cuda" else f"{os.cpu_count()} CPU cores"
+    cores = os.cpu_count() or 1
+    where = "GPU " + torch.cuda.get_device_name() if args.device == "cuda" else f"{cores} CPU cores"
     print(f"data path on {where}, torch threads {torch.get_num_threads()}, batch {args.batch}", flush=True)
+    table = [f"{'d':>5} {'store':<5} {'path':<40} {'rows/s':>10} {'GB/s':>6} {'vs step':>8}"]
     with tempfile.TemporaryDirectory(dir=args.store_dir) as tmp:
-        header = f"{'d':>5} {'path':<34} {'rows/s':>10} {'GB/s':>6} {'vs step':>8}"
-        rows_out = []
         for d in (int(x) for x in args.d.split(",")):
-            t0 = time.perf_counter()
-            url = build_store(Path(tmp), d, args.tokens)
-            acts = store.activations(store.open_store(url, verify=True), "train", HOOK)
-            raw = acts.shape[0] * d * 2
-            print(
-                f"d {d}: store of {acts.shape[0]:,} rows written in {time.perf_counter() - t0:.0f} s, "
-                f"{on_disk(url) / 2**20:.1f} MiB on disk for {raw / 2**20:.1f} MiB of float16 "
-                f"(ratio {raw / on_disk(url):.4f})",
-                flush=True,
+            step = train_rate(
+                trainer(d, args.latents, args.batch, args.device),
+                itertools.cycle(torch.randn(4 * args.batch, d, device=args.device).split(args.batch)),
+                args.seconds,
+                args.device,
             )
-            step = step_rate(d, args.latents, args.batch, args.device, args.seconds)
-            sequential = rate(store.iter_rows(acts, args.batch), args.seconds, args.device)[0]
-            paths = [
-                (
-                    f"train path, {readers} reader thread{'s' if readers > 1 else ''}",
-                    rate(
-                        store.prefetch(store.shuffled_batches(acts, args.batch, seed=0, readers=readers)),
-                        args.seconds,
-                        args.device,
-                    )[0],
+            measured = [("", f"training, in-memory batches ({args.latents} latents)", step)]
+            for compression in ("zstd", "none"):
+                t0 = time.perf_counter()
+                url = build_store(Path(tmp), d, args.tokens, compression)
+                acts = store.activations(store.open_store(url, verify=True), "train", HOOK)
+                raw = acts.shape[0] * d * 2
+                print(
+                    f"d {d}, {compression}: {acts.shape[0]:,} rows written in {time.perf_counter() - t0:.0f} s, "
+                    f"{on_disk(url) / 2**20:.1f} MiB on disk for {raw / 2**20:.1f} MiB of float16 "
+                    f"(ratio {raw / on_disk(url):.4f})",
+                    flush=True,
                 )
-                for readers in sorted({1, 2, os.cpu_count() or 1})
-            ]
-            for name, value in (
-                (f"training step ({args.latents} latents)", step),
-                ("sequential read + decode", sequential),
-                *paths,
-            ):
-                rows_out.append(f"{d:>5} {name:<34} {value:>10,.0f} {value * d * 2 / 1e9:>6.2f} {value / step:>7.2f}x")
-        print(header)
-        print("\n".join(rows_out))
+
+                def reader(readers: int, acts=acts):
+                    return store.prefetch(
+                        store.shuffled_batches(acts, args.batch, seed=0, readers=readers, device=args.device)
+                    )
+
+                if compression == "zstd":
+                    before = store.prefetch(reader_before(acts, args.batch))
+                    measured.append((compression, "reader before, 1 thread", rate(before, args.seconds, args.device)))
+                measured.append(
+                    (compression, "sequential read", rate(store.iter_rows(acts, args.batch), args.seconds, args.device))
+                )
+                for n in sorted({1, 2, cores}):
+                    name = f"reader, {n} thread{'s' if n > 1 else ''}"
+                    measured.append((compression, name, rate(reader(n), args.seconds, args.device)))
+                t = trainer(d, args.latents, args.batch, args.device)
+                measured.append(
+                    (
+                        compression,
+                        "training from the store",
+                        train_rate(t, reader(store.DEFAULT_READERS), args.seconds, args.device),
+                    )
+                )
+            for compression, name, value in measured:
+                gbs = value * d * 2 / 1e9
+                table.append(f"{d:>5} {compression:<5} {name:<40} {value:>10,.0f} {gbs:>6.2f} {value / step:>7.2f}x")
+            print("\n".join(table[-len(measured) :]), flush=True)
+    print("\n".join(table))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from sae.config import (
     fused_topk_blockers,
     resolve_optimizer,
 )
+from storage.shuffle import SHUFFLE_BUFFER_MB
 
 if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
     from sae.evaluation import EvalPlan
@@ -85,6 +86,9 @@ class DataSpec(Section):
     store_options: dict = Field(default_factory=dict)  # fsspec storage_options, e.g. S3 endpoint/credentials
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     shard_contexts: PositiveInt | None = None  # contexts per shard (the unit of work); default ~16 MB shards
+    # activations barely compress (ratio ~1.0, docs/benchmarks.md) and every read pays to decode them;
+    # a store keeps the compression it was written with
+    compression: Literal["none", "lz4", "zstd"] = "none"
 
     @field_validator("store")
     @classmethod
@@ -181,6 +185,21 @@ class TrainSpec(Section):
     device_memory_gib: float | None = Field(
         default=None, gt=0
     )  # refuse at validation a grid that needs more per device
+    # the train stage's reader (docs/benchmarks.md): rows are shuffled inside blocks of whole chunks
+    # of about this size (a batch then draws on as many documents as a uniform shuffle does when a
+    # block holds the whole store: the demo's is 115 MB), by this many threads (default min(4, cores))
+    shuffle_buffer_mb: PositiveInt = SHUFFLE_BUFFER_MB
+    readers: PositiveInt | None = None
+
+    @field_validator("readers")
+    @classmethod
+    def _readers(cls, v: int | None) -> int | None:
+        cores = os.cpu_count() or 1
+        if v is not None and v > cores:
+            raise ValueError(
+                f"train.readers={v} is more threads than this machine's {cores} cores: use at most {cores}"
+            )
+        return v
 
     @model_validator(mode="after")
     def _grid(self):
@@ -653,6 +672,7 @@ class RunSpec(Section):
             multi_topk=s.multi_topk,
             cuda=device.startswith("cuda") and t.triton,
             fused=t.fused_topk,
+            reader_bytes=t.shuffle_buffer_mb * 2**20,
         )
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
@@ -698,6 +718,8 @@ def safe_name(name: str) -> str:
 HASHED_WHEN_SET = {"train.triton": True, "train.fused_topk": False}
 HASH_EXCLUDED = (
     "data.store_options",
+    "data.compression",  # how the same values are stored
+    "train.readers",
     "train.rdzv_endpoint",
     "train.checkpoint_every_tokens",
     "train.cuda_graph",

@@ -176,6 +176,7 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
         first_position=int(d.drop_first_position),
         dtype=d.dtype,
         shard_contexts=d.shard_contexts,
+        compression=d.compression,
         attrs={
             "model": spec.model.source,
             "model_revision": getattr(model.config, "_commit_hash", None) or "",

@@ -132,7 +132,14 @@ def train_hookpoint(
             trainer.initialize(sample)  # the whole SAE (identical on every process), then this one's part
     batches = store.prefetch(
         store.shuffled_batches(
-            acts, first.batch_tokens, seed=first.seed, start_batch=trainers[todo[0]].steps, part=team.batch_part
+            acts,
+            first.batch_tokens,
+            seed=first.seed,
+            buffer_chunks=store.chunks_in(acts, spec.train.shuffle_buffer_mb),
+            start_batch=trainers[todo[0]].steps,
+            part=team.batch_part,
+            readers=spec.train.readers or store.DEFAULT_READERS,
+            device=device,
         )
     )
 

@@ -44,7 +44,8 @@ class SAEConfig:
 # Bumped whenever a default of the training recipe changes what a spec that leaves it unset trains
 # (the pipeline's stage keys include it: SAEs trained by older defaults are retrained, not reused).
 # 2: the dead-latent window of 8 n/k tokens. 3: signum's short-run lr factor (128 / steps)^(3/8).
-RECIPE_VERSION = 3
+# 4: the store's reader shuffles rows in blocks of 256 MB (was 8 chunks), each block's batches its own.
+RECIPE_VERSION = 4
 
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]

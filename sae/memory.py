@@ -16,10 +16,16 @@ class MemoryPlan:
     optimizer: int  # schedule-free sign descent: one copy (z); Adam: two moments
     ema: int
     batch: int  # one batch's activations: inputs, pre-activations, their top-k and AuxK copies
+    reader: int = 0  # the store reader's block of 16-bit rows, shuffled where training runs
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.ema + self.batch
+        return self.weights + self.gradients + self.optimizer + self.ema + self.batch + self.reader
+
+    @property
+    def transient(self) -> int:
+        """What SAEs trained together share rather than add up: a batch at a time and one reader."""
+        return self.batch + self.reader
 
     def rows(self) -> list[tuple[str, int]]:
         return [
@@ -28,6 +34,7 @@ class MemoryPlan:
             ("optimizer state", self.optimizer),
             ("weight EMA", self.ema),
             ("one batch", self.batch),
+            ("the reader's shuffle block", self.reader),
             ("total", self.total),
         ]
 
@@ -46,9 +53,11 @@ def plan_memory(
     multi_topk: bool = False,
     cuda: bool = False,
     fused: bool = False,
+    reader_bytes: int = 0,
 ) -> MemoryPlan:
     """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
-    gradients (no dense buffer; train.triton on CUDA); fused: train.fused_topk (no pre-activation matrix)."""
+    gradients (no dense buffer; train.triton on CUDA); fused: train.fused_topk (no pre-activation matrix);
+    reader_bytes: the shuffle block the store's reader keeps beside the step."""
     n = n_latents // shards
     rows = batch_tokens // replicas
     weights = (2 * n * d_in + n + d_in) * FLOAT32
@@ -66,6 +75,7 @@ def plan_memory(
         optimizer=(1 if optimizer == "signum" else 2) * weights,
         ema=weights if ema else 0,
         batch=batch,
+        reader=reader_bytes,
     )
 
 
@@ -73,16 +83,17 @@ def pack_groups(plans: list[MemoryPlan], limit: int) -> list[list[int]]:
     """SAEs (by index) in groups that train together within `limit` bytes per device, first fit by
     decreasing size. Trained together, SAEs keep their weights, gradients and optimiser state side by
     side but take their steps one after the other, so a group needs the sum of the former and the
-    largest batch. An SAE that alone exceeds the limit gets a group of its own (validation refuses it)."""
+    largest batch and one reader. An SAE that alone exceeds the limit gets a group of its own
+    (validation refuses it)."""
 
     def persistent(p: MemoryPlan) -> int:
-        return p.total - p.batch
+        return p.total - p.transient
 
     groups: list[list[int]] = []
     for i in sorted(range(len(plans)), key=lambda i: -plans[i].total):
         for group in groups:
             members = [plans[j] for j in group] + [plans[i]]
-            if sum(map(persistent, members)) + max(p.batch for p in members) <= limit:
+            if sum(map(persistent, members)) + max(p.transient for p in members) <= limit:
                 group.append(i)
                 break
         else:

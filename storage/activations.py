@@ -35,7 +35,9 @@ from zarr.codecs import BloscCodec
 from zarr.errors import GroupNotFoundError
 
 from sae.lm import capture
+from storage.chunk_reads import chunk_reader
 from storage.corpus import Contexts
+from storage.shuffle import SHUFFLE_BUFFER_MB, ChunkOrder
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,20 @@ MARKERS = "_shards"
 # stored dtype and the logical dtype it holds: zarr 3.1 has no bfloat16, so its raw bits go in uint16
 DEFAULT_READERS = min(4, os.cpu_count() or 1)  # threads decoding a shuffle buffer's chunks at once
 STORE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+# data.compression: activations barely compress (docs/benchmarks.md, "Compression of the store");
+# zstd is what every store written before the option holds, and such stores read as before
+COMPRESSIONS = {
+    "none": None,
+    "lz4": BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+    "zstd": BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+}
+
+
+def compressors(name: str):
+    """The zarr compressors of a data.compression choice."""
+    if name not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {name!r}: use one of {', '.join(COMPRESSIONS)}")
+    return COMPRESSIONS[name]
 
 
 def array_name(hookpoint: str) -> str:
@@ -266,13 +282,16 @@ def plan_store(
     first_position: int,
     dtype: str = "float16",
     shard_contexts: int | None = None,
+    compression: str = "none",
     attrs: dict,
     storage_options: dict | None = None,
 ) -> None:
-    """Creates the group, the token/document arrays and the empty sharded activation arrays."""
+    """Creates the group, the token/document arrays (zstd: token ids do compress) and the empty
+    sharded activation arrays (`compression`, one of COMPRESSIONS)."""
+    acts_codec = compressors(compression)
     group = _group(url, "w", storage_options)
     stored = np.dtype(STORE_DTYPES[dtype])
-    codec = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+    codec = COMPRESSIONS["zstd"]
     for split, ctx in splits.items():
         n, length = ctx.tokens.shape
         layout = Layout.plan(n, length, first_position, d_model, stored.itemsize, shard_contexts)
@@ -288,7 +307,7 @@ def plan_store(
                 dtype=stored,
                 chunks=(layout.chunk_contexts * layout.positions, d_model),
                 shards=(layout.shard_contexts * layout.positions, d_model),
-                compressors=codec,
+                compressors=acts_codec,
                 attributes={"logical_dtype": dtype, "hookpoint": h},
             )
     group.attrs.update(
@@ -427,55 +446,63 @@ def column_mean(array: zarr.Array, stop: int | None = None, batch_rows: int = 65
     return (total / count).float()
 
 
+def chunks_in(array: zarr.Array, megabytes: int) -> int:
+    """Whole chunks of `array` in a shuffle buffer of about `megabytes` MiB."""
+    chunk_bytes = array.chunks[0] * array.shape[1] * array.dtype.itemsize
+    return max(1, round(megabytes * 2**20 / chunk_bytes))
+
+
 def shuffled_batches(
     array: zarr.Array,
     batch_rows: int,
     seed: int,
-    buffer_chunks: int = 8,
+    buffer_chunks: int | None = None,
     start_batch: int = 0,
     part: tuple[int, int] = (0, 1),
     readers: int = DEFAULT_READERS,
+    device: str | torch.device = "cpu",
 ) -> Iterator[torch.Tensor]:
-    """Endless shuffled float32 batches, deterministic for a seed, never holding the whole array.
+    """Endless shuffled float32 batches on `device`, deterministic for a seed, never holding the whole
+    array: the order of storage.shuffle.ChunkOrder (blocks of whole chunks, rows shuffled inside a
+    block; `start_batch` resumes at a training checkpoint's data cursor, `part` is a data-parallel
+    reader's share). `readers` threads read and decode a block's chunks at once; the batches do not
+    depend on it.
 
-    Whole chunks are read in a random order, `buffer_chunks` at a time, and rows are shuffled inside
-    that buffer (random single-row reads would touch nearly every chunk). `start_batch` resumes the
-    sequence at that batch (a training checkpoint's data cursor). `part=(i, P)`: the i-th of P
-    data-parallel readers, which reads every P-th chunk of the shared order and yields batches of
-    batch_rows / P rows (together the P parts make the global batch; no reader reads another's rows).
-    `readers` threads read and decode the buffer's chunks at once; the batches do not depend on it.
-    """
-    index, parts = part
-    order_rng = np.random.default_rng(seed)  # the same chunk order for every part
-    rng = np.random.default_rng([seed, index]) if parts > 1 else order_rng
-    batch_rows //= parts
-    rows = array.chunks[0]
-    n_chunks = math.ceil(array.shape[0] / rows)
-    if n_chunks < parts:
-        raise ValueError(
-            f"the store has {n_chunks} chunks of rows, fewer than its {parts} data-parallel readers: "
-            "cache more tokens or train on fewer replicas"
-        )
-    carry = torch.empty(0, array.shape[1], dtype=_stored_dtype(array))
-    batch_index = 0
+    Rows stay in the stored 16-bit dtype through the shuffle (half the bytes moved) and only a batch
+    becomes float32. On CUDA a block goes to the device once, from pinned memory without blocking, and
+    is shuffled there. `buffer_chunks` defaults to SHUFFLE_BUFFER_MB's worth."""
+    buffer_chunks = buffer_chunks or chunks_in(array, SHUFFLE_BUFFER_MB)
+    order = ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part)
+    device = torch.device(device)
+    stored = _stored_dtype(array)
+    read_chunk = chunk_reader(array)
 
     def chunk(c: int) -> torch.Tensor:
-        return _stored_rows(array, c * rows, (c + 1) * rows)
+        return _as_stored(read_chunk(int(c)), stored)
 
-    # the buffer's chunks are read and decoded side by side; rows stay in the stored 16-bit dtype
-    # through the shuffle (half the bytes moved), and only a batch is converted to float32
-    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader") as pool:
+    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader")
+
+    def read(block):  # the next block's chunks are read while this block's batches are drawn
+        return block, [pool.submit(chunk, c) for c in block.chunks]
+
+    try:
+        blocks = order.blocks(start_batch)
+        upcoming = read(next(blocks))
         while True:
-            order = order_rng.permutation(n_chunks)[index::parts]
-            for i in range(0, len(order), buffer_chunks):
-                buf = torch.cat([carry, *pool.map(chunk, order[i : i + buffer_chunks])])
-                buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
-                n_full = len(buf) // batch_rows
-                for b in range(n_full):
-                    if batch_index >= start_batch:
-                        yield buf[b * batch_rows : (b + 1) * batch_rows].float()
-                    batch_index += 1
-                carry = buf[n_full * batch_rows :]
+            block, reads = upcoming
+            parts = [r.result() for r in reads]
+            upcoming = read(next(blocks))
+            buf = torch.empty(sum(map(len, parts)), array.shape[1], dtype=stored, pin_memory=device.type == "cuda")
+            torch.cat(parts, out=buf)
+            del parts
+            permutation = torch.from_numpy(block.permutation)
+            if device.type != "cpu":
+                buf, permutation = buf.to(device, non_blocking=True), permutation.to(device, non_blocking=True)
+            B = order.part_batch
+            for b in range(block.skip, block.batches):  # index_select: 5x advanced indexing's rate here
+                yield torch.index_select(buf, 0, permutation[b * B : (b + 1) * B]).float()
+    finally:  # a closed or abandoned reader stops reading ahead
+        pool.shutdown(cancel_futures=True)
 
 
 def _stored_dtype(array: zarr.Array) -> torch.dtype:
@@ -486,8 +513,12 @@ def _stored_dtype(array: zarr.Array) -> torch.dtype:
 
 def _stored_rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
     """Rows in the store's own dtype (bfloat16 from its raw 16 bits), not yet float32."""
-    block = torch.from_numpy(np.asarray(array[start:stop]))
-    return block.view(torch.bfloat16) if _stored_dtype(array) == torch.bfloat16 else block
+    return _as_stored(np.asarray(array[start:stop]), _stored_dtype(array))
+
+
+def _as_stored(block: np.ndarray, stored: torch.dtype) -> torch.Tensor:
+    rows = torch.from_numpy(block)
+    return rows.view(torch.bfloat16) if stored == torch.bfloat16 else rows
 
 
 def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:

@@ -8,6 +8,7 @@ import zarr
 from sae.lm import capture, load_lm
 from storage import activations as store
 from storage.corpus import Contexts
+from storage.shuffle import ChunkOrder, mixing
 
 
 @pytest.fixture(scope="module")
@@ -129,39 +130,71 @@ def test_non_finite_activations_are_rejected(tiny_lm, tmp_path):
     assert store.missing_shards(url) == [("train", 0), ("train", 1)]
 
 
-def test_shuffled_batches_cover_each_row_once_per_epoch(tmp_path):
+def test_shuffled_batches_draw_each_row_at_most_once_an_epoch_and_resume_in_place(tmp_path):
     rows = np.arange(1000 * 4, dtype=np.float16).reshape(1000, 4) / 8
     arr = zarr.create_array(str(tmp_path / "a"), shape=rows.shape, dtype="float16", chunks=(64, 4))
     arr[:] = rows
+    order = ChunkOrder(1000, 64, 50, 3, seed=3)
+    blocks = order.epoch_blocks(0)  # 16 chunks, the last of 40 rows: 5 blocks of 3 or 4 chunks
+    assert sorted(map(len, blocks)) == [3, 3, 3, 3, 4] and sorted(np.concatenate(blocks)) == list(range(16))
+    batches = sum(sum(order.rows_of(int(c)) for c in b) // 50 for b in blocks)
+    assert batches in (16, 17)  # each block leaves fewer than 50 of its rows out
     it = store.prefetch(store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3))
-    epoch = torch.cat([next(it) for _ in range(20)])  # 20 x 50 = 1000 rows
-    assert sorted(epoch[:, 0].tolist()) == sorted(rows[:, 0].astype(np.float32).tolist())
+    epoch = torch.cat([next(it) for _ in range(batches)])[:, 0]
+    assert len(set(epoch.tolist())) == batches * 50  # no row twice in an epoch
+    assert set(epoch.tolist()) <= set(rows[:, 0].astype(np.float32).tolist())
+    second = torch.cat([next(it) for _ in range(batches)])[:, 0]
+    assert not torch.equal(torch.sort(epoch).values, torch.sort(second).values)  # other rows sit out
     again = store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3)
-    assert torch.equal(torch.cat([next(again) for _ in range(20)]), epoch)
-    resumed = store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3, start_batch=7)
-    assert torch.equal(torch.cat([next(resumed) for _ in range(13)]), epoch[350:])
+    assert torch.equal(torch.cat([next(again) for _ in range(batches)])[:, 0], epoch)
+    for start in (7, batches - 1, batches + 2):  # inside a block, at an epoch's end, in the next epoch
+        resumed = store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3, start_batch=start)
+        whole = torch.cat([epoch, second])
+        assert torch.equal(torch.cat([next(resumed) for _ in range(3)])[:, 0], whole[start * 50 : (start + 3) * 50])
     other = store.shuffled_batches(arr, batch_rows=50, seed=4, buffer_chunks=3)
-    assert not torch.equal(torch.cat([next(other) for _ in range(20)]), epoch)
+    assert not torch.equal(torch.cat([next(other) for _ in range(batches)])[:, 0], epoch)
+
+
+def test_a_resumed_order_reads_nothing_before_its_block():
+    order = ChunkOrder(10_000, 100, 100, 4, seed=0)
+    blocks = order.blocks(start_batch=250)  # past two epochs of at most 100 batches each
+    first = next(blocks)
+    drawn = 0
+    for epoch in range(3):
+        for chunks in order.epoch_blocks(epoch):
+            n = len(chunks)  # every chunk is whole: a block of n chunks is n batches
+            if drawn + n > 250:
+                assert np.array_equal(first.chunks, chunks) and first.skip == 250 - drawn
+                return
+            drawn += n
+    raise AssertionError("batch 250 was not found in three epochs")
+
+
+def test_a_store_smaller_than_a_batch_or_the_replicas_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="fewer than its 4 data-parallel readers"):
+        ChunkOrder(300, 100, 64, 8, seed=0, part=(0, 4))
+    with pytest.raises(ValueError, match="100 rows, is less than one batch of 128"):
+        ChunkOrder(300, 100, 256, 8, seed=0, part=(1, 2))
+
+
+def test_a_buffer_of_the_whole_store_mixes_documents_like_a_uniform_shuffle():
+    """Contexts in order, documents of 20 contexts, 16 rows a context: a small buffer draws a batch
+    from a few documents, a buffer of the whole store from as many as a uniform draw."""
+    doc_of_row = np.repeat(np.arange(50), 20 * 16)
+    small = mixing(ChunkOrder(len(doc_of_row), 64, 256, 2, seed=0), doc_of_row, batches=10)
+    whole = mixing(ChunkOrder(len(doc_of_row), 64, 256, 1000, seed=0), doc_of_row, batches=10)
+    assert small[0] < 0.3 * small[1]
+    assert abs(whole[0] - whole[1]) < 0.05 * whole[1]
 
 
 def plain_shuffled_batches(arr, batch_rows, seed, buffer_chunks, logical):
-    """The reader as first written: each chunk decoded to float32, concatenated, permuted, sliced."""
-    rng = np.random.default_rng(seed)
+    """The reader written plainly: each chunk decoded to float32 on its own, concatenated, permuted."""
     rows = arr.chunks[0]
-    n_chunks = -(-arr.shape[0] // rows)
-    carry = torch.empty(0, arr.shape[1])
-    while True:
-        order = rng.permutation(n_chunks)
-        for i in range(0, len(order), buffer_chunks):
-            parts = [
-                store._decode(np.asarray(arr[c * rows : (c + 1) * rows]), logical) for c in order[i : i + buffer_chunks]
-            ]
-            buf = torch.cat([carry, *parts])
-            buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
-            n_full = len(buf) // batch_rows
-            for b in range(n_full):
-                yield buf[b * batch_rows : (b + 1) * batch_rows]
-            carry = buf[n_full * batch_rows :]
+    for block in ChunkOrder(arr.shape[0], rows, batch_rows, buffer_chunks, seed).blocks():
+        parts = [store._decode(np.asarray(arr[c * rows : (c + 1) * rows]), logical) for c in block.chunks]
+        buf = torch.cat(parts)[torch.from_numpy(block.permutation)]
+        for b in range(block.batches):
+            yield buf[b * batch_rows : (b + 1) * batch_rows]
 
 
 @pytest.mark.parametrize("logical", ["float16", "bfloat16"])
@@ -184,3 +217,16 @@ def test_parallel_readers_give_the_plain_readers_batches(tmp_path, logical, read
     for _ in range(2 * 1000 // 48):
         a, b = next(ours), next(plain)
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_shuffle_on_the_device_gives_the_hosts_batches(tmp_path):
+    values = torch.randn(1000, 6, generator=torch.Generator().manual_seed(0))
+    arr = zarr.create_array(str(tmp_path / "a"), shape=(1000, 6), dtype="uint16", chunks=(64, 6))
+    arr.attrs["logical_dtype"] = "bfloat16"
+    arr[:] = store._encode(values, "bfloat16")
+    host = store.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3)
+    device = store.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3, device="cuda")
+    for _ in range(2 * 1000 // 48):
+        a, b = next(host), next(device)
+        assert b.device.type == "cuda" and b.dtype == torch.float32 and torch.equal(a, b.cpu())

@@ -153,7 +153,13 @@ def test_saes_that_do_not_fit_together_train_in_groups_to_the_same_weights(
                 "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
                 "hookpoints": ["model.layers.1"],
                 "sae": [{"n_latents": n, "k": 4, "dead_tokens": 500} for n in (64, 128, 256)],
-                "train": {"batch_tokens": 128, "tokens": 1024, "device": "cpu", "device_memory_gib": limit_gib},
+                "train": {
+                    "batch_tokens": 128,
+                    "tokens": 1024,
+                    "device": "cpu",
+                    "device_memory_gib": limit_gib,
+                    "shuffle_buffer_mb": 1,  # the reader's block, counted once, small beside the SAEs
+                },
                 "eval": {"tokens": 200, "downstream_contexts": 0, "browser": False, "ablation_contexts": 0},
                 "workdir": str(tmp_path / workdir),
             }
