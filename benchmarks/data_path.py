@@ -116,29 +116,42 @@ def rate(batches, seconds: float, device: str) -> float:
             break
     if device == "cuda":
         torch.cuda.synchronize()
-    return rows / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    batches.close()  # its threads stop before the next measurement
+    return rows / seconds
 
 
-def trainer(d: int, latents: int, batch: int, device: str) -> Trainer:
-    """A trainer in its AuxK phase with no latent dead (the step's steady state)."""
-    tcfg = TrainConfig(batch_tokens=batch, tokens=10**12, device=device, dead_tokens=10**9)
+def trainer(d: int, latents: int, batch: int, device: str, steps: int) -> Trainer:
+    """A trainer in its AuxK phase with no latent dead (the step's steady state) and `steps` to go."""
+    start = TrainConfig(batch_tokens=batch, device=device).dead_window(latents, 32)
+    tcfg = TrainConfig(batch_tokens=batch, tokens=start + steps * batch, device=device, dead_tokens=10**9)
     t = Trainer(SAEConfig(d, latents, 32), tcfg)
     t.initialize(torch.randn(4 * batch, d, device=device))
-    t.tokens = tcfg.dead_window(latents, 32)
+    t.tokens = start
     return t
 
 
-def train_rate(t: Trainer, batches, seconds: float, device: str) -> float:
-    """Tokens/s of `train_saes` (as the train stage calls it) drawing from `batches`, after 3 warm-up steps."""
-    batches = iter(batches)
-    train_saes([t], itertools.islice(batches, 3), progress=False)
-    tokens, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        train_saes([t], itertools.islice(batches, 4), progress=False)
-        tokens += 4 * t.tcfg.batch_tokens
+def train_rate(t: Trainer, batches, device: str, warmup: int = 3) -> float:
+    """Tokens/s of one `train_saes` call (as the train stage makes it) drawing from `batches` until the
+    trainer's budget ends, after `warmup` steps."""
+    marks = []
+
+    def timed():
+        for i, batch in enumerate(batches):
+            if i == warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                marks.append((time.perf_counter(), t.tokens))
+            yield batch
+
+    train_saes([t], timed(), progress=False)
     if device == "cuda":
         torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - start)
+    start, tokens = marks[0]
+    seconds = time.perf_counter() - start
+    if hasattr(batches, "close"):
+        batches.close()
+    return (t.tokens - tokens) / seconds
 
 
 def main() -> None:
@@ -157,12 +170,10 @@ def main() -> None:
     table = [f"{'d':>5} {'store':<5} {'path':<40} {'rows/s':>10} {'GB/s':>6} {'vs step':>8}"]
     with tempfile.TemporaryDirectory(dir=args.store_dir) as tmp:
         for d in (int(x) for x in args.d.split(",")):
-            step = train_rate(
-                trainer(d, args.latents, args.batch, args.device),
-                itertools.cycle(torch.randn(4 * args.batch, d, device=args.device).split(args.batch)),
-                args.seconds,
-                args.device,
-            )
+            memory = itertools.cycle(torch.randn(4 * args.batch, d, device=args.device).split(args.batch))
+            probe = train_rate(trainer(d, args.latents, args.batch, args.device, 6), memory, args.device)
+            steps = max(10, round(args.seconds * probe / args.batch))  # each training measurement's length
+            step = train_rate(trainer(d, args.latents, args.batch, args.device, steps), memory, args.device)
             measured = [("", f"training, in-memory batches ({args.latents} latents)", step)]
             for compression in ("zstd", "none"):
                 t0 = time.perf_counter()
@@ -190,14 +201,9 @@ def main() -> None:
                 for n in sorted({1, 2, cores}):
                     name = f"reader, {n} thread{'s' if n > 1 else ''}"
                     measured.append((compression, name, rate(reader(n), args.seconds, args.device)))
-                t = trainer(d, args.latents, args.batch, args.device)
-                measured.append(
-                    (
-                        compression,
-                        "training from the store",
-                        train_rate(t, reader(store.DEFAULT_READERS), args.seconds, args.device),
-                    )
-                )
+                t = trainer(d, args.latents, args.batch, args.device, steps)
+                from_store = train_rate(t, reader(store.DEFAULT_READERS), args.device)
+                measured.append((compression, "training from the store", from_store))
             for compression, name, value in measured:
                 gbs = value * d * 2 / 1e9
                 table.append(f"{d:>5} {compression:<5} {name:<40} {value:>10,.0f} {gbs:>6.2f} {value / step:>7.2f}x")

@@ -475,34 +475,47 @@ def shuffled_batches(
     order = ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part)
     device = torch.device(device)
     stored = _stored_dtype(array)
-    read_chunk = chunk_reader(array)
+    read_into = chunk_reader(array)
+    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader", initializer=_one_torch_thread)
+    # on the CPU two block buffers take turns (a fresh one would cost its page faults every block);
+    # CUDA's pinned buffers come from torch's caching host allocator, which also waits for their copies
+    spare: list[torch.Tensor] = []
 
-    def chunk(c: int) -> torch.Tensor:
-        return _as_stored(read_chunk(int(c)), stored)
-
-    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader")
-
-    def read(block):  # the next block's chunks are read while this block's batches are drawn
-        return block, [pool.submit(chunk, c) for c in block.chunks]
+    def read(block):
+        """Submits the reads of a block's chunks, each into its own rows of one buffer."""
+        sizes = [order.rows_of(int(c)) for c in block.chunks]
+        starts, n = np.cumsum([0, *sizes[:-1]]), sum(sizes)
+        buf = spare.pop() if spare else None
+        if buf is None or len(buf) < n:
+            buf = torch.empty(n, array.shape[1], dtype=_torch_dtype(array), pin_memory=device.type == "cuda")
+        out = buf.numpy()
+        reads = [pool.submit(read_into, int(c), out[i : i + size]) for c, i, size in zip(block.chunks, starts, sizes)]
+        return block, buf, n, reads
 
     try:
         blocks = order.blocks(start_batch)
         upcoming = read(next(blocks))
         while True:
-            block, reads = upcoming
-            parts = [r.result() for r in reads]
-            upcoming = read(next(blocks))
-            buf = torch.empty(sum(map(len, parts)), array.shape[1], dtype=stored, pin_memory=device.type == "cuda")
-            torch.cat(parts, out=buf)
-            del parts
+            block, whole, n, reads = upcoming
+            for r in reads:
+                r.result()
+            upcoming = read(next(blocks))  # the next block is read while this one's batches are drawn
+            buf = whole[:n].view(stored) if stored == torch.bfloat16 else whole[:n]
             permutation = torch.from_numpy(block.permutation)
             if device.type != "cpu":
                 buf, permutation = buf.to(device, non_blocking=True), permutation.to(device, non_blocking=True)
             B = order.part_batch
             for b in range(block.skip, block.batches):  # index_select: 5x advanced indexing's rate here
                 yield torch.index_select(buf, 0, permutation[b * B : (b + 1) * B]).float()
+            if device.type == "cpu":
+                spare.append(whole)
     finally:  # a closed or abandoned reader stops reading ahead
         pool.shutdown(cancel_futures=True)
+
+
+def _torch_dtype(array: zarr.Array) -> torch.dtype:
+    """The tensor dtype holding the array's values bit for bit (bfloat16 is stored as uint16)."""
+    return {"float16": torch.float16, "uint16": torch.uint16, "float32": torch.float32}[array.dtype.name]
 
 
 def _stored_dtype(array: zarr.Array) -> torch.dtype:
@@ -521,24 +534,49 @@ def _as_stored(block: np.ndarray, stored: torch.dtype) -> torch.Tensor:
     return rows.view(torch.bfloat16) if stored == torch.bfloat16 else rows
 
 
+def _one_torch_thread() -> None:
+    """A reading thread's tensor ops (copies, a gather, a conversion: memory-bound) run on the thread
+    itself: a team of their own would contend with the training step's for the same cores."""
+    torch.set_num_threads(1)
+
+
 def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
-    """Reads ahead in a background thread so decompression overlaps with training."""
+    """Reads ahead in a background thread so reading overlaps with training. Closing the returned
+    iterator (or dropping it) stops the thread and closes `batches` there."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def worker():
+        _one_torch_thread()
         try:
             for b in batches:
-                q.put(b)
+                if not put(b):
+                    break
         except BaseException as e:  # handed to the consumer
-            q.put(e)
-        q.put(done)
+            put(e)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        put(done)
 
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    threading.Thread(target=worker, daemon=True, name="saeflow-prefetch").start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def sample_rows(array: zarr.Array, n: int, seed: int) -> torch.Tensor:

@@ -25,13 +25,20 @@ from zarr.storage import LocalStore
 EMPTY = 2**64 - 1  # the index's (offset, length) of a chunk never written
 
 
-def chunk_reader(array: zarr.Array) -> Callable[[int], np.ndarray]:
-    """A function of a chunk's index (along rows) that returns its rows, in the array's dtype."""
+def chunk_reader(array: zarr.Array) -> Callable[[int, np.ndarray], int]:
+    """A function that reads chunk c (along rows) into the first rows of `out` (of the array's dtype,
+    at least a chunk long unless it is the last) and returns how many rows it holds."""
     direct = _DirectChunks.of(array)
     if direct is not None:
-        return direct.read
+        return direct.read_into
     rows = array.chunks[0]
-    return lambda c: np.asarray(array[c * rows : (c + 1) * rows])
+
+    def through_zarr(c: int, out: np.ndarray) -> int:
+        block = np.asarray(array[c * rows : (c + 1) * rows])
+        out[: len(block)] = block
+        return len(block)
+
+    return through_zarr
 
 
 class _DirectChunks:
@@ -84,20 +91,26 @@ class _DirectChunks:
                 self.indexes[shard] = found
         return found
 
-    def read(self, c: int) -> np.ndarray:
+    def read_into(self, c: int, out: np.ndarray) -> int:
         shard, inner = divmod(c, self.per_shard)
         n = min(self.rows, self.array.shape[0] - c * self.rows)
-        out = np.empty((self.rows, *self.array.shape[1:]), dtype=self.dtype)
+        expected = self.rows * out[:1].nbytes  # a chunk is stored whole, the last one too
         fd = os.open(self.shard_path(shard), os.O_RDONLY)
         try:
             offset, length = (int(v) for v in self.index(shard, fd)[inner])
             if offset == EMPTY:
-                out.fill(self.array.fill_value)
-            elif length != out.nbytes or os.preadv(fd, [out.data.cast("B")], offset) != length:
-                raise OSError(f"chunk {c} of {self.root}: {length} bytes in its shard, {out.nbytes} expected")
+                out[:n] = self.array.fill_value
+            elif length != expected:
+                raise OSError(f"chunk {c} of {self.root}: {length} bytes in its shard, {expected} expected")
+            elif n == self.rows and out[:n].flags.c_contiguous:  # straight into place
+                if os.preadv(fd, [out[:n].data.cast("B")], offset) != length:
+                    raise OSError(f"chunk {c} of {self.root}: its shard ends early")
+            else:  # the last, short chunk: its padding stays out of `out`
+                data = os.pread(fd, length, offset)
+                out[:n] = np.frombuffer(data, dtype=self.dtype).reshape(self.rows, -1)[:n]
         finally:
             os.close(fd)
-        return out[:n]
+        return n
 
 
 def _little(codecs) -> bool:

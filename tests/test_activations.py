@@ -230,3 +230,26 @@ def test_the_shuffle_on_the_device_gives_the_hosts_batches(tmp_path):
     for _ in range(2 * 1000 // 48):
         a, b = next(host), next(device)
         assert b.device.type == "cuda" and b.dtype == torch.float32 and torch.equal(a, b.cpu())
+
+
+def test_closing_the_prefetcher_stops_its_thread_and_closes_the_reader():
+    import threading
+    import time
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            while True:
+                yield torch.zeros(2)
+        finally:
+            closed.set()
+
+    it = store.prefetch(endless(), depth=2)
+    next(it)
+    it.close()
+    assert closed.wait(5)  # the reader was closed on the prefetch thread
+    deadline = time.monotonic() + 5
+    while any(t.name == "saeflow-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "saeflow-prefetch" for t in threading.enumerate())
