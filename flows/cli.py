@@ -233,6 +233,7 @@ def cmd_plan(args) -> int:
         else " (no uncertainty: the law has no fit covariance)"
     )
     print(f"  predicted normalized MSE {r.predicted_loss:.4g}{err}")
+    print(f"  activation store: {_store_line(spec, d_model, r.tokens)}")
     planned = spec.model_dump(mode="json")
     planned["sae"] = [{**planned["sae"][0], "n_latents": r.n_latents, "expansion_factor": None, "k": r.k}]
     planned["data"]["tokens"] = r.tokens
@@ -240,6 +241,29 @@ def cmd_plan(args) -> int:
     Path(args.out).write_text(yaml.safe_dump(planned, sort_keys=False))
     print(f"wrote {args.out} (check it with saeflow validate {args.out})")
     return 0
+
+
+def _store_line(spec, d_model: int, tokens: int) -> str:
+    """What caching `tokens` training tokens for every hookpoint puts on the store's disk."""
+    from storage.activations import planned_bytes
+
+    d = spec.data
+    first = int(d.drop_first_position)
+    held_out = max(spec.eval.tokens, spec.eval.downstream_contexts * (d.context_length - first))
+    hooks = len(spec.hookpoints)
+    train = hooks * planned_bytes(tokens, d.context_length, first, d_model, d.dtype)
+    held = hooks * planned_bytes(held_out, d.context_length, first, d_model, d.dtype)
+    return (
+        f"{_size(train)} of training activations and {_size(held)} held out ({hooks} hookpoint"
+        f"{'s' if hooks > 1 else ''} x d {d_model} in {d.dtype}), all on the disk of data.store until training ends"
+    )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 1e3:.1f} kB"
 
 
 def cmd_promote(args) -> int:

@@ -115,6 +115,13 @@ class Layout:
         return cls(n_contexts, context_length, first_position, chunk, shard)
 
 
+def planned_bytes(tokens: int, context_length: int, first_position: int, d_model: int, dtype: str) -> int:
+    """Bytes of one hookpoint's activations for `tokens` tokens cut into whole contexts, as stored
+    uncompressed (activations do not compress: docs/benchmarks.md)."""
+    positions = context_length - first_position
+    return math.ceil(tokens / positions) * positions * d_model * np.dtype(STORE_DTYPES[dtype]).itemsize
+
+
 # opening and verifying ---------------------------------------------------------------------------
 def _group(url: str, mode: Literal["r", "r+", "w"], storage_options: dict | None) -> zarr.Group:
     # zarr refuses storage_options (even empty) for a local path

@@ -4,6 +4,7 @@ spec that validates."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -82,6 +83,13 @@ def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(
     n = planned["sae"][0]["n_latents"]
     assert f"n_latents {n:,}  k 8" in printed and "predicted normalized MSE" in printed
     assert planned["data"]["tokens"] * 2 * 32 * n <= 1e14
+    # the store's size: whole contexts of 63 kept positions, d_model float16 values a row
+    from sae.lm import load_config
+
+    d = load_config(str(tiny_model_dir)).hidden_size
+    expected = -(-planned["data"]["tokens"] // 63) * 63 * d * 2
+    size, unit = re.search(r"activation store: ([\d.]+) (\w+) of training activations", printed).groups()
+    assert abs(float(size) * {"TB": 1e12, "GB": 1e9, "MB": 1e6, "kB": 1e3}[unit] / expected - 1) < 0.01
     assert main(["validate", str(out)]) == 0
     assert main(["plan", str(tmp_path / "base.yaml"), "--out", str(out)]) == 2  # no budget: one line, exit 2
 
