@@ -10,8 +10,11 @@ The store's activations come from a stand-in LM (an embedding plus per-token noi
 rows are as incompressible as real activations: the demo store compresses by 1.0004) run through
 `storage.activations.write_shard`, as `saeflow cache` runs a real model, once with the old default
 compression (zstd) and once with today's (none). The reader is measured with 1, 2 and as many
-threads as there are cores (`shuffled_batches(readers=...)`); training (`train_saes`, as the train
-stage calls it) from in-memory batches and from the store's reader.
+threads as there are cores (`shuffled_batches(readers=...)`), and so are its chunk reads alone (on a
+GPU host all the reader does on the CPU: a batch is gathered and converted on the device); training
+(`train_saes`, as the train stage calls it) from random in-memory batches, from the store's batches
+held in memory, and from the store's reader (the same batches in the same order), over at least two
+of the reader's blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ from torch import nn
 from sae.config import SAEConfig, TrainConfig
 from sae.train import Trainer, train_saes
 from storage import activations as store
+from storage.chunk_reads import chunk_reader
 from storage.corpus import Contexts
 
 HOOK = "layer"
@@ -121,6 +126,25 @@ def rate(batches, seconds: float, device: str) -> float:
     return rows / seconds
 
 
+def block_read_rate(array, threads: int, seconds: float) -> float:
+    """Rows/s of the reader's own reading alone: whole chunks in a random order into a block buffer
+    (reused, as the reader reuses it), `threads` at a time. On a GPU host this is all the reader does
+    on the CPU: the gather and the conversion of a batch run on the device."""
+    read = chunk_reader(array)
+    rows = array.chunks[0]
+    n = math.ceil(array.shape[0] / rows)
+    buf = np.empty((n * rows, array.shape[1]), dtype=array.dtype)
+    done, start = 0, None
+    with ThreadPoolExecutor(threads) as pool:
+        while start is None or time.perf_counter() - start < seconds:
+            got = sum(pool.map(lambda c: read(int(c), buf[c * rows : (c + 1) * rows]), np.random.permutation(n)))
+            if start is None:  # the first pass touches the buffer's pages: left out
+                start = time.perf_counter()
+            else:
+                done += got
+    return done / (time.perf_counter() - start)
+
+
 def trainer(d: int, latents: int, batch: int, device: str, steps: int) -> Trainer:
     """A trainer in its AuxK phase with no latent dead (the step's steady state) and `steps` to go."""
     start = TrainConfig(batch_tokens=batch, device=device).dead_window(latents, 32)
@@ -172,7 +196,10 @@ def main() -> None:
         for d in (int(x) for x in args.d.split(",")):
             memory = itertools.cycle(torch.randn(4 * args.batch, d, device=args.device).split(args.batch))
             probe = train_rate(trainer(d, args.latents, args.batch, args.device, 6), memory, args.device)
-            steps = max(10, round(args.seconds * probe / args.batch))  # each training measurement's length
+            # each training measurement: `seconds` long, and at least two of the reader's blocks, so that
+            # reading a block ahead (at the start of each) weighs as it does over a whole run
+            block_batches = store.SHUFFLE_BUFFER_MB * 2**20 // (d * 2) // args.batch
+            steps = max(10, round(args.seconds * probe / args.batch), 2 * block_batches)
             step = train_rate(trainer(d, args.latents, args.batch, args.device, steps), memory, args.device)
             measured = [("", f"training, in-memory batches ({args.latents} latents)", step)]
             for compression in ("zstd", "none"):
@@ -201,6 +228,18 @@ def main() -> None:
                 for n in sorted({1, 2, cores}):
                     name = f"reader, {n} thread{'s' if n > 1 else ''}"
                     measured.append((compression, name, rate(reader(n), args.seconds, args.device)))
+                for n in sorted({1, 2, cores}):
+                    name = f"its chunk reads alone, {n} thread{'s' if n > 1 else ''}"
+                    measured.append((compression, name, block_read_rate(acts, n, args.seconds)))
+                # the same batches, in the same order, first from memory, then from the reader
+                same = list(
+                    itertools.islice(store.shuffled_batches(acts, args.batch, seed=0, device=args.device), steps)
+                )
+                t = trainer(d, args.latents, args.batch, args.device, steps)
+                measured.append(
+                    (compression, "training, its batches in memory", train_rate(t, iter(same), args.device))
+                )
+                del same
                 t = trainer(d, args.latents, args.batch, args.device, steps)
                 from_store = train_rate(t, reader(store.DEFAULT_READERS), args.device)
                 measured.append((compression, "training from the store", from_store))

@@ -543,8 +543,11 @@ def _as_stored(block: np.ndarray, stored: torch.dtype) -> torch.Tensor:
 
 def _one_torch_thread() -> None:
     """A reading thread's tensor ops (copies, a gather, a conversion: memory-bound) run on the thread
-    itself: a team of their own would contend with the training step's for the same cores."""
+    itself, and the thread yields a busy core to the training step: the reader runs far ahead of the
+    step, and a team of its own would contend with the step's for the same cores."""
     torch.set_num_threads(1)
+    if hasattr(os, "setpriority"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 5)
 
 
 def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
