@@ -483,7 +483,7 @@ def shuffled_batches(
     device = torch.device(device)
     stored = _stored_dtype(array)
     read_into = chunk_reader(array)
-    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader", initializer=_one_torch_thread)
+    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader", initializer=_yield_to_the_step)
     # on the CPU two block buffers take turns (a fresh one would cost its page faults every block);
     # CUDA's pinned buffers come from torch's caching host allocator, which also waits for their copies
     spare: list[torch.Tensor] = []
@@ -541,11 +541,10 @@ def _as_stored(block: np.ndarray, stored: torch.dtype) -> torch.Tensor:
     return rows.view(torch.bfloat16) if stored == torch.bfloat16 else rows
 
 
-def _one_torch_thread() -> None:
-    """A reading thread's tensor ops (copies, a gather, a conversion: memory-bound) run on the thread
-    itself, and the thread yields a busy core to the training step: the reader runs far ahead of the
-    step, and a team of its own would contend with the step's for the same cores."""
-    torch.set_num_threads(1)
+def _yield_to_the_step() -> None:
+    """A reading thread yields a busy core to the training step: the reader runs far ahead of the
+    step. (Not torch.set_num_threads, which is process-wide: it would change the step's threads, and
+    with them the bits of its matmuls.)"""
     if hasattr(os, "setpriority"):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 5)
 
@@ -566,7 +565,7 @@ def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.
         return False
 
     def worker():
-        _one_torch_thread()
+        _yield_to_the_step()
         try:
             for b in batches:
                 if not put(b):
