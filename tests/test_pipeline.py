@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,11 +37,17 @@ def task_states(flow_state) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    # Prefect 3 records task runs from events, after the flow returns: a run may still lack its state
+    deadline = time.monotonic() + 20
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
-        )
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+            )
+            if all(r.state is not None for r in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    return {r.name.rsplit("-", 1)[0]: r.state.name if r.state else "no state" for r in runs}
 
 
 def _refuse(*_a, **_k):
