@@ -491,23 +491,23 @@ def shuffled_batches(
     def read(block):
         """Submits the reads of a block's chunks, each into its own rows of one buffer."""
         sizes = [order.rows_of(int(c)) for c in block.chunks]
-        starts, n = np.cumsum([0, *sizes[:-1]]), sum(sizes)
         buf = spare.pop() if spare else None
-        if buf is None or len(buf) < n:
-            buf = torch.empty(n, array.shape[1], dtype=_torch_dtype(array), pin_memory=device.type == "cuda")
+        if buf is None or len(buf) < block.rows:
+            buf = torch.empty(block.rows, array.shape[1], dtype=_torch_dtype(array), pin_memory=device.type == "cuda")
         out = buf.numpy()
+        starts = np.cumsum([0, *sizes[:-1]])
         reads = [pool.submit(read_into, int(c), out[i : i + size]) for c, i, size in zip(block.chunks, starts, sizes)]
-        return block, buf, n, reads
+        return block, buf, reads
 
     try:
         blocks = order.blocks(start_batch)
         upcoming = read(next(blocks))
         while True:
-            block, whole, n, reads = upcoming
+            block, whole, reads = upcoming
             for r in reads:
                 r.result()
             upcoming = read(next(blocks))  # the next block is read while this one's batches are drawn
-            buf = whole[:n].view(stored) if stored == torch.bfloat16 else whole[:n]
+            buf = _as_stored(whole[: block.rows], stored)
             permutation = torch.from_numpy(block.permutation)
             if device.type != "cpu":
                 buf, permutation = buf.to(device, non_blocking=True), permutation.to(device, non_blocking=True)
@@ -533,11 +533,11 @@ def _stored_dtype(array: zarr.Array) -> torch.dtype:
 
 def _stored_rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
     """Rows in the store's own dtype (bfloat16 from its raw 16 bits), not yet float32."""
-    return _as_stored(np.asarray(array[start:stop]), _stored_dtype(array))
+    return _as_stored(torch.from_numpy(np.asarray(array[start:stop])), _stored_dtype(array))
 
 
-def _as_stored(block: np.ndarray, stored: torch.dtype) -> torch.Tensor:
-    rows = torch.from_numpy(block)
+def _as_stored(rows: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
+    """The stored values as their logical dtype: bfloat16's raw 16 bits viewed as bfloat16."""
     return rows.view(torch.bfloat16) if stored == torch.bfloat16 else rows
 
 

@@ -27,6 +27,7 @@ SHUFFLE_BUFFER_MB = 256
 @dataclass(frozen=True)
 class Block:
     chunks: np.ndarray  # chunk indices, in the order their rows are concatenated
+    rows: int  # the block's chunks' rows together
     permutation: np.ndarray  # over the block's concatenated rows: batch b is permutation[b*B:(b+1)*B]
     skip: int  # batches of this block already drawn (a resumed run's place in it)
     batches: int  # whole batches in the block
@@ -88,7 +89,7 @@ class ChunkOrder:
                 batches = rows // self.part_batch
                 if drawn + batches > start_batch:
                     rng = np.random.default_rng([self.seed, epoch, b, self.part[0]])
-                    yield Block(chunks, rng.permutation(rows), max(0, start_batch - drawn), batches)
+                    yield Block(chunks, rows, rng.permutation(rows), max(0, start_batch - drawn), batches)
                 drawn += batches
             epoch += 1
 
