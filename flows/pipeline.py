@@ -222,7 +222,9 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
     rows = []
     for hookpoint in spec.hookpoints:
         groups = stages.train_groups(spec, hookpoint) if "train" in only else [None]
-        if len(groups) == 1:
+        if spec.data.window_shards and "train" in only and not stages.is_done("train", spec, hookpoint):
+            train_in_window(spec, hookpoint)
+        elif len(groups) == 1:
             run("train", hookpoint)
         else:  # by token budget, and by what fits on a device together: a task per group, each re-runnable alone
             logger.info(
@@ -239,6 +241,36 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
     return rows
+
+
+def train_in_window(spec: RunSpec, hookpoint: str, poll_seconds: float = 0.5) -> list[str]:
+    """data.window_shards: the train task runs on the task runner while this flow caches the train
+    shards it will read (each a cache_shard task as ever, run here one by one), at most the window's
+    count from the trainer's cursor on (storage/window.py). A shard whose caching fails after its
+    retries stops the trainer, which waits for it."""
+    from prefect.futures import wait
+
+    from storage.window import Window
+
+    window = Window.of(paths.store_url(spec), paths.store_options(spec))
+    if window is None:
+        raise RuntimeError(f"the activation store at {paths.store_url(spec)} was planned without a window: cache again")
+    session = window.open_session()
+    get_run_logger().info(
+        "training %s while caching its %d train shards, at most %d on disk", hookpoint, window.n_shards, window.shards
+    )
+    trainer = train_sae.submit(spec, hookpoint)
+    failed = False
+    while True:
+        todo = [] if failed else window.to_cache(session) or []
+        if wait([trainer], timeout=0 if todo else poll_seconds).done:
+            return trainer.result()
+        if todo:  # one shard, then look at the trainer again
+            try:
+                cache_shard(spec, "train", todo[0])
+            except Exception as e:
+                window.stop(f"caching train shard {todo[0]} failed: {e}")
+                failed = True
 
 
 def _row(spec: RunSpec, hookpoint: str, index: int, metrics: dict | None, uri: str | None) -> dict:

@@ -89,6 +89,19 @@ class DataSpec(Section):
     # activations barely compress (ratio ~1.0, docs/benchmarks.md) and every read pays to decode them;
     # a store keeps the compression it was written with
     compression: Literal["none", "lz4", "zstd"] = "none"
+    # set: runs larger than the disk (docs/scaling.md): the train split is cached while the SAEs train on
+    # it, one pass, at most this many train shards on disk, each deleted once a checkpoint covers it
+    window_shards: int | None = None
+
+    @field_validator("window_shards")
+    @classmethod
+    def _window(cls, v: int | None) -> int | None:
+        if v is not None and v < 2:
+            raise ValueError(
+                f"{v} holds fewer than two shards: use at least 2 (the SAEs train on half of the window while "
+                "the other half is cached)"
+            )
+        return v
 
     @field_validator("store")
     @classmethod
@@ -573,6 +586,28 @@ class RunSpec(Section):
             raise ValueError(
                 "sae: SAEs with different tokens train on one process (each budget its own pass): give "
                 "them one budget, or train.devices: 1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _window(self):
+        """A bounded window streams the train split once, for one training pass on one process."""
+        if self.data.window_shards is None:
+            return self
+        w = f"data.window_shards={self.data.window_shards}"
+        if len(self.hookpoints) > 1:
+            raise ValueError(
+                f"{w} streams one hookpoint's activations once: give one hookpoint (a spec each), or drop it"
+            )
+        if len({s.tokens or self.train.tokens for s in self.sae}) > 1:
+            raise ValueError(f"{w} streams the activations once: give every SAE one token budget, or drop it")
+        if self.train.distributed():
+            raise ValueError(f"{w} trains on one process: use train.devices: 1 and train.nodes: 1, or drop it")
+        needed = self.sae[0].tokens or self.train.tokens or 0
+        if needed > self.data.tokens:
+            raise ValueError(
+                f"{w} reads each cached token once, but the SAEs train on {needed} tokens, more than "
+                f"data.tokens={self.data.tokens}: raise data.tokens, or train fewer tokens"
             )
         return self
 

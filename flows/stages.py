@@ -177,6 +177,7 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
         dtype=d.dtype,
         shard_contexts=d.shard_contexts,
         compression=d.compression,
+        window_shards=d.window_shards,
         attrs={
             "model": spec.model.source,
             "model_revision": getattr(model.config, "_commit_hash", None) or "",

@@ -27,7 +27,7 @@ def _cache(spec: RunSpec) -> dict:
     if store.planned_hash(url, opts) is None:
         return {"state": "missing", "store": url}
     group = store.open_group_for_status(url, opts)
-    total = sum(store.layout_of(group, s).n_shards for s in store.split_names(group))
+    total = sum(store.layout_of(group, s).n_shards for s in store.cached_splits(group))
     left = len(store.missing_shards(url, opts))
     return {"state": "partial", "store": url, "shards_done": total - left, "shards": total}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,8 @@ from sae.train import Trainer, TrainResult, milestone_tokens, train_saes
 from storage import activations as store
 from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
 from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
+from storage.shuffle import ChunkOrder
+from storage.window import Window, released_through
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,26 @@ def train_hookpoint(
     group = store.open_store(store_url(spec), store_options(spec), verify=team.lead)
     team.barrier()  # the lead checked every shard of the store
     acts = store.activations(group, "train", hookpoint)
-    tcfgs = {i: spec.train_config(acts.shape[0], device, i) for i in todo}
+    window = Window.of(store_url(spec), store_options(spec))
+    order = ChunkOrder(
+        acts.shape[0],
+        acts.chunks[0],
+        spec.train.batch_tokens,
+        store.chunks_in(acts, spec.train.shuffle_buffer_mb),
+        spec.train.seed,
+        team.batch_part,
+        window.group_chunks if window else None,
+    )
+    # a window is read once: the SAEs train on the whole batches of that pass
+    tokens = order.group_ends()[-1] * spec.train.batch_tokens if window else acts.shape[0]
+    tcfgs = {i: spec.train_config(tokens, device, i) for i in todo}
+    budget = tcfgs[todo[0]].tokens or tokens
+    if window and budget > tokens:
+        raise ValueError(
+            f"data.window_shards: one pass over the train split yields {tokens} tokens in whole batches, fewer "
+            f"than the {budget} the SAEs train on: raise data.tokens to about "
+            f"{math.ceil(spec.data.tokens * budget / tokens)}, or train fewer tokens"
+        )
     trainers = {}
     for i in todo:
         cfg = spec.sae_config(acts.shape[1], i)
@@ -126,8 +148,13 @@ def train_hookpoint(
             trainer.load_state_dict(*state)
         if team.lead:
             log.info("resuming %s from checkpoints at step %d", hookpoint, step)
-    else:
-        sample = store.sample_rows(acts, first.geometric_median_samples, seed=first.seed)
+    if window and team.lead:  # where caching resumes: this run's group on
+        window.release(released_through(order, window, step))
+    if not step:
+        within = min(order.group_chunks, order.n_chunks) if order.group_chunks else None
+        if window:  # the first group's shards: the initialisation samples them
+            window.wait(list(range(min(window.group_shards, window.n_shards))))
+        sample = store.sample_rows(acts, first.geometric_median_samples, seed=first.seed, chunks=within)
         for trainer in trainers.values():
             trainer.initialize(sample)  # the whole SAE (identical on every process), then this one's part
     batches = store.prefetch(
@@ -135,11 +162,13 @@ def train_hookpoint(
             acts,
             first.batch_tokens,
             seed=first.seed,
-            buffer_chunks=store.chunks_in(acts, spec.train.shuffle_buffer_mb),
+            buffer_chunks=order.buffer_chunks,
             start_batch=trainers[todo[0]].steps,
             part=team.batch_part,
             readers=spec.train.readers or store.DEFAULT_READERS,
             device=device,
+            group_chunks=order.group_chunks,
+            wait=(lambda block: window.wait(window.shards_of(block))) if window else None,
         )
     )
 
@@ -148,6 +177,8 @@ def train_hookpoint(
             for i, trainer in trainers.items():
                 save_and_publish_checkpoint(work, ckpt_rels[i], trainer)
         team.barrier()
+        if window and team.lead:  # the groups this checkpoint covers are not needed again
+            window.release(released_through(order, window, trainers[todo[0]].steps))
 
     milestones, score = [], None
     if spec.sweep is not None and spec.sweep.milestones and team.milestones:  # a sweep's loss-vs-tokens curves
@@ -164,12 +195,16 @@ def train_hookpoint(
         spec.train.checkpoint_every_tokens,
         milestones=milestones,
         evaluate=score,
+        # a window's group is released at a checkpoint past its end: one comes at every group's end
+        checkpoint_at_tokens=[e * first.batch_tokens for e in order.group_ends()[:-1]] if window else (),
     )
     for (i, trainer), result in zip(trainers.items(), results):
         whole = team.whole(trainer, result)
         if team.lead:
             write_sae(spec, hookpoint, i, whole, tcfgs[i].resolved_lr(whole.sae.cfg.n_latents), trainer.milestones)
     team.barrier()
+    if window and team.lead:  # the SAEs are written: no train shard is needed again
+        window.release(window.n_shards)
     return locations
 
 

@@ -400,12 +400,14 @@ def train_saes(
     checkpoint_every_tokens: int = 0,
     milestones: Sequence[int] = (),
     evaluate: Callable[[TopKSAE], dict] | None = None,
+    checkpoint_at_tokens: Sequence[int] = (),
 ) -> list[TrainResult]:
     """Trains several SAEs from one pass over the data: every batch is fed to every trainer.
 
     The trainers must share the token budget and be at the same cursor (new, or restored from
     checkpoints taken together); `batches` must start at that cursor. `checkpoint(trainers)` is
-    called every `checkpoint_every_tokens` tokens. When the run passes each of `milestones`
+    called every `checkpoint_every_tokens` tokens, and when the run reaches each of
+    `checkpoint_at_tokens`. When the run passes each of `milestones`
     (tokens), `evaluate(sae)` scores each trainer's SAE as it stands (the one it would return) and
     the result joins its `milestones` (kept in checkpoints). A stream that ends before the budget
     ends the run there with a warning: the SAEs trained so far are returned, not lost.
@@ -417,6 +419,7 @@ def train_saes(
         total=lead.tcfg.tokens, initial=lead.tokens, unit="tok", unit_scale=True, desc="train", disable=not progress
     )
     next_checkpoint = lead.tokens + checkpoint_every_tokens
+    also = [t for t in sorted(checkpoint_at_tokens) if t > lead.tokens]
     pending = [m for m in sorted(milestones) if m > lead.tokens] if evaluate else []
     for batch in batches:
         if lead.done:
@@ -435,11 +438,14 @@ def train_saes(
         bar.update(batch.shape[0])
         if lead.history:
             bar.set_postfix(mse=" ".join(f"{t.history[-1]['mse']:.4f}" for t in trainers if t.history))
-        if checkpoint and checkpoint_every_tokens and lead.tokens >= next_checkpoint and not lead.done:
+        due = (checkpoint_every_tokens and lead.tokens >= next_checkpoint) or (also and lead.tokens >= also[0])
+        if checkpoint and due and not lead.done:
             for trainer in trainers:
                 trainer.check_finite()
             checkpoint(trainers)
             next_checkpoint = lead.tokens + checkpoint_every_tokens
+            while also and lead.tokens >= also[0]:
+                also.pop(0)
     bar.close()
     for trainer in trainers:
         trainer.check_finite()

@@ -21,7 +21,7 @@ import os
 import queue
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
@@ -37,7 +37,7 @@ from zarr.errors import GroupNotFoundError
 from sae.lm import capture
 from storage.chunk_reads import chunk_reader
 from storage.corpus import Contexts
-from storage.shuffle import SHUFFLE_BUFFER_MB, ChunkOrder
+from storage.shuffle import SHUFFLE_BUFFER_MB, Block, ChunkOrder
 
 log = logging.getLogger(__name__)
 
@@ -171,22 +171,27 @@ def open_group_for_status(url: str, storage_options: dict | None = None) -> zarr
     return _group(url, "r", storage_options)
 
 
-def split_names(group: zarr.Group) -> list[str]:
-    """The splits of a planned store ("train", "eval")."""
-    return list(_meta(group)["splits"])
-
-
 def layout_of(group: zarr.Group, split: str) -> Layout:
     return Layout(**_meta(_subgroup(group, split))["layout"])
 
 
+def window_of(group: zarr.Group) -> int | None:
+    """data.window_shards of a store whose train split streams (storage/window.py), else None."""
+    return _meta(group).get("window_shards")
+
+
+def cached_splits(group: zarr.Group) -> list[str]:
+    """The splits cached whole before training: all but a streamed train split."""
+    return [s for s in _meta(group)["splits"] if not (s == "train" and window_of(group))]
+
+
 def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
-    """(split, shard) pairs of a planned store that have no completion marker."""
+    """(split, shard) pairs of a planned store's cached splits that have no completion marker."""
     group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     return [
         (split, i)
-        for split in _meta(group)["splits"]
+        for split in cached_splits(group)
         for i in range(layout_of(group, split).n_shards)
         if _read_marker(fs, _marker_path(root, split, i)) is None
     ]
@@ -195,12 +200,12 @@ def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[
 def bad_shards(
     url: str, storage_options: dict | None = None, splits=None, full: bool = True
 ) -> list[tuple[str, int, str]]:
-    """(split, shard, what is wrong) for every shard of `splits` (default all) that has no marker or
-    (full=True) whose files do not match the crc32 recorded when it was written."""
+    """(split, shard, what is wrong) for every shard of `splits` (default the cached ones) that has no
+    marker or (full=True) whose files do not match the crc32 recorded when it was written."""
     group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     problems = []
-    for split in splits or _meta(group)["splits"]:
+    for split in splits or cached_splits(group):
         layout = layout_of(group, split)
         for i in range(layout.n_shards):
             c0, c1 = layout.shard_contexts_range(i)
@@ -290,11 +295,13 @@ def plan_store(
     dtype: str = "float16",
     shard_contexts: int | None = None,
     compression: str = "none",
+    window_shards: int | None = None,
     attrs: dict,
     storage_options: dict | None = None,
 ) -> None:
     """Creates the group, the token/document arrays (zstd: token ids do compress) and the empty
-    sharded activation arrays (`compression`, one of COMPRESSIONS)."""
+    sharded activation arrays (`compression`, one of COMPRESSIONS). `window_shards`: the train split
+    streams through a bounded window (storage/window.py) instead of being cached whole."""
     acts_codec = compressors(compression)
     group = _group(url, "w", storage_options)
     stored = np.dtype(STORE_DTYPES[dtype])
@@ -326,6 +333,7 @@ def plan_store(
             "dtype": dtype,
             "context_length": next(iter(splits.values())).tokens.shape[1],
             "first_position": first_position,
+            "window_shards": window_shards,
             "complete": False,
         }
     )
@@ -406,13 +414,14 @@ def _write_marker(fs, path: str, data: bytes) -> None:
 
 
 def finalize_store(url: str, storage_options: dict | None = None) -> dict:
-    """Checks every shard, computes statistics over each whole array with Dask, marks the store complete."""
+    """Checks every shard, computes statistics over each whole array with Dask, marks the store complete
+    (with a window: the cached splits; the train split streams while training)."""
     import dask.array as da
 
     verify_shards(url, storage_options)
     group = _group(url, "r+", storage_options)
     stats = {}
-    for split in _meta(group)["splits"]:
+    for split in cached_splits(group):
         for h in _meta(group)["hookpoints"]:
             arr = _array(group, f"{split}/acts/{array_name(h)}")
             logical = _meta(arr)["logical_dtype"]
@@ -468,18 +477,21 @@ def shuffled_batches(
     part: tuple[int, int] = (0, 1),
     readers: int = DEFAULT_READERS,
     device: str | torch.device = "cpu",
+    group_chunks: int | None = None,
+    wait: Callable[[Block], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches on `device`, deterministic for a seed, never holding the whole
     array: the order of storage.shuffle.ChunkOrder (blocks of whole chunks, rows shuffled inside a
     block; `start_batch` resumes at a training checkpoint's data cursor, `part` is a data-parallel
     reader's share). `readers` threads read and decode a block's chunks at once; the batches do not
-    depend on it.
+    depend on it. With `group_chunks` (a bounded window) the batches end after one pass, and
+    `wait(block)` returns once the block's chunks are on disk.
 
     Rows stay in the stored 16-bit dtype through the shuffle (half the bytes moved) and only a batch
     becomes float32. On CUDA a block goes to the device once, from pinned memory without blocking, and
     is shuffled there. `buffer_chunks` defaults to SHUFFLE_BUFFER_MB's worth."""
     buffer_chunks = buffer_chunks or chunks_in(array, SHUFFLE_BUFFER_MB)
-    order = ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part)
+    order = ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part, group_chunks)
     device = torch.device(device)
     stored = _stored_dtype(array)
     read_into = chunk_reader(array)
@@ -489,7 +501,12 @@ def shuffled_batches(
     spare: list[torch.Tensor] = []
 
     def read(block):
-        """Submits the reads of a block's chunks, each into its own rows of one buffer."""
+        """Submits the reads of a block's chunks, each into its own rows of one buffer (None: the
+        one pass has ended)."""
+        if block is None:
+            return None
+        if wait is not None:
+            wait(block)
         sizes = [order.rows_of(int(c)) for c in block.chunks]
         buf = spare.pop() if spare else None
         if buf is None or len(buf) < block.rows:
@@ -501,12 +518,12 @@ def shuffled_batches(
 
     try:
         blocks = order.blocks(start_batch)
-        upcoming = read(next(blocks))
-        while True:
+        upcoming = read(next(blocks, None))
+        while upcoming is not None:
             block, whole, reads = upcoming
             for r in reads:
                 r.result()
-            upcoming = read(next(blocks))  # the next block is read while this one's batches are drawn
+            upcoming = read(next(blocks, None))  # the next block is read while this one's batches are drawn
             buf = _as_stored(whole[: block.rows], stored)
             permutation = torch.from_numpy(block.permutation)
             if device.type != "cpu":
@@ -588,12 +605,13 @@ def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.
         stop.set()
 
 
-def sample_rows(array: zarr.Array, n: int, seed: int) -> torch.Tensor:
-    """About n rows from randomly chosen whole chunks (for initialisation statistics)."""
+def sample_rows(array: zarr.Array, n: int, seed: int, chunks: int | None = None) -> torch.Tensor:
+    """About n rows from randomly chosen whole chunks (for initialisation statistics), of the first
+    `chunks` chunks (default all)."""
     rng = np.random.default_rng(seed)
     rows = array.chunks[0]
     picked, total = [], 0
-    for c in rng.permutation(math.ceil(array.shape[0] / rows)):
+    for c in rng.permutation(chunks or math.ceil(array.shape[0] / rows)):
         picked.append(_rows(array, c * rows, (c + 1) * rows))
         total += len(picked[-1])
         if total >= n:

@@ -9,6 +9,10 @@ the one before it, and a resumed run finds its place by arithmetic, reading noth
 `part=(i, P)`: the i-th of P data-parallel readers, which takes every P-th chunk of the epoch's shared
 order and batches of batch_rows / P rows (together the P parts make the global batch; no reader reads
 another's rows).
+
+`group_chunks=G` (the bounded window, storage/window.py): one pass over the rows, group after group of
+G consecutive chunks, each group's chunks in a random order of their own. A group's rows are all drawn
+before the next group's first, so a group can be deleted once its last batch is trained.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Block:
     permutation: np.ndarray  # over the block's concatenated rows: batch b is permutation[b*B:(b+1)*B]
     skip: int  # batches of this block already drawn (a resumed run's place in it)
     batches: int  # whole batches in the block
+    group: int = 0  # the group of chunks it draws from (always 0 without group_chunks)
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class ChunkOrder:
     buffer_chunks: int
     seed: int
     part: tuple[int, int] = (0, 1)
+    group_chunks: int | None = None  # set: one pass, in groups of this many consecutive chunks
 
     def __post_init__(self):
         index, parts = self.part
@@ -73,15 +79,32 @@ class ChunkOrder:
     def rows_of(self, chunk: int) -> int:
         return min(self.chunk_rows, self.n_rows - chunk * self.chunk_rows)
 
+    @property
+    def n_groups(self) -> int:
+        return 1 if self.group_chunks is None else math.ceil(self.n_chunks / self.group_chunks)
+
     def epoch_blocks(self, epoch: int) -> list[np.ndarray]:
-        """The chunks of each of this part's blocks in an epoch: its share of the epoch's shared chunk
-        order, split into blocks of block_chunks to 2 * block_chunks - 1 chunks."""
+        """The chunks of each of this part's blocks in an epoch: its share of each group's shared chunk
+        order (one group of every chunk without group_chunks), split into blocks of block_chunks to
+        2 * block_chunks - 1 chunks."""
         index, parts = self.part
-        mine = np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)[index::parts]
-        return np.array_split(mine, max(1, len(mine) // self.block_chunks))
+        if self.group_chunks is None:
+            mine = np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)[index::parts]
+            return np.array_split(mine, max(1, len(mine) // self.block_chunks))
+        blocks = []
+        for g in range(self.n_groups):
+            first = g * self.group_chunks
+            count = min(self.group_chunks, self.n_chunks - first)
+            mine = first + np.random.default_rng([self.seed, epoch, g]).permutation(count)[index::parts]
+            blocks += np.array_split(mine, max(1, len(mine) // self.block_chunks)) if len(mine) else []
+        return blocks
+
+    def group_of(self, chunk: int) -> int:
+        return 0 if self.group_chunks is None else chunk // self.group_chunks
 
     def blocks(self, start_batch: int = 0) -> Iterator[Block]:
-        """This part's blocks, endlessly, from the one holding batch `start_batch` on."""
+        """This part's blocks from the one holding batch `start_batch` on: endlessly, or to the end of
+        the one pass with group_chunks."""
         drawn, epoch = 0, 0
         while True:
             for b, chunks in enumerate(self.epoch_blocks(epoch)):
@@ -89,9 +112,20 @@ class ChunkOrder:
                 batches = rows // self.part_batch
                 if drawn + batches > start_batch:
                     rng = np.random.default_rng([self.seed, epoch, b, self.part[0]])
-                    yield Block(chunks, rows, rng.permutation(rows), max(0, start_batch - drawn), batches)
+                    group = self.group_of(int(chunks[0]))
+                    yield Block(chunks, rows, rng.permutation(rows), max(0, start_batch - drawn), batches, group)
                 drawn += batches
+            if self.group_chunks is not None:
+                return
             epoch += 1
+
+    def group_ends(self) -> list[int]:
+        """With group_chunks: the batches this part has drawn when each group's last batch is drawn
+        (the last entry is the whole pass)."""
+        ends = [0] * self.n_groups
+        for chunks in self.epoch_blocks(0):
+            ends[self.group_of(int(chunks[0]))] += sum(self.rows_of(int(c)) for c in chunks) // self.part_batch
+        return list(np.cumsum(ends).tolist())
 
 
 def mixing(order: ChunkOrder, group_of_row: np.ndarray, batches: int, seed: int = 0) -> tuple[float, float]:
