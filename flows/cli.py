@@ -244,8 +244,9 @@ def cmd_plan(args) -> int:
 
 
 def _store_line(spec, d_model: int, tokens: int) -> str:
-    """What caching `tokens` training tokens for every hookpoint puts on the store's disk."""
-    from storage.activations import planned_bytes
+    """What caching `tokens` training tokens for every hookpoint puts on the store's disk: all of it,
+    or with data.window_shards the window's shards at most."""
+    from storage.activations import planned_bytes, shard_bytes
 
     d = spec.data
     first = int(d.drop_first_position)
@@ -253,10 +254,38 @@ def _store_line(spec, d_model: int, tokens: int) -> str:
     hooks = len(spec.hookpoints)
     train = hooks * planned_bytes(tokens, d.context_length, first, d_model, d.dtype)
     held = hooks * planned_bytes(held_out, d.context_length, first, d_model, d.dtype)
-    return (
+    what = (
         f"{_size(train)} of training activations and {_size(held)} held out ({hooks} hookpoint"
-        f"{'s' if hooks > 1 else ''} x d {d_model} in {d.dtype}), all on the disk of data.store until training ends"
+        f"{'s' if hooks > 1 else ''} x d {d_model} in {d.dtype})"
     )
+    if d.window_shards:
+        shard = hooks * shard_bytes(d.context_length, first, d_model, d.dtype, d.shard_contexts)
+        need = min(d.window_shards * shard, train) + held
+        window = f"a window of {d.window_shards} shards of {_size(shard)}"
+        where = f"streamed through {window}: {_size(need)} on disk at most"
+    else:
+        need = train + held
+        where = "all on the disk of data.store until training ends"
+    return f"{what}, {where}{_free_line(spec, need)}"
+
+
+def _free_line(spec, need: int) -> str:
+    """How the store's need compares with the free space of its local disk (nothing for remote stores)."""
+    import shutil
+
+    from flows.paths import store_url
+
+    url = store_url(spec)
+    if "://" in url and not url.startswith("file://"):
+        return ""
+    place = Path(url.removeprefix("file://"))
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if need <= free:
+        return f" ({_size(free)} free there)"
+    hint = "lower data.window_shards" if spec.data.window_shards else "set data.window_shards (docs/window.md)"
+    return f"; DOES NOT FIT: {_size(free)} free there, {hint}"
 
 
 def _size(n: int) -> str:

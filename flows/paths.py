@@ -60,9 +60,15 @@ def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
 
 
 def is_trained(spec: RunSpec, hookpoint: str, indices) -> bool:
-    """Whether the work dir holds the finished SAEs `indices` of a hookpoint."""
+    """Whether the work dir holds the finished SAEs `indices` of a hookpoint, with weights that match
+    their checksums (a remote work dir's are checked when they are fetched and loaded)."""
+    from sae.model import weights_intact
+
     return all(
-        spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}") for i in indices for name in (SAE_MARKER, SAE_WEIGHTS)
+        spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}")
+        and (spec.work.remote or name != SAE_WEIGHTS or weights_intact(sae_dir(spec, hookpoint, i)))
+        for i in indices
+        for name in (SAE_MARKER, SAE_WEIGHTS)
     )
 
 

@@ -89,7 +89,7 @@ class DataSpec(Section):
     # activations barely compress (ratio ~1.0, docs/benchmarks.md) and every read pays to decode them;
     # a store keeps the compression it was written with
     compression: Literal["none", "lz4", "zstd"] = "none"
-    # set: runs larger than the disk (docs/scaling.md): the train split is cached while the SAEs train on
+    # set: runs larger than the disk (docs/window.md): the train split is cached while the SAEs train on
     # it, one pass, at most this many train shards on disk, each deleted once a checkpoint covers it
     window_shards: int | None = None
 

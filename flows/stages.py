@@ -34,6 +34,7 @@ from flows.spec import RunSpec
 from flows.training import Alone, train_hookpoint, write_json
 from sae.browser import HISTOGRAM_FILE
 from sae.lm import load_lm, resolve_device
+from sae.model import CHECKSUM as WEIGHTS_CHECKSUM
 from storage import activations as store
 from storage.corpus import split_contexts
 from storage.registry import file_sha256, find_registered, register_sae
@@ -59,8 +60,10 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
         )
     if not isinstance(index, int):
         raise ValueError(f"the {stage} stage's outputs are per SAE: give its index")
-    if stage == "evaluate":
-        return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}")
+    if stage == "evaluate":  # and of the weights there now
+        return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}") and scored_weights(
+            spec, hookpoint, index
+        ) == weights_sha256(spec, hookpoint, index)
     return registered(spec, hookpoint, index) is not None
 
 
@@ -84,6 +87,27 @@ def existing_output(
         return stored_metrics(spec, hookpoint, index) if is_done("evaluate", spec, hookpoint, index) else None
     found = registered(spec, hookpoint, index)
     return None if found is None else found.uri
+
+
+SCORED_FILE = "scored.json"  # beside metrics.json: the sha256 of the weights it measured
+
+
+def _json(spec: RunSpec, rel: str) -> dict:
+    try:
+        found = json.loads(spec.work.read_bytes(rel))
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def weights_sha256(spec: RunSpec, hookpoint: str, index: int) -> str | None:
+    """The checksum the trained SAE's config.json holds for its weights."""
+    return _json(spec, f"{sae_rel(spec, hookpoint, index)}/config.json").get(WEIGHTS_CHECKSUM)
+
+
+def scored_weights(spec: RunSpec, hookpoint: str, index: int) -> str | None:
+    """The checksum of the weights an evaluation measured."""
+    return _json(spec, f"{eval_rel(spec, hookpoint, index)}/{SCORED_FILE}").get(WEIGHTS_CHECKSUM)
 
 
 def registered(spec: RunSpec, hookpoint: str, index: int):
@@ -282,6 +306,7 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
     if spec.eval.browser:
         write_browser(record, sae.cfg.n_latents, path.parent, f"{spec.name} · {hookpoint}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path.parent / SCORED_FILE, {WEIGHTS_CHECKSUM: weights_sha256(spec, hookpoint, index)})
     write_json(path, record.metrics)
     spec.work.publish(rel, marker=METRICS_FILE)
     log.info("metrics for %s written to %s", hookpoint, spec.work.location(f"{rel}/{METRICS_FILE}"))
@@ -386,6 +411,13 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         spec.work.fetch(eval_rel(spec, hookpoint, index))
     cfg = json.loads((directory / "config.json").read_text())["sae"]
     metrics = read_metrics(metrics_path(spec, hookpoint, index))
+    if weights_sha256(spec, hookpoint, index) and scored_weights(spec, hookpoint, index) != file_sha256(
+        directory / "sae.safetensors"
+    ):
+        raise ValueError(
+            f"the metrics in {metrics_path(spec, hookpoint, index)} were not measured on the weights "
+            f"{directory / 'sae.safetensors'} holds now: run `saeflow run SPEC` (it trains and evaluates again)"
+        )
     params = {
         "model": spec.model.source,
         "hookpoint": hookpoint,

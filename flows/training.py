@@ -28,7 +28,7 @@ from sae.placement import OneProcess, Placement
 from sae.train import Trainer, TrainResult, milestone_tokens, train_saes
 from storage import activations as store
 from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
-from storage.checkpoints import load_checkpoint, save_checkpoint, steps_available
+from storage.checkpoints import intact_steps, load_checkpoint, save_checkpoint
 from storage.shuffle import ChunkOrder
 from storage.window import Window, released_through
 
@@ -100,6 +100,11 @@ def train_hookpoint(
     work = spec.work
     locations = [work.location(sae_rel(spec, hookpoint, i)) for i in range(len(spec.sae))]
     todo = [i for i in indices if not is_trained(spec, hookpoint, [i])]
+    for i in todo:
+        if team.lead and work.exists(f"{sae_rel(spec, hookpoint, i)}/{SAE_MARKER}"):
+            log.warning(
+                "the SAE at %s is damaged (its weights do not match their checksum): training it again", locations[i]
+            )
     if not todo:
         if team.lead:
             log.info("SAEs for %s already trained at %s", hookpoint, ", ".join(locations))
@@ -137,7 +142,8 @@ def train_hookpoint(
         refuse_other_grids(work, sae_rel(spec, hookpoint, i), team.latent_shards)
         if work.remote:  # checkpoints live in the work dir: a run on another machine resumes from them
             work.fetch(ckpt_rels[i])
-    common = set.intersection(*(set(steps_available(work.local(ckpt_rels[i]))) for i in todo))
+    # damaged checkpoints are named and passed over: the newest intact one every SAE has
+    common = set.intersection(*(set(intact_steps(work.local(ckpt_rels[i]))) for i in todo))
     step = team.agree(max(common, default=0))
     first = tcfgs[todo[0]]
     if step:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 
 from sae.config import SAEConfig
@@ -16,6 +18,41 @@ from sae.kernels import sparse_decode, topk_encode
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
+CHECKSUM = "weights_sha256"  # config.json's key: the sha256 of sae.safetensors as saved
+
+
+class DamagedWeights(ValueError):
+    """An SAE's weights file is unreadable or no longer the one its config.json was written with."""
+
+
+def read_weights(directory: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of directory/sae.safetensors, checked against `sha256` when there is one (SAEs
+    saved before checksums, or by other tools, have none)."""
+    path = directory / WEIGHTS_FILE
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DamagedWeights(
+            f"{path} does not match the sha256 in its {CONFIG_FILE} (damaged, or changed since it was saved): "
+            "train it again, or pull it again"
+        )
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise DamagedWeights(
+            f"{path} is not a readable safetensors file ({e}): train it again, or pull it again"
+        ) from None
+
+
+def weights_intact(directory: Path) -> bool:
+    """Whether an SAE folder's weights match the checksum its config.json holds (True without one)."""
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        expected = meta.get(CHECKSUM)
+        return expected is None or hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest() == expected
+    except (OSError, ValueError):
+        return False
+
+
 STANDARDIZE_EPS = 1e-5  # as in the released GPT-2 SAEs
 SOURCES_GROUP = "saeflow.sae_sources"  # entry points: ref -> TopKSAE | None (from_pretrained)
 
@@ -141,8 +178,10 @@ class TopKSAE(nn.Module):
         if bad:
             raise FloatingPointError(f"not saving an SAE with non-finite weights ({', '.join(bad)}) to {out}")
         tmp_w, tmp_c = out / (WEIGHTS_FILE + ".tmp"), out / (CONFIG_FILE + ".tmp")
-        save_file(tensors, tmp_w)
-        tmp_c.write_text(json.dumps({"sae": self.cfg.to_dict(), "metadata": metadata or {}}, indent=2))
+        data = save(tensors)
+        tmp_w.write_bytes(data)
+        config = {"sae": self.cfg.to_dict(), "metadata": metadata or {}, CHECKSUM: hashlib.sha256(data).hexdigest()}
+        tmp_c.write_text(json.dumps(config, indent=2))
         os.replace(tmp_w, out / WEIGHTS_FILE)
         os.replace(tmp_c, out / CONFIG_FILE)
         return out
@@ -171,6 +210,6 @@ class TopKSAE(nn.Module):
         d = Path(directory)
         meta = json.loads((d / CONFIG_FILE).read_text())
         sae = cls(SAEConfig(**meta["sae"]))
-        sae.load_state_dict(load_file(d / WEIGHTS_FILE, device="cpu"))
+        sae.load_state_dict(read_weights(d, meta.get(CHECKSUM)))
         sae.metadata = meta.get("metadata", {})
         return sae.to(device)

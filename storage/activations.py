@@ -122,6 +122,13 @@ def planned_bytes(tokens: int, context_length: int, first_position: int, d_model
     return math.ceil(tokens / positions) * positions * d_model * np.dtype(STORE_DTYPES[dtype]).itemsize
 
 
+def shard_bytes(context_length: int, first_position: int, d_model: int, dtype: str, shard_contexts: int | None) -> int:
+    """Bytes of one train shard of one hookpoint, as planned by Layout.plan (uncompressed)."""
+    itemsize = np.dtype(STORE_DTYPES[dtype]).itemsize
+    layout = Layout.plan(1, context_length, first_position, d_model, itemsize, shard_contexts)
+    return layout.shard_contexts * layout.positions * d_model * itemsize
+
+
 # opening and verifying ---------------------------------------------------------------------------
 def _group(url: str, mode: Literal["r", "r+", "w"], storage_options: dict | None) -> zarr.Group:
     # zarr refuses storage_options (even empty) for a local path

@@ -4,6 +4,7 @@ line, and only transient failures are retried."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -190,6 +191,9 @@ def test_non_finite_metrics_are_not_written_and_registration_refuses_them(tmp_pa
     tensors = {k: v.clone() for k, v in sae.state_dict().items()}
     tensors["W_dec"][0, 0] = float("inf")
     save_file(tensors, tmp_path / "sae" / "sae.safetensors")
+    config = json.loads((tmp_path / "sae" / "config.json").read_text())  # a consistent checksum: only the inf is wrong
+    config["weights_sha256"] = hashlib.sha256((tmp_path / "sae" / "sae.safetensors").read_bytes()).hexdigest()
+    (tmp_path / "sae" / "config.json").write_text(json.dumps(config))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(FloatingPointError, match="refusing to register .*W_dec"):
         register_sae(
@@ -563,3 +567,102 @@ def test_an_unreachable_dask_scheduler_fails_at_once_naming_the_field(tiny_model
         "(Connection refused): start it, or fix orchestration.dask_address in the spec"
     )
     assert not (tmp_path / "work" / "activations").exists()
+
+
+def test_a_damaged_checkpoint_is_named_and_training_resumes_from_the_one_before(
+    tiny_model_dir, text_dir, tmp_path, monkeypatch, caplog
+):
+    """Bytes of sae.W_dec overwritten in the newest checkpoint: the run names it, resumes from the
+    previous one, and ends with the weights of an uninterrupted run."""
+    from flows import training
+    from storage.checkpoints import DamagedCheckpoint, load_checkpoint
+
+    store_dir = tmp_path / "store"
+    train = {"batch_tokens": 128, "tokens": 1500, "checkpoint_every_tokens": 256}
+    straight = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "a", train=train))
+    straight = straight.model_copy(update={"data": straight.data.model_copy(update={"store": str(store_dir)})})
+    cache_all(straight)
+    stages.train(straight, "model.layers.1", progress=False)
+    reference = TopKSAE.load(stages.sae_dir(straight, "model.layers.1"))
+
+    spec = straight.model_copy(update={"workdir": str(tmp_path / "b")})
+    saved, count = training.save_and_publish_checkpoint, [0]
+
+    class Killed(Exception):
+        pass
+
+    def checkpoint(work, rel, trainer):
+        saved(work, rel, trainer)
+        count[0] += 1
+        if count[0] == 4:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "save_and_publish_checkpoint", checkpoint)
+        with pytest.raises(Killed):
+            stages.train(spec, "model.layers.1", progress=False)
+    ckpts = stages.sae_dir(spec, "model.layers.1") / "checkpoints"
+    newest = ckpts / "step-000000008"
+    raw = bytearray((newest / "state.safetensors").read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    offsets = json.loads(raw[8:header])["sae.W_dec"]["data_offsets"]
+    raw[header + offsets[0] : header + offsets[0] + 64] = bytes(64)  # zeroes in the decoder
+    (newest / "state.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(DamagedCheckpoint, match="step-000000008 is damaged: state.safetensors does not match"):
+        load_checkpoint(ckpts, 8)
+
+    caplog.set_level("INFO")
+    stages.train(spec, "model.layers.1", progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(newest) in w and "not resuming from it" in w for w in warnings), warnings
+    assert any("from checkpoints at step 6" in r.getMessage() for r in caplog.records)
+    resumed = TopKSAE.load(stages.sae_dir(spec, "model.layers.1"))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(tiny_model_dir, text_dir, tmp_path):
+    """64 bytes of sae.safetensors zeroed after the evaluation: registering refuses (the metrics
+    measured other weights), the weights are named when loaded, and a new run trains them again
+    and registers nothing new with the old metrics."""
+    from mlflow import MlflowClient
+
+    from sae.model import DamagedWeights
+
+    spec = parse_spec(
+        tiny_spec(
+            tiny_model_dir, text_dir, tmp_path / "w", eval={"tokens": 300, "downstream_contexts": 0, "browser": False}
+        )
+    )
+    hook = "model.layers.1"
+    cache_all(spec)
+    stages.train(spec, hook, progress=False)
+    stages.evaluate(spec, hook, progress=False)
+    weights = stages.sae_dir(spec, hook) / "sae.safetensors"
+    good = weights.read_bytes()
+    raw = bytearray(good)
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(DamagedWeights, match=f"{re.escape(str(weights))} does not match the sha256 in its config.json"):
+        TopKSAE.load(weights.parent)
+    assert not stages.is_done("train", spec, hook)
+    with pytest.raises(ValueError, match="were not measured on the weights .* holds now: run `saeflow run SPEC`"):
+        stages.register(spec, hook)
+    assert (
+        MlflowClient(tracking_uri=spec.tracking_uri()).search_model_versions(f"name = '{spec.model_name(hook, 0)}'")
+        == []
+    )
+
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(DamagedWeights, match="does not match"):
+        TopKSAE.load(weights.parent)
+    stages.train(spec, hook, progress=False)  # trains it again: the same bits on this CPU
+    assert weights.read_bytes() == good
+    assert stages.is_done("evaluate", spec, hook, 0)  # the metrics measured exactly these weights
+    stages.register(spec, hook)
+    assert (
+        len(
+            MlflowClient(tracking_uri=spec.tracking_uri()).search_model_versions(f"name = '{spec.model_name(hook, 0)}'")
+        )
+        == 1
+    )

@@ -68,12 +68,20 @@ def test_group_order_reads_each_group_whole_before_the_next_and_resumes_in_place
         ),
     ],
 )
-def test_bad_windows_are_refused_in_one_line(data, message):
+def test_bad_windows_are_refused_in_one_line(data, message, tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+
     spec = {"name": "x", "model": {"source": "m"}, "data": data, "sae": {"n_latents": 64}, "hookpoints": ["h"]}
     spec["train"] = {"tokens": 2000, "batch_tokens": 100}
     with pytest.raises(SpecError) as e:
         parse_spec(spec)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def test_one_window_streams_one_hookpoint():
@@ -160,3 +168,74 @@ def test_windowed_batches_equal_the_same_order_over_a_whole_store(tiny_model_dir
     plain = list(store.shuffled_batches(acts, **kwargs))
     assert len(ours) == len(plain) > 0
     assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+
+
+def test_plan_prints_the_windows_disk_need_and_what_does_not_fit(
+    tiny_model_dir, text_dir, tmp_path, capsys, monkeypatch
+):
+    import re
+    import shutil
+    from collections import namedtuple
+
+    import yaml
+
+    from flows.cli import main
+    from sae.lm import load_config
+
+    base = spec_dict(tiny_model_dir, text_dir, tmp_path / "w", window=6)
+    base["train"] = {"batch_tokens": 128}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    args = [
+        "plan",
+        str(tmp_path / "base.yaml"),
+        "--budget-flops",
+        "1e14",
+        "--k",
+        "8",
+        "--out",
+        str(tmp_path / "p.yaml"),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    d = load_config(str(tiny_model_dir)).hidden_size
+    shard = 24 * 15 * d * 2  # 24 contexts of 15 kept positions, float16
+    found = re.search(r"window of 6 shards of ([\d.]+) kB: ([\d.]+) (\w+) on disk at most \(", printed)
+    assert found, printed
+    assert abs(float(found.group(1)) * 1e3 / shard - 1) < 0.01
+    held = -(-300 // 15) * 15 * d * 2
+    scale = {"GB": 1e9, "MB": 1e6, "kB": 1e3}[found.group(3)]
+    assert abs(float(found.group(2)) * scale / (6 * shard + held) - 1) < 0.01
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**6, 10**6 - 1000, 1000))
+    assert main(args) == 0
+    assert "DOES NOT FIT: 1.0 kB free there, lower data.window_shards" in capsys.readouterr().out
+
+
+def test_a_damaged_or_stopped_shard_is_never_read(tiny_model_dir, text_dir, tmp_path):
+    from pathlib import Path
+
+    from storage.window import CachingStopped
+
+    spec = parse_spec(spec_dict(tiny_model_dir, text_dir, tmp_path / "w"))
+    stages.plan_cache(spec)
+    window = Window.of(stages.store_url(spec))
+    assert window is not None
+    session = window.open_session()
+    assert window.to_cache(session) is None  # no trainer has said where it starts
+    window.release(0)
+    assert window.to_cache(session) == [0, 1, 2, 3]
+    stages.cache_shard(spec, "train", 0)
+    window.wait([0], timeout=1)
+    shard = Path(stages.store_url(spec)) / "train/acts/model.layers.1/c/0/0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(TimeoutError, match="train shard 0 was not cached within 0 s"):
+        window.wait([0], timeout=0.3, poll=0.05)
+    assert window.to_cache(session) == [0, 1, 2, 3]  # the damaged shard is cached again
+    stages.cache_shard(spec, "train", 0)
+    window.wait([0], timeout=1)
+    window.stop("caching train shard 1 failed: disk full")
+    with pytest.raises(CachingStopped, match="caching stopped: caching train shard 1 failed: disk full"):
+        window.wait([1], timeout=5, poll=0.05)
