@@ -166,6 +166,36 @@ def _shard_file(root: str, split: str, hookpoint: str, i: int) -> str:
     return f"{root}/{split}/acts/{array_name(hookpoint)}/c/{i}/0"
 
 
+TOKEN_ARRAYS = ("tokens", "doc_index", "doc_position", "documents")  # written at planning, one file a shard
+
+
+def _token_file_crcs(url: str, split: str, storage_options: dict | None) -> dict[str, int]:
+    """crc32 of every chunk file of a split's token arrays, by path under the split."""
+    fs, root = _fs(url, storage_options)
+    base = f"{root.rstrip('/')}/{split}/"
+    files = [f for name in TOKEN_ARRAYS for f in fs.find(f"{base}{name}/c")]
+    return {f.removeprefix(base): zlib.crc32(fs.cat_file(f)) for f in files}
+
+
+def token_problems(url: str, split: str, storage_options: dict | None = None, shard: int | None = None) -> list[str]:
+    """The token-array files of a split (of one shard's contexts when `shard` is given, the document
+    ids always) that do not match the crc32 recorded at planning. Stores planned before have none."""
+    group = _group(url, "r", storage_options)
+    recorded = _meta(_subgroup(group, split)).get("crc32") or {}
+    fs, root = _fs(url, storage_options)
+    problems = []
+    for rel, crc in sorted(recorded.items()):
+        if shard is not None and rel.split("/")[0] != "documents" and rel.split("/")[2] != str(shard):
+            continue
+        try:
+            actual = zlib.crc32(fs.cat_file(f"{root}/{split}/{rel}"))
+        except FileNotFoundError:
+            actual = None
+        if actual != crc:
+            problems.append(f"the {rel.split('/')[0]} of {split} ({root}/{split}/{rel}) are corrupted or gone")
+    return problems
+
+
 def _read_marker(fs, path: str) -> dict | None:
     try:
         return json.loads(fs.cat_file(path))
@@ -189,7 +219,7 @@ def window_of(group: zarr.Group) -> int | None:
 
 def cached_splits(group: zarr.Group) -> list[str]:
     """The splits cached whole before training: all but a streamed train split."""
-    return [s for s in _meta(group)["splits"] if not (s == "train" and window_of(group))]
+    return [s for s in _meta(group).get("splits", []) if not (s == "train" and window_of(group))]
 
 
 def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
@@ -208,11 +238,14 @@ def bad_shards(
     url: str, storage_options: dict | None = None, splits=None, full: bool = True
 ) -> list[tuple[str, int, str]]:
     """(split, shard, what is wrong) for every shard of `splits` (default the cached ones) that has no
-    marker or (full=True) whose files do not match the crc32 recorded when it was written."""
+    marker or (full=True) whose files do not match the crc32 recorded when it was written; shard -1
+    for the split's token arrays, written when the store was planned."""
     group = _group(url, "r", storage_options)
     fs, root = _fs(url, storage_options)
     problems = []
     for split in splits or cached_splits(group):
+        if full:
+            problems += [(split, -1, what) for what in token_problems(url, split, storage_options)]
         layout = layout_of(group, split)
         for i in range(layout.n_shards):
             c0, c1 = layout.shard_contexts_range(i)
@@ -254,6 +287,9 @@ def reopen_bad_shards(url: str, storage_options: dict | None = None) -> list[str
         fs, root = _fs(url, storage_options)
         group = _group(url, "r+", storage_options)
         _meta(group)["complete"] = False  # first: a kill from here on leaves a store that is not complete
+        if any(i < 0 for _, i, _ in problems):  # the tokens come from planning: plan (and compute) it all again
+            del _meta(group)["splits"]
+            return [what for _, _, what in problems]
         for split, i in sorted({(split, i) for split, i, _ in problems}):
             if fs.exists(_marker_path(root, split, i)):
                 fs.rm_file(_marker_path(root, split, i))
@@ -321,6 +357,7 @@ def plan_store(
             sub.create_array(name, data=getattr(ctx, name), chunks=(layout.shard_contexts, length), compressors=codec)
         docs = sub.create_array("documents", shape=(len(ctx.documents),), dtype="str")  # variable-length UTF-8
         docs[:] = np.asarray(ctx.documents, dtype=object)
+        sub.attrs["crc32"] = _token_file_crcs(url, split, storage_options)
         for h in hookpoints:
             sub.create_array(
                 f"acts/{array_name(h)}",
@@ -375,6 +412,9 @@ def write_shard(
     sub = _subgroup(group, split)
     layout = layout_of(group, split)
     c0, c1 = layout.shard_contexts_range(index)
+    damaged = token_problems(url, split, storage_options, shard=index)
+    if damaged:
+        raise IncompleteStoreError(f"{url}: {'; '.join(damaged)}: run `saeflow cache SPEC` to plan the store again")
     ids = torch.from_numpy(np.asarray(_array(sub, "tokens")[c0:c1]))
     device = next(model.parameters()).device
     blocks: dict[str, list[np.ndarray]] = {h: [] for h in hookpoints}

@@ -666,3 +666,33 @@ def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(tin
         )
         == 1
     )
+
+
+def test_damaged_token_arrays_are_named_and_cache_plans_the_store_again(tiny_model_dir, text_dir, tmp_path, capsys):
+    """The token ids of the eval split deleted: evaluate would score the LM on zeros (CE 13 instead of
+    5). Every reader names the file, verify reports it, and cache plans the store again."""
+    import yaml
+
+    from flows.cli import main
+
+    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
+    spec = parse_spec(spec_dict)
+    cache_all(spec)
+    stages.train(spec, "model.layers.1", progress=False)
+    clean = stages.evaluate(spec, "model.layers.1", progress=False)
+    stages.metrics_path(spec, "model.layers.1").unlink()
+    root = Path(stages.store_url(spec))
+    (root / "eval/tokens/c/0/0").unlink()
+    flip_byte(root / "train/doc_index/c/1/0")
+    named = f"the tokens of eval ({root}/eval/tokens/c/0/0) are corrupted or gone"
+    with pytest.raises(store.IncompleteStoreError, match=re.escape(named)):
+        stages.evaluate(spec, "model.layers.1", progress=False)
+    with pytest.raises(store.IncompleteStoreError, match=re.escape(f"the doc_index of train ({root}/train/doc_index")):
+        stages.cache_shard(spec, "train", 1)  # a shard is never computed from damaged token ids
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    assert main(["verify", str(path)]) == 1
+    assert f"bad: {named}" in capsys.readouterr().out
+    assert main(["cache", str(path)]) == 0
+    assert store.bad_shards(stages.store_url(spec)) == [] and stages.is_done("cache", spec)
+    assert stages.evaluate(spec, "model.layers.1", progress=False) == clean
