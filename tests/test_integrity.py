@@ -57,6 +57,18 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def evaluated_once(model_dir, text_dir, tmp_path):
+    """(spec as written, spec, its metrics) of a tiny run cached, trained and evaluated, the metrics
+    file then removed so that evaluate runs again."""
+    spec_dict = tiny_spec(model_dir, text_dir, tmp_path / "work")
+    spec = parse_spec(spec_dict)
+    cache_all(spec)
+    stages.train(spec, "model.layers.1", progress=False)
+    clean = stages.evaluate(spec, "model.layers.1", progress=False)
+    stages.metrics_path(spec, "model.layers.1").unlink()
+    return spec_dict, spec, clean
+
+
 def shard_file(spec, split: str, index: int) -> Path:
     return Path(stages.store_url(spec)) / split / "acts" / "model.layers.1" / "c" / str(index) / "0"
 
@@ -69,12 +81,7 @@ def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them
 
     from flows.cli import main
 
-    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
-    spec = parse_spec(spec_dict)
-    cache_all(spec)
-    stages.train(spec, "model.layers.1", progress=False)
-    clean = stages.evaluate(spec, "model.layers.1", progress=False)
-    stages.metrics_path(spec, "model.layers.1").unlink()
+    spec_dict, spec, clean = evaluated_once(tiny_model_dir, text_dir, tmp_path)
     sae_dir = stages.sae_dir(spec, "model.layers.1")
     bad = {("train", 1), ("eval", 0), ("eval", 1)}
     good = {(s, i): shard_file(spec, s, i).read_bytes() for s, i in bad}
@@ -675,12 +682,7 @@ def test_damaged_token_arrays_are_named_and_cache_plans_the_store_again(tiny_mod
 
     from flows.cli import main
 
-    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
-    spec = parse_spec(spec_dict)
-    cache_all(spec)
-    stages.train(spec, "model.layers.1", progress=False)
-    clean = stages.evaluate(spec, "model.layers.1", progress=False)
-    stages.metrics_path(spec, "model.layers.1").unlink()
+    spec_dict, spec, clean = evaluated_once(tiny_model_dir, text_dir, tmp_path)
     root = Path(stages.store_url(spec))
     (root / "eval/tokens/c/0/0").unlink()
     flip_byte(root / "train/doc_index/c/1/0")
