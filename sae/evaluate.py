@@ -137,9 +137,6 @@ def ablation_sparsity(
     scores = [
         ablation_sparsity_score(ablated[b, t[b] : t[b] + window] - base[b, t[b] : t[b] + window]) for b in range(B)
     ]
-    scores = torch.stack([s for s in scores if torch.isfinite(s)])  # an inactive (zero) latent changes nothing
-    return {
-        "ablation_sparsity": scores.mean().item(),
-        "ablation_sparsity_samples": float(len(scores)),
-        "ablation_sparsity_window": float(window),
-    }
+    finite = [s for s in scores if torch.isfinite(s)]  # an inactive (zero) latent changes nothing
+    measured = {"ablation_sparsity": torch.stack(finite).mean().item()} if finite else {}  # none fired: no score
+    return {**measured, "ablation_sparsity_samples": float(len(finite)), "ablation_sparsity_window": float(window)}

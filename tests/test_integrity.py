@@ -698,3 +698,18 @@ def test_damaged_token_arrays_are_named_and_cache_plans_the_store_again(tiny_mod
     assert main(["cache", str(path)]) == 0
     assert store.bad_shards(stages.store_url(spec)) == [] and stages.is_done("cache", spec)
     assert stages.evaluate(spec, "model.layers.1", progress=False) == clean
+
+
+def test_an_sae_on_which_no_latent_fires_gets_its_metrics(tiny_model_dir, text_dir, tmp_path):
+    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work", eval={"tokens": 300, "downstream_contexts": 8})
+    spec = parse_spec(spec_dict)
+    cache_all(spec)
+    stages.train(spec, "model.layers.1", progress=False)
+    folder = stages.sae_dir(spec, "model.layers.1")
+    sae = TopKSAE.load(folder)
+    with torch.no_grad():
+        sae.W_enc.zero_()  # every pre-activation 0: nothing fires
+    sae.save(folder, metadata=sae.metadata)
+    metrics = stages.evaluate(spec, "model.layers.1", progress=False)
+    assert metrics["dead_fraction"] == 1.0 and metrics["ablation_sparsity_samples"] == 0.0
+    assert "ablation_sparsity" not in metrics and metrics["normalized_mse"] > 0.99

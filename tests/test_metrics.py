@@ -78,6 +78,10 @@ def test_ablation_sparsity_runs_on_a_model(tiny_model_dir):
     ids = torch.randint(3, model.config.vocab_size, (5, 20), generator=torch.Generator().manual_seed(1))
     m = ablation_sparsity(sae, model, ids, "model.layers.1", 1, window=8)
     assert 0 < m["ablation_sparsity"] <= 1 and m["ablation_sparsity_samples"] <= 5
+    with torch.no_grad():  # no latent fires: every pre-activation is 0
+        sae.W_enc.zero_()
+    silent = ablation_sparsity(sae, model, ids, "model.layers.1", 1, window=8)
+    assert silent == {"ablation_sparsity_samples": 0.0, "ablation_sparsity_window": 8.0}
 
 
 def test_progressive_codes_against_dense_computation():
