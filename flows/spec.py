@@ -432,6 +432,8 @@ class RunSpec(Section):
     @field_validator("workdir")
     @classmethod
     def _workdir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("is empty: name a directory (the default is .saeflow)")
         return _known_protocol(v)
 
     @field_validator("sae", mode="before")
@@ -816,6 +818,8 @@ def load_spec(path: str | Path, online: bool = True) -> RunSpec:
         raise SpecError(f"{p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise SpecError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise SpecError(f"{p} nests deeper than Python can read: a spec is a few levels of mappings") from None
     if not isinstance(data, dict):
         raise SpecError(f"{p} must hold a mapping of sections (name, model, data, hookpoints, sae, ...)")
     spec = parse_spec(data)

@@ -98,6 +98,11 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
             tmp = Path(f"{convert_dir}.partial")
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            (tmp / ".mode").touch()  # safetensors writes 0600: give every file the mode new files get here
+            mode = (tmp / ".mode").stat().st_mode & 0o777
+            (tmp / ".mode").unlink()
+            for f in tmp.iterdir():
+                f.chmod(mode)
             tmp.replace(convert_dir)
             log.info("converted model cached in %s", convert_dir)
     else:

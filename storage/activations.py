@@ -109,10 +109,21 @@ class Layout:
     ):
         positions = context_length - first_position
         chunk = max(1, math.ceil(TARGET_CHUNK_BYTES / (positions * d * itemsize)))
-        shard = shard_contexts or chunk * CHUNKS_PER_SHARD
-        chunk = min(chunk, shard)
-        shard = math.ceil(shard / chunk) * chunk
-        return cls(n_contexts, context_length, first_position, chunk, shard)
+        if shard_contexts is None:
+            return cls(n_contexts, context_length, first_position, chunk, chunk * CHUNKS_PER_SHARD)
+        # the shard the spec asks for, in chunks of at most the target size that divide it
+        divisor = next(c for c in range(min(chunk, shard_contexts), 0, -1) if shard_contexts % c == 0)
+        if divisor < min(chunk, shard_contexts) / 2:
+            log.warning(
+                "data.shard_contexts=%d splits only into chunks of %d contexts (%d kB), which read slowly: "
+                "a multiple of %d gives chunks of about %d MB",
+                shard_contexts,
+                divisor,
+                divisor * positions * d * itemsize // 1000,
+                chunk,
+                TARGET_CHUNK_BYTES // 2**20,
+            )
+        return cls(n_contexts, context_length, first_position, divisor, shard_contexts)
 
 
 def planned_bytes(tokens: int, context_length: int, first_position: int, d_model: int, dtype: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from sae.config import Normalization, SAEConfig
 from sae.model import CONFIG_FILE, WEIGHTS_FILE, TopKSAE
@@ -103,9 +103,8 @@ def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
                 "exported_by": "saeflow",
             },
         }
-        save_file(
-            {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SAELENS_WEIGHTS
-        )
+        weights = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+        (out / SAELENS_WEIGHTS).write_bytes(save(weights))  # (save_file writes 0600)
         (out / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
         return out
     unit = bool(torch.allclose(W_dec.norm(dim=1), torch.ones(W_dec.shape[0]), atol=1e-4))
@@ -120,7 +119,8 @@ def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
         "transcode": False,
         "d_in": sae.cfg.d_in,
     }
-    save_file({"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}, out / SPARSIFY_WEIGHTS)
+    weights = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    (out / SPARSIFY_WEIGHTS).write_bytes(save(weights))
     (out / SPARSIFY_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 

@@ -253,3 +253,15 @@ def test_closing_the_prefetcher_stops_its_thread_and_closes_the_reader():
     while any(t.name == "saeflow-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(t.name == "saeflow-prefetch" for t in threading.enumerate())
+
+
+def test_the_shard_size_a_spec_asks_for_is_kept(caplog):
+    # d 576 in float16 at 63 positions: 2 MB chunks hold 29 contexts
+    assert store.Layout.plan(1000, 64, 1, 576, 2, None).shard_contexts == 29 * 8
+    kept = store.Layout.plan(1000, 64, 1, 576, 2, 32)
+    assert (kept.shard_contexts, kept.chunk_contexts) == (32, 16)  # not rounded up to 58
+    assert not caplog.records
+    prime = store.Layout.plan(1000, 64, 1, 576, 2, 59)
+    assert (prime.shard_contexts, prime.chunk_contexts) == (59, 1)
+    assert "data.shard_contexts=59 splits only into chunks of 1 contexts" in caplog.text
+    assert "a multiple of 29" in caplog.text

@@ -713,3 +713,41 @@ def test_an_sae_on_which_no_latent_fires_gets_its_metrics(tiny_model_dir, text_d
     metrics = stages.evaluate(spec, "model.layers.1", progress=False)
     assert metrics["dead_fraction"] == 1.0 and metrics["ablation_sparsity_samples"] == 0.0
     assert "ablation_sparsity" not in metrics and metrics["normalized_mse"] > 0.99
+
+
+def test_work_dir_files_are_shared_as_the_umask_says(tiny_model_dir, text_dir, tmp_path):
+    """A second user of a shared work dir reads what the first wrote (safetensors' own writer makes
+    0600 files)."""
+    import os
+
+    from storage.checkpoints import save_checkpoint
+    from storage.formats import export
+
+    (tmp_path / "probe").touch()
+    expected = (tmp_path / "probe").stat().st_mode & 0o777
+    _, spec, _ = evaluated_once(tiny_model_dir, text_dir, tmp_path)
+    sae = TopKSAE.load(stages.sae_dir(spec, "model.layers.1"))
+    export(sae, "saelens", tmp_path / "work" / "saelens")
+    plain = TopKSAE(SAEConfig(32, 64, 4, normalization="none"))
+    export(plain, "sparsify", tmp_path / "work" / "sparsify")
+    save_checkpoint(tmp_path / "work" / "checkpoints", {"w": torch.zeros(2)}, {"steps": 1})
+    files = [Path(d) / f for d, _, names in os.walk(tmp_path / "work") for f in names]
+    assert sum(f.suffix == ".safetensors" for f in files) >= 4  # the SAE, two exports, a checkpoint
+    narrower = [f"{oct(f.stat().st_mode & 0o777)} {f}" for f in files if f.stat().st_mode & expected != expected]
+    assert narrower == []
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: " + "[" * 5000 + "]" * 5000 + "\n", "nests deeper than Python can read"),
+        ("name: x\nmodel: {source: m}\nhookpoints: [h]\nsae: {n_latents: 64}\nworkdir: ''\n", "workdir: is empty"),
+    ],
+)
+def test_odd_spec_files_are_one_line_exit_2(tmp_path, capsys, text, message):
+    from flows.cli import main
+
+    (tmp_path / "s.yaml").write_text(text)
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
