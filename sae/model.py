@@ -209,7 +209,18 @@ class TopKSAE(nn.Module):
         """Loads what `save` (or `saeflow pull`) wrote: `TopKSAE.load("path/to/dir")`."""
         d = Path(directory)
         meta = json.loads((d / CONFIG_FILE).read_text())
-        sae = cls(SAEConfig(**meta["sae"]))
-        sae.load_state_dict(read_weights(d, meta.get(CHECKSUM)))
+        cfg = SAEConfig(**meta["sae"])
+        tensors = read_weights(d, meta.get(CHECKSUM))
+        with torch.device("meta"):  # the config's sizes, checked against the file before any allocation
+            expected = {name: tuple(t.shape) for name, t in cls(cfg).state_dict().items()}
+        wrong = [
+            f"{n} {tuple(t.shape)} (the config says {expected.get(n)})"
+            for n, t in tensors.items()
+            if tuple(t.shape) != expected.get(n)
+        ]
+        if wrong:
+            raise DamagedWeights(f"{d / WEIGHTS_FILE} does not fit {d / CONFIG_FILE}: {', '.join(wrong)}")
+        sae = cls(cfg)
+        sae.load_state_dict(tensors)
         sae.metadata = meta.get("metadata", {})
         return sae.to(device)

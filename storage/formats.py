@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from sae.config import Normalization, SAEConfig
-from sae.model import CONFIG_FILE, WEIGHTS_FILE, TopKSAE
+from sae.model import CHECKSUM as WEIGHTS_CHECKSUM
+from sae.model import CONFIG_FILE, WEIGHTS_FILE, DamagedWeights, TopKSAE, read_weights
 
 FORMATS = ("saeflow", "saelens", "sparsify")
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -53,8 +54,12 @@ def read(directory: str | Path) -> TopKSAE:
     fmt = detect(d)
     if fmt == "saeflow":
         config = _json(d / CONFIG_FILE)
-        sae = TopKSAE(_config(d / CONFIG_FILE, lambda: SAEConfig(**config["sae"])))
-        _load_into(sae, _tensors(d / WEIGHTS_FILE), d / WEIGHTS_FILE)
+        cfg = _config(d / CONFIG_FILE, lambda: SAEConfig(**config["sae"]))
+        try:
+            tensors = read_weights(d, config.get(WEIGHTS_CHECKSUM))
+        except DamagedWeights as e:
+            raise FormatError(str(e)) from None
+        sae = _load_into(cfg, tensors, d / WEIGHTS_FILE)
         sae.metadata = config.get("metadata", {})
         return sae
     return (_read_saelens if fmt == "saelens" else _read_sparsify)(d)
@@ -151,6 +156,8 @@ def _read_saelens(d: Path) -> TopKSAE:
     if cfg.get("reshape_activations", "none") != "none":
         raise FormatError(f"{where}: reshape_activations {cfg['reshape_activations']!r}: only flat activations import")
     sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], cfg["d_sae"], cfg["k"], True, norm))
+    n, d_in = sae_cfg.n_latents, sae_cfg.d_in
+    _check_sizes(d / SAELENS_WEIGHTS, where, {"W_enc": (d_in, n), "W_dec": (n, d_in), "b_enc": (n,), "b_dec": (d_in,)})
     w = _tensors(d / SAELENS_WEIGHTS)
     W_enc, W_dec, b_enc, b_dec = (_key(w, k, d / SAELENS_WEIGHTS) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
     W_enc = W_enc.T
@@ -159,8 +166,7 @@ def _read_saelens(d: Path) -> TopKSAE:
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
     if not cfg.get("apply_b_dec_to_input", True):  # saeflow always subtracts b_dec: add it back in the bias
         b_enc = b_enc + W_enc @ b_dec
-    sae = TopKSAE(sae_cfg)
-    _load_into(sae, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}, d / SAELENS_WEIGHTS)
+    sae = _load_into(sae_cfg, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}, d / SAELENS_WEIGHTS)
     meta = cfg.get("metadata") or {}
     sae.metadata = {
         "imported_from": "saelens",
@@ -181,6 +187,9 @@ def _read_sparsify(d: Path) -> TopKSAE:
             raise FormatError(f"{where}: {unsupported} is set: saeflow imports plain sparse autoencoders only")
     n = cfg.get("num_latents") or cfg.get("d_in", 0) * cfg.get("expansion_factor", 32)
     sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], n, cfg.get("k", 32), True, "none"))
+    d_in = sae_cfg.d_in
+    expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    _check_sizes(d / SPARSIFY_WEIGHTS, where, expected)
     w = _tensors(d / SPARSIFY_WEIGHTS)
     weights = {
         "W_enc": _key(w, "encoder.weight", d / SPARSIFY_WEIGHTS),
@@ -188,8 +197,7 @@ def _read_sparsify(d: Path) -> TopKSAE:
         "W_dec": _key(w, "W_dec", d / SPARSIFY_WEIGHTS),
         "b_pre": _key(w, "b_dec", d / SPARSIFY_WEIGHTS),
     }
-    sae = TopKSAE(sae_cfg)
-    _load_into(sae, weights, d / SPARSIFY_WEIGHTS)
+    sae = _load_into(sae_cfg, weights, d / SPARSIFY_WEIGHTS)
     sae.metadata = {"imported_from": "sparsify", "source": str(d)}
     return sae
 
@@ -212,6 +220,21 @@ def _config(path: Path, build) -> SAEConfig:
         raise FormatError(f"{path}: incomplete or invalid SAE config ({type(e).__name__}: {e})") from None
 
 
+def _check_sizes(path: Path, config: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """The tensors' shapes in the file's header against what its config says, before anything of
+    the config's size is allocated (a 200-byte config can claim billions of weights)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise FormatError(f"{path}: not a readable safetensors file (truncated or damaged?): {e}") from None
+    wrong = [
+        f"{k} {found[k]} where {config.name} says {v}" for k, v in expected.items() if k in found and found[k] != v
+    ]
+    if wrong:
+        raise FormatError(f"{path} does not fit {config}: {', '.join(wrong)}")
+
+
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path, device="cpu")
@@ -225,18 +248,27 @@ def _key(weights: dict, key: str, path: Path) -> torch.Tensor:
     return weights[key].float()
 
 
-def _load_into(sae: TopKSAE, weights: dict[str, torch.Tensor], path: Path) -> None:
-    expected = {name: tuple(t.shape) for name, t in sae.state_dict().items()}
-    for name, t in weights.items():
-        if name in expected and tuple(t.shape) != expected[name]:
-            raise FormatError(f"{path}: {name} has shape {tuple(t.shape)}, but the config says {expected[name]}")
+def _load_into(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: Path) -> TopKSAE:
+    """An SAE of `cfg` holding `weights`, made once they fit it (the config alone allocates nothing)."""
+    with torch.device("meta"):
+        blank = TopKSAE(cfg)
+    expected = {name: tuple(t.shape) for name, t in blank.state_dict().items()}
+    wrong = [
+        f"{name} has shape {tuple(t.shape)}, but the config says {expected[name]}"
+        for name, t in sorted(weights.items())
+        if name in expected and tuple(t.shape) != expected[name]
+    ]
+    if wrong:
+        raise FormatError(f"{path}: {'; '.join(wrong)}")
     missing = sorted(
-        set(expected) - set(weights) - {"input_scale", "threshold"} - ({"b_enc"} if sae.b_enc is None else set())
+        set(expected) - set(weights) - {"input_scale", "threshold"} - ({"b_enc"} if blank.b_enc is None else set())
     )
     if missing:
         raise FormatError(f"{path}: missing {', '.join(missing)}")
+    sae = TopKSAE(cfg)
     with torch.no_grad():
         state = sae.state_dict()
         for name, t in weights.items():
             if name in state:
                 state[name].copy_(t.float())
+    return sae

@@ -751,3 +751,27 @@ def test_odd_spec_files_are_one_line_exit_2(tmp_path, capsys, text, message):
     assert main(["validate", str(tmp_path / "s.yaml")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("fmt", ["saeflow", "saelens", "sparsify"])
+def test_a_config_claiming_more_weights_than_its_file_holds_is_refused_before_allocating(tmp_path, fmt):
+    """A small SAE's config rewritten to claim 10^12 latents: the file's header is read first, so
+    loading fails at once naming both files, instead of allocating (or failing to allocate) terabytes."""
+    from storage.formats import FormatError, export
+
+    sae = TopKSAE(SAEConfig(8, 16, 2, normalization="none"))
+    sae.reset_parameters()
+    folder = tmp_path / fmt
+    if fmt == "saeflow":
+        sae.save(folder)
+    else:
+        export(sae, fmt, folder)
+    config = next(p for p in folder.iterdir() if p.suffix == ".json")
+    text = config.read_text()
+    for key in ('"n_latents": 16', '"d_sae": 16', '"num_latents": 16'):
+        text = text.replace(key, key.replace("16", str(10**12)))
+    config.write_text(text)
+    with pytest.raises(
+        (FormatError, ValueError), match=r"does not fit .*json|has shape \(16, 8\), but the config says"
+    ):
+        TopKSAE.from_pretrained(folder)

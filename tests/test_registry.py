@@ -196,7 +196,11 @@ def truncate(path: Path) -> None:
         ),
         (lambda p: None, ["export", "models:/nope", "--format", "saelens", "--out", "o"], "write models:/NAME@ALIAS"),
         (lambda p: (p / "junk").mkdir(), ["import", "junk"], "not an SAE directory in a known format"),
-        (lambda p: truncate(saved(p) / "sae.safetensors"), ["import", "sae"], "not a readable safetensors file"),
+        (
+            lambda p: truncate(saved(p) / "sae.safetensors"),
+            ["import", "sae"],
+            "sae/sae.safetensors does not match the sha256 in its config.json",
+        ),
         (
             lambda p: (saved(p) / "config.json").write_text(json.dumps({"sae": {"d_in": 9, "n_latents": 16, "k": 2}})),
             ["import", "sae"],
