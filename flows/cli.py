@@ -391,7 +391,7 @@ def cmd_import(args) -> int:
     sae = _load_ref(args.dir, None)
     fmt = formats.detect(args.dir)
     if not args.register:
-        out = sae.save(args.out or "imported-sae", sae.metadata)
+        out = formats.export(sae, "saeflow", args.out or "imported-sae")
         print(
             f"read {args.dir} ({fmt} format, {sae.cfg.n_latents} latents, k={sae.cfg.k}); wrote {out} (saeflow format)"
         )

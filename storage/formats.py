@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save
 from sae.config import Normalization, SAEConfig
 from sae.model import CHECKSUM as WEIGHTS_CHECKSUM
 from sae.model import CONFIG_FILE, WEIGHTS_FILE, DamagedWeights, TopKSAE, read_weights
+from storage.outputs import staged
 
 FORMATS = ("saeflow", "saelens", "sparsify")
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -67,11 +68,16 @@ def read(directory: str | Path) -> TopKSAE:
 
 # export ---------------------------------------------------------------------------------------------
 def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
-    """Writes `sae` in `fmt`'s own layout into `out`; raises FormatError where the format cannot say
-    exactly what the SAE computes."""
+    """Writes `sae` in `fmt`'s own layout into `out` (whole, or not at all: storage/outputs.py);
+    raises FormatError where the format cannot say exactly what the SAE computes."""
     if fmt not in FORMATS:
         raise FormatError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
-    out = Path(out)
+    with staged(out) as folder:
+        _write(sae, fmt, folder)
+    return Path(out)
+
+
+def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
     if fmt == "saeflow":
         return sae.save(out, sae.metadata)
     if sae.cfg.activation != "topk":

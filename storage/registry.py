@@ -14,6 +14,7 @@ from pathlib import Path
 
 import sae as sae_package
 from sae.model import CONFIG_FILE, WEIGHTS_FILE
+from storage.outputs import staged
 
 log = logging.getLogger(__name__)
 
@@ -445,8 +446,8 @@ class NotRegistered(LookupError):
 def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Writes the SAE's safetensors + config.json of a registered model into out_dir.
 
-    The weights are checked against the sha256 recorded at registration; out_dir is created only
-    once both files are verified, so a failed pull leaves nothing behind.
+    The weights are checked against the sha256 recorded at registration, and the files are written
+    whole or not at all (storage/outputs.py): a failed pull leaves out_dir as it was.
     """
     import tempfile
 
@@ -470,10 +471,10 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
                 f"{model_uri}: the downloaded {WEIGHTS_FILE} does not match its registered sha256 "
                 f"{expected}: the artifact store holds a damaged copy"
             )
-        out.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
-            if (src / name).exists():  # versions registered before model cards have none
-                shutil.copyfile(src / name, out / name)
+        with staged(out) as folder:
+            for name in (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE):
+                if (src / name).exists():  # versions registered before model cards have none
+                    shutil.copyfile(src / name, folder / name)
     log.info("pulled %s into %s", model_uri, out)
     return out
 

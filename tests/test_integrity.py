@@ -775,3 +775,37 @@ def test_a_config_claiming_more_weights_than_its_file_holds_is_refused_before_al
         (FormatError, ValueError), match=r"does not fit .*json|has shape \(16, 8\), but the config says"
     ):
         TopKSAE.from_pretrained(folder)
+
+
+def test_pull_and_export_never_write_through_a_planted_symlink_and_leave_nothing_on_failure(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from storage.formats import export
+    from storage.registry import pull
+
+    registered = _register(tmp_path, "aaa", 0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    written = ["pulled/config.json", "pulled/sae.safetensors", "exported/cfg.json", "exported/sae_weights.safetensors"]
+    for f in written:  # links planted where each writes its files
+        (tmp_path / f).parent.mkdir(exist_ok=True)
+        (tmp_path / f).symlink_to(victim)
+    pull(registered.uri, tmp_path / "pulled", uri)
+    sae = TopKSAE.load(tmp_path / "pulled")
+    export(sae, "saelens", tmp_path / "exported")
+    assert victim.read_text() == "precious"
+    assert all((tmp_path / f).is_file() and not (tmp_path / f).is_symlink() for f in written)
+    assert torch.equal(TopKSAE.from_pretrained(tmp_path / "exported").W_dec, sae.W_dec)
+
+    real = sh.copyfile
+
+    def disk_full(src, dst, *a, **k):  # the weights go in, then the disk is full
+        if ".full.partial-" in str(dst) and Path(dst).name == "config.json":
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(sh, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        pull(registered.uri, tmp_path / "full", uri)
+    assert sorted(p.name for p in tmp_path.iterdir() if "full" in p.name) == []
