@@ -338,6 +338,7 @@ def cmd_ls(args) -> int:
             print(
                 f"  v{v['version']:<4} {v.get('hookpoint') or '':<18} n={v.get('n_latents')} k={v.get('k')}  {metrics}"
                 + (f"  [{', '.join(v['aliases'])}]" if v["aliases"] else "")
+                + ("" if v["complete"] else "  INTERRUPTED (registration did not finish; not usable)")
             )
     return 0
 

@@ -64,7 +64,16 @@ def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int 
         return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}") and scored_weights(
             spec, hookpoint, index
         ) == weights_sha256(spec, hookpoint, index)
-    return registered(spec, hookpoint, index) is not None
+    found = registered(spec, hookpoint, index)
+    return found is not None and _decided(spec, found)
+
+
+def _decided(spec: RunSpec, found) -> bool:
+    """Whether registry.promote_if (if the spec has one) has decided on the registered version."""
+    from storage.registry import PROMOTION_TAG, model_version
+
+    rule = spec.registry.promote_if
+    return rule is None or model_version(f"models:/{found.name}/{found.version}").tags.get(PROMOTION_TAG) == rule.alias
 
 
 def existing_output(
@@ -86,7 +95,7 @@ def existing_output(
     if stage == "evaluate":
         return stored_metrics(spec, hookpoint, index) if is_done("evaluate", spec, hookpoint, index) else None
     found = registered(spec, hookpoint, index)
-    return None if found is None else found.uri
+    return None if found is None or not _decided(spec, found) else found.uri
 
 
 SCORED_FILE = "scored.json"  # beside metrics.json: the sha256 of the weights it measured
@@ -351,6 +360,8 @@ def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
         found = _find(spec, hookpoint, index)  # also when a run that held the lock before us registered it
         if found is not None:
             log.info("already registered as %s (version %s)", found.uri, found.version)
+            if not _decided(spec, found):  # registered, then killed before promote_if decided
+                apply_promotion(spec, hookpoint, index, found, uri)
             return found.uri
         log.info("registering into %s (from %s)", uri, source)
         registered = _register(spec, hookpoint, index, uri)
@@ -366,43 +377,53 @@ def eval_data_hash(spec: RunSpec) -> str:
 
 def apply_promotion(spec: RunSpec, hookpoint: str, index: int, registered, uri: str) -> bool:
     """registry.promote_if: moves its alias to the new version only if that beats the version there
-    now on the same evaluation tokens; the decision and its numbers go into the version's description."""
-    from storage.registry import NotRegistered, describe, model_version, promote
+    now on the same evaluation tokens; the decision and its numbers go into the version's description,
+    and a tag records that it was made (a run killed before it decides on the next run)."""
+    from storage.registry import decided, describe, promote
 
     rule = spec.registry.promote_if
     if rule is None:
         return False
-    name, version = registered.name, registered.version
+    promoted, line = promotion_decision(spec, hookpoint, index, registered.name)
+    if promoted:
+        promote(uri, registered.name, registered.version, rule.alias, line)
+    else:
+        describe(registered.name, registered.version, line)
+    log.info("version %s: %s", registered.version, line)
+    decided(registered.name, registered.version, rule.alias)
+    return promoted
+
+
+def promotion_decision(spec: RunSpec, hookpoint: str, index: int, name: str) -> tuple[bool, str]:
+    """(promote?, the reason in one line) for registry.promote_if."""
+    from storage.registry import NotRegistered, is_complete, model_version
+
+    rule = spec.registry.promote_if
+    assert rule is not None
     new = stored_metrics(spec, hookpoint, index).get(rule.metric)
     if new is None:
-        describe(name, version, f"not promoted to {rule.alias}: the evaluation has no {rule.metric}")
-        return False
+        return False, f"not promoted to {rule.alias}: the evaluation has no {rule.metric}"
     try:
         current = model_version(f"models:/{name}@{rule.alias}")
     except NotRegistered:
-        promote(
-            uri,
-            name,
-            version,
-            rule.alias,
-            f"promoted to {rule.alias}: the first version ranked by {rule.metric} ({new:.6g})",
-        )
-        return True
+        return True, f"promoted to {rule.alias}: the first version ranked by {rule.metric} ({new:.6g})"
+    if not is_complete(current):
+        return True, f"promoted to {rule.alias}: version {current.version} there is an interrupted registration"
     if current.tags.get("eval_data") != eval_data_hash(spec):
-        describe(
-            name,
-            version,
-            f"not promoted to {rule.alias}: version {current.version} there was evaluated on "
-            "other tokens, so the two are not comparable",
+        return False, (
+            f"not promoted to {rule.alias}: version {current.version} there was evaluated on other tokens, "
+            "so the two are not comparable"
         )
-        return False
+    if f"metric.{rule.metric}" not in current.tags:
+        return False, (
+            f"not promoted to {rule.alias}: version {current.version} there has no {rule.metric} to compare "
+            f"with; `saeflow promote` moves the alias by hand"
+        )
     old = float(current.tags[f"metric.{rule.metric}"])
     verdict = f"{rule.metric} {new:.6g} vs {old:.6g} of version {current.version} (margin {rule.margin:g})"
-    if rule.better(new, old):
-        promote(uri, name, version, rule.alias, f"promoted to {rule.alias}: {verdict}")
-        return True
-    describe(name, version, f"not promoted to {rule.alias}: {verdict}")
-    return False
+    return rule.better(
+        new, old
+    ), f"{'promoted' if rule.better(new, old) else 'not promoted'} to {rule.alias}: {verdict}"
 
 
 def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):

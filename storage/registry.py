@@ -123,12 +123,13 @@ def register_sae(
             )
     tags = {**tags, WEIGHTS_TAG: file_sha256(Path(sae_dir) / WEIGHTS_FILE)}
     client = MlflowClient()
+    _replace_interrupted(client, model_name, tags.get("spec_hash"))
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     try:
         for key, value in metrics.items():
             client.set_model_version_tag(model_name, version.version, f"metric.{key}", f"{value:.6g}")
         client.set_registered_model_alias(model_name, alias, version.version)
-        client.set_model_version_tag(model_name, version.version, COMPLETE_TAG, "true")
+        client.set_model_version_tag(model_name, version.version, COMPLETE_TAG, "true")  # last
     except BaseException:
         # a version without its tags and alias would be an orphan that a retry duplicates: remove it
         _delete_quietly(client, model_name, version.version)
@@ -195,14 +196,27 @@ def promote(tracking_uri: str, model_name: str, ref: str, alias: str, reason: st
 
     _mlflow(tracking_uri)
     version = model_version(f"models:/{model_name}{ref if ref.startswith('@') else '/' + ref}")
-    if version.tags.get(COMPLETE_TAG, "true") != "true":
-        raise ValueError(f"version {version.version} of {model_name} is an interrupted registration: not promoted")
+    if not is_complete(version):
+        raise ValueError(
+            f"version {version.version} of {model_name} is an interrupted registration: not promoted "
+            "(run the registration again: it replaces that version)"
+        )
     client = MlflowClient()
     client.set_registered_model_alias(model_name, alias, version.version)
     if reason:
         describe(model_name, version.version, reason)
     log.info("models:/%s@%s -> version %s", model_name, alias, version.version)
     return Registered(model_name, str(version.version), alias, str(version.run_id))
+
+
+PROMOTION_TAG = "saeflow.promote_if"  # the alias registry.promote_if has decided on for this version
+
+
+def decided(model_name: str, version: str, alias: str) -> None:
+    """Records that registry.promote_if made its decision on a version (after acting on it)."""
+    from mlflow import MlflowClient
+
+    MlflowClient().set_model_version_tag(model_name, version, PROMOTION_TAG, alias)
 
 
 def describe(model_name: str, version: str, line: str) -> None:
@@ -265,14 +279,31 @@ def list_versions(tracking_uri: str, model_name: str) -> list[dict]:
             "aliases": sorted(a for a, n in aliases.items() if str(n) == str(v.version)),
             "spec_hash": v.tags.get("spec_hash"),
             "run_id": v.run_id,
+            "complete": is_complete(v),
         }
         for v in sorted(versions, key=lambda v: -int(v.version))
     ]
 
 
+def is_complete(version) -> bool:
+    """Whether a version's registration finished (its last step sets COMPLETE_TAG)."""
+    return version.tags.get(COMPLETE_TAG) == "true"
+
+
 def _same(version, spec_hash: str, weights_sha256: str | None) -> bool:
     sha = version.tags.get(WEIGHTS_TAG)
     return version.tags.get("spec_hash") == spec_hash and (weights_sha256 is None or sha in (None, weights_sha256))
+
+
+def _replace_interrupted(client, model_name: str, spec_hash: str | None) -> None:
+    """Deletes the versions of `model_name` from this spec whose registration was killed before it
+    finished (no COMPLETE_TAG): registering again replaces them rather than adding a duplicate."""
+    if spec_hash is None or not SAFE_TAG_VALUE.fullmatch(spec_hash) or not SAFE_TAG_VALUE.fullmatch(model_name):
+        return
+    for v in client.search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'"):
+        if not is_complete(v):
+            log.warning("version %s of %s is an interrupted registration: replacing it", v.version, model_name)
+            client.delete_model_version(model_name, v.version)
 
 
 def _delete_quietly(client, model_name: str, version: str) -> None:
@@ -294,11 +325,7 @@ def find_registered(
     _mlflow(tracking_uri)
     try:
         mv = model_version(f"models:/{model_name}@{alias}")
-        if (
-            _same(mv, spec_hash, weights_sha256)
-            and mv.tags.get(COMPLETE_TAG, "true") == "true"
-            and _run_alive(mv.run_id)
-        ):
+        if _same(mv, spec_hash, weights_sha256) and is_complete(mv) and _run_alive(mv.run_id):
             return Registered(model_name, str(mv.version), alias, str(mv.run_id))
     except NotRegistered:
         pass
@@ -307,7 +334,7 @@ def find_registered(
     found = [
         v
         for v in MlflowClient().search_model_versions(f"name = '{model_name}' and tags.spec_hash = '{spec_hash}'")
-        if v.tags.get(COMPLETE_TAG) == "true" and _same(v, spec_hash, weights_sha256) and _run_alive(v.run_id)
+        if is_complete(v) and _same(v, spec_hash, weights_sha256) and _run_alive(v.run_id)
     ]
     if not found:
         return None
@@ -456,6 +483,11 @@ def pull(model_uri: str, out_dir: str | Path, tracking_uri: str | None = None) -
     if tracking_uri:
         _mlflow(tracking_uri)
     version = model_version(model_uri)
+    if not is_complete(version):
+        raise NotRegistered(
+            f"{model_uri} is version {version.version}, an interrupted registration: run the registration again "
+            "(it replaces that version), or name a complete version"
+        )
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))

@@ -809,3 +809,52 @@ def test_pull_and_export_never_write_through_a_planted_symlink_and_leave_nothing
     with pytest.raises(OSError, match="No space left"):
         pull(registered.uri, tmp_path / "full", uri)
     assert sorted(p.name for p in tmp_path.iterdir() if "full" in p.name) == []
+
+
+def test_an_interrupted_registration_is_refused_everywhere_and_replaced_by_the_rerun(tmp_path, monkeypatch):
+    """Killed after the alias moved, before the completion tag (a kill runs no cleanup): promote,
+    pull, from_pretrained and the alias lookup refuse the version, ls marks it, and registering
+    again replaces it instead of adding a duplicate."""
+    import contextlib
+    import io
+
+    from mlflow import MlflowClient
+
+    from flows.cli import main
+    from storage import registry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _register(tmp_path, "aaa", 0)
+    real = MlflowClient.set_model_version_tag
+
+    def killed(self, name, version, key, value):
+        if key == registry.COMPLETE_TAG:
+            raise KeyboardInterrupt
+        return real(self, name, version, key, value)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", killed)
+        patch.setattr(registry, "_delete_quietly", lambda *a: None)
+        with pytest.raises(KeyboardInterrupt):
+            _register(tmp_path, "bbb", 1)
+    assert str(registry.model_version("models:/tiny@candidate").version) == "2"  # the alias had moved
+    with pytest.raises(ValueError, match="version 2 of tiny is an interrupted registration: not promoted"):
+        registry.promote(uri, "tiny", "2", "champion")
+    with pytest.raises(registry.NotRegistered, match="is version 2, an interrupted registration"):
+        registry.pull("models:/tiny@candidate", tmp_path / "pulled", uri)
+    with pytest.raises(registry.NotRegistered, match="an interrupted registration"):
+        TopKSAE.from_pretrained("models:/tiny@candidate")
+    assert not (tmp_path / "pulled").exists()
+    sha = hashlib.sha256((tmp_path / "sae-1" / "sae.safetensors").read_bytes()).hexdigest()
+    assert registry.find_registered(uri, "tiny", "candidate", "bbb", sha) is None
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["ls", "--tracking-uri", uri]) == 0
+    lines = out.getvalue().splitlines()
+    assert any(line.strip().startswith("v2") and "INTERRUPTED" in line for line in lines), lines
+    assert not any(line.strip().startswith("v1") and "INTERRUPTED" in line for line in lines)
+
+    again = _register(tmp_path, "bbb", 1)
+    versions = MlflowClient(tracking_uri=uri).search_model_versions("name = 'tiny'")
+    assert sorted(int(v.version) for v in versions) == [1, int(again.version)]  # v2 replaced, not duplicated
+    assert all(registry.is_complete(v) for v in versions)
+    assert str(registry.model_version("models:/tiny@candidate").version) == again.version

@@ -70,6 +70,13 @@ def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, 
     assert note.startswith("not promoted to champion: normalized_mse") and "of version 1" in note
     mse = {v: float(model_version(f"models:/tiny/{v}").tags["metric.normalized_mse"]) for v in ("1", "2")}
     assert mse["2"] > mse["1"]
+    # registered, then killed before promote_if decided: the next run decides (register is not Cached)
+    assert model_version("models:/tiny/2").tags["saeflow.promote_if"] == "champion"
+    MlflowClient().delete_model_version_tag("tiny", "2", "saeflow.promote_if")
+    pipeline(worse)
+    assert model_version("models:/tiny/2").tags["saeflow.promote_if"] == "champion"
+    assert MlflowClient().get_model_version("tiny", "2").description.count("not promoted to champion") == 2
+    assert str(model_version("models:/tiny@champion").version) == "1"
 
     # by hand: the candidate becomes champion
     assert main(["promote", "tiny", "@candidate", "--alias", "champion", "--tracking-uri", uri]) == 0
@@ -106,6 +113,15 @@ def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, 
     )
     pipeline(other_eval)
     assert "evaluated on other tokens" in MlflowClient().get_model_version("tiny", "3").description
+    assert str(model_version("models:/tiny@champion").version) == "2"
+
+    # a champion without the metric: the rule says so, and leaves the alias
+    MlflowClient().delete_model_version_tag("tiny", "2", "metric.normalized_mse")
+    pipeline(spec_for(tiny_model_dir, text_dir, tmp_path, 512, uri, **rule))
+    note = MlflowClient().get_model_version("tiny", "4").description
+    assert note == "not promoted to champion: version 2 there has no normalized_mse to compare with; " + (
+        "`saeflow promote` moves the alias by hand"
+    )
     assert str(model_version("models:/tiny@champion").version) == "2"
 
 
