@@ -47,6 +47,30 @@ def _configure_environment() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def _prepare_flow_run() -> None:
+    """Before a command that runs flows: Ctrl-C stops it at the next step (flows/interrupt.py), and
+    unless a Prefect server is named (PREFECT_API_URL, or the active profile) or PREFECT_HOME chosen,
+    the run gets a temporary server of its own (flows/local_server.py)."""
+    from flows import interrupt, local_server
+
+    interrupt.install()
+    if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME") and not _profile_api_url():
+        local_server.start()
+
+
+def _profile_api_url() -> str | None:
+    """The PREFECT_API_URL of the active Prefect profile (~/.prefect/profiles.toml), if it sets one."""
+    import tomllib
+
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or Path.home() / ".prefect" / "profiles.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or data.get("active")
+    return (data.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL")
+
+
 def _print_summary(spec, rows: list[dict]) -> None:
     print(f"\nsaeflow: {spec.name}")
     for row in rows:
@@ -78,6 +102,7 @@ def cmd_validate(args) -> int:
 
 def cmd_stages(args) -> int:
     spec = load_spec(args.spec)
+    _prepare_flow_run()  # before Prefect is imported: it reads its settings once
     from flows.pipeline import run_pipeline
     from flows.stages import STAGES
 
@@ -186,12 +211,13 @@ MEASURED_FLOPS = {"h100": 2 * 768 * 32768 * 1.154e6}
 
 def cmd_sweep(args) -> int:
     """Runs the spec's sweep (all its SAEs in one pass), then fits and reports it."""
-    from flows import sweep
-    from flows.pipeline import run_pipeline
-
     spec = load_spec(args.spec)
     if spec.sweep is None:
         raise UsageError(f"{args.spec} has no sweep section: add sweep: {{n_latents: [...], k: [...]}}")
+    _prepare_flow_run()  # before Prefect is imported: it reads its settings once
+    from flows import sweep
+    from flows.pipeline import run_pipeline
+
     run_pipeline(spec)
     path = sweep.report(spec)
     print(f"sweep of {len(spec.sae)} SAEs: report {path}, fits {path.parent / 'fits.json'}")
@@ -542,6 +568,15 @@ def main(argv: list[str] | None = None) -> int:
             f"error in spec {args.spec}:" + (f" {message}" if "\n" not in message else f"\n{message}"), file=sys.stderr
         )
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(
+            f"saeflow {args.command}: interrupted; training stopped at a step with a checkpoint there, caching "
+            f"before the shard it was computing: run `saeflow {args.command}` again to resume",
+            file=sys.stderr,
+        )
+        return 130
     except (UsageError, LookupError) as e:  # LookupError: e.g. a model URI the registry does not have
         if args.debug:
             raise

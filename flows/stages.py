@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flows import distributed
+from flows import distributed, interrupt
 from flows.locks import exclusive
 from flows.paths import (
     CACHE_SECTIONS,
@@ -242,9 +242,8 @@ def reverify_cache(spec: RunSpec) -> list[str]:
 
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     model, _ = _lm(spec)
-    store.write_shard(
-        store_url(spec), split, index, model, spec.data.batch_contexts, store_options(spec), progress=True
-    )
+    url, options = store_url(spec), store_options(spec)
+    store.write_shard(url, split, index, model, spec.data.batch_contexts, options, True, interrupt.requested)
 
 
 def cache(spec: RunSpec) -> str:

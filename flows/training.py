@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from flows import interrupt
 from flows.paths import CHECKPOINTS, SAE_MARKER, is_trained, sae_dir, sae_rel, store_options, store_url, train_parts
 from flows.spec import RunSpec
 from sae.config import SAEConfig
@@ -203,6 +204,7 @@ def train_hookpoint(
         evaluate=score,
         # a window's group is released at a checkpoint past its end: one comes at every group's end
         checkpoint_at_tokens=[e * first.batch_tokens for e in order.group_ends()[:-1]] if window else (),
+        stop=interrupt.requested,
     )
     for (i, trainer), result in zip(trainers.items(), results):
         whole = team.whole(trainer, result)

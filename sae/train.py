@@ -22,6 +22,10 @@ from sae.optim import ScheduleFreeSignSGD, project_rows_
 from sae.placement import OneProcess, Placement
 
 
+class Stopped(KeyboardInterrupt):
+    """Training was asked to stop (Ctrl-C): it stopped after a step, with a checkpoint there."""
+
+
 class NonFiniteLoss(FloatingPointError):
     """Training diverged: the run stops, and nothing after the last finite loss is saved."""
 
@@ -401,16 +405,18 @@ def train_saes(
     milestones: Sequence[int] = (),
     evaluate: Callable[[TopKSAE], dict] | None = None,
     checkpoint_at_tokens: Sequence[int] = (),
+    stop: Callable[[], bool] | None = None,
 ) -> list[TrainResult]:
     """Trains several SAEs from one pass over the data: every batch is fed to every trainer.
 
     The trainers must share the token budget and be at the same cursor (new, or restored from
     checkpoints taken together); `batches` must start at that cursor. `checkpoint(trainers)` is
     called every `checkpoint_every_tokens` tokens, and when the run reaches each of
-    `checkpoint_at_tokens`. When the run passes each of `milestones`
-    (tokens), `evaluate(sae)` scores each trainer's SAE as it stands (the one it would return) and
-    the result joins its `milestones` (kept in checkpoints). A stream that ends before the budget
-    ends the run there with a warning: the SAEs trained so far are returned, not lost.
+    `checkpoint_at_tokens`; when `stop()` turns true, the run checkpoints and raises Stopped. When
+    the run passes each of `milestones` (tokens), `evaluate(sae)` scores each trainer's SAE as it
+    stands (the one it would return) and the result joins its `milestones` (kept in checkpoints). A
+    stream that ends before the budget ends the run there with a warning: the SAEs trained so far
+    are returned, not lost.
     """
     lead = trainers[0]
     if any(t.tcfg.tokens != lead.tcfg.tokens or t.steps != lead.steps for t in trainers):
@@ -439,13 +445,17 @@ def train_saes(
         if lead.history:
             bar.set_postfix(mse=" ".join(f"{t.history[-1]['mse']:.4f}" for t in trainers if t.history))
         due = (checkpoint_every_tokens and lead.tokens >= next_checkpoint) or (also and lead.tokens >= also[0])
-        if checkpoint and due and not lead.done:
+        stopping = stop is not None and stop() and not lead.done
+        if checkpoint and (due or stopping) and not lead.done:
             for trainer in trainers:
                 trainer.check_finite()
             checkpoint(trainers)
             next_checkpoint = lead.tokens + checkpoint_every_tokens
             while also and lead.tokens >= also[0]:
                 also.pop(0)
+        if stopping:
+            bar.close()
+            raise Stopped(f"stopped at step {lead.steps}" + (" (checkpointed there)" if checkpoint else ""))
     bar.close()
     for trainer in trainers:
         trainer.check_finite()

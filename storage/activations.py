@@ -416,8 +416,10 @@ def write_shard(
     batch_contexts: int,
     storage_options: dict | None = None,
     progress: bool = False,
+    stop: Callable[[], bool] | None = None,
 ) -> None:
-    """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it."""
+    """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it.
+    When `stop()` turns true it raises KeyboardInterrupt between two batches, writing nothing."""
     group = _group(url, "r+", storage_options)
     hookpoints, dtype, first = _meta(group)["hookpoints"], _meta(group)["dtype"], _meta(group)["first_position"]
     sub = _subgroup(group, split)
@@ -437,6 +439,9 @@ def write_shard(
         disable=not progress,
     )
     for start in range(0, len(ids), batch_contexts):
+        if stop is not None and stop():
+            bar.close()
+            raise KeyboardInterrupt(f"stopped while caching {split} shard {index} (it is computed again)")
         out = capture(model, ids[start : start + batch_contexts].to(device, torch.long), hookpoints)
         bar.update(len(out[hookpoints[0]]) * layout.positions)
         for h in hookpoints:

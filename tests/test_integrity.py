@@ -438,28 +438,32 @@ def test_pulled_weights_are_checked_against_the_registered_sha256(tmp_path):
 
 # two runs of one spec at once -------------------------------------------------------------------------
 def test_two_concurrent_runs_of_one_spec_compute_each_shard_once(tiny_model_dir, text_dir, tmp_path):
+    """Started together by one user (one HOME): each has a Prefect server of its own (they shared
+    ~/.prefect/prefect.db), and one waits for the other's shards."""
     import os
-    import time
 
     import yaml
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")))
-    procs = []
-    for i in range(2):
-        env = {**os.environ, "PREFECT_HOME": str(tmp_path / f"prefect-{i}")}
-        env.pop("PREFECT_API_URL", None)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "flows.cli", "cache", str(path)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+    (tmp_path / "home").mkdir()
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp")}
+    for name in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH"):
+        env.pop(name, None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "cache", str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
-        time.sleep(0.5)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert not (tmp_path / "home" / ".prefect" / "prefect.db").exists()
+    assert list((tmp_path / "tmp").iterdir()) == []  # each home is removed at exit
     assert [p.returncode for p in procs] == [0, 0], outs
     both = "\n".join(outs)
     assert both.count("computing") == 1 and "waiting for it to finish" in both, both
