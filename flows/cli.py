@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from flows import interrupt
 from flows.retry import Unreachable
 from flows.spec import SpecError, load_spec
 
@@ -48,12 +49,11 @@ def _configure_environment() -> None:
 
 
 def _prepare_flow_run() -> None:
-    """Before a command that runs flows: Ctrl-C stops it at the next step (flows/interrupt.py), and
-    unless a Prefect server is named (PREFECT_API_URL, or the active profile) or PREFECT_HOME chosen,
-    the run gets a temporary server of its own (flows/local_server.py)."""
-    from flows import interrupt, local_server
+    """Before a command that runs flows: unless a Prefect server is named (PREFECT_API_URL, or the
+    active profile) or PREFECT_HOME chosen, the run gets a temporary server of its own
+    (flows/local_server.py)."""
+    from flows import local_server
 
-    interrupt.install()
     if not os.environ.get("PREFECT_API_URL") and not os.environ.get("PREFECT_HOME") and not _profile_api_url():
         local_server.start()
 
@@ -107,7 +107,8 @@ def cmd_stages(args) -> int:
     from flows.stages import STAGES
 
     only = STAGES if args.command == "run" else (args.command,)
-    rows = run_pipeline(spec, only=only)
+    with interrupt.stop_on_sigint():  # Ctrl-C: stop at the next step (flows/interrupt.py)
+        rows = run_pipeline(spec, only=only)
     _print_summary(spec, rows)
     return 0
 
@@ -218,7 +219,8 @@ def cmd_sweep(args) -> int:
     from flows import sweep
     from flows.pipeline import run_pipeline
 
-    run_pipeline(spec)
+    with interrupt.stop_on_sigint():
+        run_pipeline(spec)
     path = sweep.report(spec)
     print(f"sweep of {len(spec.sae)} SAEs: report {path}, fits {path.parent / 'fits.json'}")
     return 0

@@ -118,6 +118,33 @@ def check_storage(spec: RunSpec) -> None:
             raise Unreachable(f"{field}: {location}: {e}: {hint}") from None
 
 
+SERVER_PROBE_SECONDS = 4.0  # per server: the tracking server and the Prefect API together stay under 10 s
+
+
+def check_servers(spec: RunSpec, only: Sequence[str]) -> None:
+    """The MLflow tracking server (when the run registers) and the Prefect API answer HTTP within
+    seconds: a server that accepts connections and never answers would otherwise cost minutes of
+    read timeouts and retries, found only at the end of the run."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    uri, source = spec.tracking_uri_and_source()
+    servers = []
+    if "register" in only and uri.startswith(("http://", "https://")):
+        servers.append((f"{uri.rstrip('/')}/health", f"the MLflow tracking server at {uri} ({source})"))
+    if PREFECT_API_URL.value():
+        servers.append(
+            (f"{PREFECT_API_URL.value().rstrip('/')}/health", f"the Prefect API at {PREFECT_API_URL.value()}")
+        )
+    for url, what in servers:
+        try:
+            answer = httpx.get(url, timeout=SERVER_PROBE_SECONDS)
+        except httpx.HTTPError as e:
+            raise Unreachable(f"{what} does not answer ({type(e).__name__}): start it, or fix its address") from None
+        if answer.status_code >= 500:
+            raise Unreachable(f"{what} answers {answer.status_code}: check the server's log")
+
+
 def task_runner(spec: RunSpec):
     """Threads by default; Dask when the spec names a scheduler or asks for local Dask workers."""
     o = spec.orchestration
@@ -142,6 +169,7 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
     """
     runner = task_runner(spec)  # first: a scheduler that does not answer fails here, before any server starts
     check_storage(spec)
+    check_servers(spec, only)
     key = spec.part_hash(*paths.CACHE_SECTIONS)
     with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({paths.store_url(spec)})"):
         tag = f"saeflow-run:{socket.gethostname()}:{key}"

@@ -862,3 +862,33 @@ def test_an_interrupted_registration_is_refused_everywhere_and_replaced_by_the_r
     assert sorted(int(v.version) for v in versions) == [1, int(again.version)]  # v2 replaced, not duplicated
     assert all(registry.is_complete(v) for v in versions)
     assert str(registry.model_version("models:/tiny@candidate").version) == again.version
+
+
+def test_a_tracking_server_that_accepts_connections_and_never_answers_fails_in_seconds(
+    prefect_harness, tiny_model_dir, text_dir, tmp_path, capsys
+):
+    import socket
+    import time
+
+    import yaml
+
+    from flows.cli import main
+
+    with socket.socket() as silent:  # the kernel completes the handshakes; nothing ever answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        path = tmp_path / "spec.yaml"
+        path.write_text(
+            yaml.safe_dump(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work", registry={"tracking_uri": uri}))
+        )
+        started = time.monotonic()
+        assert main(["run", str(path)]) == 2
+        took = time.monotonic() - started
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"saeflow run: the MLflow tracking server at {uri} (registry.tracking_uri in the spec) does not answer "
+        "(ReadTimeout): start it, or fix its address"
+    ), err
+    assert took < 10, f"{took:.1f} s"
+    assert not (tmp_path / "work" / "activations").exists()  # before any work
