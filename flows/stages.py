@@ -243,7 +243,8 @@ def reverify_cache(spec: RunSpec) -> list[str]:
 def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     model, _ = _lm(spec)
     url, options = store_url(spec), store_options(spec)
-    store.write_shard(url, split, index, model, spec.data.batch_contexts, options, True, interrupt.requested)
+    with interrupt.stoppable():
+        store.write_shard(url, split, index, model, spec.data.batch_contexts, options, True, interrupt.requested)
 
 
 def cache(spec: RunSpec) -> str:

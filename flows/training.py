@@ -194,18 +194,19 @@ def train_hookpoint(
         held = next(store.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
         milestones = milestone_tokens(first.tokens or 0, spec.sweep.milestones, first.batch_tokens)
         score = functools.partial(held_out_metrics, rows=held)
-    results = train_saes(
-        list(trainers.values()),
-        batches,
-        progress and team.lead,
-        checkpoint,
-        spec.train.checkpoint_every_tokens,
-        milestones=milestones,
-        evaluate=score,
-        # a window's group is released at a checkpoint past its end: one comes at every group's end
-        checkpoint_at_tokens=[e * first.batch_tokens for e in order.group_ends()[:-1]] if window else (),
-        stop=interrupt.requested,
-    )
+    with interrupt.stoppable():
+        results = train_saes(
+            list(trainers.values()),
+            batches,
+            progress and team.lead,
+            checkpoint,
+            spec.train.checkpoint_every_tokens,
+            milestones=milestones,
+            evaluate=score,
+            # a window's group is released at a checkpoint past its end: one comes at every group's end
+            checkpoint_at_tokens=[e * first.batch_tokens for e in order.group_ends()[:-1]] if window else (),
+            stop=interrupt.requested,
+        )
     for (i, trainer), result in zip(trainers.items(), results):
         whole = team.whole(trainer, result)
         if team.lead:
