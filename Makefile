@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint docs-check bench bench-quality clean
+.PHONY: install demo test test-heavy lint docs-check bench bench-quality clean
 
 install: $(STAMP)
 
@@ -25,7 +25,12 @@ demo: $(STAMP)
 
 # the slowest tests are listed at the end: the suite must stay under 20 minutes on a 2-core machine
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not heavy"
+
+# the multi-process and real-server suites (several GPUs or nodes as CPU processes, a deployed
+# cluster on real servers): about 8 minutes more; CI runs them after `make test`
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q --durations=5 -m heavy
 
 # ruff (lint and format) and pyright (basic) over the package, as configured in pyproject.toml
 lint: $(STAMP)

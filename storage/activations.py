@@ -146,7 +146,7 @@ def _group(url: str, mode: Literal["r", "r+", "w"], storage_options: dict | None
     return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
 
 
-def _meta(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+def meta_of(node: zarr.Group | zarr.Array) -> dict[str, Any]:
     """A node's attributes, for reading: the store writes plain JSON (zarr types them as its JSON union)."""
     return cast(dict[str, Any], node.attrs)
 
@@ -165,15 +165,15 @@ def _subgroup(group: zarr.Group, path: str) -> zarr.Group:
     return node
 
 
-def _fs(url: str, storage_options: dict | None):
+def filesystem(url: str, storage_options: dict | None):
     return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
-def _marker_path(root: str, split: str, i: int) -> str:
+def marker_path(root: str, split: str, i: int) -> str:
     return f"{root}/{MARKERS}/{split}-{i:06d}.json"
 
 
-def _shard_file(root: str, split: str, hookpoint: str, i: int) -> str:
+def shard_file(root: str, split: str, hookpoint: str, i: int) -> str:
     return f"{root}/{split}/acts/{array_name(hookpoint)}/c/{i}/0"
 
 
@@ -182,7 +182,7 @@ TOKEN_ARRAYS = ("tokens", "doc_index", "doc_position", "documents")  # written a
 
 def _token_file_crcs(url: str, split: str, storage_options: dict | None) -> dict[str, int]:
     """crc32 of every chunk file of a split's token arrays, by path under the split."""
-    fs, root = _fs(url, storage_options)
+    fs, root = filesystem(url, storage_options)
     base = f"{root.rstrip('/')}/{split}/"
     files = [f for name in TOKEN_ARRAYS for f in fs.find(f"{base}{name}/c")]
     return {f.removeprefix(base): zlib.crc32(fs.cat_file(f)) for f in files}
@@ -192,8 +192,8 @@ def token_problems(url: str, split: str, storage_options: dict | None = None, sh
     """The token-array files of a split (of one shard's contexts when `shard` is given, the document
     ids always) that do not match the crc32 recorded at planning. Stores planned before have none."""
     group = _group(url, "r", storage_options)
-    recorded = _meta(_subgroup(group, split)).get("crc32") or {}
-    fs, root = _fs(url, storage_options)
+    recorded = meta_of(_subgroup(group, split)).get("crc32") or {}
+    fs, root = filesystem(url, storage_options)
     problems = []
     for rel, crc in sorted(recorded.items()):
         if shard is not None and rel.split("/")[0] != "documents" and rel.split("/")[2] != str(shard):
@@ -207,7 +207,7 @@ def token_problems(url: str, split: str, storage_options: dict | None = None, sh
     return problems
 
 
-def _read_marker(fs, path: str) -> dict | None:
+def read_marker(fs, path: str) -> dict | None:
     try:
         return json.loads(fs.cat_file(path))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
@@ -220,28 +220,28 @@ def open_group_for_status(url: str, storage_options: dict | None = None) -> zarr
 
 
 def layout_of(group: zarr.Group, split: str) -> Layout:
-    return Layout(**_meta(_subgroup(group, split))["layout"])
+    return Layout(**meta_of(_subgroup(group, split))["layout"])
 
 
 def window_of(group: zarr.Group) -> int | None:
     """data.window_shards of a store whose train split streams (storage/window.py), else None."""
-    return _meta(group).get("window_shards")
+    return meta_of(group).get("window_shards")
 
 
 def cached_splits(group: zarr.Group) -> list[str]:
     """The splits cached whole before training: all but a streamed train split."""
-    return [s for s in _meta(group).get("splits", []) if not (s == "train" and window_of(group))]
+    return [s for s in meta_of(group).get("splits", []) if not (s == "train" and window_of(group))]
 
 
 def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
     """(split, shard) pairs of a planned store's cached splits that have no completion marker."""
     group = _group(url, "r", storage_options)
-    fs, root = _fs(url, storage_options)
+    fs, root = filesystem(url, storage_options)
     return [
         (split, i)
         for split in cached_splits(group)
         for i in range(layout_of(group, split).n_shards)
-        if _read_marker(fs, _marker_path(root, split, i)) is None
+        if read_marker(fs, marker_path(root, split, i)) is None
     ]
 
 
@@ -252,7 +252,7 @@ def bad_shards(
     marker or (full=True) whose files do not match the crc32 recorded when it was written; shard -1
     for the split's token arrays, written when the store was planned."""
     group = _group(url, "r", storage_options)
-    fs, root = _fs(url, storage_options)
+    fs, root = filesystem(url, storage_options)
     problems = []
     for split in splits or cached_splits(group):
         if full:
@@ -261,7 +261,7 @@ def bad_shards(
         for i in range(layout.n_shards):
             c0, c1 = layout.shard_contexts_range(i)
             where = f"{split} shard {i} (contexts {c0}..{c1 - 1})"
-            marker = _read_marker(fs, _marker_path(root, split, i))
+            marker = read_marker(fs, marker_path(root, split, i))
             if marker is None:
                 problems.append((split, i, f"{where} is missing"))
                 continue
@@ -269,12 +269,12 @@ def bad_shards(
                 continue
             for h, crc in marker["crc32"].items():
                 try:
-                    actual = zlib.crc32(fs.cat_file(_shard_file(root, split, h, i)))
+                    actual = zlib.crc32(fs.cat_file(shard_file(root, split, h, i)))
                 except FileNotFoundError:
                     actual = None
                 if actual != crc:
                     problems.append(
-                        (split, i, f"{where} of {h} is corrupted or gone ({_shard_file(root, split, h, i)})")
+                        (split, i, f"{where} of {h} is corrupted or gone ({shard_file(root, split, h, i)})")
                     )
     return problems
 
@@ -295,15 +295,15 @@ def reopen_bad_shards(url: str, storage_options: dict | None = None) -> list[str
     that caching recomputes exactly those shards. Returns what was wrong (empty: nothing to redo)."""
     problems = bad_shards(url, storage_options)
     if problems:
-        fs, root = _fs(url, storage_options)
+        fs, root = filesystem(url, storage_options)
         group = _group(url, "r+", storage_options)
-        _meta(group)["complete"] = False  # first: a kill from here on leaves a store that is not complete
+        meta_of(group)["complete"] = False  # first: a kill from here on leaves a store that is not complete
         if any(i < 0 for _, i, _ in problems):  # the tokens come from planning: plan (and compute) it all again
-            del _meta(group)["splits"]
+            del meta_of(group)["splits"]
             return [what for _, _, what in problems]
         for split, i in sorted({(split, i) for split, i, _ in problems}):
-            if fs.exists(_marker_path(root, split, i)):
-                fs.rm_file(_marker_path(root, split, i))
+            if fs.exists(marker_path(root, split, i)):
+                fs.rm_file(marker_path(root, split, i))
     return [what for _, _, what in problems]
 
 
@@ -314,7 +314,7 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
         group = _group(url, "r", storage_options)
     except (FileNotFoundError, GroupNotFoundError) as e:
         raise IncompleteStoreError(f"no activation store at {url}: run `saeflow cache SPEC` first") from e
-    if not _meta(group).get("complete", False):
+    if not meta_of(group).get("complete", False):
         raise IncompleteStoreError(f"the activation store at {url} is unfinished: run `saeflow cache SPEC` again")
     if verify:
         verify_shards(url, storage_options, splits=None if verify is True else verify)
@@ -324,7 +324,7 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
 def planned_hash(url: str, storage_options: dict | None = None) -> str | None:
     """The spec hash of a fully planned store at url (shards may still be missing), else None."""
     try:
-        attrs = _meta(_group(url, "r", storage_options))
+        attrs = meta_of(_group(url, "r", storage_options))
     except (FileNotFoundError, GroupNotFoundError):
         return None
     return attrs.get("spec_hash") if "splits" in attrs else None  # `splits` is written last by plan_store
@@ -421,7 +421,7 @@ def write_shard(
     """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it.
     When `stop()` turns true it raises KeyboardInterrupt between two batches, writing nothing."""
     group = _group(url, "r+", storage_options)
-    hookpoints, dtype, first = _meta(group)["hookpoints"], _meta(group)["dtype"], _meta(group)["first_position"]
+    hookpoints, dtype, first = meta_of(group)["hookpoints"], meta_of(group)["dtype"], meta_of(group)["first_position"]
     sub = _subgroup(group, split)
     layout = layout_of(group, split)
     c0, c1 = layout.shard_contexts_range(index)
@@ -455,16 +455,16 @@ def write_shard(
                 )
             blocks[h].append(_encode(a, dtype))
     bar.close()
-    fs, root = _fs(url, storage_options)
+    fs, root = filesystem(url, storage_options)
     crcs = {}
     for h in hookpoints:
         _array(sub, f"acts/{array_name(h)}")[c0 * layout.positions : c1 * layout.positions] = np.concatenate(blocks[h])
-        crcs[h] = zlib.crc32(fs.cat_file(_shard_file(root, split, h, index)))
+        crcs[h] = zlib.crc32(fs.cat_file(shard_file(root, split, h, index)))
     fs.makedirs(f"{root}/{MARKERS}", exist_ok=True)
-    _write_marker(fs, _marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
+    write_marker(fs, marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
 
 
-def _write_marker(fs, path: str, data: bytes) -> None:
+def write_marker(fs, path: str, data: bytes) -> None:
     """A marker appears whole or not at all: on a local disk via a rename (an object store's put is
     already atomic), so a kill never leaves a torn marker behind."""
     from fsspec.implementations.local import LocalFileSystem
@@ -485,9 +485,9 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
     group = _group(url, "r+", storage_options)
     stats = {}
     for split in cached_splits(group):
-        for h in _meta(group)["hookpoints"]:
+        for h in meta_of(group)["hookpoints"]:
             arr = _array(group, f"{split}/acts/{array_name(h)}")
-            logical = _meta(arr)["logical_dtype"]
+            logical = meta_of(arr)["logical_dtype"]
             x = da.from_zarr(arr).map_blocks(
                 lambda b, logical=logical: _decode(b, logical).numpy().astype(np.float64), dtype=np.float64
             )
@@ -607,7 +607,7 @@ def _torch_dtype(array: zarr.Array) -> torch.dtype:
 
 def _stored_dtype(array: zarr.Array) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-        _meta(array).get("logical_dtype", "float16"), torch.float32
+        meta_of(array).get("logical_dtype", "float16"), torch.float32
     )
 
 

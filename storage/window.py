@@ -26,15 +26,15 @@ import zlib
 from dataclasses import dataclass
 
 from storage.activations import (
-    _fs,
-    _marker_path,
-    _meta,
-    _read_marker,
-    _shard_file,
-    _write_marker,
+    filesystem,
     layout_of,
+    marker_path,
+    meta_of,
     open_group_for_status,
+    read_marker,
+    shard_file,
     window_of,
+    write_marker,
 )
 from storage.shuffle import Block, ChunkOrder
 
@@ -66,7 +66,7 @@ class Window:
             return None
         layout = layout_of(group, "train")
         per_shard = layout.shard_contexts // layout.chunk_contexts
-        return cls(url, storage_options, shards, layout.n_shards, per_shard, tuple(_meta(group)["hookpoints"]))
+        return cls(url, storage_options, shards, layout.n_shards, per_shard, tuple(meta_of(group)["hookpoints"]))
 
     @property
     def group_shards(self) -> int:
@@ -85,11 +85,11 @@ class Window:
 
     @property
     def _root(self) -> str:
-        return _fs(self.url, self.storage_options)[1]
+        return filesystem(self.url, self.storage_options)[1]
 
     @property
     def _fs(self):
-        return _fs(self.url, self.storage_options)[0]
+        return filesystem(self.url, self.storage_options)[0]
 
     def open_session(self) -> str:
         """A new feeding session (by the flow): its token, and no stop left from an earlier one."""
@@ -98,12 +98,12 @@ class Window:
         fs.makedirs(f"{self._root}/{DIR}", exist_ok=True)
         if fs.exists(self._path("stop")):
             fs.rm_file(self._path("stop"))
-        _write_marker(fs, self._path("session"), token.encode())
+        write_marker(fs, self._path("session"), token.encode())
         return token
 
     def cursor(self) -> tuple[str | None, int]:
         """(session, released) as the trainer last wrote them; (None, 0) before any trainer."""
-        found = _read_marker(self._fs, self._path("cursor.json"))
+        found = read_marker(self._fs, self._path("cursor.json"))
         return (found["session"], int(found["released"])) if found else (None, 0)
 
     def release(self, upto: int) -> None:
@@ -113,18 +113,18 @@ class Window:
         its own cursor before caching goes on."""
         fs = self._fs
         for i in range(upto):
-            marker = _marker_path(self._root, "train", i)
+            marker = marker_path(self._root, "train", i)
             if fs.exists(marker):
                 fs.rm_file(marker)
             for h in self.hookpoints:
-                if fs.exists(_shard_file(self._root, "train", h, i)):
-                    fs.rm_file(_shard_file(self._root, "train", h, i))
+                if fs.exists(shard_file(self._root, "train", h, i)):
+                    fs.rm_file(shard_file(self._root, "train", h, i))
         try:
             session = fs.cat_file(self._path("session")).decode()
         except FileNotFoundError:
             session = None  # trained without a feeding flow (the Python API)
         fs.makedirs(f"{self._root}/{DIR}", exist_ok=True)
-        _write_marker(fs, self._path("cursor.json"), json.dumps({"session": session, "released": upto}).encode())
+        write_marker(fs, self._path("cursor.json"), json.dumps({"session": session, "released": upto}).encode())
 
     def to_cache(self, session: str) -> list[int] | None:
         """Train shards to cache now: those without a marker among the W from the trainer's cursor.
@@ -136,18 +136,18 @@ class Window:
         return [
             i
             for i in range(released, min(released + self.shards, self.n_shards))
-            if _read_marker(fs, _marker_path(self._root, "train", i)) is None
+            if read_marker(fs, marker_path(self._root, "train", i)) is None
         ]
 
     def on_disk(self) -> list[int]:
         """Train shards that hold data now (for tests and reports)."""
         fs = self._fs
-        return [i for i in range(self.n_shards) if fs.exists(_shard_file(self._root, "train", self.hookpoints[0], i))]
+        return [i for i in range(self.n_shards) if fs.exists(shard_file(self._root, "train", self.hookpoints[0], i))]
 
     def stop(self, reason: str) -> None:
         fs = self._fs
         fs.makedirs(f"{self._root}/{DIR}", exist_ok=True)
-        _write_marker(fs, self._path("stop"), reason.encode())
+        write_marker(fs, self._path("stop"), reason.encode())
 
     def wait(self, shards: list[int], timeout: float = WAIT_SECONDS, poll: float = 0.2) -> None:
         """Returns once every shard is cached and matches its checksums. A damaged one loses its marker
@@ -155,7 +155,7 @@ class Window:
         fs, pending = self._fs, list(shards)
         deadline = time.monotonic() + timeout
         while pending:
-            marker = _read_marker(fs, _marker_path(self._root, "train", pending[0]))
+            marker = read_marker(fs, marker_path(self._root, "train", pending[0]))
             if marker is not None and self._intact(pending[0], marker):
                 pending.pop(0)
                 continue
@@ -171,14 +171,14 @@ class Window:
     def _intact(self, i: int, marker: dict) -> bool:
         fs = self._fs
         for h, crc in marker["crc32"].items():
-            path = _shard_file(self._root, "train", h, i)
+            path = shard_file(self._root, "train", h, i)
             try:
                 actual = zlib.crc32(fs.cat_file(path))
             except FileNotFoundError:
                 actual = None
             if actual != crc:
                 log.warning("train shard %d of %s is corrupted or gone (%s): caching it again", i, h, path)
-                fs.rm_file(_marker_path(self._root, "train", i))
+                fs.rm_file(marker_path(self._root, "train", i))
                 return False
         return True
 

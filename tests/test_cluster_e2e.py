@@ -13,8 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from servers import BIN, free_port, server
+
+pytestmark = pytest.mark.heavy  # make test-heavy (CI runs it after make test)
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = ("saeflow", "gpu", "cpu")  # and `nodes`, with two workers

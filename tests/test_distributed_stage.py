@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 import yaml
 from servers import BIN
@@ -18,6 +19,8 @@ from servers import BIN
 from flows import stages
 from flows.spec import parse_spec
 from sae.model import TopKSAE
+
+pytestmark = pytest.mark.heavy  # make test-heavy (CI runs it after make test)
 
 HOOK = "model.layers.1"
 
