@@ -610,11 +610,14 @@ def _unreachable_server(e: BaseException) -> str | None:
                 f"cannot reach the Prefect API at {url}: start that server (prefect server start) or unset "
                 "PREFECT_API_URL to run with a temporary local one"
             )
-    if any("API request to" in str(x) and ("Max retries" in str(x) or "Connection" in str(x)) for x in chain):
-        return (
-            "cannot reach the MLflow tracking server (see the tracking URI printed above): start it, or fix "
-            "registry.tracking_uri / MLFLOW_TRACKING_URI"
-        )
+    for x in chain:
+        if "API request to" in str(x) and ("Max retries" in str(x) or "Connection" in str(x)):
+            found = re.search(r"API request to (\S+?)/api/", str(x))
+            where = f" at {found.group(1)}" if found else ""
+            return (
+                f"cannot reach the MLflow tracking server{where}: start it, or fix registry.tracking_uri / "
+                "MLFLOW_TRACKING_URI"
+            )
     return None
 
 

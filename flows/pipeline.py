@@ -80,13 +80,21 @@ def register(spec: RunSpec, hookpoint: str, index: int) -> str:
 _TASKS = {"cache": cache_activations, "train": train_sae, "evaluate": evaluate, "register": register}
 
 
-def _probe(address: str, field: str, what: str) -> None:
+CHECKS_SECONDS = 10.0  # every server a spec names is checked within this, before any work
+
+
+def _left(deadline: float | None) -> float:
+    """Seconds a check may take: what is left of the checks' shared time (at least half a second)."""
+    return 5.0 if deadline is None else max(0.5, deadline - time.monotonic())
+
+
+def _probe(address: str, field: str, what: str, deadline: float | None = None) -> None:
     """Fails within seconds when nothing listens at address (Dask would wait 30 s, then say only
     "connection refused")."""
     host_port = address.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")
     try:
-        with socket.create_connection((host or host_port, int(port or 8786)), timeout=5):
+        with socket.create_connection((host or host_port, int(port or 8786)), timeout=_left(deadline)):
             pass
     except OSError as e:
         raise Unreachable(
@@ -102,7 +110,7 @@ STORAGE_HINTS = {
 }
 
 
-def check_storage(spec: RunSpec) -> None:
+def check_storage(spec: RunSpec, deadline: float | None = None) -> None:
     """The work dir and the activation store answer, with usable credentials: checked in seconds,
     before any work, with the spec field that names them."""
     from storage.workdir import StorageProblem, probe
@@ -112,16 +120,13 @@ def check_storage(spec: RunSpec) -> None:
         places.append(("data.store", spec.data.store, spec.data.store_options, "data.store_options"))
     for field, location, options, options_field in places:
         try:
-            probe(location, options)
+            probe(location, options, timeout=_left(deadline))
         except StorageProblem as e:
             hint = STORAGE_HINTS[e.kind].format(options=options_field, field=field)
             raise Unreachable(f"{field}: {location}: {e}: {hint}") from None
 
 
-SERVER_PROBE_SECONDS = 4.0  # per server: the tracking server and the Prefect API together stay under 10 s
-
-
-def check_servers(spec: RunSpec, only: Sequence[str]) -> None:
+def check_servers(spec: RunSpec, only: Sequence[str], deadline: float | None = None) -> None:
     """The MLflow tracking server (when the run registers) and the Prefect API answer HTTP within
     seconds: a server that accepts connections and never answers would otherwise cost minutes of
     read timeouts and retries, found only at the end of the run."""
@@ -138,21 +143,21 @@ def check_servers(spec: RunSpec, only: Sequence[str]) -> None:
         )
     for url, what in servers:
         try:
-            answer = httpx.get(url, timeout=SERVER_PROBE_SECONDS)
+            answer = httpx.get(url, timeout=_left(deadline))
         except httpx.HTTPError as e:
             raise Unreachable(f"{what} does not answer ({type(e).__name__}): start it, or fix its address") from None
         if answer.status_code >= 500:
             raise Unreachable(f"{what} answers {answer.status_code}: check the server's log")
 
 
-def task_runner(spec: RunSpec):
+def task_runner(spec: RunSpec, deadline: float | None = None):
     """Threads by default; Dask when the spec names a scheduler or asks for local Dask workers."""
     o = spec.orchestration
     if o.dask_address or o.dask_workers:
         from prefect_dask import DaskTaskRunner
 
         if o.dask_address:
-            _probe(o.dask_address, "orchestration.dask_address", "Dask scheduler")
+            _probe(o.dask_address, "orchestration.dask_address", "Dask scheduler", deadline)
             return DaskTaskRunner(address=o.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True})
     # one at a time: an LM forward already uses every core of the machine
@@ -167,9 +172,10 @@ def run_pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, **options) 
     it that the server still shows as running was killed (or lost its API mid-run) and is marked
     Crashed, so that the server never shows a dead run as running.
     """
-    runner = task_runner(spec)  # first: a scheduler that does not answer fails here, before any server starts
-    check_storage(spec)
-    check_servers(spec, only)
+    deadline = time.monotonic() + CHECKS_SECONDS
+    runner = task_runner(spec, deadline)  # first: a scheduler that does not answer fails here, before any server starts
+    check_storage(spec, deadline)
+    check_servers(spec, only, deadline)
     key = spec.part_hash(*paths.CACHE_SECTIONS)
     with exclusive(spec.root / "locks" / f"{key}.lock", f"the work dir of {spec.name} ({paths.store_url(spec)})"):
         tag = f"saeflow-run:{socket.gethostname()}:{key}"

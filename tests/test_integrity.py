@@ -892,3 +892,48 @@ def test_a_tracking_server_that_accepts_connections_and_never_answers_fails_in_s
     ), err
     assert took < 10, f"{took:.1f} s"
     assert not (tmp_path / "work" / "activations").exists()  # before any work
+
+
+def test_a_tracking_server_that_is_down_mid_run_is_named_in_the_error_line(tmp_path, monkeypatch):
+    """The line names the server, not "the tracking URI printed above" (which may not have been)."""
+    import socket
+
+    from flows.cli import _unreachable_server
+    from storage.registry import list_models
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again below: nothing listens
+    with pytest.raises(Exception) as e:
+        list_models(uri)
+    fix = "start it, or fix registry.tracking_uri / MLFLOW_TRACKING_URI"
+    assert _unreachable_server(e.value) == f"cannot reach the MLflow tracking server at {uri}: {fix}"
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(tmp_path):
+    """Killed after the tensors of a checkpoint were written and before its meta.json: the half-written
+    folder is never taken for a checkpoint, and the run resumes from the previous one."""
+    from storage import checkpoints
+
+    class Killed(BaseException):
+        pass
+
+    state = {"w": torch.arange(4.0)}
+    checkpoints.save_checkpoint(tmp_path, state, {"steps": 10})
+    real = Path.write_text
+
+    def killed(self, *args, **kwargs):
+        if self.name == checkpoints.META_FILE:
+            raise Killed
+        return real(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "write_text", killed)
+        with pytest.raises(Killed):
+            checkpoints.save_checkpoint(tmp_path, {"w": torch.zeros(4)}, {"steps": 20})
+    assert checkpoints.intact_steps(tmp_path) == [10]
+    tensors, meta = checkpoints.load_checkpoint(tmp_path)
+    assert meta == {"steps": 10} and torch.equal(tensors["w"], state["w"])
+    checkpoints.save_checkpoint(tmp_path, {"w": torch.ones(4)}, {"steps": 20})  # the re-run writes it whole
+    assert checkpoints.intact_steps(tmp_path) == [10, 20]

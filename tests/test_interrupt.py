@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from flows import stages
@@ -17,7 +18,8 @@ from flows.spec import parse_spec
 from storage.checkpoints import intact_steps
 
 
-def test_ctrl_c_stops_training_at_a_step_with_a_checkpoint_and_one_line(tiny_model_dir, text_dir, tmp_path):
+@pytest.mark.parametrize("group", [True, False], ids=["process-group", "process-alone"])
+def test_ctrl_c_stops_training_at_a_step_with_a_checkpoint_and_one_line(tiny_model_dir, text_dir, tmp_path, group):
     spec_dict = {
         "name": "tiny",
         "model": {"source": str(tiny_model_dir)},
@@ -54,7 +56,7 @@ def test_ctrl_c_stops_training_at_a_step_with_a_checkpoint_and_one_line(tiny_mod
             time.sleep(0.2)
         time.sleep(1.0)
         sent = time.monotonic()
-        os.killpg(proc.pid, signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT) if group else os.kill(proc.pid, signal.SIGINT)
         proc.wait(timeout=120)
         took = time.monotonic() - sent
     text = log.read_text()
