@@ -58,6 +58,26 @@ def _prepare_flow_run() -> None:
         local_server.start()
 
 
+class _NoTraceback(logging.Filter):
+    """Prefect logs a failed task's or flow's traceback: without --debug only its message shows
+    (the run's own last line then says what failed and how to fix it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text:
+            record.exc_info, record.exc_text = None, None
+        message = record.getMessage()
+        if "Traceback (most recent call last)" in message:
+            record.msg, record.args = message.split("Traceback (most recent call last)")[0].rstrip(" :\n"), ()
+        return True
+
+
+def _quiet_tracebacks(debug: bool) -> None:
+    """After Prefect has set its logging up (importing it does)."""
+    if not debug:
+        for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine", "prefect"):
+            logging.getLogger(name).addFilter(_NoTraceback())
+
+
 def _profile_api_url() -> str | None:
     """The PREFECT_API_URL of the active Prefect profile (~/.prefect/profiles.toml), if it sets one."""
     import tomllib
@@ -107,6 +127,7 @@ def cmd_stages(args) -> int:
     from flows.stages import STAGES
 
     only = STAGES if args.command == "run" else (args.command,)
+    _quiet_tracebacks(args.debug)
     with interrupt.stop_on_sigint():  # Ctrl-C: stop at the next step (flows/interrupt.py)
         rows = run_pipeline(spec, only=only)
     _print_summary(spec, rows)
@@ -219,6 +240,7 @@ def cmd_sweep(args) -> int:
     from flows import sweep
     from flows.pipeline import run_pipeline
 
+    _quiet_tracebacks(args.debug)
     with interrupt.stop_on_sigint():
         run_pipeline(spec)
     path = sweep.report(spec)

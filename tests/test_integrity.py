@@ -937,3 +937,27 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_one_before(tmp_pa
     assert meta == {"steps": 10} and torch.equal(tensors["w"], state["w"])
     checkpoints.save_checkpoint(tmp_path, {"w": torch.ones(4)}, {"steps": 20})  # the re-run writes it whole
     assert checkpoints.intact_steps(tmp_path) == [10, 20]
+
+
+def test_a_failed_stage_is_reported_without_tracebacks(prefect_harness, tiny_model_dir, text_dir, tmp_path, capfd):
+    """Prefect logs a failed task's traceback; the CLI shows its message and its own last line only
+    (--debug shows the traceback)."""
+    import failing_stage
+    import yaml
+
+    from flows.cli import main
+
+    spec_dict = tiny_spec(tiny_model_dir, text_dir, tmp_path / "work")
+    cache_all(parse_spec(spec_dict))
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_dict))
+    with pytest.MonkeyPatch.context() as patch:
+        failing_stage.failing(patch, "train")
+        capfd.readouterr()
+        assert main(["train", str(path)]) == 1
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "saeflow train failed: SAEFLOW_FAIL_STAGE=train: failure injected at the start of the train stage  "
+        "(--debug shows the traceback)"
+    )
