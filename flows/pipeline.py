@@ -136,16 +136,20 @@ def check_servers(spec: RunSpec, only: Sequence[str], deadline: float | None = N
     uri, source = spec.tracking_uri_and_source()
     servers = []
     if "register" in only and uri.startswith(("http://", "https://")):
-        servers.append((f"{uri.rstrip('/')}/health", f"the MLflow tracking server at {uri} ({source})"))
+        what = f"the MLflow tracking server at {uri} ({source})"
+        servers.append((f"{uri.rstrip('/')}/health", what, "start it, or fix its address"))
     if PREFECT_API_URL.value():
+        fix = "start that server (prefect server start) or unset PREFECT_API_URL to run with a temporary local one"
         servers.append(
-            (f"{PREFECT_API_URL.value().rstrip('/')}/health", f"the Prefect API at {PREFECT_API_URL.value()}")
+            (f"{PREFECT_API_URL.value().rstrip('/')}/health", f"the Prefect API at {PREFECT_API_URL.value()}", fix)
         )
-    for url, what in servers:
+    for url, what, fix in servers:
         try:
-            answer = httpx.get(url, timeout=_left(deadline))
-        except httpx.HTTPError as e:
-            raise Unreachable(f"{what} does not answer ({type(e).__name__}): start it, or fix its address") from None
+            answer = httpx.get(url, timeout=min(5.0, _left(deadline)))
+        except httpx.TimeoutException:
+            raise Unreachable(f"{what} accepts connections but does not answer: {fix}") from None
+        except httpx.HTTPError:
+            raise Unreachable(f"cannot reach {what}: {fix}") from None
         if answer.status_code >= 500:
             raise Unreachable(f"{what} answers {answer.status_code}: check the server's log")
 

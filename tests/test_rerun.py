@@ -118,6 +118,7 @@ def test_status_reports_each_stage_without_touching_anything(
             "aliases": ["candidate"],
             "spec_hash": sae["register"]["versions"][0]["spec_hash"],
             "run_id": sae["register"]["versions"][0]["run_id"],
+            "complete": True,
         }
     ]
     assert main(["status", str(path)]) == 0
