@@ -158,8 +158,10 @@ def test_two_nodes_meet_at_a_rendezvous_and_train_what_one_node_trains(
     for d in (nodes, one):
         d["data"].update(store="s3://saeflow/multi-node-store", store_options=s3_server["options"])
     cli(["cache", write(tmp_path, one)], tmp_path, SAEFLOW_SCRATCH=str(tmp_path / "node-0"))
-    # torch.distributed.run reads --local-addr from PET_LOCAL_ADDR: both nodes on loopback
-    local = {"PET_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    # torch.distributed.run reads --local-addr from PET_LOCAL_ADDR: both nodes on loopback. One thread
+    # a process in both runs, as torchrun gives two processes of one node: with two threads a node's
+    # matmuls sum in another order, and Adam carries the last-bit difference (2.8e-6 after 24 steps)
+    local = {"PET_LOCAL_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     procs = [
         cli(
             ["train", write(tmp_path, nodes)],
