@@ -3,6 +3,8 @@ stage's output is found again exactly when those sections are unchanged."""
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 from flows.spec import RunSpec, safe_name
@@ -62,14 +64,33 @@ def metrics_path(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:
 def is_trained(spec: RunSpec, hookpoint: str, indices) -> bool:
     """Whether the work dir holds the finished SAEs `indices` of a hookpoint, with weights that match
     their checksums (a remote work dir's are checked when they are fetched and loaded)."""
-    from sae.model import weights_intact
-
     return all(
         spec.work.exists(f"{sae_rel(spec, hookpoint, i)}/{name}")
-        and (spec.work.remote or name != SAE_WEIGHTS or weights_intact(sae_dir(spec, hookpoint, i)))
+        and (spec.work.remote or name != SAE_WEIGHTS or _intact(sae_dir(spec, hookpoint, i)))
         for i in indices
         for name in (SAE_MARKER, SAE_WEIGHTS)
     )
+
+
+def _intact(directory: Path) -> bool:
+    """sae.model.weights_intact, hashed once per version of the files in this process: a run asks
+    several times (skip checks, the train stage, status), and a large SAE's hash takes seconds. Every
+    load still checks the hash it reads."""
+    try:
+        stamp = tuple(
+            (s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+            for s in (os.stat(directory / SAE_MARKER), os.stat(directory / SAE_WEIGHTS))
+        )
+    except OSError:
+        return False
+    return _intact_as_of(directory, stamp)
+
+
+@functools.lru_cache(maxsize=1024)
+def _intact_as_of(directory: Path, stamp: tuple) -> bool:
+    from sae.model import weights_intact
+
+    return weights_intact(directory)
 
 
 def fetch_sae(spec: RunSpec, hookpoint: str, index: int = 0) -> Path:

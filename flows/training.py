@@ -30,8 +30,7 @@ from sae.train import Trainer, TrainResult, milestone_tokens, train_saes
 from storage import activations as store
 from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
 from storage.checkpoints import intact_steps, load_checkpoint, save_checkpoint
-from storage.shuffle import ChunkOrder
-from storage.window import Window, released_through
+from storage.window import TrainerSide, Window
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +114,16 @@ def train_hookpoint(
     team.barrier()  # the lead checked every shard of the store
     acts = store.activations(group, "train", hookpoint)
     window = Window.of(store_url(spec), store_options(spec))
-    order = ChunkOrder(
-        acts.shape[0],
-        acts.chunks[0],
+    order = store.chunk_order(
+        acts,
         spec.train.batch_tokens,
-        store.chunks_in(acts, spec.train.shuffle_buffer_mb),
         spec.train.seed,
+        store.chunks_in(acts, spec.train.shuffle_buffer_mb),
         team.batch_part,
         window.group_chunks if window else None,
     )
-    # a window is read once: the SAEs train on the whole batches of that pass
-    tokens = order.group_ends()[-1] * spec.train.batch_tokens if window else acts.shape[0]
+    windowed = TrainerSide(window, order, team.lead)
+    tokens = windowed.pass_tokens(acts.shape[0])  # a window is read once
     tcfgs = {i: spec.train_config(tokens, device, i) for i in todo}
     budget = tcfgs[todo[0]].tokens or tokens
     if window and budget > tokens:
@@ -155,27 +153,22 @@ def train_hookpoint(
             trainer.load_state_dict(*state)
         if team.lead:
             log.info("resuming %s from checkpoints at step %d", hookpoint, step)
-    if window and team.lead:  # where caching resumes: this run's group on
-        window.release(released_through(order, window, step))
+    windowed.release_covered(step)  # where caching resumes: this run's group on
     if not step:
-        within = min(order.group_chunks, order.n_chunks) if order.group_chunks else None
-        if window:  # the first group's shards: the initialisation samples them
-            window.wait(list(range(min(window.group_shards, window.n_shards))))
-        sample = store.sample_rows(acts, first.geometric_median_samples, seed=first.seed, chunks=within)
+        windowed.wait_initial()
+        sample = store.sample_rows(
+            acts, first.geometric_median_samples, seed=first.seed, chunks=windowed.initial_chunks()
+        )
         for trainer in trainers.values():
             trainer.initialize(sample)  # the whole SAE (identical on every process), then this one's part
     batches = store.prefetch(
-        store.shuffled_batches(
+        store.batches_in_order(
             acts,
-            first.batch_tokens,
-            seed=first.seed,
-            buffer_chunks=order.buffer_chunks,
+            order,
             start_batch=trainers[todo[0]].steps,
-            part=team.batch_part,
             readers=spec.train.readers or store.DEFAULT_READERS,
             device=device,
-            group_chunks=order.group_chunks,
-            wait=(lambda block: window.wait(window.shards_of(block))) if window else None,
+            wait=windowed.waiter(),
         )
     )
 
@@ -184,8 +177,7 @@ def train_hookpoint(
             for i, trainer in trainers.items():
                 save_and_publish_checkpoint(work, ckpt_rels[i], trainer)
         team.barrier()
-        if window and team.lead:  # the groups this checkpoint covers are not needed again
-            window.release(released_through(order, window, trainers[todo[0]].steps))
+        windowed.release_covered(trainers[todo[0]].steps)
 
     milestones, score = [], None
     if spec.sweep is not None and spec.sweep.milestones and team.milestones:  # a sweep's loss-vs-tokens curves
@@ -203,8 +195,7 @@ def train_hookpoint(
             spec.train.checkpoint_every_tokens,
             milestones=milestones,
             evaluate=score,
-            # a window's group is released at a checkpoint past its end: one comes at every group's end
-            checkpoint_at_tokens=[e * first.batch_tokens for e in order.group_ends()[:-1]] if window else (),
+            checkpoint_at_tokens=windowed.checkpoint_tokens(),
             stop=interrupt.requested,
         )
     for (i, trainer), result in zip(trainers.items(), results):
@@ -212,8 +203,7 @@ def train_hookpoint(
         if team.lead:
             write_sae(spec, hookpoint, i, whole, tcfgs[i].resolved_lr(whole.sae.cfg.n_latents), trainer.milestones)
     team.barrier()
-    if window and team.lead:  # the SAEs are written: no train shard is needed again
-        window.release(window.n_shards)
+    windowed.release_all()
     return locations
 
 

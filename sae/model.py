@@ -43,6 +43,23 @@ def read_weights(directory: Path, sha256: str | None) -> dict[str, torch.Tensor]
         ) from None
 
 
+def shape_misfits(cfg: SAEConfig, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """How `tensors` disagree with the shapes an SAE of `cfg` has, one phrase each (empty when they fit);
+    the config's shapes come from a meta-device model, so a huge config allocates nothing."""
+    expected = expected_shapes(cfg)
+    return [
+        f"{name} has shape {tuple(t.shape)}, but the config says {expected[name]}"
+        for name, t in sorted(tensors.items())
+        if name in expected and tuple(t.shape) != expected[name]
+    ]
+
+
+def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in an SAE of `cfg`."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in TopKSAE(cfg).state_dict().items()}
+
+
 def weights_intact(directory: Path) -> bool:
     """Whether an SAE folder's weights match the checksum its config.json holds (True without one)."""
     try:
@@ -211,15 +228,9 @@ class TopKSAE(nn.Module):
         meta = json.loads((d / CONFIG_FILE).read_text())
         cfg = SAEConfig(**meta["sae"])
         tensors = read_weights(d, meta.get(CHECKSUM))
-        with torch.device("meta"):  # the config's sizes, checked against the file before any allocation
-            expected = {name: tuple(t.shape) for name, t in cls(cfg).state_dict().items()}
-        wrong = [
-            f"{n} {tuple(t.shape)} (the config says {expected.get(n)})"
-            for n, t in tensors.items()
-            if tuple(t.shape) != expected.get(n)
-        ]
+        wrong = shape_misfits(cfg, tensors)  # before any allocation
         if wrong:
-            raise DamagedWeights(f"{d / WEIGHTS_FILE} does not fit {d / CONFIG_FILE}: {', '.join(wrong)}")
+            raise DamagedWeights(f"{d / WEIGHTS_FILE} does not fit {d / CONFIG_FILE}: {'; '.join(wrong)}")
         sae = cls(cfg)
         sae.load_state_dict(tensors)
         sae.metadata = meta.get("metadata", {})

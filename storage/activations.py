@@ -531,6 +531,20 @@ def chunks_in(array: zarr.Array, megabytes: int) -> int:
     return max(1, round(megabytes * 2**20 / chunk_bytes))
 
 
+def chunk_order(
+    array: zarr.Array,
+    batch_rows: int,
+    seed: int,
+    buffer_chunks: int | None = None,
+    part: tuple[int, int] = (0, 1),
+    group_chunks: int | None = None,
+) -> ChunkOrder:
+    """The order in which `array`'s chunks are read and its rows drawn (storage.shuffle.ChunkOrder);
+    `buffer_chunks` defaults to SHUFFLE_BUFFER_MB's worth."""
+    buffer_chunks = buffer_chunks or chunks_in(array, SHUFFLE_BUFFER_MB)
+    return ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part, group_chunks)
+
+
 def shuffled_batches(
     array: zarr.Array,
     batch_rows: int,
@@ -544,17 +558,28 @@ def shuffled_batches(
     wait: Callable[[Block], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Endless shuffled float32 batches on `device`, deterministic for a seed, never holding the whole
-    array: the order of storage.shuffle.ChunkOrder (blocks of whole chunks, rows shuffled inside a
-    block; `start_batch` resumes at a training checkpoint's data cursor, `part` is a data-parallel
-    reader's share). `readers` threads read and decode a block's chunks at once; the batches do not
-    depend on it. With `group_chunks` (a bounded window) the batches end after one pass, and
-    `wait(block)` returns once the block's chunks are on disk.
+    array: batches_in_order of chunk_order(array, ...). `start_batch` resumes at a training
+    checkpoint's data cursor, `part` is a data-parallel reader's share; with `group_chunks` (a bounded
+    window) the batches end after one pass."""
+    order = chunk_order(array, batch_rows, seed, buffer_chunks, part, group_chunks)
+    return batches_in_order(array, order, start_batch, readers, device, wait)
+
+
+def batches_in_order(
+    array: zarr.Array,
+    order: ChunkOrder,
+    start_batch: int = 0,
+    readers: int = DEFAULT_READERS,
+    device: str | torch.device = "cpu",
+    wait: Callable[[Block], None] | None = None,
+) -> Iterator[torch.Tensor]:
+    """The batches of `order` (blocks of whole chunks, rows shuffled inside a block) from `array`,
+    float32 on `device`, from `start_batch` on. `readers` threads read and decode a block's chunks at
+    once; the batches do not depend on it. `wait(block)` returns once the block's chunks are on disk.
 
     Rows stay in the stored 16-bit dtype through the shuffle (half the bytes moved) and only a batch
     becomes float32. On CUDA a block goes to the device once, from pinned memory without blocking, and
-    is shuffled there. `buffer_chunks` defaults to SHUFFLE_BUFFER_MB's worth."""
-    buffer_chunks = buffer_chunks or chunks_in(array, SHUFFLE_BUFFER_MB)
-    order = ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part, group_chunks)
+    is shuffled there."""
     device = torch.device(device)
     stored = _stored_dtype(array)
     read_into = chunk_reader(array)

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save
 
 from sae.config import Normalization, SAEConfig
 from sae.model import CHECKSUM as WEIGHTS_CHECKSUM
-from sae.model import CONFIG_FILE, WEIGHTS_FILE, DamagedWeights, TopKSAE, read_weights
+from sae.model import CONFIG_FILE, WEIGHTS_FILE, DamagedWeights, TopKSAE, expected_shapes, read_weights, shape_misfits
 from storage.outputs import staged
 
 FORMATS = ("saeflow", "saelens", "sparsify")
@@ -256,19 +256,10 @@ def _key(weights: dict, key: str, path: Path) -> torch.Tensor:
 
 def _load_into(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: Path) -> TopKSAE:
     """An SAE of `cfg` holding `weights`, made once they fit it (the config alone allocates nothing)."""
-    with torch.device("meta"):
-        blank = TopKSAE(cfg)
-    expected = {name: tuple(t.shape) for name, t in blank.state_dict().items()}
-    wrong = [
-        f"{name} has shape {tuple(t.shape)}, but the config says {expected[name]}"
-        for name, t in sorted(weights.items())
-        if name in expected and tuple(t.shape) != expected[name]
-    ]
+    wrong = shape_misfits(cfg, weights)
     if wrong:
         raise FormatError(f"{path}: {'; '.join(wrong)}")
-    missing = sorted(
-        set(expected) - set(weights) - {"input_scale", "threshold"} - ({"b_enc"} if blank.b_enc is None else set())
-    )
+    missing = sorted(set(expected_shapes(cfg)) - set(weights) - {"input_scale", "threshold"})
     if missing:
         raise FormatError(f"{path}: missing {', '.join(missing)}")
     sae = TopKSAE(cfg)

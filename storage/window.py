@@ -188,3 +188,46 @@ def released_through(order: ChunkOrder, window: Window, batches: int) -> int:
     the first shard of the group it is in (the pass's end: every shard)."""
     done = sum(1 for end in order.group_ends() if end <= batches)
     return min(done * window.group_shards, window.n_shards)
+
+
+@dataclass(frozen=True)
+class TrainerSide:
+    """What the train stage does about a window, in one place: which tokens one pass yields, where it
+    checkpoints, which shards it waits for and releases. Without a window (`window` None) the pass is
+    endless and every step here does nothing; only the lead process releases."""
+
+    window: Window | None
+    order: ChunkOrder
+    lead: bool = True
+
+    def pass_tokens(self, whole: int) -> int:
+        """The tokens a run can train on: one pass's whole batches with a window, else `whole`."""
+        return self.order.group_ends()[-1] * self.order.batch_rows if self.window else whole
+
+    def checkpoint_tokens(self) -> list[int]:
+        """A group is released at a checkpoint past its end: one comes at every group's end."""
+        return [e * self.order.batch_rows for e in self.order.group_ends()[:-1]] if self.window else []
+
+    def initial_chunks(self) -> int | None:
+        """The chunks the initialisation may sample: the first group's (all without a window)."""
+        return min(self.order.group_chunks, self.order.n_chunks) if self.order.group_chunks else None
+
+    def wait_initial(self) -> None:
+        if self.window:
+            self.window.wait(list(range(min(self.window.group_shards, self.window.n_shards))))
+
+    def waiter(self):
+        """The reader's `wait(block)`: returns once the block's shards are on disk."""
+        window = self.window
+        return (lambda block: window.wait(window.shards_of(block))) if window else None
+
+    def release_covered(self, batches: int) -> None:
+        """Releases the groups a trainer that has drawn `batches` batches (and saved them in a
+        checkpoint) will not read again."""
+        if self.window and self.lead:
+            self.window.release(released_through(self.order, self.window, batches))
+
+    def release_all(self) -> None:
+        """The SAEs are written: no train shard is needed again."""
+        if self.window and self.lead:
+            self.window.release(self.window.n_shards)

@@ -632,12 +632,16 @@ def test_a_damaged_checkpoint_is_named_and_training_resumes_from_the_one_before(
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
-def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(tiny_model_dir, text_dir, tmp_path):
+def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(
+    tiny_model_dir, text_dir, tmp_path, monkeypatch
+):
     """64 bytes of sae.safetensors zeroed after the evaluation: registering refuses (the metrics
     measured other weights), the weights are named when loaded, and a new run trains them again
     and registers nothing new with the old metrics."""
     from mlflow import MlflowClient
 
+    import flows.paths as flows_paths
+    import sae.model as sae_model
     from sae.model import DamagedWeights
 
     spec = parse_spec(
@@ -650,6 +654,12 @@ def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(tin
     stages.train(spec, hook, progress=False)
     stages.evaluate(spec, hook, progress=False)
     weights = stages.sae_dir(spec, hook) / "sae.safetensors"
+    hashes = []
+    real = sae_model.weights_intact
+    monkeypatch.setattr("sae.model.weights_intact", lambda d: hashes.append(d) or real(d))
+    flows_paths._intact_as_of.cache_clear()
+    assert stages.is_done("train", spec, hook) and stages.is_done("train", spec, hook)
+    assert len(hashes) == 1  # hashed once while the files stay as they are
     good = weights.read_bytes()
     raw = bytearray(good)
     raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
