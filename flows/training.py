@@ -201,7 +201,14 @@ def train_hookpoint(
     for (i, trainer), result in zip(trainers.items(), results):
         whole = team.whole(trainer, result)
         if team.lead:
-            write_sae(spec, hookpoint, i, whole, tcfgs[i].resolved_lr(whole.sae.cfg.n_latents), trainer.milestones)
+            write_sae(
+                spec,
+                hookpoint,
+                i,
+                whole,
+                tcfgs[i].resolved_lr(whole.sae.cfg.n_latents, whole.sae.cfg.d_in),
+                trainer.milestones,
+            )
     team.barrier()
     windowed.release_all()
     return locations

@@ -45,7 +45,8 @@ class SAEConfig:
 # (the pipeline's stage keys include it: SAEs trained by older defaults are retrained, not reused).
 # 2: the dead-latent window of 8 n/k tokens. 3: signum's short-run lr factor (128 / steps)^(3/8).
 # 4: the store's reader shuffles rows in blocks of 256 MB (was 8 chunks), each block's batches its own.
-RECIPE_VERSION = 4
+# 5: signum's lr at most MAX_SIGN_ROW_STEP / sqrt(d_in).
+RECIPE_VERSION = 5
 
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]
@@ -63,6 +64,10 @@ ADAM_LR_AT_4K = 6e-3
 # SHORT_RUN_STEPS (at most 2x), no batch scaling. The sweeps: docs/method.md.
 SIGNUM_LR_AT_4K = 2e-2 / math.sqrt(2)
 SHORT_RUN_STEPS = 128
+# A sign step moves every weight by lr, so a unit-norm decoder row by lr * sqrt(d_in). Above about a
+# third of the row per step, latents die faster than AuxK revives them (on SmolLM2 at d 576 the short-run
+# factor took 11-23% of the latents dead at batches of 4096; docs/method.md): signum's lr is capped there.
+MAX_SIGN_ROW_STEP = 0.35
 
 # A latent is dead (AuxK trains it) after the tokens in which a latent of average frequency k/n fires
 # this many times (one batch to 10M): fewer dead latents and lower MSE than 5% of the run (docs/method.md).
@@ -75,13 +80,16 @@ def auto_lr(
     recipe: Recipe = "default",
     tokens: int | None = None,
     optimizer: Optimizer = "signum",
+    d_in: int | None = None,
 ) -> float:
+    """The default lr; signum's is capped by d_in (MAX_SIGN_ROW_STEP) when it is given."""
     if recipe == "paper":
         return PAPER_LR_AT_32K * math.sqrt(2**15 / n_latents)
     steps = max(1, tokens // batch_tokens) if tokens is not None else SHORT_RUN_STEPS
     short = max(1.0, SHORT_RUN_STEPS / steps)
     if optimizer == "signum":
-        return SIGNUM_LR_AT_4K * math.sqrt(2**12 / n_latents) * min(2.0, short**0.375)
+        lr = SIGNUM_LR_AT_4K * math.sqrt(2**12 / n_latents) * min(2.0, short**0.375)
+        return lr if d_in is None else min(lr, MAX_SIGN_ROW_STEP / math.sqrt(d_in))
     return ADAM_LR_AT_4K * math.sqrt(2**12 / n_latents) * math.sqrt(batch_tokens / 4096) * min(2.0, short**0.5)
 
 
@@ -100,7 +108,7 @@ class TrainConfig:
     tokens: int | None = None  # None: one pass over the data (an iterator of unknown length needs it)
     recipe: Recipe = "default"
     optimizer: Optimizer | None = None  # None: signum (default recipe), adam (paper)
-    lr: float | None = None  # None: auto_lr(n_latents, batch_tokens, recipe, tokens, optimizer)
+    lr: float | None = None  # None: auto_lr(n_latents, batch_tokens, recipe, tokens, optimizer, d_in)
     lr_warmup_tokens: int | None = None  # None: 5% of tokens with adam; 0 with signum and for the paper
     lr_decay: Decay | None = None  # None: linear to zero with adam; constant with signum and for the paper
     betas: tuple[float, float] = (0.9, 0.999)  # adam
@@ -150,10 +158,10 @@ class TrainConfig:
     def with_tokens(self, tokens: int) -> TrainConfig:
         return replace(self, tokens=tokens)
 
-    def resolved_lr(self, n_latents: int) -> float:
+    def resolved_lr(self, n_latents: int, d_in: int | None = None) -> float:
         if self.lr is not None:
             return self.lr
-        return auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens, self.resolved_optimizer())
+        return auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens, self.resolved_optimizer(), d_in)
 
     def resolved_optimizer(self) -> Optimizer:
         return resolve_optimizer(self.optimizer, self.recipe)

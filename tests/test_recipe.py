@@ -73,6 +73,15 @@ def test_auto_lr_rules():
     assert math.isclose(auto_lr(16384, 4096), sign / 2)  # 1/sqrt(n)
     assert math.isclose(auto_lr(4096, 1024), sign)  # no batch scaling
     assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32), sign * 4**0.375)  # (128 / 32)^(3/8)
+    # a sign step moves a unit decoder row by lr * sqrt(d_in): capped at MAX_SIGN_ROW_STEP (0.35)
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 24, d_in=576), 0.35 / 24)  # 1.87x would move 0.63
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 32, d_in=128), sign * 4**0.375)  # 0.27 of a row: kept
+    assert math.isclose(auto_lr(1024, 4096, d_in=4096), 0.35 / 64)  # a small dictionary of a wide model
+    assert math.isclose(auto_lr(4096, 4096, tokens=4096 * 24, optimizer="adam", d_in=576), 2 * base)  # signum only
+    # the trainer steps with the capped lr, and the SAE records it
+    trainer = Trainer(SAEConfig(576, 4096, 32), TrainConfig(batch_tokens=4096, tokens=4096 * 24))
+    assert math.isclose(trainer.base_lr, 0.35 / 24)
+    assert all(math.isclose(g["lr"], 0.35 / 24) for g in trainer.opt.param_groups)
 
 
 def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():
