@@ -409,7 +409,13 @@ def main() -> None:
         "'lr=0.01,aux_k=64' (repeatable; its rows' settings column is the variant)",
     )
     parser.add_argument("--json", help="also write every row to this file")
+    parser.add_argument("--summary", metavar="JSON", help="print the summary and verdict of a run's --json rows")
     args = parser.parse_args()
+    if args.summary:  # a finished (or stopped) run's rows, summarised again without training
+        rows = json.loads(Path(args.summary).read_text())
+        print(summary(rows))
+        print(verdict(rows))
+        return
     if args.quick:
         args.regimes, args.layers, args.batches, args.real_budgets, args.seeds = "", "3,27", "4096", "100000,200000", 1
     if args.no_real:
@@ -450,7 +456,41 @@ def main() -> None:
         workers.close()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(summary(rows))
     print(verdict(rows))
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per cell and budget at defaults (seed 0): saeflow beside the better peer, and SAELens."""
+    by = {(r["data"], r["tokens"], r["library"]): r for r in rows if r["settings"] == "defaults" and r["seed"] == 0}
+    cells = sorted({(r["data"], r["tokens"]) for r in by.values()}, key=lambda c: (cell_order(c[0]), c[1]))
+    out = [
+        f"{'cell':<15} {'tokens':>7}  {'saeflow: nMSE':>13} {'nMSE*':>7} {'dead':>6} {'dCE':>6}   "
+        f"{'sparsify: nMSE':>14} {'nMSE*':>7} {'dead':>6} {'dCE':>6}   {'saelens: nMSE*':>14} {'dead':>6}"
+    ]
+    for data, tokens in cells:
+        cols = []
+        for lib in ("saeflow", "sparsify"):
+            r = by.get((data, tokens, lib))
+            if r is None:
+                cols.append(f"{'-':>13} {'-':>7} {'-':>6} {'-':>6}")
+                continue
+            star = r.get("nmse_typical", r.get("cos", float("nan")))  # synthetic: the mean best cosine
+            cols.append(f"{r['nmse']:>13.4f} {star:>7.4f} {r['dead']:>6.1%} {r.get('dce', float('nan')):>6.3f}")
+        lens = by.get((data, tokens, "saelens"))
+        lens_col = (
+            f"{lens.get('nmse_typical', lens['nmse']):>14.4f} {lens['dead']:>6.1%}" if lens else f"{'-':>14} {'-':>6}"
+        )
+        out.append(f"{data:<15} {tokens:>7}  {cols[0]} {' ' * 2}{cols[1]}   {lens_col}")
+    return "\n".join(out)
+
+
+def cell_order(name: str) -> tuple:
+    """Real cells by batch size, then layer ("L3/b4096"); then the synthetic regimes by name."""
+    if name.startswith("L") and "/b" in name:
+        layer, batch = name[1:].split("/b")
+        return (0, int(batch), int(layer), "")
+    return (1, 0, 0, name)
 
 
 def variant_fields(variant: str) -> dict:

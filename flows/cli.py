@@ -174,17 +174,18 @@ def _registry_args(args) -> None:
     """Checks a models:/ argument and the tracking URI before anything touches a registry or a file."""
     if getattr(args, "model_uri", None) is not None and not MODEL_URI.fullmatch(args.model_uri):
         raise UsageError(f"model URI {args.model_uri!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-    if not args.tracking_uri:
-        raise UsageError(
-            "no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI "
-            "(the embedded one is sqlite:///<workdir>/mlflow.db)"
-        )
-    if args.tracking_uri.startswith("sqlite:///") and not os.path.isfile(args.tracking_uri.removeprefix("sqlite:///")):
-        # opening it would create an empty database: a typo would leave a stray file and say "not registered"
-        raise UsageError(
-            f"tracking URI {args.tracking_uri}: no such MLflow database file; check the path "
-            "(the embedded one is sqlite:///<workdir>/mlflow.db)"
-        )
+    args.tracking_uri = _tracking_uri(args.tracking_uri)
+
+
+def _tracking_uri(given: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else ./.saeflow/mlflow.db: never a database that
+    opening it would create (a typo would leave a stray file and say "not registered")."""
+    from storage.registry import NoRegistry, find_tracking_uri
+
+    try:
+        return find_tracking_uri(given)[0]
+    except NoRegistry as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_pull(args) -> int:
@@ -401,17 +402,13 @@ def _load_ref(ref: str, tracking_uri: str | None):
     if ref.startswith(("models:/", "runs:/")):
         if ref.startswith("models:/") and not MODEL_URI.fullmatch(ref):
             raise UsageError(f"model URI {ref!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-        if not tracking_uri:
-            raise UsageError("no MLflow tracking URI: pass --tracking-uri URI or set MLFLOW_TRACKING_URI")
-        from storage.registry import connect
-
-        connect(tracking_uri)
+        tracking_uri = _tracking_uri(tracking_uri)
     elif not os.path.isdir(ref):
         raise UsageError(
             f"{ref}: no such directory (or write models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH)"
         )
     try:
-        return TopKSAE.from_pretrained(ref)
+        return TopKSAE.from_pretrained(ref, tracking_uri=tracking_uri)
     except formats.FormatError as e:
         raise UsageError(str(e)) from None
 
@@ -493,7 +490,7 @@ def _tracking_uri_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tracking-uri",
         default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./.saeflow/mlflow.db)",
     )
 
 

@@ -204,14 +204,17 @@ class TopKSAE(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, device: str | torch.device = "cpu") -> TopKSAE:
+    def from_pretrained(
+        cls, ref: str | os.PathLike, device: str | torch.device = "cpu", tracking_uri: str | None = None
+    ) -> TopKSAE:
         """A saeflow SAE directory, or any reference an installed source resolves: saeflow's storage
-        package adds models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH and SAELens or sparsify
-        directories (entry point group `saeflow.sae_sources`; this package imports none of them)."""
+        package adds models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH (from `tracking_uri`,
+        else $MLFLOW_TRACKING_URI, else ./.saeflow/mlflow.db) and SAELens or sparsify directories
+        (entry point group `saeflow.sae_sources`; this package imports none of them)."""
         from importlib.metadata import entry_points
 
         for source in entry_points(group=SOURCES_GROUP):
-            found = source.load()(str(ref))
+            found = source.load()(str(ref), tracking_uri=tracking_uri)
             if found is not None:
                 return found.to(device)
         if (Path(ref) / CONFIG_FILE).is_file():

@@ -1,8 +1,9 @@
 """What `TopKSAE.from_pretrained(ref)` resolves beyond a saeflow directory (registered with the
 `saeflow.sae_sources` entry point, so that `sae` never imports this package):
 
-- `models:/NAME@ALIAS`, `models:/NAME/VERSION`: pulled from the MLflow registry ($MLFLOW_TRACKING_URI),
-  the weights checked against the sha256 recorded at registration;
+- `models:/NAME@ALIAS`, `models:/NAME/VERSION`: pulled from the MLflow registry (`tracking_uri`, else
+  $MLFLOW_TRACKING_URI, else ./.saeflow/mlflow.db), the weights checked against the sha256 recorded at
+  registration;
 - `runs:/RUN_ID/PATH`: an MLflow run's artifact folder holding an SAE;
 - a local directory in saeflow's, SAELens' or sparsify's format.
 """
@@ -16,8 +17,15 @@ from sae.model import WEIGHTS_FILE, TopKSAE
 from storage import formats
 
 
-def resolve(ref: str) -> TopKSAE | None:
-    """The SAE `ref` names, or None when `ref` is not something this source knows."""
+def resolve(ref: str, tracking_uri: str | None = None) -> TopKSAE | None:
+    """The SAE `ref` names, or None when `ref` is not something this source knows. A registry
+    reference uses `tracking_uri`, else storage.registry.find_tracking_uri's (never a database
+    created by the lookup)."""
+    if ref.startswith(("models:/", "runs:/")):
+        from storage.registry import connect, find_tracking_uri
+
+        uri, _ = find_tracking_uri(tracking_uri)
+        connect(uri)
     if ref.startswith("models:/"):
         from storage.registry import pull
 

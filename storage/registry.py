@@ -57,6 +57,37 @@ def connect(tracking_uri: str):
     return _mlflow(tracking_uri)
 
 
+EMBEDDED_REGISTRY = Path(".saeflow") / "mlflow.db"  # the default work dir's, where a command runs
+
+
+class NoRegistry(LookupError):
+    """No tracking URI was given or found, or the one given names a database file that is not there."""
+
+
+def find_tracking_uri(given: str | None = None) -> tuple[str, str]:
+    """The tracking URI a lookup uses, and where it came from: the one given, $MLFLOW_TRACKING_URI, or
+    the embedded registry of the default work dir (./.saeflow/mlflow.db) where that exists. A SQLite
+    URI must name an existing file: MLflow would create an empty database as a side effect of the
+    lookup, and a typo would end in "not registered"."""
+    if given:
+        uri, source = given, "given"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, source = os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    elif EMBEDDED_REGISTRY.is_file():
+        uri, source = f"sqlite:///{EMBEDDED_REGISTRY.resolve()}", f"the embedded registry {EMBEDDED_REGISTRY}"
+    else:
+        raise NoRegistry(
+            "no MLflow tracking URI: pass one (tracking_uri=..., --tracking-uri), set MLFLOW_TRACKING_URI, "
+            f"or run where the work dir's {EMBEDDED_REGISTRY} is (the embedded registry)"
+        )
+    if uri.startswith("sqlite:///") and not os.path.isfile(uri.removeprefix("sqlite:///")):
+        raise NoRegistry(
+            f"tracking URI {uri}: no such MLflow database file; check the path "
+            "(the embedded one is sqlite:///<workdir>/mlflow.db)"
+        )
+    return uri, source
+
+
 def _experiment_id(mlflow, name: str, artifact_root: Path | None) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:

@@ -333,7 +333,10 @@ def run_cli(*args, cwd, env_extra=None):
             ["pull", "runs:/abc/sae", "--out", "out", "--tracking-uri", "sqlite:///reg.db"],
             "model URI 'runs:/abc/sae': write models:/NAME@ALIAS",
         ),
-        (["pull", "models:/tiny@candidate", "--out", "out"], "no MLflow tracking URI: pass --tracking-uri"),
+        (
+            ["pull", "models:/tiny@candidate", "--out", "out"],
+            "no MLflow tracking URI: pass one (tracking_uri=..., --tracking-uri)",
+        ),
         (
             ["pull", "models:/tiny@candidate", "--out", "out", "--tracking-uri", "sqlite:///typo.db"],
             "no such MLflow database file",

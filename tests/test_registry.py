@@ -286,3 +286,38 @@ def test_import_registers_once_and_exports_back(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "models:/imported@nope is not registered" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_lookups_find_the_embedded_registry_and_never_create_a_database(tmp_path, monkeypatch, capsys):
+    """from_pretrained and `saeflow ls` without a tracking URI use ./.saeflow/mlflow.db where it
+    exists; elsewhere they say what to pass, and no lookup leaves an mlflow.db behind."""
+    from flows.cli import main
+    from storage.registry import NoRegistry
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / ".saeflow").mkdir()
+    embedded = f"sqlite:///{tmp_path / '.saeflow' / 'mlflow.db'}"
+    sae = TopKSAE(SAEConfig(8, 16, 2))
+    assert main(["import", str(sae.save(tmp_path / "sae")), "--register", "found", "--tracking-uri", embedded]) == 0
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(TopKSAE.from_pretrained("models:/found@candidate")(x), sae(x))
+    capsys.readouterr()
+    assert main(["ls"]) == 0
+    assert capsys.readouterr().out.startswith("found  @candidate -> v1")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(NoRegistry, match=r"no MLflow tracking URI: pass one .* set MLFLOW_TRACKING_URI"):
+        TopKSAE.from_pretrained("models:/found@candidate")
+    missing = f"sqlite:///{elsewhere / 'typo.db'}"
+    with pytest.raises(NoRegistry, match="typo.db: no such MLflow database file"):
+        TopKSAE.from_pretrained("models:/found@candidate", tracking_uri=missing)
+    assert torch.equal(TopKSAE.from_pretrained("models:/found/1", tracking_uri=embedded)(x), sae(x))
+    capsys.readouterr()
+    assert main(["ls"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no MLflow tracking URI" in err[0], err
+    assert list(elsewhere.iterdir()) == []  # no database, nothing else
