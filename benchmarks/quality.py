@@ -564,12 +564,15 @@ def spread(rows: list[dict]) -> list[str]:
         for r in rows:
             if (r["data"], r["tokens"], r["settings"]) == (data, tokens, "defaults"):
                 runs.setdefault(r["library"], []).append(r)
-        stats = {
-            lib: {m: (np.mean([r[m] for r in rs]), np.ptp([r[m] for r in rs])) for m in ("nmse_typical", "dce")}
+        stats = {  # libraries trained with several seeds here
+            lib: {m: (np.mean([r[m] for r in rs]), np.ptp([r[m] for r in rs])) for m in ("nmse", "nmse_typical", "dce")}
             for lib, rs in runs.items()
+            if len(rs) > 1
         }
+        if "saeflow" not in stats:
+            continue
         words = []
-        for m, label in (("nmse_typical", "nMSE*"), ("dce", "dCE")):
+        for m, label in (("nmse", "nMSE"), ("nmse_typical", "nMSE*"), ("dce", "dCE")):
             ours = stats["saeflow"][m]
             peer_lib = min((lib for lib in stats if lib != "saeflow"), key=lambda lib: stats[lib][m][0], default=None)
             if peer_lib is None:
