@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,14 +66,18 @@ class NoRegistry(LookupError):
 
 
 def find_tracking_uri(given: str | None = None) -> tuple[str, str]:
-    """The tracking URI a lookup uses, and where it came from: the one given, $MLFLOW_TRACKING_URI, or
-    the embedded registry of the default work dir (./.saeflow/mlflow.db) where that exists. A SQLite
-    URI must name an existing file: MLflow would create an empty database as a side effect of the
-    lookup, and a typo would end in "not registered"."""
+    """The tracking URI a lookup uses, and where it came from: the one given, $MLFLOW_TRACKING_URI, the
+    one this process is connected to (mlflow.set_tracking_uri, or an earlier registry call), or the
+    embedded registry of the default work dir (./.saeflow/mlflow.db) where that exists. A SQLite URI
+    must name an existing file: MLflow would create an empty database as a side effect of the lookup,
+    and a typo would end in "not registered"."""
+    connected = _connected_tracking_uri()
     if given:
         uri, source = given, "given"
     elif os.environ.get("MLFLOW_TRACKING_URI"):
         uri, source = os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    elif connected:
+        uri, source = connected, "mlflow.set_tracking_uri in this process"
     elif EMBEDDED_REGISTRY.is_file():
         uri, source = f"sqlite:///{EMBEDDED_REGISTRY.resolve()}", f"the embedded registry {EMBEDDED_REGISTRY}"
     else:
@@ -86,6 +91,12 @@ def find_tracking_uri(given: str | None = None) -> tuple[str, str]:
             "(the embedded one is sqlite:///<workdir>/mlflow.db)"
         )
     return uri, source
+
+
+def _connected_tracking_uri() -> str | None:
+    """The URI set in this process (MLflow not imported: none; MLflow's own default is not one)."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow.get_tracking_uri() if mlflow is not None and mlflow.is_tracking_uri_set() else None
 
 
 def _experiment_id(mlflow, name: str, artifact_root: Path | None) -> str:

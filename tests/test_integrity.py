@@ -860,7 +860,7 @@ def test_an_interrupted_registration_is_refused_everywhere_and_replaced_by_the_r
     with pytest.raises(registry.NotRegistered, match="is version 2, an interrupted registration"):
         registry.pull("models:/tiny@candidate", tmp_path / "pulled", uri)
     with pytest.raises(registry.NotRegistered, match="an interrupted registration"):
-        TopKSAE.from_pretrained("models:/tiny@candidate")
+        TopKSAE.from_pretrained("models:/tiny@candidate", tracking_uri=uri)
     assert not (tmp_path / "pulled").exists()
     sha = hashlib.sha256((tmp_path / "sae-1" / "sae.safetensors").read_bytes()).hexdigest()
     assert registry.find_registered(uri, "tiny", "candidate", "bbb", sha) is None

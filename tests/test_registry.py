@@ -288,9 +288,10 @@ def test_import_registers_once_and_exports_back(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_lookups_find_the_embedded_registry_and_never_create_a_database(tmp_path, monkeypatch, capsys):
-    """from_pretrained and `saeflow ls` without a tracking URI use ./.saeflow/mlflow.db where it
-    exists; elsewhere they say what to pass, and no lookup leaves an mlflow.db behind."""
+def test_lookups_find_the_embedded_registry_and_never_create_a_database(tmp_path, monkeypatch):
+    """In a fresh process without a tracking URI, from_pretrained and `saeflow ls` use
+    ./.saeflow/mlflow.db where it exists; elsewhere they say what to pass, and no lookup leaves an
+    mlflow.db behind. A URI given, or set in the process, is used; a SQLite one must exist."""
     from flows.cli import main
     from storage.registry import NoRegistry
 
@@ -298,26 +299,29 @@ def test_lookups_find_the_embedded_registry_and_never_create_a_database(tmp_path
     (tmp_path / ".saeflow").mkdir()
     embedded = f"sqlite:///{tmp_path / '.saeflow' / 'mlflow.db'}"
     sae = TopKSAE(SAEConfig(8, 16, 2))
-    assert main(["import", str(sae.save(tmp_path / "sae")), "--register", "found", "--tracking-uri", embedded]) == 0
-    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
-
-    monkeypatch.chdir(tmp_path)
-    assert torch.equal(TopKSAE.from_pretrained("models:/found@candidate")(x), sae(x))
-    capsys.readouterr()
-    assert main(["ls"]) == 0
-    assert capsys.readouterr().out.startswith("found  @candidate -> v1")
-
+    assert main(["import", str(sae.save(tmp_path / "saved")), "--register", "found", "--tracking-uri", embedded]) == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    with pytest.raises(NoRegistry, match=r"no MLflow tracking URI: pass one .* set MLFLOW_TRACKING_URI"):
-        TopKSAE.from_pretrained("models:/found@candidate")
-    missing = f"sqlite:///{elsewhere / 'typo.db'}"
-    with pytest.raises(NoRegistry, match="typo.db: no such MLflow database file"):
-        TopKSAE.from_pretrained("models:/found@candidate", tracking_uri=missing)
-    assert torch.equal(TopKSAE.from_pretrained("models:/found/1", tracking_uri=embedded)(x), sae(x))
-    capsys.readouterr()
-    assert main(["ls"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no MLflow tracking URI" in err[0], err
+    load = "from sae import TopKSAE; TopKSAE.from_pretrained('models:/found@candidate'); print('loaded')"
+
+    def fresh(cwd, *args):
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+    assert fresh(tmp_path, "-c", load).stdout.strip() == "loaded"
+    listed = fresh(tmp_path, "-m", "flows.cli", "ls")
+    assert listed.returncode == 0 and listed.stdout.startswith("found  @candidate -> v1"), listed
+    refused = fresh(elsewhere, "-c", load)
+    assert refused.returncode == 1 and "NoRegistry: no MLflow tracking URI: pass one" in refused.stderr
+    refused = fresh(elsewhere, "-m", "flows.cli", "ls")
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(err) == 1 and "no MLflow tracking URI" in err[0], refused
     assert list(elsewhere.iterdir()) == []  # no database, nothing else
+
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(NoRegistry, match="typo.db: no such MLflow database file"):
+        TopKSAE.from_pretrained("models:/found@candidate", tracking_uri=f"sqlite:///{elsewhere / 'typo.db'}")
+    assert torch.equal(TopKSAE.from_pretrained("models:/found/1", tracking_uri=embedded)(x), sae(x))
+    assert torch.equal(TopKSAE.from_pretrained("models:/found@candidate")(x), sae(x))  # the process's URI now
+    assert list(elsewhere.iterdir()) == []
