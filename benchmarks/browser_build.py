@@ -32,6 +32,7 @@ def main() -> None:
     from sae.lm import load_lm
     from sae.probes import probe_metrics, task_labels
     from storage import activations as store
+    from storage import reading
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latents", default="4096,32768")
@@ -45,7 +46,7 @@ def main() -> None:
             [str(Path(sys.executable).parent / "saeflow"), "cache", "specs/demo.yaml"], check=True, cwd=HERE.parent
         )
     group = store.open_store(store_url(spec), verify=True)
-    rows = torch.cat(list(store.iter_rows(store.activations(group, "train", hook), 65536, stop=args.train_tokens)))
+    rows = torch.cat(list(reading.iter_rows(store.activations(group, "train", hook), 65536, stop=args.train_tokens)))
     lm = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())
     source = eval_source(group, hook, lambda: lm)
     plan = spec.eval.plan()

@@ -25,7 +25,12 @@ from train_throughput import CONFIGS, measure  # noqa: E402
 
 from sae.lm import capture, load_lm  # noqa: E402
 from storage import activations as store  # noqa: E402
+from storage import (
+    reading,  # noqa: E402
+    shard_writer,  # noqa: E402
+)
 from storage.corpus import PYTHON_DOCS, split_contexts  # noqa: E402
+from storage.layout import TARGET_CHUNK_BYTES  # noqa: E402
 
 
 def caching(model_source: str, hookpoint: str, n_contexts: int, batch_contexts: int, workdir: Path) -> None:
@@ -54,7 +59,7 @@ def caching(model_source: str, hookpoint: str, n_contexts: int, batch_contexts: 
         shard_contexts=batch_contexts * 2,
     )
     for split, i in store.missing_shards(url):
-        store.write_shard(url, split, i, model, batch_contexts)
+        shard_writer.write_shard(url, split, i, model, batch_contexts)
     store.finalize_store(url)
     cached = time.perf_counter() - start
     bare = (before + bare_forward()) / 2  # before and after: the machine's speed drifts
@@ -74,11 +79,11 @@ def loading(workdir: Path, rows: int, train_steps: int) -> None:
             str(workdir / f"load-{d}"),
             shape=data.shape,
             dtype="float16",
-            chunks=(store.TARGET_CHUNK_BYTES // (2 * d), d),
+            chunks=(TARGET_CHUNK_BYTES // (2 * d), d),
             compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
         )
         arr[:] = data
-        it = store.prefetch(store.shuffled_batches(arr, batch, seed=0))
+        it = reading.prefetch(reading.shuffled_batches(arr, batch, seed=0))
         next(it)
         n_batches = rows // batch
         start = time.perf_counter()

@@ -8,7 +8,7 @@ sequential read of the same array, and training itself from memory and from the 
 
 The store's activations come from a stand-in LM (an embedding plus per-token noise, so that the
 rows are as incompressible as real activations: the demo store compresses by 1.0004) run through
-`storage.activations.write_shard`, as `saeflow cache` runs a real model, once with the old default
+`storage.shard_writer.write_shard`, as `saeflow cache` runs a real model, once with the old default
 compression (zstd) and once with today's (none). The reader is measured with 1, 2 and as many
 threads as there are cores (`shuffled_batches(readers=...)`), and so are its chunk reads alone (on a
 GPU host all the reader does on the CPU: a batch is gathered and converted on the device); training
@@ -35,6 +35,7 @@ from torch import nn
 from sae.config import SAEConfig, TrainConfig
 from sae.train import Trainer, train_saes
 from storage import activations as store
+from storage import reading, shard_writer
 from storage.chunk_reads import chunk_reader
 from storage.corpus import Contexts
 
@@ -80,7 +81,7 @@ def build_store(root: Path, d: int, tokens: int, compression: str) -> str:
     model = StandIn(d).eval()
     with torch.no_grad():
         for split, index in store.missing_shards(url):
-            store.write_shard(url, split, index, model, batch_contexts=64)
+            shard_writer.write_shard(url, split, index, model, batch_contexts=64)
     store.finalize_store(url)
     return url
 
@@ -215,15 +216,19 @@ def main() -> None:
                 )
 
                 def reader(readers: int, acts=acts):
-                    return store.prefetch(
-                        store.shuffled_batches(acts, args.batch, seed=0, readers=readers, device=args.device)
+                    return reading.prefetch(
+                        reading.shuffled_batches(acts, args.batch, seed=0, readers=readers, device=args.device)
                     )
 
                 if compression == "zstd":
-                    before = store.prefetch(reader_before(acts, args.batch))
+                    before = reading.prefetch(reader_before(acts, args.batch))
                     measured.append((compression, "reader before, 1 thread", rate(before, args.seconds, args.device)))
                 measured.append(
-                    (compression, "sequential read", rate(store.iter_rows(acts, args.batch), args.seconds, args.device))
+                    (
+                        compression,
+                        "sequential read",
+                        rate(reading.iter_rows(acts, args.batch), args.seconds, args.device),
+                    )
                 )
                 for n in sorted({1, 2, cores}):
                     name = f"reader, {n} thread{'s' if n > 1 else ''}"
@@ -233,7 +238,7 @@ def main() -> None:
                     measured.append((compression, name, block_read_rate(acts, n, args.seconds)))
                 # the same batches, in the same order, first from memory, then from the reader
                 same = list(
-                    itertools.islice(store.shuffled_batches(acts, args.batch, seed=0, device=args.device), steps)
+                    itertools.islice(reading.shuffled_batches(acts, args.batch, seed=0, device=args.device), steps)
                 )
                 t = trainer(d, args.latents, args.batch, args.device, steps)
                 measured.append(
@@ -241,7 +246,7 @@ def main() -> None:
                 )
                 del same
                 t = trainer(d, args.latents, args.batch, args.device, steps)
-                from_store = train_rate(t, reader(store.DEFAULT_READERS), args.device)
+                from_store = train_rate(t, reader(reading.DEFAULT_READERS), args.device)
                 measured.append((compression, "training from the store", from_store))
             for compression, name, value in measured:
                 gbs = value * d * 2 / 1e9

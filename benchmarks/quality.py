@@ -109,6 +109,7 @@ def real_data(hook: str) -> dict:
     from flows.stages import store_url
     from sae.lm import capture, load_lm
     from storage import activations as store
+    from storage import reading
 
     spec_path = HERE / "quality_real.yaml"
     spec = load_spec(spec_path)
@@ -130,12 +131,12 @@ def real_data(hook: str) -> dict:
             where = root / safe(h)
             where.mkdir(parents=True, exist_ok=True)
             train = store.activations(group, "train", h)
-            rows = torch.cat(list(store.iter_rows(train, 65536)))
+            rows = torch.cat(list(reading.iter_rows(train, 65536)))
             np.save(
                 where / "train.npy",
                 rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))].half().numpy(),
             )
-            held = torch.cat(list(store.iter_rows(store.activations(group, "eval", h), 4096, stop=HELD_ROWS)))
+            held = torch.cat(list(reading.iter_rows(store.activations(group, "eval", h), 4096, stop=HELD_ROWS)))
             acts = captured[h][:, first:]
             np.save(where / "held.npy", torch.cat([held, acts.reshape(-1, acts.shape[-1]).float()]).half().numpy())
             np.save(where / "contexts.npy", contexts.numpy())

@@ -16,6 +16,7 @@ import numpy as np
 from store_codecs import demo_store
 
 from storage import activations as store
+from storage import reading
 from storage.shuffle import SHUFFLE_BUFFER_MB, ChunkOrder, mixing
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     print(" ".join(f"{c:>10}" for c in cols))
     for batch in (int(b) for b in args.batch.split(",")):
         for mb in (int(m) for m in args.buffers_mb.split(",")):
-            order = ChunkOrder(acts.shape[0], acts.chunks[0], batch, store.chunks_in(acts, mb), seed=0)
+            order = ChunkOrder(acts.shape[0], acts.chunks[0], batch, reading.chunks_in(acts, mb), seed=0)
             docs, docs_uniform = mixing(order, document, args.batches)
             ctxs, ctxs_uniform = mixing(order, context, args.batches)
             row = (batch, mb, order.block_chunks, docs, docs_uniform, docs / docs_uniform, ctxs, ctxs_uniform)

@@ -23,6 +23,7 @@ import torch
 import zarr
 
 from storage import activations as store
+from storage import reading
 
 
 def demo_store() -> str:
@@ -56,7 +57,7 @@ def main() -> None:
     hookpoint = args.hookpoint or group.attrs["hookpoints"][0]
     source = store.activations(group, "train", hookpoint)
     rows = min(args.rows, source.shape[0])
-    x = store._stored_rows(source, 0, rows)
+    x = reading.stored_rows(source, 0, rows)
     cores = os.cpu_count() or 1
     print(f"{rows:,} rows x {source.shape[1]} of {hookpoint} from {url}; {cores} cores", flush=True)
     print(

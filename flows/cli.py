@@ -14,7 +14,7 @@ import yaml
 
 from flows import interrupt
 from flows.retry import Unreachable
-from flows.spec import SpecError, load_spec
+from flows.spec import SpecError, load_spec, model_outline
 
 EXIT_BAD_INPUT = 2
 SHOWN_METRICS = (
@@ -116,8 +116,36 @@ def _print_summary(spec, rows: list[dict]) -> None:
 
 def cmd_validate(args) -> int:
     spec = load_spec(args.spec, online=args.online)
-    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), end="")
+    if args.full:
+        print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    d_model = model_outline(spec, args.online).d_model
+    print(f"model      {spec.model.source} (d_model {d_model}), hookpoints {', '.join(spec.hookpoints)}")
+    print(f"store      {_store_line(spec, d_model, spec.data.tokens)}")
+    resolved = [spec.resolved_training(d_model, i) for i in range(len(spec.sae))]
+    for i, r in enumerate(resolved):
+        print(f"{'sae' if len(resolved) == 1 else f'sae.{i}':<10} {_training_line(r)}")
+    steps = {r["steps"] for r in resolved}
+    saes = len(spec.hookpoints) * len(spec.sae)
+    print(
+        f"saeflow validate: {args.spec} is valid: {saes} SAE{'s' if saes > 1 else ''} "
+        f"({len(spec.hookpoints)} hookpoint{'s' if len(spec.hookpoints) > 1 else ''} x {len(spec.sae)}), "
+        f"{'/'.join(f'{s:,}' for s in sorted(steps))} steps each; train with `saeflow run {args.spec}`"
+    )
     return 0
+
+
+def _training_line(r: dict) -> str:
+    """One SAE's resolved training, as `validate` prints it."""
+    schedule = (
+        ""
+        if r["decay"] == "constant" and not r["warmup_tokens"]
+        else (f", warmup {r['warmup_tokens']:,} tokens, {r['decay']} decay")
+    )
+    return (
+        f"n_latents {r['n_latents']:,}  k {r['k']}  {r['tokens']:,} tokens = {r['steps']:,} steps  "
+        f"{r['optimizer']} lr {r['lr']:.4g}{' (auto)' if r['lr_auto'] else ''}{schedule}  "
+        f"dead after {r['dead_tokens']:,} tokens (AuxK over {r['aux_k']})"
+    )
 
 
 def cmd_stages(args) -> int:
@@ -201,13 +229,8 @@ def cmd_pull(args) -> int:
 
 def cmd_plan_memory(args) -> int:
     """Per-device memory of training each SAE of the spec: on its grid, and with other latent shards."""
-    from sae.lm import load_config
-
     spec = load_spec(args.spec)
-    converted = spec.converted_model_dir()
-    d_model = load_config(
-        str(converted) if (converted / "config.json").exists() else spec.model.source, local_only=True
-    ).hidden_size
+    d_model = model_outline(spec).d_model
     device = spec.planned_device()
     t = spec.train
     print(
@@ -251,7 +274,6 @@ def cmd_sweep(args) -> int:
 
 def cmd_plan(args) -> int:
     """A compute budget -> n_latents, k, tokens from a fitted law (or the paper's), and a spec."""
-    from sae.lm import load_config
     from sae.scaling import Fit, paper_joint_law, recommend
 
     if (args.budget_flops is None) == (args.gpu_hours is None):
@@ -260,10 +282,7 @@ def cmd_plan(args) -> int:
     if not budget > 0:
         raise UsageError(f"budget {budget}: must be positive")
     spec = load_spec(args.spec)
-    converted = spec.converted_model_dir()
-    d_model = load_config(
-        str(converted) if (converted / "config.json").exists() else spec.model.source, local_only=True
-    ).hidden_size
+    d_model = model_outline(spec).d_model
     if args.law:
         try:
             law = Fit(**json.loads(Path(args.law).read_text()))
@@ -297,7 +316,7 @@ def cmd_plan(args) -> int:
 def _store_line(spec, d_model: int, tokens: int) -> str:
     """What caching `tokens` training tokens for every hookpoint puts on the store's disk: all of it,
     or with data.window_shards the window's shards at most."""
-    from storage.activations import planned_bytes, shard_bytes
+    from storage.layout import planned_bytes, shard_bytes
 
     d = spec.data
     first = int(d.drop_first_position)
@@ -494,12 +513,58 @@ def _tracking_uri_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+EXAMPLES = {
+    "validate": "saeflow validate specs/demo.yaml --full",
+    "run": "saeflow run specs/demo.yaml",
+    "cache": "saeflow cache specs/demo.yaml",
+    "train": "saeflow train specs/demo.yaml",
+    "evaluate": "saeflow evaluate specs/demo.yaml",
+    "register": "saeflow register specs/demo.yaml",
+    "status": "saeflow status specs/demo.yaml --json",
+    "sweep": "saeflow sweep specs/sweep-demo.yaml",
+    "plan": "saeflow plan specs/demo.yaml --gpu-hours 8 --device h100 --k 32 --out planned.yaml",
+    "plan-memory": "saeflow plan-memory specs/demo.yaml",
+    "verify": "saeflow verify specs/demo.yaml",
+    "pull": "saeflow pull models:/smollm2-demo@champion --out ./my-sae",
+    "promote": "saeflow promote smollm2-demo 3 --alias champion",
+    "ls": "saeflow ls smollm2-demo",
+    "export": "saeflow export models:/smollm2-demo@champion --format saelens --out ./sae-saelens",
+    "import": "saeflow import ./sae-saelens --register imported-demo",
+    "report": "saeflow report models:/smollm2-demo@champion --out ./saeflow-report",
+}
+
+
+def _command(sub, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does and shows an example."""
+    return sub.add_parser(
+        name,
+        help=text,
+        description=text[0].upper() + text[1:] + ".",
+        epilog=f"example:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _subparser(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """Every subcommand's parser takes `common`'s options."""
+
+    class Subcommand(argparse.ArgumentParser):
+        def __init__(self, **kwargs):
+            super().__init__(parents=[common], **kwargs)
+
+    return Subcommand
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saeflow", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("validate", help="print the resolved spec, or what is wrong with it (exit 2)")
+    # --debug after the subcommand too; SUPPRESS keeps a --debug given before it when not repeated
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser(debug))
+    v = _command(sub, "validate", "print the resolved spec, or what is wrong with it (exit 2)")
     v.add_argument("spec")
+    v.add_argument("--full", action="store_true", help="also print the whole spec with every default filled in")
     v.add_argument(
         "--online",
         action="store_true",
@@ -514,61 +579,61 @@ def build_parser() -> argparse.ArgumentParser:
         "register": "register evaluated SAEs in MLflow",
     }
     for name, text in helps.items():
-        p = sub.add_parser(name, help=text)
+        p = _command(sub, name, text)
         p.add_argument("spec")
         p.set_defaults(func=cmd_stages)
-    p = sub.add_parser("status", help="where each stage stands: done, partial (how far) or missing, and where")
+    p = _command(sub, "status", "where each stage stands: done, partial (how far) or missing, and where")
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="print it as JSON")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("sweep", help="run the spec's sweep (n_latents x k) and fit the scaling law over it")
+    p = _command(sub, "sweep", "run the spec's sweep (n_latents x k) and fit the scaling law over it")
     p.add_argument("spec")
     p.set_defaults(func=cmd_sweep)
-    p = sub.add_parser("plan", help="recommend n_latents, k and tokens for a compute budget, and write a spec")
+    p = _command(sub, "plan", "recommend n_latents, k and tokens for a compute budget, and write a spec")
     p.add_argument("spec", help="a spec to start from (model, data, hookpoint)")
-    p.add_argument("--budget-flops", type=float)
-    p.add_argument("--gpu-hours", type=float)
-    p.add_argument("--device", default="h100", choices=sorted(MEASURED_FLOPS))
+    p.add_argument("--budget-flops", type=float, help="the training compute to plan for, in FLOPs")
+    p.add_argument("--gpu-hours", type=float, help="or the budget as hours of --device")
+    p.add_argument("--device", default="h100", choices=sorted(MEASURED_FLOPS), help="the device of --gpu-hours")
     p.add_argument("--k", type=int, default=32, help="the sparsity you want (default 32)")
     p.add_argument("--law", help="a fit saved as JSON (sae.scaling.Fit.to_dict); default: the paper's")
-    p.add_argument("--out", default="planned.yaml")
+    p.add_argument("--out", default="planned.yaml", help="where to write the planned spec (default planned.yaml)")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("plan-memory", help="per-device memory of training the spec's SAEs on its grid and others")
+    p = _command(sub, "plan-memory", "per-device memory of training the spec's SAEs on its grid and others")
     p.add_argument("spec")
     p.set_defaults(func=cmd_plan_memory)
-    p = sub.add_parser("verify", help="check every shard of the spec's activation store against its checksum")
+    p = _command(sub, "verify", "check every shard of the spec's activation store against its checksum")
     p.add_argument("spec")
     p.set_defaults(func=cmd_verify)
-    p = sub.add_parser("pull", help="download a registered SAE as safetensors + config.json")
+    p = _command(sub, "pull", "download a registered SAE as safetensors + config.json")
     p.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--out", required=True, help="directory to write into")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_pull)
-    p = sub.add_parser("promote", help="point an alias (e.g. champion) at a version")
+    p = _command(sub, "promote", "point an alias (e.g. champion) at a version")
     p.add_argument("name", help="registered model name")
     p.add_argument("version", help="a version number, or @ALIAS (the version that alias names now)")
     p.add_argument("--alias", required=True, help="the alias to move, e.g. champion")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_promote)
-    p = sub.add_parser("ls", help="registered models, their versions, aliases and metrics")
+    p = _command(sub, "ls", "registered models, their versions, aliases and metrics")
     p.add_argument("name", nargs="?", help="one model (default: all)")
     p.add_argument("--json", action="store_true", help="print it as JSON")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_ls)
-    p = sub.add_parser("export", help="write an SAE in SAELens' or sparsify's own format")
+    p = _command(sub, "export", "write an SAE in SAELens' or sparsify's own format")
     p.add_argument("ref", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH or a directory")
     p.add_argument("--format", required=True, choices=["saelens", "sparsify", "saeflow"])
     p.add_argument("--out", required=True, help="directory to write into")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("import", help="read an SAE in SAELens', sparsify's or saeflow's format (and register it)")
+    p = _command(sub, "import", "read an SAE in SAELens', sparsify's or saeflow's format (and register it)")
     p.add_argument("dir", help="a directory in one of the three formats")
     p.add_argument("--out", help="write it there in saeflow's format (default: imported-sae)")
     p.add_argument("--register", metavar="NAME", help="register it under this model name instead")
     p.add_argument("--alias", default="candidate", help="alias of the registered version (default: candidate)")
     _tracking_uri_argument(p)
     p.set_defaults(func=cmd_import)
-    p = sub.add_parser("report", help="write the all-latent feature browser of a registered SAE")
+    p = _command(sub, "report", "write the all-latent feature browser of a registered SAE")
     p.add_argument("model_uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--out", default="saeflow-report", help="directory for browser/index.html and the histogram")
     _tracking_uri_argument(p)

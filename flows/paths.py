@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from flows.spec import RunSpec, safe_name
+from sae.files import weights_intact
 
 # the spec sections each stage's output depends on (cache keys and output paths)
 CACHE_SECTIONS = ("model", "data", "hookpoints", "eval.tokens", "eval.downstream_contexts")
@@ -73,7 +74,7 @@ def is_trained(spec: RunSpec, hookpoint: str, indices) -> bool:
 
 
 def _intact(directory: Path) -> bool:
-    """sae.model.weights_intact, hashed once per version of the files in this process: a run asks
+    """sae.files.weights_intact, hashed once per version of the files in this process: a run asks
     several times (skip checks, the train stage, status), and a large SAE's hash takes seconds. Every
     load still checks the hash it reads."""
     try:
@@ -88,8 +89,6 @@ def _intact(directory: Path) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _intact_as_of(directory: Path, stamp: tuple) -> bool:
-    from sae.model import weights_intact
-
     return weights_intact(directory)
 
 

@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import paths, stages, sweep
+from flows import done, paths, stages, sweep
 from flows.locks import exclusive
 from flows.retry import Unreachable, retry_transient
 from flows.spec import RunSpec
@@ -36,7 +36,7 @@ _GPU_TASK_OPTIONS: dict[str, Any] = dict(_TASK_OPTIONS, tags=[GPU_TAG])
 
 def _stage(stage: str, spec: RunSpec, *where) -> Any:
     """Runs a stage, or ends Cached with the value its existing outputs give."""
-    found = stages.existing_output(stage, spec, *where)
+    found = done.existing_output(stage, spec, *where)
     if found is not None:
         return Completed(name="Cached", data=found, message="its outputs exist")
     return getattr(stages, stage)(spec, *where)
@@ -238,7 +238,7 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
         if stages.STAGES.index(stage) > last:
             return None
         if stage not in only:
-            if not stages.is_done(stage, spec, *where):
+            if not done.is_done(stage, spec, *where):
                 raise RuntimeError(
                     f"stage {stage!r} has not run for this spec{' at ' + where[0] if where else ''}: "
                     f"run `saeflow {stage} SPEC` (or `saeflow run SPEC`) first"
@@ -249,7 +249,7 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
 
     if "cache" in only:  # a finished store is checked again: damaged shards are recomputed, not trusted
         verify_cache(spec)
-    if "cache" in only and not stages.is_done("cache", spec):
+    if "cache" in only and not done.is_done("cache", spec):
         # shards fan out over the flow's task runner (threads, or Dask workers); only missing ones run
         missing = plan_cache(spec)
         if missing:
@@ -260,7 +260,7 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
     rows = []
     for hookpoint in spec.hookpoints:
         groups = stages.train_groups(spec, hookpoint) if "train" in only else [None]
-        if spec.data.window_shards and "train" in only and not stages.is_done("train", spec, hookpoint):
+        if spec.data.window_shards and "train" in only and not done.is_done("train", spec, hookpoint):
             train_in_window(spec, hookpoint)
         elif len(groups) == 1:
             run("train", hookpoint)
@@ -360,7 +360,7 @@ def _placed(spec: RunSpec, only: Sequence[str]) -> list[dict]:
                 )
     # the values are read back from the outputs, as a Cached stage's are
     return [
-        _row(spec, h, i, stages.existing_output("evaluate", spec, h, i), stages.existing_output("register", spec, h, i))
+        _row(spec, h, i, done.existing_output("evaluate", spec, h, i), done.existing_output("register", spec, h, i))
         for h in spec.hookpoints
         for i in range(len(spec.sae))
     ]

@@ -744,6 +744,30 @@ class RunSpec(Section):
             fused_topk=t.fused_topk,
         )
 
+    def resolved_training(self, d_model: int, index: int = 0) -> dict:
+        """What SAE `index` trains with, every default resolved as the train stage resolves it (one
+        pass: the rows the cache plans for data.tokens)."""
+        from storage.layout import planned_rows
+
+        d = self.data
+        cached = planned_rows(d.tokens, d.context_length, int(d.drop_first_position))
+        tcfg = self.train_config(cached, "cpu", index)  # no value below depends on the device
+        cfg = self.sae_config(d_model, index)
+        tokens = tcfg.budget()
+        return {
+            "n_latents": cfg.n_latents,
+            "k": cfg.k,
+            "tokens": tokens,
+            "steps": -(-tokens // tcfg.batch_tokens),  # the last batch may be short
+            "optimizer": tcfg.resolved_optimizer(),
+            "lr": tcfg.resolved_lr(cfg.n_latents, d_model),
+            "lr_auto": tcfg.lr is None,
+            "warmup_tokens": tcfg.warmup_tokens(),
+            "decay": tcfg.decay(),
+            "dead_tokens": tcfg.dead_window(cfg.n_latents, cfg.k),
+            "aux_k": tcfg.resolved_aux_k(d_model),
+        }
+
 
 def safe_name(name: str) -> str:
     """A file-system-safe name for a model source or hookpoint."""
@@ -843,9 +867,16 @@ def _check_workdir(workdir: str) -> None:
         raise SpecError(f"workdir: cannot write in {existing} ({e.strerror}): choose a writable workdir") from None
 
 
+def model_outline(spec: RunSpec, online: bool = False):
+    """The spec's model's width and module names (storage/model_outline.py); online=False reads the
+    local cache only."""
+    from storage.model_outline import model_outline as outline
+
+    return outline(spec.model.source, spec.converted_model_dir(), online)
+
+
 def check_resources(spec: RunSpec, online: bool = True) -> None:
     """Checks against the model's config (meta device, no weights), the data source and the work dir."""
-    from sae.lm import load_config, module_names
     from storage.corpus import HF_PREFIX, PYTHON_DOCS, resolve_files
 
     _check_workdir(spec.workdir)
@@ -855,12 +886,9 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
             resolve_files(src)
         except (OSError, ValueError) as e:
             raise SpecError(f"data.source: {e}") from None
-    converted = spec.converted_model_dir()  # a GGUF converted earlier reads in milliseconds
     try:
-        config = load_config(
-            str(converted) if (converted / "config.json").exists() else spec.model.source, local_only=not online
-        )
-        names, d_model = set(module_names(config)), config.hidden_size
+        outline = model_outline(spec, online)
+        names, d_model = set(outline.modules), outline.d_model
     except (OSError, ValueError, KeyError) as e:
         hint = "" if online else " (validation reads the local cache only; `saeflow validate --online` may download)"
         raise SpecError(

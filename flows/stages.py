@@ -3,26 +3,35 @@ path derived from the spec sections it reads, and returns at once when that outp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from flows import distributed, interrupt
-from flows.locks import exclusive
+from flows.done import (
+    SCORED_FILE,
+    check_finite_metrics,
+    decided,
+    find_version,
+    is_done,
+    read_metrics,
+    registry_lock,
+    scored_weights,
+    stored_metrics,
+    weights_sha256,
+)
 from flows.paths import (
     CACHE_SECTIONS,
     METRICS_FILE,
     eval_dir,
     eval_rel,
     fetch_sae,
-    is_trained,
     metrics_path,
     register_parts,
     sae_dir,
@@ -33,11 +42,12 @@ from flows.paths import (
 from flows.spec import RunSpec
 from flows.training import Alone, train_hookpoint, write_json
 from sae.browser import HISTOGRAM_FILE
+from sae.files import CHECKSUM as WEIGHTS_CHECKSUM
 from sae.lm import load_lm, resolve_device
-from sae.model import CHECKSUM as WEIGHTS_CHECKSUM
 from storage import activations as store
+from storage import reading, shard_writer
 from storage.corpus import split_contexts
-from storage.registry import file_sha256, find_registered, register_sae
+from storage.registry import file_sha256, register_sae
 
 if TYPE_CHECKING:
     from sae.evaluation import EvalSource
@@ -45,129 +55,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGES = ("cache", "train", "evaluate", "register")
-
-
-def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | list[int] | None = None) -> bool:
-    """Whether a stage's output exists in the work dir: for train, every SAE of the hookpoint unless
-    `index` is given."""
-    if stage == "cache":
-        return store.is_complete(store_url(spec), store_options(spec))
-    if hookpoint is None:
-        raise ValueError(f"the {stage} stage's outputs are per hookpoint: name one")
-    if stage == "train":  # index: one SAE, a group of them (list), or None for all
-        return is_trained(
-            spec, hookpoint, range(len(spec.sae)) if index is None else index if isinstance(index, list) else [index]
-        )
-    if not isinstance(index, int):
-        raise ValueError(f"the {stage} stage's outputs are per SAE: give its index")
-    if stage == "evaluate":  # and of the weights there now
-        return spec.work.exists(f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}") and scored_weights(
-            spec, hookpoint, index
-        ) == weights_sha256(spec, hookpoint, index)
-    found = registered(spec, hookpoint, index)
-    return found is not None and _decided(spec, found)
-
-
-def _decided(spec: RunSpec, found) -> bool:
-    """Whether registry.promote_if (if the spec has one) has decided on the registered version."""
-    from storage.registry import PROMOTION_TAG, model_version
-
-    rule = spec.registry.promote_if
-    return rule is None or model_version(f"models:/{found.name}/{found.version}").tags.get(PROMOTION_TAG) == rule.alias
-
-
-def existing_output(
-    stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | list[int] | None = None
-) -> Any:
-    """What a finished stage returns, read back from its outputs; None when the stage has not finished."""
-    if stage == "cache":
-        return store_url(spec) if is_done("cache", spec) else None
-    if hookpoint is None:
-        raise ValueError(f"the {stage} stage's outputs are per hookpoint: name one")
-    if stage == "train":
-        return (
-            [str(sae_dir(spec, hookpoint, i)) for i in (index if isinstance(index, list) else range(len(spec.sae)))]
-            if is_done("train", spec, hookpoint, index)
-            else None
-        )
-    if not isinstance(index, int):
-        raise ValueError(f"the {stage} stage's outputs are per SAE: give its index")
-    if stage == "evaluate":
-        return stored_metrics(spec, hookpoint, index) if is_done("evaluate", spec, hookpoint, index) else None
-    found = registered(spec, hookpoint, index)
-    return None if found is None or not _decided(spec, found) else found.uri
-
-
-SCORED_FILE = "scored.json"  # beside metrics.json: the sha256 of the weights it measured
-
-
-def _json(spec: RunSpec, rel: str) -> dict:
-    try:
-        found = json.loads(spec.work.read_bytes(rel))
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
-def weights_sha256(spec: RunSpec, hookpoint: str, index: int) -> str | None:
-    """The checksum the trained SAE's config.json holds for its weights."""
-    return _json(spec, f"{sae_rel(spec, hookpoint, index)}/config.json").get(WEIGHTS_CHECKSUM)
-
-
-def scored_weights(spec: RunSpec, hookpoint: str, index: int) -> str | None:
-    """The checksum of the weights an evaluation measured."""
-    return _json(spec, f"{eval_rel(spec, hookpoint, index)}/{SCORED_FILE}").get(WEIGHTS_CHECKSUM)
-
-
-def registered(spec: RunSpec, hookpoint: str, index: int):
-    with registry_lock(spec.tracking_uri()):
-        return _find(spec, hookpoint, index)
-
-
-def _find(spec: RunSpec, hookpoint: str, index: int):
-    """The registered version of this spec and of the trained weights (any weights if there are none)."""
-    weights = sae_dir(spec, hookpoint, index) / "sae.safetensors"
-    if spec.work.remote and not weights.exists() and is_done("train", spec, hookpoint, index):
-        fetch_sae(spec, hookpoint, index)
-    return find_registered(
-        spec.tracking_uri(),
-        spec.model_name(hookpoint, index),
-        spec.registry.alias,
-        spec.part_hash(*register_parts(index)),
-        file_sha256(weights) if weights.exists() else None,
-    )
-
-
-def registry_lock(uri: str):
-    """A SQLite registry is one file: processes take turns on it (its first set-up is not concurrent-safe)."""
-    if uri.startswith("sqlite:///"):
-        return exclusive(Path(uri.removeprefix("sqlite:///") + ".lock"), "the MLflow database")
-    return contextlib.nullcontext()
-
-
-class NonFiniteError(ValueError):
-    """A result holds NaN or infinity: it is never written as done, registered or promoted."""
-
-
-def check_finite_metrics(metrics: dict, what: str) -> dict:
-    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
-    if bad:
-        listed = ", ".join(f"{k}={v}" for k, v in bad.items())
-        raise NonFiniteError(
-            f"{what} has non-finite metrics ({listed}): the SAE or its evaluation data is "
-            "broken; retrain it (and check the activation store) before evaluating again"
-        )
-    return metrics
-
-
-def read_metrics(path: Path) -> dict:
-    return check_finite_metrics(json.loads(path.read_text()), str(path))
-
-
-def stored_metrics(spec: RunSpec, hookpoint: str, index: int = 0) -> dict:
-    """metrics.json of an evaluation, read from the work dir."""
-    rel = f"{eval_rel(spec, hookpoint, index)}/{METRICS_FILE}"
-    return check_finite_metrics(json.loads(spec.work.read_bytes(rel)), spec.work.location(rel))
 
 
 _LMS: dict[tuple, tuple] = {}
@@ -244,7 +131,7 @@ def cache_shard(spec: RunSpec, split: str, index: int) -> None:
     model, _ = _lm(spec)
     url, options = store_url(spec), store_options(spec)
     with interrupt.stoppable():
-        store.write_shard(url, split, index, model, spec.data.batch_contexts, options, True, interrupt.requested)
+        shard_writer.write_shard(url, split, index, model, spec.data.batch_contexts, options, True, interrupt.requested)
 
 
 def cache(spec: RunSpec) -> str:
@@ -329,14 +216,14 @@ def eval_source(group, hookpoint: str, lm) -> EvalSource:
     layout = store.layout_of(group, "eval")
     acts = store.activations(group, "eval", hookpoint)
     return EvalSource(
-        rows=lambda n: store.iter_rows(acts, 4096, stop=n),
+        rows=lambda n: reading.iter_rows(acts, 4096, stop=n),
         contexts=lambda n: np.asarray(group["eval/tokens"][:n]),
         n_contexts=layout.n_contexts,
         positions=layout.positions,
         first_position=layout.first_position,
         hookpoint=hookpoint,
         lm=lm,
-        mean_activation=lambda n: store.column_mean(acts, stop=n),
+        mean_activation=lambda n: reading.column_mean(acts, stop=n),
     )
 
 
@@ -357,10 +244,10 @@ def write_browser(record, n_latents: int, eval_folder: Path, title: str) -> Path
 def register(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
     uri, source = spec.tracking_uri_and_source()
     with registry_lock(uri):
-        found = _find(spec, hookpoint, index)  # also when a run that held the lock before us registered it
+        found = find_version(spec, hookpoint, index)  # also when a run that held the lock before us registered it
         if found is not None:
             log.info("already registered as %s (version %s)", found.uri, found.version)
-            if not _decided(spec, found):  # registered, then killed before promote_if decided
+            if not decided(spec, found):  # registered, then killed before promote_if decided
                 apply_promotion(spec, hookpoint, index, found, uri)
             return found.uri
         log.info("registering into %s (from %s)", uri, source)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows import paths, stages
+from flows import done, paths
 from flows.spec import RunSpec
 from storage import activations as store
 
@@ -33,7 +33,7 @@ def _cache(spec: RunSpec) -> dict:
 
 
 def _sae(spec: RunSpec, hookpoint: str, index: int) -> dict:
-    from storage.checkpoints import META_FILE
+    from storage.checkpoints import META_FILE  # (no torch)
 
     work, rel = spec.work, paths.sae_rel(spec, hookpoint, index)
     row: dict[str, Any] = {"sae": spec.model_name(hookpoint, index), "hookpoint": hookpoint, "dir": work.location(rel)}
@@ -43,7 +43,7 @@ def _sae(spec: RunSpec, hookpoint: str, index: int) -> dict:
         for name in work.listdir(f"{rel}/checkpoints")
         if name.startswith("step-") and work.exists(f"{rel}/checkpoints/{name}/{META_FILE}")
     ]
-    if stages.is_done("train", spec, hookpoint, index):
+    if done.is_done("train", spec, hookpoint, index):
         row["train"] = {"state": "done"}
     elif steps:
         meta = json.loads(work.read_bytes(f"{rel}/checkpoints/{max(steps)}/{META_FILE}"))
@@ -74,7 +74,7 @@ def _registry(spec: RunSpec, hookpoint: str, index: int) -> dict:
         versions = list_versions(uri, spec.model_name(hookpoint, index))
     except Exception as e:  # the status of everything else is still worth printing
         return {"state": "unknown", "tracking_uri": uri, "error": " ".join(str(e).split())[:200]}
-    found = stages.registered(spec, hookpoint, index) if versions else None
+    found = done.registered(spec, hookpoint, index) if versions else None
     return {
         "state": "done" if found else "missing",
         "tracking_uri": uri,

@@ -10,7 +10,7 @@ import logging
 import math
 from pathlib import Path
 
-from flows import paths, stages
+from flows import done, paths
 from flows.spec import RunSpec, safe_name
 from sae.plots import figure, png_bytes
 
@@ -27,8 +27,8 @@ def points(spec: RunSpec) -> list[dict]:
     rows = []
     for hookpoint in spec.hookpoints:
         for i, s in enumerate(spec.sae):
-            if stages.is_done("evaluate", spec, hookpoint, i):
-                m = stages.stored_metrics(spec, hookpoint, i)
+            if done.is_done("evaluate", spec, hookpoint, i):
+                m = done.stored_metrics(spec, hookpoint, i)
                 rel = paths.sae_rel(spec, hookpoint, i)
                 config = json.loads(spec.work.read_bytes(f"{rel}/{paths.SAE_MARKER}"))
                 history = json.loads(spec.work.read_bytes(f"{rel}/train_history.json"))
@@ -80,7 +80,7 @@ def to_register(spec: RunSpec, hookpoint: str, metrics: list[dict | None]) -> li
         return [True] * len(spec.sae)
     from sae.scaling import l0_frontier
 
-    found = [m or stages.existing_output("evaluate", spec, hookpoint, i) for i, m in enumerate(metrics)]
+    found = [m or done.existing_output("evaluate", spec, hookpoint, i) for i, m in enumerate(metrics)]
     if any(m is None for m in found):
         raise RuntimeError(
             f"the sweep registers its frontier, which needs every SAE of {hookpoint} evaluated: "
@@ -156,11 +156,11 @@ def _log_to_mlflow(spec: RunSpec, out: Path, fits: dict, files: list[Path]) -> s
     children, unregistered = [], {}
     for hookpoint in spec.hookpoints:
         for i, s in enumerate(spec.sae):
-            found = stages.registered(spec, hookpoint, i)
+            found = done.registered(spec, hookpoint, i)
             if found is not None:
                 children.append(found.run_id)
-            elif stages.is_done("evaluate", spec, hookpoint, i):
-                metrics = stages.stored_metrics(spec, hookpoint, i)
+            elif done.is_done("evaluate", spec, hookpoint, i):
+                metrics = done.stored_metrics(spec, hookpoint, i)
                 params = {
                     "hookpoint": hookpoint,
                     "n_latents": s.n_latents,
@@ -178,7 +178,7 @@ def _log_to_mlflow(spec: RunSpec, out: Path, fits: dict, files: list[Path]) -> s
         for name, value in fit.get("params", {}).items()
     }
     uri = spec.tracking_uri()
-    with stages.registry_lock(uri):
+    with done.registry_lock(uri):
         return log_sweep(
             uri,
             spec.registry.experiment or spec.name,

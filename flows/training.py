@@ -28,6 +28,7 @@ from sae.config import SAEConfig
 from sae.placement import OneProcess, Placement
 from sae.train import Trainer, TrainResult, milestone_tokens, train_saes
 from storage import activations as store
+from storage import reading
 from storage.checkpoints import META_FILE as CHECKPOINT_MARKER
 from storage.checkpoints import intact_steps, load_checkpoint, save_checkpoint
 from storage.window import TrainerSide, Window
@@ -114,11 +115,11 @@ def train_hookpoint(
     team.barrier()  # the lead checked every shard of the store
     acts = store.activations(group, "train", hookpoint)
     window = Window.of(store_url(spec), store_options(spec))
-    order = store.chunk_order(
+    order = reading.chunk_order(
         acts,
         spec.train.batch_tokens,
         spec.train.seed,
-        store.chunks_in(acts, spec.train.shuffle_buffer_mb),
+        reading.chunks_in(acts, spec.train.shuffle_buffer_mb),
         team.batch_part,
         window.group_chunks if window else None,
     )
@@ -156,17 +157,17 @@ def train_hookpoint(
     windowed.release_covered(step)  # where caching resumes: this run's group on
     if not step:
         windowed.wait_initial()
-        sample = store.sample_rows(
+        sample = reading.sample_rows(
             acts, first.geometric_median_samples, seed=first.seed, chunks=windowed.initial_chunks()
         )
         for trainer in trainers.values():
             trainer.initialize(sample)  # the whole SAE (identical on every process), then this one's part
-    batches = store.prefetch(
-        store.batches_in_order(
+    batches = reading.prefetch(
+        reading.batches_in_order(
             acts,
             order,
             start_batch=trainers[todo[0]].steps,
-            readers=spec.train.readers or store.DEFAULT_READERS,
+            readers=spec.train.readers or reading.DEFAULT_READERS,
             device=device,
             wait=windowed.waiter(),
         )
@@ -183,7 +184,7 @@ def train_hookpoint(
     if spec.sweep is not None and spec.sweep.milestones and team.milestones:  # a sweep's loss-vs-tokens curves
         from sae.evaluate import held_out_metrics
 
-        held = next(store.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
+        held = next(reading.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
         milestones = milestone_tokens(first.tokens or 0, spec.sweep.milestones, first.batch_tokens)
         score = functools.partial(held_out_metrics, rows=held)
     with interrupt.stoppable():

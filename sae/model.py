@@ -14,11 +14,8 @@ from safetensors.torch import load, save
 from torch import nn
 
 from sae.config import SAEConfig
+from sae.files import CHECKSUM, CONFIG_FILE, WEIGHTS_FILE
 from sae.kernels import sparse_decode, topk_encode
-
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
-CHECKSUM = "weights_sha256"  # config.json's key: the sha256 of sae.safetensors as saved
 
 
 class DamagedWeights(ValueError):
@@ -58,16 +55,6 @@ def expected_shapes(cfg: SAEConfig) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape in an SAE of `cfg`."""
     with torch.device("meta"):
         return {name: tuple(t.shape) for name, t in TopKSAE(cfg).state_dict().items()}
-
-
-def weights_intact(directory: Path) -> bool:
-    """Whether an SAE folder's weights match the checksum its config.json holds (True without one)."""
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text())
-        expected = meta.get(CHECKSUM)
-        return expected is None or hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest() == expected
-    except (OSError, ValueError):
-        return False
 
 
 STANDARDIZE_EPS = 1e-5  # as in the released GPT-2 SAEs

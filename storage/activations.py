@@ -10,44 +10,32 @@ shards for writing; a shard is a whole number of contexts and exactly one writer
 workers never read-modify-write each other's data. A shard counts only once its marker exists; the
 group attribute `complete` is set after every shard is marked and the statistics are computed.
 Row r of split s comes from context r // positions at position first_position + r % positions.
+
+This module plans, opens, verifies and finalizes a store (no torch: `saeflow status` reads it);
+storage.shard_writer fills a shard with the LM's activations, storage.rows reads rows back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import queue
-import threading
 import zlib
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal, cast
 
 import fsspec
 import numpy as np
-import torch
 import zarr
-from tqdm.auto import tqdm
 from zarr.codecs import BloscCodec
 from zarr.errors import GroupNotFoundError
 
-from sae.lm import capture
-from storage.chunk_reads import chunk_reader
 from storage.corpus import Contexts
-from storage.shuffle import SHUFFLE_BUFFER_MB, Block, ChunkOrder
+from storage.layout import STORE_DTYPES, Layout, decode
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval")
-TARGET_CHUNK_BYTES = 2 * 2**20  # >= 1 MB chunks: efficient reads from object stores as well
-CHUNKS_PER_SHARD = 8
 MARKERS = "_shards"
-# stored dtype and the logical dtype it holds: zarr 3.1 has no bfloat16, so its raw bits go in uint16
-DEFAULT_READERS = min(4, os.cpu_count() or 1)  # threads decoding a shuffle buffer's chunks at once
-STORE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 # data.compression: activations barely compress (docs/benchmarks.md, "Compression of the store");
 # zstd is what every store written before the option holds, and such stores read as before
 COMPRESSIONS = {
@@ -72,76 +60,8 @@ class IncompleteStoreError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How one split's contexts map onto chunks and shards."""
-
-    n_contexts: int
-    context_length: int
-    first_position: int
-    chunk_contexts: int
-    shard_contexts: int
-
-    @property
-    def positions(self) -> int:
-        return self.context_length - self.first_position
-
-    @property
-    def rows(self) -> int:
-        return self.n_contexts * self.positions
-
-    @property
-    def n_shards(self) -> int:
-        return math.ceil(self.n_contexts / self.shard_contexts)
-
-    def shard_contexts_range(self, i: int) -> tuple[int, int]:
-        return i * self.shard_contexts, min((i + 1) * self.shard_contexts, self.n_contexts)
-
-    @classmethod
-    def plan(
-        cls,
-        n_contexts: int,
-        context_length: int,
-        first_position: int,
-        d: int,
-        itemsize: int,
-        shard_contexts: int | None,
-    ):
-        positions = context_length - first_position
-        chunk = max(1, math.ceil(TARGET_CHUNK_BYTES / (positions * d * itemsize)))
-        if shard_contexts is None:
-            return cls(n_contexts, context_length, first_position, chunk, chunk * CHUNKS_PER_SHARD)
-        # the shard the spec asks for, in chunks of at most the target size that divide it
-        divisor = next(c for c in range(min(chunk, shard_contexts), 0, -1) if shard_contexts % c == 0)
-        if divisor < min(chunk, shard_contexts) / 2:
-            log.warning(
-                "data.shard_contexts=%d splits only into chunks of %d contexts (%d kB), which read slowly: "
-                "a multiple of %d gives chunks of about %d MB",
-                shard_contexts,
-                divisor,
-                divisor * positions * d * itemsize // 1000,
-                chunk,
-                TARGET_CHUNK_BYTES // 2**20,
-            )
-        return cls(n_contexts, context_length, first_position, divisor, shard_contexts)
-
-
-def planned_bytes(tokens: int, context_length: int, first_position: int, d_model: int, dtype: str) -> int:
-    """Bytes of one hookpoint's activations for `tokens` tokens cut into whole contexts, as stored
-    uncompressed (activations do not compress: docs/benchmarks.md)."""
-    positions = context_length - first_position
-    return math.ceil(tokens / positions) * positions * d_model * np.dtype(STORE_DTYPES[dtype]).itemsize
-
-
-def shard_bytes(context_length: int, first_position: int, d_model: int, dtype: str, shard_contexts: int | None) -> int:
-    """Bytes of one train shard of one hookpoint, as planned by Layout.plan (uncompressed)."""
-    itemsize = np.dtype(STORE_DTYPES[dtype]).itemsize
-    layout = Layout.plan(1, context_length, first_position, d_model, itemsize, shard_contexts)
-    return layout.shard_contexts * layout.positions * d_model * itemsize
-
-
 # opening and verifying ---------------------------------------------------------------------------
-def _group(url: str, mode: Literal["r", "r+", "w"], storage_options: dict | None) -> zarr.Group:
+def open_group(url: str, mode: Literal["r", "r+", "w"], storage_options: dict | None) -> zarr.Group:
     # zarr refuses storage_options (even empty) for a local path
     return zarr.open_group(url, mode=mode, storage_options=storage_options or None)
 
@@ -151,14 +71,14 @@ def meta_of(node: zarr.Group | zarr.Array) -> dict[str, Any]:
     return cast(dict[str, Any], node.attrs)
 
 
-def _array(group: zarr.Group, path: str) -> zarr.Array:
+def array_at(group: zarr.Group, path: str) -> zarr.Array:
     node = group[path]
     if not isinstance(node, zarr.Array):
         raise IncompleteStoreError(f"{group.store_path}/{path} is not an array: the store is damaged")
     return node
 
 
-def _subgroup(group: zarr.Group, path: str) -> zarr.Group:
+def subgroup_at(group: zarr.Group, path: str) -> zarr.Group:
     node = group[path]
     if not isinstance(node, zarr.Group):
         raise IncompleteStoreError(f"{group.store_path}/{path} is not a group: the store is damaged")
@@ -191,8 +111,8 @@ def _token_file_crcs(url: str, split: str, storage_options: dict | None) -> dict
 def token_problems(url: str, split: str, storage_options: dict | None = None, shard: int | None = None) -> list[str]:
     """The token-array files of a split (of one shard's contexts when `shard` is given, the document
     ids always) that do not match the crc32 recorded at planning. Stores planned before have none."""
-    group = _group(url, "r", storage_options)
-    recorded = meta_of(_subgroup(group, split)).get("crc32") or {}
+    group = open_group(url, "r", storage_options)
+    recorded = meta_of(subgroup_at(group, split)).get("crc32") or {}
     fs, root = filesystem(url, storage_options)
     problems = []
     for rel, crc in sorted(recorded.items()):
@@ -216,11 +136,11 @@ def read_marker(fs, path: str) -> dict | None:
 
 def open_group_for_status(url: str, storage_options: dict | None = None) -> zarr.Group:
     """A planned store's group, finished or not (read-only; for reporting progress)."""
-    return _group(url, "r", storage_options)
+    return open_group(url, "r", storage_options)
 
 
 def layout_of(group: zarr.Group, split: str) -> Layout:
-    return Layout(**meta_of(_subgroup(group, split))["layout"])
+    return Layout(**meta_of(subgroup_at(group, split))["layout"])
 
 
 def window_of(group: zarr.Group) -> int | None:
@@ -235,7 +155,7 @@ def cached_splits(group: zarr.Group) -> list[str]:
 
 def missing_shards(url: str, storage_options: dict | None = None) -> list[tuple[str, int]]:
     """(split, shard) pairs of a planned store's cached splits that have no completion marker."""
-    group = _group(url, "r", storage_options)
+    group = open_group(url, "r", storage_options)
     fs, root = filesystem(url, storage_options)
     return [
         (split, i)
@@ -251,7 +171,7 @@ def bad_shards(
     """(split, shard, what is wrong) for every shard of `splits` (default the cached ones) that has no
     marker or (full=True) whose files do not match the crc32 recorded when it was written; shard -1
     for the split's token arrays, written when the store was planned."""
-    group = _group(url, "r", storage_options)
+    group = open_group(url, "r", storage_options)
     fs, root = filesystem(url, storage_options)
     problems = []
     for split in splits or cached_splits(group):
@@ -296,7 +216,7 @@ def reopen_bad_shards(url: str, storage_options: dict | None = None) -> list[str
     problems = bad_shards(url, storage_options)
     if problems:
         fs, root = filesystem(url, storage_options)
-        group = _group(url, "r+", storage_options)
+        group = open_group(url, "r+", storage_options)
         meta_of(group)["complete"] = False  # first: a kill from here on leaves a store that is not complete
         if any(i < 0 for _, i, _ in problems):  # the tokens come from planning: plan (and compute) it all again
             del meta_of(group)["splits"]
@@ -311,7 +231,7 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
     """Opens a finished store for reading; unfinished or damaged ones raise. verify: True checks every
     shard's checksum, a tuple of splits (e.g. ("eval",)) only theirs."""
     try:
-        group = _group(url, "r", storage_options)
+        group = open_group(url, "r", storage_options)
     except (FileNotFoundError, GroupNotFoundError) as e:
         raise IncompleteStoreError(f"no activation store at {url}: run `saeflow cache SPEC` first") from e
     if not meta_of(group).get("complete", False):
@@ -324,7 +244,7 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
 def planned_hash(url: str, storage_options: dict | None = None) -> str | None:
     """The spec hash of a fully planned store at url (shards may still be missing), else None."""
     try:
-        attrs = meta_of(_group(url, "r", storage_options))
+        attrs = meta_of(open_group(url, "r", storage_options))
     except (FileNotFoundError, GroupNotFoundError):
         return None
     return attrs.get("spec_hash") if "splits" in attrs else None  # `splits` is written last by plan_store
@@ -357,7 +277,7 @@ def plan_store(
     sharded activation arrays (`compression`, one of COMPRESSIONS). `window_shards`: the train split
     streams through a bounded window (storage/window.py) instead of being cached whole."""
     acts_codec = compressors(compression)
-    group = _group(url, "w", storage_options)
+    group = open_group(url, "w", storage_options)
     stored = np.dtype(STORE_DTYPES[dtype])
     codec = COMPRESSIONS["zstd"]
     for split, ctx in splits.items():
@@ -395,75 +315,6 @@ def plan_store(
     log.info("planned activation store at %s", url)
 
 
-def _encode(a: torch.Tensor, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return a.to(torch.bfloat16).view(torch.uint16).numpy()
-    return a.to(getattr(torch, dtype)).numpy()
-
-
-def _decode(block: np.ndarray, logical_dtype: str) -> torch.Tensor:
-    if logical_dtype == "bfloat16":
-        return torch.from_numpy(block.astype(np.uint16)).view(torch.bfloat16).float()
-    return torch.from_numpy(block.astype(np.float32))
-
-
-@torch.no_grad()
-def write_shard(
-    url: str,
-    split: str,
-    index: int,
-    model: torch.nn.Module,
-    batch_contexts: int,
-    storage_options: dict | None = None,
-    progress: bool = False,
-    stop: Callable[[], bool] | None = None,
-) -> None:
-    """Runs the LM over one shard's contexts (one forward serves every hookpoint), writes, marks it.
-    When `stop()` turns true it raises KeyboardInterrupt between two batches, writing nothing."""
-    group = _group(url, "r+", storage_options)
-    hookpoints, dtype, first = meta_of(group)["hookpoints"], meta_of(group)["dtype"], meta_of(group)["first_position"]
-    sub = _subgroup(group, split)
-    layout = layout_of(group, split)
-    c0, c1 = layout.shard_contexts_range(index)
-    damaged = token_problems(url, split, storage_options, shard=index)
-    if damaged:
-        raise IncompleteStoreError(f"{url}: {'; '.join(damaged)}: run `saeflow cache SPEC` to plan the store again")
-    ids = torch.from_numpy(np.asarray(_array(sub, "tokens")[c0:c1]))
-    device = next(model.parameters()).device
-    blocks: dict[str, list[np.ndarray]] = {h: [] for h in hookpoints}
-    bar = tqdm(
-        total=len(ids) * layout.positions,
-        unit="tok",
-        unit_scale=True,
-        desc=f"cache {split} shard {index}",
-        disable=not progress,
-    )
-    for start in range(0, len(ids), batch_contexts):
-        if stop is not None and stop():
-            bar.close()
-            raise KeyboardInterrupt(f"stopped while caching {split} shard {index} (it is computed again)")
-        out = capture(model, ids[start : start + batch_contexts].to(device, torch.long), hookpoints)
-        bar.update(len(out[hookpoints[0]]) * layout.positions)
-        for h in hookpoints:
-            a = out[h][:, first:].reshape(-1, out[h].shape[-1]).float().cpu()
-            if not torch.isfinite(a).all():
-                bad = int((~torch.isfinite(a)).any(-1).nonzero()[0]) // layout.positions + c0 + start
-                raise ValueError(
-                    f"non-finite activations at {h} in {split} context {bad} (shard {index}, contexts "
-                    f"{c0 + start}..{c0 + start + len(out[h]) - 1}, tokens {bad * layout.context_length}.."
-                    f"{(bad + 1) * layout.context_length - 1} of the split)"
-                )
-            blocks[h].append(_encode(a, dtype))
-    bar.close()
-    fs, root = filesystem(url, storage_options)
-    crcs = {}
-    for h in hookpoints:
-        _array(sub, f"acts/{array_name(h)}")[c0 * layout.positions : c1 * layout.positions] = np.concatenate(blocks[h])
-        crcs[h] = zlib.crc32(fs.cat_file(shard_file(root, split, h, index)))
-    fs.makedirs(f"{root}/{MARKERS}", exist_ok=True)
-    write_marker(fs, marker_path(root, split, index), json.dumps({"crc32": crcs}).encode())
-
-
 def write_marker(fs, path: str, data: bytes) -> None:
     """A marker appears whole or not at all: on a local disk via a rename (an object store's put is
     already atomic), so a kill never leaves a torn marker behind."""
@@ -482,14 +333,14 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
     import dask.array as da
 
     verify_shards(url, storage_options)
-    group = _group(url, "r+", storage_options)
+    group = open_group(url, "r+", storage_options)
     stats = {}
     for split in cached_splits(group):
         for h in meta_of(group)["hookpoints"]:
-            arr = _array(group, f"{split}/acts/{array_name(h)}")
+            arr = array_at(group, f"{split}/acts/{array_name(h)}")
             logical = meta_of(arr)["logical_dtype"]
             x = da.from_zarr(arr).map_blocks(
-                lambda b, logical=logical: _decode(b, logical).numpy().astype(np.float64), dtype=np.float64
+                lambda b, logical=logical: decode(b, logical).astype(np.float64), dtype=np.float64
             )
             mean, sq_norm, nonfinite = da.compute(x.mean(axis=0), (x**2).sum(axis=1).mean(), (~da.isfinite(x)).sum())
             if nonfinite:
@@ -502,206 +353,4 @@ def finalize_store(url: str, storage_options: dict | None = None) -> dict:
 
 # reading -----------------------------------------------------------------------------------------
 def activations(group: zarr.Group, split: str, hookpoint: str) -> zarr.Array:
-    return _array(group, f"{split}/acts/{array_name(hookpoint)}")
-
-
-def _rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
-    return _stored_rows(array, start, stop).float()
-
-
-def iter_rows(array: zarr.Array, batch_rows: int, stop: int | None = None) -> Iterator[torch.Tensor]:
-    """Sequential float32 batches over the first `stop` rows (default all) of an array."""
-    end = array.shape[0] if stop is None else min(stop, array.shape[0])
-    for start in range(0, end, batch_rows):
-        yield _rows(array, start, min(start + batch_rows, end))
-
-
-def column_mean(array: zarr.Array, stop: int | None = None, batch_rows: int = 65536) -> torch.Tensor:
-    """Mean row (float32) over the first `stop` rows, accumulated in float64."""
-    total, count = torch.zeros(array.shape[1], dtype=torch.float64), 0
-    for rows in iter_rows(array, batch_rows, stop):
-        total += rows.double().sum(0)
-        count += rows.shape[0]
-    return (total / count).float()
-
-
-def chunks_in(array: zarr.Array, megabytes: int) -> int:
-    """Whole chunks of `array` in a shuffle buffer of about `megabytes` MiB."""
-    chunk_bytes = array.chunks[0] * array.shape[1] * array.dtype.itemsize
-    return max(1, round(megabytes * 2**20 / chunk_bytes))
-
-
-def chunk_order(
-    array: zarr.Array,
-    batch_rows: int,
-    seed: int,
-    buffer_chunks: int | None = None,
-    part: tuple[int, int] = (0, 1),
-    group_chunks: int | None = None,
-) -> ChunkOrder:
-    """The order in which `array`'s chunks are read and its rows drawn (storage.shuffle.ChunkOrder);
-    `buffer_chunks` defaults to SHUFFLE_BUFFER_MB's worth."""
-    buffer_chunks = buffer_chunks or chunks_in(array, SHUFFLE_BUFFER_MB)
-    return ChunkOrder(array.shape[0], array.chunks[0], batch_rows, buffer_chunks, seed, part, group_chunks)
-
-
-def shuffled_batches(
-    array: zarr.Array,
-    batch_rows: int,
-    seed: int,
-    buffer_chunks: int | None = None,
-    start_batch: int = 0,
-    part: tuple[int, int] = (0, 1),
-    readers: int = DEFAULT_READERS,
-    device: str | torch.device = "cpu",
-    group_chunks: int | None = None,
-    wait: Callable[[Block], None] | None = None,
-) -> Iterator[torch.Tensor]:
-    """Endless shuffled float32 batches on `device`, deterministic for a seed, never holding the whole
-    array: batches_in_order of chunk_order(array, ...). `start_batch` resumes at a training
-    checkpoint's data cursor, `part` is a data-parallel reader's share; with `group_chunks` (a bounded
-    window) the batches end after one pass."""
-    order = chunk_order(array, batch_rows, seed, buffer_chunks, part, group_chunks)
-    return batches_in_order(array, order, start_batch, readers, device, wait)
-
-
-def batches_in_order(
-    array: zarr.Array,
-    order: ChunkOrder,
-    start_batch: int = 0,
-    readers: int = DEFAULT_READERS,
-    device: str | torch.device = "cpu",
-    wait: Callable[[Block], None] | None = None,
-) -> Iterator[torch.Tensor]:
-    """The batches of `order` (blocks of whole chunks, rows shuffled inside a block) from `array`,
-    float32 on `device`, from `start_batch` on. `readers` threads read and decode a block's chunks at
-    once; the batches do not depend on it. `wait(block)` returns once the block's chunks are on disk.
-
-    Rows stay in the stored 16-bit dtype through the shuffle (half the bytes moved) and only a batch
-    becomes float32. On CUDA a block goes to the device once, from pinned memory without blocking, and
-    is shuffled there."""
-    device = torch.device(device)
-    stored = _stored_dtype(array)
-    read_into = chunk_reader(array)
-    pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="saeflow-reader", initializer=_yield_to_the_step)
-    # on the CPU two block buffers take turns (a fresh one would cost its page faults every block);
-    # CUDA's pinned buffers come from torch's caching host allocator, which also waits for their copies
-    spare: list[torch.Tensor] = []
-
-    def read(block):
-        """Submits the reads of a block's chunks, each into its own rows of one buffer (None: the
-        one pass has ended)."""
-        if block is None:
-            return None
-        if wait is not None:
-            wait(block)
-        sizes = [order.rows_of(int(c)) for c in block.chunks]
-        buf = spare.pop() if spare else None
-        if buf is None or len(buf) < block.rows:
-            buf = torch.empty(block.rows, array.shape[1], dtype=_torch_dtype(array), pin_memory=device.type == "cuda")
-        out = buf.numpy()
-        starts = np.cumsum([0, *sizes[:-1]])
-        reads = [pool.submit(read_into, int(c), out[i : i + size]) for c, i, size in zip(block.chunks, starts, sizes)]
-        return block, buf, reads
-
-    try:
-        blocks = order.blocks(start_batch)
-        upcoming = read(next(blocks, None))
-        while upcoming is not None:
-            block, whole, reads = upcoming
-            for r in reads:
-                r.result()
-            upcoming = read(next(blocks, None))  # the next block is read while this one's batches are drawn
-            buf = _as_stored(whole[: block.rows], stored)
-            permutation = torch.from_numpy(block.permutation)
-            if device.type != "cpu":
-                buf, permutation = buf.to(device, non_blocking=True), permutation.to(device, non_blocking=True)
-            B = order.part_batch
-            for b in range(block.skip, block.batches):  # index_select: 5x advanced indexing's rate here
-                yield torch.index_select(buf, 0, permutation[b * B : (b + 1) * B]).float()
-            if device.type == "cpu":
-                spare.append(whole)
-    finally:  # a closed or abandoned reader stops reading ahead
-        pool.shutdown(cancel_futures=True)
-
-
-def _torch_dtype(array: zarr.Array) -> torch.dtype:
-    """The tensor dtype holding the array's values bit for bit (bfloat16 is stored as uint16)."""
-    return {"float16": torch.float16, "uint16": torch.uint16, "float32": torch.float32}[array.dtype.name]
-
-
-def _stored_dtype(array: zarr.Array) -> torch.dtype:
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-        meta_of(array).get("logical_dtype", "float16"), torch.float32
-    )
-
-
-def _stored_rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
-    """Rows in the store's own dtype (bfloat16 from its raw 16 bits), not yet float32."""
-    return _as_stored(torch.from_numpy(np.asarray(array[start:stop])), _stored_dtype(array))
-
-
-def _as_stored(rows: torch.Tensor, stored: torch.dtype) -> torch.Tensor:
-    """The stored values as their logical dtype: bfloat16's raw 16 bits viewed as bfloat16."""
-    return rows.view(torch.bfloat16) if stored == torch.bfloat16 else rows
-
-
-def _yield_to_the_step() -> None:
-    """A reading thread yields a busy core to the training step: the reader runs far ahead of the
-    step. (Not torch.set_num_threads, which is process-wide: it would change the step's threads, and
-    with them the bits of its matmuls.)"""
-    if hasattr(os, "setpriority"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 5)
-
-
-def prefetch(batches: Iterator[torch.Tensor], depth: int = 4) -> Iterator[torch.Tensor]:
-    """Reads ahead in a background thread so reading overlaps with training. Closing the returned
-    iterator (or dropping it) stops the thread and closes `batches` there."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done, stop = object(), threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def worker():
-        _yield_to_the_step()
-        try:
-            for b in batches:
-                if not put(b):
-                    break
-        except BaseException as e:  # handed to the consumer
-            put(e)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()
-        put(done)
-
-    threading.Thread(target=worker, daemon=True, name="saeflow-prefetch").start()
-    try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
-def sample_rows(array: zarr.Array, n: int, seed: int, chunks: int | None = None) -> torch.Tensor:
-    """About n rows from randomly chosen whole chunks (for initialisation statistics), of the first
-    `chunks` chunks (default all)."""
-    rng = np.random.default_rng(seed)
-    rows = array.chunks[0]
-    picked, total = [], 0
-    for c in rng.permutation(chunks or math.ceil(array.shape[0] / rows)):
-        picked.append(_rows(array, c * rows, (c + 1) * rows))
-        total += len(picked[-1])
-        if total >= n:
-            break
-    return torch.cat(picked)[:n]
+    return array_at(group, f"{split}/acts/{array_name(hookpoint)}")

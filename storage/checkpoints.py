@@ -11,9 +11,10 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load, save
+if TYPE_CHECKING:  # torch loads where tensors are written or read: status lists checkpoints without it
+    import torch
 
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
@@ -38,6 +39,8 @@ def save_checkpoint(root: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    from safetensors.torch import save
+
     data = save(tensors)
     (tmp / STATE_FILE).write_bytes(data)
     (tmp / META_FILE).write_text(json.dumps({**meta, CHECKSUM: hashlib.sha256(data).hexdigest()}))
@@ -83,4 +86,6 @@ def load_checkpoint(root: str | os.PathLike, steps: int | None = None) -> tuple[
         raise DamagedCheckpoint(f"the checkpoint {path} has no checksum (damaged, or written before checksums)")
     if hashlib.sha256(data).hexdigest() != meta.pop(CHECKSUM):
         raise DamagedCheckpoint(f"the checkpoint {path} is damaged: {STATE_FILE} does not match its checksum")
+    from safetensors.torch import load
+
     return load(data), meta

@@ -19,8 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from sae.config import Normalization, SAEConfig
-from sae.model import CHECKSUM as WEIGHTS_CHECKSUM
-from sae.model import CONFIG_FILE, WEIGHTS_FILE, DamagedWeights, TopKSAE, expected_shapes, read_weights, shape_misfits
+from sae.files import CHECKSUM as WEIGHTS_CHECKSUM
+from sae.files import CONFIG_FILE, WEIGHTS_FILE
+from sae.model import DamagedWeights, TopKSAE, expected_shapes, read_weights, shape_misfits
 from storage.outputs import staged
 
 FORMATS = ("saeflow", "saelens", "sparsify")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from sae.model import WEIGHTS_FILE, TopKSAE
+from sae.files import WEIGHTS_FILE
+from sae.model import TopKSAE
 from storage import formats
 
 

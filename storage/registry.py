@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sae as sae_package
-from sae.model import CONFIG_FILE, WEIGHTS_FILE
+from sae.files import CONFIG_FILE, WEIGHTS_FILE
 from storage.outputs import staged
 
 log = logging.getLogger(__name__)

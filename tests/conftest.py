@@ -10,6 +10,10 @@ import torch
 
 if not torch.cuda.is_available():  # the Triton kernels' tests run under Triton's interpreter (before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "SAEFLOW_CACHE_DIR" not in os.environ:  # model outlines (storage/model_outline.py) cached per test session
+    import tempfile
+
+    os.environ["SAEFLOW_CACHE_DIR"] = tempfile.mkdtemp(prefix="saeflow-cache-")
 
 SENTENCES = [
     "Return the sum of two numbers.",

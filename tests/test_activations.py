@@ -7,7 +7,9 @@ import zarr
 
 from sae.lm import capture, load_lm
 from storage import activations as store
+from storage import layout, reading, shard_writer
 from storage.corpus import Contexts
+from storage.layout import decode
 from storage.shuffle import ChunkOrder, mixing
 
 
@@ -39,14 +41,14 @@ def build(url, model, data, hooks, dtype="float16", shard_contexts=16, first=1):
         attrs={"m": 1},
     )
     for split, i in store.missing_shards(url):
-        store.write_shard(url, split, i, model, batch_contexts=8)
+        shard_writer.write_shard(url, split, i, model, batch_contexts=8)
     store.finalize_store(url)
 
 
 @pytest.mark.parametrize("url_kind,dtype", [("local", "float16"), ("memory", "float16"), ("local", "bfloat16")])
 def test_store_round_trip_equals_direct_capture(tiny_lm, tmp_path, url_kind, dtype, monkeypatch):
     model, _ = tiny_lm
-    monkeypatch.setattr(store, "TARGET_CHUNK_BYTES", 1)  # many small chunks inside each shard
+    monkeypatch.setattr(layout, "TARGET_CHUNK_BYTES", 1)  # many small chunks inside each shard
     hooks = ["model.layers.0", "model.layers.2"]
     vocab = model.config.vocab_size
     data = {"train": contexts(70, 12, vocab, 0), "eval": contexts(9, 12, vocab, 1)}
@@ -64,7 +66,7 @@ def test_store_round_trip_equals_direct_capture(tiny_lm, tmp_path, url_kind, dty
         for h in hooks:
             expected = direct[h][:, 1:].reshape(-1, model.config.hidden_size).to(getattr(torch, dtype)).float()
             arr = store.activations(group, split, h)
-            got = torch.cat(list(store.iter_rows(arr, 50)))
+            got = torch.cat(list(reading.iter_rows(arr, 50)))
             assert torch.equal(got, expected)
             stats = group.attrs["stats"][f"{split}/{h}"]
             np.testing.assert_allclose(stats["mean"], expected.double().mean(0).numpy(), rtol=1e-6, atol=1e-9)
@@ -124,7 +126,7 @@ def test_non_finite_activations_are_rejected(tiny_lm, tmp_path):
         with pytest.raises(
             ValueError, match=r"non-finite activations at model.layers.0 in train context 5 .*tokens 40..47"
         ):
-            store.write_shard(url, "train", 1, model, batch_contexts=4)
+            shard_writer.write_shard(url, "train", 1, model, batch_contexts=4)
     finally:
         handle.remove()
     assert store.missing_shards(url) == [("train", 0), ("train", 1)]
@@ -139,19 +141,19 @@ def test_shuffled_batches_draw_each_row_at_most_once_an_epoch_and_resume_in_plac
     assert sorted(map(len, blocks)) == [3, 3, 3, 3, 4] and sorted(np.concatenate(blocks)) == list(range(16))
     batches = sum(sum(order.rows_of(int(c)) for c in b) // 50 for b in blocks)
     assert batches in (16, 17)  # each block leaves fewer than 50 of its rows out
-    it = store.prefetch(store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3))
+    it = reading.prefetch(reading.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3))
     epoch = torch.cat([next(it) for _ in range(batches)])[:, 0]
     assert len(set(epoch.tolist())) == batches * 50  # no row twice in an epoch
     assert set(epoch.tolist()) <= set(rows[:, 0].astype(np.float32).tolist())
     second = torch.cat([next(it) for _ in range(batches)])[:, 0]
     assert not torch.equal(torch.sort(epoch).values, torch.sort(second).values)  # other rows sit out
-    again = store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3)
+    again = reading.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3)
     assert torch.equal(torch.cat([next(again) for _ in range(batches)])[:, 0], epoch)
     for start in (7, batches - 1, batches + 2):  # inside a block, at an epoch's end, in the next epoch
-        resumed = store.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3, start_batch=start)
+        resumed = reading.shuffled_batches(arr, batch_rows=50, seed=3, buffer_chunks=3, start_batch=start)
         whole = torch.cat([epoch, second])
         assert torch.equal(torch.cat([next(resumed) for _ in range(3)])[:, 0], whole[start * 50 : (start + 3) * 50])
-    other = store.shuffled_batches(arr, batch_rows=50, seed=4, buffer_chunks=3)
+    other = reading.shuffled_batches(arr, batch_rows=50, seed=4, buffer_chunks=3)
     assert not torch.equal(torch.cat([next(other) for _ in range(batches)])[:, 0], epoch)
 
 
@@ -191,7 +193,7 @@ def plain_shuffled_batches(arr, batch_rows, seed, buffer_chunks, logical):
     """The reader written plainly: each chunk decoded to float32 on its own, concatenated, permuted."""
     rows = arr.chunks[0]
     for block in ChunkOrder(arr.shape[0], rows, batch_rows, buffer_chunks, seed).blocks():
-        parts = [store._decode(np.asarray(arr[c * rows : (c + 1) * rows]), logical) for c in block.chunks]
+        parts = [torch.from_numpy(decode(np.asarray(arr[c * rows : (c + 1) * rows]), logical)) for c in block.chunks]
         buf = torch.cat(parts)[torch.from_numpy(block.permutation)]
         for b in range(block.batches):
             yield buf[b * batch_rows : (b + 1) * batch_rows]
@@ -203,7 +205,7 @@ def test_parallel_readers_give_the_plain_readers_batches(tmp_path, logical, read
     """Several threads decode a buffer's chunks and the shuffle runs on 16-bit rows; the batches are
     the plain float32 reader's, value for value, over two passes of a store with a short last chunk."""
     values = torch.randn(1000, 6, generator=torch.Generator().manual_seed(0))
-    encoded = store._encode(values, logical)
+    encoded = shard_writer.encode_rows(values, logical)
     arr = zarr.create_array(
         str(tmp_path / "a"),
         shape=encoded.shape,
@@ -212,7 +214,7 @@ def test_parallel_readers_give_the_plain_readers_batches(tmp_path, logical, read
         attributes={"logical_dtype": logical},
     )
     arr[:] = encoded
-    ours = store.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3, readers=readers)
+    ours = reading.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3, readers=readers)
     plain = plain_shuffled_batches(arr, 48, 5, 3, logical)
     for _ in range(2 * 1000 // 48):
         a, b = next(ours), next(plain)
@@ -224,9 +226,9 @@ def test_the_shuffle_on_the_device_gives_the_hosts_batches(tmp_path):
     values = torch.randn(1000, 6, generator=torch.Generator().manual_seed(0))
     arr = zarr.create_array(str(tmp_path / "a"), shape=(1000, 6), dtype="uint16", chunks=(64, 6))
     arr.attrs["logical_dtype"] = "bfloat16"
-    arr[:] = store._encode(values, "bfloat16")
-    host = store.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3)
-    device = store.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3, device="cuda")
+    arr[:] = shard_writer.encode_rows(values, "bfloat16")
+    host = reading.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3)
+    device = reading.shuffled_batches(arr, batch_rows=48, seed=5, buffer_chunks=3, device="cuda")
     for _ in range(2 * 1000 // 48):
         a, b = next(host), next(device)
         assert b.device.type == "cuda" and b.dtype == torch.float32 and torch.equal(a, b.cpu())
@@ -245,7 +247,7 @@ def test_closing_the_prefetcher_stops_its_thread_and_closes_the_reader():
         finally:
             closed.set()
 
-    it = store.prefetch(endless(), depth=2)
+    it = reading.prefetch(endless(), depth=2)
     next(it)
     it.close()
     assert closed.wait(5)  # the reader was closed on the prefetch thread
@@ -257,11 +259,11 @@ def test_closing_the_prefetcher_stops_its_thread_and_closes_the_reader():
 
 def test_the_shard_size_a_spec_asks_for_is_kept(caplog):
     # d 576 in float16 at 63 positions: 2 MB chunks hold 29 contexts
-    assert store.Layout.plan(1000, 64, 1, 576, 2, None).shard_contexts == 29 * 8
-    kept = store.Layout.plan(1000, 64, 1, 576, 2, 32)
+    assert layout.Layout.plan(1000, 64, 1, 576, 2, None).shard_contexts == 29 * 8
+    kept = layout.Layout.plan(1000, 64, 1, 576, 2, 32)
     assert (kept.shard_contexts, kept.chunk_contexts) == (32, 16)  # not rounded up to 58
     assert not caplog.records
-    prime = store.Layout.plan(1000, 64, 1, 576, 2, 59)
+    prime = layout.Layout.plan(1000, 64, 1, 576, 2, 59)
     assert (prime.shard_contexts, prime.chunk_contexts) == (59, 1)
     assert "data.shard_contexts=59 splits only into chunks of 1 contexts" in caplog.text
     assert "a multiple of 29" in caplog.text

@@ -17,6 +17,7 @@ from sae.features import Firings
 from sae.lm import load_lm
 from sae.train import train_sae
 from storage import activations as store
+from storage import reading, shard_writer
 from storage.corpus import split_contexts
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,10 +39,10 @@ def evaluated(tiny_model_dir, text_dir, tmp_path_factory):
         shard_contexts=16,
     )
     for split, i in store.missing_shards(url):
-        store.write_shard(url, split, i, model, 8)
+        shard_writer.write_shard(url, split, i, model, 8)
     store.finalize_store(url)
     group = store.open_store(url)
-    rows = torch.cat(list(store.iter_rows(store.activations(group, "train", "model.layers.1"), 4096)))
+    rows = torch.cat(list(reading.iter_rows(store.activations(group, "train", "model.layers.1"), 4096)))
     sae = train_sae(
         SAEConfig(32, N_LATENTS, 4), TrainConfig(batch_tokens=64, tokens=len(rows)), rows, progress=False
     ).sae

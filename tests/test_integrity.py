@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows import stages
+from flows import done, stages
 from flows.retry import is_transient
 from flows.spec import SpecError, parse_spec
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer
@@ -114,7 +114,7 @@ def test_damaged_shards_are_named_by_every_reader_and_cache_repairs_exactly_them
     assert main(["cache", str(path)]) == 0
     assert all(shard_file(spec, s, i).read_bytes() == raw for (s, i), raw in good.items())
     assert {k: shard_file(spec, *k).stat().st_mtime_ns for k in untouched} == untouched
-    assert store.bad_shards(stages.store_url(spec)) == [] and stages.is_done("cache", spec)
+    assert store.bad_shards(stages.store_url(spec)) == [] and done.is_done("cache", spec)
     for name in ("config.json", "sae.safetensors"):
         (tmp_path / name).rename(sae_dir / name)
     assert stages.evaluate(spec, "model.layers.1", progress=False) == clean
@@ -181,12 +181,12 @@ def test_non_finite_or_non_positive_lr_is_refused(lr):
 
 
 def test_non_finite_metrics_are_not_written_and_registration_refuses_them(tmp_path):
-    with pytest.raises(stages.NonFiniteError, match=r"normalized_mse=nan"):
-        stages.check_finite_metrics({"normalized_mse": float("nan"), "l0": 4.0}, "the evaluation")
+    with pytest.raises(done.NonFiniteError, match=r"normalized_mse=nan"):
+        done.check_finite_metrics({"normalized_mse": float("nan"), "l0": 4.0}, "the evaluation")
     path = tmp_path / "metrics.json"
     path.write_text('{"normalized_mse": NaN}')
-    with pytest.raises(stages.NonFiniteError):
-        stages.read_metrics(path)
+    with pytest.raises(done.NonFiniteError):
+        done.read_metrics(path)
 
     from safetensors.torch import save_file
 
@@ -472,7 +472,7 @@ def test_two_concurrent_runs_of_one_spec_compute_each_shard_once(tiny_model_dir,
     assert both.count("computing") == 1 and "waiting for it to finish" in both, both
     assert "telemetry" not in both and "Warning" not in both and "Traceback" not in both, both  # quiet, offline
     spec = parse_spec(tiny_spec(tiny_model_dir, text_dir, tmp_path / "work"))
-    assert stages.is_done("cache", spec) and store.bad_shards(stages.store_url(spec)) == []
+    assert done.is_done("cache", spec) and store.bad_shards(stages.store_url(spec)) == []
 
 
 def test_an_unreachable_prefect_api_is_one_line_naming_it(tiny_model_dir, text_dir, tmp_path):
@@ -644,7 +644,6 @@ def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(
     from mlflow import MlflowClient
 
     import flows.paths as flows_paths
-    import sae.model as sae_model
     from sae.model import DamagedWeights
 
     spec = parse_spec(
@@ -658,10 +657,10 @@ def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(
     stages.evaluate(spec, hook, progress=False)
     weights = stages.sae_dir(spec, hook) / "sae.safetensors"
     hashes = []
-    real = sae_model.weights_intact
-    monkeypatch.setattr("sae.model.weights_intact", lambda d: hashes.append(d) or real(d))
+    real = flows_paths.weights_intact
+    monkeypatch.setattr(flows_paths, "weights_intact", lambda d: hashes.append(d) or real(d))
     flows_paths._intact_as_of.cache_clear()
-    assert stages.is_done("train", spec, hook) and stages.is_done("train", spec, hook)
+    assert done.is_done("train", spec, hook) and done.is_done("train", spec, hook)
     assert len(hashes) == 1  # hashed once while the files stay as they are
     good = weights.read_bytes()
     raw = bytearray(good)
@@ -669,7 +668,7 @@ def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(
     weights.write_bytes(bytes(raw))
     with pytest.raises(DamagedWeights, match=f"{re.escape(str(weights))} does not match the sha256 in its config.json"):
         TopKSAE.load(weights.parent)
-    assert not stages.is_done("train", spec, hook)
+    assert not done.is_done("train", spec, hook)
     with pytest.raises(ValueError, match="were not measured on the weights .* holds now: run `saeflow run SPEC`"):
         stages.register(spec, hook)
     assert (
@@ -682,7 +681,7 @@ def test_changed_weights_are_retrained_and_never_registered_with_old_metrics(
         TopKSAE.load(weights.parent)
     stages.train(spec, hook, progress=False)  # trains it again: the same bits on this CPU
     assert weights.read_bytes() == good
-    assert stages.is_done("evaluate", spec, hook, 0)  # the metrics measured exactly these weights
+    assert done.is_done("evaluate", spec, hook, 0)  # the metrics measured exactly these weights
     stages.register(spec, hook)
     assert (
         len(
@@ -713,7 +712,7 @@ def test_damaged_token_arrays_are_named_and_cache_plans_the_store_again(tiny_mod
     assert main(["verify", str(path)]) == 1
     assert f"bad: {named}" in capsys.readouterr().out
     assert main(["cache", str(path)]) == 0
-    assert store.bad_shards(stages.store_url(spec)) == [] and stages.is_done("cache", spec)
+    assert store.bad_shards(stages.store_url(spec)) == [] and done.is_done("cache", spec)
     assert stages.evaluate(spec, "model.layers.1", progress=False) == clean
 
 

@@ -7,7 +7,7 @@ import failing_stage
 import pytest
 from test_pipeline import task_states
 
-from flows import stages
+from flows import done, stages
 from flows.spec import parse_spec
 
 HOOK = "model.layers.1"
@@ -60,7 +60,7 @@ def test_rerun_runs_only_the_failed_stage_and_those_after(
         with pytest.raises(failing_stage.InjectedFailure, match=f"SAEFLOW_FAIL_STAGE={failing}"):
             pipeline(spec)
     before = outputs(spec)
-    done_before = {s: stages.is_done(s, spec, *(() if s == "cache" else (HOOK, 0))) for s in stages.STAGES}
+    done_before = {s: done.is_done(s, spec, *(() if s == "cache" else (HOOK, 0))) for s in stages.STAGES}
     assert not done_before[failing]
 
     state = pipeline(spec, return_state=True)
@@ -174,4 +174,4 @@ def test_a_deleted_output_is_recomputed_never_trusted(
     assert ran[redone] == "Completed", ran
     for name in order[: order.index(redone)]:
         assert ran[name] == "Cached", ran
-    assert all(stages.is_done(s, spec, *(() if s == "cache" else (HOOK, 0))) for s in stages.STAGES)
+    assert all(done.is_done(s, spec, *(() if s == "cache" else (HOOK, 0))) for s in stages.STAGES)

@@ -7,8 +7,8 @@ import zarr
 
 from sae.config import SAEConfig, TrainConfig
 from sae.train import Trainer, train_sae, train_saes
-from storage.activations import sample_rows, shuffled_batches
 from storage.checkpoints import load_checkpoint, save_checkpoint
+from storage.reading import sample_rows, shuffled_batches
 
 
 class Killed(Exception):

@@ -12,6 +12,7 @@ from flows import stages
 from flows.spec import SpecError, parse_spec
 from sae.model import TopKSAE
 from storage import activations as store
+from storage import reading
 from storage.shuffle import ChunkOrder
 from storage.window import Window
 
@@ -164,8 +165,8 @@ def test_windowed_batches_equal_the_same_order_over_a_whole_store(tiny_model_dir
         stages.cache_shard(windowed, "train", index)
     streamed = store.activations(zarr.open_group(stages.store_url(windowed), mode="r"), "train", HOOK)
     kwargs = dict(batch_rows=128, seed=0, buffer_chunks=2, group_chunks=window.group_chunks)
-    ours = list(store.shuffled_batches(streamed, wait=lambda b: window.wait(window.shards_of(b)), **kwargs))
-    plain = list(store.shuffled_batches(acts, **kwargs))
+    ours = list(reading.shuffled_batches(streamed, wait=lambda b: window.wait(window.shards_of(b)), **kwargs))
+    plain = list(reading.shuffled_batches(acts, **kwargs))
     assert len(ours) == len(plain) > 0
     assert all(torch.equal(a, b) for a, b in zip(ours, plain))
 
