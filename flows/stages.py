@@ -42,6 +42,7 @@ from flows.paths import (
 from flows.spec import RunSpec
 from flows.training import Alone, train_hookpoint, write_json
 from sae.browser import HISTOGRAM_FILE
+from sae.config import RECIPE_VERSION
 from sae.files import CHECKSUM as WEIGHTS_CHECKSUM
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
@@ -283,7 +284,7 @@ def apply_promotion(spec: RunSpec, hookpoint: str, index: int, registered, uri: 
 
 def promotion_decision(spec: RunSpec, hookpoint: str, index: int, name: str) -> tuple[bool, str]:
     """(promote?, the reason in one line) for registry.promote_if."""
-    from storage.registry import NotRegistered, is_complete, model_version
+    from storage.registry import NotRegistered, is_complete, model_version, version_metrics
 
     rule = spec.registry.promote_if
     assert rule is not None
@@ -301,12 +302,12 @@ def promotion_decision(spec: RunSpec, hookpoint: str, index: int, name: str) -> 
             f"not promoted to {rule.alias}: version {current.version} there was evaluated on other tokens, "
             "so the two are not comparable"
         )
-    if f"metric.{rule.metric}" not in current.tags:
+    old = version_metrics(current).get(rule.metric)
+    if old is None:
         return False, (
             f"not promoted to {rule.alias}: version {current.version} there has no {rule.metric} to compare "
             f"with; `saeflow promote` moves the alias by hand"
         )
-    old = float(current.tags[f"metric.{rule.metric}"])
     verdict = f"{rule.metric} {new:.6g} vs {old:.6g} of version {current.version} (margin {rule.margin:g})"
     return rule.better(
         new, old
@@ -326,36 +327,35 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
             f"the metrics in {metrics_path(spec, hookpoint, index)} were not measured on the weights "
             f"{directory / 'sae.safetensors'} holds now: run `saeflow run SPEC` (it trains and evaluates again)"
         )
+    sae_meta = json.loads((directory / "config.json").read_text()).get("metadata", {})
+    trained = spec.resolved_training(cfg["d_in"], index)  # the values the run used, not "auto"
     params = {
         "model": spec.model.source,
         "hookpoint": hookpoint,
         "data": spec.data.source,
         "context_length": spec.data.context_length,
-        "train_tokens": spec.sae[index].tokens or spec.train.tokens or spec.data.tokens,
+        "train_tokens": sae_meta.get("train_tokens", trained["tokens"]),
         "batch_tokens": spec.train.batch_tokens,
         "recipe": spec.train.recipe,
-        "optimizer": spec.train.optimizer,
-        "lr": spec.lr_setting(index),
+        "optimizer": trained["optimizer"],
+        "lr": f"{sae_meta.get('lr', trained['lr']):.6g}",
+        "lr_schedule": f"warmup {trained['warmup_tokens']} tokens, {trained['decay']}",
         **{f"sae.{k}": v for k, v in cfg.items()},
-        "aux_k": spec.sae[index].aux_k,
-        "dead_tokens": spec.sae[index].dead_tokens,
+        "aux_k": trained["aux_k"],
+        "dead_tokens": trained["dead_tokens"],
+        "spec_name": spec.name,
     }
-    sae_meta = json.loads((directory / "config.json").read_text()).get("metadata", {})
     store_attrs = store.open_group_for_status(store_url(spec), store_options(spec)).attrs
-    tags = {
+    tags = {  # what the SAE is and where it came from; its metrics are the run's
         "lm": spec.model.source,
         "lm_revision": str(store_attrs.get("model_revision") or ""),
         "hookpoint": hookpoint,
-        "d_in": str(cfg["d_in"]),
         "n_latents": str(cfg["n_latents"]),
         "k": str(cfg["k"]),
-        "activation": cfg["activation"],
-        "normalization": cfg["normalization"],
         "data": spec.data.source,
-        "tokens_trained": str(sae_meta.get("train_tokens", "")),
+        "recipe_version": str(RECIPE_VERSION),
         "spec_hash": spec.part_hash(*register_parts(index)),
         "eval_data": eval_data_hash(spec),
-        "spec_name": spec.name,
     }
     return register_sae(
         directory,
@@ -385,13 +385,13 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
 
     from sae.evaluation import EvalPlan, EvalRecord, collect_features
     from sae.model import TopKSAE
-    from storage.registry import log_run_files, model_version, pull
+    from storage.registry import log_run_files, model_version, pull, version_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         sae = TopKSAE.load(pull(model_uri, tmp, tracking_uri)).eval()
     meta = sae.metadata
     version = model_version(model_uri)
-    metrics = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+    metrics = version_metrics(version)
     group = store.open_store(meta["store_url"], verify=("eval",))
     lm = load_lm(meta["lm"], "auto", "auto")
     source = eval_source(group, meta["hookpoint"], lambda: lm)

@@ -122,7 +122,8 @@ def register_sae(
 ) -> Registered:
     """Logs params/metrics, logs the SAE as a models-from-code pyfunc, registers it, sets the alias.
 
-    Metrics are also set as tags on the model version so the registry alone can rank versions.
+    Metrics are the run's (version_metrics reads them back); the version's tags say what it is and
+    where it came from; its description is a short summary with the command that pulls it.
     artifact_root: where a local (SQLite) tracking store keeps artifacts; None for a server's default.
     run_files: logged as artifacts of the run (report, histogram, training history).
     """
@@ -144,16 +145,20 @@ def register_sae(
     example = np.zeros((2, sae.cfg.d_in), dtype=np.float32)
     # params: predict(..., params={"output": "reconstruction"}) returns reconstructions instead of codes
     signature = infer_signature(example, np.zeros((2, sae.cfg.n_latents), dtype=np.float32), params={"output": "codes"})
-    with mlflow.start_run(experiment_id=_experiment_id(mlflow, experiment, artifact_root), run_name=model_name) as run:
+    with mlflow.start_run(
+        experiment_id=_experiment_id(mlflow, experiment, artifact_root),
+        run_name=model_name,
+        description=run_description(model_name, tags, run_files),
+    ) as run:
         mlflow.log_params(params)
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics)  # on the run: sortable and plotted across versions in the UI
         mlflow.set_tags(tags)
         log_run_files(run.info.run_id, run_files)
         with tempfile.TemporaryDirectory() as weights_only:
             for name in (WEIGHTS_FILE, CONFIG_FILE):
                 shutil.copyfile(Path(sae_dir) / name, Path(weights_only) / name)
             # the model card travels with the weights (saeflow pull copies it too)
-            (Path(weights_only) / CARD_FILE).write_text(model_card(model_name, sae, params, metrics, tags))
+            (Path(weights_only) / CARD_FILE).write_text(model_card(model_name, alias, sae, params, metrics, tags))
             info = mlflow.pyfunc.log_model(
                 name="sae",
                 python_model=str(PYFUNC_CODE),
@@ -168,8 +173,9 @@ def register_sae(
     _replace_interrupted(client, model_name, tags.get("spec_hash"))
     version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     try:
-        for key, value in metrics.items():
-            client.set_model_version_tag(model_name, version.version, f"metric.{key}", f"{value:.6g}")
+        client.update_model_version(
+            model_name, version.version, description=version_description(model_name, version.version, alias, metrics)
+        )
         client.set_registered_model_alias(model_name, alias, version.version)
         client.set_model_version_tag(model_name, version.version, COMPLETE_TAG, "true")  # last
     except BaseException:
@@ -181,8 +187,50 @@ def register_sae(
     return registered
 
 
-def model_card(model_name: str, sae, params: dict, metrics: dict[str, float], tags: dict[str, str]) -> str:
-    """A markdown card: what the SAE is, how it was trained, its metrics, how to load it."""
+def version_description(model_name: str, version: str, alias: str, metrics: dict[str, float]) -> str:
+    """The version's description in the registry UI: key metrics, how to pull it, where its pages are."""
+    shown = [(k, metrics[k]) for k in DESCRIBED_METRICS if k in metrics]
+    return "\n".join(
+        [
+            f"**{model_name} version {version}** (registered as `@{alias}`)",
+            "",
+            " · ".join(f"{k} **{v:.4g}**" for k, v in shown),
+            "",
+            f"Pull: `saeflow pull models:/{model_name}/{version} --out ./sae` or "
+            f'`TopKSAE.from_pretrained("models:/{model_name}/{version}")`.',
+            "Feature browser, histogram and training history: the source run's artifacts (`browser/index.html`).",
+        ]
+    )
+
+
+def run_description(model_name: str, tags: dict[str, str], run_files: Sequence[Path]) -> str:
+    """The run's description: what was trained, and where its feature browser is."""
+    browser = next((Path(p) for p in run_files if Path(p).name == "browser"), None)
+    where = (
+        f"Feature browser: artifact `browser/index.html` (built at `{browser / 'index.html'}`)."
+        if browser
+        else "No feature browser (eval.browser is off); `saeflow report` writes one."
+    )
+    return f"SAE `{model_name}` on `{tags.get('hookpoint')}` of `{tags.get('lm')}`. {where}"
+
+
+DESCRIBED_METRICS = ("normalized_mse", "l0", "dead_fraction", "ce_increase", "loss_recovered_vs_zero")
+
+
+def version_metrics(version) -> dict[str, float]:
+    """A version's metrics: its run's (versions registered before saeflow kept them there carry them
+    as `metric.*` tags)."""
+    from mlflow import MlflowClient
+
+    tagged = {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+    if not version.run_id:
+        return tagged
+    return {**tagged, **MlflowClient().get_run(version.run_id).data.metrics}
+
+
+def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str, float], tags: dict[str, str]) -> str:
+    """A markdown card: what the SAE is, how it was trained, its metrics, how to load it (by the alias it
+    is registered under: the version number comes after the files are logged)."""
     cfg = sae.cfg
     shown = {k: v for k, v in metrics.items() if k in CARD_METRICS}
     lines = [
@@ -193,10 +241,17 @@ def model_card(model_name: str, sae, params: dict, metrics: dict[str, float], ta
         "",
         f"- latents: {cfg.n_latents} over d_in = {cfg.d_in}, k = {cfg.k} ({cfg.activation}), input normalisation "
         f"`{cfg.normalization}`, encoder bias: {cfg.encoder_bias}",
-        f"- data: `{params.get('data')}`, {params.get('train_tokens')} training tokens in contexts of "
-        f"{params.get('context_length')}, batches of {params.get('batch_tokens')}",
-        f"- recipe: {params.get('recipe')}, optimizer {params.get('optimizer') or 'default'}, "
-        f"lr {params.get('lr') or 'auto'}; spec hash `{tags.get('spec_hash')}`",
+        *(
+            [
+                f"- data: `{params.get('data')}`, {params.get('train_tokens')} training tokens in contexts of "
+                f"{params.get('context_length')}, batches of {params.get('batch_tokens')}",
+                f"- recipe: {params.get('recipe')}, optimizer {params.get('optimizer')}, lr {params.get('lr')} "
+                f"({params.get('lr_schedule')}), dead after {params.get('dead_tokens')} tokens, AuxK over "
+                f"{params.get('aux_k')}; spec hash `{tags.get('spec_hash')}`",
+            ]
+            if "optimizer" in params
+            else [f"- imported ({params.get('imported_from')} format) from `{params.get('source')}`"]
+        ),
         "",
         "## Held-out metrics",
         "",
@@ -208,11 +263,12 @@ def model_card(model_name: str, sae, params: dict, metrics: dict[str, float], ta
         "",
         "```python",
         "from sae import TopKSAE",
-        f'sae = TopKSAE.from_pretrained("models:/{model_name}/VERSION")   # or @ALIAS, or a pulled directory',
+        f'sae = TopKSAE.from_pretrained("models:/{model_name}@{alias}")   # or /VERSION, or a pulled directory',
         "codes = sae.encode(x)          # raw activations in; sae(x) reconstructs",
         "```",
         "",
-        f"`saeflow pull models:/{model_name}@ALIAS --out DIR` writes `sae.safetensors` and `config.json` (no pickle).",
+        f"`saeflow pull models:/{model_name}@{alias} --out DIR` writes `sae.safetensors` and `config.json` "
+        "(no pickle).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -290,13 +346,9 @@ def list_models(tracking_uri: str, name: str | None = None) -> list[dict]:
     for m in sorted(models, key=lambda m: m.name):
         versions = list_versions(tracking_uri, m.name)
         for row in versions:
-            tags = client.get_model_version(m.name, str(row["version"])).tags
-            row["metrics"] = {
-                k.removeprefix("metric."): float(v)
-                for k, v in tags.items()
-                if k.removeprefix("metric.") in CARD_METRICS and k.startswith("metric.")
-            }
-            row.update({k: tags.get(k) for k in ("lm", "hookpoint", "n_latents", "k")})
+            version = client.get_model_version(m.name, str(row["version"]))
+            row["metrics"] = {k: v for k, v in version_metrics(version).items() if k in CARD_METRICS}
+            row.update({k: version.tags.get(k) for k in ("lm", "hookpoint", "n_latents", "k")})
         out.append(
             {"name": m.name, "aliases": dict(sorted((a, int(v)) for a, v in m.aliases.items())), "versions": versions}
         )

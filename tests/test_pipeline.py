@@ -118,11 +118,13 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     meta = json.loads((pulled / "config.json").read_text())["metadata"]
     assert meta["hookpoint"] == "model.layers.1"
 
-    # the version carries its metrics as tags; its run has the report and the histogram
+    # the version's run carries its metrics, the report and the histogram
     from mlflow import MlflowClient
 
     version = MlflowClient(tracking_uri=uri).get_model_version_by_alias("tiny", "candidate")
-    assert float(version.tags["metric.normalized_mse"]) == pytest.approx(row["normalized_mse"], rel=1e-5)
+    run = MlflowClient(tracking_uri=uri).get_run(version.run_id)
+    assert run.data.metrics["normalized_mse"] == pytest.approx(row["normalized_mse"], rel=1e-5)
+    assert "Feature browser: artifact `browser/index.html`" in run.data.tags["mlflow.note.content"]
     assert version.tags["k"] == "8" and version.tags["hookpoint"] == "model.layers.1"
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(version.run_id)}
     assert {"browser", "activation_frequency.png", "train_history.json"} <= artifacts

@@ -60,15 +60,19 @@ def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, 
     good = spec_for(tiny_model_dir, text_dir, tmp_path, 1500, uri, **rule)
     pipeline(good)
     assert str(model_version("models:/tiny@champion").version) == "1"  # the first ranked version
-    assert "the first version ranked by normalized_mse" in MlflowClient().get_model_version("tiny", "1").description
+    first = MlflowClient().get_model_version("tiny", "1").description
+    assert "the first version ranked by normalized_mse" in first.splitlines()[-1]
+    assert first.startswith("**tiny version 1** (registered as `@candidate`)")  # then its summary
+    assert "`saeflow pull models:/tiny/1 --out ./sae`" in first
 
     worse = spec_for(tiny_model_dir, text_dir, tmp_path, 256, uri, **rule)  # 2 steps instead of 12
     pipeline(worse)
     assert str(model_version("models:/tiny@candidate").version) == "2"
     assert str(model_version("models:/tiny@champion").version) == "1"  # not better: stays
-    note = MlflowClient().get_model_version("tiny", "2").description
+    note = MlflowClient().get_model_version("tiny", "2").description.splitlines()[-1]
     assert note.startswith("not promoted to champion: normalized_mse") and "of version 1" in note
-    mse = {v: float(model_version(f"models:/tiny/{v}").tags["metric.normalized_mse"]) for v in ("1", "2")}
+    runs = {v: MlflowClient().get_run(model_version(f"models:/tiny/{v}").run_id) for v in ("1", "2")}
+    mse = {v: run.data.metrics["normalized_mse"] for v, run in runs.items()}  # metrics live on the runs
     assert mse["2"] > mse["1"]
     # registered, then killed before promote_if decided: the next run decides (register is not Cached)
     assert model_version("models:/tiny/2").tags["saeflow.promote_if"] == "champion"
@@ -89,23 +93,24 @@ def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, 
     assert listed["name"] == "tiny" and listed["aliases"] == {"candidate": 2, "champion": 2}
     assert [v["version"] for v in listed["versions"]] == [2, 1]
     assert listed["versions"][1]["metrics"]["normalized_mse"] == pytest.approx(mse["1"], rel=1e-5)
-    tags = model_version("models:/tiny/1").tags
-    for key in (
+    tags = model_version("models:/tiny/1").tags  # identity and provenance only
+    assert set(tags) == {
         "lm",
+        "lm_revision",
         "hookpoint",
-        "d_in",
         "n_latents",
         "k",
-        "activation",
-        "normalization",
-        "spec_hash",
         "data",
-        "tokens_trained",
-        "weights_sha256",
+        "recipe_version",
+        "spec_hash",
         "eval_data",
-    ):
-        assert tags.get(key), key
-    assert tags["tokens_trained"] == "1536" and tags["d_in"] == "32"
+        "weights_sha256",
+        "saeflow.complete",
+        "saeflow.promote_if",
+    }
+    assert tags["n_latents"] == "64" and not any(k.startswith("metric.") for k in tags)
+    params = runs["1"].data.params  # the values the run trained with, not "auto"
+    assert params["optimizer"] == "signum" and float(params["lr"]) > 0 and params["train_tokens"] == "1536"
 
     # other evaluation tokens: the rule does not compare, and says so
     other_eval = parse_spec(
@@ -115,14 +120,27 @@ def test_promotion_by_rule_then_by_hand_and_ls(prefect_harness, tiny_model_dir, 
     assert "evaluated on other tokens" in MlflowClient().get_model_version("tiny", "3").description
     assert str(model_version("models:/tiny@champion").version) == "2"
 
-    # a champion without the metric: the rule says so, and leaves the alias
-    MlflowClient().delete_model_version_tag("tiny", "2", "metric.normalized_mse")
+    # a champion without the metric (registered by hand, on the same tokens): the rule says so, and
+    # leaves the alias
+    from flows.stages import eval_data_hash
+    from storage.registry import register_sae
+
+    bare = register_sae(
+        stages.sae_dir(good, HOOK),
+        tracking_uri=uri,
+        experiment="by-hand",
+        model_name="tiny",
+        alias="champion",
+        params={"imported_from": "saeflow", "source": "test"},
+        metrics={},
+        tags={"eval_data": eval_data_hash(good)},
+    )
     pipeline(spec_for(tiny_model_dir, text_dir, tmp_path, 512, uri, **rule))
-    note = MlflowClient().get_model_version("tiny", "4").description
-    assert note == "not promoted to champion: version 2 there has no normalized_mse to compare with; " + (
+    note = MlflowClient().get_model_version("tiny", "5").description.splitlines()[-1]
+    assert note == f"not promoted to champion: version {bare.version} there has no normalized_mse to compare with; " + (
         "`saeflow promote` moves the alias by hand"
     )
-    assert str(model_version("models:/tiny@champion").version) == "2"
+    assert str(model_version("models:/tiny@champion").version) == bare.version
 
 
 def test_from_pretrained_every_reference_kind_and_the_model_card(
@@ -150,7 +168,12 @@ def test_from_pretrained_every_reference_kind_and_the_model_card(
         assert torch.allclose(sae(x), expected), (ref, run_artifacts)
     pulled = pull("models:/tiny@candidate", tmp_path / "pulled")
     card = (pulled / "MODEL_CARD.md").read_text()
-    assert card.startswith("# tiny") and "normalized_mse" in card and 'TopKSAE.from_pretrained("models:/tiny/' in card
+    assert (
+        card.startswith("# tiny")
+        and "normalized_mse" in card
+        and 'TopKSAE.from_pretrained("models:/tiny@candidate")' in card
+    )
+    assert "optimizer signum, lr 0.0" in card and "lr auto" not in card and "None" not in card
 
     import mlflow.pyfunc
 
@@ -173,6 +196,19 @@ def test_real_mlflow_server_register_promote_and_pull_from_a_fresh_process(
         )
     )
     assert rows[0]["model_uri"] == "models:/tiny-served@candidate"
+    # read back from the server: metrics on the run, identity in the tags, a summary as description
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    version = client.get_model_version("tiny-served", "1")
+    run = client.get_run(version.run_id)
+    assert run.data.metrics["normalized_mse"] == pytest.approx(rows[0]["normalized_mse"], rel=1e-6)
+    assert run.data.metrics["l0"] == pytest.approx(rows[0]["l0"])
+    assert not any(k.startswith("metric.") for k in version.tags) and version.tags["hookpoint"] == HOOK
+    assert version.tags["recipe_version"].isdigit() and len(version.tags["weights_sha256"]) == 64
+    assert f"normalized_mse **{rows[0]['normalized_mse']:.4g}**" in version.description
+    assert "saeflow pull models:/tiny-served/1 --out ./sae" in version.description
+    assert "saeflow report" in run.data.tags["mlflow.note.content"]  # eval.browser is off here
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"]}
     saeflow = str(BIN / "saeflow")
     done = subprocess.run(
