@@ -43,9 +43,14 @@ def _configure_environment() -> None:
     # before prefect is imported: our loggers reach the Prefect UI, slow ephemeral starts don't fail
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sae,storage,flows")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # a run prints saeflow's lines: no INFO lines of MLflow, no progress bars of libraries
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' weight-loading bars
+    # saeflow's INFO lines (and the Prefect runs'); other libraries' warnings only
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("sae", "storage", "flows", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _prepare_flow_run() -> None:
@@ -71,8 +76,23 @@ class _NoTraceback(logging.Filter):
         return True
 
 
-def _quiet_tracebacks(debug: bool) -> None:
+class _NamedRunLines(logging.Filter):
+    """A task run's lines name the task run (`cache_shard-3b1: ...`); Completed() lines are dropped (the
+    summary follows; a Cached, failed or retried run still says so)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage() == "Finished in state Completed()":
+            return False
+        name = getattr(record, "task_run_name", None)
+        if name:
+            record.msg, record.args = f"{name}: {record.getMessage()}", ()
+        return True
+
+
+def _prefect_lines(debug: bool) -> None:
     """After Prefect has set its logging up (importing it does)."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NamedRunLines())
     if not debug:
         for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine", "prefect"):
             logging.getLogger(name).addFilter(_NoTraceback())
@@ -101,9 +121,12 @@ def _print_summary(spec, rows: list[dict]) -> None:
             print(f"  report     {row['report']}   (open in a browser)")
         for key in SHOWN_METRICS:
             if row.get(key) is not None:
-                print(f"  {key:<28}{row[key]:>10.4f}")
+                print(f"  {key:<28}{row[key]:>10.4g}")
         if row.get("model_uri"):
             print(f"  registered {row['model_uri']}")
+    walls = rows[0].get("stage_seconds") if rows else None
+    if walls:
+        print("\n  wall time     " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in walls.items()))
     uri, source = spec.tracking_uri_and_source()
     print(f"\n  tracking URI  {uri}   (from {source})")
     if uri.startswith(("http://", "https://")):
@@ -155,7 +178,7 @@ def cmd_stages(args) -> int:
     from flows.stages import STAGES
 
     only = STAGES if args.command == "run" else (args.command,)
-    _quiet_tracebacks(args.debug)
+    _prefect_lines(args.debug)
     with interrupt.stop_on_sigint():  # Ctrl-C: stop at the next step (flows/interrupt.py)
         rows = run_pipeline(spec, only=only)
     _print_summary(spec, rows)
@@ -264,7 +287,7 @@ def cmd_sweep(args) -> int:
     from flows import sweep
     from flows.pipeline import run_pipeline
 
-    _quiet_tracebacks(args.debug)
+    _prefect_lines(args.debug)
     with interrupt.stop_on_sigint():
         run_pipeline(spec)
     path = sweep.report(spec)

@@ -8,6 +8,7 @@ from a shared work dir could run code that someone wrote there. Only transient f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -233,6 +234,16 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
         return _placed(spec, only)
     logger = get_run_logger()
     last = max(stages.STAGES.index(s) for s in only)
+    walls: dict[str, float] = {}  # seconds each selected stage took, over every hookpoint and SAE
+
+    @contextlib.contextmanager
+    def timed(stage: str):
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            if stage in only:
+                walls[stage] = walls.get(stage, 0.0) + time.monotonic() - start
 
     def run(stage: str, *where):
         if stages.STAGES.index(stage) > last:
@@ -245,23 +256,25 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
                 )
             return None
         # a stage that found its outputs returns a Cached state: take its value either way
-        return _TASKS[stage](spec, *where, return_state=True).result()
+        with timed(stage):
+            return _TASKS[stage](spec, *where, return_state=True).result()
 
-    if "cache" in only:  # a finished store is checked again: damaged shards are recomputed, not trusted
-        verify_cache(spec)
-    if "cache" in only and not done.is_done("cache", spec):
-        # shards fan out over the flow's task runner (threads, or Dask workers); only missing ones run
-        missing = plan_cache(spec)
-        if missing:
-            logger.info("computing %d activation shards", len(missing))
-            cache_shard.map(unmapped(spec), [s for s, _ in missing], [i for _, i in missing]).result()
+    with timed("cache"):
+        if "cache" in only:  # a finished store is checked again: damaged shards are recomputed, not trusted
+            verify_cache(spec)
+        if "cache" in only and not done.is_done("cache", spec):
+            # shards fan out over the flow's task runner (threads, or Dask workers); only missing ones run
+            missing = plan_cache(spec)
+            if missing:
+                logger.info("computing %d activation shards", len(missing))
+                cache_shard.map(unmapped(spec), [s for s, _ in missing], [i for _, i in missing]).result()
     run("cache")
-    logger.info("activation store: %s", paths.store_url(spec))
     rows = []
     for hookpoint in spec.hookpoints:
         groups = stages.train_groups(spec, hookpoint) if "train" in only else [None]
         if spec.data.window_shards and "train" in only and not done.is_done("train", spec, hookpoint):
-            train_in_window(spec, hookpoint)
+            with timed("train"):  # and the train split's caching, side by side
+                train_in_window(spec, hookpoint)
         elif len(groups) == 1:
             run("train", hookpoint)
         else:  # by token budget, and by what fits on a device together: a task per group, each re-runnable alone
@@ -269,8 +282,9 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
                 "training %d SAEs at %s in %d groups (one pass each): %s", len(spec.sae), hookpoint, len(groups), groups
             )
             # over the task runner: Dask workers take groups side by side, the default threads one by one
-            for future in [train_sae.submit(spec, hookpoint, g) for g in groups]:
-                future.result()
+            with timed("train"):
+                for future in [train_sae.submit(spec, hookpoint, g) for g in groups]:
+                    future.result()
         metrics = [run("evaluate", hookpoint, index) for index in range(len(spec.sae))]
         chosen = sweep.to_register(spec, hookpoint, metrics) if "register" in only else [False] * len(spec.sae)
         for index in range(len(spec.sae)):
@@ -278,7 +292,8 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
             rows.append(_row(spec, hookpoint, index, metrics[index], uri))
     if "evaluate" in only:
         create_table_artifact(key="saeflow-metrics", table=rows, description=f"SAE metrics of {spec.name}")
-    return rows
+    ordered = {stage: walls[stage] for stage in stages.STAGES if stage in walls}
+    return [{**row, "stage_seconds": ordered} for row in rows]
 
 
 def train_in_window(spec: RunSpec, hookpoint: str, poll_seconds: float = 0.5) -> list[str]:

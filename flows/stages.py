@@ -141,8 +141,7 @@ def cache(spec: RunSpec) -> str:
     if store.is_complete(url, opts):
         log.info("activations already cached at %s", url)
         return url
-    store.finalize_store(url, opts)
-    log.info("activations written to %s", url)
+    store.finalize_store(url, opts)  # logs where the store is
     return url
 
 

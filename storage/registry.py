@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import math
 import os
@@ -171,7 +173,8 @@ def register_sae(
     tags = {**tags, WEIGHTS_TAG: file_sha256(Path(sae_dir) / WEIGHTS_FILE)}
     client = MlflowClient()
     _replace_interrupted(client, model_name, tags.get("spec_hash"))
-    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()):  # its "Successfully registered" prints: logged below
+        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     try:
         client.update_model_version(
             model_name, version.version, description=version_description(model_name, version.version, alias, metrics)
