@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-import yaml
+from test_spec import base, write
 
 TIME = r"\d\d:\d\d:\d\d "
 ALLOWED = [
@@ -42,21 +42,8 @@ def run_saeflow(path, tmp_path) -> list[str]:
 def test_a_clean_run_prints_only_saeflows_lines(tiny_model_dir, text_dir, tmp_path):
     for d in ("home", "tmp"):
         (tmp_path / d).mkdir()
-    path = tmp_path / "spec.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "name": "tiny-demo",
-                "model": {"source": str(tiny_model_dir)},
-                "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500},
-                "hookpoints": ["model.layers.1"],
-                "sae": {"n_latents": 64, "k": 4},
-                "train": {"batch_tokens": 128},
-                "eval": {"tokens": 300, "downstream_contexts": 4},
-                "workdir": str(tmp_path / "work"),
-            }
-        )
-    )
+    spec = base(tiny_model_dir, text_dir, tmp_path, name="tiny-demo", eval__tokens=300, eval__downstream_contexts=4)
+    path = write(tmp_path, spec)
     first = run_saeflow(path, tmp_path)
     strange = [line for line in first if not any(re.fullmatch(shape, line) for shape in ALLOWED)]
     assert not strange, strange
