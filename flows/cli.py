@@ -297,7 +297,7 @@ def cmd_sweep(args) -> int:
 
 def cmd_plan(args) -> int:
     """A compute budget -> n_latents, k, tokens from a fitted law (or the paper's), and a spec."""
-    from sae.scaling import Fit, paper_joint_law, recommend
+    from sae.scaling import recommend
 
     if (args.budget_flops is None) == (args.gpu_hours is None):
         raise UsageError("give the budget as --budget-flops X or as --gpu-hours H (with --device)")
@@ -306,34 +306,75 @@ def cmd_plan(args) -> int:
         raise UsageError(f"budget {budget}: must be positive")
     spec = load_spec(args.spec)
     d_model = model_outline(spec).d_model
-    if args.law:
-        try:
-            law = Fit(**json.loads(Path(args.law).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"--law {args.law}: not a saved fit ({e})") from None
-        source = args.law
-    else:
-        law, source = paper_joint_law(), "the paper's GPT-4 joint law (as remembered; fit your own with a sweep)"
+    law, fitted = _law(args.law, spec)
     r = recommend(budget, d_model, args.k, law)
-    print(f"budget {budget:.3g} FLOPs at d_model {d_model}, k {args.k}; law: {source}")
+    hook = spec.hookpoints[0]
+    print(f"budget {budget:.3g} FLOPs at d_model {d_model}, k {args.k}, for {spec.model.source} at {hook}")
     print(
         f"  n_latents {r.n_latents:,}  k {r.k}  tokens {r.tokens:,} "
         f"(convergence needs about {r.tokens_to_convergence:,})"
     )
-    err = (
-        f" ± {r.predicted_loss_stderr:.3g}"
-        if r.predicted_loss_stderr
-        else " (no uncertainty: the law has no fit covariance)"
-    )
-    print(f"  predicted normalized MSE {r.predicted_loss:.4g}{err}")
+    if fitted:
+        err = f" ± {r.predicted_loss_stderr:.3g}" if r.predicted_loss_stderr else ""
+        print(f"  predicted normalized MSE {r.predicted_loss:.4g}{err} (the law fitted by {args.law})")
+    else:
+        print(
+            "  no predicted loss: no law is fitted to this model and hookpoint (the allocation follows the "
+            "paper's law's shape); `saeflow sweep` fits one, then pass its fits.json with --law"
+        )
+    print(f"  corpus: {_corpus_line(spec, r.tokens)}")
     print(f"  activation store: {_store_line(spec, d_model, r.tokens)}")
     planned = spec.model_dump(mode="json")
     planned["sae"] = [{**planned["sae"][0], "n_latents": r.n_latents, "expansion_factor": None, "k": r.k}]
     planned["data"]["tokens"] = r.tokens
+    planned["train"]["tokens"] = None  # one pass over the planned tokens (not the spec's own budget)
+    planned["sae"][0]["tokens"] = None
     planned["name"] = f"{spec.name}-n{r.n_latents}-k{r.k}"
     Path(args.out).write_text(yaml.safe_dump(planned, sort_keys=False))
     print(f"wrote {args.out} (check it with saeflow validate {args.out})")
     return 0
+
+
+def _corpus_line(spec, tokens: int) -> str:
+    """Whether data.source holds the planned training tokens (and the held-out ones) for one pass."""
+    from sae.lm import load_tokenizer
+    from storage.corpus import corpus_tokens
+
+    source = spec.data.source
+    held = corpus_tokens(source, load_tokenizer(spec.model.source, spec.converted_model_dir()))
+    if held is None:
+        return f"{source} is a hub dataset: its size is not checked here"
+    train = int(held * (1 - spec.data.eval_fraction))  # documents are held out by this fraction
+    if tokens <= train:
+        return f"{source} holds about {train:,} training tokens (of {held:,}): enough for one pass"
+    return (
+        f"{source} holds about {train:,} training tokens (of {held:,}), fewer than the {tokens:,} planned: "
+        "NOT ENOUGH DATA, set data.source to a larger corpus (local files or hf:NAME)"
+    )
+
+
+def _law(path: str | None, spec):
+    """(the law to plan with, whether it was fitted to the spec's model and first hookpoint): a sweep's
+    fits.json names both; without one, the paper's joint law only shapes the allocation."""
+    from sae.scaling import Fit, paper_joint_law
+
+    if path is None:
+        return paper_joint_law(), False
+    try:
+        saved = json.loads(Path(path).read_text())
+        model, fits = saved["model"], saved["hookpoints"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--law {path}: not a sweep's fits.json ({e}): `saeflow sweep SPEC` writes one") from None
+    hook = spec.hookpoints[0]
+    if model != spec.model.source or hook not in fits:
+        raise UsageError(
+            f"--law {path}: fitted to {model} at {', '.join(fits)}, not to {spec.model.source} at {hook}: "
+            "a law transfers to neither another model nor another hookpoint"
+        )
+    try:
+        return Fit(**fits[hook]), True
+    except TypeError:
+        raise UsageError(f"--law {path}: the sweep could not fit {hook} ({fits[hook].get('error')})") from None
 
 
 def _store_line(spec, d_model: int, tokens: int) -> str:
@@ -618,7 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-hours", type=float, help="or the budget as hours of --device")
     p.add_argument("--device", default="h100", choices=sorted(MEASURED_FLOPS), help="the device of --gpu-hours")
     p.add_argument("--k", type=int, default=32, help="the sparsity you want (default 32)")
-    p.add_argument("--law", help="a fit saved as JSON (sae.scaling.Fit.to_dict); default: the paper's")
+    p.add_argument(
+        "--law", help="a sweep's fits.json for this model and hookpoint (the only source of a predicted loss)"
+    )
     p.add_argument("--out", default="planned.yaml", help="where to write the planned spec (default planned.yaml)")
     p.set_defaults(func=cmd_plan)
     p = _command(sub, "plan-memory", "per-device memory of training the spec's SAEs on its grid and others")

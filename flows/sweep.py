@@ -124,7 +124,8 @@ def report(spec: RunSpec) -> Path:
         except (ValueError, RuntimeError) as e:
             compute_fits[hookpoint] = {"error": str(e)}
     (out / "points.json").write_text(json.dumps(rows, indent=2))
-    (out / "fits.json").write_text(json.dumps(fits, indent=2))
+    # whose law it is: the planner uses it for this model and hookpoint only
+    (out / "fits.json").write_text(json.dumps({"model": spec.model.source, "hookpoints": fits}, indent=2))
     (out / "compute.json").write_text(json.dumps({"points": compute, "fits": compute_fits}, indent=2))
     plots = ["mse_vs_n", "mse_vs_l0", "dead_vs_n"] + (["dce_vs_mse"] if all("ce_increase" in r for r in rows) else [])
     plots += ["mse_vs_tokens", "mse_vs_compute"] if any(r["milestones"] for r in rows) else []

@@ -74,9 +74,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_tokenizer(source: str, convert_dir: str | os.PathLike | None = None):
+    """The model's tokenizer alone (from the converted copy of a GGUF source when there is one)."""
+    from transformers import AutoTokenizer
+
+    if convert_dir is not None and (Path(convert_dir) / "config.json").exists():
+        return AutoTokenizer.from_pretrained(str(convert_dir))
+    gguf = _gguf_location(source)
+    if gguf:
+        return AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+    return AutoTokenizer.from_pretrained(source)
+
+
 def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir: str | os.PathLike | None = None):
     """(model, tokenizer) in eval mode. GGUF sources are dequantised once and cached in convert_dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -85,7 +97,7 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
         source, gguf = str(convert_dir), None
     if gguf:
         log.info("dequantising %s/%s (once)", *gguf)
-        tok = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1])
+        tok = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(gguf[0], gguf_file=gguf[1], dtype=torch.float32)
         # a model loaded from GGUF refuses save_pretrained: move the dequantised weights to a plain one
         config = model.config
@@ -106,7 +118,7 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
             tmp.replace(convert_dir)
             log.info("converted model cached in %s", convert_dir)
     else:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = load_tokenizer(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     return model.to(dev, torch_dtype).eval(), tok  # pyright: ignore[reportArgumentType]  (transformers' stubs)
 

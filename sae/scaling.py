@@ -111,8 +111,8 @@ def fit_joint_law(n, k, loss) -> Fit:
     return _fit("joint", x, loss, PAPER_JOINT_LAW_START)
 
 
-# The GPT-4 joint fit as PAPER-NOTES remembers it (α, β_k, β_n, γ, ζ, η; unverified numbers): only a
-# starting point for fits and the planner's default when a user has no sweep of their own.
+# The paper's GPT-4 joint fit (§3; α, β_k, β_n, γ, ζ, η as our notes give them, unchecked): a starting
+# point for fits, and the shape of the planner's allocation when no sweep of the model has been fitted.
 PAPER_JOINT_LAW_START = (-0.50, 0.25, -0.017, -0.042, -1.32, -0.085)
 
 

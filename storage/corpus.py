@@ -96,6 +96,15 @@ def documents(source: str) -> Iterator[tuple[str, str]]:
     return _file_documents(resolve_files(source))
 
 
+def corpus_tokens(source: str, tokenizer) -> int | None:
+    """Tokens in the whole source as the cache stage packs them (each document and an EOS); None for a
+    hub dataset, which is not read to count it."""
+    if source.startswith(HF_PREFIX):
+        return None
+    eos = int(tokenizer.eos_token_id is not None)
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos for _, text in documents(source))
+
+
 def is_heldout(doc_id: str, eval_fraction: float) -> bool:
     """A stable split by document: the same document is always on the same side."""
     h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")

@@ -81,7 +81,8 @@ def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(
     printed = capsys.readouterr().out
     planned = yaml.safe_load(out.read_text())
     n = planned["sae"][0]["n_latents"]
-    assert f"n_latents {n:,}  k 8" in printed and "predicted normalized MSE" in printed
+    assert f"n_latents {n:,}  k 8" in printed and "no predicted loss: no law is fitted" in printed
+    assert "predicted normalized MSE" not in printed
     assert planned["data"]["tokens"] * 2 * 32 * n <= 1e14
     # the store's size: whole contexts of 63 kept positions, d_model float16 values a row
     from sae.lm import load_config
@@ -90,8 +91,26 @@ def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(
     expected = -(-planned["data"]["tokens"] // 63) * 63 * d * 2
     size, unit = re.search(r"activation store: ([\d.]+) (\w+) of training activations", printed).groups()
     assert abs(float(size) * {"TB": 1e12, "GB": 1e9, "MB": 1e6, "kB": 1e3}[unit] / expected - 1) < 0.01
+    # the corpus: every document and its EOS, 90% of them for training (eval_fraction 0.1)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    held = sum(len(tok(p.read_text(), add_special_tokens=False)["input_ids"]) + 1 for p in text_dir.iterdir())
+    assert f"holds about {int(held * 0.9):,} training tokens (of {held:,})" in printed
+    assert ("NOT ENOUGH DATA" in printed) == (planned["data"]["tokens"] > held * 0.9)
     assert main(["validate", str(out)]) == 0
+    assert planned["train"].get("tokens") is None and planned["sae"][0].get("tokens") is None  # trains them all
     assert main(["plan", str(tmp_path / "base.yaml"), "--out", str(out)]) == 2  # no budget: one line, exit 2
+    # a law fitted elsewhere is refused; one fitted here predicts, with its standard error
+    fits = tmp_path / "fits.json"
+    law = Fit("joint", dict(TRUE_JOINT), {k: 0.01 for k in TRUE_JOINT}, 0.0, 9).to_dict()
+    fits.write_text(json.dumps({"model": "other/model", "hookpoints": {"model.layers.1": law}}))
+    argv = ["plan", str(tmp_path / "base.yaml"), "--budget-flops", "1e14", "--k", "8", "--law", str(fits)]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "fitted to other/model at model.layers.1, not to" in capsys.readouterr().err
+    fits.write_text(json.dumps({"model": str(tiny_model_dir), "hookpoints": {"model.layers.1": law}}))
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"predicted normalized MSE {recommend(1e14, d, 8, Fit(**law)).predicted_loss:.4g}" in capsys.readouterr().out
 
 
 def sweep_spec(tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downstream_contexts: int):
@@ -124,7 +143,9 @@ def test_a_small_real_sweep_runs_end_to_end(prefect_harness, tiny_model_dir, tex
     out = sweep_dir(load_spec(path))
     rows = json.loads((out / "points.json").read_text())
     assert sorted((r["n_latents"], r["k"]) for r in rows) == [(n, k) for n in (32, 64, 128) for k in (2, 4, 8)]
-    fit = json.loads((out / "fits.json").read_text())["model.layers.1"]
+    saved = json.loads((out / "fits.json").read_text())
+    assert saved["model"] == str(tiny_model_dir)
+    fit = saved["hookpoints"]["model.layers.1"]
     assert "params" in fit or "error" in fit  # nine noisy points may not pin six parameters: either way said
     if "params" in fit:
         assert fit["points"] == 9
