@@ -256,6 +256,9 @@ def write_sae(
         "lr": lr,
         "spec_hash": spec.part_hash(*train_parts(index)),
         "store_url": store_url(spec),
+        # the hub commit of the model the activations came from (exports pass it on)
+        "model_revision": store.open_group_for_status(store_url(spec), store_options(spec)).attrs.get("model_revision")
+        or None,
         "lm": str(lm_dir) if (lm_dir / "config.json").exists() else spec.model.source,
     }
     out, rel = sae_dir(spec, hookpoint, index), sae_rel(spec, hookpoint, index)

@@ -22,6 +22,7 @@ from sae.config import Normalization, SAEConfig
 from sae.files import CHECKSUM as WEIGHTS_CHECKSUM
 from sae.files import CONFIG_FILE, WEIGHTS_FILE
 from sae.model import DamagedWeights, TopKSAE, expected_shapes, read_weights, shape_misfits
+from storage.hook_names import hf_module, hub_id, transformer_lens_hook
 from storage.outputs import staged
 
 FORMATS = ("saeflow", "saelens", "sparsify")
@@ -110,8 +111,14 @@ def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
             "metadata": {
                 "sae_lens_version": SAELENS_FORMAT_VERSION,
                 "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-                "model_name": meta.get("model"),
-                "hook_name": meta.get("hookpoint"),
+                # the names SAELens' tooling attaches by (HookedSAETransformer: TransformerLens hooks)
+                "model_name": hub_id(meta.get("model")) or meta.get("model"),
+                "hook_name": transformer_lens_hook(meta.get("hookpoint") or "") or meta.get("hookpoint"),
+                "hf_hook_name": meta.get("hookpoint"),
+                "model_source": meta.get("model"),
+                "model_from_pretrained_kwargs": {"revision": meta["model_revision"]}
+                if meta.get("model_revision")
+                else {},
                 "exported_by": "saeflow",
             },
         }
@@ -175,11 +182,12 @@ def _read_saelens(d: Path) -> TopKSAE:
         b_enc = b_enc + W_enc @ b_dec
     sae = _load_into(sae_cfg, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}, d / SAELENS_WEIGHTS)
     meta = cfg.get("metadata") or {}
+    hook = meta.get("hook_name")
     sae.metadata = {
         "imported_from": "saelens",
         "source": str(d),
-        "model": meta.get("model_name"),
-        "hookpoint": meta.get("hook_name"),
+        "model": meta.get("model_source") or meta.get("model_name"),
+        "hookpoint": meta.get("hf_hook_name") or hf_module(hook or "") or hook,
     }
     return sae
 

@@ -3,6 +3,7 @@ peer's own code and writes its codes and reconstructions of given inputs, all as
 
     python peer_roundtrip.py load saelens|sparsify SAE_DIR INPUTS OUT
     python peer_roundtrip.py make saelens|sparsify SAE_DIR INPUTS OUT   (random SAE, nonzero biases)
+    python peer_roundtrip.py attach saelens SAE_DIR TOKENS OUT            (HookedSAETransformer, tiny model)
 """
 
 import sys
@@ -46,8 +47,35 @@ def make(library, directory, d, n, k, layer_norm):
     return sae
 
 
+def attach(directory, tokens, out):
+    """A randomly initialised TransformerLens model of the SAE's width (nothing downloaded): SAELens
+    attaches the exported SAE at the hook its config names; writes the activations that reached the
+    SAE there and the codes it computed of them."""
+    from sae_lens import SAE, HookedSAETransformer
+    from transformer_lens import HookedTransformerConfig
+
+    sae = SAE.load_from_disk(directory)
+    d = sae.cfg.d_in
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=d, d_head=d // 4, n_heads=4, d_mlp=2 * d, d_vocab=50, n_ctx=16, act_fn="gelu", seed=0
+    )
+    model = HookedSAETransformer(cfg)
+    hook = sae.cfg.metadata.hook_name
+    with torch.no_grad():
+        _, cache = model.run_with_cache_with_saes(tokens, saes=[sae])
+    save_file(
+        {
+            "resid": cache[f"{hook}.hook_sae_input"].reshape(-1, d).contiguous(),
+            "codes": cache[f"{hook}.hook_sae_acts_post"].reshape(-1, sae.cfg.d_sae).contiguous(),
+        },
+        out,
+    )
+
+
 def main():
     action, library, directory, inputs, out = sys.argv[1:6]
+    if action == "attach":
+        return attach(directory, load_file(inputs)["tokens"], out)
     x = load_file(inputs)["x"]
     if action == "make":
         sae = make(library, directory, x.shape[1], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8] == "layer_norm")

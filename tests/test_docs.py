@@ -241,7 +241,18 @@ def sandbox(tmp_path_factory, tiny_model_dir):
         )
         runs.append(registered.run_id)
     formats.export(TopKSAE.load(root / "made" / "sae-0"), "saelens", root / "their-sae")
-    TopKSAE(SAEConfig(D_IN, 64, 4, normalization="dataset_scale")).save(root / "scaled-sae")  # sparsify takes these
+    scaled = TopKSAE(SAEConfig(D_IN, 64, 4, normalization="dataset_scale")).save(root / "scaled-sae")
+    register_sae(  # the SAE the docs export to sparsify (which takes dataset_scale, not standardize)
+        scaled,
+        tracking_uri=uri,
+        experiment=MODEL,
+        model_name=f"{MODEL}-scaled",
+        alias="candidate",
+        params={},
+        metrics={"normalized_mse": 0.2},
+        tags={"spec_hash": "scaled"},
+        artifact_root=root / ".saeflow" / "mlartifacts",
+    )
     torch.save(torch.randn(2048, D_IN, generator=torch.Generator().manual_seed(0)), root / "acts.pt")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     return {"root": root, "uri": uri, "run_id": runs[-1], "env": env, "model_dir": tiny_model_dir}

@@ -5,6 +5,7 @@ built on first use, as the peer benchmarks build it)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from sae.config import SAEConfig
 from sae.model import TopKSAE
-from storage import formats
+from storage import formats, hook_names
 
 HERE = Path(__file__).parent
 D, N, K = 24, 96, 6
@@ -121,3 +122,47 @@ def test_standardizing_sae_is_refused_by_sparsify_export_naming_why(tmp_path):
     with pytest.raises(formats.FormatError, match="normalization standardize: sparsify's SparseCoder takes raw"):
         formats.export(random_sae("standardize"), "sparsify", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# the names other tools attach by ----------------------------------------------------------------------
+def test_hook_and_model_names_other_tools_use(tmp_path):
+    assert hook_names.transformer_lens_hook("model.layers.20") == "blocks.20.hook_resid_post"
+    assert hook_names.transformer_lens_hook("transformer.h.3") == "blocks.3.hook_resid_post"
+    assert hook_names.transformer_lens_hook("model.layers.5.mlp") == "blocks.5.hook_mlp_out"
+    assert hook_names.transformer_lens_hook("model.layers.5.self_attn") == "blocks.5.hook_attn_out"
+    assert hook_names.transformer_lens_hook("model.norm") is None
+    for module in ("model.layers.20", "model.layers.5.mlp", "model.layers.5.self_attn", "model.embed_tokens"):
+        assert hook_names.hf_module(hook_names.transformer_lens_hook(module) or "") == module
+    assert hook_names.hub_id("builtin:smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hook_names.hub_id("EleutherAI/pythia-70m") == "EleutherAI/pythia-70m"
+    local = tmp_path / "lm"
+    local.mkdir()
+    (local / "config.json").write_text('{"_name_or_path": "gpt2"}')  # not a hub id of the org/name form
+    assert hook_names.hub_id(str(local)) is None
+    (local / "config.json").write_text('{"_name_or_path": "openai-community/gpt2"}')
+    assert hook_names.hub_id(str(local)) == "openai-community/gpt2"
+
+
+def test_saelens_export_carries_the_names_saelens_attaches_by_and_imports_back(tmp_path):
+    sae = random_sae("standardize")
+    sae.metadata = {"model": "builtin:smollm2-135m", "hookpoint": "model.layers.20", "model_revision": "abc123"}
+    out = formats.export(sae, "saelens", tmp_path / "lens")
+    meta = json.loads((out / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.20.hook_resid_post" and meta["hf_hook_name"] == "model.layers.20"
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["model_from_pretrained_kwargs"] == {"revision": "abc123"}
+    back = formats.read(out)
+    assert (back.metadata["model"], back.metadata["hookpoint"]) == ("builtin:smollm2-135m", "model.layers.20")
+
+
+def test_saelens_hooked_sae_transformer_attaches_the_export(peers_python, tmp_path):
+    """SAELens' own HookedSAETransformer puts the export at the hook its config names, and the SAE
+    there computes saeflow's codes of what reaches it."""
+    sae = random_sae("standardize")
+    sae.metadata = {"model": "tiny-lm", "hookpoint": "model.layers.1"}
+    out = formats.export(sae, "saelens", tmp_path / "lens")
+    tokens = tmp_path / "tokens.safetensors"
+    save_file({"tokens": torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(3))}, tokens)
+    theirs = in_peer(peers_python, "attach", "saelens", out, tokens, tmp_path)
+    codes, _ = ours(sae, theirs["resid"])
+    assert theirs["resid"].shape == (32, D) and close(theirs["codes"], codes), (theirs["codes"] - codes).abs().max()
