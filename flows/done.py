@@ -12,6 +12,7 @@ from typing import Any
 
 from flows.locks import exclusive
 from flows.paths import (
+    EVAL_SPLIT_SECTIONS,
     METRICS_FILE,
     eval_rel,
     fetch_sae,
@@ -31,8 +32,10 @@ from storage.registry import file_sha256, find_registered
 def is_done(stage: str, spec: RunSpec, hookpoint: str | None = None, index: int | list[int] | None = None) -> bool:
     """Whether a stage's output exists in the work dir: for train, every SAE of the hookpoint unless
     `index` is given."""
-    if stage == "cache":
-        return store.is_complete(store_url(spec), store_options(spec))
+    if stage == "cache":  # complete, and its held-out split the one the evaluation settings ask for
+        url, opts = store_url(spec), store_options(spec)
+        held_out = store.planned_hash(url, opts, "eval_hash") == spec.part_hash(*EVAL_SPLIT_SECTIONS)
+        return held_out and store.is_complete(url, opts)
     if hookpoint is None:
         raise ValueError(f"the {stage} stage's outputs are per hookpoint: name one")
     if stage == "train":  # index: one SAE, a group of them (list), or None for all

@@ -11,7 +11,10 @@ from flows.spec import RunSpec, safe_name
 from sae.files import weights_intact
 
 # the spec sections each stage's output depends on (cache keys and output paths)
-CACHE_SECTIONS = ("model", "data", "hookpoints", "eval.tokens", "eval.downstream_contexts")
+# the store is keyed by what its train split holds; its held-out split by the evaluation settings too,
+# re-planned alone when they change (stages.plan_cache): a new eval.tokens caches no train row again
+CACHE_SECTIONS = ("model", "data", "hookpoints")
+EVAL_SPLIT_SECTIONS = CACHE_SECTIONS + ("eval.tokens", "eval.downstream_contexts")
 TRAIN_ALL_SECTIONS = CACHE_SECTIONS + ("train", "sae")  # one training pass feeds every SAE of the spec
 
 SAE_MARKER = "config.json"  # written last: a SAE folder is complete once it exists

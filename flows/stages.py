@@ -28,6 +28,7 @@ from flows.done import (
 )
 from flows.paths import (
     CACHE_SECTIONS,
+    EVAL_SPLIT_SECTIONS,
     METRICS_FILE,
     eval_dir,
     eval_rel,
@@ -76,10 +77,11 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     """Plans the store (tokenised contexts, empty sharded arrays) unless a plan for this spec exists;
     returns the (split, shard) pairs still to compute."""
     url, opts = store_url(spec), store_options(spec)
-    if store.is_complete(url, opts):
+    digest, eval_digest = spec.part_hash(*CACHE_SECTIONS), spec.part_hash(*EVAL_SPLIT_SECTIONS)
+    held_out_as_planned = store.planned_hash(url, opts, "eval_hash") == eval_digest
+    if held_out_as_planned and store.is_complete(url, opts):
         return []
-    digest = spec.part_hash(*CACHE_SECTIONS)
-    if store.planned_hash(url, opts) == digest:
+    if store.planned_hash(url, opts) == digest and held_out_as_planned:
         missing = store.missing_shards(url, opts)
         log.info("resuming the activation store at %s: %d shards to compute", url, len(missing))
         return missing
@@ -88,7 +90,20 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     positions = d.context_length - int(d.drop_first_position)
     n_train = math.ceil(d.tokens / positions)
     n_eval = max(math.ceil(spec.eval.tokens / positions), spec.eval.downstream_contexts)
+    # the train split's contexts do not depend on n_eval: one pass fills each split from its own documents
     train_ctx, eval_ctx = split_contexts(d.source, tokenizer, d.context_length, n_train, n_eval, d.eval_fraction)
+    if store.planned_hash(url, opts) == digest:  # only the evaluation settings changed
+        log.info("the evaluation settings changed: caching the held-out split of %s again, not the train split", url)
+        store.replan_split(
+            url,
+            "eval",
+            eval_ctx,
+            attrs={"eval_hash": eval_digest},
+            shard_contexts=d.shard_contexts,
+            compression=d.compression,
+            storage_options=opts,
+        )
+        return store.missing_shards(url, opts)
     store.plan_store(
         url,
         {"train": train_ctx, "eval": eval_ctx},
@@ -105,6 +120,7 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
             "tokenizer": getattr(tokenizer, "name_or_path", ""),
             "data": d.source,
             "spec_hash": digest,
+            "eval_hash": eval_digest,
         },
         storage_options=opts,
     )
@@ -138,7 +154,7 @@ def cache_shard(spec: RunSpec, split: str, index: int) -> None:
 def cache(spec: RunSpec) -> str:
     """Finishes the cache stage: checks every shard, computes statistics, marks the store complete."""
     url, opts = store_url(spec), store_options(spec)
-    if store.is_complete(url, opts):
+    if is_done("cache", spec):
         log.info("activations already cached at %s", url)
         return url
     store.finalize_store(url, opts)  # logs where the store is

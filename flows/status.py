@@ -22,8 +22,10 @@ def spec_status(spec: RunSpec) -> dict:
 
 def _cache(spec: RunSpec) -> dict:
     url, opts = paths.store_url(spec), paths.store_options(spec)
-    if store.is_complete(url, opts):
+    if done.is_done("cache", spec):
         return {"state": "done", "store": url}
+    if store.is_complete(url, opts):  # `saeflow cache` caches the held-out split again, the train split kept
+        return {"state": "stale", "store": url, "why": "its held-out split was cached for other eval settings"}
     if store.planned_hash(url, opts) is None:
         return {"state": "missing", "store": url}
     group = store.open_group_for_status(url, opts)
@@ -88,7 +90,8 @@ def format_status(status: dict) -> str:
     lines = [
         f"{status['spec']}",
         f"  cache     {c['state']:<8} {c['store']}"
-        + (f"   ({c['shards_done']} of {c['shards']} shards)" if c["state"] == "partial" else ""),
+        + (f"   ({c['shards_done']} of {c['shards']} shards)" if c["state"] == "partial" else "")
+        + (f"   ({c['why']})" if c["state"] == "stale" else ""),
     ]
     for row in status["saes"]:
         t = row["train"]

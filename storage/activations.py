@@ -241,13 +241,14 @@ def open_store(url: str, storage_options: dict | None = None, verify: bool | tup
     return group
 
 
-def planned_hash(url: str, storage_options: dict | None = None) -> str | None:
-    """The spec hash of a fully planned store at url (shards may still be missing), else None."""
+def planned_hash(url: str, storage_options: dict | None = None, key: str = "spec_hash") -> str | None:
+    """The spec hash (or another key, e.g. eval_hash: the held-out split's) of a fully planned store at
+    url (shards may still be missing), else None."""
     try:
         attrs = meta_of(open_group(url, "r", storage_options))
     except (FileNotFoundError, GroupNotFoundError):
         return None
-    return attrs.get("spec_hash") if "splits" in attrs else None  # `splits` is written last by plan_store
+    return attrs.get(key) if "splits" in attrs else None  # `splits` is written last by plan_store
 
 
 def is_complete(url: str, storage_options: dict | None = None) -> bool:
@@ -276,29 +277,10 @@ def plan_store(
     """Creates the group, the token/document arrays (zstd: token ids do compress) and the empty
     sharded activation arrays (`compression`, one of COMPRESSIONS). `window_shards`: the train split
     streams through a bounded window (storage/window.py) instead of being cached whole."""
-    acts_codec = compressors(compression)
     group = open_group(url, "w", storage_options)
-    stored = np.dtype(STORE_DTYPES[dtype])
-    codec = COMPRESSIONS["zstd"]
     for split, ctx in splits.items():
-        n, length = ctx.tokens.shape
-        layout = Layout.plan(n, length, first_position, d_model, stored.itemsize, shard_contexts)
-        sub = group.create_group(split, attributes={"layout": asdict(layout)})
-        for name in ("tokens", "doc_index", "doc_position"):
-            sub.create_array(name, data=getattr(ctx, name), chunks=(layout.shard_contexts, length), compressors=codec)
-        docs = sub.create_array("documents", shape=(len(ctx.documents),), dtype="str")  # variable-length UTF-8
-        docs[:] = np.asarray(ctx.documents, dtype=object)
-        sub.attrs["crc32"] = _token_file_crcs(url, split, storage_options)
-        for h in hookpoints:
-            sub.create_array(
-                f"acts/{array_name(h)}",
-                shape=(layout.rows, d_model),
-                dtype=stored,
-                chunks=(layout.chunk_contexts * layout.positions, d_model),
-                shards=(layout.shard_contexts * layout.positions, d_model),
-                compressors=acts_codec,
-                attributes={"logical_dtype": dtype, "hookpoint": h},
-            )
+        args = (hookpoints, d_model, first_position, dtype, shard_contexts, compression, storage_options)
+        _plan_split(group, url, split, ctx, *args)
     group.attrs.update(
         {
             **attrs,
@@ -313,6 +295,70 @@ def plan_store(
         }
     )
     log.info("planned activation store at %s", url)
+
+
+def _plan_split(
+    group: zarr.Group,
+    url: str,
+    split: str,
+    ctx: Contexts,
+    hookpoints: list[str],
+    d_model: int,
+    first_position: int,
+    dtype: str,
+    shard_contexts: int | None,
+    compression: str,
+    storage_options: dict | None,
+) -> None:
+    stored = np.dtype(STORE_DTYPES[dtype])
+    n, length = ctx.tokens.shape
+    layout = Layout.plan(n, length, first_position, d_model, stored.itemsize, shard_contexts)
+    sub = group.create_group(split, attributes={"layout": asdict(layout)})
+    for name in ("tokens", "doc_index", "doc_position"):  # zstd: token ids do compress
+        sub.create_array(
+            name, data=getattr(ctx, name), chunks=(layout.shard_contexts, length), compressors=COMPRESSIONS["zstd"]
+        )
+    docs = sub.create_array("documents", shape=(len(ctx.documents),), dtype="str")  # variable-length UTF-8
+    docs[:] = np.asarray(ctx.documents, dtype=object)
+    sub.attrs["crc32"] = _token_file_crcs(url, split, storage_options)
+    for h in hookpoints:
+        sub.create_array(
+            f"acts/{array_name(h)}",
+            shape=(layout.rows, d_model),
+            dtype=stored,
+            chunks=(layout.chunk_contexts * layout.positions, d_model),
+            shards=(layout.shard_contexts * layout.positions, d_model),
+            compressors=compressors(compression),
+            attributes={"logical_dtype": dtype, "hookpoint": h},
+        )
+
+
+def replan_split(
+    url: str,
+    split: str,
+    ctx: Contexts,
+    *,
+    attrs: dict,
+    shard_contexts: int | None = None,
+    compression: str = "none",
+    storage_options: dict | None = None,
+) -> None:
+    """Plans one split of a planned store again (new contexts, no shards computed), keeping the other:
+    a change of the evaluation settings re-caches the held-out rows only. `splits`, the planned mark,
+    is taken off first: a kill midway leaves a store that is planned again whole, never a torn one."""
+    group = open_group(url, "r+", storage_options)
+    meta = dict(meta_of(group))
+    meta_of(group)["complete"] = False
+    del meta_of(group)["splits"]
+    fs, root = filesystem(url, storage_options)
+    for marker in fs.glob(f"{root}/{MARKERS}/{split}-*.json"):
+        fs.rm_file(marker)
+    if split in group:
+        del group[split]
+    hooks, d_model, first, dtype = (meta[k] for k in ("hookpoints", "d_model", "first_position", "dtype"))
+    _plan_split(group, url, split, ctx, hooks, d_model, first, dtype, shard_contexts, compression, storage_options)
+    group.attrs.update({**attrs, "splits": meta["splits"]})
+    log.info("planned the %s split of the activation store at %s again", split, url)
 
 
 def write_marker(fs, path: str, data: bytes) -> None:

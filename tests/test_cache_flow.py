@@ -151,3 +151,45 @@ def test_training_sigkilled_then_resumed_is_bitwise_equal(tiny_model_dir, text_d
     b = TopKSAE.load(stages.sae_dir(parse_spec(straight), "model.layers.1"))
     for name, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[name]), name
+
+
+def test_a_new_eval_setting_caches_the_held_out_split_again_and_nothing_else(tiny_model_dir, text_dir, tmp_path):
+    """The train split and the SAEs are keyed by what they hold: a new eval.tokens re-plans and
+    computes the held-out split only; every train shard file stays as it was, and the store ends equal
+    to one planned with the new settings from scratch."""
+    from flows import done
+    from flows.status import spec_status
+    from storage import activations as store
+
+    before = parse_spec(spec_dict(tiny_model_dir, text_dir, tmp_path / "w"))
+    for split, index in stages.plan_cache(before):
+        stages.cache_shard(before, split, index)
+    url = stages.cache(before)
+    fs, root = store.filesystem(url, None)
+    train_files = {
+        p: (os.stat(p).st_mtime_ns, Path(p).read_bytes()) for p in fs.glob(f"{root}/train/**") if Path(p).is_file()
+    }
+    assert len(train_files) > 5
+    after = parse_spec(
+        spec_dict(tiny_model_dir, text_dir, tmp_path / "w", eval={"tokens": 600, "downstream_contexts": 4})
+    )
+    assert stages.store_url(after) == url and stages.sae_rel(after, "model.layers.1") == stages.sae_rel(
+        before, "model.layers.1"
+    )
+    assert stages.eval_rel(after, "model.layers.1") != stages.eval_rel(before, "model.layers.1")
+    assert not done.is_done("cache", after) and spec_status(after)["cache"]["state"] == "stale"
+    todo = stages.plan_cache(after)
+    assert todo and {split for split, _ in todo} == {"eval"}
+    for split, index in todo:
+        stages.cache_shard(after, split, index)
+    stages.cache(after)
+    assert done.is_done("cache", after) and not done.is_done("cache", before)
+    assert all((os.stat(p).st_mtime_ns, Path(p).read_bytes()) == kept for p, kept in train_files.items())
+    group = zarr.open_group(url, mode="r")
+    assert group["eval/tokens"].shape[0] == 600 // 15 + (600 % 15 > 0)  # contexts of 15 kept positions
+    fresh = parse_spec(
+        spec_dict(tiny_model_dir, text_dir, tmp_path / "fresh", eval={"tokens": 600, "downstream_contexts": 4})
+    )
+    for split, index in stages.plan_cache(fresh):
+        stages.cache_shard(fresh, split, index)
+    assert_same(url, zarr.open_group(stages.cache(fresh), mode="r"))

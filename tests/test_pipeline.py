@@ -72,7 +72,10 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     for name in stages.STAGES:
         monkeypatch.setattr(stages, name, _refuse)
     again = pipeline(spec, return_state=True)
-    assert again.result() == rows
+    again_rows = again.result()
+    walls = [row.pop("stage_seconds") for row in (*rows, *again_rows)]
+    assert again_rows == rows  # every value read back, the wall times aside
+    assert list(walls[0]) == list(stages.STAGES) and all(s >= 0 for w in walls for s in w.values())
     assert task_states(again) == {
         "verify_cache": "Completed",
         "cache_activations": "Cached",
