@@ -41,12 +41,12 @@ def main() -> None:
     if not Path(".saeflow/mlflow.db").exists():
         print("note: no ./.saeflow/mlflow.db (run `make demo` first): status and ls answer about an empty work dir")
     timed(["validate", args.spec])  # the model's outline, computed once per machine
-    print(f"{'command':<28}{'median s':>10}{'max s':>8}  under {TARGET_S:g} s")
+    print(f"{'command':<34}{'median s':>10}{'max s':>8}  under {TARGET_S:g} s")
     for cmd in commands(args.spec):
         times = [timed(cmd) for _ in range(args.repeats)]
         median = statistics.median(times)
         verdict = "yes" if median < TARGET_S else "NO"
-        print(f"{'saeflow ' + ' '.join(cmd):<28}{median:>10.2f}{max(times):>8.2f}  {verdict}")
+        print(f"{'saeflow ' + ' '.join(cmd):<34}{median:>10.2f}{max(times):>8.2f}  {verdict}")
 
 
 if __name__ == "__main__":
