@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,71 @@ def _js(name: str, value) -> str:
 
 def _round(x: float, digits: int = 4):
     return None if not math.isfinite(x) else float(f"{x:.{digits}g}")
+
+
+# The overview's metric groups: (metric, what it measures, which way is better, digits; 0 for a count).
+# Metrics not named here are listed under "other".
+OVERVIEW_GROUPS: dict[str, list[tuple[str, str, str, int]]] = {
+    "reconstruction": [
+        ("normalized_mse", "MSE over the MSE of predicting each dimension's mean", "lower", 4),
+        ("fraction_variance_explained", "1 - normalized MSE", "higher", 4),
+    ],
+    "downstream (the model's loss with the SAE spliced in)": [
+        ("ce_clean", "next-token cross-entropy of the model alone", "", 4),
+        ("ce_with_sae", "... with the reconstruction in place of the activations", "lower", 4),
+        ("ce_increase", "ce_with_sae - ce_clean", "lower", 4),
+        ("kl_divergence", "KL of the spliced model's next-token distribution from the model's", "lower", 4),
+        ("loss_recovered_vs_zero", "share of zero-ablation's CE increase the SAE avoids", "higher", 4),
+        ("loss_recovered_vs_mean", "share of mean-ablation's CE increase the SAE avoids", "higher", 4),
+    ],
+    "sparsity": [
+        ("l0", "latents active per token", "", 2),
+        ("dead_fraction", "latents that never fired on the held-out tokens", "lower", 4),
+        ("dense_fraction", "latents firing on more than 10% of tokens", "lower", 4),
+        ("train_dead_fraction", "latents dead by the trainer's count at the end of training", "lower", 4),
+        (
+            "ablation_sparsity",
+            "§4.4: spread of the logits one latent's ablation moves (near 0: few, 1: all)",
+            "lower",
+            4,
+        ),
+    ],
+    "interpretability": [
+        ("probe_loss", "§4.2: the best single latent's probe loss, mean over the tasks", "lower", 4),
+        ("probe_loss_raw", "... the best raw activation dimension's (a baseline)", "lower", 4),
+        ("probe_loss_random", "... the best random direction's (a baseline)", "lower", 4),
+        ("probe_loss_prior", "... predicting each label's frequency (every probe should beat it)", "lower", 4),
+        ("n2g_precision", "§4.3: held-out precision of the n-gram explanations, mean", "higher", 4),
+        ("n2g_recall", "... held-out recall", "higher", 4),
+        ("n2g_scored_latents", "latents with an n-gram explanation scored", "", 0),
+    ],
+    "what was measured": [
+        ("eval_tokens", "held-out tokens", "", 0),
+        ("probe_tasks", "probe tasks", "", 0),
+        ("ablation_sparsity_samples", "ablations scored", "", 0),
+    ],
+}
+
+
+OTHER_K = re.compile(r"normalized_mse_k(\d+)")  # the reconstruction at another k than trained with
+
+
+def overview_groups(metrics: dict[str, float]) -> list[dict]:
+    """The overview's groups of the metrics at hand: name, and rows of key, value, meaning, better, digits."""
+    shown = {k: v for k, v in metrics.items() if "." not in k and isinstance(v, (int, float)) and math.isfinite(v)}
+    groups, named = [], set()
+    at_other_k = sorted((int(m.group(1)), key) for key in shown if (m := OTHER_K.fullmatch(key)))
+    other_k = [(key, f"normalized MSE keeping the top {k} latents of each token", "lower", 4) for k, key in at_other_k]
+    for group, rows in OVERVIEW_GROUPS.items():
+        rows = rows + other_k if group == "reconstruction" else rows
+        present = [(k, means, better, digits) for k, means, better, digits in rows if k in shown]
+        named.update(k for k, *_ in rows)
+        if present:
+            groups.append({"name": group, "rows": [[k, shown[k], m, b, d] for k, m, b, d in present]})
+    other = [[k, v, "", "", 4] for k, v in shown.items() if k not in named]
+    if other:
+        groups.append({"name": "other", "rows": other})
+    return groups
 
 
 def build_browser(
@@ -106,9 +172,7 @@ def build_browser(
         "n_latents": n_latents,
         "shard_size": SHARD_SIZE,
         "first_position": sample.first_position,
-        "metrics": {
-            k: v for k, v in metrics.items() if "." not in k and isinstance(v, (int, float)) and math.isfinite(v)
-        },
+        "groups": overview_groups(metrics),
         "probes": _probe_rows(metrics, (details or {}).get("probe_latents", {})),
         "n2g": {
             "scored": int((~np.isnan(recall)).sum()),

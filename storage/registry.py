@@ -177,7 +177,11 @@ def register_sae(
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     try:
         client.update_model_version(
-            model_name, version.version, description=version_description(model_name, version.version, alias, metrics)
+            model_name,
+            version.version,
+            description=version_description(
+                model_name, version.version, alias, metrics, any(Path(p).name == "browser" for p in run_files)
+            ),
         )
         client.set_registered_model_alias(model_name, alias, version.version)
         client.set_model_version_tag(model_name, version.version, COMPLETE_TAG, "true")  # last
@@ -190,7 +194,7 @@ def register_sae(
     return registered
 
 
-def version_description(model_name: str, version: str, alias: str, metrics: dict[str, float]) -> str:
+def version_description(model_name: str, version: str, alias: str, metrics: dict[str, float], browser: bool) -> str:
     """The version's description in the registry UI: key metrics, how to pull it, where its pages are."""
     shown = [(k, metrics[k]) for k in DESCRIBED_METRICS if k in metrics]
     return "\n".join(
@@ -201,7 +205,9 @@ def version_description(model_name: str, version: str, alias: str, metrics: dict
             "",
             f"Pull: `saeflow pull models:/{model_name}/{version} --out ./sae` or "
             f'`TopKSAE.from_pretrained("models:/{model_name}/{version}")`.',
-            "Feature browser, histogram and training history: the source run's artifacts (`browser/index.html`).",
+            "Feature browser (`browser/index.html`), histogram and training history: the source run's artifacts."
+            if browser
+            else "No feature browser was built (eval.browser is off): `saeflow report` writes one.",
         ]
     )
 

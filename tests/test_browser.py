@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from flows.stages import BROWSER_DIR, HISTOGRAM_FILE, eval_source, write_browser
+from sae.browser import OVERVIEW_GROUPS, overview_groups
 from sae.config import SAEConfig, TrainConfig
 from sae.evaluation import EvalPlan, evaluate_sae
 from sae.features import Firings
@@ -146,6 +147,18 @@ def test_browser_in_headless_chromium(evaluated, tmp_path):
     overview = _chromium(tmp_path, url, "--dump-dom").stdout
     assert "tiny browser" in overview and overview.count('class="result"') == min(100, N_LATENTS)
     assert "Probe loss" in overview and "N2G explanations" in overview
+    # the overview's metrics, grouped, each with its meaning and direction, values as in the metrics
+    shown = dict(
+        re.findall(r'<tr class="metric" data-key="(\w+)"><td>\w+</td><td class="num">([-\d.]+)</td>', overview)
+    )
+    groups = overview_groups(record.metrics)
+    assert all(g["name"] != "other" for g in groups), groups  # every metric an evaluation writes has its group
+    names = [g["name"] for g in groups]
+    assert names[0] == "reconstruction" and names == [n for n in OVERVIEW_GROUPS if n in names]
+    for group in groups:
+        for key, value, _, _, digits in group["rows"]:
+            assert shown[key] == f"{value:.{digits}f}", key
+    assert "lower is better" in overview and "higher is better" in overview and "eval_tokens" in shown
 
     found = _chromium(tmp_path, url + "#search=the", "--dump-dom").stdout
     shown = [int(x) for x in re.findall(r'class="result" data-latent="(\d+)"', found)]
@@ -155,7 +168,14 @@ def test_browser_in_headless_chromium(evaluated, tmp_path):
     latent = int(expected[0])
     page = _chromium(tmp_path, url + f"#latent={latent}", "--dump-dom").stdout
     assert f'id="latent-{latent}"' in page and page.count('class="ctx"') >= 1
-    assert "background:rgba(255,110,0," in page and "promotes:" in page
+    assert "background:rgba(255,110,0," in page and ">promotes<" in page and page.count('<ol class="eff">') == 2
+    # values on the tokens: the strongest equals the context's best activation in the shard
+    text = (index.parent / "data" / "latents" / "0000.js").read_text()  # the tiny SAE's latents: one shard
+    shard = json.loads(re.search(r"SAE\.shard\(0, (.*)\);", text).group(1))[str(latent)]
+    values = [float(v) for v in re.findall(r'<sub class="act">([\d.]+)</sub>', page)]
+    assert values and max(values) == pytest.approx(shard["top"][0][1], abs=0.006)
+    assert f'href="#latent={latent + 1}"' in page and (latent == 0 or f'href="#latent={latent - 1}"' in page)
+    assert 'class="lbl xaxis">0 ' in page and f'class="lbl ymax">{max(shard["hist"])}<' in page
     shot = tmp_path / "shot.png"
     _chromium(tmp_path, url + f"#latent={latent}", "--window-size=1100,1300", f"--screenshot={shot}")
     assert shot.stat().st_size > 10_000

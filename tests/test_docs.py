@@ -156,7 +156,7 @@ def test_every_saeflow_line_parses():
     assert len(lines) >= 25
     for path, command, line in lines:
         argv = [w.replace("$PWD", "/x") for w in concrete(command)[1:]]
-        if len(argv) == 1:  # the prose names a command: `saeflow train`
+        if len(argv) == 1 and not argv[0].startswith("-"):  # the prose names a command: `saeflow train`
             assert argv[0] in subcommands, f"{where(path, line)}: saeflow has no command {argv[0]}"
             continue
         try:

@@ -128,6 +128,7 @@ def test_pipeline_end_to_end(prefect_harness, spec, tmp_path, monkeypatch):
     run = MlflowClient(tracking_uri=uri).get_run(version.run_id)
     assert run.data.metrics["normalized_mse"] == pytest.approx(row["normalized_mse"], rel=1e-5)
     assert "Feature browser: artifact `browser/index.html`" in run.data.tags["mlflow.note.content"]
+    assert "Feature browser (`browser/index.html`)" in version.description
     assert version.tags["k"] == "8" and version.tags["hookpoint"] == "model.layers.1"
     artifacts = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(version.run_id)}
     assert {"browser", "activation_frequency.png", "train_history.json"} <= artifacts

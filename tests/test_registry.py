@@ -208,6 +208,7 @@ def test_real_mlflow_server_register_promote_and_pull_from_a_fresh_process(
     assert version.tags["recipe_version"].isdigit() and len(version.tags["weights_sha256"]) == 64
     assert f"normalized_mse **{rows[0]['normalized_mse']:.4g}**" in version.description
     assert "saeflow pull models:/tiny-served/1 --out ./sae" in version.description
+    assert "No feature browser was built (eval.browser is off)" in version.description
     assert "saeflow report" in run.data.tags["mlflow.note.content"]  # eval.browser is off here
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"]}
     saeflow = str(BIN / "saeflow")

@@ -18,6 +18,17 @@ function bars(counts) {
   const top = Math.max(1, ...counts);
   return `<span class="bars">${counts.map(c => `<div style="height:${Math.max(1, Math.round(44 * c / top))}px" title="${c}"></div>`).join("")}</span>`;
 }
+// a histogram with its axes: counts per bin over [0, hi] (x), the tallest bin's count (y)
+function histogram(counts, hi, what) {
+  return `<span class="hist"><span class="lbl ymax">${Math.max(...counts)}</span>${bars(counts)}` +
+    `<span class="lbl xaxis">0 ${"&nbsp;".repeat(4)} ${what} ${"&nbsp;".repeat(4)} ${num(hi, 2)}</span></span>`;
+}
+// an N2G explanation's verdict: failed where it is unscored or finds no held-out firing
+function n2gVerdict(precision, recall) {
+  if (precision === null || recall === null) return '<span class="failed">not scored (too few firings)</span>';
+  if (recall === 0 || precision < 0.5) return `<span class="failed">failed: held-out precision ${num(precision, 2)}, recall ${num(recall, 2)}</span>`;
+  return `held-out precision ${num(precision, 2)} · recall ${num(recall, 2)}`;
+}
 function explanation(latent) {
   const grams = S.summary.n2g[latent];
   return grams.length ? grams.map(gram).join("") : '<span class="lbl">no n-gram explains it</span>';
@@ -35,7 +46,10 @@ function table(latents, extraHead = "", extra = () => "") {
 
 function overview() {
   const m = S.meta;
-  const metrics = Object.entries(m.metrics).map(([k, v]) => `<tr><td>${esc(k)}</td><td class="num">${num(v, 4)}</td></tr>`).join("");
+  const better = b => b ? `<span class="lbl">${b} is better</span>` : "";
+  const metrics = m.groups.map(g => `<tr><th colspan="4" class="group">${esc(g.name)}</th></tr>` +
+    g.rows.map(([k, v, means, b, d]) => `<tr class="metric" data-key="${esc(k)}"><td>${esc(k)}</td>` +
+      `<td class="num">${num(v, d)}</td><td>${better(b)}</td><td class="lbl">${esc(means)}</td></tr>`).join("")).join("");
   const probes = m.probes.length ? `<h2>Probe loss (§4.2): best single latent vs best raw dimension vs best random direction</h2>
     <table><tr><th>task</th><th>SAE</th><th>raw</th><th>random</th><th>prior</th><th>best latent</th></tr>` +
     m.probes.map(p => `<tr><td>${esc(p.task)}</td><td class="num">${num(p.sae)}</td><td class="num">${num(p.raw)}</td>` +
@@ -82,21 +96,27 @@ function latent(l) {
   if (!(l >= 0 && l < S.meta.n_latents)) { view.innerHTML = `<p>no latent ${esc(l)}</p>`; return; }
   loadShard(Math.floor(l / S.meta.shard_size), shard => {
     const d = shard[l], s = S.summary, scale = s.max[l] || 1;
-    const effect = list => list.map(([id, v]) => `<span>${shown(tok(id))} ${v >= 0 ? "+" : ""}${v.toFixed(2)}</span>`).join("");
+    const effect = list => `<ol class="eff">${list.map(([id, v]) =>
+      `<li><span class="gram">${shown(tok(id)).replace(/ /g, "\u2423")}</span>${v >= 0 ? "+" : ""}${v.toFixed(3)}</li>`).join("")}</ol>`;
     const examples = d.top.map(([ctx, maxAct, fires]) => {
       const acts = {}; fires.forEach(([p, a]) => { acts[p + S.meta.first_position] = a; });
       const spans = S.contexts[ctx].map((id, p) => {
         const a = acts[p] || 0, style = a > 0 ? ` style="background:rgba(255,110,0,${Math.min(1, a / scale).toFixed(2)})"` : "";
-        return `<span class="tok"${style} title="${a.toFixed(3)}">${shown(tok(id))}</span>`;
+        const value = a > 0 ? `<sub class="act">${a.toFixed(2)}</sub>` : "";
+        return `<span class="tok"${style} title="${a.toFixed(3)}">${shown(tok(id))}</span>${value}`;
       }).join("");
       return `<div class="ctx" data-context="${ctx}">${spans}</div>`;
     }).join("");
-    view.innerHTML = `<h1 id="latent-${l}">latent ${l}</h1>
-      <div class="lbl">density ${pct(s.density[l])} · max activation ${num(s.max[l])} · activation histogram ${bars(d.hist)}</div>
+    const nav = (l > 0 ? `<a class="prev" href="#latent=${l - 1}">← latent ${l - 1}</a>` : "") +
+      (l + 1 < S.meta.n_latents ? `<a class="next" href="#latent=${l + 1}">latent ${l + 1} →</a>` : "");
+    view.innerHTML = `<div class="pager">${nav}</div><h1 id="latent-${l}">latent ${l}</h1>
+      <div class="lbl">density ${pct(s.density[l])} · max activation ${num(s.max[l])}</div>
+      <h2>Activations when it fires</h2>${histogram(d.hist, s.max[l], "activation")}
       <h2>N2G explanation</h2><div>${d.n2g.map(gram).join("") || '<span class="lbl">none</span>'}</div>
-      <div class="lbl">held-out precision ${num(s.n2g_precision[l], 2)} · recall ${num(s.n2g_recall[l], 2)}</div>
-      <h2>Logit effects (decoder direction through the unembedding)</h2>
-      <div class="eff lbl">promotes: ${effect(d.promoted)}</div><div class="eff lbl">suppresses: ${effect(d.suppressed)}</div>
+      <div class="lbl">${n2gVerdict(s.n2g_precision[l], s.n2g_recall[l])}</div>
+      <h2>Logit effects (decoder direction through the unembedding), ranked</h2>
+      <div class="cols"><div><div class="lbl">promotes</div>${effect(d.promoted)}</div>
+      <div><div class="lbl">suppresses</div>${effect(d.suppressed)}</div></div>
       <h2>Top activations</h2>${examples || '<p class="lbl">never fired on the held-out text</p>'}`;
   });
 }
