@@ -122,6 +122,7 @@ def build_browser(
     firings = Firings.of(sample.values, sample.indices, n_latents)
     density, top_act, hist = firings.density(), firings.max_activation(), firings.histograms()
     top = firings.top_contexts(positions, n_top)
+    co_ids, co_counts = firings.co_firing()
     in_context = firings.in_context(positions)
     expl = sample.explanations
     used: set[int] = set()
@@ -152,6 +153,10 @@ def build_browser(
                 "n2g": [tokens_of(g) for g in patterns[latent][:8]],
                 "promoted": _effects(sample.promoted, latent, tokens_of),
                 "suppressed": _effects(sample.suppressed, latent, tokens_of),
+                "cofiring": [[int(i), int(c)] for i, c in zip(co_ids[latent], co_counts[latent]) if c > 0],
+                "neighbours": []
+                if sample.neighbours is None
+                else [[int(i), _round(c, 3)] for i, c in zip(*(a[latent] for a in sample.neighbours))],
             }
         body = json.dumps(shard, separators=(",", ":"))
         (tmp / "data" / "latents" / f"{start // SHARD_SIZE:04d}.js").write_text(

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sae.evaluate import ablation_sparsity, downstream_metrics, reconstruction_metrics
-from sae.features import logit_effects
+from sae.features import decoder_neighbours, logit_effects
 from sae.model import TopKSAE
 from sae.n2g import Explanations, explain
 from sae.probes import MIN_LABELS, probe_metrics, task_labels
@@ -64,6 +64,7 @@ class FeatureSample:
     explanations: Explanations | None = None
     promoted: tuple[np.ndarray, np.ndarray] | None = None  # (n, m) token ids, logit effects
     suppressed: tuple[np.ndarray, np.ndarray] | None = None
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None  # (n, 10) latents nearest by decoder cosine, cosines
 
 
 @dataclass
@@ -143,6 +144,7 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
         )
     if plan.browser:
         sample.promoted, sample.suppressed = logit_effects(sae, model.get_output_embeddings().weight)
+        sample.neighbours = decoder_neighbours(sae)
     return sample, acts
 
 

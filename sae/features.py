@@ -30,6 +30,29 @@ class Firings:
     def density(self) -> np.ndarray:
         return np.bincount(self.latents, minlength=self.n_latents) / max(self.n_rows, 1)
 
+    def co_firing(self, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Per latent, the n latents that fire most often on the same rows: ((n_latents, n) ids, counts),
+        -1 and 0 where fewer fired with it. One pass over the pairs of every row's firing latents."""
+        order = np.argsort(self.rows, kind="stable")
+        rows, latents = self.rows[order], self.latents[order]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        sizes = np.diff(np.r_[starts, len(rows)])
+        pair_keys = []
+        for size in np.unique(sizes):  # rows with the same number of firing latents, as one array
+            block = latents[(starts[sizes == size, None] + np.arange(size)).reshape(-1)].reshape(-1, size)
+            a, b = np.broadcast_arrays(block[:, :, None], block[:, None, :])
+            keep = a != b
+            pair_keys.append(a[keep] * self.n_latents + b[keep])
+        keys, counts = np.unique(np.concatenate(pair_keys) if pair_keys else np.zeros(0, np.int64), return_counts=True)
+        first, second = keys // self.n_latents, keys % self.n_latents
+        ranked = np.lexsort((second, -counts, first))  # per latent: most shared rows first, then by id
+        first, second, counts = first[ranked], second[ranked], counts[ranked]
+        place = np.arange(len(first)) - np.searchsorted(first, first)  # rank within its latent
+        top = place < n
+        ids, shared = np.full((self.n_latents, n), -1, np.int64), np.zeros((self.n_latents, n), np.int64)
+        ids[first[top], place[top]], shared[first[top], place[top]] = second[top], counts[top]
+        return ids, shared
+
     def max_activation(self) -> np.ndarray:
         out = np.zeros(self.n_latents, np.float32)
         np.maximum.at(out, self.latents, self.values)
@@ -80,6 +103,22 @@ class Firings:
         ):
             out.setdefault(token, []).append((latent, c))
         return out
+
+
+@torch.no_grad()
+def decoder_neighbours(sae: TopKSAE, n: int = 10, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, the n latents whose decoder directions are closest by cosine: ((n_latents, n) ids,
+    cosines), itself left out."""
+    w = torch.nn.functional.normalize(sae.W_dec.detach().float().cpu(), dim=1)
+    n = min(n, len(w) - 1)
+    ids, cosines = [], []
+    for start, rows in zip(range(0, len(w), chunk), w.split(chunk)):
+        sims = rows @ w.T
+        sims[torch.arange(len(rows)), torch.arange(start, start + len(rows))] = -2.0  # not itself
+        top = sims.topk(n, dim=1)
+        ids.append(top.indices)
+        cosines.append(top.values)
+    return torch.cat(ids).numpy(), torch.cat(cosines).numpy()
 
 
 @torch.no_grad()

@@ -175,6 +175,12 @@ def test_browser_in_headless_chromium(evaluated, tmp_path):
     values = [float(v) for v in re.findall(r'<sub class="act">([\d.]+)</sub>', page)]
     assert values and max(values) == pytest.approx(shard["top"][0][1], abs=0.006)
     assert f'href="#latent={latent + 1}"' in page and (latent == 0 or f'href="#latent={latent - 1}"' in page)
+    near = [
+        int(x) for x in re.findall(r'href="#latent=(\d+)"', page.split('class="eff neighbours"')[1].split("</ol>")[0])
+    ]
+    assert near == [i for i, _ in shard["neighbours"]] and len(near) == 10
+    co = page.split('class="eff cofiring"')[1].split("</ol>")[0]
+    assert [int(x) for x in re.findall(r'href="#latent=(\d+)"', co)] == [i for i, _ in shard["cofiring"]]
     assert 'class="lbl xaxis">0 ' in page and f'class="lbl ymax">{max(shard["hist"])}<' in page
     shot = tmp_path / "shot.png"
     _chromium(tmp_path, url + f"#latent={latent}", "--window-size=1100,1300", f"--screenshot={shot}")
@@ -214,3 +220,36 @@ def test_browser_works_from_the_mlflow_artifact(evaluated, tmp_path):
     expected, _ = _expected_by_token(record, tokenizer, "the")
     assert local.endswith("browser")
     assert f'data-latent="{int(expected[0])}"' in page
+
+
+def test_co_firing_and_decoder_neighbours_equal_plain_counts():
+    """Firings.co_firing against counting every row's pairs one by one; decoder_neighbours against
+    the full cosine matrix."""
+    from sae.features import Firings, decoder_neighbours
+    from sae.model import TopKSAE
+
+    rng = np.random.default_rng(0)
+    n, rows, k = 12, 300, 4
+    indices = np.stack([rng.choice(n, k, replace=False) for _ in range(rows)])
+    values = rng.random((rows, k)).astype(np.float32) * (rng.random((rows, k)) > 0.2)  # some kept at 0
+    ids, counts = Firings.of(values, indices, n).co_firing(n=3)
+    plain = np.zeros((n, n), int)
+    for r in range(rows):
+        fired = [int(i) for i, v in zip(indices[r], values[r]) if v > 0]
+        for a in fired:
+            for b in fired:
+                plain[a, b] += a != b
+    for latent in range(n):
+        expected = sorted(range(n), key=lambda b: (-plain[latent, b], b))[:3]
+        assert list(ids[latent]) == [b if plain[latent, b] else -1 for b in expected]
+        assert list(counts[latent]) == [plain[latent, b] for b in expected]
+
+    sae = TopKSAE(SAEConfig(8, 40, 4))
+    sae.reset_parameters(generator=torch.Generator().manual_seed(1))
+    near, cosines = decoder_neighbours(sae, n=5, chunk=16)  # chunks that do not divide the latents
+    w = sae.W_dec.detach().numpy()
+    w = w / np.linalg.norm(w, axis=1, keepdims=True)
+    full = w @ w.T
+    np.fill_diagonal(full, -np.inf)
+    assert (near == np.argsort(-full, axis=1, kind="stable")[:, :5]).all()
+    assert np.allclose(cosines, np.take_along_axis(full, near, axis=1), atol=1e-6)

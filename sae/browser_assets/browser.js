@@ -117,6 +117,10 @@ function latent(l) {
       <h2>Logit effects (decoder direction through the unembedding), ranked</h2>
       <div class="cols"><div><div class="lbl">promotes</div>${effect(d.promoted)}</div>
       <div><div class="lbl">suppresses</div>${effect(d.suppressed)}</div></div>
+      <div class="cols"><div><h2>Nearest latents by decoder cosine</h2>
+      <ol class="eff neighbours">${d.neighbours.map(([n, c]) => `<li>${link(n)} <span class="lbl">${num(c, 3)}</span></li>`).join("") || '<li class="lbl">none</li>'}</ol></div>
+      <div><h2>Fires most often with</h2>
+      <ol class="eff cofiring">${d.cofiring.map(([n, c]) => `<li>${link(n)} <span class="lbl">on ${c} tokens</span></li>`).join("") || '<li class="lbl">no other latent</li>'}</ol></div></div>
       <h2>Top activations</h2>${examples || '<p class="lbl">never fired on the held-out text</p>'}`;
   });
 }
