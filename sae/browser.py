@@ -51,6 +51,10 @@ OVERVIEW_GROUPS: dict[str, list[tuple[str, str, str, int]]] = {
         ("kl_divergence", "KL of the spliced model's next-token distribution from the model's", "lower", 4),
         ("loss_recovered_vs_zero", "share of zero-ablation's CE increase the SAE avoids", "higher", 4),
         ("loss_recovered_vs_mean", "share of mean-ablation's CE increase the SAE avoids", "higher", 4),
+        ("ce_zero_ablation", "the reference: CE with the activations set to zero", "", 4),
+        ("ce_mean_ablation", "the reference: CE with the activations set to their mean", "", 4),
+        ("kl_zero_ablation", "KL of the zero-ablated model's distribution from the model's", "", 4),
+        ("kl_mean_ablation", "KL of the mean-ablated model's distribution from the model's", "", 4),
     ],
     "sparsity": [
         ("l0", "latents active per token", "", 2),
@@ -77,6 +81,7 @@ OVERVIEW_GROUPS: dict[str, list[tuple[str, str, str, int]]] = {
         ("eval_tokens", "held-out tokens", "", 0),
         ("probe_tasks", "probe tasks", "", 0),
         ("ablation_sparsity_samples", "ablations scored", "", 0),
+        ("ablation_sparsity_window", "positions each ablation's logit change is scored over", "", 0),
     ],
 }
 
@@ -122,6 +127,7 @@ def build_browser(
     firings = Firings.of(sample.values, sample.indices, n_latents)
     density, top_act, hist = firings.density(), firings.max_activation(), firings.histograms()
     top = firings.top_contexts(positions, n_top)
+    bands, drawn = firings.lower_contexts(positions, skip=n_top)
     co_ids, co_counts = firings.co_firing()
     in_context = firings.in_context(positions)
     expl = sample.explanations
@@ -132,7 +138,8 @@ def build_browser(
         used.update(ids)
         return ids
 
-    contexts = sorted({c for examples in top for c, _ in examples})
+    shown = [top, drawn, [[e for _, _, band in mine for e in band] for mine in bands]]
+    contexts = sorted({c for per_latent in shown for examples in per_latent for c, _ in examples})
     (tmp / "data" / "contexts.js").write_text(_js("contexts", {c: tokens_of(sample.tokens[c]) for c in contexts}))
     row_tokens = sample.tokens[:, sample.first_position :].reshape(-1)
     index = {t: [[latent, c] for latent, c in pairs] for t, pairs in firings.by_token(row_tokens).items()}
@@ -146,9 +153,9 @@ def build_browser(
         shard = {}
         for latent in range(start, min(start + SHARD_SIZE, n_latents)):
             shard[latent] = {
-                "top": [
-                    [c, _round(v), [[p, _round(a, 3)] for p, a in in_context[(latent, c)]]] for c, v in top[latent]
-                ],
+                "top": _examples(top[latent], latent, in_context),
+                "bands": [[hi, lo, _examples(band, latent, in_context)] for hi, lo, band in bands[latent]],
+                "random": _examples(drawn[latent], latent, in_context),
                 "hist": hist[latent].tolist(),
                 "n2g": [tokens_of(g) for g in patterns[latent][:8]],
                 "promoted": _effects(sample.promoted, latent, tokens_of),
@@ -193,6 +200,11 @@ def build_browser(
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out / INDEX_FILE
+
+
+def _examples(pairs, latent: int, in_context) -> list:
+    """[context, strongest activation, [[position, activation] of every firing there]] per example."""
+    return [[c, _round(v), [[p, _round(a, 3)] for p, a in in_context[(latent, c)]]] for c, v in pairs]
 
 
 def _effects(effects, latent: int, tokens_of) -> list:

@@ -64,8 +64,8 @@ class Firings:
         b = np.minimum((self.values / np.maximum(top, 1e-30) * bins).astype(np.int64), bins - 1)
         return np.bincount(self.latents * bins + b, minlength=self.n_latents * bins).reshape(self.n_latents, bins)
 
-    def top_contexts(self, positions: int, n_top: int = 8) -> list[list[tuple[int, float]]]:
-        """Per latent, its n_top contexts by strongest activation: (context, that activation)."""
+    def _ranked_contexts(self, positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(latent, context, strongest activation there, rank): each latent's contexts, strongest first."""
         context = self.rows // positions
         order = np.lexsort((-self.values, context, self.latents))
         lat, ctx, val = self.latents[order], context[order], self.values[order]
@@ -74,12 +74,41 @@ class Firings:
         lat, ctx, val = lat[first], ctx[first], val[first]
         order = np.lexsort((-val, lat))
         lat, ctx, val = lat[order], ctx[order], val[order]
-        rank = np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
+        return lat, ctx, val, np.arange(len(lat)) - np.searchsorted(lat, lat, side="left")
+
+    def top_contexts(self, positions: int, n_top: int = 8) -> list[list[tuple[int, float]]]:
+        """Per latent, its n_top contexts by strongest activation: (context, that activation)."""
+        lat, ctx, val, rank = self._ranked_contexts(positions)
         keep = rank < n_top
         out: list[list[tuple[int, float]]] = [[] for _ in range(self.n_latents)]
         for latent, c, v in zip(lat[keep].tolist(), ctx[keep].tolist(), val[keep].tolist()):
             out[latent].append((c, v))
         return out
+
+    def lower_contexts(
+        self, positions: int, skip: int = 8, per_band: int = 3, n_random: int = 4, seed: int = 0
+    ) -> tuple[list[list[tuple[float, float, list[tuple[int, float]]]]], list[list[tuple[int, float]]]]:
+        """Per latent, below its `skip` top contexts: `per_band` contexts spread evenly over each
+        quartile of its contexts ranked by strongest activation (the 75th-50th, 50th-25th and
+        25th-0th percentiles: [(from, to, [(context, activation)])]), and `n_random` of all its contexts
+        drawn at random (seeded)."""
+        lat, ctx, val, rank = self._ranked_contexts(positions)
+        starts = np.searchsorted(lat, np.arange(self.n_latents + 1))
+        rng = np.random.default_rng(seed)
+        bands: list[list[tuple[float, float, list[tuple[int, float]]]]] = []
+        drawn: list[list[tuple[int, float]]] = []
+        for latent in range(self.n_latents):
+            lo, hi = starts[latent], starts[latent + 1]
+            m, mine = hi - lo, []
+            for q in (1, 2, 3):  # quartiles below the top one, by rank
+                first, last = max(skip, q * m // 4), (q + 1) * m // 4
+                if last > first:
+                    picks = np.unique(np.linspace(first, last - 1, per_band).round().astype(int))
+                    mine.append((100 - 25 * q, 75 - 25 * q, [(int(ctx[lo + r]), float(val[lo + r])) for r in picks]))
+            bands.append(mine)
+            chosen = rng.choice(m, min(n_random, m), replace=False) if m else []
+            drawn.append([(int(ctx[lo + r]), float(val[lo + r])) for r in sorted(chosen)])
+        return bands, drawn
 
     def in_context(self, positions: int) -> dict[tuple[int, int], list[tuple[int, float]]]:
         """(latent, context) -> [(position within the encoded rows, activation)], every firing."""

@@ -106,6 +106,21 @@ def test_browser_top_contexts_are_the_strongest(evaluated):
         for c, best, fires in top:
             assert best == pytest.approx(per_context[c, latent], rel=1e-3)
             assert max(a for _, a in fires) == pytest.approx(best, rel=1e-2)
+        # below the top 8: each quartile of its contexts ranked by strongest activation, and random ones
+        ranked = np.sort(per_context[:, latent][per_context[:, latent] > 0])[::-1]
+        m = len(ranked)
+        bands = shard[str(latent)]["bands"]
+        assert [(hi, lo) for hi, lo, _ in bands] == [
+            (100 - 25 * q, 75 - 25 * q) for q in (1, 2, 3) if (q + 1) * m // 4 > max(8, q * m // 4)
+        ]
+        for hi, lo, examples in bands:
+            first, last = max(8, (100 - hi) * m // 100), (100 - lo) * m // 100
+            for c, best, _ in examples:
+                assert best == pytest.approx(per_context[c, latent], rel=1e-3)
+                assert ranked[last - 1] - 1e-3 <= best <= ranked[first] + 1e-3
+        shown_random = shard[str(latent)]["random"]
+        assert len(shown_random) == min(4, m) and all(per_context[c, latent] > 0 for c, _, _ in shown_random)
+    assert any(shard[str(latent)]["bands"] for latent in range(N_LATENTS))
 
 
 def test_search_index_matches_the_codes(evaluated):
@@ -181,6 +196,10 @@ def test_browser_in_headless_chromium(evaluated, tmp_path):
     assert near == [i for i, _ in shard["neighbours"]] and len(near) == 10
     co = page.split('class="eff cofiring"')[1].split("</ol>")[0]
     assert [int(x) for x in re.findall(r'href="#latent=(\d+)"', co)] == [i for i, _ in shard["cofiring"]]
+    assert page.count('class="band"') == len(shard["bands"]) and ('class="random"' in page) == bool(shard["random"])
+    assert page.count('class="ctx"') == len(shard["top"]) + sum(len(b[2]) for b in shard["bands"]) + len(
+        shard["random"]
+    )
     assert 'class="lbl xaxis">0 ' in page and f'class="lbl ymax">{max(shard["hist"])}<' in page
     shot = tmp_path / "shot.png"
     _chromium(tmp_path, url + f"#latent={latent}", "--window-size=1100,1300", f"--screenshot={shot}")

@@ -98,7 +98,7 @@ function latent(l) {
     const d = shard[l], s = S.summary, scale = s.max[l] || 1;
     const effect = list => `<ol class="eff">${list.map(([id, v]) =>
       `<li><span class="gram">${shown(tok(id)).replace(/ /g, "\u2423")}</span>${v >= 0 ? "+" : ""}${v.toFixed(3)}</li>`).join("")}</ol>`;
-    const examples = d.top.map(([ctx, maxAct, fires]) => {
+    const examples = list => list.map(([ctx, maxAct, fires]) => {
       const acts = {}; fires.forEach(([p, a]) => { acts[p + S.meta.first_position] = a; });
       const spans = S.contexts[ctx].map((id, p) => {
         const a = acts[p] || 0, style = a > 0 ? ` style="background:rgba(255,110,0,${Math.min(1, a / scale).toFixed(2)})"` : "";
@@ -107,6 +107,8 @@ function latent(l) {
       }).join("");
       return `<div class="ctx" data-context="${ctx}">${spans}</div>`;
     }).join("");
+    const bands = d.bands.map(([hi, lo, list]) =>
+      `<h2 class="band">Contexts from the ${hi}th to the ${lo}th percentile of its activations</h2>${examples(list)}`).join("");
     const nav = (l > 0 ? `<a class="prev" href="#latent=${l - 1}">← latent ${l - 1}</a>` : "") +
       (l + 1 < S.meta.n_latents ? `<a class="next" href="#latent=${l + 1}">latent ${l + 1} →</a>` : "");
     view.innerHTML = `<div class="pager">${nav}</div><h1 id="latent-${l}">latent ${l}</h1>
@@ -121,7 +123,8 @@ function latent(l) {
       <ol class="eff neighbours">${d.neighbours.map(([n, c]) => `<li>${link(n)} <span class="lbl">${num(c, 3)}</span></li>`).join("") || '<li class="lbl">none</li>'}</ol></div>
       <div><h2>Fires most often with</h2>
       <ol class="eff cofiring">${d.cofiring.map(([n, c]) => `<li>${link(n)} <span class="lbl">on ${c} tokens</span></li>`).join("") || '<li class="lbl">no other latent</li>'}</ol></div></div>
-      <h2>Top activations</h2>${examples || '<p class="lbl">never fired on the held-out text</p>'}`;
+      <h2>Top activations</h2>${examples(d.top) || '<p class="lbl">never fired on the held-out text</p>'}
+      ${bands}${d.random.length ? `<h2 class="random">Random firings</h2>${examples(d.random)}` : ""}`;
   });
 }
 
