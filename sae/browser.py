@@ -158,8 +158,7 @@ def build_browser(
                 "random": _examples(drawn[latent], latent, in_context),
                 "hist": hist[latent].tolist(),
                 "n2g": [tokens_of(g) for g in patterns[latent][:8]],
-                "promoted": _effects(sample.promoted, latent, tokens_of),
-                "suppressed": _effects(sample.suppressed, latent, tokens_of),
+                **_effects(sample.logit_effects, latent, tokens_of),
                 "cofiring": [[int(i), int(c)] for i, c in zip(co_ids[latent], co_counts[latent]) if c > 0],
                 "neighbours": []
                 if sample.neighbours is None
@@ -207,11 +206,23 @@ def _examples(pairs, latent: int, in_context) -> list:
     return [[c, _round(v), [[p, _round(a, 3)] for p, a in in_context[(latent, c)]]] for c, v in pairs]
 
 
-def _effects(effects, latent: int, tokens_of) -> list:
+def _effects(effects, latent: int, tokens_of) -> dict:
+    """A latent's promoted and suppressed tokens and the histogram of its logit changes."""
     if effects is None:
-        return []
-    ids, values = effects
-    return [[t, _round(float(v), 3)] for t, v in zip(tokens_of(ids[latent]), values[latent].tolist())]
+        return {"promoted": [], "suppressed": [], "logit_hist": None}
+
+    def ranked(ids, values) -> list:
+        return [[t, _round(float(v), 3)] for t, v in zip(tokens_of(ids[latent]), values[latent].tolist())]
+
+    return {
+        "promoted": ranked(*effects.promoted),
+        "suppressed": ranked(*effects.suppressed),
+        "logit_hist": [
+            effects.counts[latent].tolist(),
+            _round(float(effects.low[latent]), 3),
+            _round(float(effects.high[latent]), 3),
+        ],
+    }
 
 
 def _probe_rows(metrics: dict[str, float], latents: dict[str, int]) -> list[dict]:

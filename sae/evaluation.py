@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from sae.evaluate import ablation_sparsity, downstream_metrics, reconstruction_metrics
-from sae.features import decoder_neighbours, logit_effects
+from sae.features import LogitEffects, decoder_neighbours, logit_effects
 from sae.model import TopKSAE
 from sae.n2g import Explanations, explain
 from sae.probes import MIN_LABELS, probe_metrics, task_labels
@@ -62,8 +62,7 @@ class FeatureSample:
     indices: np.ndarray  # (contexts * positions, k) their latents
     token_text: Callable[[int], str]
     explanations: Explanations | None = None
-    promoted: tuple[np.ndarray, np.ndarray] | None = None  # (n, m) token ids, logit effects
-    suppressed: tuple[np.ndarray, np.ndarray] | None = None
+    logit_effects: LogitEffects | None = None
     neighbours: tuple[np.ndarray, np.ndarray] | None = None  # (n, 10) latents nearest by decoder cosine, cosines
 
 
@@ -143,7 +142,7 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
             vocab,
         )
     if plan.browser:
-        sample.promoted, sample.suppressed = logit_effects(sae, model.get_output_embeddings().weight)
+        sample.logit_effects = logit_effects(sae, model.get_output_embeddings().weight)
         sample.neighbours = decoder_neighbours(sae)
     return sample, acts
 

@@ -150,15 +150,32 @@ def decoder_neighbours(sae: TopKSAE, n: int = 10, chunk: int = 1024) -> tuple[np
     return torch.cat(ids).numpy(), torch.cat(cosines).numpy()
 
 
+@dataclass
+class LogitEffects:
+    """Each latent's decoder direction through the unembedding (the direct path): the n tokens whose
+    logits it raises most and lowers most ((n_latents, n) ids and changes), and the histogram of its
+    change of every token's logit (counts over `bins` equal bins from its lowest to its highest)."""
+
+    promoted: tuple[np.ndarray, np.ndarray]
+    suppressed: tuple[np.ndarray, np.ndarray]
+    counts: np.ndarray  # (n_latents, bins)
+    low: np.ndarray  # (n_latents,)
+    high: np.ndarray
+
+
 @torch.no_grad()
-def logit_effects(sae: TopKSAE, unembedding: torch.Tensor, n: int = 8, chunk: int = 1024):
-    """The tokens whose logits each latent's decoder direction raises and lowers most through the
-    unembedding (the direct path): ((n_latents, n) ids, values) promoted, then suppressed."""
+def logit_effects(
+    sae: TopKSAE, unembedding: torch.Tensor, n: int = 8, bins: int = 24, chunk: int = 1024
+) -> LogitEffects:
     w_u = unembedding.detach().float().cpu()
     parts = []
     for rows in sae.W_dec.detach().float().cpu().split(chunk):
         logits = rows @ w_u.T
         up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
-        parts.append((up.indices, up.values, down.indices, down.values))
-    ids_up, val_up, ids_down, val_down = (torch.cat(p).numpy() for p in zip(*parts))
-    return (ids_up, val_up), (ids_down, val_down)
+        low, high = logits.min(dim=1).values, logits.max(dim=1).values
+        width = (high - low).clamp_min(1e-12)[:, None]
+        which = ((logits - low[:, None]) / width * bins).long().clamp_(0, bins - 1)  # the highest: the last bin
+        counts = torch.zeros(len(rows), bins, dtype=torch.long).scatter_add_(1, which, torch.ones_like(which))
+        parts.append((up.indices, up.values, down.indices, down.values, counts, low, high))
+    ids_up, val_up, ids_down, val_down, counts, low, high = (torch.cat(p).numpy() for p in zip(*parts))
+    return LogitEffects((ids_up, val_up), (ids_down, val_down), counts, low, high)

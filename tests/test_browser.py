@@ -200,7 +200,10 @@ def test_browser_in_headless_chromium(evaluated, tmp_path):
     assert page.count('class="ctx"') == len(shard["top"]) + sum(len(b[2]) for b in shard["bands"]) + len(
         shard["random"]
     )
-    assert 'class="lbl xaxis">0 ' in page and f'class="lbl ymax">{max(shard["hist"])}<' in page
+    assert 'class="lbl xaxis">0.00 ' in page and page.count('class="lbl xaxis"') == 2  # activations, logits
+    assert (
+        f'class="lbl ymax">{max(shard["logit_hist"][0])}<' in page and f'class="lbl ymax">{max(shard["hist"])}<' in page
+    )
     shot = tmp_path / "shot.png"
     _chromium(tmp_path, url + f"#latent={latent}", "--window-size=1100,1300", f"--screenshot={shot}")
     assert shot.stat().st_size > 10_000
@@ -241,10 +244,10 @@ def test_browser_works_from_the_mlflow_artifact(evaluated, tmp_path):
     assert f'data-latent="{int(expected[0])}"' in page
 
 
-def test_co_firing_and_decoder_neighbours_equal_plain_counts():
+def test_co_firing_neighbours_and_logit_effects_equal_plain_computations():
     """Firings.co_firing against counting every row's pairs one by one; decoder_neighbours against
-    the full cosine matrix."""
-    from sae.features import Firings, decoder_neighbours
+    the full cosine matrix; logit_effects' ranks and histograms against numpy's on the full logits."""
+    from sae.features import Firings, decoder_neighbours, logit_effects
     from sae.model import TopKSAE
 
     rng = np.random.default_rng(0)
@@ -272,3 +275,14 @@ def test_co_firing_and_decoder_neighbours_equal_plain_counts():
     np.fill_diagonal(full, -np.inf)
     assert (near == np.argsort(-full, axis=1, kind="stable")[:, :5]).all()
     assert np.allclose(cosines, np.take_along_axis(full, near, axis=1), atol=1e-6)
+
+    unembedding = torch.randn(50, 8, generator=torch.Generator().manual_seed(2))
+    effects = logit_effects(sae, unembedding, n=3, bins=6, chunk=16)
+    logits = (sae.W_dec.detach() @ unembedding.T).numpy()
+    for latent in range(40):
+        row = logits[latent]
+        assert list(effects.promoted[0][latent]) == list(np.argsort(-row, kind="stable")[:3])
+        assert list(effects.suppressed[0][latent]) == list(np.argsort(row, kind="stable")[:3])
+        counts, _ = np.histogram(row, bins=6, range=(row.min(), row.max()))
+        assert np.abs(effects.counts[latent] - counts).sum() <= 2 and effects.counts[latent].sum() == 50
+        assert (effects.low[latent], effects.high[latent]) == pytest.approx((row.min(), row.max()), abs=1e-5)

@@ -19,9 +19,9 @@ function bars(counts) {
   return `<span class="bars">${counts.map(c => `<div style="height:${Math.max(1, Math.round(44 * c / top))}px" title="${c}"></div>`).join("")}</span>`;
 }
 // a histogram with its axes: counts per bin over [0, hi] (x), the tallest bin's count (y)
-function histogram(counts, hi, what) {
+function histogram(counts, lo, hi, what) {
   return `<span class="hist"><span class="lbl ymax">${Math.max(...counts)}</span>${bars(counts)}` +
-    `<span class="lbl xaxis">0 ${"&nbsp;".repeat(4)} ${what} ${"&nbsp;".repeat(4)} ${num(hi, 2)}</span></span>`;
+    `<span class="lbl xaxis">${num(lo, 2)} ${"&nbsp;".repeat(4)} ${what} ${"&nbsp;".repeat(4)} ${num(hi, 2)}</span></span>`;
 }
 // an N2G explanation's verdict: failed where it is unscored or finds no held-out firing
 function n2gVerdict(precision, recall) {
@@ -113,12 +113,13 @@ function latent(l) {
       (l + 1 < S.meta.n_latents ? `<a class="next" href="#latent=${l + 1}">latent ${l + 1} →</a>` : "");
     view.innerHTML = `<div class="pager">${nav}</div><h1 id="latent-${l}">latent ${l}</h1>
       <div class="lbl">density ${pct(s.density[l])} · max activation ${num(s.max[l])}</div>
-      <h2>Activations when it fires</h2>${histogram(d.hist, s.max[l], "activation")}
+      <h2>Activations when it fires</h2>${histogram(d.hist, 0, s.max[l], "activation")}
       <h2>N2G explanation</h2><div>${d.n2g.map(gram).join("") || '<span class="lbl">none</span>'}</div>
       <div class="lbl">${n2gVerdict(s.n2g_precision[l], s.n2g_recall[l])}</div>
       <h2>Logit effects (decoder direction through the unembedding), ranked</h2>
       <div class="cols"><div><div class="lbl">promotes</div>${effect(d.promoted)}</div>
-      <div><div class="lbl">suppresses</div>${effect(d.suppressed)}</div></div>
+      <div><div class="lbl">suppresses</div>${effect(d.suppressed)}</div>
+      ${d.logit_hist ? `<div class="logit-hist"><div class="lbl">every token's logit change</div>${histogram(...d.logit_hist, "logit change")}</div>` : ""}</div>
       <div class="cols"><div><h2>Nearest latents by decoder cosine</h2>
       <ol class="eff neighbours">${d.neighbours.map(([n, c]) => `<li>${link(n)} <span class="lbl">${num(c, 3)}</span></li>`).join("") || '<li class="lbl">none</li>'}</ol></div>
       <div><h2>Fires most often with</h2>
