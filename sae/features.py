@@ -33,6 +33,9 @@ class Firings:
     def co_firing(self, n: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Per latent, the n latents that fire most often on the same rows: ((n_latents, n) ids, counts),
         -1 and 0 where fewer fired with it. One pass over the pairs of every row's firing latents."""
+        ids, shared = np.full((self.n_latents, n), -1, np.int64), np.zeros((self.n_latents, n), np.int64)
+        if len(self.rows) == 0:  # nothing fired
+            return ids, shared
         order = np.argsort(self.rows, kind="stable")
         rows, latents = self.rows[order], self.latents[order]
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
@@ -49,7 +52,6 @@ class Firings:
         first, second, counts = first[ranked], second[ranked], counts[ranked]
         place = np.arange(len(first)) - np.searchsorted(first, first)  # rank within its latent
         top = place < n
-        ids, shared = np.full((self.n_latents, n), -1, np.int64), np.zeros((self.n_latents, n), np.int64)
         ids[first[top], place[top]], shared[first[top], place[top]] = second[top], counts[top]
         return ids, shared
 
