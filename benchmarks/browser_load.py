@@ -1,9 +1,10 @@
 """How long the feature browser of a wide SAE takes to open from disk in a real browser.
 
-    python benchmarks/browser_load.py [--latents 32768] [--rows 16384] [--repeats 5]
+    python benchmarks/browser_load.py [--latents 32768] [--rows 16384] [--vocab 49152] [--repeats 5]
 
-Builds a browser for `--latents` latents from random TopK codes of `--rows` held-out rows (k 32, a
-128-token vocabulary: the page's own data, not an SAE's quality, is what is timed), then times headless
+Builds a browser for `--latents` latents from random TopK codes of `--rows` held-out rows (k 32, token
+ids drawn from `--vocab`, SmolLM2's size: the page's own data, not an SAE's quality, is timed; the
+page loads everything but the latent shards), then times headless
 Chromium (Debian's `chromium`) opening the overview and one latent from file://, each until its DOM is
 dumped, minus the same browser opening an empty page (its own start). Median of `--repeats`.
 """
@@ -43,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--latents", type=int, default=32768)
     parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -53,7 +55,7 @@ def main() -> None:
     contexts = args.rows // positions
     rows = contexts * positions
     sample = FeatureSample(
-        tokens=rng.integers(0, 128, (contexts, positions + 1)),
+        tokens=rng.integers(0, args.vocab, (contexts, positions + 1)),
         first_position=1,
         values=rng.random((rows, k), dtype=np.float32),
         indices=rng.integers(0, args.latents, (rows, k)),  # a repeat within a row is harmless here
@@ -63,6 +65,7 @@ def main() -> None:
         start = time.perf_counter()
         index = build_browser(Path(tmp) / "browser", sample, args.latents, "load test", {"normalized_mse": 0.2})
         built = time.perf_counter() - start
+        loaded = sum(p.stat().st_size for p in index.parent.rglob("*") if p.is_file() and "latents" not in p.parts)
         blank = Path(tmp) / "blank.html"
         blank.write_text("<html><body></body></html>")
         profile = Path(tmp) / "profile"
@@ -76,7 +79,9 @@ def main() -> None:
             name: statistics.median(opened(chromium, url, profile, shows) for _ in range(args.repeats))
             for name, (url, shows) in pages.items()
         }
-    print(f"{args.latents} latents, {rows} rows: browser written in {built:.1f} s")
+    print(
+        f"{args.latents} latents, {rows} rows: browser written in {built:.1f} s; the page loads {loaded / 1e6:.1f} MB"
+    )
     for name in ("overview", "latent"):
         print(
             f"  {name:<9} {times[name] - times['empty page']:.2f} s beyond an empty page ({times[name]:.2f} s in all)"
