@@ -162,6 +162,7 @@ def test_browser_in_headless_chromium(evaluated, tmp_path):
     overview = _chromium(tmp_path, url, "--dump-dom").stdout
     assert "tiny browser" in overview and overview.count('class="result"') == min(100, N_LATENTS)
     assert "Probe loss" in overview and "N2G explanations" in overview
+    assert overview.count('class="lbl xaxis">0.00 ') == 2  # N2G precision and recall, with their axes
     # the overview's metrics, grouped, each with its meaning and direction, values as in the metrics
     shown = dict(
         re.findall(r'<tr class="metric" data-key="(\w+)"><td>\w+</td><td class="num">([-\d.]+)</td>', overview)

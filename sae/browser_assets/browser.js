@@ -55,7 +55,8 @@ function overview() {
     m.probes.map(p => `<tr><td>${esc(p.task)}</td><td class="num">${num(p.sae)}</td><td class="num">${num(p.raw)}</td>` +
       `<td class="num">${num(p.random)}</td><td class="num">${num(p.prior)}</td><td>${link(p.latent)}</td></tr>`).join("") + "</table>" : "";
   const n2g = `<h2>N2G explanations (§4.3) of ${m.n2g.scored} latents</h2>
-    <div class="lbl">held-out precision ${bars(m.n2g.precision_hist)} recall ${bars(m.n2g.recall_hist)} (10 bins over 0–1)</div>`;
+    <div class="cols n2g"><div>${histogram(m.n2g.precision_hist, 0, 1, "held-out precision")}</div>
+    <div>${histogram(m.n2g.recall_hist, 0, 1, "held-out recall")}</div></div>`;
   view.innerHTML = `<h1>${esc(m.title)}</h1><table>${metrics}</table>${probes}${n2g}
     <h2>Activation density</h2><img alt="activation frequency histogram" src="activation_frequency.png">
     <h2>All ${m.n_latents} latents, densest first</h2><div id="list"></div>`;
