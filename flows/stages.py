@@ -77,11 +77,11 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     """Plans the store (tokenised contexts, empty sharded arrays) unless a plan for this spec exists;
     returns the (split, shard) pairs still to compute."""
     url, opts = store_url(spec), store_options(spec)
-    digest, eval_digest = spec.part_hash(*CACHE_SECTIONS), spec.part_hash(*EVAL_SPLIT_SECTIONS)
-    held_out_as_planned = store.planned_hash(url, opts, "eval_hash") == eval_digest
-    if held_out_as_planned and store.is_complete(url, opts):
+    if is_done("cache", spec):
         return []
-    if store.planned_hash(url, opts) == digest and held_out_as_planned:
+    digest, eval_digest = spec.part_hash(*CACHE_SECTIONS), spec.part_hash(*EVAL_SPLIT_SECTIONS)
+    train_as_planned = store.planned_hash(url, opts) == digest  # the store's attributes, read once each
+    if train_as_planned and store.planned_hash(url, opts, "eval_hash") == eval_digest:
         missing = store.missing_shards(url, opts)
         log.info("resuming the activation store at %s: %d shards to compute", url, len(missing))
         return missing
@@ -92,7 +92,7 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     n_eval = max(math.ceil(spec.eval.tokens / positions), spec.eval.downstream_contexts)
     # the train split's contexts do not depend on n_eval: one pass fills each split from its own documents
     train_ctx, eval_ctx = split_contexts(d.source, tokenizer, d.context_length, n_train, n_eval, d.eval_fraction)
-    if store.planned_hash(url, opts) == digest:  # only the evaluation settings changed
+    if train_as_planned:  # only the evaluation settings changed
         log.info("the evaluation settings changed: caching the held-out split of %s again, not the train split", url)
         store.replan_split(
             url,
