@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BloscCodec
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_throughput import CONFIGS, measure  # noqa: E402
@@ -80,7 +81,7 @@ def loading(workdir: Path, rows: int, train_steps: int) -> None:
             shape=data.shape,
             dtype="float16",
             chunks=(TARGET_CHUNK_BYTES // (2 * d), d),
-            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
+            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
         )
         arr[:] = data
         it = reading.prefetch(reading.shuffled_batches(arr, batch, seed=0))

@@ -38,6 +38,7 @@ from storage import activations as store
 from storage import reading, shard_writer
 from storage.chunk_reads import chunk_reader
 from storage.corpus import Contexts
+from storage.shuffle import SHUFFLE_BUFFER_MB
 
 HOOK = "layer"
 CONTEXT = 64
@@ -199,7 +200,7 @@ def main() -> None:
             probe = train_rate(trainer(d, args.latents, args.batch, args.device, 6), memory, args.device)
             # each training measurement: `seconds` long, and at least two of the reader's blocks, so that
             # reading a block ahead (at the start of each) weighs as it does over a whole run
-            block_batches = store.SHUFFLE_BUFFER_MB * 2**20 // (d * 2) // args.batch
+            block_batches = SHUFFLE_BUFFER_MB * 2**20 // (d * 2) // args.batch
             steps = max(10, round(args.seconds * probe / args.batch), 2 * block_batches)
             step = train_rate(trainer(d, args.latents, args.batch, args.device, steps), memory, args.device)
             measured = [("", f"training, in-memory batches ({args.latents} latents)", step)]

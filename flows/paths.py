@@ -49,6 +49,9 @@ def sae_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
     return f"saes/{spec.part_hash(*train_parts(index))}/{safe_name(hookpoint)}"
 
 
+BROWSER_DIR = "browser"  # the feature browser, inside an SAE's evaluation folder
+
+
 def eval_rel(spec: RunSpec, hookpoint: str, index: int = 0) -> str:
     return f"{sae_rel(spec, hookpoint, index)}/eval-{spec.part_hash(*eval_parts(index))}"
 

@@ -286,6 +286,8 @@ def pipeline(spec: RunSpec, only: Sequence[str] = stages.STAGES, here: bool = Fa
                 for future in [train_sae.submit(spec, hookpoint, g) for g in groups]:
                     future.result()
         metrics = [run("evaluate", hookpoint, index) for index in range(len(spec.sae))]
+        if "evaluate" in only:  # each SAE's browser shows the sweep's frontier before it is registered
+            sweep.share_with_browsers(spec, hookpoint)
         chosen = sweep.to_register(spec, hookpoint, metrics) if "register" in only else [False] * len(spec.sae)
         for index in range(len(spec.sae)):
             uri = run("register", hookpoint, index) if chosen[index] else None
@@ -331,7 +333,7 @@ def _row(spec: RunSpec, hookpoint: str, index: int, metrics: dict | None, uri: s
         "hookpoint": hookpoint,
         "sae": spec.model_name(hookpoint, index),
         "sae_dir": spec.work.location(paths.sae_rel(spec, hookpoint, index)),
-        "report": spec.work.location(f"{paths.eval_rel(spec, hookpoint, index)}/{stages.BROWSER_DIR}/index.html")
+        "report": spec.work.location(f"{paths.eval_rel(spec, hookpoint, index)}/{paths.BROWSER_DIR}/index.html")
         if metrics
         else None,
         "model_uri": uri,

@@ -27,6 +27,7 @@ from flows.done import (
     weights_sha256,
 )
 from flows.paths import (
+    BROWSER_DIR,
     CACHE_SECTIONS,
     EVAL_SPLIT_SECTIONS,
     METRICS_FILE,
@@ -241,9 +242,6 @@ def eval_source(group, hookpoint: str, lm) -> EvalSource:
         lm=lm,
         mean_activation=lambda n: reading.column_mean(acts, stop=n),
     )
-
-
-BROWSER_DIR = "browser"
 
 
 def write_browser(record, n_latents: int, eval_folder: Path, title: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flows import done, paths
 from flows.spec import RunSpec, safe_name
-from sae.plots import figure, png_bytes
+from sae.plots import figure, plain_ticks, png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def points(spec: RunSpec) -> list[dict]:
                 rows.append(
                     {
                         "hookpoint": hookpoint,
+                        "index": i,
                         "n_latents": s.n_latents,
                         "k": s.k,
                         "lr": config["metadata"]["lr"],
@@ -90,6 +91,25 @@ def to_register(spec: RunSpec, hookpoint: str, metrics: list[dict | None]) -> li
     return l0_frontier([m["l0"] for m in evaluated], [m["normalized_mse"] for m in evaluated])
 
 
+def share_with_browsers(spec: RunSpec, hookpoint: str) -> int:
+    """Once every SAE of a sweep at `hookpoint` is evaluated, writes the sweep's points into each
+    one's feature browser (its overview's frontier plots); returns how many browsers took them."""
+    from sae.browser import SWEEP_DATA, sweep_data
+
+    if spec.sweep is None or not spec.eval.browser:
+        return 0
+    rows = [r for r in points(spec) if r["hookpoint"] == hookpoint]
+    if len(rows) < len(spec.sae):
+        return 0
+    shared = 0
+    for at, row in enumerate(rows):
+        browser = f"{paths.eval_rel(spec, hookpoint, row['index'])}/{paths.BROWSER_DIR}"
+        if spec.work.exists(f"{browser}/index.html"):
+            spec.work.write_bytes(f"{browser}/{SWEEP_DATA}", sweep_data(rows, at))
+            shared += 1
+    return shared
+
+
 def report(spec: RunSpec) -> Path:
     """Fits, plots and report.html of the sweep into sweep_dir(spec); returns the report's path."""
     from sae.scaling import fit_joint_law, fit_power_law
@@ -97,6 +117,8 @@ def report(spec: RunSpec) -> Path:
     rows = points(spec)
     out = sweep_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
+    for hookpoint in spec.hookpoints:
+        share_with_browsers(spec, hookpoint)
     fits = {}
     for hookpoint in spec.hookpoints:
         # L(n, k): the best SAE of each (n, k) over the sweep's lrs and token budgets
@@ -210,15 +232,32 @@ def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
                 grid = np.geomspace(min(n), max(n) * 4, 50)
                 f = Fit(**fit)
                 ax.plot(grid, [f.predict(g, k) for g in grid], "-", color=line.get_color(), alpha=0.6)
-        elif name == "mse_vs_l0":
-            ax.plot([r["l0"] for r in group], [r["normalized_mse"] for r in group], "o-", label=label)
+        elif name == "mse_vs_l0":  # points only: the curves join one dictionary size across k, below
+            ax.plot([r["l0"] for r in group], [r["normalized_mse"] for r in group], "o", label=label)
         elif name == "dce_vs_mse":  # §4.1: downstream loss against reconstruction
-            ax.plot([r["normalized_mse"] for r in group], [r["ce_increase"] for r in group], "o-", label=label)
+            ax.plot([r["normalized_mse"] for r in group], [r["ce_increase"] for r in group], "o", label=label)
         else:
             ax.plot(n, [r["dead_fraction"] for r in group], "o-", label=label)
-    ax.set_xscale("log")
+    if name == "mse_vs_l0":  # §3: one curve per dictionary (all but k the same), and the frontier
+        from sae.scaling import l0_frontier
+
+        for (_, n, *_), group in _groups(rows, "n_latents", "lr", "tokens").items():
+            group.sort(key=lambda r: r["l0"])
+            ax.plot([r["l0"] for r in group], [r["normalized_mse"] for r in group], "-", color="0.75", lw=1, zorder=0)
+            ax.annotate(f"n={n}", (group[-1]["l0"], group[-1]["normalized_mse"]), fontsize=6, color="0.4")
+        for hookpoint in {r["hookpoint"] for r in rows}:
+            mine = [r for r in rows if r["hookpoint"] == hookpoint]
+            on = l0_frontier([r["l0"] for r in mine], [r["normalized_mse"] for r in mine])
+            front = sorted((r for r, f in zip(mine, on) if f), key=lambda r: r["l0"])
+            ax.plot([r["l0"] for r in front], [r["normalized_mse"] for r in front], "k--", lw=1, label="frontier")
+    if name != "dce_vs_mse":  # a normalized MSE within one decade reads better on a linear axis
+        ax.set_xscale("log")
     if name in ("mse_vs_n", "mse_vs_l0"):
         ax.set_yscale("log")
+    plain_ticks(ax)
+    if name in ("mse_vs_n", "dead_vs_n"):  # the sweep's dictionary sizes themselves
+        ax.set_xticks(sorted({r["n_latents"] for r in rows}), [str(n) for n in sorted({r["n_latents"] for r in rows})])
+        ax.minorticks_off()
     ax.set_xlabel(
         {"mse_vs_n": "latents", "mse_vs_l0": "L0", "dead_vs_n": "latents", "dce_vs_mse": "normalized MSE (held-out)"}[
             name
@@ -270,15 +309,16 @@ def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) 
         ax.set_xlabel("training compute (FLOPs, 2·d·n per token)")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_ticks(ax)
     ax.set_ylabel("normalized MSE (held-out)")
     ax.legend(fontsize=6)
     return png_bytes(fig)
 
 
-def _groups(rows: list[dict]) -> dict:
+def _groups(rows: list[dict], *by: str) -> dict:
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["hookpoint"], r["k"]), []).append(r)
+        groups.setdefault((r["hookpoint"], *(r[key] for key in by or ("k",))), []).append(r)
     return groups
 
 

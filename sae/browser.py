@@ -27,6 +27,7 @@ ASSET_DIR = Path(__file__).parent / "browser_assets"
 ASSETS = ("index.html", "browser.js", "style.css")
 INDEX_FILE = "index.html"
 HISTOGRAM_FILE = "activation_frequency.png"
+SWEEP_DATA = "data/sweep.js"  # the SAE's sweep, when it has one: written once every SAE of it is evaluated
 
 
 def _js(name: str, value) -> str:
@@ -193,12 +194,41 @@ def build_browser(
         "by_density": np.argsort(-density, kind="stable").tolist(),
     }
     (tmp / "data" / "meta.js").write_text(_js("meta", meta))
+    (tmp / SWEEP_DATA).write_text(_js("sweep", None))
     for name in ASSETS:
         shutil.copyfile(ASSET_DIR / name, tmp / name)
     (tmp / HISTOGRAM_FILE).write_bytes(frequency_histogram_png(density, title))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out / INDEX_FILE
+
+
+# what the overview's sweep section shows of each SAE of the sweep (key in a sweep point, key in the page)
+SWEEP_FIELDS = (
+    ("n_latents", "n"),
+    ("k", "k"),
+    ("lr", "lr"),
+    ("tokens", "tokens"),
+    ("l0", "l0"),
+    ("normalized_mse", "nmse"),
+    ("ce_increase", "ce"),
+    ("dead_fraction", "dead"),
+)
+
+
+def sweep_data(points: list[dict], this: int) -> bytes:
+    """SWEEP_DATA for the browser of points[this]: every SAE of its sweep at its hookpoint, each with
+    its metrics and whether it lies on the normalized-MSE-vs-L0 frontier (§3), for the overview's
+    frontier plots."""
+    from sae.scaling import l0_frontier
+
+    on = l0_frontier([p["l0"] for p in points], [p["normalized_mse"] for p in points])
+    shown = [{short: _value(p.get(key)) for key, short in SWEEP_FIELDS} | {"frontier": f} for p, f in zip(points, on)]
+    return _js("sweep", {"this": this, "points": shown}).encode()
+
+
+def _value(x):
+    return x if x is None or isinstance(x, int) else _round(float(x))
 
 
 def _examples(pairs, latent: int, in_context) -> list:

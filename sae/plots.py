@@ -18,6 +18,20 @@ def figure(figsize: tuple[float, float] = (5, 3.6)):
     return plt.subplots(figsize=figsize, dpi=110)
 
 
+def plain_ticks(ax) -> None:
+    """Log axes labelled with plain numbers (0.5, 2000), at most a few per axis: matplotlib's default
+    writes 2×10^0 on major and minor ticks alike, which crowd where a range spans under a decade."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+        if scale == "log":
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+            formatter = ScalarFormatter()
+            formatter.set_scientific(False)
+            axis.set_major_formatter(formatter)
+            axis.set_minor_formatter(NullFormatter())
+
+
 def png_bytes(fig) -> bytes:
     """The figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt

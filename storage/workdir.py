@@ -84,6 +84,16 @@ class Workdir:
             return (self.local_root / rel).read_bytes()
         return self._remote_fs.cat_file(self._remote(rel))
 
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Writes one file into the mirror (whole, or not at all) and, for a remote work dir, uploads it."""
+        path = self.local(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        if self.remote:
+            self._remote_fs.put_file(str(path), self._remote(rel))
+
     # moving folders between the mirror and the work dir ---------------------------------------------
     def publish(self, rel: str, marker: str | None = None) -> None:
         """Uploads the mirror's folder `rel` (the file `marker` last, so that it appears only once the rest

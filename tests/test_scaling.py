@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from chromium import CHROMIUM, chromium, pixels_of, screenshot
 
+from flows import paths
 from sae.scaling import Fit, fit_joint_law, fit_power_law, joint_law, recommend, training_flops
 
 TRUE_JOINT = {"alpha": -0.3, "beta_k": 0.2, "beta_n": -0.05, "gamma": -0.03, "zeta": -1.5, "eta": -0.2}
@@ -113,7 +116,9 @@ def test_saeflow_plan_prints_a_recommendation_and_writes_a_spec_that_validates(
     assert f"predicted normalized MSE {recommend(1e14, d, 8, Fit(**law)).predicted_loss:.4g}" in capsys.readouterr().out
 
 
-def sweep_spec(tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downstream_contexts: int):
+def sweep_spec(
+    tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downstream_contexts: int, browser: bool = False
+):
     """A sweep spec on the tiny model: 1500 tokens, 30% held out, batches of 128."""
     spec = {
         "name": name,
@@ -123,7 +128,7 @@ def sweep_spec(tmp_path, tiny_model_dir, text_dir, name: str, sweep: dict, downs
         "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500},
         "sweep": sweep,
         "train": {"batch_tokens": 128},
-        "eval": {"tokens": 300, "downstream_contexts": downstream_contexts, "browser": False, "ablation_contexts": 0},
+        "eval": {"tokens": 300, "downstream_contexts": downstream_contexts, "browser": browser, "ablation_contexts": 0},
         "workdir": str(tmp_path / "work"),
     }
     path = tmp_path / "sweep.yaml"
@@ -175,6 +180,7 @@ def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(
 ):
     """latents x k x lr with registered: frontier: every SAE has a run under the sweep's parent run,
     only the loss-vs-L0 frontier is registered, and the parent holds the report with the dCE plot."""
+    import mlflow
     from mlflow import MlflowClient
 
     from flows.cli import main
@@ -183,7 +189,7 @@ def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(
     from storage.registry import connect
 
     grid = {"n_latents": [32, 64], "k": [2, 4], "lr": [1e-3, 4e-3], "registered": "frontier"}
-    path = sweep_spec(tmp_path, tiny_model_dir, text_dir, "tiny-lr-sweep", grid, downstream_contexts=2)
+    path = sweep_spec(tmp_path, tiny_model_dir, text_dir, "tiny-lr-sweep", grid, downstream_contexts=2, browser=True)
     assert main(["sweep", str(path)]) == 0
     parsed = load_spec(path)
     out = sweep_dir(parsed)
@@ -210,11 +216,35 @@ def test_a_sweep_over_lr_registers_its_frontier_under_one_parent_run(
     assert sorted(r.info.run_name for r in children) == sorted(names)
     logged = {a.path for a in client.list_artifacts(parent)}
     assert {"report.html", "fits.json", "points.json", "dce_vs_mse.png"} <= logged
+    # each SAE's browser shows the sweep, itself marked, as registered (the artifact) and as rendered
+    for i, name in enumerate(names):
+        shown = _sweep_points(paths.eval_dir(parsed, "model.layers.1", i) / "browser" / "data" / "sweep.js")
+        assert shown["this"] == i and [p["frontier"] for p in shown["points"]] == [j in frontier for j in range(8)]
+        assert [p["nmse"] for p in shown["points"]] == [float(f"{r['normalized_mse']:.4g}") for r in rows]
+        if name in registered:
+            version = client.search_model_versions(f"name = '{name}'")[0]
+            local = mlflow.artifacts.download_artifacts(
+                run_id=version.run_id, artifact_path="browser/data/sweep.js", dst_path=str(tmp_path / f"dl{i}")
+            )
+            assert _sweep_points(Path(local)) == shown
+    if CHROMIUM is not None:
+        url = (paths.eval_dir(parsed, "model.layers.1", 1) / "browser" / "index.html").as_uri()
+        page = chromium(tmp_path, url, "--dump-dom").stdout
+        assert page.count('<tr class="point ') == 8 and page.count("<circle ") == 16  # two plots of 8 SAEs
+        this = re.search(r'<tr class="point this">(.*?)</tr>', page).group(1)
+        assert f">{rows[1]['normalized_mse']:.4f}<" in this and f">{rows[1]['l0']:.2f}<" in this
+        drawn = screenshot(tmp_path, url, "sweep", "1100,1800")
+        assert pixels_of(drawn, "#d9480f") > 50 and pixels_of(drawn, "#1c7ed6") > 50  # this SAE, the frontier
     assert main(["sweep", str(path)]) == 0  # a rerun updates the same parent and children
     assert (
         len(client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"))
         == 8
     )
+
+
+def _sweep_points(sweep_js: Path) -> dict:
+    text = sweep_js.read_text()
+    return json.loads(text[text.index("SAE.sweep = ") + len("SAE.sweep = ") :].rstrip().rstrip(";"))
 
 
 def test_a_sweep_over_token_budgets_trains_each_budget_in_its_own_pass(

@@ -44,6 +44,71 @@ function table(latents, extraHead = "", extra = () => "") {
     latents.map(l => row(l, extra(l))).join("") + "</table>";
 }
 
+// up to 6 tick values over [lo, hi]: 1-2-5 steps of a power of ten (of the value on a log axis)
+function ticks(lo, hi, log) {
+  if (log) {
+    for (const mult of [[1, 2, 5], [1, 3], [1]]) {
+      const out = [];
+      for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++)
+        mult.forEach(m => { const v = m * 10 ** e; if (v >= lo && v <= hi) out.push(v); });
+      if (out.length <= 6) return out.length >= 2 ? out : [lo, hi];
+    }
+  }
+  const raw = (hi - lo) / 4, p = 10 ** Math.floor(Math.log10(raw || 1));
+  const step = [1, 2, 5, 10].map(m => m * p).find(s => s >= raw);
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-12; v += step) out.push(v);
+  return out;
+}
+function label(v) { return Number(v.toPrecision(2)).toString(); }
+// a scatter plot as SVG with labelled axes; pts: {x, y, title, cls}; the points of `line` joined
+function scatter(pts, xName, yName, logX, logY, line) {
+  const W = 400, H = 250, L = 56, R = 14, T = 10, B = 42;
+  const axis = (vs, log, a, b) => {
+    let lo = Math.min(...vs), hi = Math.max(...vs);
+    if (lo === hi) { lo = log ? lo / 1.5 : lo - 1; hi = log ? hi * 1.5 : hi + 1; }
+    const f = log ? Math.log10 : v => v, pad = 0.06 * (f(hi) - f(lo));
+    const at = v => a + (b - a) * (f(v) - f(lo) + pad) / (f(hi) - f(lo) + 2 * pad);
+    return {at, ticks: ticks(lo, hi, log)};
+  };
+  const x = axis(pts.map(p => p.x), logX, L, W - R), y = axis(pts.map(p => p.y), logY, H - B, T);
+  const xt = x.ticks.map(v => `<line x1="${x.at(v)}" x2="${x.at(v)}" y1="${H - B}" y2="${H - B + 4}"/>` +
+    `<text class="tick" x="${x.at(v)}" y="${H - B + 16}" text-anchor="middle">${label(v)}</text>`).join("");
+  const yt = y.ticks.map(v => `<line x1="${L - 4}" x2="${L}" y1="${y.at(v)}" y2="${y.at(v)}"/>` +
+    `<text class="tick" x="${L - 6}" y="${y.at(v) + 4}" text-anchor="end">${label(v)}</text>`).join("");
+  const joined = line.slice().sort((a, b) => a.x - b.x).map(p => `${x.at(p.x)},${y.at(p.y)}`).join(" ");
+  const dots = pts.map(p => `<circle class="${p.cls}" cx="${x.at(p.x)}" cy="${y.at(p.y)}" r="${p.cls === "this" ? 6 : 4}">` +
+    `<title>${esc(p.title)}</title></circle>`).join("");
+  return `<svg class="plot" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}"><g class="axes">` +
+    `<line x1="${L}" x2="${W - R}" y1="${H - B}" y2="${H - B}"/><line x1="${L}" x2="${L}" y1="${T}" y2="${H - B}"/>${xt}${yt}</g>` +
+    `<text class="name" x="${(L + W - R) / 2}" y="${H - 6}" text-anchor="middle">${esc(xName)}${logX ? " (log)" : ""}</text>` +
+    `<text class="name" transform="translate(13,${(T + H - B) / 2}) rotate(-90)" text-anchor="middle">${esc(yName)}${logY ? " (log)" : ""}</text>` +
+    `<polyline class="frontier" points="${joined}"/>${dots}</svg>`;
+}
+// the SAE among the other SAEs of its sweep at the same hookpoint, when it was trained in one
+function sweepSection() {
+  const w = S.sweep;
+  if (!w) return "";
+  const pts = w.points.map((p, i) => ({...p, cls: i === w.this ? "this" : p.frontier ? "front" : "other",
+    title: `${p.n} latents, k ${p.k}${i === w.this ? " (this SAE)" : ""}: L0 ${num(p.l0, 1)}, normalized MSE ${num(p.nmse, 4)}`}));
+  const front = pts.filter(p => p.frontier);
+  const mseL0 = scatter(pts.map(p => ({...p, x: p.l0, y: p.nmse})), "L0", "normalized MSE", true, true,
+    front.map(p => ({x: p.l0, y: p.nmse})));
+  const withCe = pts.filter(p => p.ce !== null);
+  const ceMse = withCe.length ? scatter(withCe.map(p => ({...p, x: p.nmse, y: p.ce})), "normalized MSE", "CE increase (nats)",
+    false, false, withCe.filter(p => p.frontier).map(p => ({x: p.nmse, y: p.ce}))) : "";
+  const rows = pts.map(p => `<tr class="point ${p.cls}"><td class="num">${p.n}</td><td class="num">${p.k}</td>` +
+    `<td class="num">${num(p.lr, 4)}</td><td class="num">${p.tokens}</td><td class="num">${num(p.l0, 2)}</td>` +
+    `<td class="num">${num(p.nmse, 4)}</td><td class="num">${num(p.ce, 4)}</td><td class="num">${pct(p.dead)}</td>` +
+    `<td>${p.frontier ? "yes" : ""}</td></tr>`).join("");
+  return `<h2>Among its sweep: ${pts.length} SAEs at this hookpoint (§3: the frontier of normalized MSE against L0)</h2>
+    <div class="lbl"><span class="key this"></span>this SAE <span class="key front"></span>on the frontier (joined)
+    <span class="key other"></span>others · lower and further left is better</div>
+    <div class="cols sweep">${mseL0}${ceMse}</div>
+    <table class="sweep-points"><tr><th>latents</th><th>k</th><th>lr</th><th>tokens</th><th>L0</th><th>normalized MSE</th>
+    <th>CE increase</th><th>dead</th><th>frontier</th></tr>${rows}</table>`;
+}
+
 function overview() {
   const m = S.meta;
   const better = b => b ? `<span class="lbl">${b} is better</span>` : "";
@@ -57,7 +122,7 @@ function overview() {
   const n2g = `<h2>N2G explanations (§4.3) of ${m.n2g.scored} latents</h2>
     <div class="cols n2g"><div>${histogram(m.n2g.precision_hist, 0, 1, "held-out precision")}</div>
     <div>${histogram(m.n2g.recall_hist, 0, 1, "held-out recall")}</div></div>`;
-  view.innerHTML = `<h1>${esc(m.title)}</h1><table>${metrics}</table>${probes}${n2g}
+  view.innerHTML = `<h1>${esc(m.title)}</h1><table>${metrics}</table>${sweepSection()}${probes}${n2g}
     <h2>Activation density</h2><img alt="activation frequency histogram" src="activation_frequency.png">
     <h2>All ${m.n_latents} latents, densest first</h2><div id="list"></div>`;
   list(0, document.getElementById("list"));
