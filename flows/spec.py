@@ -19,6 +19,7 @@ from sae.config import (
     TrainConfig,
     cuda_graph_blockers,
     fused_topk_blockers,
+    matryoshka_problem,
     resolve_optimizer,
 )
 from storage.shuffle import SHUFFLE_BUFFER_MB
@@ -134,11 +135,22 @@ class SAESpec(Section):
     activation: Literal["topk", "batchtopk"] = "topk"
     lr: LearningRate | None = None  # this SAE's learning rate (default: train.lr); a sweep's lr axis sets it
     tokens: PositiveInt | None = None  # this SAE's training tokens (default: train.tokens); a sweep's tokens axis
+    # Matryoshka group sizes (e.g. [512, 1536, 6144] for 8192 latents): each prefix of groups learns to
+    # reconstruct alone; they must not decrease and must sum to n_latents
+    matryoshka: list[PositiveInt] | None = None
 
     @model_validator(mode="after")
     def _size(self):
         if self.multi_topk and self.activation == "batchtopk":
             raise ValueError("sae.multi_topk applies to activation topk only: drop one of them")
+        if self.matryoshka is not None:
+            if self.n_latents is None:
+                raise ValueError("sae.matryoshka needs sae.n_latents (its group sizes sum to it): give n_latents")
+            problem = matryoshka_problem(self.matryoshka, self.n_latents)
+            if problem:
+                raise ValueError(f"sae.matryoshka: {problem}")
+            if self.multi_topk:
+                raise ValueError("sae.matryoshka and sae.multi_topk are two different losses: drop one of them")
         if (self.n_latents is None) == (self.expansion_factor is None):
             raise ValueError("give exactly one of sae.n_latents and sae.expansion_factor")
         if self.n_latents is not None and self.k > self.n_latents:
@@ -498,8 +510,9 @@ class RunSpec(Section):
             dumped[section].pop(name, None)
         for dotted, default in HASHED_WHEN_SET.items():
             section, name = dotted.split(".")
-            if dumped[section].get(name) == default:
-                dumped[section].pop(name)
+            for entry in dumped[section] if isinstance(dumped[section], list) else [dumped[section]]:
+                if entry.get(name) == default:
+                    entry.pop(name)
         payload = {}
         for part in parts:
             section, _, name = part.partition(".")
@@ -553,6 +566,7 @@ class RunSpec(Section):
             s = self.sae[index]
             name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
             name += "-batchtopk" if s.activation == "batchtopk" else ""
+            name += "-matryoshka" if s.matryoshka else ""
             name += f"-lr{s.lr:g}" if s.lr is not None else ""
             name += f"-t{s.tokens}" if s.tokens is not None else ""
         return name
@@ -616,6 +630,8 @@ class RunSpec(Section):
     @model_validator(mode="after")
     def _spread(self):
         world = self.train.devices * self.train.nodes
+        if self.train.latent_shards > 1 and any(s.matryoshka for s in self.sae):
+            raise ValueError("sae.matryoshka trains each SAE's latents in one process: drop train.latent_shards")
         if self.train.sae_placement == "spread":
             if self.train.latent_shards > 1:
                 raise ValueError("train.sae_placement spread puts each SAE whole on one process: drop latent_shards")
@@ -676,7 +692,7 @@ class RunSpec(Section):
             if len(set(names)) < len(names):
                 raise ValueError(
                     f"sae: two SAEs would be registered as the same model ({names}): make them differ "
-                    "in n_latents, k or activation, or split them into two specs"
+                    "in n_latents, k, activation or matryoshka, or split them into two specs"
                 )
         return self
 
@@ -714,7 +730,9 @@ class RunSpec(Section):
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]
-        return SAEConfig(d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization, s.activation)
+        return SAEConfig(
+            d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization, s.activation, tuple(s.matryoshka or ())
+        )
 
     def lr_setting(self, index: int = 0) -> float | str:
         """SAE `index`'s lr as the spec sets it: its own (a sweep's lr axis), else train.lr (maybe "auto")."""
@@ -776,7 +794,8 @@ def safe_name(name: str) -> str:
 
 # kernel choices change a trained SAE's bits, so they key the train stage; at their defaults they are
 # left out, so that the keys of specs written before they were options stay the same
-HASHED_WHEN_SET = {"train.triton": True, "train.fused_topk": False}
+# settings added after stores and SAEs were keyed: at their default they leave the keys as they were
+HASHED_WHEN_SET = {"train.triton": True, "train.fused_topk": False, "sae.matryoshka": None}
 HASH_EXCLUDED = (
     "data.store_options",
     "data.compression",  # how the same values are stored

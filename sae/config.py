@@ -30,15 +30,51 @@ class SAEConfig:
     # batchtopk: the k*B largest pre-activations of a training batch; at inference, the latents above
     # a threshold learnt in training (at most 4k per token)
     activation: Literal["topk", "batchtopk"] = "topk"
+    # Matryoshka (Bussmann et al. 2025): the sizes of consecutive latent groups; each prefix of groups
+    # is trained to reconstruct on its own (the loss sums the prefixes' losses). (): a plain SAE
+    matryoshka: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.d_in <= 0 or self.n_latents <= 0 or self.k <= 0:
             raise ValueError(f"d_in, n_latents and k must be positive, got {self}")
         if self.k > self.n_latents:
             raise ValueError(f"k={self.k} must not exceed n_latents={self.n_latents}")
+        object.__setattr__(self, "matryoshka", tuple(int(g) for g in self.matryoshka))  # a list from JSON
+        problem = matryoshka_problem(self.matryoshka, self.n_latents)
+        if problem:
+            raise ValueError(f"matryoshka: {problem}")
+
+    def prefix_ends(self) -> list[int]:
+        """Where each Matryoshka prefix ends (the last is n_latents); [n_latents] for a plain SAE."""
+        ends, end = [], 0
+        for size in self.matryoshka:
+            end += size
+            ends.append(end)
+        return ends or [self.n_latents]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.matryoshka:  # a plain SAE's config reads as before
+            d.pop("matryoshka")
+        return d
+
+
+def matryoshka_problem(groups, n_latents: int) -> str | None:
+    """What is wrong with Matryoshka group sizes for n_latents latents (None: nothing): at least two
+    groups, each at least as large as the one before, summing to n_latents."""
+    if not groups:
+        return None
+    if len(groups) < 2:
+        return "one group is a plain SAE: give two or more group sizes, or leave it out"
+    if any(g <= 0 for g in groups):
+        return f"group sizes must be positive, got {list(groups)}"
+    if any(b < a for a, b in zip(groups, groups[1:])):
+        return (
+            f"group sizes must not decrease (each prefix adds at least as many latents as the last), got {list(groups)}"
+        )
+    if sum(groups) != n_latents:
+        return f"group sizes sum to {sum(groups)}, not to the {n_latents} latents: make them add up to n_latents"
+    return None
 
 
 # Bumped whenever a default of the training recipe changes what a spec that leaves it unset trains

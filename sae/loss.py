@@ -181,9 +181,14 @@ def sae_loss(
         return latents.sum(sparse_decode(*latents.top(values, indices, width), sae.W_dec)) + sae.b_pre
 
     main_values, main_indices = latents.top(values, indices, k)
-    recon = latents.sum(sparse_decode(main_values, main_indices, sae.W_dec)) + sae.b_pre
-    mse = sq_err(x_norm, recon, mse_scale)
-    loss = mse
+    if sae.cfg.matryoshka:
+        _whole(latents)
+        terms = matryoshka_terms(main_values, main_indices, sae, x_norm, mse_scale)
+        recon, mse, loss = terms[-1][0], terms[-1][1].detach(), torch.stack([t for _, t in terms]).sum()
+    else:
+        recon = latents.sum(sparse_decode(main_values, main_indices, sae.W_dec)) + sae.b_pre
+        mse = sq_err(x_norm, recon, mse_scale)
+        loss = mse
     if k_wide > k:  # multi-TopK (§5.3)
         loss = loss + sq_err(x_norm, decode(k_wide), mse_scale) / 8
     aux = torch.zeros((), device=x_norm.device)
@@ -191,6 +196,36 @@ def sae_loss(
         aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), main_values.detach(), main_indices)
+
+
+def matryoshka_terms(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    sae: TopKSAE,
+    x_norm: torch.Tensor,
+    mse_scale: float,
+    rows: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(reconstruction, squared error) of each nested prefix of a Matryoshka SAE's latents, from the
+    codes of the whole dictionary (Bussmann et al. 2025: the prefixes share one encoding): each
+    group's latents decoded on their own, added to the prefix before. The last is the whole SAE's.
+    A (B, k) code, or a ragged one (1-D indices and values, each entry's row in `rows`)."""
+    recon, start, terms = sae.b_pre.expand_as(x_norm), 0, []
+    for end in sae.cfg.prefix_ends():
+        in_group = values * ((indices >= start) & (indices < end))
+        if rows is None:
+            part = sparse_decode(in_group, indices, sae.W_dec)
+        else:
+            part = ragged_decode(rows, indices, in_group, sae.W_dec, x_norm.shape[0])
+        recon = recon + part
+        terms.append((recon, sq_err(x_norm, recon, mse_scale)))
+        start = end
+    return terms
+
+
+def _whole(latents: Latents) -> None:
+    if not isinstance(latents, WholeLatents):
+        raise ValueError("a Matryoshka SAE trains with all its latents in one process: set train.latent_shards: 1")
 
 
 def _aux_width(tcfg: TrainConfig, d_in: int, n_latents: int, dead: DeadLatents) -> int:
@@ -229,9 +264,15 @@ def _batch_topk_loss(
     rows_here = x_norm.shape[0]
     count = latents.k * rows_here * latents.replicas
     rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, latents.batch_keep(count))
-    recon = latents.sum(ragged_decode(rows, cols, values, sae.W_dec, rows_here)) + sae.b_pre
-    mse = sq_err(x_norm, recon, mse_scale)
-    loss, aux = mse, torch.zeros((), device=x_norm.device)
+    if sae.cfg.matryoshka:
+        _whole(latents)
+        terms = matryoshka_terms(values, cols, sae, x_norm, mse_scale, rows)
+        recon, mse, loss = terms[-1][0], terms[-1][1].detach(), torch.stack([t for _, t in terms]).sum()
+    else:
+        recon = latents.sum(ragged_decode(rows, cols, values, sae.W_dec, rows_here)) + sae.b_pre
+        mse = sq_err(x_norm, recon, mse_scale)
+        loss = mse
+    aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:
         width = min(aux_k, sae.cfg.n_latents)  # the same on every process: the candidates are gathered
         dead_rows = dead.rows()

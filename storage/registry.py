@@ -252,6 +252,14 @@ def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str
         f"`{cfg.normalization}`, encoder bias: {cfg.encoder_bias}",
         *(
             [
+                f"- Matryoshka (Bussmann et al. 2025): latent groups of {', '.join(map(str, cfg.matryoshka))}; "
+                f"each prefix (the first {', '.join(map(str, cfg.prefix_ends()[:-1]))} latents) reconstructs alone"
+            ]
+            if cfg.matryoshka
+            else []
+        ),
+        *(
+            [
                 f"- data: `{params.get('data')}`, {params.get('train_tokens')} training tokens in contexts of "
                 f"{params.get('context_length')}, batches of {params.get('batch_tokens')}",
                 f"- recipe: {params.get('recipe')}, optimizer {params.get('optimizer')}, lr {params.get('lr')} "
