@@ -85,6 +85,11 @@ class Codes:
         out = self.values.new_zeros(self.values.shape[0], n_latents)
         return out.scatter_(1, self.indices, self.values)
 
+    def prefix(self, end: int) -> Codes:
+        """The code of the first `end` latents alone (the others zeroed): what a Matryoshka SAE's prefix
+        of that size reconstructs from."""
+        return Codes(self.values * (self.indices < end), self.indices, self.stats)
+
 
 class TopKSAE(nn.Module):
     """z = ReLU(TopK(W_enc (x - b_pre) [+ b_enc])), x_hat = W_dec^T z + b_pre, on normalised x.

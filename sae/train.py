@@ -224,7 +224,8 @@ class Trainer:
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens)
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.prepare()  # the host half of the optimizer step (device_step applies it)
-        parts = self.runner(batch, self.dead_latents())
+        with torch.enable_grad():  # also when the caller holds torch.no_grad() (as around an evaluation)
+            parts = self.runner(batch, self.dead_latents())
         self.tokens += self.rows(batch)
         self.steps += 1
         return parts

@@ -28,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-SANDBOX_DOCS = ("README.md", "registry.md", "python-api.md")  # their examples run in the sandbox
+SANDBOX_DOCS = ("README.md", "registry.md", "python-api.md", "dictionaries.md")  # their examples run in the sandbox
 MODEL = "smollm2-demo"  # the registered model the examples name
 D_IN = 32  # the tiny test model's width
 
@@ -334,10 +334,10 @@ def stand_ins(sandbox, text: str) -> dict:
     return names
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_python_examples_run(sandbox, index, monkeypatch):
     examples = python_blocks()
-    assert len(examples) == 6, [where(p, n) for p, _, n in examples]  # one case each
+    assert len(examples) == 7, [where(p, n) for p, _, n in examples]  # one case each
     path, text, line = examples[index]
     monkeypatch.chdir(sandbox["root"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sandbox["uri"])

@@ -185,3 +185,15 @@ def test_milestones_score_the_sae_as_it_stands_and_survive_a_resume():
     resumed.load_state_dict(*first.state_dict())
     train_saes([resumed], x.split(256)[3:], progress=False, milestones=[512, 1200], evaluate=score)
     assert resumed.milestones == whole.milestones
+
+
+def test_training_inside_no_grad_trains_as_outside():
+    """A caller's torch.no_grad() (e.g. around an evaluation loop) does not reach the training step."""
+    x = torch.randn(2048, 16, generator=torch.Generator().manual_seed(0))
+    cfg, tcfg = SAEConfig(16, 32, 4), TrainConfig(batch_tokens=256, tokens=2048, seed=0)
+    outside = train_sae(cfg, tcfg, x, progress=False).sae
+    with torch.no_grad():
+        inside = train_sae(cfg, tcfg, x, progress=False).sae
+    assert torch.equal(inside.W_dec, outside.W_dec) and torch.equal(inside.W_enc, outside.W_enc)
+    with torch.no_grad():  # it trained: better than predicting the mean
+        assert ((inside(x) - x) ** 2).sum() < 0.9 * ((x - x.mean(0)) ** 2).sum()
