@@ -158,7 +158,9 @@ def safe(hook: str) -> str:
 
 
 # training -----------------------------------------------------------------------------------------
-def run_saeflow(data: dict, tokens: int, settings: str, seed: int = 0, **overrides) -> dict:
+def run_saeflow(data: dict, tokens: int, settings: str, seed: int = 0, snapshots=(), **overrides) -> dict[int, dict]:
+    """saeflow's outputs after `tokens`, and after each of `snapshots` on the way (only where its
+    settings are the same at those budgets: `budget_groups`), by budget."""
     from sae import SAEConfig, TrainConfig, train_sae
 
     s = data["shape"]
@@ -174,13 +176,43 @@ def run_saeflow(data: dict, tokens: int, settings: str, seed: int = 0, **overrid
         )
     tcfg = TrainConfig(batch_tokens=s["batch"], tokens=tokens, seed=seed, **overrides)
     rows = np.load(data["train"], mmap_mode="r")
-    result = train_sae(SAEConfig(s["d"], s["n_latents"], s["k"]), tcfg, rows, progress=False)
     held = torch.from_numpy(np.load(data["held"]).astype(np.float32))
-    with torch.no_grad():
-        codes = result.sae.encode(held)
-        recon = result.sae.decode(codes)
-    fires = torch.zeros(s["n_latents"]).index_add_(0, codes.indices.flatten(), (codes.values > 0).flatten().float())
-    return {"recon": recon.numpy(), "decoder": result.sae.W_dec.detach().numpy(), "fires": fires.numpy()}
+
+    def outputs(sae) -> dict:
+        with torch.no_grad():
+            codes = sae.encode(held)
+            recon = sae.decode(codes)
+        fires = torch.zeros(s["n_latents"]).index_add_(0, codes.indices.flatten(), (codes.values > 0).flatten().float())
+        return {"recon": recon.numpy(), "decoder": sae.W_dec.detach().numpy(), "fires": fires.numpy()}
+
+    on_the_way: list[dict] = []
+    result = train_sae(
+        SAEConfig(s["d"], s["n_latents"], s["k"]),
+        tcfg,
+        rows,
+        progress=False,
+        milestones=snapshots,
+        evaluate=lambda sae: on_the_way.append(outputs(sae)) or {},
+    )
+    return {**dict(zip(sorted(snapshots), on_the_way)), tokens: outputs(result.sae)}
+
+
+def budget_groups(data: dict, grid: list[int]) -> list[list[int]]:
+    """The grid's budgets grouped by the settings saeflow trains with at each (lr, optimizer, schedule,
+    dead window): within a group a run to the largest budget passes through each smaller budget's
+    run, and is scored on the way, as the peers are (tests/test_train.py shows a milestone's SAE equal
+    to a run stopped there). On the real cells the lr cap takes the short-run factor away at d 576 and
+    sign descent has no schedule, so most budgets share a run; the synthetic ones differ in lr."""
+    from sae import TrainConfig
+
+    s = data["shape"]
+    n, d = s["n_latents"], s["d"]
+    groups: dict[tuple, list[int]] = {}
+    for tokens in grid:
+        t = TrainConfig(batch_tokens=s["batch"], tokens=tokens)
+        key = (t.resolved_lr(n, d), t.resolved_optimizer(), t.warmup_tokens(), t.decay(), t.dead_window(n, s["k"]))
+        groups.setdefault(key, []).append(tokens)
+    return [sorted(g) for g in groups.values()]
 
 
 class PeerWorkers:
@@ -344,11 +376,11 @@ def datasets(args) -> list[tuple[str, list[int], object]]:
 
 def jobs(data: dict, grid: list[int], peers: bool, seeds: int, lr_sweep: str | None, variants=()):
     """(tokens, settings, library, seed, snapshots) of a cell. A peer at its defaults trains once, to
-    the largest budget, and is scored at each smaller one on the way (peer_train.py); saeflow's lr
-    depends on the budget (the short-run factor), so it trains once per budget."""
+    the largest budget, and is scored at each smaller one on the way (peer_train.py); so does saeflow
+    where its settings are the same at several budgets (`budget_groups`), else it trains once per budget."""
     middle = grid[len(grid) // 2]
     real = data["features"] is None
-    out = [(t, "defaults", "saeflow", 0, ()) for t in grid]
+    out = [(g[-1], "defaults", "saeflow", 0, tuple(g[:-1])) for g in budget_groups(data, grid)]
     if peers:
         out += [(grid[-1], "defaults", lib, 0, tuple(grid[:-1])) for lib in ("sparsify", "saelens")]
     # the real cells' seed spread, at the middle budget: saeflow and sparsify (SAELens at its defaults
@@ -435,13 +467,13 @@ def main() -> None:
         for tokens, settings, lib, seed, snapshots in cell_jobs:
             t0 = time.time()
             if settings in args.variant:
-                outs = {tokens: run_saeflow(data, tokens, "defaults", **variant_fields(settings))}
+                outs = run_saeflow(data, tokens, "defaults", **variant_fields(settings))
             elif settings.startswith("lr x"):
                 lr = float(settings[4:]) * default_lr(data, tokens)
-                outs = {tokens: run_saeflow(data, tokens, "defaults", lr=lr)}
+                outs = run_saeflow(data, tokens, "defaults", lr=lr)
             elif lib.startswith("saeflow"):
                 tied = {"encoder_init": "tied"} if lib == "saeflow-tied" else {}
-                outs = {tokens: run_saeflow(data, tokens, settings, seed, **tied)}
+                outs = run_saeflow(data, tokens, settings, seed, snapshots, **tied)
             else:
                 outs = run_peer(workers, lib, data, tokens, settings, seed, snapshots)
             seconds = round(time.time() - t0, 1)

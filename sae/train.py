@@ -478,6 +478,8 @@ def train_sae(
     trainer: Trainer | None = None,
     checkpoint: Callable[[Trainer], None] | None = None,
     checkpoint_every_tokens: int = 0,
+    milestones: Sequence[int] = (),
+    evaluate: Callable[[TopKSAE], dict] | None = None,
 ) -> TrainResult:
     """Trains one SAE on activations a user has: a (rows, d) tensor or array, a .npy file, or an
     iterable of (batch, d) tensors.
@@ -489,6 +491,8 @@ def train_sae(
     tokens=None trains one pass over an array (several passes when tokens exceeds its rows); an
     iterable needs tokens. The initialisation sample is `sample`, or else the head of the data.
     `trainer` resumes a run restored from a checkpoint (data must then start at its cursor).
+    `evaluate(sae)` scores the SAE as it stands once the run passes each of `milestones` (tokens), as
+    train_saes does.
     """
     rows, length = open_activations(data)
     if tcfg.tokens is None:
@@ -503,4 +507,6 @@ def train_sae(
             sample, batches = head_sample(batches, tcfg.geometric_median_samples)
         trainer.initialize(sample)
     single = (lambda ts: checkpoint(ts[0])) if checkpoint else None
-    return train_saes([trainer], batches, progress, single, checkpoint_every_tokens)[0]
+    return train_saes(
+        [trainer], batches, progress, single, checkpoint_every_tokens, milestones=milestones, evaluate=evaluate
+    )[0]

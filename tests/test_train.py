@@ -197,3 +197,17 @@ def test_training_inside_no_grad_trains_as_outside():
     assert torch.equal(inside.W_dec, outside.W_dec) and torch.equal(inside.W_enc, outside.W_enc)
     with torch.no_grad():  # it trained: better than predicting the mean
         assert ((inside(x) - x) ** 2).sum() < 0.9 * ((x - x.mean(0)) ** 2).sum()
+
+
+def test_a_milestone_of_a_longer_run_is_the_shorter_run():
+    """With settings that do not depend on the budget (a fixed lr, sign descent's constant schedule),
+    the SAE scored at a milestone of a longer run equals the SAE of a run stopped there: what lets
+    benchmarks/quality.py score several budgets from one run."""
+    x = torch.randn(4096, 16, generator=torch.Generator().manual_seed(1))
+    cfg = SAEConfig(16, 32, 4)
+    seen = []
+    long = TrainConfig(batch_tokens=256, tokens=4096, lr=0.01, seed=0)
+    train_sae(cfg, long, x, progress=False, milestones=[1000], evaluate=lambda sae: seen.append(sae) or {})
+    short = train_sae(cfg, TrainConfig(batch_tokens=256, tokens=1000, lr=0.01, seed=0), x, progress=False).sae
+    assert len(seen) == 1
+    assert torch.equal(seen[0].W_dec, short.W_dec) and torch.equal(seen[0].W_enc, short.W_enc)
