@@ -91,14 +91,15 @@ def to_register(spec: RunSpec, hookpoint: str, metrics: list[dict | None]) -> li
     return l0_frontier([m["l0"] for m in evaluated], [m["normalized_mse"] for m in evaluated])
 
 
-def share_with_browsers(spec: RunSpec, hookpoint: str) -> int:
+def share_with_browsers(spec: RunSpec, hookpoint: str, evaluated: list[dict] | None = None) -> int:
     """Once every SAE of a sweep at `hookpoint` is evaluated, writes the sweep's points into each
-    one's feature browser (its overview's frontier plots); returns how many browsers took them."""
+    one's feature browser (its overview's frontier plots); returns how many browsers took them.
+    `evaluated`: `points(spec)` when the caller has read them already."""
     from sae.browser import SWEEP_DATA, sweep_data
 
     if spec.sweep is None or not spec.eval.browser:
         return 0
-    rows = [r for r in points(spec) if r["hookpoint"] == hookpoint]
+    rows = [r for r in (points(spec) if evaluated is None else evaluated) if r["hookpoint"] == hookpoint]
     if len(rows) < len(spec.sae):
         return 0
     shared = 0
@@ -118,7 +119,7 @@ def report(spec: RunSpec) -> Path:
     out = sweep_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
     for hookpoint in spec.hookpoints:
-        share_with_browsers(spec, hookpoint)
+        share_with_browsers(spec, hookpoint, rows)
     fits = {}
     for hookpoint in spec.hookpoints:
         # L(n, k): the best SAE of each (n, k) over the sweep's lrs and token budgets

@@ -181,14 +181,7 @@ def sae_loss(
         return latents.sum(sparse_decode(*latents.top(values, indices, width), sae.W_dec)) + sae.b_pre
 
     main_values, main_indices = latents.top(values, indices, k)
-    if sae.cfg.matryoshka:
-        _whole(latents)
-        terms = matryoshka_terms(main_values, main_indices, sae, x_norm, mse_scale)
-        recon, mse, loss = terms[-1][0], terms[-1][1].detach(), torch.stack([t for _, t in terms]).sum()
-    else:
-        recon = latents.sum(sparse_decode(main_values, main_indices, sae.W_dec)) + sae.b_pre
-        mse = sq_err(x_norm, recon, mse_scale)
-        loss = mse
+    recon, mse, loss = _reconstruction(sae, x_norm, mse_scale, latents, main_values, main_indices)
     if k_wide > k:  # multi-TopK (§5.3)
         loss = loss + sq_err(x_norm, decode(k_wide), mse_scale) / 8
     aux = torch.zeros((), device=x_norm.device)
@@ -223,9 +216,21 @@ def matryoshka_terms(
     return terms
 
 
-def _whole(latents: Latents) -> None:
-    if not isinstance(latents, WholeLatents):
-        raise ValueError("a Matryoshka SAE trains with all its latents in one process: set train.latent_shards: 1")
+def _reconstruction(sae: TopKSAE, x_norm, mse_scale: float, latents: Latents, values, indices, rows=None):
+    """(reconstruction, its squared error, the reconstruction loss) of a (B, k) code, or of a ragged
+    one with each entry's row in `rows`: the sum of the prefixes' errors for a Matryoshka SAE."""
+    if sae.cfg.matryoshka:
+        if not isinstance(latents, WholeLatents):
+            raise ValueError("a Matryoshka SAE trains with all its latents in one process: set train.latent_shards: 1")
+        terms = matryoshka_terms(values, indices, sae, x_norm, mse_scale, rows)
+        return terms[-1][0], terms[-1][1], torch.stack([t for _, t in terms]).sum()
+    if rows is None:
+        partial = sparse_decode(values, indices, sae.W_dec)
+    else:
+        partial = ragged_decode(rows, indices, values, sae.W_dec, x_norm.shape[0])
+    recon = latents.sum(partial) + sae.b_pre
+    mse = sq_err(x_norm, recon, mse_scale)
+    return recon, mse, mse
 
 
 def _aux_width(tcfg: TrainConfig, d_in: int, n_latents: int, dead: DeadLatents) -> int:
@@ -264,14 +269,7 @@ def _batch_topk_loss(
     rows_here = x_norm.shape[0]
     count = latents.k * rows_here * latents.replicas
     rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, latents.batch_keep(count))
-    if sae.cfg.matryoshka:
-        _whole(latents)
-        terms = matryoshka_terms(values, cols, sae, x_norm, mse_scale, rows)
-        recon, mse, loss = terms[-1][0], terms[-1][1].detach(), torch.stack([t for _, t in terms]).sum()
-    else:
-        recon = latents.sum(ragged_decode(rows, cols, values, sae.W_dec, rows_here)) + sae.b_pre
-        mse = sq_err(x_norm, recon, mse_scale)
-        loss = mse
+    recon, mse, loss = _reconstruction(sae, x_norm, mse_scale, latents, values, cols, rows)
     aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:
         width = min(aux_k, sae.cfg.n_latents)  # the same on every process: the candidates are gathered
