@@ -339,7 +339,7 @@ def delta_ce(data: dict, recon: np.ndarray) -> float:
     first = int(spec.data.drop_first_position)
     tail = torch.from_numpy(recon).float().view(ids.shape[0], ids.shape[1] - first, -1)
 
-    def splice(h):
+    def splice(h, _x):
         return torch.cat([h[:, :first], tail.to(h.dtype)], dim=1)
 
     with torch.no_grad():

@@ -20,21 +20,39 @@ class SAEConfig:
         mean-subtraction + unit norm, up to sqrt(d)); SAELens calls it layer_norm.
       - "dataset_scale": one scalar s computed once from a sample so that E||s x||^2 = d.
       - "none": raw activations.
+      A transcoder's target (the MLP's output) is unknown at inference, so a per-token standardisation
+      of it could not be undone: a transcoder scales its input and its target by one dataset-level
+      scalar each (dataset_scale, its default) or takes them raw.
+
+    transcoder: the latents read one activation (an MLP's input) and reconstruct another (its
+    output) instead of their own input, as in Dunefsky et al. 2024; skip_connection adds an affine
+    skip W_skip x to the prediction, initialised at zero (Paulo et al. 2025's skip-transcoder).
     """
 
     d_in: int
     n_latents: int
     k: int
     encoder_bias: bool = False  # the paper's §2.3 equation has none; the released code has one
-    normalization: Normalization = "standardize"
+    normalization: Normalization | None = None  # None: standardize for an SAE, dataset_scale for a transcoder
     # batchtopk: the k*B largest pre-activations of a training batch; at inference, the latents above
     # a threshold learnt in training (at most 4k per token)
     activation: Literal["topk", "batchtopk"] = "topk"
     # Matryoshka (Bussmann et al. 2025): the sizes of consecutive latent groups; each prefix of groups
     # is trained to reconstruct on its own (the loss sums the prefixes' losses). (): a plain SAE
     matryoshka: tuple[int, ...] = ()
+    transcoder: bool = False
+    skip_connection: bool = False
 
     def __post_init__(self) -> None:
+        if self.normalization is None:
+            object.__setattr__(self, "normalization", "dataset_scale" if self.transcoder else "standardize")
+        if self.transcoder and self.normalization == "standardize":
+            raise ValueError(
+                "normalization: standardize is per token and cannot be undone on a transcoder's target "
+                "(unknown at inference): use dataset_scale (the default for transcoders) or none"
+            )
+        if self.skip_connection and not self.transcoder:
+            raise ValueError("skip_connection: a skip connection belongs to a transcoder: set transcoder too")
         if self.d_in <= 0 or self.n_latents <= 0 or self.k <= 0:
             raise ValueError(f"d_in, n_latents and k must be positive, got {self}")
         if self.k > self.n_latents:
@@ -54,9 +72,15 @@ class SAEConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not self.matryoshka:  # a plain SAE's config reads as before
-            d.pop("matryoshka")
+        for name in ("matryoshka", "transcoder", "skip_connection"):
+            if not d[name]:  # a plain SAE's config reads as before
+                d.pop(name)
         return d
+
+    def encoder_reads_bias(self) -> bool:
+        """Whether the encoder has a bias: a transcoder always does (its input is not centred by b_pre,
+        which lives in the target's space)."""
+        return self.encoder_bias or self.transcoder
 
 
 def matryoshka_problem(groups, n_latents: int) -> str | None:

@@ -43,6 +43,8 @@ def downstream_metrics(
 ) -> dict[str, float]:
     """§4.1: next-token CE and KL from the clean distribution with the activation replaced by the
     SAE's reconstruction, by zeros and by the mean activation; loss recovered compares the three.
+    For a transcoder (at a "MODULE:io" hookpoint) the MLP's output is replaced by the prediction from
+    its input, and `mean_activation` is the mean output.
 
     Positions before `first_position` (excluded from training) keep their clean activation in every
     variant; the loss is averaged over every next-token prediction of the contexts.
@@ -51,16 +53,16 @@ def downstream_metrics(
     sae = sae.to(device)
     mean_activation = mean_activation.to(device)
 
-    def splice(replace):
-        def fn(h: torch.Tensor) -> torch.Tensor:
-            tail = h[:, first_position:]
-            new = replace(tail.reshape(-1, tail.shape[-1])).reshape(tail.shape).to(h.dtype)
+    def splice(replace, reads_input: bool = False):
+        def fn(h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+            tail = (x if reads_input and x is not None else h)[:, first_position:]
+            new = replace(tail.reshape(-1, tail.shape[-1])).reshape(h[:, first_position:].shape).to(h.dtype)
             return torch.cat([h[:, :first_position], new], dim=1)
 
         return fn
 
     variants = {
-        "sae": splice(sae),
+        "sae": splice(sae, reads_input=isinstance(sae, TopKSAE) and sae.cfg.transcoder),
         "zero": splice(torch.zeros_like),
         "mean": splice(lambda t: mean_activation.expand_as(t)),
     }
@@ -118,14 +120,13 @@ def ablation_sparsity(
     slot = torch.randint(sae.cfg.k, (B,), generator=g)
 
     def splice(ablate: bool):
-        def fn(h: torch.Tensor) -> torch.Tensor:
-            tail = h[:, first_position:]
-            x_norm, stats = sae.normalize(tail.reshape(-1, tail.shape[-1]))
-            codes = sae.encode_normalized(x_norm)
+        def fn(h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+            tail = (x if sae.cfg.transcoder and x is not None else h)[:, first_position:]
+            codes = sae.encode(tail.reshape(-1, tail.shape[-1]))
             if ablate:
                 rows = torch.arange(B, device=device) * (L - first_position) + (t.to(device) - first_position)
                 codes.values[rows, slot.to(device)] = 0.0
-            recon = sae.decode(codes, stats).view_as(tail).to(h.dtype)
+            recon = sae.decode(codes).view_as(h[:, first_position:]).to(h.dtype)
             return torch.cat([h[:, :first_position], recon], dim=1)
 
         return fn

@@ -88,7 +88,7 @@ def evaluate_sae(sae: TopKSAE, plan: EvalPlan, source: EvalSource, progress: boo
                 contexts,
                 source.hookpoint,
                 source.first_position,
-                source.mean_activation(plan.tokens),
+                sae.split(source.mean_activation(plan.tokens)[None])[1][0],  # a transcoder's: the target's mean
                 plan.batch_contexts,
                 progress,
             )
@@ -108,7 +108,7 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
     """The codes (and raw activations) of the first feature_tokens rows, in whole contexts; the
     explanations and logit effects when the plan asks for them."""
     n_contexts = min(source.n_contexts, max(2, plan.feature_tokens // source.positions))
-    acts = torch.cat(list(source.rows(n_contexts * source.positions)))
+    acts = sae.split(torch.cat(list(source.rows(n_contexts * source.positions))))[0]  # what the encoder reads
     values, indices = [], []
     with torch.no_grad():
         for batch in acts.split(4096):

@@ -127,24 +127,99 @@ def _output_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+# A store site "MODULE:io" holds a module's input and output side by side, [input | output]: a
+# transcoder's training rows, from one forward.
+IO = ":io"
+
+
+def module_of(site: str) -> str:
+    """The module a store site reads (a hookpoint is its own site)."""
+    return site.removesuffix(IO)
+
+
+def only_tensor_input(module_name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A module's single tensor input; a clear error when it takes none or several."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if len(tensors) != 1:
+        raise ValueError(
+            f"{module_name} takes {len(tensors)} tensor inputs: a transcoder reads a module with one tensor "
+            "input and one tensor output (an MLP): name the MLP module"
+        )
+    return tensors[0]
+
+
+def _single_output(module_name: str, output) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(
+            f"{module_name} returns {type(output).__name__}, not one tensor: a transcoder reads a module with one "
+            "tensor input and one tensor output (an MLP): name the MLP module"
+        )
+    return output
+
+
+def io_problem(config, module_name: str) -> str | None:
+    """Why `module_name` of the model a config describes cannot feed a transcoder (None: it can): a
+    forward on the meta device (no weights, no compute) shows its inputs and output."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        # eager attention: the SDPA path asks data-dependent questions of the mask, which meta tensors cannot answer
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    seen: list[str] = []
+
+    def hook(_module, args, kwargs, output):
+        try:
+            x = only_tensor_input(module_name, args, kwargs)
+            y = _single_output(module_name, output)
+            if x.shape[-1] != y.shape[-1]:
+                seen.append(f"{module_name} maps width {x.shape[-1]} to {y.shape[-1]}: a transcoder needs equal widths")
+            else:
+                seen.append("")
+        except ValueError as e:
+            seen.append(str(e))
+        raise _StopForward
+
+    handle = model.get_submodule(module_name).register_forward_hook(hook, with_kwargs=True)
+    try:
+        ids = torch.zeros(1, 2, dtype=torch.long, device="meta")
+        # an explicit mask: without it transformers looks for packed sequences, a data-dependent check
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        return f"{module_name} did not run in the model's forward pass: name a module the forward calls"
+    return seen[0] or None
+
+
 class _StopForward(Exception):
     pass
 
 
 @torch.no_grad()
 def capture(model: nn.Module, input_ids: torch.Tensor, hookpoints: list[str]) -> dict[str, torch.Tensor]:
-    """Activations (B, L, d) at each hookpoint; the forward stops once the last one has fired."""
+    """Activations (B, L, d) at each hookpoint, (B, L, 2d) [input | output] at each "MODULE:io" site;
+    the forward stops once the last one has fired."""
     captured: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
-        def hook(_module, _inputs, output):
-            captured[name] = _output_tensor(output).detach()
+        module = module_of(name)
+
+        def hook(_module, args, kwargs, output):
+            if name.endswith(IO):
+                x = only_tensor_input(module, args, kwargs)
+                captured[name] = torch.cat([x, _single_output(module, output)], dim=-1).detach()
+            else:
+                captured[name] = _output_tensor(output).detach()
             if len(captured) == len(hookpoints):
                 raise _StopForward
 
         return hook
 
-    handles = [model.get_submodule(h).register_forward_hook(hook_for(h)) for h in hookpoints]
+    handles = [
+        model.get_submodule(module_of(h)).register_forward_hook(hook_for(h), with_kwargs=True) for h in hookpoints
+    ]
     try:
         model(input_ids=input_ids, use_cache=False)
     except _StopForward:
@@ -159,14 +234,19 @@ def capture(model: nn.Module, input_ids: torch.Tensor, hookpoints: list[str]) ->
 
 
 @contextlib.contextmanager
-def replaced(model: nn.Module, hookpoint: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """Inside the block, the hookpoint's output h (B, L, d) is replaced by fn(h)."""
+def replaced(
+    model: nn.Module, hookpoint: str, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+) -> Iterator[None]:
+    """Inside the block, the hookpoint's output h (B, L, d) is replaced by fn(h, x): x is the module's
+    input at a "MODULE:io" site (what a transcoder reads), else None."""
+    module = module_of(hookpoint)
 
-    def hook(_module, _inputs, output):
-        new = fn(_output_tensor(output))
+    def hook(_module, args, kwargs, output):
+        x = only_tensor_input(module, args, kwargs) if hookpoint.endswith(IO) else None
+        new = fn(_output_tensor(output), x)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    handle = model.get_submodule(hookpoint).register_forward_hook(hook)
+    handle = model.get_submodule(module).register_forward_hook(hook, with_kwargs=True)
     try:
         yield
     finally:

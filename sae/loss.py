@@ -157,14 +157,19 @@ def sae_loss(
     tcfg: TrainConfig,
     dead: DeadLatents = NO_DEAD,
     latents: Latents | None = None,
+    target: torch.Tensor | None = None,
 ) -> LossParts:
     """The loss of `sae` (this process's latents) on a normalised batch; `latents` defaults to all
-    of them in this process."""
+    of them in this process. `target`: a transcoder's normalised target (an SAE's is x_norm)."""
     latents = latents or WholeLatents(sae.cfg.n_latents, sae.cfg.k)
     aux_k = _aux_width(tcfg, sae.cfg.d_in, latents.n_latents, dead)
-    x_in = latents.enter(x_norm - sae.b_pre)
+    x_in = latents.enter(sae.encoder_input(x_norm))
+    # what the latents add to: b_pre, and a skip-transcoder's W_skip x
+    skip = sae.skip(x_norm)
+    offset = sae.b_pre if skip is None else skip + sae.b_pre
+    x_norm = x_norm if target is None else target  # from here on: what the decoder reconstructs
     if sae.cfg.activation == "batchtopk":
-        return _batch_topk_loss(sae, x_in, x_norm, mse_scale, tcfg, dead, aux_k, latents)
+        return _batch_topk_loss(sae, x_in, x_norm, offset, mse_scale, tcfg, dead, aux_k, latents)
     k, n_here = latents.k, sae.cfg.n_latents
     k_wide = min(4 * k, latents.n_latents) if tcfg.multi_topk else k
     values, indices, aux_values, aux_indices = topk_encode(
@@ -178,10 +183,10 @@ def sae_loss(
     )
 
     def decode(width: int) -> torch.Tensor:
-        return latents.sum(sparse_decode(*latents.top(values, indices, width), sae.W_dec)) + sae.b_pre
+        return latents.sum(sparse_decode(*latents.top(values, indices, width), sae.W_dec)) + offset
 
     main_values, main_indices = latents.top(values, indices, k)
-    recon, mse, loss = _reconstruction(sae, x_norm, mse_scale, latents, main_values, main_indices)
+    recon, mse, loss = _reconstruction(sae, x_norm, offset, mse_scale, latents, main_values, main_indices)
     if k_wide > k:  # multi-TopK (§5.3)
         loss = loss + sq_err(x_norm, decode(k_wide), mse_scale) / 8
     aux = torch.zeros((), device=x_norm.device)
@@ -198,12 +203,14 @@ def matryoshka_terms(
     x_norm: torch.Tensor,
     mse_scale: float,
     rows: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(reconstruction, squared error) of each nested prefix of a Matryoshka SAE's latents, from the
     codes of the whole dictionary (Bussmann et al. 2025: the prefixes share one encoding): each
     group's latents decoded on their own, added to the prefix before. The last is the whole SAE's.
-    A (B, k) code, or a ragged one (1-D indices and values, each entry's row in `rows`)."""
-    recon, start, terms = sae.b_pre.expand_as(x_norm), 0, []
+    A (B, k) code, or a ragged one (1-D indices and values, each entry's row in `rows`). `x_norm`
+    is the target; `offset` what the latents add to (default b_pre)."""
+    recon, start, terms = (sae.b_pre if offset is None else offset).expand_as(x_norm), 0, []
     for end in sae.cfg.prefix_ends():
         in_group = values * ((indices >= start) & (indices < end))
         if rows is None:
@@ -216,19 +223,20 @@ def matryoshka_terms(
     return terms
 
 
-def _reconstruction(sae: TopKSAE, x_norm, mse_scale: float, latents: Latents, values, indices, rows=None):
+def _reconstruction(sae: TopKSAE, x_norm, offset, mse_scale: float, latents: Latents, values, indices, rows=None):
     """(reconstruction, its squared error, the reconstruction loss) of a (B, k) code, or of a ragged
-    one with each entry's row in `rows`: the sum of the prefixes' errors for a Matryoshka SAE."""
+    one with each entry's row in `rows`: the sum of the prefixes' errors for a Matryoshka SAE.
+    `x_norm` is the target, `offset` what the latents add to."""
     if sae.cfg.matryoshka:
         if not isinstance(latents, WholeLatents):
             raise ValueError("a Matryoshka SAE trains with all its latents in one process: set train.latent_shards: 1")
-        terms = matryoshka_terms(values, indices, sae, x_norm, mse_scale, rows)
+        terms = matryoshka_terms(values, indices, sae, x_norm, mse_scale, rows, offset)
         return terms[-1][0], terms[-1][1], torch.stack([t for _, t in terms]).sum()
     if rows is None:
         partial = sparse_decode(values, indices, sae.W_dec)
     else:
         partial = ragged_decode(rows, indices, values, sae.W_dec, x_norm.shape[0])
-    recon = latents.sum(partial) + sae.b_pre
+    recon = latents.sum(partial) + offset
     mse = sq_err(x_norm, recon, mse_scale)
     return recon, mse, mse
 
@@ -260,16 +268,24 @@ def _aux_loss(
 
 
 def _batch_topk_loss(
-    sae: TopKSAE, x_in, x_norm, mse_scale: float, tcfg: TrainConfig, dead: DeadLatents, aux_k: int, latents: Latents
+    sae: TopKSAE,
+    x_in,
+    x_norm,
+    offset,
+    mse_scale: float,
+    tcfg: TrainConfig,
+    dead: DeadLatents,
+    aux_k: int,
+    latents: Latents,
 ) -> LossParts:
     """BatchTopK: the k·B largest pre-activations of the whole (global) batch; AuxK per row over the
-    dead latents' encoder rows alone, as for TopK."""
+    dead latents' encoder rows alone, as for TopK. `x_norm` is the target."""
     if dead.mode is AuxMode.MASKED:
         raise ValueError("BatchTopK's AuxK needs the dead latents counted (a CUDA graph cannot run it)")
     rows_here = x_norm.shape[0]
     count = latents.k * rows_here * latents.replicas
     rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, latents.batch_keep(count))
-    recon, mse, loss = _reconstruction(sae, x_norm, mse_scale, latents, values, cols, rows)
+    recon, mse, loss = _reconstruction(sae, x_norm, offset, mse_scale, latents, values, cols, rows)
     aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:
         width = min(aux_k, sae.cfg.n_latents)  # the same on every process: the candidates are gathered

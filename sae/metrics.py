@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sae.model import Codes, TopKSAE
+from sae.model import TopKSAE
 
 
 def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,7 @@ def kl_divergence(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> tor
 
 class ReconstructionStats:
     """Streams batches of raw activations through an SAE; all statistics in the normalised space.
+    A transcoder's rows are [input | target], and x below is the target (its FVU).
 
     normalized MSE = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with the mean of the evaluated set
     (the paper's definition, §2.1); L0; latents that never fired; latents firing on > 10% of tokens;
@@ -47,16 +48,15 @@ class ReconstructionStats:
     @torch.no_grad()
     def update(self, x_raw: torch.Tensor) -> None:
         sae = self.sae
-        x, _ = sae.normalize(x_raw.to(sae.W_enc.device))
-        wide = sae.encode_normalized(x, k=max(self.ks))
+        inputs, targets = sae.split(x_raw.to(sae.W_enc.device))
+        x_in, _ = sae.normalize(inputs)
+        x = sae.normalize_target(targets)[0] if sae.cfg.transcoder else x_in
+        wide = sae.encode_normalized(x_in, k=max(self.ks))
         for k in self.ks:
-            recon = sae.decode_normalized(Codes(wide.values[:, :k], wide.indices[:, :k]))
+            recon = sae.decode_normalized(wide.first(k))
             self.sq_err[k] += (x - recon).double().pow(2).sum().item()
         # the SAE's own code: its k for TopK, the thresholded code for BatchTopK
-        k = sae.cfg.k
-        main = (
-            Codes(wide.values[:, :k], wide.indices[:, :k]) if sae.cfg.activation == "topk" else sae.encode_normalized(x)
-        )
+        main = wide.first(sae.cfg.k) if sae.cfg.activation == "topk" else sae.encode_normalized(x_in)
         self.main_sq_err += (x - sae.decode_normalized(main)).double().pow(2).sum().item()
         fired = main.values > 0
         self.active += int(fired.sum())

@@ -80,6 +80,8 @@ class Codes:
     values: torch.Tensor  # (B, k)
     indices: torch.Tensor  # (B, k) int64
     stats: NormStats | None = None
+    # a skip-transcoder's W_skip x (normalised space, (B, d)): part of the prediction the latents do not carry
+    skip: torch.Tensor | None = None
 
     def dense(self, n_latents: int) -> torch.Tensor:
         out = self.values.new_zeros(self.values.shape[0], n_latents)
@@ -88,11 +90,19 @@ class Codes:
     def prefix(self, end: int) -> Codes:
         """The code of the first `end` latents alone (the others zeroed): what a Matryoshka SAE's prefix
         of that size reconstructs from."""
-        return Codes(self.values * (self.indices < end), self.indices, self.stats)
+        return Codes(self.values * (self.indices < end), self.indices, self.stats, self.skip)
+
+    def first(self, k: int) -> Codes:
+        """The first k of each row's kept latents (codes from a wider encode are sorted descending)."""
+        return Codes(self.values[:, :k], self.indices[:, :k], self.stats, self.skip)
 
 
 class TopKSAE(nn.Module):
     """z = ReLU(TopK(W_enc (x - b_pre) [+ b_enc])), x_hat = W_dec^T z + b_pre, on normalised x.
+
+    A transcoder (cfg.transcoder) reads x, an MLP's input, and predicts y, its output:
+    z = ReLU(TopK(W_enc x + b_enc)), y_hat = W_dec^T z + b_pre [+ W_skip x], with x and y each scaled
+    by its own dataset-level scalar. Its training rows are [x | y], 2 d_in wide (`split`).
 
     `encode`, `decode` and `forward` take and return raw activations; normalisation is applied and
     undone inside. Decoder rows (one per latent) have unit norm.
@@ -100,6 +110,7 @@ class TopKSAE(nn.Module):
 
     input_scale: torch.Tensor  # buffers (register_buffer below)
     threshold: torch.Tensor
+    target_scale: torch.Tensor  # transcoders only
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -108,12 +119,16 @@ class TopKSAE(nn.Module):
         self.W_dec = nn.Parameter(torch.empty(n, d))
         self.W_enc = nn.Parameter(torch.empty(n, d))
         self.b_pre = nn.Parameter(torch.zeros(d))
-        self.b_enc = nn.Parameter(torch.zeros(n)) if cfg.encoder_bias else None
+        self.b_enc = nn.Parameter(torch.zeros(n)) if cfg.encoder_reads_bias() else None
+        # (d_out, d_in), as sparsify stores it; zero at the start: the skip path grows only as it helps
+        self.W_skip = nn.Parameter(torch.zeros(d, d)) if cfg.skip_connection else None
         # dataset_scale: a constant multiplier fixed before training; 1 for the other modes
         self.register_buffer("input_scale", torch.ones(()))
         # batchtopk: inference keeps latents above this (a running average of the training batches'
         # smallest kept activation)
         self.register_buffer("threshold", torch.zeros(()))
+        if cfg.transcoder:  # the target's dataset_scale multiplier (1 for normalization none)
+            self.register_buffer("target_scale", torch.ones(()))
         self.metadata: dict = {}
         self.reset_parameters()
 
@@ -139,26 +154,63 @@ class TopKSAE(nn.Module):
         one, zero = x.new_ones(()), x.new_zeros(())
         return x, NormStats(shift=zero, scale=one)
 
+    def normalize_target(self, y: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
+        """A transcoder's target in its normalised space (its own scalar); an SAE's target is its input."""
+        if not self.cfg.transcoder:
+            return self.normalize(y)
+        y = y.to(self.W_enc.dtype)
+        return y * self.target_scale, NormStats(shift=y.new_zeros(()), scale=1 / self.target_scale)
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) of training rows: [x | y] halves for a transcoder, (x, x) for an SAE."""
+        if not self.cfg.transcoder:
+            return rows, rows
+        d = self.cfg.d_in
+        if rows.shape[-1] != 2 * d:
+            raise ValueError(
+                f"a transcoder of d_in {d} trains on rows [input | target] of width {2 * d}, got {rows.shape[-1]}"
+            )
+        return rows[..., :d], rows[..., d:]
+
     # the autoencoder on normalised inputs ------------------------------------------------------------
+    def encoder_input(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """What W_enc reads: x - b_pre for an SAE; a transcoder's input as it is (b_pre is in the
+        target's space; its encoder bias does the centring)."""
+        return x_norm if self.cfg.transcoder else x_norm - self.b_pre
+
+    def skip(self, x_norm: torch.Tensor) -> torch.Tensor | None:
+        """A skip-transcoder's W_skip x (None without a skip connection)."""
+        return None if self.W_skip is None else x_norm @ self.W_skip.T
+
     def encode_normalized(self, x_norm: torch.Tensor, k: int | None = None) -> Codes:
         """The top k latents per token (default cfg.k; for batchtopk, up to 4k above the threshold)."""
         batch_topk = self.cfg.activation == "batchtopk"
         width = k or (min(4 * self.cfg.k, self.cfg.n_latents) if batch_topk else self.cfg.k)
-        values, indices, _, _ = topk_encode(x_norm - self.b_pre, self.W_enc, self.b_enc, width)
+        values, indices, _, _ = topk_encode(self.encoder_input(x_norm), self.W_enc, self.b_enc, width)
         if batch_topk:
             values = values * (values > self.threshold)
-        return Codes(values, indices)
+        return Codes(values, indices, skip=self.skip(x_norm))
 
     def decode_normalized(self, codes: Codes) -> torch.Tensor:
-        return sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_pre
+        out = sparse_decode(codes.values, codes.indices, self.W_dec) + self.b_pre
+        return out if codes.skip is None else out + codes.skip
 
     # raw-space API ------------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, k: int | None = None) -> Codes:
-        """Codes of raw activations; they carry the normalisation, so `decode(encode(x))` is raw."""
+        """Codes of raw activations (a transcoder's: of the MLP's input); they carry the normalisation
+        (and a skip-transcoder's skip term), so `decode(encode(x))` is raw: the reconstruction, or the
+        transcoder's prediction of the MLP's output."""
         x_norm, stats = self.normalize(x)
         codes = self.encode_normalized(x_norm, k)
-        codes.stats = stats
+        codes.stats = self._target_stats(x_norm) if self.cfg.transcoder else stats
         return codes
+
+    def _target_stats(self, like: torch.Tensor) -> NormStats:
+        return NormStats(shift=like.new_zeros(()), scale=1 / self.target_scale)
+
+    def predict(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
+        """A transcoder's prediction of the MLP's output from its input (an SAE's reconstruction)."""
+        return self(x, k)
 
     def decode(self, codes: Codes, stats: NormStats | None = None) -> torch.Tensor:
         """Raw reconstruction of codes from `encode` (or of normalised codes with their `stats`)."""
@@ -169,13 +221,14 @@ class TopKSAE(nn.Module):
                     "decode: these codes carry no per-token normalisation (they did not come "
                     "from encode); pass stats=, or use decode_normalized for the normalised space"
                 )
-            _, stats = self.normalize(self.b_pre[None])
+            if self.W_skip is not None and codes.skip is None:
+                raise ValueError("decode: a skip-transcoder's codes carry W_skip x: decode codes from encode")
+            stats = self._target_stats(self.b_pre) if self.cfg.transcoder else self.normalize(self.b_pre[None])[1]
         return stats.undo(self.decode_normalized(codes))
 
     def forward(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
-        """Raw activations in, raw reconstruction out."""
-        x_norm, stats = self.normalize(x)
-        return self.decode(self.encode_normalized(x_norm, k), stats)
+        """Raw activations in, raw reconstruction (a transcoder's: prediction) out."""
+        return self.decode(self.encode(x, k))
 
     # persistence: safetensors + JSON, loadable without MLflow or Prefect ----------------------------
     def save(self, directory: str | os.PathLike, metadata: dict | None = None) -> Path:

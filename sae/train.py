@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -34,40 +35,58 @@ class NonFiniteLoss(FloatingPointError):
 def init_from_sample(
     sae: TopKSAE, sample: torch.Tensor, use_geometric_median: bool = True, scale_encoder: bool = True
 ) -> float:
-    """Sets the data-dependent constants from a raw sample; returns the MSE scale.
+    """Sets the data-dependent constants from a raw sample of training rows; returns the MSE scale.
 
-    The MSE scale is 1 / E||x - mean(x)||^2 on the sample, fixed for the whole run: the paper
-    normalises the loss once, never per batch.
+    The MSE scale is 1 / E||y - mean(y)||^2 on the sample (y: the target, an SAE's input), fixed for
+    the whole run: the paper normalises the loss once, never per batch. A transcoder's encoder bias
+    starts at -W_enc m (m: its input's geometric median), so that its encoder reads centred inputs
+    as an SAE's does.
     """
+    x_raw, y_raw = sae.split(sample)
     if sae.cfg.normalization == "dataset_scale":
-        sae.input_scale.fill_(math.sqrt(sae.cfg.d_in / sample.float().pow(2).sum(-1).mean().item()))
-    x, _ = sae.normalize(sample)
+        sae.input_scale.fill_(_unit_scale(x_raw, sae.cfg.d_in))
+        if sae.cfg.transcoder:
+            sae.target_scale.fill_(_unit_scale(y_raw, sae.cfg.d_in))
+    x, _ = sae.normalize(x_raw)
+    y, _ = sae.normalize_target(y_raw)
     if use_geometric_median:
-        sae.b_pre.copy_(geometric_median(x))
+        sae.b_pre.copy_(geometric_median(y))
+        if sae.cfg.transcoder and sae.b_enc is not None:
+            sae.b_enc.copy_(-(sae.W_enc @ geometric_median(x)))
     if scale_encoder:
-        scale_encoder_least_squares(sae, x)
-    return 1.0 / (x - x.mean(0)).pow(2).sum(-1).mean().item()
+        scale_encoder_least_squares(sae, x, y)
+    return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item()
+
+
+def _unit_scale(rows: torch.Tensor, d: int) -> float:
+    """The scalar s with E||s x||^2 = d on the rows."""
+    return math.sqrt(d / rows.float().pow(2).sum(-1).mean().item())
 
 
 @torch.no_grad()
-def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor) -> float:
-    """Scales the tied encoder by the c minimising sum ||x - b_pre - c * D^T z(x)||^2 on the sample.
+def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor, target: torch.Tensor | None = None) -> float:
+    """Scales the tied encoder by the c minimising sum ||x - b_pre - c * D^T z(x)||^2 on the sample
+    (a transcoder's target y for x; its encoder bias is scaled with it).
 
     With encoder rows equal to the unit decoder rows, each of the k kept latents reads its full
     projection on the input, and the k decoder rows add up to a reconstruction whose norm is about
     (1 + k * 2 ln(n/k) / d) times the input's, largely in wrong directions: the first steps then
     reconstruct worse than predicting b_pre, and Adam spends a short run shrinking the encoder. The
-    selection is invariant to c > 0 (no bias yet), so the least-squares c is exact and closed-form.
+    selection is invariant to c > 0 (no bias yet, or one scaled with the encoder), so the
+    least-squares c is exact and closed-form.
     """
     dot = norm2 = 0.0
     rows = max(1, min(4096, 2**28 // sae.cfg.n_latents))  # a (rows x n_latents) float32 matmul: at most 1 GiB
-    for x_in in (x_norm - sae.b_pre).split(rows):
+    residual = (x_norm if target is None else target) - sae.b_pre
+    for x_in, want in zip(sae.encoder_input(x_norm).split(rows), residual.split(rows)):
         values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
         recon = sparse_decode(values, indices, sae.W_dec)
-        dot += (x_in * recon).sum().item()
+        dot += (want * recon).sum().item()
         norm2 += recon.pow(2).sum().item()
     c = min(max(dot / max(norm2, 1e-30), 1e-3), 1.0)
     sae.W_enc.mul_(c)
+    if sae.cfg.transcoder and sae.b_enc is not None:
+        sae.b_enc.mul_(c)
     return c
 
 
@@ -257,7 +276,9 @@ class Trainer:
         host state changed, so that sae/cuda_graph.py can capture it (the optimizer's host half,
         `prepare`, runs in `step` before it)."""
         sae, tcfg = self.sae, self.tcfg
-        x_norm, _ = sae.normalize(batch)
+        x, y = sae.split(batch)
+        x_norm, _ = sae.normalize(x)
+        target = sae.normalize_target(y)[0] if sae.cfg.transcoder else None
         # autocast's cache of cast weights would outlive a captured graph's memory: off when graphed
         with (
             torch.autocast(
@@ -265,7 +286,7 @@ class Trainer:
             ),
             kernels.using(self.kernels),
         ):
-            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, self.place)
+            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, self.place, target)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
@@ -469,6 +490,21 @@ def train_saes(
     return [TrainResult(t.final_sae(), t.tokens, t.steps, t.dead_fraction(), t.history) for t in trainers]
 
 
+def paired(data: Activations, target: Activations) -> torch.Tensor:
+    """[input | target] rows of a transcoder's two arrays (held in memory, float32)."""
+    x, n_x = open_activations(data)
+    y, n_y = open_activations(target)
+    if not isinstance(x, (torch.Tensor, np.ndarray)) or not isinstance(y, (torch.Tensor, np.ndarray)):
+        raise ValueError("target=: give the inputs and targets as arrays (an iterable yields [input | target] rows)")
+    if n_x != n_y:
+        raise ValueError(f"target= has {n_y} rows, data has {n_x}: give one target row per input row")
+
+    def tensor(a: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))).float()
+
+    return torch.cat([tensor(x), tensor(y)], dim=1)
+
+
 def train_sae(
     sae_cfg: SAEConfig,
     tcfg: TrainConfig,
@@ -480,9 +516,11 @@ def train_sae(
     checkpoint_every_tokens: int = 0,
     milestones: Sequence[int] = (),
     evaluate: Callable[[TopKSAE], dict] | None = None,
+    target: Activations | None = None,
 ) -> TrainResult:
     """Trains one SAE on activations a user has: a (rows, d) tensor or array, a .npy file, or an
-    iterable of (batch, d) tensors.
+    iterable of (batch, d) tensors. A transcoder (sae_cfg.transcoder) trains on `data`, the MLP's
+    inputs, and `target`, its outputs row for row (or on an iterable of [input | output] batches).
 
         from sae import SAEConfig, TrainConfig, train_sae
         result = train_sae(SAEConfig(d_in=768, n_latents=16384, k=32), TrainConfig(), acts)
@@ -494,7 +532,10 @@ def train_sae(
     `evaluate(sae)` scores the SAE as it stands once the run passes each of `milestones` (tokens), as
     train_saes does.
     """
-    rows, length = open_activations(data)
+    rows, length = open_activations(data if target is None else paired(data, target))
+    if sae_cfg.transcoder and target is None and isinstance(rows, (torch.Tensor, np.ndarray)):
+        if rows.shape[1] != 2 * sae_cfg.d_in:
+            raise ValueError("train_sae: a transcoder needs target= (the MLP's outputs, row for row with data)")
     if tcfg.tokens is None:
         if length is None:
             raise ValueError("TrainConfig.tokens: an iterable of batches has no known length; give tokens=...")

@@ -107,7 +107,7 @@ def test_ablation_baselines_against_manual_forward(tiny_model_dir):
     expected = {}
     for name, fill in (("zero", torch.zeros(32)), ("mean", mean)):
 
-        def fn(h, fill=fill):
+        def fn(h, _x, fill=fill):
             out = h.clone()
             out[:, 1:] = fill  # position 0 keeps its clean activation
             return out

@@ -1,0 +1,174 @@
+"""Transcoders and skip-transcoders: the latents read an MLP's input and predict its output. The loss,
+the prediction and the spliced-in LM loss are checked against plain references (a dense computation,
+the MLP's own forward replaced by the prediction); one LM pass captures the MLP's input and output."""
+
+import pytest
+import torch
+
+from sae import SAEConfig, TopKSAE, TrainConfig, train_sae
+from sae.config import TrainConfig as TC
+from sae.evaluate import downstream_metrics, reconstruction_metrics
+from sae.lm import IO, capture, io_problem, logits
+from sae.loss import sae_loss
+from sae.metrics import next_token_ce
+
+
+def _transcoder(skip: bool = True, d: int = 12, n: int = 48, k: int = 5) -> TopKSAE:
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(d, n, k, transcoder=True, skip_connection=skip))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(std=0.3)
+        sae.input_scale.fill_(0.7)
+        sae.target_scale.fill_(1.3)
+    return sae
+
+
+def _dense_prediction(sae: TopKSAE, x_norm: torch.Tensor) -> torch.Tensor:
+    """W_dec^T TopK(ReLU(W_enc x + b_enc)) + b_pre + W_skip x, written out densely."""
+    pre = torch.relu(x_norm @ sae.W_enc.T + sae.b_enc)
+    kept = torch.zeros_like(pre).scatter(1, pre.topk(sae.cfg.k).indices, pre.gather(1, pre.topk(sae.cfg.k).indices))
+    out = kept @ sae.W_dec + sae.b_pre
+    return out + x_norm @ sae.W_skip.T if sae.W_skip is not None else out
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_loss_and_gradients_equal_a_dense_reference(skip):
+    sae = _transcoder(skip)
+    x, y = torch.randn(64, 12), torch.randn(64, 12)
+    x_norm, y_norm = x * sae.input_scale, y * sae.target_scale
+    tcfg = TC(aux_coef=0.0)
+    parts = sae_loss(sae, x_norm, 0.7, tcfg, target=y_norm)
+    parts.loss.backward()
+    got = {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+    sae.zero_grad()
+    ref = ((y_norm - _dense_prediction(sae, x_norm)) ** 2).sum(-1).mean() * 0.7
+    ref.backward()
+    assert parts.loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(got[name], p.grad, atol=1e-5), name
+    assert ("W_skip" in got) == skip
+
+
+def test_predict_and_codes_work_on_the_mlps_raw_input():
+    sae = _transcoder()
+    x = torch.randn(10, 12)
+    want = _dense_prediction(sae, x * sae.input_scale) / sae.target_scale
+    assert torch.allclose(sae.predict(x), want, atol=1e-5)
+    assert torch.allclose(sae.decode(sae.encode(x)), want, atol=1e-5)
+    codes = sae.encode(x)
+    with pytest.raises(ValueError, match="skip-transcoder's codes"):
+        sae.decode(type(codes)(codes.values, codes.indices))  # codes without their skip term
+
+
+def test_save_load_round_trip_keeps_the_prediction(tmp_path):
+    sae = _transcoder()
+    sae.save(tmp_path / "tc")
+    back = TopKSAE.load(tmp_path / "tc")
+    x = torch.randn(7, 12)
+    assert back.cfg.transcoder and back.cfg.skip_connection and back.cfg.normalization == "dataset_scale"
+    assert torch.equal(back.predict(x), sae.predict(x))
+    # a plain SAE's config has none of the new keys: its files and keys stay as they were
+    plain = {"d_in", "n_latents", "k", "encoder_bias", "normalization", "activation"}
+    assert set(SAEConfig(12, 48, 5).to_dict()) == plain
+
+
+def test_bad_configs_say_what_to_change():
+    with pytest.raises(ValueError, match="normalization: standardize .* transcoder"):
+        SAEConfig(12, 48, 5, transcoder=True, normalization="standardize")
+    with pytest.raises(ValueError, match="skip_connection: .* set transcoder"):
+        SAEConfig(12, 48, 5, skip_connection=True)
+    assert SAEConfig(12, 48, 5, transcoder=True).normalization == "dataset_scale"
+    assert SAEConfig(12, 48, 5).normalization == "standardize"
+    sae = _transcoder()
+    with pytest.raises(ValueError, match="width 24, got 12"):
+        sae.split(torch.randn(3, 12))
+
+
+def _planted(rows: int = 100_000, d: int = 32, seed: int = 0):
+    """y = a sparse nonlinear map of x plus a linear part: what an MLP's output looks like to a transcoder."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, d, generator=g)
+    enc = torch.randn(128, d, generator=g) / d**0.5
+    dec = torch.randn(128, d, generator=g) / 4
+    lin = torch.randn(d, d, generator=g) / d**0.5
+    pre = x @ enc.T
+    keep = pre.topk(6, dim=1)
+    code = torch.zeros_like(pre).scatter(1, keep.indices, torch.relu(keep.values))
+    return x, code @ dec + 0.5 * x @ lin.T
+
+
+def _fvu(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return ((pred - y) ** 2).sum().item() / ((y - y.mean(0)) ** 2).sum().item()
+
+
+def test_a_trained_transcoder_predicts_the_target_and_the_skip_takes_the_linear_part():
+    x, y = _planted()
+    held_x, held_y = x[-2000:], y[-2000:]
+    fvu = {}
+    for skip in (False, True):
+        cfg = SAEConfig(32, 256, 6, transcoder=True, skip_connection=skip)
+        sae = train_sae(cfg, TrainConfig(batch_tokens=256), x[:-2000], target=y[:-2000], progress=False).sae
+        with torch.no_grad():
+            fvu[skip] = _fvu(sae.predict(held_x), held_y)
+        # the evaluation's normalized MSE is the target's FVU (the scales are scalars: it is scale-free)
+        metrics = reconstruction_metrics(sae, [torch.cat([held_x, held_y], 1)], progress=False)
+        assert metrics["normalized_mse"] == pytest.approx(fvu[skip], rel=1e-4)
+    # the best affine map, fitted by least squares on the training rows: what no sparse code is needed for
+    fit = torch.linalg.lstsq(torch.nn.functional.pad(x[:-2000], (0, 1), value=1.0), y[:-2000]).solution
+    linear = _fvu(torch.nn.functional.pad(held_x, (0, 1), value=1.0) @ fit, held_y)
+    assert fvu[False] < 0.6 * linear and fvu[True] < 0.9 * fvu[False], (fvu, linear)
+
+
+def test_train_sae_needs_the_target_rows():
+    x, y = _planted(rows=512)
+    cfg = SAEConfig(32, 64, 4, transcoder=True)
+    with pytest.raises(ValueError, match="target="):
+        train_sae(cfg, TrainConfig(batch_tokens=256), x, progress=False)
+    with pytest.raises(ValueError, match="has 100 rows, data has 512"):
+        train_sae(cfg, TrainConfig(batch_tokens=256), x, target=y[:100], progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def test_one_forward_captures_the_mlps_input_and_output(tiny_lm):
+    ids = torch.randint(0, 200, (2, 9))
+    mlp = "model.layers.1.mlp"
+    got = capture(tiny_lm, ids, [mlp + IO, "model.layers.2"])
+    x_in, out = got[mlp + IO].split(32, dim=-1)
+    with torch.no_grad():
+        assert torch.allclose(tiny_lm.get_submodule(mlp)(x_in), out, atol=1e-6)
+        # the input is the post-attention RMSNorm of layer 1's residual: what the decoder layer feeds its MLP
+        assert got[mlp + IO].shape == (2, 9, 64) and got["model.layers.2"].shape == (2, 9, 32)
+
+
+def test_only_a_module_with_one_tensor_in_and_out_can_feed_a_transcoder(tiny_lm):
+    assert io_problem(tiny_lm.config, "model.layers.1.mlp") is None
+    problem = io_problem(tiny_lm.config, "model.layers.1")
+    assert problem is not None and "model.layers.1" in problem and "name the MLP module" in problem
+    problem = io_problem(tiny_lm.config, "model.layers.1.mlp.up_proj")
+    assert problem is not None and "maps width 32 to 64" in problem
+
+
+def test_the_lm_loss_with_the_prediction_spliced_in_equals_replacing_the_mlp(tiny_lm):
+    sae = _transcoder(d=32, n=64, k=4)
+    ids = torch.randint(0, 200, (3, 10))
+    mean = torch.randn(32)
+    m = downstream_metrics(sae, tiny_lm, ids, "model.layers.1.mlp" + IO, 0, mean, 2, progress=False)
+    mlp = tiny_lm.get_submodule("model.layers.1.mlp")
+    original = mlp.forward
+    try:
+        mlp.forward = lambda h: sae.predict(h.reshape(-1, 32)).reshape(h.shape)  # the MLP replaced outright
+        with torch.no_grad():
+            replaced_ce = next_token_ce(logits(tiny_lm, ids), ids).mean().item()
+    finally:
+        mlp.forward = original
+    with torch.no_grad():
+        clean = next_token_ce(logits(tiny_lm, ids), ids).mean().item()
+    assert m["ce_with_sae"] == pytest.approx(replaced_ce, rel=1e-5)
+    assert m["ce_increase"] == pytest.approx(replaced_ce - clean, rel=1e-4, abs=1e-6)
