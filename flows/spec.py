@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from sae.config import (
+    IO,
     RECIPE_VERSION,
     SAEConfig,
     TrainConfig,
@@ -131,6 +132,7 @@ class SAESpec(Section):
     dead_tokens: PositiveInt | None = None  # default: 8 n/k tokens, from one batch to 10M (recipe paper: 10M)
     multi_topk: bool = False
     encoder_bias: bool = False
+    # default: standardize for an SAE, dataset_scale for a transcoder (its target cannot be standardised)
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
     activation: Literal["topk", "batchtopk"] = "topk"
     lr: LearningRate | None = None  # this SAE's learning rate (default: train.lr); a sweep's lr axis sets it
@@ -138,9 +140,27 @@ class SAESpec(Section):
     # Matryoshka group sizes (e.g. [512, 1536, 6144] for 8192 latents): each prefix of groups learns to
     # reconstruct alone; they must not decrease and must sum to n_latents
     matryoshka: list[PositiveInt] | None = None
+    # a transcoder on each hookpoint, which must name an MLP module: the latents read its input and
+    # predict its output; skip_connection adds W_skip x (a skip-transcoder, Paulo et al. 2025)
+    transcoder: bool = False
+    skip_connection: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _transcoder_scales(cls, data):
+        if isinstance(data, dict) and data.get("transcoder") is True and data.get("normalization") is None:
+            return {**data, "normalization": "dataset_scale"}
+        return data
 
     @model_validator(mode="after")
     def _size(self):
+        if self.skip_connection and not self.transcoder:
+            raise ValueError("sae.skip_connection belongs to a transcoder: set sae.transcoder: true, or drop it")
+        if self.transcoder and self.normalization == "standardize":
+            raise ValueError(
+                "sae.normalization: standardize is per token and cannot be undone on a transcoder's target "
+                "(the MLP's output, unknown at inference): use dataset_scale (its default) or none"
+            )
         if self.multi_topk and self.activation == "batchtopk":
             raise ValueError("sae.multi_topk applies to activation topk only: drop one of them")
         if self.matryoshka is not None:
@@ -505,6 +525,7 @@ class RunSpec(Section):
         checkpoint interval, report size, batch sizes of evaluation) are left out.
         """
         dumped = self.model_dump(mode="json")
+        dumped["hookpoints"] = self.sites()  # a transcoder's store holds other arrays than an SAE's
         for dotted in HASH_EXCLUDED:
             section, name = dotted.split(".")
             dumped[section].pop(name, None)
@@ -567,6 +588,7 @@ class RunSpec(Section):
             name += f"-n{s.n_latents}-k{s.k}" if s.n_latents else f"-x{s.expansion_factor}-k{s.k}"
             name += "-batchtopk" if s.activation == "batchtopk" else ""
             name += "-matryoshka" if s.matryoshka else ""
+            name += "-skip" if s.skip_connection else ""
             name += f"-lr{s.lr:g}" if s.lr is not None else ""
             name += f"-t{s.tokens}" if s.tokens is not None else ""
         return name
@@ -598,6 +620,13 @@ class RunSpec(Section):
                     f"train.lr_warmup_tokens={self.train.lr_warmup_tokens} is not below {where}.tokens="
                     f"{s.tokens}: the lr would never leave its warmup; lower it"
                 )
+        if len({s.transcoder for s in self.sae}) > 1:
+            raise ValueError(
+                "sae: some SAEs are transcoders and some not, but every SAE of a spec reads the same cached "
+                "activations: give them one sae.transcoder, or split them into two specs"
+            )
+        if self.transcodes() and self.train.latent_shards > 1:
+            raise ValueError("sae.transcoder trains each transcoder's latents in one process: drop train.latent_shards")
         if self.train.distributed() and len({s.tokens for s in self.sae}) > 1:
             raise ValueError(
                 "sae: SAEs with different tokens train on one process (each budget its own pass): give "
@@ -731,8 +760,31 @@ class RunSpec(Section):
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]
         return SAEConfig(
-            d_model, s.latents(d_model), s.k, s.encoder_bias, s.normalization, s.activation, tuple(s.matryoshka or ())
+            d_model,
+            s.latents(d_model),
+            s.k,
+            s.encoder_bias,
+            s.normalization,
+            s.activation,
+            tuple(s.matryoshka or ()),
+            s.transcoder,
+            s.skip_connection,
         )
+
+    def transcodes(self) -> bool:
+        """Whether this spec trains transcoders (every SAE of a spec reads the same activations)."""
+        return self.sae[0].transcoder
+
+    def site(self, hookpoint: str) -> str:
+        """Where the store keeps a hookpoint's rows: the MLP's [input | output] for transcoders."""
+        return hookpoint + IO if self.transcodes() else hookpoint
+
+    def sites(self) -> list[str]:
+        return [self.site(h) for h in self.hookpoints]
+
+    def d_model_of(self, width: int) -> int:
+        """d_model from the width of a hookpoint's stored rows (twice it for a transcoder's)."""
+        return width // 2 if self.transcodes() else width
 
     def lr_setting(self, index: int = 0) -> float | str:
         """SAE `index`'s lr as the spec sets it: its own (a sweep's lr axis), else train.lr (maybe "auto")."""
@@ -795,7 +847,13 @@ def safe_name(name: str) -> str:
 # kernel choices change a trained SAE's bits, so they key the train stage; at their defaults they are
 # left out, so that the keys of specs written before they were options stay the same
 # settings added after stores and SAEs were keyed: at their default they leave the keys as they were
-HASHED_WHEN_SET = {"train.triton": True, "train.fused_topk": False, "sae.matryoshka": None}
+HASHED_WHEN_SET = {
+    "train.triton": True,
+    "train.fused_topk": False,
+    "sae.matryoshka": None,
+    "sae.transcoder": False,
+    "sae.skip_connection": False,
+}
 HASH_EXCLUDED = (
     "data.store_options",
     "data.compression",  # how the same values are stored
@@ -894,6 +952,16 @@ def model_outline(spec: RunSpec, online: bool = False):
     return outline(spec.model.source, spec.converted_model_dir(), online)
 
 
+def transcoder_problem(spec: RunSpec, hookpoint: str, online: bool = False) -> str | None:
+    """Why `hookpoint` cannot feed a transcoder (a module with one tensor input and one tensor output
+    of equal width; a forward on the meta device shows them), None when it can."""
+    from sae.lm import io_problem, load_config
+
+    converted = spec.converted_model_dir()
+    source = str(converted) if (converted / "config.json").is_file() else spec.model.source
+    return io_problem(load_config(source, local_only=not online), hookpoint)
+
+
 def check_resources(spec: RunSpec, online: bool = True) -> None:
     """Checks against the model's config (meta device, no weights), the data source and the work dir."""
     from storage.corpus import HF_PREFIX, PYTHON_DOCS, resolve_files
@@ -920,6 +988,11 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
             raise SpecError(
                 f"hookpoints.{i}: {h!r} is not a module of {spec.model.source}; "
                 f"decoder layers are named like {', '.join(layers) or sorted(names)[:5]}"
+            )
+        if spec.transcodes() and (problem := transcoder_problem(spec, h, online)):
+            mlps = sorted(n for n in names if n.endswith(".mlp"))[:2]
+            raise SpecError(
+                f"hookpoints.{i}: sae.transcoder: {problem}" + (f" (like {', '.join(mlps)})" if mlps else "")
             )
     for i, s in enumerate(spec.sae):
         where = "sae" if len(spec.sae) == 1 else f"sae.{i}"

@@ -44,7 +44,7 @@ from flows.paths import (
 from flows.spec import RunSpec
 from flows.training import Alone, train_hookpoint, write_json
 from sae.browser import HISTOGRAM_FILE
-from sae.config import RECIPE_VERSION
+from sae.config import IO, RECIPE_VERSION
 from sae.files import CHECKSUM as WEIGHTS_CHECKSUM
 from sae.lm import load_lm, resolve_device
 from storage import activations as store
@@ -108,7 +108,7 @@ def plan_cache(spec: RunSpec) -> list[tuple[str, int]]:
     store.plan_store(
         url,
         {"train": train_ctx, "eval": eval_ctx},
-        spec.hookpoints,
+        spec.sites(),
         d_model=model.config.hidden_size,
         first_position=int(d.drop_first_position),
         dtype=d.dtype,
@@ -183,9 +183,10 @@ def train_groups(spec: RunSpec, hookpoint: str) -> list[list[int]]:
         return list(budgets.values())
     from sae.memory import pack_groups
 
-    d_model = store.activations(
-        store.open_group_for_status(store_url(spec), store_options(spec)), "train", hookpoint
+    width = store.activations(
+        store.open_group_for_status(store_url(spec), store_options(spec)), "train", spec.site(hookpoint)
     ).shape[1]
+    d_model = spec.d_model_of(width)
     groups = []
     for members in budgets.values():
         plans = [spec.memory_plan(d_model, i, device=spec.planned_device()) for i in members]
@@ -214,7 +215,8 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
     sae = TopKSAE.load(fetch_sae(spec, hookpoint, index))
     # the eval split's checksums: damaged bytes could decode without error into wrong metrics
     group = store.open_store(store_url(spec), store_options(spec), verify=("eval",))
-    record = evaluate_sae(sae, spec.eval.plan(), eval_source(group, hookpoint, lambda: _lm(spec)), progress)
+    source = eval_source(group, spec.site(hookpoint), lambda: _lm(spec))
+    record = evaluate_sae(sae, spec.eval.plan(), source, progress)
     check_finite_metrics(record.metrics, f"the evaluation of {sae_dir(spec, hookpoint, index)}")
     if spec.eval.browser:
         write_browser(record, sae.cfg.n_latents, path.parent, f"{spec.name} · {hookpoint}")
@@ -227,7 +229,8 @@ def evaluate(spec: RunSpec, hookpoint: str, index: int = 0, progress: bool = Tru
 
 
 def eval_source(group, hookpoint: str, lm) -> EvalSource:
-    """The store's eval split as the evaluation reads it (rows, contexts, their mean)."""
+    """The store's eval split as the evaluation reads it (rows, contexts, their mean); `hookpoint` is
+    the store's site (a transcoder's "MODULE:io")."""
     from sae.evaluation import EvalSource
 
     layout = store.layout_of(group, "eval")
@@ -370,6 +373,9 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         "spec_hash": spec.part_hash(*register_parts(index)),
         "eval_data": eval_data_hash(spec),
     }
+    if cfg.get("transcoder"):  # what it reads and what it predicts
+        tags["dictionary"] = "skip-transcoder" if cfg.get("skip_connection") else "transcoder"
+        tags["transcodes"] = f"input of {hookpoint} -> output of {hookpoint}"
     return register_sae(
         directory,
         tracking_uri=uri,
@@ -407,7 +413,7 @@ def report_registered(model_uri: str, out_dir: Path, tracking_uri: str | None = 
     metrics = version_metrics(version)
     group = store.open_store(meta["store_url"], verify=("eval",))
     lm = load_lm(meta["lm"], "auto", "auto")
-    source = eval_source(group, meta["hookpoint"], lambda: lm)
+    source = eval_source(group, meta["hookpoint"] + (IO if sae.cfg.transcoder else ""), lambda: lm)
     sample, _ = collect_features(
         sae, EvalPlan(feature_tokens=source.n_contexts * source.positions, probes=False), source
     )

@@ -113,7 +113,7 @@ def train_hookpoint(
     # verify: a missing or corrupted shard stops here, naming it, before any training
     group = store.open_store(store_url(spec), store_options(spec), verify=team.lead)
     team.barrier()  # the lead checked every shard of the store
-    acts = store.activations(group, "train", hookpoint)
+    acts = store.activations(group, "train", spec.site(hookpoint))
     window = Window.of(store_url(spec), store_options(spec))
     order = reading.chunk_order(
         acts,
@@ -135,7 +135,7 @@ def train_hookpoint(
         )
     trainers = {}
     for i in todo:
-        cfg = spec.sae_config(acts.shape[1], i)
+        cfg = spec.sae_config(spec.d_model_of(acts.shape[1]), i)
         trainers[i] = Trainer(cfg, tcfgs[i], team.placement(cfg))
     ckpt_rels = {i: team.checkpoints_rel(sae_rel(spec, hookpoint, i)) for i in todo}
     for i in todo:
@@ -184,7 +184,8 @@ def train_hookpoint(
     if spec.sweep is not None and spec.sweep.milestones and team.milestones:  # a sweep's loss-vs-tokens curves
         from sae.evaluate import held_out_metrics
 
-        held = next(reading.iter_rows(store.activations(group, "eval", hookpoint), MILESTONE_ROWS, stop=MILESTONE_ROWS))
+        held_acts = store.activations(group, "eval", spec.site(hookpoint))
+        held = next(reading.iter_rows(held_acts, MILESTONE_ROWS, stop=MILESTONE_ROWS))
         milestones = milestone_tokens(first.tokens or 0, spec.sweep.milestones, first.batch_tokens)
         score = functools.partial(held_out_metrics, rows=held)
     with interrupt.stoppable():

@@ -6,6 +6,10 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
+# A store site "MODULE:io" holds a module's input and output side by side, [input | output]: a
+# transcoder's training rows, from one forward (sae/lm.py captures it).
+IO = ":io"
+
 Normalization = Literal["none", "standardize", "dataset_scale"]
 Precision = Literal["auto", "fp32", "bf16"]
 

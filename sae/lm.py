@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sae.config import IO
+
 log = logging.getLogger(__name__)
 
 # Built-in models shipped inside PyPI packages (nothing is downloaded at run time).
@@ -125,11 +127,6 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
 
 def _output_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-# A store site "MODULE:io" holds a module's input and output side by side, [input | output]: a
-# transcoder's training rows, from one forward.
-IO = ":io"
 
 
 def module_of(site: str) -> str:

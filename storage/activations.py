@@ -29,6 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import GroupNotFoundError
 
+from sae.config import IO
 from storage.corpus import Contexts
 from storage.layout import STORE_DTYPES, Layout, decode
 
@@ -53,7 +54,8 @@ def compressors(name: str):
 
 
 def array_name(hookpoint: str) -> str:
-    return hookpoint.replace("/", "_")
+    """A hookpoint's (or an [input | output] site's) array in the store."""
+    return hookpoint.replace("/", "_").replace(IO, "@io")
 
 
 class IncompleteStoreError(RuntimeError):
@@ -322,12 +324,13 @@ def _plan_split(
     docs[:] = np.asarray(ctx.documents, dtype=object)
     sub.attrs["crc32"] = _token_file_crcs(url, split, storage_options)
     for h in hookpoints:
+        width = 2 * d_model if h.endswith(IO) else d_model  # a transcoder's site: [input | output]
         sub.create_array(
             f"acts/{array_name(h)}",
-            shape=(layout.rows, d_model),
+            shape=(layout.rows, width),
             dtype=stored,
-            chunks=(layout.chunk_contexts * layout.positions, d_model),
-            shards=(layout.shard_contexts * layout.positions, d_model),
+            chunks=(layout.chunk_contexts * layout.positions, width),
+            shards=(layout.shard_contexts * layout.positions, width),
             compressors=compressors(compression),
             attributes={"logical_dtype": dtype, "hookpoint": h},
         )

@@ -220,7 +220,8 @@ def run_description(model_name: str, tags: dict[str, str], run_files: Sequence[P
         if browser
         else "No feature browser (eval.browser is off); `saeflow report` writes one."
     )
-    return f"SAE `{model_name}` on `{tags.get('hookpoint')}` of `{tags.get('lm')}`. {where}"
+    kind = tags.get("dictionary", "SAE")
+    return f"{kind} `{model_name}` on `{tags.get('hookpoint')}` of `{tags.get('lm')}`. {where}"
 
 
 DESCRIBED_METRICS = ("normalized_mse", "l0", "dead_fraction", "ce_increase", "loss_recovered_vs_zero")
@@ -242,11 +243,22 @@ def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str
     is registered under: the version number comes after the files are logged)."""
     cfg = sae.cfg
     shown = {k: v for k, v in metrics.items() if k in CARD_METRICS}
+    hookpoint = tags.get("hookpoint")
+    if cfg.transcoder:
+        kind = "skip-transcoder (Paulo et al. 2025)" if cfg.skip_connection else "transcoder (Dunefsky et al. 2024)"
+        what = (
+            f"A TopK {kind}: it reads the input of `{hookpoint}` of `{tags.get('lm')}` and predicts its output"
+            + (" (its latents plus an affine skip W_skip x)" if cfg.skip_connection else "")
+            + "; trained with saeflow. Its metrics are the predicted output's."
+        )
+    else:
+        what = (
+            f"A TopK sparse autoencoder (Gao et al. 2024) on `{hookpoint}` of `{tags.get('lm')}`, trained with saeflow."
+        )
     lines = [
         f"# {model_name}",
         "",
-        f"A TopK sparse autoencoder (Gao et al. 2024) on `{tags.get('hookpoint')}` of `{tags.get('lm')}`, trained "
-        "with saeflow.",
+        what,
         "",
         f"- latents: {cfg.n_latents} over d_in = {cfg.d_in}, k = {cfg.k} ({cfg.activation}), input normalisation "
         f"`{cfg.normalization}`, encoder bias: {cfg.encoder_bias}",
@@ -281,7 +293,11 @@ def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str
         "```python",
         "from sae import TopKSAE",
         f'sae = TopKSAE.from_pretrained("models:/{model_name}@{alias}")   # or /VERSION, or a pulled directory',
-        "codes = sae.encode(x)          # raw activations in; sae(x) reconstructs",
+        *(
+            ["codes = sae.encode(x)          # the MLP's raw input in; sae.predict(x) is its output"]
+            if cfg.transcoder
+            else ["codes = sae.encode(x)          # raw activations in; sae(x) reconstructs"]
+        ),
         "```",
         "",
         f"`saeflow pull models:/{model_name}@{alias} --out DIR` writes `sae.safetensors` and `config.json` "

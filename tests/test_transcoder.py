@@ -2,6 +2,8 @@
 the prediction and the spliced-in LM loss are checked against plain references (a dense computation,
 the MLP's own forward replaced by the prediction); one LM pass captures the MLP's input and output."""
 
+import math
+
 import pytest
 import torch
 
@@ -172,3 +174,109 @@ def test_the_lm_loss_with_the_prediction_spliced_in_equals_replacing_the_mlp(tin
         clean = next_token_ce(logits(tiny_lm, ids), ids).mean().item()
     assert m["ce_with_sae"] == pytest.approx(replaced_ce, rel=1e-5)
     assert m["ce_increase"] == pytest.approx(replaced_ce - clean, rel=1e-4, abs=1e-6)
+
+
+MLP = "model.layers.1.mlp"
+
+
+def _spec_body(tiny_model_dir, text_dir, tmp_path, hookpoint: str = MLP, **sae) -> dict:
+    return {
+        "name": "tc",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+        "hookpoints": [hookpoint],
+        "sae": {"n_latents": 64, "k": 4, "dead_tokens": 500, **sae},
+        "train": {"batch_tokens": 128},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "ablation_contexts": 2, "feature_tokens": 256},
+        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "tc", "alias": "candidate"},
+        "workdir": str(tmp_path / "work"),
+    }
+
+
+def test_a_skip_transcoder_end_to_end(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    """cache (the MLP's input and output from one LM pass), train, evaluate, register, pull, predict."""
+    from mlflow import MlflowClient
+
+    from flows import stages
+    from flows.spec import check_resources, parse_spec
+    from storage import activations as store
+    from storage.registry import model_version, pull
+
+    spec = parse_spec(_spec_body(tiny_model_dir, text_dir, tmp_path, transcoder=True, skip_connection=True))
+    check_resources(spec, online=False)
+    for split, index in stages.plan_cache(spec):
+        stages.cache_shard(spec, split, index)
+    stages.cache(spec)
+    rows = store.activations(store.open_store(stages.store_url(spec)), "train", spec.site(MLP))
+    assert rows.shape[1] == 64  # [input | output] of a d 32 MLP
+    block = torch.from_numpy(rows[:40].astype("float32"))
+    from transformers import AutoModelForCausalLM
+
+    mlp = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_submodule(MLP)
+    with torch.no_grad():  # the stored output is the MLP's output of the stored input (float16 store)
+        assert torch.allclose(mlp(block[:, :32]), block[:, 32:], atol=2e-2, rtol=2e-2)
+
+    stages.train(spec, MLP, progress=False)
+    metrics = stages.evaluate(spec, MLP, progress=False)
+    trained = TopKSAE.load(stages.sae_dir(spec, MLP))
+    assert trained.cfg.transcoder and trained.cfg.skip_connection and trained.cfg.d_in == 32
+    held = torch.from_numpy(
+        store.activations(store.open_store(stages.store_url(spec)), "eval", spec.site(MLP))[:300].astype("float32")
+    )
+    with torch.no_grad():
+        fvu = _fvu(trained.predict(held[:, :32]), held[:, 32:])
+    assert metrics["normalized_mse"] == pytest.approx(fvu, rel=1e-3)  # the target's FVU, as evaluated
+    for name in ("ce_increase", "kl_divergence", "l0", "dead_fraction", "fraction_variance_explained"):
+        assert name in metrics and math.isfinite(metrics[name]), name
+    assert metrics["ce_increase"] < metrics["ce_zero_ablation"] - metrics["ce_clean"]
+
+    stages.register(spec, MLP)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", spec.tracking_uri())
+    version = model_version("models:/tc@candidate")
+    assert version.tags["dictionary"] == "skip-transcoder"
+    assert version.tags["transcodes"] == f"input of {MLP} -> output of {MLP}"
+    assert MlflowClient().get_run(version.run_id).info.run_name is not None
+    pulled = TopKSAE.from_pretrained("models:/tc@candidate")
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(pulled.predict(x), trained.predict(x))
+    card = (pull("models:/tc@candidate", tmp_path / "pulled") / "MODEL_CARD.md").read_text()
+    assert f"reads the input of `{MLP}`" in card and "skip-transcoder" in card and "sae.predict(x)" in card
+
+
+@pytest.mark.parametrize(
+    ("hookpoint", "sae", "field", "says"),
+    [
+        ("model.layers.1", {"transcoder": True}, "hookpoints.0", "name the MLP module"),
+        (MLP, {"skip_connection": True}, "sae.skip_connection", "set sae.transcoder: true"),
+        (MLP, {"transcoder": True, "normalization": "standardize"}, "sae.normalization", "dataset_scale"),
+    ],
+)
+def test_bad_transcoder_specs_are_refused_in_one_line(
+    hookpoint, sae, field, says, tiny_model_dir, text_dir, tmp_path, capsys
+):
+    import yaml
+
+    from flows.cli import main
+
+    path = tmp_path / "tc.yaml"
+    path.write_text(yaml.safe_dump(_spec_body(tiny_model_dir, text_dir, tmp_path, hookpoint, **sae)))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and says in err[0], err
+    assert not (tmp_path / "work").exists()  # refused before any LM pass
+
+
+def test_transcoders_and_saes_do_not_share_a_spec_and_plain_keys_stay(tiny_model_dir, text_dir, tmp_path):
+    from flows.paths import CACHE_SECTIONS
+    from flows.spec import parse_spec
+
+    body = _spec_body(tiny_model_dir, text_dir, tmp_path)
+    mixed = {**body, "sae": [{"n_latents": 64, "k": 4, "transcoder": True}, {"n_latents": 64, "k": 8}]}
+    with pytest.raises(ValueError, match="some SAEs are transcoders and some not"):
+        parse_spec(mixed)
+    plain = parse_spec(body)
+    unset = parse_spec({**body, "sae": {**body["sae"], "transcoder": False, "skip_connection": False}})
+    tc = parse_spec({**body, "sae": {**body["sae"], "transcoder": True}})
+    assert plain.part_hash(*CACHE_SECTIONS, "sae", "train") == unset.part_hash(*CACHE_SECTIONS, "sae", "train")
+    assert tc.part_hash(*CACHE_SECTIONS) != plain.part_hash(*CACHE_SECTIONS)  # a store of other arrays
+    assert plain.sites() == [MLP] and tc.sites() == [MLP + IO]
