@@ -19,6 +19,10 @@ settings nothing depends on the budget (a constant lr, no budget-relative window
   mean, the FVU loss normalised per batch, AuxK weight 0 (its default auxk_alpha), gradient parallel
   to the decoder rows removed, decoder renormalised; optimizer signum = ScheduleFreeWrapper(SignSGD,
   momentum 0.95) at lr 5e-3 / sqrt(n / 2^14), evaluated at the schedule-free average.
+  A transcoder job (`transcode`, with `skip`: a skip-transcoder) reads [input | output] rows and
+  does what sparsify's Trainer does for `--transcode`: SparseCoderConfig(transcode, skip_connection),
+  encoder bias = -W_enc mean(input) and b_dec = mean(output) of the first batch, no decoder
+  normalisation, forward(x, y).
 - SAELens 6.54: its own SAETrainer over TopKTrainingSAE with its defaults (lr 3e-4 constant, Adam,
   AuxK coefficient 1, dead window 1000 steps), fed by a data provider of the same batches.
 """
@@ -60,8 +64,10 @@ def train_sparsify(job: dict, snapshot):
     from sparsify.sign_sgd import SignSGD
 
     d, n, k = job["d"], job["n_latents"], job["k"]
+    transcode = job.get("transcode", False)
     torch.manual_seed(job["seed"])
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k), device="cpu", dtype=torch.float32)
+    config = SparseCoderConfig(num_latents=n, k=k, transcode=transcode, skip_connection=job.get("skip", False))
+    sae = SparseCoder(d, config, device="cpu", dtype=torch.float32)
     steps = job["tokens"] // job["batch"]
     if job["settings"] == "defaults":
         opt = ScheduleFreeWrapper(
@@ -74,7 +80,7 @@ def train_sparsify(job: dict, snapshot):
         sched = _linear_schedule(opt, job["warmup_steps"], steps)
         aux_alpha = job["aux_coef"]
     since_fired = torch.zeros(n, dtype=torch.long)
-    held = held_rows(job)
+    held = held_rows(job)[:, :d]  # a transcoder's: the input half
 
     def outputs(sae, opt):
         if sched is None:  # the schedule-free average, as sparsify saves it (on a copy: training goes on)
@@ -86,18 +92,23 @@ def train_sparsify(job: dict, snapshot):
         return out.sae_out, sae.W_dec.detach(), codes
 
     data = batches(job["train"], job["batch"], job["tokens"], lambda seen: snapshot(seen, lambda: outputs(sae, opt)))
-    for step, x in enumerate(data):
+    for step, rows in enumerate(data):
+        x, y = (rows[:, :d], rows[:, d:]) if transcode else (rows, rows)
         if step == 0:
-            sae.b_dec.data = x.mean(0)
+            if transcode:
+                sae.encoder.bias.data = -x.mean(0) @ sae.encoder.weight.data.T
+            sae.b_dec.data = y.mean(0)
         dead = since_fired > job["dead_tokens"] if aux_alpha > 0 else None
-        out = sae(x, dead_mask=dead)
+        out = sae(x, y if transcode else None, dead_mask=dead)
         (out.fvu + aux_alpha * out.auxk_loss).backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
+        if not transcode:
+            sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
         if sched:
             sched.step()
-        sae.set_decoder_norm_to_unit_norm()
+        if not transcode:
+            sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
             since_fired += x.shape[0]
             since_fired[out.latent_indices.flatten()] = 0

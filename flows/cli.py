@@ -517,7 +517,7 @@ def cmd_import(args) -> int:
     import tempfile
 
     from storage import formats
-    from storage.registry import file_sha256, find_registered, register_sae
+    from storage.registry import dictionary_tags, file_sha256, find_registered, register_sae
 
     sae = _load_ref(args.dir, None)
     fmt = formats.detect(args.dir)
@@ -545,6 +545,7 @@ def cmd_import(args) -> int:
                 "normalization": sae.cfg.normalization,
                 "lm": str(sae.metadata.get("model") or ""),
                 "hookpoint": str(sae.metadata.get("hookpoint") or ""),
+                **dictionary_tags(sae.cfg.to_dict(), str(sae.metadata.get("hookpoint") or "its hookpoint")),
             }
             found = register_sae(
                 tmp,

@@ -50,7 +50,7 @@ from sae.lm import load_lm, resolve_device
 from storage import activations as store
 from storage import reading, shard_writer
 from storage.corpus import split_contexts
-from storage.registry import file_sha256, register_sae
+from storage.registry import dictionary_tags, file_sha256, register_sae
 
 if TYPE_CHECKING:
     from sae.evaluation import EvalSource
@@ -373,9 +373,7 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         "spec_hash": spec.part_hash(*register_parts(index)),
         "eval_data": eval_data_hash(spec),
     }
-    if cfg.get("transcoder"):  # what it reads and what it predicts
-        tags["dictionary"] = "skip-transcoder" if cfg.get("skip_connection") else "transcoder"
-        tags["transcodes"] = f"input of {hookpoint} -> output of {hookpoint}"
+    tags.update(dictionary_tags(cfg, hookpoint))  # a transcoder's: what it reads and what it predicts
     return register_sae(
         directory,
         tracking_uri=uri,

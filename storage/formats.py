@@ -7,6 +7,11 @@ x_hat = W_dec^T z + b_dec; they differ in what they do to the input first. saefl
 W_enc -> s W_enc, W_dec -> W_dec / s, b_dec -> b_dec / s. Per-token standardisation is SAELens'
 `layer_norm` (the same arithmetic); sparsify has no input normalisation, so an SAE that standardises
 is refused there rather than silently changed.
+
+Transcoders go to and come from sparsify (`transcode`, `skip_connection`): its encoder reads the input
+as it is and its W_skip (d_out, d_in) adds to the prediction, as saeflow's do; the input's and the
+target's scales are folded in likewise. SAELens's transcoders are ReLU or JumpReLU, not TopK: no
+export there could compute what a TopK transcoder computes, so it is refused.
 """
 
 from __future__ import annotations
@@ -82,6 +87,11 @@ def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
 def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
     if fmt == "saeflow":
         return sae.save(out, sae.metadata)
+    if fmt == "saelens" and sae.cfg.transcoder:
+        raise FormatError(
+            "transcoder: SAELens's transcoders are ReLU or JumpReLU (no TopK), so no SAELens file computes what "
+            "this TopK transcoder does: export to sparsify (its transcode format) or saeflow"
+        )
     if sae.cfg.activation != "topk":
         raise FormatError(
             f"activation {sae.cfg.activation}: only TopK SAEs export to {fmt} (its inference has no "
@@ -93,7 +103,7 @@ def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
             "can express a per-token standardisation; export to saelens (its layer_norm), or train with "
             "normalization: none or dataset_scale"
         )
-    W_enc, b_enc, W_dec, b_dec = _raw_weights(sae)
+    W_enc, b_enc, W_dec, b_dec, W_skip = _raw_weights(sae)
     out.mkdir(parents=True, exist_ok=True)
     meta = sae.metadata
     if fmt == "saelens":
@@ -134,24 +144,31 @@ def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
         "num_latents": sae.cfg.n_latents,
         "k": sae.cfg.k,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": sae.cfg.skip_connection,
+        "transcode": sae.cfg.transcoder,
         "d_in": sae.cfg.d_in,
     }
     weights = {"encoder.weight": W_enc, "encoder.bias": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if W_skip is not None:
+        weights["W_skip"] = W_skip
     (out / SPARSIFY_WEIGHTS).write_bytes(save(weights))
     (out / SPARSIFY_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 
-def _raw_weights(sae: TopKSAE) -> tuple[torch.Tensor, ...]:
-    """(W_enc, b_enc, W_dec, b_dec) of the same map on the input the target format sees."""
+def _raw_weights(sae: TopKSAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(W_enc, b_enc, W_dec, b_dec, W_skip or None) of the same map on the raw input (an SAE's, or a
+    transcoder's), predicting the raw target."""
     W_enc, W_dec, b_pre = (t.detach().float().cpu() for t in (sae.W_enc, sae.W_dec, sae.b_pre))
     b_enc = sae.b_enc.detach().float().cpu() if sae.b_enc is not None else torch.zeros(sae.cfg.n_latents)
+    W_skip = sae.W_skip.detach().float().cpu() if sae.W_skip is not None else None
     if sae.cfg.normalization == "dataset_scale":
-        s = float(sae.input_scale)  # pyright: ignore[reportArgumentType]  (a registered buffer: a tensor)
-        W_enc, W_dec, b_pre = W_enc * s, W_dec / s, b_pre / s
-    return W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_pre.contiguous()
+        s_in = float(sae.input_scale)  # pyright: ignore[reportArgumentType]  (a registered buffer: a tensor)
+        s_out = float(sae.target_scale) if sae.cfg.transcoder else s_in  # pyright: ignore[reportArgumentType]
+        W_enc, W_dec, b_pre = W_enc * s_in, W_dec / s_out, b_pre / s_out
+        W_skip = W_skip * (s_in / s_out) if W_skip is not None else None
+    W_enc, b_enc, W_dec, b_pre = (t.contiguous() for t in (W_enc, b_enc, W_dec, b_pre))
+    return W_enc, b_enc, W_dec, b_pre, (W_skip.contiguous() if W_skip is not None else None)
 
 
 # import ---------------------------------------------------------------------------------------------
@@ -197,13 +214,18 @@ def _read_sparsify(d: Path) -> TopKSAE:
     where = d / SPARSIFY_CONFIG
     if cfg.get("activation", "topk") != "topk":
         raise FormatError(f"{where}: activation {cfg['activation']!r}: saeflow imports TopK SAEs only")
-    for unsupported in ("skip_connection", "transcode"):
-        if cfg.get(unsupported):
-            raise FormatError(f"{where}: {unsupported} is set: saeflow imports plain sparse autoencoders only")
+    transcode, skip = bool(cfg.get("transcode")), bool(cfg.get("skip_connection"))
+    if skip and not transcode:
+        raise FormatError(f"{where}: skip_connection without transcode: saeflow imports skip-transcoders only")
     n = cfg.get("num_latents") or cfg.get("d_in", 0) * cfg.get("expansion_factor", 32)
-    sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], n, cfg.get("k", 32), True, "none"))
+    sae_cfg = _config(
+        where,
+        lambda: SAEConfig(cfg["d_in"], n, cfg.get("k", 32), True, "none", transcoder=transcode, skip_connection=skip),
+    )
     d_in = sae_cfg.d_in
     expected = {"encoder.weight": (n, d_in), "encoder.bias": (n,), "W_dec": (n, d_in), "b_dec": (d_in,)}
+    if skip:
+        expected["W_skip"] = (d_in, d_in)
     _check_sizes(d / SPARSIFY_WEIGHTS, where, expected)
     w = _tensors(d / SPARSIFY_WEIGHTS)
     weights = {
@@ -212,6 +234,8 @@ def _read_sparsify(d: Path) -> TopKSAE:
         "W_dec": _key(w, "W_dec", d / SPARSIFY_WEIGHTS),
         "b_pre": _key(w, "b_dec", d / SPARSIFY_WEIGHTS),
     }
+    if skip:
+        weights["W_skip"] = _key(w, "W_skip", d / SPARSIFY_WEIGHTS)
     sae = _load_into(sae_cfg, weights, d / SPARSIFY_WEIGHTS)
     sae.metadata = {"imported_from": "sparsify", "source": str(d)}
     return sae
@@ -268,7 +292,7 @@ def _load_into(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: Path) -> 
     wrong = shape_misfits(cfg, weights)
     if wrong:
         raise FormatError(f"{path}: {'; '.join(wrong)}")
-    missing = sorted(set(expected_shapes(cfg)) - set(weights) - {"input_scale", "threshold"})
+    missing = sorted(set(expected_shapes(cfg)) - set(weights) - {"input_scale", "threshold", "target_scale"})
     if missing:
         raise FormatError(f"{path}: missing {', '.join(missing)}")
     sae = TopKSAE(cfg)

@@ -212,6 +212,14 @@ def version_description(model_name: str, version: str, alias: str, metrics: dict
     )
 
 
+def dictionary_tags(cfg: dict, hookpoint: str) -> dict[str, str]:
+    """A transcoder's version tags: what kind, what it reads and what it predicts (none for an SAE)."""
+    if not cfg.get("transcoder"):
+        return {}
+    kind = "skip-transcoder" if cfg.get("skip_connection") else "transcoder"
+    return {"dictionary": kind, "transcodes": f"input of {hookpoint} -> output of {hookpoint}"}
+
+
 def run_description(model_name: str, tags: dict[str, str], run_files: Sequence[Path]) -> str:
     """The run's description: what was trained, and where its feature browser is."""
     browser = next((Path(p) for p in run_files if Path(p).name == "browser"), None)

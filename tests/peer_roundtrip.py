@@ -2,7 +2,8 @@
 peer's own code and writes its codes and reconstructions of given inputs, all as safetensors.
 
     python peer_roundtrip.py load saelens|sparsify SAE_DIR INPUTS OUT
-    python peer_roundtrip.py make saelens|sparsify SAE_DIR INPUTS OUT   (random SAE, nonzero biases)
+    python peer_roundtrip.py make saelens|sparsify SAE_DIR INPUTS OUT N K NORM [transcode|skip]
+        (random SAE, nonzero biases; sparsify: a transcoder, or a skip-transcoder)
     python peer_roundtrip.py attach saelens SAE_DIR TOKENS OUT            (HookedSAETransformer, tiny model)
 """
 
@@ -19,13 +20,14 @@ def saelens_outputs(sae, x):
 
 
 def sparsify_outputs(sae, x):
+    """Codes, and the output of sparsify's own forward (a skip-transcoder's adds x @ W_skip.mT)."""
     with torch.no_grad():
         out = sae.encode(x)
         codes = torch.zeros(x.shape[0], sae.num_latents).scatter_(1, out.top_indices, out.top_acts)
-        return codes, sae.decode(out.top_acts, out.top_indices)
+        return codes, sae(x).sae_out
 
 
-def make(library, directory, d, n, k, layer_norm):
+def make(library, directory, d, n, k, layer_norm, kind="sae"):
     g = torch.Generator().manual_seed(0)
     if library == "saelens":
         from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
@@ -38,11 +40,16 @@ def make(library, directory, d, n, k, layer_norm):
         return sae
     from sparsify import SparseCoder, SparseCoderConfig
 
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=n, k=k))
+    config = SparseCoderConfig(num_latents=n, k=k, transcode=kind != "sae", skip_connection=kind == "skip")
+    sae = SparseCoder(d, config)
     with torch.no_grad():
         sae.encoder.weight.copy_(torch.randn(n, d, generator=g) / d**0.5)
         sae.encoder.bias.copy_(torch.randn(n, generator=g) * 0.1)
         sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+        if kind != "sae":  # a transcoder's decoder starts at zero in sparsify: give it one
+            sae.W_dec.copy_(torch.randn(n, d, generator=g) / d**0.5)
+        if sae.W_skip is not None:
+            sae.W_skip.copy_(torch.randn(d, d, generator=g) / d)
     sae.save_to_disk(directory)
     return sae
 
@@ -78,7 +85,10 @@ def main():
         return attach(directory, load_file(inputs)["tokens"], out)
     x = load_file(inputs)["x"]
     if action == "make":
-        sae = make(library, directory, x.shape[1], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8] == "layer_norm")
+        kind = sys.argv[9] if len(sys.argv) > 9 else "sae"
+        sae = make(
+            library, directory, x.shape[1], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8] == "layer_norm", kind
+        )
     elif library == "saelens":
         from sae_lens import SAE
 

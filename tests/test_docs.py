@@ -317,6 +317,8 @@ def stand_ins(sandbox, text: str) -> dict:
     """The names an example assumes, made small: activations x, and for the evaluation example a
     tiny LM with its token ids, activations and an SAE of its width."""
     names: dict = {"x": torch.randn(16, D_IN)}
+    if "target=y" in text:  # a transcoder's example: an MLP's outputs beside its inputs x
+        names["y"] = torch.randn(16, D_IN)
     if "mlflow.pyfunc" in text:
         names["x"] = names["x"].numpy()
     if "EvalSource" in text:
@@ -334,10 +336,10 @@ def stand_ins(sandbox, text: str) -> dict:
     return names
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_python_examples_run(sandbox, index, monkeypatch):
     examples = python_blocks()
-    assert len(examples) == 7, [where(p, n) for p, _, n in examples]  # one case each
+    assert len(examples) == 8, [where(p, n) for p, _, n in examples]  # one case each
     path, text, line = examples[index]
     monkeypatch.chdir(sandbox["root"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sandbox["uri"])

@@ -118,6 +118,55 @@ def test_import_of_an_sae_made_by_the_peers_code_computes_what_theirs_does(
     assert close(recon, theirs["recon"]), (recon - theirs["recon"]).abs().max()
 
 
+def random_transcoder(skip: bool, normalization: str) -> TopKSAE:
+    g = torch.Generator().manual_seed(3)
+    sae = TopKSAE(SAEConfig(D, N, K, normalization=normalization, transcoder=True, skip_connection=skip))
+    sae.reset_parameters(generator=g)
+    with torch.no_grad():
+        sae.W_enc.mul_(torch.rand(N, 1, generator=g) + 0.5)
+        sae.W_dec.mul_(torch.rand(N, 1, generator=g) + 0.5)  # imported transcoders need not have unit rows
+        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.1)
+        sae.b_pre.copy_(torch.randn(D, generator=g) * 0.2)
+        if sae.W_skip is not None:
+            sae.W_skip.copy_(torch.randn(D, D, generator=g) / D)
+        sae.input_scale.fill_(0.37 if normalization == "dataset_scale" else 1.0)
+        sae.target_scale.fill_(2.3 if normalization == "dataset_scale" else 1.0)
+    sae.metadata = {"model": "tiny-lm", "hookpoint": "model.layers.1.mlp"}
+    return sae
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("normalization", ["none", "dataset_scale"])
+def test_transcoders_round_trip_through_sparsify_exactly(peers_python, tmp_path, skip, normalization):
+    """saeflow's transcoder exported: sparsify's loader and forward predict what saeflow predicts; and a
+    transcoder made by sparsify's own code imports and predicts what sparsify's forward does."""
+    sae = random_transcoder(skip, normalization)
+    x, x_path = inputs(tmp_path)
+    out = formats.export(sae, "sparsify", tmp_path / "exported")
+    assert json.loads((out / "cfg.json").read_text())["transcode"] is True
+    theirs = in_peer(peers_python, "load", "sparsify", out, x_path, tmp_path)
+    codes, predicted = ours(sae, x)
+    assert close(theirs["codes"], codes), (theirs["codes"] - codes).abs().max()
+    assert close(theirs["recon"], predicted), (theirs["recon"] - predicted).abs().max()
+    back = formats.read(out)
+    assert back.cfg.transcoder and back.cfg.skip_connection == skip
+    assert close(ours(back, x)[1], predicted)
+
+    kind = "skip" if skip else "transcode"
+    made = in_peer(peers_python, "make", "sparsify", tmp_path / "made", x_path, tmp_path, N, K, "none", kind)
+    imported = TopKSAE.from_pretrained(tmp_path / "made")
+    assert imported.cfg.transcoder and imported.cfg.skip_connection == skip
+    codes, predicted = ours(imported, x)
+    assert close(codes, made["codes"]), (codes - made["codes"]).abs().max()
+    assert close(predicted, made["recon"]), (predicted - made["recon"]).abs().max()
+
+
+def test_a_topk_transcoder_is_refused_by_saelens_export_naming_why(tmp_path):
+    with pytest.raises(formats.FormatError, match="SAELens's transcoders are ReLU or JumpReLU"):
+        formats.export(random_transcoder(True, "none"), "saelens", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_standardizing_sae_is_refused_by_sparsify_export_naming_why(tmp_path):
     with pytest.raises(formats.FormatError, match="normalization standardize: sparsify's SparseCoder takes raw"):
         formats.export(random_sae("standardize"), "sparsify", tmp_path / "out")
