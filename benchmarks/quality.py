@@ -267,6 +267,7 @@ def run_peer(
         warmup_steps=0,
         dead_tokens=dead_window(tokens),
         threads=2,
+        **data.get("job", {}),  # e.g. a transcoder's: transcode, skip
     )
     path = workers.work / f"{data['name'].replace('/', '-')}-{library}-{settings}-{tokens}-s{seed}.json"
     path.write_text(json.dumps(job))

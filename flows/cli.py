@@ -386,14 +386,16 @@ def _store_line(spec, d_model: int, tokens: int) -> str:
     first = int(d.drop_first_position)
     held_out = max(spec.eval.tokens, spec.eval.downstream_contexts * (d.context_length - first))
     hooks = len(spec.hookpoints)
-    train = hooks * planned_bytes(tokens, d.context_length, first, d_model, d.dtype)
-    held = hooks * planned_bytes(held_out, d.context_length, first, d_model, d.dtype)
+    width = 2 * d_model if spec.transcodes() else d_model  # a transcoder's rows: [MLP input | MLP output]
+    train = hooks * planned_bytes(tokens, d.context_length, first, width, d.dtype)
+    held = hooks * planned_bytes(held_out, d.context_length, first, width, d.dtype)
     what = (
         f"{_size(train)} of training activations and {_size(held)} held out ({hooks} hookpoint"
-        f"{'s' if hooks > 1 else ''} x d {d_model} in {d.dtype})"
+        f"{'s' if hooks > 1 else ''} x d {d_model}{' x 2 (input and output)' if spec.transcodes() else ''} "
+        f"in {d.dtype})"
     )
     if d.window_shards:
-        shard = hooks * shard_bytes(d.context_length, first, d_model, d.dtype, d.shard_contexts)
+        shard = hooks * shard_bytes(d.context_length, first, width, d.dtype, d.shard_contexts)
         need = min(d.window_shards * shard, train) + held
         window = f"a window of {d.window_shards} shards of {_size(shard)}"
         where = f"streamed through {window}: {_size(need)} on disk at most"

@@ -280,3 +280,28 @@ def test_transcoders_and_saes_do_not_share_a_spec_and_plain_keys_stay(tiny_model
     assert plain.part_hash(*CACHE_SECTIONS, "sae", "train") == unset.part_hash(*CACHE_SECTIONS, "sae", "train")
     assert tc.part_hash(*CACHE_SECTIONS) != plain.part_hash(*CACHE_SECTIONS)  # a store of other arrays
     assert plain.sites() == [MLP] and tc.sites() == [MLP + IO]
+
+
+def test_validate_counts_both_halves_and_a_sweep_of_transcoders_expands(tiny_model_dir, text_dir, tmp_path, capsys):
+    import re
+
+    import yaml
+
+    from flows.cli import main
+    from flows.spec import parse_spec
+
+    sizes = {}
+    for kind, sae in (("sae", {}), ("transcoder", {"transcoder": True})):
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(_spec_body(tiny_model_dir, text_dir, tmp_path, **sae)))
+        assert main(["validate", str(path)]) == 0
+        out = capsys.readouterr().out
+        size, unit = re.search(r"([\d.]+) (\w+) of training activations", out).groups()
+        sizes[kind] = (float(size), unit, out)
+    assert sizes["transcoder"][1] == sizes["sae"][1]
+    assert sizes["transcoder"][0] == pytest.approx(2 * sizes["sae"][0], rel=0.02)
+    assert "x 2 (input and output)" in sizes["transcoder"][2]
+    body = _spec_body(tiny_model_dir, text_dir, tmp_path, transcoder=True)
+    swept = parse_spec({**body, "sweep": {"n_latents": [64, 128], "k": [4, 8]}})
+    assert len(swept.sae) == 4 and all(s.transcoder and s.normalization == "dataset_scale" for s in swept.sae)
+    assert len({swept.model_name(MLP, i) for i in range(4)}) == 4
