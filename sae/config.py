@@ -133,6 +133,11 @@ SHORT_RUN_STEPS = 128
 # factor took 11-23% of the latents dead at batches of 4096; docs/method.md): signum's lr is capped there.
 MAX_SIGN_ROW_STEP = 0.35
 
+# A transcoder's sign-descent lr, as a fraction of an SAE's: on SmolLM2's MLPs (layers 12 and 20, 100k
+# and 400k tokens) half the lr leaves half as many latents dead with an equal or lower FVU
+# (benchmarks/transcoder_quality.py; docs/dictionaries.md).
+TRANSCODER_SIGNUM_LR_FACTOR = 0.5
+
 # A latent is dead (AuxK trains it) after the tokens in which a latent of average frequency k/n fires
 # this many times (one batch to 10M): fewer dead latents and lower MSE than 5% of the run (docs/method.md).
 DEAD_FIRINGS = 8
@@ -222,10 +227,13 @@ class TrainConfig:
     def with_tokens(self, tokens: int) -> TrainConfig:
         return replace(self, tokens=tokens)
 
-    def resolved_lr(self, n_latents: int, d_in: int | None = None) -> float:
+    def resolved_lr(self, n_latents: int, d_in: int | None = None, transcoder: bool = False) -> float:
         if self.lr is not None:
             return self.lr
-        return auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens, self.resolved_optimizer(), d_in)
+        lr = auto_lr(n_latents, self.batch_tokens, self.recipe, self.tokens, self.resolved_optimizer(), d_in)
+        if transcoder and self.resolved_optimizer() == "signum" and not self.paper:
+            lr *= TRANSCODER_SIGNUM_LR_FACTOR
+        return lr
 
     def resolved_optimizer(self) -> Optimizer:
         return resolve_optimizer(self.optimizer, self.recipe)

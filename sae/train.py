@@ -186,7 +186,7 @@ class Trainer:
             raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
         self.kernels = kernels.KernelChoice(tcfg.triton, tcfg.fused_topk)
         self.sae = self.place.part(self._seeded_sae())
-        lr = tcfg.resolved_lr(sae_cfg.n_latents, sae_cfg.d_in)
+        lr = tcfg.resolved_lr(sae_cfg.n_latents, sae_cfg.d_in, sae_cfg.transcoder)
         self.opt = make_optimizer(self.sae, tcfg, lr)
         self.base_lr = lr
         self.tracker = DeadLatentTracker(

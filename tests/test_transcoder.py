@@ -305,3 +305,15 @@ def test_validate_counts_both_halves_and_a_sweep_of_transcoders_expands(tiny_mod
     swept = parse_spec({**body, "sweep": {"n_latents": [64, 128], "k": [4, 8]}})
     assert len(swept.sae) == 4 and all(s.transcoder and s.normalization == "dataset_scale" for s in swept.sae)
     assert len({swept.model_name(MLP, i) for i in range(4)}) == 4
+
+
+def test_a_transcoders_auto_lr_under_sign_descent_is_half_an_saes():
+    from sae.config import TRANSCODER_SIGNUM_LR_FACTOR
+
+    t = TrainConfig(batch_tokens=1024, tokens=100_000)
+    assert t.resolved_lr(4096, 576, transcoder=True) == pytest.approx(
+        TRANSCODER_SIGNUM_LR_FACTOR * t.resolved_lr(4096, 576)
+    )
+    adam = TrainConfig(batch_tokens=1024, tokens=100_000, optimizer="adam")
+    assert adam.resolved_lr(4096, 576, transcoder=True) == adam.resolved_lr(4096, 576)
+    assert TrainConfig(lr=3e-3).resolved_lr(4096, 576, transcoder=True) == 3e-3  # a given lr is the lr
