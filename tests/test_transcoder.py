@@ -229,6 +229,10 @@ def test_a_skip_transcoder_end_to_end(tiny_model_dir, text_dir, tmp_path, monkey
     for name in ("ce_increase", "kl_divergence", "l0", "dead_fraction", "fraction_variance_explained"):
         assert name in metrics and math.isfinite(metrics[name]), name
     assert metrics["ce_increase"] < metrics["ce_zero_ablation"] - metrics["ce_clean"]
+    from flows.paths import BROWSER_DIR, eval_dir
+
+    browser = eval_dir(spec, MLP, 0) / BROWSER_DIR
+    assert (browser / "index.html").is_file()  # the feature browser of what the latents fire on
 
     stages.register(spec, MLP)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", spec.tracking_uri())
