@@ -755,6 +755,8 @@ class RunSpec(Section):
             cuda=device.startswith("cuda") and t.triton,
             fused=t.fused_topk,
             reader_bytes=t.shuffle_buffer_mb * 2**20,
+            transcoder=s.transcoder,
+            skip_connection=s.skip_connection,
         )
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:

@@ -54,13 +54,16 @@ def plan_memory(
     cuda: bool = False,
     fused: bool = False,
     reader_bytes: int = 0,
+    transcoder: bool = False,
+    skip_connection: bool = False,
 ) -> MemoryPlan:
     """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
     gradients (no dense buffer; train.triton on CUDA); fused: train.fused_topk (no pre-activation matrix);
-    reader_bytes: the shuffle block the store's reader keeps beside the step."""
+    reader_bytes: the shuffle block the store's reader keeps beside the step; transcoder: rows of input
+    and target (twice as wide); skip_connection: a (d, d) W_skip beside the dictionary."""
     n = n_latents // shards
     rows = batch_tokens // replicas
-    weights = (2 * n * d_in + n + d_in) * FLOAT32
+    weights = (2 * n * d_in + n + d_in + (d_in * d_in if skip_connection else 0)) * FLOAT32
     # autocast keeps a bf16 copy of the encoder for the matmul
     bf16_encoder = n * d_in * 2 if bf16 else 0
     pre_bytes = 2 if bf16 else FLOAT32
@@ -68,7 +71,8 @@ def plan_memory(
     # the pre-activations, and with AuxK their masked copy; the sparse gradient products are k wide;
     # on the CPU a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
     pre = 0 if fused else rows * n * pre_bytes * (2 if aux else 1)
-    batch = pre + rows * d_in * FLOAT32 * 6 + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
+    row_floats = 8 if transcoder else 6  # the input, its normalised copy, reconstructions: a target adds two
+    batch = pre + rows * d_in * FLOAT32 * row_floats + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
     return MemoryPlan(
         weights=weights + bf16_encoder,
         gradients=weights,

@@ -321,3 +321,13 @@ def test_a_transcoders_auto_lr_under_sign_descent_is_half_an_saes():
     adam = TrainConfig(batch_tokens=1024, tokens=100_000, optimizer="adam")
     assert adam.resolved_lr(4096, 576, transcoder=True) == adam.resolved_lr(4096, 576)
     assert TrainConfig(lr=3e-3).resolved_lr(4096, 576, transcoder=True) == 3e-3  # a given lr is the lr
+
+
+def test_the_memory_plan_counts_the_target_and_the_skip_map():
+    from sae.memory import plan_memory
+
+    plain = plan_memory(576, 4096, 32, 4096)
+    tc = plan_memory(576, 4096, 32, 4096, transcoder=True, skip_connection=True)
+    assert tc.weights - plain.weights == 576 * 576 * 4  # W_skip in float32
+    assert tc.optimizer - plain.optimizer == 576 * 576 * 4  # and its sign-descent z
+    assert tc.batch - plain.batch == 4096 * 576 * 4 * 2  # the target and its normalised copy
