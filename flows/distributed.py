@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> None:
         settle()
     finally:
         dist.destroy_process_group()
+    # settle() narrows, but does not close, the race of gloo's worker threads with interpreter teardown
+    # (a rank that trained and wrote everything still aborted once at exit, failing a two-node run): a
+    # rank that is done leaves without the teardown
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_rank(spec: RunSpec, hookpoint: str, device: torch.device) -> None:
