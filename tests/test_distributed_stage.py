@@ -1,5 +1,5 @@
 """The train stage on a grid of CPU processes (torch.distributed.run, gloo), from the command line:
-`saeflow run` with train.devices 2 registers one ordinary SAE, a distributed run killed with
+`saeflow run` with train.devices 2 registers one ordinary SAE, a skip-transcoder trains data-parallel, a distributed run killed with
 SIGKILL after its first checkpoints resumes to the same weights as an uninterrupted one, and two
 nodes (two `saeflow train` processes with disks of their own, meeting at a c10d rendezvous and
 sharing an object store) train the SAE that two processes of one node train."""
@@ -185,3 +185,38 @@ def test_two_nodes_meet_at_a_rendezvous_and_train_what_one_node_trains(
             name,
             (value - b.state_dict()[name]).abs().max(),
         )
+
+
+def test_a_skip_transcoder_trains_data_parallel(tiny_model_dir, text_dir, tmp_path):
+    """A skip-transcoder on two data-parallel processes (each half of every batch of [input | output]
+    rows, gradients averaged, W_skip among them) trains on every token and predicts the held-out MLP
+    outputs about as well as one process does (a data-parallel run splits the rows otherwise than one
+    process reads them, so the weights differ for SAEs too)."""
+    mlp = "model.layers.1.mlp"
+    tc = {"n_latents": 64, "k": 4, "dead_tokens": 500, "aux_k": 8, "transcoder": True, "skip_connection": True}
+    train = {"optimizer": "adam", "lr": 3e-3}
+    runs = {}
+    for name, devices in (("tc-dp2", 2), ("tc-one", 1)):
+        d = {**spec_dict(tiny_model_dir, text_dir, tmp_path, name, devices=devices, shards=1, **train), "sae": tc}
+        runs[name] = d = {**d, "hookpoints": [mlp]}
+        if devices == 1:
+            cli(["cache", write(tmp_path, d)], tmp_path)
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    assert "on a 2 x 1 grid" in cli(["train", write(tmp_path, runs["tc-dp2"])], tmp_path, **one_thread)
+    cli(["train", write(tmp_path, runs["tc-one"])], tmp_path, **one_thread)
+    from storage import activations as store
+
+    spec = parse_spec(runs["tc-one"])
+    held = torch.from_numpy(
+        store.activations(store.open_store(stages.store_url(spec)), "eval", spec.site(mlp))[:300].astype("float32")
+    )
+    fvu = {}
+    for name in runs:
+        tc = TopKSAE.load(stages.sae_dir(parse_spec(runs[name]), mlp))
+        assert tc.cfg.transcoder and tc.cfg.skip_connection and tc.metadata["train_tokens"] == 3072
+        assert tc.W_skip is not None and tc.W_skip.abs().max() > 0  # the skip map trained on both ranks' rows
+        with torch.no_grad():
+            y = held[:, 32:]
+            fvu[name] = ((tc.predict(held[:, :32]) - y) ** 2).sum().item() / ((y - y.mean(0)) ** 2).sum().item()
+    assert max(fvu.values()) < 0.9  # both predict far better than the mean output
+    assert fvu["tc-dp2"] < 1.2 * fvu["tc-one"] and fvu["tc-one"] < 1.2 * fvu["tc-dp2"], fvu
