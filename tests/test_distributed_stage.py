@@ -1,6 +1,7 @@
 """The train stage on a grid of CPU processes (torch.distributed.run, gloo), from the command line:
-`saeflow run` with train.devices 2 registers one ordinary SAE, a skip-transcoder trains data-parallel, a distributed run killed with
-SIGKILL after its first checkpoints resumes to the same weights as an uninterrupted one, and two
+`saeflow run` with train.devices 2 registers one ordinary SAE, a skip-transcoder trains data-parallel,
+a distributed run killed with SIGKILL after its first checkpoints resumes to the same weights as an
+uninterrupted one, and two
 nodes (two `saeflow train` processes with disks of their own, meeting at a c10d rendezvous and
 sharing an object store) train the SAE that two processes of one node train."""
 
