@@ -214,6 +214,8 @@ class TopKSAE(nn.Module):
 
     def decode(self, codes: Codes, stats: NormStats | None = None) -> torch.Tensor:
         """Raw reconstruction of codes from `encode` (or of normalised codes with their `stats`)."""
+        if self.W_skip is not None and codes.skip is None:
+            raise ValueError("decode: a skip-transcoder's codes carry W_skip x: decode codes from encode")
         stats = stats or codes.stats
         if stats is None:
             if self.cfg.normalization == "standardize":
@@ -221,8 +223,6 @@ class TopKSAE(nn.Module):
                     "decode: these codes carry no per-token normalisation (they did not come "
                     "from encode); pass stats=, or use decode_normalized for the normalised space"
                 )
-            if self.W_skip is not None and codes.skip is None:
-                raise ValueError("decode: a skip-transcoder's codes carry W_skip x: decode codes from encode")
             stats = self._target_stats(self.b_pre) if self.cfg.transcoder else self.normalize(self.b_pre[None])[1]
         return stats.undo(self.decode_normalized(codes))
 
