@@ -286,6 +286,10 @@ def test_transcoders_and_saes_do_not_share_a_spec_and_plain_keys_stay(tiny_model
     assert plain.part_hash(*CACHE_SECTIONS, "sae", "train") == unset.part_hash(*CACHE_SECTIONS, "sae", "train")
     assert tc.part_hash(*CACHE_SECTIONS) != plain.part_hash(*CACHE_SECTIONS)  # a store of other arrays
     assert plain.sites() == [MLP] and tc.sites() == [MLP + IO]
+    sharded = {**body, "sae": {**body["sae"], "transcoder": True}, "train": {"batch_tokens": 128, "devices": 2}}
+    sharded["train"]["latent_shards"] = 2
+    with pytest.raises(ValueError, match="trains each transcoder's latents in one process: drop train.latent_shards"):
+        parse_spec(sharded)
 
 
 def test_validate_counts_both_halves_and_a_sweep_of_transcoders_expands(tiny_model_dir, text_dir, tmp_path, capsys):
