@@ -161,7 +161,7 @@ def safe(hook: str) -> str:
 def run_saeflow(data: dict, tokens: int, settings: str, seed: int = 0, snapshots=(), **overrides) -> dict[int, dict]:
     """saeflow's outputs after `tokens`, and after each of `snapshots` on the way (only where its
     settings are the same at those budgets: `budget_groups`), by budget."""
-    from sae import SAEConfig, TrainConfig, train_sae
+    from sae import SAEConfig, TrainConfig
 
     s = data["shape"]
     if settings == "same":
@@ -175,26 +175,33 @@ def run_saeflow(data: dict, tokens: int, settings: str, seed: int = 0, snapshots
             **overrides,
         )
     tcfg = TrainConfig(batch_tokens=s["batch"], tokens=tokens, seed=seed, **overrides)
-    rows = np.load(data["train"], mmap_mode="r")
     held = torch.from_numpy(np.load(data["held"]).astype(np.float32))
+    return trained_outputs(SAEConfig(s["d"], s["n_latents"], s["k"]), tcfg, data["train"], held, snapshots)
+
+
+def trained_outputs(cfg, tcfg, train: Path, held: torch.Tensor, snapshots=()) -> dict[int, dict]:
+    """What the scorer reads of a saeflow run on the .npy rows `train`: the held-out outputs (an SAE's
+    reconstructions; a transcoder's predictions, `held` being the inputs), decoder rows and firing
+    counts after tcfg.tokens, and after each of `snapshots` on the way, by budget."""
+    from sae import train_sae
 
     def outputs(sae) -> dict:
         with torch.no_grad():
             codes = sae.encode(held)
             recon = sae.decode(codes)
-        fires = torch.zeros(s["n_latents"]).index_add_(0, codes.indices.flatten(), (codes.values > 0).flatten().float())
+        fires = torch.zeros(cfg.n_latents).index_add_(0, codes.indices.flatten(), (codes.values > 0).flatten().float())
         return {"recon": recon.numpy(), "decoder": sae.W_dec.detach().numpy(), "fires": fires.numpy()}
 
     on_the_way: list[dict] = []
     result = train_sae(
-        SAEConfig(s["d"], s["n_latents"], s["k"]),
+        cfg,
         tcfg,
-        rows,
+        np.load(train, mmap_mode="r"),
         progress=False,
         milestones=snapshots,
         evaluate=lambda sae: on_the_way.append(outputs(sae)) or {},
     )
-    return {**dict(zip(sorted(snapshots), on_the_way)), tokens: outputs(result.sae)}
+    return {**dict(zip(sorted(snapshots), on_the_way)), tcfg.tokens: outputs(result.sae)}
 
 
 def budget_groups(data: dict, grid: list[int]) -> list[list[int]]:

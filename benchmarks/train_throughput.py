@@ -98,8 +98,8 @@ def time_steps(step, steps: int, device: str) -> dict:
     return {"steps_per_s": steps / elapsed, "peak_mib": peak}
 
 
-def dense_loss(sae, x_norm, mse_scale, tcfg, dead=None, latents=None):
-    """The same loss with a dense (batch, n_latents) code, for comparison only."""
+def dense_loss(sae, x_norm, mse_scale, tcfg, dead=None, latents=None, target=None):
+    """The same loss with a dense (batch, n_latents) code, for comparison only (an SAE's: no target)."""
     import torch
 
     from sae.loss import LossParts

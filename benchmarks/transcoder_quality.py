@@ -45,6 +45,7 @@ from quality import (  # noqa: E402
     massive_rows,
     run_peer,
     safe,
+    trained_outputs,
 )
 from train_throughput import peers_python  # noqa: E402
 
@@ -101,28 +102,12 @@ def transcoder_data(hook: str) -> dict:
 
 def run_saeflow(data: dict, tokens: int, snapshots=()) -> dict[int, dict]:
     """saeflow's skip-transcoder at its defaults after `tokens` (and each of `snapshots` on the way)."""
-    from sae import SAEConfig, TrainConfig, train_sae
+    from sae import SAEConfig, TrainConfig
 
     s = data["shape"]
-    held = torch.from_numpy(np.load(data["held"]).astype(np.float32))[:, : s["d"]]
-
-    def outputs(tc) -> dict:
-        with torch.no_grad():
-            codes = tc.encode(held)
-            predicted = tc.decode(codes)
-        fires = torch.zeros(s["n_latents"]).index_add_(0, codes.indices.flatten(), (codes.values > 0).flatten().float())
-        return {"recon": predicted.numpy(), "decoder": tc.W_dec.detach().numpy(), "fires": fires.numpy()}
-
-    on_the_way: list[dict] = []
-    result = train_sae(
-        SAEConfig(s["d"], s["n_latents"], s["k"], transcoder=True, skip_connection=True),
-        TrainConfig(batch_tokens=s["batch"], tokens=tokens),
-        np.load(data["train"], mmap_mode="r"),
-        progress=False,
-        milestones=snapshots,
-        evaluate=lambda tc: on_the_way.append(outputs(tc)) or {},
-    )
-    return {**dict(zip(sorted(snapshots), on_the_way)), tokens: outputs(result.sae)}
+    cfg = SAEConfig(s["d"], s["n_latents"], s["k"], transcoder=True, skip_connection=True)
+    inputs = torch.from_numpy(np.load(data["held"]).astype(np.float32))[:, : s["d"]]
+    return trained_outputs(cfg, TrainConfig(batch_tokens=s["batch"], tokens=tokens), data["train"], inputs, snapshots)
 
 
 def score(data: dict, out: dict) -> dict:
