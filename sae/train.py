@@ -48,7 +48,7 @@ def init_from_sample(
         if sae.cfg.transcoder:
             sae.target_scale.fill_(_unit_scale(y_raw, sae.cfg.d_in))
     x, _ = sae.normalize(x_raw)
-    y, _ = sae.normalize_target(y_raw)
+    y = sae.normalize_target(y_raw)[0] if sae.cfg.transcoder else x  # an SAE's target is its input
     if use_geometric_median:
         sae.b_pre.copy_(geometric_median(y))
         if sae.cfg.transcoder and sae.b_enc is not None:
