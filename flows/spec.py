@@ -832,7 +832,7 @@ class RunSpec(Section):
             "tokens": tokens,
             "steps": -(-tokens // tcfg.batch_tokens),  # the last batch may be short
             "optimizer": tcfg.resolved_optimizer(),
-            "lr": tcfg.resolved_lr(cfg.n_latents, d_model, cfg.transcoder),
+            "lr": tcfg.lr_for(cfg),
             "lr_auto": tcfg.lr is None,
             "warmup_tokens": tcfg.warmup_tokens(),
             "decay": tcfg.decay(),

@@ -208,7 +208,7 @@ def train_hookpoint(
                 hookpoint,
                 i,
                 whole,
-                tcfgs[i].resolved_lr(whole.sae.cfg.n_latents, whole.sae.cfg.d_in, whole.sae.cfg.transcoder),
+                tcfgs[i].lr_for(whole.sae.cfg),
                 trainer.milestones,
             )
     team.barrier()

@@ -31,6 +31,11 @@ class SAEConfig:
     transcoder: the latents read one activation (an MLP's input) and reconstruct another (its
     output) instead of their own input, as in Dunefsky et al. 2024; skip_connection adds an affine
     skip W_skip x to the prediction, initialised at zero (Paulo et al. 2025's skip-transcoder).
+
+    cross_layer: a cross-layer transcoder over this many consecutive MLPs (Ameisen et al. 2025): the
+    latents come in one block per layer, each block reading its layer's MLP input and keeping k / L of
+    its latents per token, each latent decoding into its own layer's MLP output and every later one's.
+    d_in is one layer's width; n_latents and k count all the layers. 0: one layer (a plain transcoder).
     """
 
     d_in: int
@@ -46,6 +51,7 @@ class SAEConfig:
     matryoshka: tuple[int, ...] = ()
     transcoder: bool = False
     skip_connection: bool = False
+    cross_layer: int = 0
 
     def __post_init__(self) -> None:
         if self.normalization is None:
@@ -61,6 +67,9 @@ class SAEConfig:
             raise ValueError(f"d_in, n_latents and k must be positive, got {self}")
         if self.k > self.n_latents:
             raise ValueError(f"k={self.k} must not exceed n_latents={self.n_latents}")
+        problem = cross_layer_problem(self)
+        if problem:
+            raise ValueError(f"cross_layer: {problem}")
         object.__setattr__(self, "matryoshka", tuple(int(g) for g in self.matryoshka))  # a list from JSON
         problem = matryoshka_problem(self.matryoshka, self.n_latents)
         if problem:
@@ -76,15 +85,44 @@ class SAEConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for name in ("matryoshka", "transcoder", "skip_connection"):
+        for name in ("matryoshka", "transcoder", "skip_connection", "cross_layer"):
             if not d[name]:  # a plain SAE's config reads as before
                 d.pop(name)
         return d
+
+    def layers(self) -> int:
+        """How many layers' MLPs the coder reads and predicts (1 unless cross_layer)."""
+        return max(1, self.cross_layer)
+
+    def width(self) -> int:
+        """The width of the input rows, and of the target rows: d_in per layer."""
+        return self.d_in * self.layers()
 
     def encoder_reads_bias(self) -> bool:
         """Whether the encoder has a bias: a transcoder always does (its input is not centred by b_pre,
         which lives in the target's space)."""
         return self.encoder_bias or self.transcoder
+
+
+def cross_layer_problem(cfg: SAEConfig) -> str | None:
+    """What keeps cfg from being a cross-layer transcoder when it asks to be one (None: nothing)."""
+    layers = cfg.cross_layer
+    if layers == 0:
+        return None
+    if layers < 2:
+        return f"{layers} layer is a transcoder: give 2 or more layers, or leave cross_layer out"
+    if not cfg.transcoder:
+        return "a cross-layer transcoder is a transcoder: set transcoder too"
+    if cfg.n_latents % layers or cfg.k % layers:
+        return (
+            f"n_latents {cfg.n_latents} and k {cfg.k} count all {layers} layers and must both divide by "
+            f"{layers} (each layer has n_latents / {layers} latents and keeps k / {layers})"
+        )
+    if cfg.matryoshka:
+        return "Matryoshka groups are not built for cross-layer transcoders: drop matryoshka"
+    if cfg.activation != "topk":
+        return "a cross-layer transcoder keeps k / L latents per layer (topk): drop activation batchtopk"
+    return None
 
 
 def matryoshka_problem(groups, n_latents: int) -> str | None:
@@ -234,6 +272,11 @@ class TrainConfig:
         if transcoder and self.resolved_optimizer() == "signum" and not self.paper:
             lr *= TRANSCODER_SIGNUM_LR_FACTOR
         return lr
+
+    def lr_for(self, cfg: SAEConfig) -> float:
+        """The lr of an SAE of cfg: a cross-layer transcoder's from one layer's dictionary (n / L
+        latents) and its widest decoder row (L d_in wide: a sign step moves it by lr sqrt(L d_in))."""
+        return self.resolved_lr(cfg.n_latents // cfg.layers(), cfg.width(), cfg.transcoder)
 
     def resolved_optimizer(self) -> Optimizer:
         return resolve_optimizer(self.optimizer, self.recipe)

@@ -172,10 +172,8 @@ def sae_loss(
         return _batch_topk_loss(sae, x_in, x_norm, offset, mse_scale, tcfg, dead, aux_k, latents)
     k, n_here = latents.k, sae.cfg.n_latents
     k_wide = min(4 * k, latents.n_latents) if tcfg.multi_topk else k
-    values, indices, aux_values, aux_indices = topk_encode(
+    values, indices, aux_values, aux_indices = sae.select(
         x_in,
-        sae.W_enc,
-        sae.b_enc,
         min(k_wide, n_here),
         min(aux_k, n_here),
         dead.mask if aux_k else None,

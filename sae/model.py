@@ -104,6 +104,11 @@ class TopKSAE(nn.Module):
     z = ReLU(TopK(W_enc x + b_enc)), y_hat = W_dec^T z + b_pre [+ W_skip x], with x and y each scaled
     by its own dataset-level scalar. Its training rows are [x | y], 2 d_in wide (`split`).
 
+    A cross-layer transcoder (cfg.cross_layer = L) reads x = [x_1 .. x_L], the MLP inputs of L
+    consecutive layers, and predicts y = [y_1 .. y_L], their outputs: latent block l reads x_l alone
+    and keeps its own top k / L, and decodes into y_l .. y_L only (its decoder row is zero on the
+    earlier layers and gets no gradient there). Each layer's input and target have their own scalar.
+
     `encode`, `decode` and `forward` take and return raw activations; normalisation is applied and
     undone inside. Decoder rows (one per latent) have unit norm.
     """
@@ -115,20 +120,23 @@ class TopKSAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
-        n, d = cfg.n_latents, cfg.d_in
-        self.W_dec = nn.Parameter(torch.empty(n, d))
+        n, d, width = cfg.n_latents, cfg.d_in, cfg.width()
+        self.W_dec = nn.Parameter(torch.empty(n, width))
         self.W_enc = nn.Parameter(torch.empty(n, d))
-        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.b_pre = nn.Parameter(torch.zeros(width))
         self.b_enc = nn.Parameter(torch.zeros(n)) if cfg.encoder_reads_bias() else None
-        # (d_out, d_in), as sparsify stores it; zero at the start: the skip path grows only as it helps
-        self.W_skip = nn.Parameter(torch.zeros(d, d)) if cfg.skip_connection else None
-        # dataset_scale: a constant multiplier fixed before training; 1 for the other modes
-        self.register_buffer("input_scale", torch.ones(()))
+        # (d_out, d_in), as sparsify stores it (one such block per layer, stacked, for a cross-layer
+        # transcoder); zero at the start: the skip path grows only as it helps
+        self.W_skip = nn.Parameter(torch.zeros(width, d)) if cfg.skip_connection else None
+        # dataset_scale: a constant multiplier fixed before training (one per layer for a cross-layer
+        # transcoder); 1 for the other modes
+        scalar = () if not cfg.cross_layer else (cfg.layers(),)
+        self.register_buffer("input_scale", torch.ones(scalar))
         # batchtopk: inference keeps latents above this (a running average of the training batches'
         # smallest kept activation)
         self.register_buffer("threshold", torch.zeros(()))
         if cfg.transcoder:  # the target's dataset_scale multiplier (1 for normalization none)
-            self.register_buffer("target_scale", torch.ones(()))
+            self.register_buffer("target_scale", torch.ones(scalar))
         self.metadata: dict = {}
         self.reset_parameters()
 
@@ -136,8 +144,35 @@ class TopKSAE(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Decoder rows random unit vectors, encoder = decoder transpose (§A.1 tied init)."""
         w = torch.randn(self.W_dec.shape, generator=generator)
+        if self.cfg.cross_layer:
+            w = self._blocks(w).mul_(self._writes()).flatten(2).flatten(0, 1)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec)
+        if self.cfg.cross_layer:  # each latent's encoder row: its decoder row's block on its own layer
+            self.W_enc.copy_(torch.diagonal(self._blocks(self.W_dec), dim1=0, dim2=2).permute(2, 0, 1).flatten(0, 1))
+        else:
+            self.W_enc.copy_(self.W_dec)
+
+    # a cross-layer transcoder's blocks ---------------------------------------------------------------
+    def _blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """A (n_latents, width) decoder-shaped tensor as (source layer, latent, target layer, d)."""
+        L = self.cfg.layers()
+        return w.view(L, self.cfg.n_latents // L, L, self.cfg.d_in)
+
+    def _writes(self) -> torch.Tensor:
+        """(L, 1, L, 1): whether latents of the source layer write into the target layer (l' >= l)."""
+        L = self.cfg.layers()
+        return torch.ones(L, L, device=self.W_dec.device).triu()[:, None, :, None]
+
+    @torch.no_grad()
+    def restrict_decoder_grad(self) -> None:
+        """A cross-layer transcoder's latents write into their own and later layers only: the decoder's
+        gradient on earlier layers is dropped, so those blocks stay zero (nothing for other coders)."""
+        if self.cfg.cross_layer and self.W_dec.grad is not None:
+            self._blocks(self.W_dec.grad).mul_(self._writes())
+
+    def _per_column(self, scale: torch.Tensor) -> torch.Tensor:
+        """A per-layer scale (L,) as one factor per column of a row (width,); a scalar as it is."""
+        return scale if scale.dim() == 0 else scale.repeat_interleave(self.cfg.d_in)
 
     # normalisation -------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, NormStats]:
@@ -149,8 +184,8 @@ class TopKSAE(nn.Module):
             std = x.std(dim=-1, keepdim=True)
             return (x - mean) / (std + STANDARDIZE_EPS), NormStats(shift=mean, scale=std)
         if mode == "dataset_scale":
-            zero = x.new_zeros(())
-            return x * self.input_scale, NormStats(shift=zero, scale=1 / self.input_scale)
+            zero, scale = x.new_zeros(()), self._per_column(self.input_scale)
+            return x * scale, NormStats(shift=zero, scale=1 / scale)
         one, zero = x.new_ones(()), x.new_zeros(())
         return x, NormStats(shift=zero, scale=one)
 
@@ -158,17 +193,18 @@ class TopKSAE(nn.Module):
         """A transcoder's target in its normalised space (its own scalar); an SAE's target is its input."""
         if not self.cfg.transcoder:
             return self.normalize(y)
-        y = y.to(self.W_enc.dtype)
-        return y * self.target_scale, NormStats(shift=y.new_zeros(()), scale=1 / self.target_scale)
+        y, scale = y.to(self.W_enc.dtype), self._per_column(self.target_scale)
+        return y * scale, NormStats(shift=y.new_zeros(()), scale=1 / scale)
 
     def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(input, target) of training rows: [x | y] halves for a transcoder, (x, x) for an SAE."""
         if not self.cfg.transcoder:
             return rows, rows
-        d = self.cfg.d_in
+        d = self.cfg.width()
         if rows.shape[-1] != 2 * d:
             raise ValueError(
-                f"a transcoder of d_in {d} trains on rows [input | target] of width {2 * d}, got {rows.shape[-1]}"
+                f"a transcoder of input width {d} trains on rows [input | target] of width {2 * d}, "
+                f"got {rows.shape[-1]}"
             )
         return rows[..., :d], rows[..., d:]
 
@@ -179,14 +215,63 @@ class TopKSAE(nn.Module):
         return x_norm if self.cfg.transcoder else x_norm - self.b_pre
 
     def skip(self, x_norm: torch.Tensor) -> torch.Tensor | None:
-        """A skip-transcoder's W_skip x (None without a skip connection)."""
-        return None if self.W_skip is None else x_norm @ self.W_skip.T
+        """A skip-transcoder's W_skip x (None without a skip connection); a cross-layer one's maps each
+        layer's input to its own layer's output."""
+        if self.W_skip is None:
+            return None
+        if not self.cfg.cross_layer:
+            return x_norm @ self.W_skip.T
+        L, d = self.cfg.layers(), self.cfg.d_in
+        per_layer = torch.einsum("...li,loi->...lo", x_norm.unflatten(-1, (L, d)), self.W_skip.view(L, d, d))
+        return per_layer.flatten(-2)
+
+    def select(
+        self,
+        x_in: torch.Tensor,
+        k: int,
+        aux_k: int = 0,
+        aux_mask: torch.Tensor | None = None,
+        aux_latents: torch.Tensor | None = None,
+    ):
+        """(values, indices, aux_values, aux_indices): ReLU(TopK) of the encoder on x_in and, for AuxK,
+        the top aux_k among the latents of aux_mask (or aux_latents); sae.kernels.topk_encode.
+
+        A cross-layer transcoder selects per layer: block l reads x_l and keeps its top k / L (and
+        AuxK picks its share of aux_k among block l's dead latents); the codes are the blocks' side by
+        side, each sorted descending, with indices into all n_latents."""
+        if not self.cfg.cross_layer:
+            return topk_encode(x_in, self.W_enc, self.b_enc, k, aux_k, aux_mask, aux_latents)
+        L, d = self.cfg.layers(), self.cfg.d_in
+        m = self.cfg.n_latents // L
+        if k % L:
+            raise ValueError(f"a cross-layer transcoder keeps k / {L} per layer: k {k} must divide by {L}")
+        parts = []
+        for layer in range(L):
+            rows = slice(layer * m, (layer + 1) * m)
+            b = None if self.b_enc is None else self.b_enc[rows]
+            share = aux_k // L + (layer < aux_k % L)  # the layers' shares add up to aux_k
+            mask = aux_mask[rows] if share and aux_mask is not None else None
+            if share and mask is None:
+                raise ValueError("aux_k > 0 needs aux_mask (which latents may be picked)")
+            x_l = x_in[..., layer * d : (layer + 1) * d]
+            values, indices, aux_values, aux_indices = topk_encode(x_l, self.W_enc[rows], b, k // L, share, mask)
+            parts.append((values, indices + layer * m, aux_values, aux_indices + layer * m))
+        return tuple(torch.cat(column, dim=1) for column in zip(*parts))
+
+    def preactivations(self, x_in: torch.Tensor) -> torch.Tensor:
+        """(B, n_latents) encoder outputs before any bias or selection (a cross-layer transcoder's
+        block l reads x_l)."""
+        if not self.cfg.cross_layer:
+            return x_in @ self.W_enc.T
+        L, d = self.cfg.layers(), self.cfg.d_in
+        blocks = self.W_enc.view(L, -1, d)
+        return torch.einsum("bli,lmi->blm", x_in.unflatten(-1, (L, d)), blocks).flatten(1)
 
     def encode_normalized(self, x_norm: torch.Tensor, k: int | None = None) -> Codes:
         """The top k latents per token (default cfg.k; for batchtopk, up to 4k above the threshold)."""
         batch_topk = self.cfg.activation == "batchtopk"
         width = k or (min(4 * self.cfg.k, self.cfg.n_latents) if batch_topk else self.cfg.k)
-        values, indices, _, _ = topk_encode(self.encoder_input(x_norm), self.W_enc, self.b_enc, width)
+        values, indices, _, _ = self.select(self.encoder_input(x_norm), width)
         if batch_topk:
             values = values * (values > self.threshold)
         return Codes(values, indices, skip=self.skip(x_norm))
@@ -206,7 +291,7 @@ class TopKSAE(nn.Module):
         return codes
 
     def _target_stats(self, like: torch.Tensor) -> NormStats:
-        return NormStats(shift=like.new_zeros(()), scale=1 / self.target_scale)
+        return NormStats(shift=like.new_zeros(()), scale=1 / self._per_column(self.target_scale))
 
     def predict(self, x: torch.Tensor, k: int | None = None) -> torch.Tensor:
         """A transcoder's prediction of the MLP's output from its input (an SAE's reconstruction)."""

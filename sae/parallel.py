@@ -146,6 +146,8 @@ class GridShard:
         n, S = cfg.n_latents, parallel.grid.latents
         if n % S:
             raise ValueError(f"n_latents={n} does not split into {S} equal shards: use a multiple of {S}")
+        if S > 1 and cfg.cross_layer:
+            raise ValueError("a cross-layer transcoder keeps its latents in one process: use one latent shard")
         self.parallel = parallel
         self.n_latents, self.k = n, cfg.k
         self.replicas, self.processes = parallel.grid.data, parallel.grid.size

@@ -16,7 +16,7 @@ from sae.config import SAEConfig, TrainConfig, cuda_graph_blockers, fused_topk_b
 from sae.cuda_graph import DeviceStep, StepGraphs
 from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
-from sae.kernels import sparse_decode, topk_encode
+from sae.kernels import sparse_decode
 from sae.loss import NO_DEAD, AuxMode, DeadLatents, DeadLatentTracker, LossParts, sae_loss
 from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD, project_rows_
@@ -44,23 +44,27 @@ def init_from_sample(
     """
     x_raw, y_raw = sae.split(sample)
     if sae.cfg.normalization == "dataset_scale":
-        sae.input_scale.fill_(_unit_scale(x_raw, sae.cfg.d_in))
+        sae.input_scale.copy_(_unit_scales(x_raw, sae.cfg))
         if sae.cfg.transcoder:
-            sae.target_scale.fill_(_unit_scale(y_raw, sae.cfg.d_in))
+            sae.target_scale.copy_(_unit_scales(y_raw, sae.cfg))
     x, _ = sae.normalize(x_raw)
     y = sae.normalize_target(y_raw)[0] if sae.cfg.transcoder else x  # an SAE's target is its input
     if use_geometric_median:
         sae.b_pre.copy_(geometric_median(y))
         if sae.cfg.transcoder and sae.b_enc is not None:
-            sae.b_enc.copy_(-(sae.W_enc @ geometric_median(x)))
+            centre = geometric_median(x)
+            sae.b_enc.copy_(-(sae.preactivations(centre[None])[0] if sae.cfg.cross_layer else sae.W_enc @ centre))
     if scale_encoder:
         scale_encoder_least_squares(sae, x, y)
     return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item()
 
 
-def _unit_scale(rows: torch.Tensor, d: int) -> float:
-    """The scalar s with E||s x||^2 = d on the rows."""
-    return math.sqrt(d / rows.float().pow(2).sum(-1).mean().item())
+def _unit_scales(rows: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
+    """The scalar s with E||s x||^2 = d on the rows; one per layer for a cross-layer transcoder."""
+    if not cfg.cross_layer:
+        return torch.tensor(math.sqrt(cfg.d_in / rows.float().pow(2).sum(-1).mean().item()))
+    per_layer = rows.float().unflatten(-1, (cfg.layers(), cfg.d_in)).pow(2).sum(-1).mean(0)
+    return (cfg.d_in / per_layer.double()).sqrt()
 
 
 @torch.no_grad()
@@ -79,7 +83,7 @@ def scale_encoder_least_squares(sae: TopKSAE, x_norm: torch.Tensor, target: torc
     rows = max(1, min(4096, 2**28 // sae.cfg.n_latents))  # a (rows x n_latents) float32 matmul: at most 1 GiB
     residual = (x_norm if target is None else target) - sae.b_pre
     for x_in, want in zip(sae.encoder_input(x_norm).split(rows), residual.split(rows)):
-        values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, sae.cfg.k)
+        values, indices, _, _ = sae.select(x_in, sae.cfg.k)
         recon = sparse_decode(values, indices, sae.W_dec)
         dot += (want * recon).sum().item()
         norm2 += recon.pow(2).sum().item()
@@ -185,8 +189,10 @@ class Trainer:
         if tcfg.fused_topk and (problems := fused_topk_blockers(tcfg.device, tcfg.precision, tcfg.triton, sae_cfg.k)):
             raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
         self.kernels = kernels.KernelChoice(tcfg.triton, tcfg.fused_topk)
+        if tcfg.multi_topk and sae_cfg.cross_layer:
+            raise ValueError("train.multi_topk: a cross-layer transcoder keeps k / L per layer: set it to false")
         self.sae = self.place.part(self._seeded_sae())
-        lr = tcfg.resolved_lr(sae_cfg.n_latents, sae_cfg.d_in, sae_cfg.transcoder)
+        lr = tcfg.lr_for(sae_cfg)
         self.opt = make_optimizer(self.sae, tcfg, lr)
         self.base_lr = lr
         self.tracker = DeadLatentTracker(
@@ -290,6 +296,7 @@ class Trainer:
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
+        sae.restrict_decoder_grad()
         self.place.average_gradients(sae)
         if not self.opt.param_groups[0].get("project_rows"):  # else the optimizer's step does it
             project_decoder_grad(sae)
