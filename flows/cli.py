@@ -385,13 +385,15 @@ def _store_line(spec, d_model: int, tokens: int) -> str:
     d = spec.data
     first = int(d.drop_first_position)
     held_out = max(spec.eval.tokens, spec.eval.downstream_contexts * (d.context_length - first))
-    hooks = len(spec.hookpoints)
-    width = 2 * d_model if spec.transcodes() else d_model  # a transcoder's rows: [MLP input | MLP output]
+    hooks, layers = len(spec.hookpoints), spec.layers()
+    # a transcoder's rows: [MLP input | MLP output]; a cross-layer transcoder's: its layers' side by side
+    width = 2 * layers * d_model if spec.transcodes() else d_model
     train = hooks * planned_bytes(tokens, d.context_length, first, width, d.dtype)
     held = hooks * planned_bytes(held_out, d.context_length, first, width, d.dtype)
     what = (
         f"{_size(train)} of training activations and {_size(held)} held out ({hooks} hookpoint"
-        f"{'s' if hooks > 1 else ''} x d {d_model}{' x 2 (input and output)' if spec.transcodes() else ''} "
+        f"{'s' if hooks > 1 else ''} x d {d_model}{f' x {layers} layers' if layers > 1 else ''}"
+        f"{' x 2 (input and output)' if spec.transcodes() else ''} "
         f"in {d.dtype})"
     )
     if d.window_shards:

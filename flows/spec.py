@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from sae.config import (
     IO,
+    JOIN,
     RECIPE_VERSION,
     SAEConfig,
     TrainConfig,
@@ -144,10 +145,16 @@ class SAESpec(Section):
     # predict its output; skip_connection adds W_skip x (a skip-transcoder, Paulo et al. 2025)
     transcoder: bool = False
     skip_connection: bool = False
+    # one cross-layer transcoder over the hookpoints, consecutive MLPs (Ameisen et al. 2025): each
+    # layer's latents read its MLP input and predict its and every later MLP's output; n_latents and k
+    # count all layers (each has n_latents / L latents and keeps k / L per token). Implies transcoder.
+    cross_layer: bool = False
 
     @model_validator(mode="before")
     @classmethod
     def _transcoder_scales(cls, data):
+        if isinstance(data, dict) and data.get("cross_layer") is True and "transcoder" not in data:
+            data = {**data, "transcoder": True}
         if isinstance(data, dict) and data.get("transcoder") is True and data.get("normalization") is None:
             return {**data, "normalization": "dataset_scale"}
         return data
@@ -156,6 +163,16 @@ class SAESpec(Section):
     def _size(self):
         if self.skip_connection and not self.transcoder:
             raise ValueError("sae.skip_connection belongs to a transcoder: set sae.transcoder: true, or drop it")
+        if self.cross_layer:
+            if not self.transcoder:
+                raise ValueError("sae.cross_layer trains a transcoder: drop sae.transcoder: false")
+            if self.n_latents is None:
+                raise ValueError("sae.cross_layer: give sae.n_latents (all layers' latents), not expansion_factor")
+            for name in ("matryoshka", "multi_topk"):
+                if getattr(self, name):
+                    raise ValueError(f"sae.{name} is not built for cross-layer transcoders: drop it")
+            if self.activation != "topk":
+                raise ValueError("sae.cross_layer keeps k / L latents per layer (topk): drop activation: batchtopk")
         if self.transcoder and self.normalization == "standardize":
             raise ValueError(
                 "sae.normalization: standardize is per token and cannot be undone on a transcoder's target "
@@ -475,6 +492,20 @@ class RunSpec(Section):
 
     @model_validator(mode="before")
     @classmethod
+    def _join_cross_layer(cls, data):
+        """A cross-layer transcoder reads its MLPs as one site: hookpoints [A, B, C] become ["A+B+C"]."""
+        if not isinstance(data, dict) or not isinstance(data.get("hookpoints"), list):
+            return data
+        saes = data.get("sae")
+        saes = [saes] if not isinstance(saes, list) else saes
+        hooks = data["hookpoints"]
+        crossing = any(getattr(s, "cross_layer", None) or (isinstance(s, dict) and s.get("cross_layer")) for s in saes)
+        if crossing and len(hooks) > 1 and all(isinstance(h, str) for h in hooks):
+            return {**data, "hookpoints": [JOIN.join(hooks)]}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
     def _expand_sweep(cls, data):
         """A sweep turns the sae template into one SAE per (n_latents, k), kept k <= n_latents."""
         if not isinstance(data, dict) or not data.get("sweep"):
@@ -625,6 +656,13 @@ class RunSpec(Section):
                 "sae: some SAEs are transcoders and some not, but every SAE of a spec reads the same cached "
                 "activations: give them one sae.transcoder, or split them into two specs"
             )
+        if len({s.cross_layer for s in self.sae}) > 1:
+            raise ValueError(
+                "sae: some SAEs are cross-layer transcoders and some not, but every SAE of a spec reads the same "
+                "cached activations: give them one sae.cross_layer, or split them into two specs"
+            )
+        if self.sae[0].cross_layer:
+            self._check_cross_layer()
         if self.transcodes() and self.train.latent_shards > 1:
             raise ValueError("sae.transcoder trains each transcoder's latents in one process: drop train.latent_shards")
         if self.train.distributed() and len({s.tokens for s in self.sae}) > 1:
@@ -757,6 +795,7 @@ class RunSpec(Section):
             reader_bytes=t.shuffle_buffer_mb * 2**20,
             transcoder=s.transcoder,
             skip_connection=s.skip_connection,
+            layers=self.layers(),
         )
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
@@ -771,7 +810,31 @@ class RunSpec(Section):
             tuple(s.matryoshka or ()),
             s.transcoder,
             s.skip_connection,
+            self.layers() if s.cross_layer else 0,
         )
+
+    def _check_cross_layer(self) -> None:
+        modules = self.hookpoints[0].split(JOIN)
+        if len(self.hookpoints) > 1 or len(modules) < 2:
+            raise ValueError(
+                "hookpoints: sae.cross_layer reads two or more consecutive MLPs: list them in hookpoints "
+                "(e.g. model.layers.3.mlp, model.layers.4.mlp)"
+            )
+        problem = consecutive_problem(modules)
+        if problem:
+            raise ValueError(f"hookpoints: sae.cross_layer: {problem}")
+        layers = len(modules)
+        for i, s in enumerate(self.sae):
+            where = "sae" if len(self.sae) == 1 else f"sae.{i}"
+            if (s.n_latents or 0) % layers or s.k % layers:
+                raise ValueError(
+                    f"{where}: n_latents {s.n_latents} and k {s.k} count all {layers} layers and must both divide "
+                    f"by {layers} (each layer has n_latents / {layers} latents and keeps k / {layers})"
+                )
+
+    def layers(self) -> int:
+        """How many MLPs one dictionary reads: the cross-layer transcoder's, else 1."""
+        return len(self.hookpoints[0].split(JOIN)) if self.sae[0].cross_layer else 1
 
     def transcodes(self) -> bool:
         """Whether this spec trains transcoders (every SAE of a spec reads the same activations)."""
@@ -785,8 +848,9 @@ class RunSpec(Section):
         return [self.site(h) for h in self.hookpoints]
 
     def d_model_of(self, width: int) -> int:
-        """d_model from the width of a hookpoint's stored rows (twice it for a transcoder's)."""
-        return width // 2 if self.transcodes() else width
+        """d_model from the width of a hookpoint's stored rows (twice it for a transcoder's, 2 L times it
+        for a cross-layer transcoder's over L layers)."""
+        return width // (2 * self.layers()) if self.transcodes() else width
 
     def lr_setting(self, index: int = 0) -> float | str:
         """SAE `index`'s lr as the spec sets it: its own (a sweep's lr axis), else train.lr (maybe "auto")."""
@@ -839,6 +903,22 @@ class RunSpec(Section):
             "dead_tokens": tcfg.dead_window(cfg.n_latents, cfg.k),
             "aux_k": tcfg.resolved_aux_k(d_model),
         }
+
+
+def consecutive_problem(modules: list[str]) -> str | None:
+    """Why module names are not consecutive layers of one stack, in order (None: they are): names
+    that differ in one number only, which rises by one from each to the next."""
+    shapes = [re.split(r"(\d+)", m) for m in modules]
+    first = shapes[0]
+    if any(len(parts) != len(first) for parts in shapes):
+        return f"{', '.join(modules)} are not one module of consecutive layers: name the same MLP of each layer"
+    varying = {i for parts in shapes for i, part in enumerate(parts) if part != first[i]}
+    if len(varying) != 1 or (at := varying.pop()) % 2 == 0:  # odd places hold the numbers
+        return f"{', '.join(modules)} are not one module of consecutive layers: name the same MLP of each layer"
+    numbers = [int(parts[at]) for parts in shapes]
+    if any(b != a + 1 for a, b in zip(numbers, numbers[1:])):
+        return f"layers {numbers} are not consecutive: list each layer's MLP once, in order"
+    return None
 
 
 def safe_name(name: str) -> str:
@@ -984,7 +1064,7 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
             f"model.source: cannot read the model config of {spec.model.source!r}{hint}: "
             f"{' '.join(str(e).split())[:300]}"
         ) from None
-    for i, h in enumerate(spec.hookpoints):
+    for i, h in enumerate(m for hook in spec.hookpoints for m in hook.split(JOIN)):
         if h not in names:
             layers = sorted(n for n in names if n.count(".") == 2 and ".layers." in n)[:3]
             raise SpecError(

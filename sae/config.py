@@ -9,6 +9,8 @@ from typing import Literal
 # A store site "MODULE:io" holds a module's input and output side by side, [input | output]: a
 # transcoder's training rows, from one forward (sae/lm.py captures it).
 IO = ":io"
+# A cross-layer transcoder's site joins its MLPs, in layer order: "A+B+C:io" holds [inputs | outputs].
+JOIN = "+"
 
 Normalization = Literal["none", "standardize", "dataset_scale"]
 Precision = Literal["auto", "fp32", "bf16"]

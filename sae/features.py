@@ -171,7 +171,7 @@ def logit_effects(
 ) -> LogitEffects:
     w_u = unembedding.detach().float().cpu()
     parts = []
-    for rows in sae.W_dec.detach().float().cpu().split(chunk):
+    for rows in sae.output_directions().detach().float().cpu().split(chunk):
         logits = rows @ w_u.T
         up, down = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
         low, high = logits.min(dim=1).values, logits.max(dim=1).values

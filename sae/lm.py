@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sae.config import IO
+from sae.config import IO, JOIN
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,11 @@ def module_of(site: str) -> str:
     return site.removesuffix(IO)
 
 
+def modules_of(site: str) -> list[str]:
+    """The modules a store site reads: one, or a cross-layer transcoder's MLPs ("A+B+C:io", in order)."""
+    return module_of(site).split(JOIN)
+
+
 def only_tensor_input(module_name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     """A module's single tensor input; a clear error when it takes none or several."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
@@ -196,26 +201,30 @@ class _StopForward(Exception):
 
 @torch.no_grad()
 def capture(model: nn.Module, input_ids: torch.Tensor, hookpoints: list[str]) -> dict[str, torch.Tensor]:
-    """Activations (B, L, d) at each hookpoint, (B, L, 2d) [input | output] at each "MODULE:io" site;
-    the forward stops once the last one has fired."""
+    """Activations (B, L, d) at each hookpoint, (B, L, 2d) [input | output] at each "MODULE:io" site,
+    and (B, L, 2 m d) [inputs | outputs] of the m modules of an "A+B+...:io" site; the forward stops
+    once the last one has fired."""
     captured: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {h: {} for h in hookpoints}
 
-    def hook_for(name: str):
-        module = module_of(name)
-
+    def hook_for(name: str, module: str):
         def hook(_module, args, kwargs, output):
-            if name.endswith(IO):
-                x = only_tensor_input(module, args, kwargs)
-                captured[name] = torch.cat([x, _single_output(module, output)], dim=-1).detach()
-            else:
+            if not name.endswith(IO):
                 captured[name] = _output_tensor(output).detach()
+            else:
+                parts[name][module] = (only_tensor_input(module, args, kwargs), _single_output(module, output))
+                if len(parts[name]) == len(modules_of(name)):
+                    ins, outs = zip(*(parts[name][m] for m in modules_of(name)))
+                    captured[name] = torch.cat([*ins, *outs], dim=-1).detach()
             if len(captured) == len(hookpoints):
                 raise _StopForward
 
         return hook
 
     handles = [
-        model.get_submodule(module_of(h)).register_forward_hook(hook_for(h), with_kwargs=True) for h in hookpoints
+        model.get_submodule(m).register_forward_hook(hook_for(h, m), with_kwargs=True)
+        for h in hookpoints
+        for m in modules_of(h)
     ]
     try:
         model(input_ids=input_ids, use_cache=False)
@@ -235,19 +244,40 @@ def replaced(
     model: nn.Module, hookpoint: str, fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 ) -> Iterator[None]:
     """Inside the block, the hookpoint's output h (B, L, d) is replaced by fn(h, x): x is the module's
-    input at a "MODULE:io" site (what a transcoder reads), else None."""
-    module = module_of(hookpoint)
+    input at a "MODULE:io" site (what a transcoder reads), else None.
 
-    def hook(_module, args, kwargs, output):
-        x = only_tensor_input(module, args, kwargs) if hookpoint.endswith(IO) else None
-        new = fn(_output_tensor(output), x)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+    At an "A+B+...:io" site every module's output is replaced, each as its turn comes in the forward:
+    module j's by block j of fn(h, x), where x and h hold the inputs and outputs of modules 1..j side
+    by side, zeros for the modules not yet run (a cross-layer transcoder's prediction for layer j
+    reads layers 1..j only)."""
+    modules = modules_of(hookpoint)
+    inputs: list[torch.Tensor | None] = [None] * len(modules)
 
-    handle = model.get_submodule(module).register_forward_hook(hook, with_kwargs=True)
+    def hook_for(j: int, module: str):
+        def hook(_module, args, kwargs, output):
+            h = _output_tensor(output)
+            if not hookpoint.endswith(IO):
+                new = fn(h, None)
+            elif len(modules) == 1:
+                new = fn(h, only_tensor_input(module, args, kwargs))
+            else:
+                inputs[j] = only_tensor_input(module, args, kwargs)
+                zero = torch.zeros_like(h)
+                xs = [x if i <= j and x is not None else zero for i, x in enumerate(inputs)]
+                hs = [h if i == j else zero for i in range(len(modules))]
+                new = fn(torch.cat(hs, dim=-1), torch.cat(xs, dim=-1)).chunk(len(modules), dim=-1)[j]
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    handles = [
+        model.get_submodule(m).register_forward_hook(hook_for(j, m), with_kwargs=True) for j, m in enumerate(modules)
+    ]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -56,23 +56,28 @@ def plan_memory(
     reader_bytes: int = 0,
     transcoder: bool = False,
     skip_connection: bool = False,
+    layers: int = 1,
 ) -> MemoryPlan:
     """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
     gradients (no dense buffer; train.triton on CUDA); fused: train.fused_topk (no pre-activation matrix);
     reader_bytes: the shuffle block the store's reader keeps beside the step; transcoder: rows of input
-    and target (twice as wide); skip_connection: a (d, d) W_skip beside the dictionary."""
+    and target (twice as wide); skip_connection: a (d, d) W_skip beside the dictionary; layers: a
+    cross-layer transcoder's (rows, decoder rows, b_pre and W_skip L times as wide; its encoder
+    selects one layer's n / L latents at a time)."""
     n = n_latents // shards
     rows = batch_tokens // replicas
-    weights = (2 * n * d_in + n + d_in + (d_in * d_in if skip_connection else 0)) * FLOAT32
+    width = d_in * layers  # a row of the input, of the target, of the decoder
+    weights = (n * d_in + n * width + n + width + (width * d_in if skip_connection else 0)) * FLOAT32
     # autocast keeps a bf16 copy of the encoder for the matmul
     bf16_encoder = n * d_in * 2 if bf16 else 0
     pre_bytes = 2 if bf16 else FLOAT32
-    width = min(4 * k, n) if multi_topk else k
+    kept = min(4 * k, n) if multi_topk else k
     # the pre-activations, and with AuxK their masked copy; the sparse gradient products are k wide;
     # on the CPU a weight gradient is assembled in one dense (n, d) buffer before it lands in .grad
-    pre = 0 if fused else rows * n * pre_bytes * (2 if aux else 1)
+    pre = 0 if fused else rows * (n // layers) * pre_bytes * (2 if aux else 1)
     row_floats = 8 if transcoder else 6  # the input, its normalised copy, reconstructions: a target adds two
-    batch = pre + rows * d_in * FLOAT32 * row_floats + rows * width * 8 * 4 + (0 if cuda else n * d_in * FLOAT32)
+    dense_grad = 0 if cuda else n * width * FLOAT32
+    batch = pre + rows * width * FLOAT32 * row_floats + rows * kept * 8 * 4 + dense_grad
     return MemoryPlan(
         weights=weights + bf16_encoder,
         gradients=weights,

@@ -24,7 +24,9 @@ def kl_divergence(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> tor
 
 class ReconstructionStats:
     """Streams batches of raw activations through an SAE; all statistics in the normalised space.
-    A transcoder's rows are [input | target], and x below is the target (its FVU).
+    A transcoder's rows are [input | target], and x below is the target (its FVU); a cross-layer
+    transcoder's FVU is also reported per layer (normalized_mse_layer_0, ...: each layer's error over
+    its own variance).
 
     normalized MSE = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 with the mean of the evaluated set
     (the paper's definition, §2.1); L0; latents that never fired; latents firing on > 10% of tokens;
@@ -34,8 +36,11 @@ class ReconstructionStats:
     DENSE_FREQUENCY = 0.1
 
     def __init__(self, sae: TopKSAE, ks: tuple[int, ...] = ()):
-        n, d = sae.cfg.n_latents, sae.cfg.d_in
+        n, d = sae.cfg.n_latents, sae.cfg.width()
         self.sae = sae
+        # test-time k' comes from the first k' of one wide code; a cross-layer transcoder's code is its
+        # layers' top k / L side by side, not one sorted list: its own k only
+        ks = () if sae.cfg.cross_layer else ks
         self.ks = tuple(sorted({k for k in ks if 0 < k <= n} | {sae.cfg.k}))
         self.count = 0
         self.sum_x = torch.zeros(d, dtype=torch.float64)
@@ -44,6 +49,8 @@ class ReconstructionStats:
         self.main_sq_err = 0.0
         self.active = 0
         self.fire_counts = torch.zeros(n, dtype=torch.long)
+        self.layer_sq_err = torch.zeros(sae.cfg.layers(), dtype=torch.float64)  # read for cross-layer coders
+        self.layer_sum_sq = torch.zeros(sae.cfg.layers(), dtype=torch.float64)
 
     @torch.no_grad()
     def update(self, x_raw: torch.Tensor) -> None:
@@ -57,7 +64,11 @@ class ReconstructionStats:
             self.sq_err[k] += (x - recon).double().pow(2).sum().item()
         # the SAE's own code: its k for TopK, the thresholded code for BatchTopK
         main = wide.first(sae.cfg.k) if sae.cfg.activation == "topk" else sae.encode_normalized(x_in)
-        self.main_sq_err += (x - sae.decode_normalized(main)).double().pow(2).sum().item()
+        error = (x - sae.decode_normalized(main)).double().pow(2)
+        self.main_sq_err += error.sum().item()
+        if sae.cfg.cross_layer:
+            self.layer_sq_err += self._per_layer(error).cpu()
+            self.layer_sum_sq += self._per_layer(x.double().pow(2)).cpu()
         fired = main.values > 0
         self.active += int(fired.sum())
         self.fire_counts += torch.bincount(main.indices[fired].cpu(), minlength=len(self.fire_counts))
@@ -65,6 +76,10 @@ class ReconstructionStats:
         self.count += x.shape[0]
         self.sum_x += xd.sum(0)
         self.sum_sq_x += xd.pow(2).sum().item()
+
+    def _per_layer(self, columns: torch.Tensor) -> torch.Tensor:
+        """Row-wise squares summed over each layer's columns and over the rows: (L,)."""
+        return columns.unflatten(-1, (self.sae.cfg.layers(), self.sae.cfg.d_in)).sum(dim=(0, 2))
 
     def total_variance(self) -> float:
         return self.sum_sq_x - self.sum_x.pow(2).sum().item() / self.count
@@ -84,6 +99,11 @@ class ReconstructionStats:
         for kk in self.ks:
             if kk != k:
                 out[f"normalized_mse_k{kk}"] = self.sq_err[kk] / var
+        if self.sae.cfg.cross_layer:
+            mean_sq = self._per_layer(self.sum_x.pow(2)[None]) / self.count  # count * ||mean||^2, per layer
+            layer_var = self.layer_sum_sq - mean_sq
+            for layer, (err, v) in enumerate(zip(self.layer_sq_err.tolist(), layer_var.tolist())):
+                out[f"normalized_mse_layer_{layer}"] = err / v
         return out
 
 

@@ -170,6 +170,14 @@ class TopKSAE(nn.Module):
         if self.cfg.cross_layer and self.W_dec.grad is not None:
             self._blocks(self.W_dec.grad).mul_(self._writes())
 
+    def output_directions(self) -> torch.Tensor:
+        """(n_latents, d_in): what each latent adds to the model's activations per unit of activation:
+        its decoder row, or a cross-layer transcoder's blocks summed over the layers it writes into,
+        each in that layer's raw scale (all of them add to one residual stream)."""
+        if not self.cfg.cross_layer:
+            return self.W_dec
+        return (self._blocks(self.W_dec) / self.target_scale[None, None, :, None]).sum(2).flatten(0, 1)
+
     def _per_column(self, scale: torch.Tensor) -> torch.Tensor:
         """A per-layer scale (L,) as one factor per column of a row (width,); a scalar as it is."""
         return scale if scale.dim() == 0 else scale.repeat_interleave(self.cfg.d_in)

@@ -87,6 +87,11 @@ def export(sae: TopKSAE, fmt: str, out: str | Path) -> Path:
 def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
     if fmt == "saeflow":
         return sae.save(out, sae.metadata)
+    if sae.cfg.cross_layer:
+        raise FormatError(
+            f"cross_layer: {fmt} has no cross-layer transcoder file that this one maps to exactly (sparsify "
+            "1.3.3, the newest release, has none): keep it in saeflow's format"
+        )
     if fmt == "saelens" and sae.cfg.transcoder:
         raise FormatError(
             "transcoder: SAELens's transcoders are ReLU or JumpReLU (no TopK), so no SAELens file computes what "

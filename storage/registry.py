@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sae as sae_package
+from sae.config import JOIN
 from sae.files import CONFIG_FILE, WEIGHTS_FILE
 from storage.outputs import staged
 
@@ -144,7 +145,7 @@ def register_sae(
     if bad:
         raise FloatingPointError(f"refusing to register {sae_dir}: non-finite {', '.join(bad)}")
     mlflow = _mlflow(tracking_uri)
-    example = np.zeros((2, sae.cfg.d_in), dtype=np.float32)
+    example = np.zeros((2, sae.cfg.width()), dtype=np.float32)
     # params: predict(..., params={"output": "reconstruction"}) returns reconstructions instead of codes
     signature = infer_signature(example, np.zeros((2, sae.cfg.n_latents), dtype=np.float32), params={"output": "codes"})
     with mlflow.start_run(
@@ -217,6 +218,10 @@ def dictionary_tags(cfg: dict, hookpoint: str) -> dict[str, str]:
     if not cfg.get("transcoder"):
         return {}
     kind = "skip-transcoder" if cfg.get("skip_connection") else "transcoder"
+    if cfg.get("cross_layer"):
+        first, *_, last = hookpoint.split(JOIN)
+        reads = f"inputs of {first} .. {last} -> outputs of each and every later one"
+        return {"dictionary": f"cross-layer {kind}", "transcodes": reads}
     return {"dictionary": kind, "transcodes": f"input of {hookpoint} -> output of {hookpoint}"}
 
 
@@ -252,7 +257,17 @@ def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str
     cfg = sae.cfg
     shown = {k: v for k, v in metrics.items() if k in CARD_METRICS}
     hookpoint = tags.get("hookpoint")
-    if cfg.transcoder:
+    if cfg.cross_layer:
+        layers = "`, `".join(str(hookpoint).split(JOIN))
+        what = (
+            f"A TopK cross-layer transcoder (Ameisen et al. 2025) over `{layers}` of `{tags.get('lm')}`: the "
+            f"latents of each layer ({cfg.n_latents // cfg.layers()}, keeping {cfg.k // cfg.layers()} per token) read "
+            "its MLP's input and predict its output and every later one's"
+            + (", with an affine skip per layer" if cfg.skip_connection else "")
+            + "; trained with saeflow. Its metrics are the predicted outputs', also per layer. Its input and "
+            "prediction are the layers' activations side by side."
+        )
+    elif cfg.transcoder:
         kind = "skip-transcoder (Paulo et al. 2025)" if cfg.skip_connection else "transcoder (Dunefsky et al. 2024)"
         what = (
             f"A TopK {kind}: it reads the input of `{hookpoint}` of `{tags.get('lm')}` and predicts its output"

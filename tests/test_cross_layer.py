@@ -2,6 +2,8 @@
 decodes into the MLP outputs of layers l..L. The batched coder is checked against a plain per-layer
 loop with one decoder matrix per (source, target) pair of layers, written out densely."""
 
+import math
+
 import pytest
 import torch
 
@@ -25,26 +27,27 @@ def _clt(skip: bool = True, seed: int = 0) -> TopKSAE:
 
 def _layer_codes(sae: TopKSAE, x_norm: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0):
     """Per layer: the dense kept activations (B, n / L), and AuxK's picks among its dead latents."""
-    m, kept, aux = N // L, [], []
-    for s in range(L):
+    layers, d = sae.cfg.layers(), sae.cfg.d_in
+    m, kept, aux = sae.cfg.n_latents // layers, [], []
+    for s in range(layers):
         rows = slice(s * m, (s + 1) * m)
-        pre = x_norm[:, s * D : (s + 1) * D] @ sae.W_enc[rows].T + sae.b_enc[rows]
-        top = pre.topk(K // L, dim=1)
+        pre = x_norm[:, s * d : (s + 1) * d] @ sae.W_enc[rows].T + sae.b_enc[rows]
+        top = pre.topk(sae.cfg.k // layers, dim=1)
         kept.append(torch.zeros_like(pre).scatter(1, top.indices, top.values.relu()))
         if dead is not None:
-            share = aux_k // L + (s < aux_k % L)
-            masked = pre.masked_fill(~dead[rows], float("-inf"))
-            pick = masked.topk(share, dim=1)
+            share = aux_k // layers + (s < aux_k % layers)
+            pick = pre.masked_fill(~dead[rows], float("-inf")).topk(share, dim=1)
             aux.append(torch.zeros_like(pre).scatter(1, pick.indices, pick.values.relu()))
     return kept, aux
 
 
 def _decode(sae: TopKSAE, acts: list[torch.Tensor], x_norm: torch.Tensor | None) -> torch.Tensor:
     """Target layer t: b_pre_t [+ W_skip_t x_t] + sum over s <= t of acts_s D_(s->t)."""
-    m, out = N // L, []
-    for t in range(L):
-        cols = slice(t * D, (t + 1) * D)
-        y = torch.zeros(acts[0].shape[0], D) if x_norm is None else sae.b_pre[cols].expand(acts[0].shape[0], D)
+    layers, d = sae.cfg.layers(), sae.cfg.d_in
+    m, out = sae.cfg.n_latents // layers, []
+    for t in range(layers):
+        cols = slice(t * d, (t + 1) * d)
+        y = torch.zeros(acts[0].shape[0], d) if x_norm is None else sae.b_pre[cols].expand(acts[0].shape[0], d)
         for s in range(t + 1):
             y = y + acts[s] @ sae.W_dec[s * m : (s + 1) * m, cols]
         if x_norm is not None and sae.W_skip is not None:
@@ -165,3 +168,192 @@ def test_multi_topk_and_latent_shards_are_refused():
     cfg = SAEConfig(D, N, K, transcoder=True, cross_layer=L)
     with pytest.raises(ValueError, match="train.multi_topk"):
         train_sae(cfg, TrainConfig(multi_topk=True), torch.randn(64, L * D), target=torch.randn(64, L * D))
+
+
+# through the pipeline: one LM pass, the store, training, the spliced evaluation, the registry ---------
+
+MLPS = [f"model.layers.{i}.mlp" for i in range(3)]
+SITE = "+".join(MLPS) + ":io"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+def test_one_forward_captures_every_layers_input_and_output(tiny_lm):
+    from sae.lm import IO, capture
+
+    ids = torch.randint(0, 200, (2, 9))
+    joined = capture(tiny_lm, ids, [SITE])[SITE]
+    alone = capture(tiny_lm, ids, [m + IO for m in MLPS])
+    assert joined.shape == (2, 9, 6 * 32)
+    ins, outs = joined.split(3 * 32, dim=-1)
+    assert torch.equal(ins, torch.cat([alone[m + IO][..., :32] for m in MLPS], -1))
+    assert torch.equal(outs, torch.cat([alone[m + IO][..., 32:] for m in MLPS], -1))
+
+
+def test_the_spliced_lm_loss_equals_replacing_every_mlp_by_the_per_layer_reference(tiny_lm):
+    """Every chosen MLP's output replaced at once, each layer's prediction reading the (already
+    spliced) inputs of its own and earlier layers: checked against the MLPs' forwards replaced outright
+    by the plain per-layer loop of this file."""
+    from sae.evaluate import downstream_metrics
+    from sae.lm import logits
+    from sae.metrics import next_token_ce
+
+    torch.manual_seed(1)
+    sae = TopKSAE(SAEConfig(32, 24, 6, transcoder=True, skip_connection=True, cross_layer=3))
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(std=0.2)
+        sae.W_dec.copy_(sae.W_dec.view(3, 8, 3, 32).mul(torch.ones(3, 3).triu()[:, None, :, None]).view(24, 96))
+        sae.input_scale.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        sae.target_scale.copy_(torch.tensor([1.5, 0.8, 0.3]))
+    ids = torch.randint(0, 200, (3, 10))
+    got = downstream_metrics(sae, tiny_lm, ids, SITE, 0, torch.randn(96), 2, progress=False)
+
+    seen: list[torch.Tensor] = []
+    originals = [tiny_lm.get_submodule(m).forward for m in MLPS]
+
+    def predict_layer(t: int):
+        def forward(h):
+            seen.append(h.reshape(-1, 32))
+            x_norm = torch.cat([*seen, *[torch.zeros_like(seen[0])] * (2 - t)], 1) * sae.input_scale.repeat_interleave(
+                32
+            )
+            kept = [a if s <= t else torch.zeros_like(a) for s, a in enumerate(_layer_codes(sae, x_norm)[0])]
+            y = _decode(sae, kept, x_norm)[:, t * 32 : (t + 1) * 32] / sae.target_scale[t]
+            return y.reshape(h.shape)
+
+        return forward
+
+    try:
+        for t, m in enumerate(MLPS):
+            tiny_lm.get_submodule(m).forward = predict_layer(t)
+        with torch.no_grad():
+            want = next_token_ce(logits(tiny_lm, ids), ids).mean().item()
+    finally:
+        for m, forward in zip(MLPS, originals):
+            tiny_lm.get_submodule(m).forward = forward
+    assert len(seen) == 3
+    assert got["ce_with_sae"] == pytest.approx(want, rel=1e-5)
+
+
+def _spec_body(tiny_model_dir, text_dir, tmp_path, hookpoints=MLPS, **sae) -> dict:
+    return {
+        "name": "clt",
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"source": str(text_dir), "context_length": 16, "tokens": 1500, "eval_fraction": 0.3},
+        "hookpoints": list(hookpoints),
+        "sae": {"n_latents": 48, "k": 6, "dead_tokens": 500, "cross_layer": True, **sae},
+        "train": {"batch_tokens": 128},
+        "eval": {"tokens": 300, "downstream_contexts": 4, "ablation_contexts": 2, "feature_tokens": 256},
+        "registry": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "model_name": "clt", "alias": "candidate"},
+        "workdir": str(tmp_path / "work"),
+    }
+
+
+def test_a_cross_layer_transcoder_end_to_end(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    """cache (three MLPs' inputs and outputs from one LM pass), train, evaluate with every MLP spliced
+    at once and each layer's FVU, register, pull, predict."""
+    from flows import stages
+    from flows.spec import check_resources, parse_spec
+    from storage import activations as store
+    from storage.registry import model_version, pull
+
+    spec = parse_spec(_spec_body(tiny_model_dir, text_dir, tmp_path, skip_connection=True))
+    assert spec.hookpoints == ["+".join(MLPS)] and spec.sites() == [SITE]
+    check_resources(spec, online=False)
+    for split, index in stages.plan_cache(spec):
+        stages.cache_shard(spec, split, index)
+    stages.cache(spec)
+    hook = spec.hookpoints[0]
+    rows = store.activations(store.open_store(stages.store_url(spec)), "train", SITE)
+    assert rows.shape[1] == 6 * 32  # [3 inputs | 3 outputs] of d 32 MLPs
+
+    stages.train(spec, hook, progress=False)
+    metrics = stages.evaluate(spec, hook, progress=False)
+    trained = TopKSAE.load(stages.sae_dir(spec, hook))
+    assert trained.cfg.cross_layer == 3 and trained.cfg.d_in == 32 and trained.cfg.skip_connection
+    held = torch.from_numpy(store.activations(store.open_store(stages.store_url(spec)), "eval", SITE)[:300])
+    x, y = held.float().split(96, dim=1)
+    with torch.no_grad():
+        pred = trained.predict(x)
+    for t in range(3):  # each layer's FVU, as evaluated, is its prediction's on the held-out rows
+        cols = slice(t * 32, (t + 1) * 32)
+        assert metrics[f"normalized_mse_layer_{t}"] == pytest.approx(_fvu(pred[:, cols], y[:, cols]), rel=1e-3)
+    for name in ("ce_increase", "kl_divergence", "l0", "dead_fraction", "normalized_mse"):
+        assert name in metrics and math.isfinite(metrics[name]), name
+    assert metrics["l0"] <= 6
+
+    stages.register(spec, hook)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", spec.tracking_uri())
+    version = model_version("models:/clt@candidate")
+    assert version.tags["dictionary"] == "cross-layer skip-transcoder"
+    assert version.tags["transcodes"] == f"inputs of {MLPS[0]} .. {MLPS[-1]} -> outputs of each and every later one"
+    pulled = TopKSAE.from_pretrained("models:/clt@candidate")
+    assert torch.allclose(pulled.predict(x[:16]), pred[:16])
+    card = (pull("models:/clt@candidate", tmp_path / "pulled") / "MODEL_CARD.md").read_text()
+    assert "cross-layer transcoder" in card and f"`{MLPS[0]}`, `{MLPS[1]}`, `{MLPS[2]}`" in card
+
+
+@pytest.mark.parametrize(
+    ("hookpoints", "sae", "field", "says"),
+    [
+        ([MLPS[0], MLPS[2]], {}, "hookpoints", "layers [0, 2] are not consecutive"),
+        ([MLPS[1], MLPS[0]], {}, "hookpoints", "layers [1, 0] are not consecutive"),
+        (["model.layers.0", "model.layers.1"], {}, "hookpoints.0", "name the MLP module"),
+        ([MLPS[0], "model.layers.1.self_attn"], {}, "hookpoints", "not one module of consecutive layers"),
+        ([MLPS[0]], {}, "hookpoints", "two or more consecutive MLPs"),
+        (MLPS, {"k": 4}, "sae", "must both divide by 3"),
+        (MLPS, {"n_latents": None, "expansion_factor": 2}, "sae.cross_layer", "give sae.n_latents"),
+        (MLPS, {"multi_topk": True}, "sae.multi_topk", "drop it"),
+    ],
+)
+def test_bad_cross_layer_specs_are_refused_in_one_line(
+    hookpoints, sae, field, says, tiny_model_dir, text_dir, tmp_path, capsys
+):
+    import yaml
+
+    from flows.cli import main
+
+    body = _spec_body(tiny_model_dir, text_dir, tmp_path, hookpoints, **sae)
+    body["sae"] = {key: v for key, v in body["sae"].items() if v is not None}
+    path = tmp_path / "clt.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0] and says in err[0], err
+    assert not (tmp_path / "work").exists()  # refused before any LM pass
+
+
+def test_validate_counts_every_layers_rows_and_plans_the_memory(tiny_model_dir, text_dir, tmp_path, capsys):
+    import re
+
+    import yaml
+
+    from flows.cli import main
+    from flows.spec import parse_spec
+    from sae.memory import plan_memory
+
+    path = tmp_path / "clt.yaml"
+    path.write_text(yaml.safe_dump(_spec_body(tiny_model_dir, text_dir, tmp_path)))
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "x d 32 x 3 layers x 2 (input and output)" in out
+    single = _spec_body(tiny_model_dir, text_dir, tmp_path, [MLPS[0]], cross_layer=False, transcoder=True)
+    path.write_text(yaml.safe_dump(single))
+    assert main(["validate", str(path)]) == 0
+    sizes = [
+        float(re.search(r"([\d.]+) \w+ of training activations", o).group(1)) for o in (out, capsys.readouterr().out)
+    ]
+    assert sizes[0] == pytest.approx(3 * sizes[1], rel=0.02)
+    spec = parse_spec(_spec_body(tiny_model_dir, text_dir, tmp_path, skip_connection=True))
+    plan = spec.memory_plan(32)
+    with torch.device("meta"):
+        tensors = TopKSAE(spec.sae_config(32)).state_dict()
+    params = sum(t.numel() for name, t in tensors.items() if name not in ("input_scale", "target_scale", "threshold"))
+    assert plan.gradients == params * 4  # one float32 gradient per parameter
+    assert plan.weights > plan_memory(32, 48, 6, 128, transcoder=True, skip_connection=True).weights
