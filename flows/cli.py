@@ -305,6 +305,11 @@ def cmd_plan(args) -> int:
     if not budget > 0:
         raise UsageError(f"budget {budget}: must be positive")
     spec = load_spec(args.spec)
+    if spec.layers() > 1:
+        raise UsageError(
+            "sae.cross_layer: the scaling law the planner follows is one layer's SAE's; size a cross-layer "
+            "transcoder by hand (n_latents and k over all its layers), or plan one of its layers as an SAE"
+        )
     d_model = model_outline(spec).d_model
     law, fitted = _law(args.law, spec)
     r = recommend(budget, d_model, args.k, law)

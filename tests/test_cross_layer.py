@@ -357,3 +357,20 @@ def test_validate_counts_every_layers_rows_and_plans_the_memory(tiny_model_dir, 
     params = sum(t.numel() for name, t in tensors.items() if name not in ("input_scale", "target_scale", "threshold"))
     assert plan.gradients == params * 4  # one float32 gradient per parameter
     assert plan.weights > plan_memory(32, 48, 6, 128, transcoder=True, skip_connection=True).weights
+
+
+def test_a_sweep_expands_and_the_planner_refuses_in_one_line(tiny_model_dir, text_dir, tmp_path, capsys):
+    import yaml
+
+    from flows.cli import main
+    from flows.spec import parse_spec
+
+    body = _spec_body(tiny_model_dir, text_dir, tmp_path)
+    swept = parse_spec({**body, "sweep": {"n_latents": [48, 96], "k": [6, 12]}})
+    assert len(swept.sae) == 4 and all(s.cross_layer and s.transcoder for s in swept.sae)
+    assert len({swept.model_name(swept.hookpoints[0], i) for i in range(4)}) == 4
+    path = tmp_path / "clt.yaml"
+    path.write_text(yaml.safe_dump(body))
+    assert main(["plan", str(path), "--budget-flops", "1e15"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sae.cross_layer" in err[0] and "by hand" in err[0]

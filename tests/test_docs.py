@@ -336,10 +336,10 @@ def stand_ins(sandbox, text: str) -> dict:
     return names
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_python_examples_run(sandbox, index, monkeypatch):
     examples = python_blocks()
-    assert len(examples) == 8, [where(p, n) for p, _, n in examples]  # one case each
+    assert len(examples) == 9, [where(p, n) for p, _, n in examples]  # one case each
     path, text, line = examples[index]
     monkeypatch.chdir(sandbox["root"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", sandbox["uri"])

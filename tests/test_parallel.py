@@ -20,8 +20,14 @@ D, N, K, BATCH, STEPS = 16, 64, 4, 64, 10
 def configs(optimizer: str, multi_topk: bool):
     # dead after 2 steps: AuxK is active with dead latents present for most of the run
     activation = "batchtopk" if optimizer.endswith("+batchtopk") else "topk"
-    optimizer = optimizer.removesuffix("+batchtopk")
-    return SAEConfig(D, N, K, encoder_bias=True, activation=activation), TrainConfig(
+    # a cross-layer skip-transcoder over two layers of D / 2, reading and predicting rows of data(...)
+    crossing = optimizer.endswith("+cross_layer")
+    optimizer = optimizer.removesuffix("+batchtopk").removesuffix("+cross_layer")
+    if crossing:
+        sae_cfg = SAEConfig(D // 4, N, K, transcoder=True, skip_connection=True, cross_layer=2)
+    else:
+        sae_cfg = SAEConfig(D, N, K, encoder_bias=True, activation=activation)
+    return sae_cfg, TrainConfig(
         batch_tokens=BATCH,
         tokens=BATCH * STEPS,
         dead_tokens=2 * BATCH,
@@ -79,6 +85,8 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
         (2, 1, "signum+batchtopk", False),
         (1, 2, "adam+batchtopk", False),
         (2, 2, "signum+batchtopk", False),
+        # a cross-layer transcoder's latents stay in one process: data parallel only
+        (2, 1, "signum+cross_layer", False),
     ],
 )
 def test_grid_training_equals_the_single_process_run(tmp_path, data_parallel, shards, optimizer, multi_topk):
