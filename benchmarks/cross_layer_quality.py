@@ -1,30 +1,37 @@
-"""What a cross-layer transcoder buys over a transcoder per layer: saeflow's cross-layer
-skip-transcoder against per-layer skip-transcoders of the same latents per layer and the same k per
-layer, at defaults, trained on the same batches, scored by one evaluation.
+"""Cross-layer transcoders side by side: saeflow's cross-layer skip-transcoder, EleutherAI sparsify's
+(`--transcode --cross_layer 4 --skip_connection`, from its own code), and saeflow's per-layer
+skip-transcoders of the same latents and k per layer, each at its defaults, on the same batches,
+scored by one scorer.
 
     python benchmarks/cross_layer_quality.py [--budgets 50000,100000,200000] [--json F]
+                                             [--peer-python PY | --no-peers]
 
 The data: SmolLM2-135M's MLPs at layers 8-11 on the demo's corpus (quality_cross_layer.yaml: one LM
 pass caches the four MLPs' inputs and outputs side by side, 204,800 training tokens so that every
 budget is one pass over fresh tokens, shuffled once; a few minutes on first use). Both dictionaries
-have 2048 latents per layer keeping 32 per token. The per-layer transcoders are packed into one
-cross-layer coder whose blocks on later layers are zero (the same map), so that both go through
-the same scorer:
+have 2048 latents per layer keeping 32 per token:
 
 - FVU per layer: each MLP output's sum ||y - y_hat||^2 / sum ||y - mean(y)||^2 on held-out rows;
 - dead: latents that fire on none of the held-out rows; L0: active latents per row (all layers);
-- dCE / KL: next-token cross-entropy increase and KL of SmolLM2-135M with all four MLP outputs
-  replaced at once, each layer's prediction reading the inputs of the spliced forward (errors
-  compound down the layers), on held-out contexts (sae.evaluate.downstream_metrics).
+- dCE: next-token cross-entropy increase of SmolLM2-135M on held-out contexts with all four MLP
+  outputs replaced at once by the predictions from the clean forward's MLP inputs (the same for
+  every dictionary); dCE spliced (saeflow's dictionaries only, sae.evaluate.downstream_metrics, what
+  saeflow's evaluation reports): each layer's prediction reads the inputs of the spliced forward,
+  so errors compound down the layers. The per-layer transcoders go through it packed into one
+  cross-layer coder whose blocks on later layers are zero (the same map).
 
-No peer library is run: sparsify's newest release (1.3.3) has no cross-layer transcoder (its
-unreleased `clt` branch is an experiment with unsettled defaults), SAELens only loads them.
+sparsify's releases (1.3.3 is the newest) have no cross-layer transcoder; its unreleased `clt` branch
+(commit d7f7368, May 2025) does. It runs in its own venv (`--peer-python`, default
+.bench-data/peers-clt/venv: `pip install torch==2.13.0 triton "eai-sparsify @
+git+https://github.com/EleutherAI/sparsify@d7f7368"`), driven by peer_cross_layer.py with its
+Trainer's defaults, on CPU with its eager decoder (SPARSIFY_DISABLE_TRITON=1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,17 +42,20 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import CE_CONTEXTS, HELD_ROWS  # noqa: E402
+from quality import CE_CONTEXTS, DATA, HELD_ROWS  # noqa: E402
 
 SPEC = HERE / "quality_cross_layer.yaml"
 BUDGETS = [50_000, 100_000, 200_000]
+PEER_PYTHON = DATA.parent / "peers-clt" / "venv" / "bin" / "python"
 
 
 def cross_layer_data() -> dict:
-    """The joined site's [inputs | outputs] rows: training rows shuffled once (seed 0, float16, in
-    memory), held-out rows, CE contexts, and what the scorer needs of the spec."""
+    """The joined site's [inputs | outputs] rows: training rows shuffled once (seed 0, float16, also
+    as a .npy for the peer), held-out rows followed by the CE contexts' rows (held), CE contexts, and
+    what the scorer needs of the spec."""
     from flows.spec import load_spec
     from flows.stages import store_url
+    from sae.lm import capture, load_lm
     from storage import activations as store
     from storage import reading
 
@@ -63,13 +73,26 @@ def cross_layer_data() -> dict:
         at += len(block)
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     held = torch.cat(list(reading.iter_rows(store.activations(group, "eval", site), 4096, stop=HELD_ROWS)))
+    contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
+    first = int(spec.data.drop_first_position)
+    model = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())[0]
+    ce_rows = capture(model, contexts, [site])[site][:, first:]
+    held = torch.cat([held, ce_rows.reshape(-1, ce_rows.shape[-1]).float()])
+    files = DATA / f"cross-layer-{store_url(spec).rstrip('/').rsplit('/', 1)[-1]}"
+    if not (files / "done").exists():
+        files.mkdir(parents=True, exist_ok=True)
+        np.save(files / "train.npy", rows.numpy())
+        np.save(files / "held.npy", held.half().numpy())
+        (files / "done").write_text("")
     return {
         "spec": spec,
         "site": site,
         "train": rows.numpy(),
         "held": held,
-        "contexts": torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long(),
-        "first": int(spec.data.drop_first_position),
+        "files": files,
+        "contexts": contexts,
+        "first": first,
+        "model": model,
     }
 
 
@@ -129,62 +152,136 @@ def pack(cfg, transcoders: list) -> object:
     return out.eval()
 
 
-def score(data: dict, sae, model) -> dict:
-    from sae.evaluate import downstream_metrics, reconstruction_metrics
+def saeflow_outputs(data: dict, sae) -> dict:
+    """What the scorer reads: predictions of every held row (held-out, then the CE contexts'), each
+    latent's firings on the held-out rows, and the spliced dCE of saeflow's own evaluation."""
+    from sae.evaluate import downstream_metrics
 
-    held = data["held"]
-    rec = reconstruction_metrics(sae, [held], progress=False)
-    mean_out = sae.split(held)[1].mean(0)
-    down = downstream_metrics(
-        sae, model, data["contexts"], data["site"], data["first"], mean_out, batch_contexts=16, progress=False
+    with torch.no_grad():
+        codes = sae.encode(sae.split(data["held"])[0])
+        recon = sae.decode(codes)
+    fired = (codes.values[:HELD_ROWS] > 0).flatten().float()
+    fires = torch.zeros(sae.cfg.n_latents).index_add_(0, codes.indices[:HELD_ROWS].flatten(), fired)
+    mean_out = sae.split(data["held"][:HELD_ROWS])[1].mean(0)
+    spliced = downstream_metrics(
+        sae, data["model"], data["contexts"], data["site"], data["first"], mean_out, batch_contexts=16, progress=False
     )
-    layers = sae.cfg.layers()
-    return {
-        "fvu_layers": [rec[f"normalized_mse_layer_{t}"] for t in range(layers)],
-        "dead": rec["dead_fraction"],
-        "l0": rec["l0"],
-        "dce": down["ce_increase"],
-        "kl": down["kl_divergence"],
-        "dce_zero": down["ce_zero_ablation"] - down["ce_clean"],
+    return {"recon": recon.numpy(), "fires": fires.numpy(), "dce_spliced": spliced["ce_increase"]}
+
+
+def sparsify_outputs(data: dict, cfg, tokens: int, snapshots, python: str) -> dict[int, dict]:
+    """sparsify's cross-layer transcoder at its defaults, by its own code in its venv."""
+    L = cfg.layers()
+    job_path = data["files"] / f"sparsify-{tokens}.json"
+    job = {
+        "train": str(data["files"] / "train.npy"),
+        "held": str(data["files"] / "held.npy"),
+        "fire_rows": HELD_ROWS,
+        "layers": L,
+        "d": cfg.d_in,
+        "n_latents": cfg.n_latents // L,
+        "k": cfg.k // L,
+        "batch": data["spec"].train.batch_tokens,
+        "tokens": tokens,
+        "snapshots": sorted(snapshots),
+        "skip": cfg.skip_connection,
+        "seed": 0,
     }
+    job_path.write_text(json.dumps(job))
+    env = {**os.environ, "SPARSIFY_DISABLE_TRITON": "1", "PYTHONPATH": str(HERE)}
+    subprocess.run([python, str(HERE / "peer_cross_layer.py"), str(job_path)], check=True, env=env)
+    return {
+        budget: {"recon": np.load(f"{job_path}.{budget}.recon.npy"), "fires": np.load(f"{job_path}.{budget}.fires.npy")}
+        for budget in [*sorted(snapshots), tokens]
+    }
+
+
+def score(data: dict, out: dict, L: int, d: int) -> dict:
+    """FVU per layer and dead latents on the held-out rows, L0, and the dCE of the predictions spliced."""
+    y = data["held"][:, L * d :].double().numpy()
+    recon = out["recon"].astype(np.float64)
+    fvu = []
+    for t in range(L):
+        yt, pt = y[:HELD_ROWS, t * d : (t + 1) * d], recon[:HELD_ROWS, t * d : (t + 1) * d]
+        fvu.append(float(((yt - pt) ** 2).sum() / ((yt - yt.mean(0)) ** 2).sum()))
+    return {
+        "fvu_layers": fvu,
+        "dead": float((out["fires"] == 0).mean()),
+        "l0": float(out["fires"].sum() / HELD_ROWS),
+        "dce": spliced_dce(data, recon[HELD_ROWS:]),
+        "dce_spliced": out.get("dce_spliced"),
+    }
+
+
+_CLEAN: dict[str, float] = {}
+
+
+def spliced_dce(data: dict, predicted: np.ndarray) -> float:
+    """dCE with every MLP output replaced at once by the given predictions of the CE contexts' rows."""
+    from sae.lm import logits, replaced
+    from sae.metrics import next_token_ce
+
+    model, ids, first = data["model"], data["contexts"], data["first"]
+    tail = torch.from_numpy(predicted).float().view(ids.shape[0], ids.shape[1] - first, -1)
+
+    def splice(h, _x):
+        return torch.cat([h[:, :first], tail.to(h.dtype)], dim=1)
+
+    with torch.no_grad():
+        if "ce" not in _CLEAN:
+            _CLEAN["ce"] = next_token_ce(logits(model, ids), ids).mean().item()
+        with replaced(model, data["site"], splice):
+            spliced = next_token_ce(logits(model, ids), ids).mean().item()
+    return spliced - _CLEAN["ce"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--peer-python", default=str(PEER_PYTHON), help="a python that has sparsify's clt branch")
+    parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--json", help="also write every row to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from sae.lm import load_lm
-
     grid = sorted(int(b) for b in args.budgets.split(","))
     data = cross_layer_data()
     spec = data["spec"]
     d = spec.d_model_of(data["held"].shape[1])
     cfg = spec.sae_config(d)
-    model = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())[0]
+    L = cfg.layers()
     first, *_, last = spec.hookpoints[0].split("+")
-    print(f"MLPs {first} .. {last}; {cfg.n_latents // cfg.layers()} latents and k {cfg.k // cfg.layers()} per layer")
-    header = "tokens  dictionary   " + " ".join(f"FVU L{t}" for t in range(cfg.layers()))
-    print(f"{header} {'dead':>6} {'L0':>6} {'dCE':>6} {'KL':>6} {'sec':>5}")
+    print(f"MLPs {first} .. {last}; {cfg.n_latents // L} latents and k {cfg.k // L} per layer")
+    zero = spliced_dce(data, np.zeros((len(data["held"]) - HELD_ROWS, L * d)))
+    print(f"dCE with all {L} MLP outputs zeroed: {zero:.3f}")
+    print(f"{'tokens':>6} {'dictionary':<22} " + " ".join(f"FVU L{t}" for t in range(L)), end="")
+    print(f" {'dead':>6} {'L0':>6} {'dCE':>6} {'spliced':>7} {'sec':>5}")
+    budget, on_the_way = grid[-1], grid[:-1]
+    runs = [("saeflow cross-layer", lambda: train_cross_layer(data, cfg, budget, on_the_way))]
+    if not args.no_peers and Path(args.peer_python).exists():
+        runs.append(("sparsify cross-layer", lambda: sparsify_outputs(data, cfg, budget, on_the_way, args.peer_python)))
+    elif not args.no_peers:
+        print(f"(no {args.peer_python}: sparsify's cross-layer transcoder is left out; see this file's docstring)")
+    runs.append(("saeflow per-layer", lambda: train_per_layer(data, cfg, budget, on_the_way)))
     rows: list[dict] = []
     started = time.time()
-    for name, train in (("cross-layer", train_cross_layer), ("per-layer", train_per_layer)):
+    for name, train in runs:
         t0 = time.time()
-        trained = train(data, cfg, grid[-1], grid[:-1])
+        trained = train()
         seconds = time.time() - t0
-        for tokens, sae in sorted(trained.items()):
-            row = {"tokens": tokens, "dictionary": name, "seconds": seconds, **score(data, sae, model)}
+        for tokens, found in sorted(trained.items()):
+            out = found if isinstance(found, dict) else saeflow_outputs(data, found)
+            row = {"tokens": tokens, "dictionary": name, "seconds": seconds, **score(data, out, L, d)}
             rows.append(row)
             fvus = " ".join(f"{v:>6.4f}" for v in row["fvu_layers"])
+            spliced = "-" if row["dce_spliced"] is None else f"{row['dce_spliced']:.3f}"
             print(
-                f"{tokens:>6} {name:<12} {fvus} {row['dead']:>6.1%} {row['l0']:>6.1f} {row['dce']:>6.3f} "
-                f"{row['kl']:>6.3f} {seconds:>5.0f}",
+                f"{tokens:>6} {name:<22} {fvus} {row['dead']:>6.1%} {row['l0']:>6.1f} {row['dce']:>6.3f} "
+                f"{spliced:>7} {seconds:>5.0f}",
                 flush=True,
             )
-    print(f"zero-ablating all four MLPs: dCE {rows[0]['dce_zero']:.3f}; total {time.time() - started:.0f} s")
+    print(f"total {time.time() - started:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({"zero_ablation_dce": zero, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -541,7 +541,7 @@ def train_sae(
     """
     rows, length = open_activations(data if target is None else paired(data, target))
     if sae_cfg.transcoder and target is None and isinstance(rows, (torch.Tensor, np.ndarray)):
-        if rows.shape[1] != 2 * sae_cfg.d_in:
+        if rows.shape[1] != 2 * sae_cfg.width():
             raise ValueError("train_sae: a transcoder needs target= (the MLP's outputs, row for row with data)")
     if tcfg.tokens is None:
         if length is None:

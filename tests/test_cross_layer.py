@@ -374,3 +374,14 @@ def test_a_sweep_expands_and_the_planner_refuses_in_one_line(tiny_model_dir, tex
     assert main(["plan", str(path), "--budget-flops", "1e15"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sae.cross_layer" in err[0] and "by hand" in err[0]
+
+
+def test_rows_of_inputs_and_outputs_side_by_side_train_as_data_and_target():
+    x, y = _planted(2048)
+    cfg, tcfg = SAEConfig(D, N, K, transcoder=True, cross_layer=L), TrainConfig(batch_tokens=256)
+    apart = train_sae(cfg, tcfg, x, target=y, progress=False).sae
+    together = train_sae(cfg, tcfg, torch.cat([x, y], dim=1), progress=False).sae
+    for name, value in apart.state_dict().items():
+        assert torch.equal(together.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="needs target="):
+        train_sae(cfg, tcfg, x, progress=False)
