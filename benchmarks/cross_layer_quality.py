@@ -42,7 +42,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import CE_CONTEXTS, DATA, HELD_ROWS  # noqa: E402
+from quality import CE_CONTEXTS, DATA, HELD_ROWS, delta_ce, trained_outputs  # noqa: E402
 
 SPEC = HERE / "quality_cross_layer.yaml"
 BUDGETS = [50_000, 100_000, 200_000]
@@ -73,10 +73,10 @@ def cross_layer_data() -> dict:
         at += len(block)
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     held = torch.cat(list(reading.iter_rows(store.activations(group, "eval", site), 4096, stop=HELD_ROWS)))
-    contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
+    contexts = np.asarray(group["eval/tokens"][-CE_CONTEXTS:])
     first = int(spec.data.drop_first_position)
     model = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())[0]
-    ce_rows = capture(model, contexts, [site])[site][:, first:]
+    ce_rows = capture(model, torch.from_numpy(contexts).long(), [site])[site][:, first:]
     held = torch.cat([held, ce_rows.reshape(-1, ce_rows.shape[-1]).float()])
     files = DATA / f"cross-layer-{store_url(spec).rstrip('/').rsplit('/', 1)[-1]}"
     if not (files / "done").exists():
@@ -87,6 +87,7 @@ def cross_layer_data() -> dict:
     return {
         "spec": spec,
         "site": site,
+        "hook": site,  # what quality.delta_ce splices
         "train": rows.numpy(),
         "held": held,
         "files": files,
@@ -97,19 +98,11 @@ def cross_layer_data() -> dict:
 
 
 def train_cross_layer(data: dict, cfg, tokens: int, snapshots) -> dict[int, object]:
-    """saeflow's cross-layer transcoder at its defaults after each budget (one run, scored on the way)."""
-    from sae import TrainConfig, train_sae
+    """saeflow's cross-layer transcoder at its defaults after each budget (one run, kept on the way)."""
+    from sae import TrainConfig
 
-    batch = data["spec"].train.batch_tokens
-    on_the_way: list = []
-
-    def keep(sae) -> dict:
-        on_the_way.append(sae)
-        return {}
-
-    tcfg = TrainConfig(batch_tokens=batch, tokens=tokens)
-    result = train_sae(cfg, tcfg, data["train"], progress=False, milestones=snapshots, evaluate=keep)
-    return {**dict(zip(sorted(snapshots), on_the_way)), tokens: result.sae}
+    tcfg = TrainConfig(batch_tokens=data["spec"].train.batch_tokens, tokens=tokens)
+    return trained_outputs(cfg, tcfg, data["train"], None, snapshots, outputs=lambda sae: sae)
 
 
 def train_per_layer(data: dict, cfg, tokens: int, snapshots) -> dict[int, object]:
@@ -164,7 +157,14 @@ def saeflow_outputs(data: dict, sae) -> dict:
     fires = torch.zeros(sae.cfg.n_latents).index_add_(0, codes.indices[:HELD_ROWS].flatten(), fired)
     mean_out = sae.split(data["held"][:HELD_ROWS])[1].mean(0)
     spliced = downstream_metrics(
-        sae, data["model"], data["contexts"], data["site"], data["first"], mean_out, batch_contexts=16, progress=False
+        sae,
+        data["model"],
+        torch.from_numpy(data["contexts"]).long(),
+        data["site"],
+        data["first"],
+        mean_out,
+        batch_contexts=16,
+        progress=False,
     )
     return {"recon": recon.numpy(), "fires": fires.numpy(), "dce_spliced": spliced["ce_increase"]}
 
@@ -208,31 +208,9 @@ def score(data: dict, out: dict, L: int, d: int) -> dict:
         "fvu_layers": fvu,
         "dead": float((out["fires"] == 0).mean()),
         "l0": float(out["fires"].sum() / HELD_ROWS),
-        "dce": spliced_dce(data, recon[HELD_ROWS:]),
+        "dce": delta_ce(data, recon[HELD_ROWS:]),
         "dce_spliced": out.get("dce_spliced"),
     }
-
-
-_CLEAN: dict[str, float] = {}
-
-
-def spliced_dce(data: dict, predicted: np.ndarray) -> float:
-    """dCE with every MLP output replaced at once by the given predictions of the CE contexts' rows."""
-    from sae.lm import logits, replaced
-    from sae.metrics import next_token_ce
-
-    model, ids, first = data["model"], data["contexts"], data["first"]
-    tail = torch.from_numpy(predicted).float().view(ids.shape[0], ids.shape[1] - first, -1)
-
-    def splice(h, _x):
-        return torch.cat([h[:, :first], tail.to(h.dtype)], dim=1)
-
-    with torch.no_grad():
-        if "ce" not in _CLEAN:
-            _CLEAN["ce"] = next_token_ce(logits(model, ids), ids).mean().item()
-        with replaced(model, data["site"], splice):
-            spliced = next_token_ce(logits(model, ids), ids).mean().item()
-    return spliced - _CLEAN["ce"]
 
 
 def main() -> None:
@@ -251,7 +229,7 @@ def main() -> None:
     L = cfg.layers()
     first, *_, last = spec.hookpoints[0].split("+")
     print(f"MLPs {first} .. {last}; {cfg.n_latents // L} latents and k {cfg.k // L} per layer")
-    zero = spliced_dce(data, np.zeros((len(data["held"]) - HELD_ROWS, L * d)))
+    zero = delta_ce(data, np.zeros((len(data["held"]) - HELD_ROWS, L * d)))
     print(f"dCE with all {L} MLP outputs zeroed: {zero:.3f}")
     print(f"{'tokens':>6} {'dictionary':<22} " + " ".join(f"FVU L{t}" for t in range(L)), end="")
     print(f" {'dead':>6} {'L0':>6} {'dCE':>6} {'spliced':>7} {'sec':>5}")

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,29 +180,33 @@ def run_saeflow(data: dict, tokens: int, settings: str, seed: int = 0, snapshots
     return trained_outputs(SAEConfig(s["d"], s["n_latents"], s["k"]), tcfg, data["train"], held, snapshots)
 
 
-def trained_outputs(cfg, tcfg, train: Path, held: torch.Tensor, snapshots=()) -> dict[int, dict]:
-    """What the scorer reads of a saeflow run on the .npy rows `train`: the held-out outputs (an SAE's
-    reconstructions; a transcoder's predictions, `held` being the inputs), decoder rows and firing
-    counts after tcfg.tokens, and after each of `snapshots` on the way, by budget."""
+def trained_outputs(cfg, tcfg, train, held: torch.Tensor | None, snapshots=(), outputs=None) -> dict[int, Any]:
+    """What the scorer reads of a saeflow run on the rows `train` (a .npy path or an array): the
+    held-out outputs (an SAE's reconstructions; a transcoder's predictions, `held` being the inputs),
+    decoder rows and firing counts, or `outputs(sae)` when given, after tcfg.tokens and after each of
+    `snapshots` on the way, by budget."""
     from sae import train_sae
 
-    def outputs(sae) -> dict:
+    def held_outputs(sae) -> dict:
+        assert held is not None, "trained_outputs: give held rows, or outputs="
         with torch.no_grad():
             codes = sae.encode(held)
             recon = sae.decode(codes)
         fires = torch.zeros(cfg.n_latents).index_add_(0, codes.indices.flatten(), (codes.values > 0).flatten().float())
         return {"recon": recon.numpy(), "decoder": sae.W_dec.detach().numpy(), "fires": fires.numpy()}
 
-    on_the_way: list[dict] = []
+    keep = outputs or held_outputs
+    rows = np.load(train, mmap_mode="r") if isinstance(train, (str, Path)) else train
+    on_the_way: list = []
     result = train_sae(
         cfg,
         tcfg,
-        np.load(train, mmap_mode="r"),
+        rows,
         progress=False,
         milestones=snapshots,
-        evaluate=lambda sae: on_the_way.append(outputs(sae)) or {},
+        evaluate=lambda sae: on_the_way.append(keep(sae)) or {},
     )
-    return {**dict(zip(sorted(snapshots), on_the_way)), tcfg.tokens: outputs(result.sae)}
+    return {**dict(zip(sorted(snapshots), on_the_way)), tcfg.tokens: keep(result.sae)}
 
 
 def budget_groups(data: dict, grid: list[int]) -> list[list[int]]:

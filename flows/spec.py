@@ -22,6 +22,7 @@ from sae.config import (
     cuda_graph_blockers,
     fused_topk_blockers,
     matryoshka_problem,
+    modules_of,
     resolve_optimizer,
 )
 from storage.shuffle import SHUFFLE_BUFFER_MB
@@ -814,7 +815,7 @@ class RunSpec(Section):
         )
 
     def _check_cross_layer(self) -> None:
-        modules = self.hookpoints[0].split(JOIN)
+        modules = modules_of(self.hookpoints[0])
         if len(self.hookpoints) > 1 or len(modules) < 2:
             raise ValueError(
                 "hookpoints: sae.cross_layer reads two or more consecutive MLPs: list them in hookpoints "
@@ -834,7 +835,7 @@ class RunSpec(Section):
 
     def layers(self) -> int:
         """How many MLPs one dictionary reads: the cross-layer transcoder's, else 1."""
-        return len(self.hookpoints[0].split(JOIN)) if self.sae[0].cross_layer else 1
+        return len(modules_of(self.hookpoints[0])) if self.sae[0].cross_layer else 1
 
     def transcodes(self) -> bool:
         """Whether this spec trains transcoders (every SAE of a spec reads the same activations)."""
@@ -1064,7 +1065,7 @@ def check_resources(spec: RunSpec, online: bool = True) -> None:
             f"model.source: cannot read the model config of {spec.model.source!r}{hint}: "
             f"{' '.join(str(e).split())[:300]}"
         ) from None
-    for i, h in enumerate(m for hook in spec.hookpoints for m in hook.split(JOIN)):
+    for i, h in enumerate(m for hook in spec.hookpoints for m in modules_of(hook)):
         if h not in names:
             layers = sorted(n for n in names if n.count(".") == 2 and ".layers." in n)[:3]
             raise SpecError(

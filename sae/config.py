@@ -12,6 +12,17 @@ IO = ":io"
 # A cross-layer transcoder's site joins its MLPs, in layer order: "A+B+C:io" holds [inputs | outputs].
 JOIN = "+"
 
+
+def module_of(site: str) -> str:
+    """The module a store site reads (a hookpoint is its own site)."""
+    return site.removesuffix(IO)
+
+
+def modules_of(site: str) -> list[str]:
+    """The modules a store site or hookpoint reads: one, or a cross-layer transcoder's MLPs in order."""
+    return module_of(site).split(JOIN)
+
+
 Normalization = Literal["none", "standardize", "dataset_scale"]
 Precision = Literal["auto", "fp32", "bf16"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sae.config import IO, JOIN
+from sae.config import IO, modules_of
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,6 @@ def load_lm(source: str, dtype: str = "auto", device: str = "auto", convert_dir:
 
 def _output_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
-
-
-def module_of(site: str) -> str:
-    """The module a store site reads (a hookpoint is its own site)."""
-    return site.removesuffix(IO)
-
-
-def modules_of(site: str) -> list[str]:
-    """The modules a store site reads: one, or a cross-layer transcoder's MLPs ("A+B+C:io", in order)."""
-    return module_of(site).split(JOIN)
 
 
 def only_tensor_input(module_name: str, args: tuple, kwargs: dict) -> torch.Tensor:

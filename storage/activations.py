@@ -29,7 +29,7 @@ import zarr
 from zarr.codecs import BloscCodec
 from zarr.errors import GroupNotFoundError
 
-from sae.config import IO, JOIN
+from sae.config import IO, modules_of
 from storage.corpus import Contexts
 from storage.layout import STORE_DTYPES, Layout, decode
 
@@ -325,7 +325,7 @@ def _plan_split(
     sub.attrs["crc32"] = _token_file_crcs(url, split, storage_options)
     for h in hookpoints:
         # a transcoder's site: [input | output]; a cross-layer transcoder's: [inputs | outputs] of its MLPs
-        width = 2 * d_model * len(h.removesuffix(IO).split(JOIN)) if h.endswith(IO) else d_model
+        width = 2 * d_model * len(modules_of(h)) if h.endswith(IO) else d_model
         sub.create_array(
             f"acts/{array_name(h)}",
             shape=(layout.rows, width),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sae as sae_package
-from sae.config import JOIN
+from sae.config import modules_of
 from sae.files import CONFIG_FILE, WEIGHTS_FILE
 from storage.outputs import staged
 
@@ -219,7 +219,7 @@ def dictionary_tags(cfg: dict, hookpoint: str) -> dict[str, str]:
         return {}
     kind = "skip-transcoder" if cfg.get("skip_connection") else "transcoder"
     if cfg.get("cross_layer"):
-        first, *_, last = hookpoint.split(JOIN)
+        first, *_, last = modules_of(hookpoint)
         reads = f"inputs of {first} .. {last} -> outputs of each and every later one"
         return {"dictionary": f"cross-layer {kind}", "transcodes": reads}
     return {"dictionary": kind, "transcodes": f"input of {hookpoint} -> output of {hookpoint}"}
@@ -258,7 +258,7 @@ def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str
     shown = {k: v for k, v in metrics.items() if k in CARD_METRICS}
     hookpoint = tags.get("hookpoint")
     if cfg.cross_layer:
-        layers = "`, `".join(str(hookpoint).split(JOIN))
+        layers = "`, `".join(modules_of(str(hookpoint)))
         what = (
             f"A TopK cross-layer transcoder (Ameisen et al. 2025) over `{layers}` of `{tags.get('lm')}`: the "
             f"latents of each layer ({cfg.n_latents // cfg.layers()}, keeping {cfg.k // cfg.layers()} per token) read "
