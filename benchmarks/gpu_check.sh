@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (a lent GPU's time is short): the CUDA tests, the training-throughput
-# table with sparsify side by side (saeflow's default step and the CUDA-graph step), 1M latents
-# at d 2304, the store's input path. Runs with the machine's own python (torch + triton); the
-# peers' pure-Python packages come from PEERS_PATH (a folder holding sparsify and its small dependencies). Outputs go to OUT (default
-# out/). FULL=1 adds what earlier runs measured already: the other saeflow variants, the step
+# Every GPU check in one run (a lent GPU's time is short): the training-throughput table with
+# sparsify side by side (saeflow's default step, a CUDA graph where it gains, and its eager step), the store's input path, the
+# CUDA tests, 1M latents at d 2304 for 100 steps. Runs with the machine's own python (torch + triton); the
+# store's packages and the peers' come from PEERS_PATH (a folder holding zarr, dask, sparsify and their
+# small dependencies: benchmarks/gpu_wheels.sh fetches them as wheels). Outputs go to OUT (default
+# out/). About 5 minutes on an H200; its timeouts add up to 9. FULL=1 adds what earlier runs measured already: the other saeflow variants, the step
 # profile, the grids on one GPU and the largest n_latents at d 768.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,23 +18,22 @@ section device
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
+section "training throughput (saeflow's default step, its eager step, sparsify)"
+IMPLS=saeflow,saeflow-eager
+[ "$FULL" = 1 ] && IMPLS=saeflow,saeflow-eager,saeflow-foreach,saeflow-fused,saeflow-adam
+timeout 200 $PY benchmarks/train_throughput.py --steps 50 --impls "$IMPLS" --peers --peer-impls sparsify \
+    --peers-python "$PY" 2>&1 | tee "$OUT/throughput.txt"
+
+section "the input path: the store's reader and training from it at d 768 (the GPU target: 90% of in-memory)"
+timeout 120 $PY benchmarks/data_path.py --d 768 --latents 32768 --tokens 524288 --seconds 4 2>&1 | tee "$OUT/data_path.txt"
+
 section "CUDA tests"
-timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_cuda_graph.py tests/test_triton_kernels.py \
+timeout 120 $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_cuda_graph.py tests/test_triton_kernels.py \
     tests/test_precision.py tests/test_model.py tests/test_activations.py > "$OUT/tests.txt" 2>&1
 tail -25 "$OUT/tests.txt"
 
-section "training throughput (saeflow, its CUDA-graph step, sparsify)"
-IMPLS=saeflow,saeflow-graph
-[ "$FULL" = 1 ] && IMPLS=saeflow,saeflow-graph,saeflow-foreach,saeflow-fused,saeflow-adam
-timeout 240 $PY benchmarks/train_throughput.py --steps 50 --impls "$IMPLS" --peers --peer-impls sparsify \
-    --peers-python "$PY" 2>&1 | tee "$OUT/throughput.txt"
-
-section "1,048,576 latents at d 2304 (planned to fit now that the optimizer keeps no x)"
-timeout 90 $PY benchmarks/max_latents.py --d 2304 --start 1048576 --max 1048576 --steps 3 2>&1 | tee "$OUT/max_latents.txt"
-
-section "the input path: the store's reader and training from it at d 768 (the GPU target: 90% of in-memory)"
-timeout 150 $PY benchmarks/data_path.py --d 768 --latents 32768 --tokens 524288 --seconds 4 2>&1 | tee "$OUT/data_path.txt"
-
+section "1,048,576 latents at d 2304 for 100 steps in one GPU's memory"
+timeout 100 $PY benchmarks/max_latents.py --d 2304 --start 1048576 --max 1048576 --steps 100 2>&1 | tee "$OUT/max_latents.txt"
 if [ "$FULL" = 1 ]; then
     section "step profile d 768"
     timeout 45 $PY benchmarks/step_profile.py --d 768 --n 32768 --rows 14 2>&1 | tee "$OUT/profile.txt" | grep -v "^-\|^$"

@@ -70,8 +70,12 @@ def main() -> None:
                 text=True,
             )
             if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"{d:>5} {n:>9} | {'out of memory' if 'out of memory' in done.stderr else last[:90]}")
+                lines = done.stderr.strip().splitlines() or ["?"]
+                # CUDA's errors end in advice; the error's own line and our last frame say what failed
+                error = [line for line in lines if "Error" in line] or lines[-1:]
+                frame = [line.strip() for line in lines if 'File "' in line and "/sae/" in line][-1:]
+                reason = "out of memory" if "out of memory" in done.stderr else " | ".join(error[-1:] + frame)
+                print(f"{d:>5} {n:>9} | {reason[:300]}")
                 break
             r = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{d:>5} {n:>9} | {r['tokens_per_s']:>10.0f} {r['peak_gib']:>8.1f}", flush=True)

@@ -1,14 +1,15 @@
 """Training throughput of the TopK SAE: tokens/s and peak memory per configuration.
 
 Side by side in one run: saeflow's trainer step with its defaults (sparse encoder backward and
-sparse decoder); on the CPU the same step with a dense masked code (what autograd through
-`scatter` + matmul costs); on CUDA saeflow with Adam (saeflow-adam) and, in bf16, with the fused
-encoder + TopK kernel in place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks
-others (saeflow-eb: embedding_bag's backward in place of the Triton kernels; saeflow-foreach: the
-optimizer's foreach passes in place of its one-pass kernel; saeflow-graph: the step replayed as a
-CUDA graph, train.cuda_graph). With --peers, the training steps of EleutherAI sparsify and SAELens
-at the same settings (installed into their own venv, .bench-peers/, on first use, or taken from
---peers-python; `--peer-impls sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
+sparse decoder; on CUDA replayed as a CUDA graph where that gains); on the CPU the same step with a
+dense masked code (what autograd through `scatter` + matmul costs); on CUDA saeflow's eager step
+(saeflow-eager), with Adam (saeflow-adam) and, in bf16, with the fused encoder + TopK kernel in
+place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks others (saeflow-eb:
+embedding_bag's backward in place of the Triton kernels; saeflow-foreach: the optimizer's foreach
+passes in place of its one-pass kernel; saeflow-graph: always a CUDA graph, train.cuda_graph).
+With --peers, the training steps of EleutherAI sparsify and SAELens at the same settings (installed
+into their own venv, .bench-peers/, on first use, or taken from --peers-python; `--peer-impls
+sparsify` runs one). Each measurement runs in its own subprocess so peak memory is that
 measurement's alone; speed-ups are against saeflow measured in the same run at the same precision.
 On CUDA every implementation runs in float32 and under bf16 autocast (saeflow's default there).
 
@@ -54,7 +55,8 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
         dead_tokens=10**9,
         precision=precision,
         optimizer="adam" if impl == "saeflow-adam" else None,
-        cuda_graph=impl == "saeflow-graph",
+        # unset (the default: a graph where the step can be captured and is small) but for these two
+        cuda_graph={"saeflow-graph": True, "saeflow-eager": False}.get(impl),
         # embedding_bag's backward and the foreach optimizer instead of the Triton kernels
         triton=impl != "saeflow-eb",
         # the fused encoder + TopK kernel instead of the bf16 matmul and torch.topk
@@ -117,8 +119,8 @@ def default_impls(device: str, precision: str) -> tuple[str, ...]:
     if device != "cuda":
         return ("saeflow", "dense")
     if precision == "bf16":
-        return ("saeflow", "saeflow-graph", "saeflow-foreach", "saeflow-fused", "saeflow-adam")
-    return ("saeflow", "saeflow-graph", "saeflow-foreach", "saeflow-adam")
+        return ("saeflow", "saeflow-eager", "saeflow-foreach", "saeflow-fused", "saeflow-adam")
+    return ("saeflow", "saeflow-eager", "saeflow-foreach", "saeflow-adam")
 
 
 def peers_python(given: str | None) -> str:

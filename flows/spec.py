@@ -21,6 +21,7 @@ from sae.config import (
     TrainConfig,
     cuda_graph_blockers,
     fused_topk_blockers,
+    graphs_by_default,
     matryoshka_problem,
     modules_of,
     resolve_optimizer,
@@ -232,7 +233,9 @@ class TrainSpec(Section):
     seed: int = Field(default=0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    cuda_graph: bool = False  # CUDA: replay the step as a CUDA graph (signum, TopK, one process; sae/cuda_graph.py)
+    # CUDA: replay the step as a CUDA graph. null: where it can be (signum, TopK SAE or transcoder, one process);
+    # true: required; false: eager (sae/cuda_graph.py)
+    cuda_graph: bool | None = None
     triton: bool = True  # CUDA: Triton kernels for the sparse backward and the optimizer (false: PyTorch's forms)
     fused_topk: bool = False  # CUDA, bf16: the encoder matmul and TopK in one Triton kernel (k <= 64)
     # several processes (docs/distributed.md): devices per node (GPUs, or CPU processes),
@@ -797,7 +800,15 @@ class RunSpec(Section):
             transcoder=s.transcoder,
             skip_connection=s.skip_connection,
             layers=self.layers(),
+            graphs=self.graphs(d_model, index, device),
         )
+
+    def graphs(self, d_model: int, index: int, device: str) -> bool:
+        """Whether SAE `index` trains with its step replayed as CUDA graphs on `device`."""
+        if self.train.cuda_graph is not None:
+            return self.train.cuda_graph and device.startswith("cuda")
+        tcfg = self.train_config(1, device, index)
+        return graphs_by_default(self.sae_config(d_model, index), tcfg, self.train.devices * self.train.nodes)
 
     def sae_config(self, d_model: int, index: int = 0) -> SAEConfig:
         s = self.sae[index]

@@ -249,9 +249,10 @@ class TrainConfig:
     # state, the sparse decoder and every gradient product stay float32. auto: bf16 on CUDA only
     # (on CPU bf16 matmuls are rarely faster and fp32 keeps resumes bitwise exact).
     precision: Precision = "auto"
-    # CUDA only: capture the training step as a CUDA graph and replay it (no per-kernel launch cost
-    # on the host); the default optimizer (signum), TopK, one process. Opt-in until measured on a GPU.
-    cuda_graph: bool = False
+    # CUDA: capture the training step as a CUDA graph and replay it (no per-kernel launch cost on the
+    # host). None: wherever it can be captured and a GPU has checked it (graphs_by_default); True:
+    # required (refused with the reason where it cannot be); False: eager steps.
+    cuda_graph: bool | None = None
     # CUDA kernels (sae/kernels.py): triton, the Triton kernels of the sparse backward and the optimizer
     # (False: PyTorch's embedding_bag and foreach forms, the reference); fused_topk, the encoder matmul
     # and TopK in one kernel (bf16, k <= 64; off: slower at small d, docs/benchmarks.md)
@@ -362,6 +363,25 @@ def cuda_graph_blockers(
     if not triton:
         problems.append("triton false (the optimizer's one-pass Triton kernel is what reads the lr on the device)")
     return problems
+
+
+# Above this many decoder weights the step is GPU-bound (launches are a small share of it) and the
+# graphs' own memory pools (a batch's temporaries per AuxK phase) would only take memory from the SAE.
+GRAPH_MAX_WEIGHTS = 2**27
+
+
+def graphs_by_default(cfg: SAEConfig, tcfg: TrainConfig, processes: int = 1) -> bool:
+    """train.cuda_graph unset: graphs where the step can be captured, is small enough to gain, and its
+    graphed training was checked equal to the eager one on a GPU (a TopK SAE or (skip-)transcoder of
+    one layer; 1.07x-5.1x the eager step on an H200 at 1M and 25M weights, docs/benchmarks.md).
+    Matryoshka, cross-layer coders and multi_topk keep eager steps until measured there;
+    `cuda_graph: true` asks for a graph anyway."""
+    checked = not cfg.matryoshka and not cfg.cross_layer and not tcfg.multi_topk
+    checked = checked and cfg.n_latents * cfg.width() <= GRAPH_MAX_WEIGHTS
+    blockers = cuda_graph_blockers(
+        tcfg.device, tcfg.resolved_optimizer(), cfg.activation, processes, tcfg.fused_topk, tcfg.triton
+    )
+    return checked and tcfg.device.startswith("cuda") and not blockers
 
 
 FUSED_MAX_K = 64  # the fused encoder + TopK kernel keeps a block's running top k in registers

@@ -17,10 +17,11 @@ class MemoryPlan:
     ema: int
     batch: int  # one batch's activations: inputs, pre-activations, their top-k and AuxK copies
     reader: int = 0  # the store reader's block of 16-bit rows, shuffled where training runs
+    graphs: int = 0  # CUDA graphs' memory pools: a batch's temporaries per AuxK phase, held all run
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.ema + self.batch + self.reader
+        return self.weights + self.gradients + self.optimizer + self.ema + self.batch + self.reader + self.graphs
 
     @property
     def transient(self) -> int:
@@ -35,6 +36,7 @@ class MemoryPlan:
             ("weight EMA", self.ema),
             ("one batch", self.batch),
             ("the reader's shuffle block", self.reader),
+            ("captured steps (CUDA graphs)", self.graphs),
             ("total", self.total),
         ]
 
@@ -57,13 +59,15 @@ def plan_memory(
     transcoder: bool = False,
     skip_connection: bool = False,
     layers: int = 1,
+    graphs: bool = False,
 ) -> MemoryPlan:
     """aux: dead latents present (AuxK's masked copy of the pre-activations); cuda: the Triton weight
     gradients (no dense buffer; train.triton on CUDA); fused: train.fused_topk (no pre-activation matrix);
     reader_bytes: the shuffle block the store's reader keeps beside the step; transcoder: rows of input
     and target (twice as wide); skip_connection: a (d, d) W_skip beside the dictionary; layers: a
     cross-layer transcoder's (rows, decoder rows, b_pre and W_skip L times as wide; its encoder
-    selects one layer's n / L latents at a time)."""
+    selects one layer's n / L latents at a time); graphs: the step replayed as CUDA graphs (each
+    AuxK phase's graph keeps its own batch of temporaries for the whole run)."""
     n = n_latents // shards
     rows = batch_tokens // replicas
     width = d_in * layers  # a row of the input, of the target, of the decoder
@@ -85,6 +89,7 @@ def plan_memory(
         ema=weights if ema else 0,
         batch=batch,
         reader=reader_bytes,
+        graphs=2 * batch if graphs else 0,
     )
 
 

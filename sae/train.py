@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae import kernels
-from sae.config import SAEConfig, TrainConfig, cuda_graph_blockers, fused_topk_blockers
+from sae.config import SAEConfig, TrainConfig, cuda_graph_blockers, fused_topk_blockers, graphs_by_default
 from sae.cuda_graph import DeviceStep, StepGraphs
 from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
@@ -218,9 +218,10 @@ class Trainer:
         return sae.to(self.device)
 
     def _runner(self) -> EagerSteps | StepGraphs:
-        if not self.tcfg.cuda_graph:
-            return EagerSteps(self.device_step, self.device)
         t = self.tcfg
+        wanted = graphs_by_default(self.whole_cfg, t, self.place.processes) if t.cuda_graph is None else t.cuda_graph
+        if not wanted:
+            return EagerSteps(self.device_step, self.device)
         problems = cuda_graph_blockers(
             t.device, t.resolved_optimizer(), self.sae.cfg.activation, self.place.processes, t.fused_topk, t.triton
         )
@@ -228,6 +229,8 @@ class Trainer:
             isinstance(self.opt, ScheduleFreeSignSGD) and self.opt.fused(list(self.sae.parameters()))
         ):
             problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
+        if problems and t.cuda_graph is None:
+            return EagerSteps(self.device_step, self.device)
         if problems:
             raise ValueError(f"train.cuda_graph: not with {'; '.join(problems)}: set it to false")
         return StepGraphs(self.device_step, lambda: self.opt.zero_grad(set_to_none=True), self.device)

@@ -24,7 +24,7 @@ ENTRIES = 16  # code entries loaded together: a latent that fires on every token
 def _segment_rows_kernel(
     order, starts, tokens, weights, x, out, d, stride_x, stride_out, ENTRIES: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    latent = tl.program_id(0)
+    latent = tl.program_id(0).to(tl.int64)  # n_rows * d passes 2**31 at 1M latents x 2304
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     start = tl.load(starts + latent)
@@ -34,7 +34,7 @@ def _segment_rows_kernel(
         pos = first + tl.arange(0, ENTRIES)
         ok = pos < end
         entry = tl.load(order + pos, mask=ok, other=0)
-        token = tl.load(tokens + entry, mask=ok, other=0)
+        token = tl.load(tokens + entry, mask=ok, other=0).to(tl.int64)
         w = tl.load(weights + entry, mask=ok, other=0.0).to(tl.float32)
         rows = tl.load(x + token[:, None] * stride_x + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
         acc += tl.sum(w[:, None] * rows.to(tl.float32), axis=0)
@@ -77,7 +77,7 @@ def _gather_dot_kernel(a, indices, w, out, k, d, stride_a, stride_w, BLOCK_K: tl
     token = tl.program_id(0)
     js = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     j_ok = js < k
-    rows = tl.load(indices + token * k + js, mask=j_ok, other=0)
+    rows = tl.load(indices + token * k + js, mask=j_ok, other=0).to(tl.int64)  # rows * stride_w passes 2**31
     acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for first in range(0, d, BLOCK_D):
         cols = first + tl.arange(0, BLOCK_D)
@@ -160,7 +160,7 @@ def _encode_topk_kernel(
     row_ok = rows < n_rows
     best = tl.full([BLOCK_M, K], KEY_MIN, tl.int32)  # sorted descending
     for local in range(0, CHUNK, BLOCK_N):
-        cols = chunk * CHUNK + local + tl.arange(0, BLOCK_N)
+        cols = chunk.to(tl.int64) * CHUNK + local + tl.arange(0, BLOCK_N)  # cols * stride_w passes 2**31
         col_ok = cols < n_latents
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):

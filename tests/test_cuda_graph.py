@@ -5,9 +5,10 @@ and graphed training (both AuxK phases, a short last batch) ends with the eager 
 import pytest
 import torch
 
-from sae.config import SAEConfig, TrainConfig
+from sae.config import SAEConfig, TrainConfig, graphs_by_default
+from sae.cuda_graph import StepGraphs
 from sae.loss import NO_DEAD, AuxMode, DeadLatents
-from sae.train import Trainer
+from sae.train import EagerSteps, Trainer, train_saes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -112,3 +113,70 @@ def test_a_graphed_run_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one
         resumed.step(batch)
     for a, b in zip(resumed.sae.parameters(), straight.sae.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cfg, over, graphs",
+    [
+        (SAEConfig(16, 64, 4), {}, True),
+        (SAEConfig(16, 64, 4, transcoder=True, skip_connection=True), {}, True),
+        (SAEConfig(16, 64, 4), {"device": "cpu"}, False),
+        (SAEConfig(16, 64, 4), {"optimizer": "adam"}, False),
+        (SAEConfig(16, 64, 4), {"triton": False}, False),
+        (SAEConfig(16, 64, 4), {"multi_topk": True}, False),
+        (SAEConfig(16, 64, 4, activation="batchtopk"), {}, False),
+        (SAEConfig(16, 64, 4, matryoshka=(16, 48)), {}, False),
+        (SAEConfig(16, 64, 4, transcoder=True, cross_layer=2), {}, False),
+    ],
+)
+def test_unset_cuda_graph_means_graphs_where_they_can_be_captured_and_were_checked(cfg, over, graphs):
+    tcfg = TrainConfig(tokens=4096, **{"device": "cuda", **over})
+    assert tcfg.cuda_graph is None and graphs_by_default(cfg, tcfg) is graphs
+    assert not graphs_by_default(cfg, tcfg, processes=2)
+
+
+def test_unset_cuda_graph_on_the_cpu_runs_eager_steps():
+    assert isinstance(Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096)).runner, EagerSteps)
+
+
+@needs_cuda
+def test_unset_cuda_graph_on_a_gpu_replays_graphs():
+    assert isinstance(Trainer(SAEConfig(16, 64, 4), TrainConfig(tokens=4096, device="cuda")).runner, StepGraphs)
+
+
+@needs_cuda
+def test_trainers_sharing_one_graph_pool_end_as_each_trained_alone():
+    """Every captured step draws on one memory pool: two SAEs trained together, their graphs and
+    phases interleaved, end with the weights each ends with when trained alone."""
+    steps = 12
+    x = torch.randn(steps * 512, 128, generator=torch.Generator().manual_seed(3))
+    batches = x.split(512)
+
+    def pair():
+        a = make_trainer("bf16", True, x)
+        b = Trainer(SAEConfig(128, 1024, 8), a.tcfg)
+        b.initialize(x[:4096])
+        return a, b
+
+    together = pair()
+    train_saes(list(together), iter(batches), progress=False)
+    for i, alone in enumerate(pair()):
+        train_saes([alone], iter(batches), progress=False)
+        assert alone.runner.captured and together[i].runner.captured
+        for p, q in zip(alone.sae.parameters(), together[i].sae.parameters()):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (p - q).abs().max().item()
+
+
+@needs_cuda
+def test_a_graphed_transcoder_ends_with_the_eager_runs_weights():
+    x = torch.randn(10 * 512, 256, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for graph in (False, True):
+        tcfg = TrainConfig(batch_tokens=512, tokens=x.shape[0], device="cuda", precision="fp32", cuda_graph=graph)
+        t = Trainer(SAEConfig(128, 1024, 16, transcoder=True, skip_connection=True), tcfg)
+        t.initialize(x[:4096])
+        train_saes([t], iter(x.split(512)), progress=False)
+        runs.append(t)
+    assert runs[1].runner.captured
+    for (name, a), b in zip(runs[1].sae.named_parameters(), runs[0].sae.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, (a - b).abs().max().item())

@@ -95,3 +95,41 @@ def test_pack_groups_fits_every_group_and_isolates_an_oversized_sae():
             assert sum(plans[i].total - plans[i].batch for i in g) + max(plans[i].batch for i in g) <= 100
     assert len(groups) == 3  # 40+30+10 persistent + batch 30 = 110 > 100: not one group of four
     assert pack_groups(plans[:3], limit=10**6) == [[0, 1, 2]]  # no limit reached: one pass for all
+
+
+def test_captured_steps_hold_a_batch_per_auxk_phase_for_the_whole_run():
+    from sae.memory import MemoryPlan, pack_groups
+
+    eager, graphed = (
+        plan_memory(256, 4096, 32, 4096, cuda=True),
+        plan_memory(256, 4096, 32, 4096, cuda=True, graphs=True),
+    )
+    assert graphed.graphs == 2 * eager.batch and graphed.total == eager.total + 2 * eager.batch
+    assert graphed.transient == eager.transient  # the eager steps' batch still takes turns; the graphs' do not
+    assert ("captured steps (CUDA graphs)", graphed.graphs) in graphed.rows()
+    # two graphed SAEs whose weights and eager batch fit together, but not their graphs' pools
+    plan = MemoryPlan(weights=30, gradients=0, optimizer=0, ema=0, batch=10, graphs=20)
+    assert pack_groups([plan, plan], limit=100) == [[0], [1]]
+    assert pack_groups([plan, plan], limit=110) == [[0, 1]]
+
+
+def test_the_spec_plans_graphs_where_the_trainer_takes_them(tiny_model_dir, text_dir, tmp_path):
+    from flows.spec import parse_spec
+
+    def plan(n_latents: int, **train):
+        raw = {
+            "name": "g",
+            "model": {"source": str(tiny_model_dir)},
+            "data": {"source": str(text_dir)},
+            "hookpoints": ["model.layers.1"],
+            "sae": {"n_latents": n_latents, "k": 32},
+            "train": {"batch_tokens": 256, **train},
+            "workdir": str(tmp_path / "work"),
+        }
+        return parse_spec(raw).memory_plan(64, device="cuda")
+
+    assert plan(4096).graphs > 0  # unset: small enough to gain
+    assert plan(2**22).graphs == 0  # 2**28 weights: GPU-bound, no graphs by default
+    assert plan(2**22, cuda_graph=True).graphs > 0
+    assert plan(4096, cuda_graph=False).graphs == 0
+    assert plan(4096, optimizer="adam").graphs == 0

@@ -179,3 +179,27 @@ def test_sign_free_step_kernel_matches_the_foreach_step():
     assert torch.allclose(zs[0].norm(dim=1), torch.ones(50, device=DEVICE), atol=1e-6)
     if DEVICE == "cuda":
         assert optim._fused(ref)  # the optimizer takes the kernel on CUDA by default
+
+
+@needs_cuda
+def test_kernels_address_weights_past_two_to_the_31_elements():
+    """1M latents at d 2304 hold 2.4e9 weights: the kernels' row offsets must not wrap at int32."""
+    d, k, batch = 2048, 8, 4
+    n = 2**31 // d + 64  # the last rows start past 2**31 elements
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.zeros(n, d, dtype=torch.bfloat16, device="cuda")
+    far = torch.arange(n - 40, n, device="cuda")
+    w[far] = torch.randn(len(far), d, generator=g, device="cuda").bfloat16()
+    a = torch.randn(batch, d, generator=g, device="cuda").bfloat16()
+    indices = far[torch.randint(len(far), (batch, k), generator=g, device="cuda")]
+    want = (a.float()[:, None, :] * w[indices].float()).sum(-1)
+    assert torch.allclose(triton_kernels.gather_dot(a, indices, w, torch.float32), want, rtol=1e-4, atol=1e-3)
+    del w
+    weights = torch.randn(batch * k, generator=g, device="cuda")
+    tokens = torch.arange(batch, device="cuda").repeat_interleave(k)
+    rows = triton_kernels.segment_rows(n, indices.flatten(), weights, tokens, a)
+    want = torch.zeros(len(far), d, device="cuda").index_add_(
+        0, indices.flatten() - far[0], weights[:, None] * a.float()[tokens]
+    )
+    assert torch.allclose(rows[far].float(), want, rtol=2e-2, atol=2e-2)
+    assert not rows[: n - 40].any()
