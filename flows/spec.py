@@ -233,7 +233,7 @@ class TrainSpec(Section):
     seed: int = Field(default=0, ge=0)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    # CUDA: replay the step as a CUDA graph. null: where it can be (signum, TopK SAE or transcoder, one process);
+    # CUDA: replay the step as a CUDA graph. null: where it can be (signum, a TopK SAE, one process);
     # true: required; false: eager (sae/cuda_graph.py)
     cuda_graph: bool | None = None
     triton: bool = True  # CUDA: Triton kernels for the sparse backward and the optimizer (false: PyTorch's forms)

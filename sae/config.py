@@ -372,11 +372,10 @@ GRAPH_MAX_WEIGHTS = 2**27
 
 def graphs_by_default(cfg: SAEConfig, tcfg: TrainConfig, processes: int = 1) -> bool:
     """train.cuda_graph unset: graphs where the step can be captured, is small enough to gain, and its
-    graphed training was checked equal to the eager one on a GPU (a TopK SAE or (skip-)transcoder of
-    one layer; 1.07x-5.1x the eager step on an H200 at 1M and 25M weights, docs/benchmarks.md).
-    Matryoshka, cross-layer coders and multi_topk keep eager steps until measured there;
-    `cuda_graph: true` asks for a graph anyway."""
-    checked = not cfg.matryoshka and not cfg.cross_layer and not tcfg.multi_topk
+    graphed training was checked equal to the eager one on a GPU (a TopK SAE; 1.07x-5.1x the eager
+    step on an H200 at 1M and 25M weights, docs/benchmarks.md). Transcoders, Matryoshka and
+    multi_topk keep eager steps until a GPU run checks them; `cuda_graph: true` asks for a graph anyway."""
+    checked = not cfg.matryoshka and not cfg.transcoder and not tcfg.multi_topk
     checked = checked and cfg.n_latents * cfg.width() <= GRAPH_MAX_WEIGHTS
     blockers = cuda_graph_blockers(
         tcfg.device, tcfg.resolved_optimizer(), cfg.activation, processes, tcfg.fused_topk, tcfg.triton
