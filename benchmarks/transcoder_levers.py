@@ -10,10 +10,11 @@ rows, the latents that fire on none of them, and dCE: SmolLM2's next-token loss 
 held-out contexts with this layer's MLP output replaced by the prediction (the others exact). The
 levers:
 
-- skip-lr/24: the skip connection's lr divided by 24 (sqrt(d)): a sign step moves W_skip's output by
-  about lr * ||x||_1, which the other levers leave as large as a typical target row;
-- skip-lr-rule: the skip connection's lr times sqrt(E||y||^2 without the massive rows / E||y||^2),
-  1 on a layer without massive rows, 1/27 at layer 11 (the typical row's share of the scale);
+- default: the skip connection's lr times sqrt(E||y||^2 without the massive rows / E||y||^2)
+  (sae.train.skip_lr_scale: 1 on a layer without massive rows, 1/27 at layer 11);
+- plain-skip-lr: the skip's lr the dictionary's, as before that rule: a sign step moves W_skip's
+  output by about lr * ||x||_1, as large as a typical target row;
+- skip-lr/24: the plain skip lr divided by 24 (sqrt(d));
 - robust-scale: the input and target scales from the rows without the massive ones;
 - row-weights: each row's squared error weighted by min(1, 100 x median ||y||^2 / ||y||^2);
 - adam: the optimizer Adam (its auto lr) instead of sign descent; no-skip: no skip connection.
@@ -64,7 +65,7 @@ def patched(module, name: str, value):
 
 @contextlib.contextmanager
 def skip_lr(factor: float):
-    """W_skip in a group of its own whose lr is the schedule's times `factor`."""
+    """W_skip in a group of its own whose lr is the schedule's times `factor` (not the data's rule)."""
 
     def make_optimizer(sae_, tcfg, lr):
         rest = [p for name, p in sae_.named_parameters() if name not in ("W_dec", "W_skip")]
@@ -95,24 +96,15 @@ def row_weighted(target: torch.Tensor, recon: torch.Tensor, scale: float) -> tor
     return ((target - recon).pow(2).sum(-1) * weight).mean() * scale
 
 
-def typical_share(rows: torch.Tensor) -> float:
-    """sqrt(E||y||^2 over the rows without the massive ones / E||y||^2 over all): 1 where none are."""
-    norm2 = rows.float().pow(2).sum(-1)
-    return math.sqrt(norm2[~massive(rows.float())].mean().item() / norm2.mean().item())
-
-
 LEVERS = {
     "default": lambda: contextlib.nullcontext(),
+    "plain-skip-lr": lambda: skip_lr(1.0),
     "skip-lr/24": lambda: skip_lr(1 / 24),
-    "skip-lr-rule": lambda: skip_lr(RULE["factor"]),
     "robust-scale": lambda: patched(sae.train, "_unit_scales", robust_scales),
     "row-weights": lambda: patched(sae.loss, "sq_err", row_weighted),
     "adam": lambda: contextlib.nullcontext(),
     "no-skip": lambda: contextlib.nullcontext(),
 }
-
-
-RULE = {"factor": 1.0}  # the skip-lr-rule lever's factor: typical_share of the layer's training targets
 
 
 def main() -> None:
@@ -136,7 +128,6 @@ def main() -> None:
         big = massive(y)
         share = ((y[big] - y.mean(0)) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         print(f"layer {first + t}: {int(big.sum())} massive rows of {len(y)} hold {share:.1%} of the variance")
-        RULE["factor"] = typical_share(x[:, d:])
         for lever in args.levers.split(","):
             cfg = SAEConfig(d, 2048, 32, transcoder=True, skip_connection=lever != "no-skip")
             tcfg = TrainConfig(batch_tokens=1024, tokens=args.tokens, optimizer="adam" if lever == "adam" else None)

@@ -119,12 +119,33 @@ def fold_decoder_norms(sae: TopKSAE) -> None:
 
 def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if tcfg.resolved_optimizer() == "signum":
-        rest = [p for name, p in sae.named_parameters() if name != "W_dec"]
+        own_skip = sae.cfg.skip_connection and not sae.cfg.cross_layer
+        rest = [p for name, p in sae.named_parameters() if name != "W_dec" and not (own_skip and name == "W_skip")]
         # the optimizer projects the decoder gradient in its own pass, unless clipping must see it first
         decoder = {"params": [sae.W_dec], "unit_rows": True, "project_rows": not tcfg.grad_clip}
-        return ScheduleFreeSignSGD([decoder, {"params": rest}], lr=lr, momentum=tcfg.momentum, triton=tcfg.triton)
+        groups = [decoder, {"params": rest}]
+        if own_skip:  # its lr_scale is set from the data (skip_lr_scale) by Trainer.initialize
+            groups.append({"params": [sae.W_skip], "lr_scale": 1.0})
+        return ScheduleFreeSignSGD(groups, lr=lr, momentum=tcfg.momentum, triton=tcfg.triton)
     # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
+
+
+MASSIVE_NORM = 10  # a row whose norm exceeds 10x the median is massive (attention sinks), as nMSE* counts them
+
+
+def skip_lr_scale(targets: torch.Tensor) -> float:
+    """What a skip-transcoder's W_skip lr is multiplied by under sign descent: sqrt(E||y||^2 over the
+    rows that are not massive / E||y||^2 over all rows), 1 where none is massive.
+
+    A sign step moves W_skip's output by about lr * ||x||_1, whatever the gradient, and the lr is sized
+    for the target's dataset scale. Where a few massive rows set that scale (SmolLM2's MLP 11: nine
+    attention-sink rows, 99.7% of the variance) the other rows are 1/27 of it, the skip's steps swamp
+    them (predicted worse than their mean) and replacing the MLP cost 0.397 nats; at this scale 0.004
+    less than exact, and unchanged where no row is massive (docs/dictionaries.md)."""
+    norm2 = targets.float().pow(2).sum(-1)
+    typical = norm2.sqrt() <= MASSIVE_NORM * norm2.sqrt().median()
+    return math.sqrt(norm2[typical].mean().item() / max(norm2.mean().item(), 1e-30))
 
 
 def lr_factor(tcfg: TrainConfig, tokens_seen: int) -> float:
@@ -240,6 +261,9 @@ class Trainer:
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
         whole = self.sae if self.place.processes == 1 else self._seeded_sae()
         self.mse_scale = init_from_sample(whole, sample, scale_encoder=self.tcfg.scaled_encoder_init())
+        for group in self.opt.param_groups:
+            if "lr_scale" in group:  # a skip-transcoder's W_skip (make_optimizer)
+                group["lr_scale"] = skip_lr_scale(whole.split(sample)[1])
         if whole is not self.sae:
             self.sae.load_state_dict(self.place.part(whole).state_dict())
 
@@ -249,7 +273,7 @@ class Trainer:
 
     def step(self, batch: torch.Tensor) -> LossParts:
         for group in self.opt.param_groups:
-            group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens)
+            group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens) * group.get("lr_scale", 1.0)
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.prepare()  # the host half of the optimizer step (device_step applies it)
         with torch.enable_grad():  # also when the caller holds torch.no_grad() (as around an evaluation)

@@ -337,3 +337,67 @@ def test_the_memory_plan_counts_the_target_and_the_skip_map():
     assert tc.weights - plain.weights == 576 * 576 * 4  # W_skip in float32
     assert tc.optimizer - plain.optimizer == 576 * 576 * 4  # and its sign-descent z
     assert tc.batch - plain.batch == 4096 * 576 * 4 * 2  # the target and its normalised copy
+
+
+def test_the_skip_lr_scale_is_the_typical_rows_share_of_the_scale():
+    from sae.train import skip_lr_scale
+
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(4000, 16, generator=g)
+    assert skip_lr_scale(plain) == 1.0  # no row over 10x the median norm
+    sinks = plain.clone()
+    sinks[::1000] *= 500  # four attention-sink-like rows
+    norm2 = sinks.pow(2).sum(-1)
+    typical = norm2.sqrt() <= 10 * norm2.sqrt().median()
+    assert typical.sum() == 3996
+    assert skip_lr_scale(sinks) == pytest.approx(math.sqrt(norm2[typical].mean() / norm2.mean()), rel=1e-6)
+    assert skip_lr_scale(sinks) < 0.1  # the rows 500x the others hold 99.6% of the squared norm
+
+
+def test_sign_descent_moves_a_skip_transcoders_skip_by_its_lr_scale():
+    """The first step of two runs that differ only in the skip's lr scale: W_skip moves in proportion,
+    every other parameter the same."""
+    from sae.train import Trainer
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(512, 12, generator=g), torch.randn(512, 12, generator=g)
+    y[::128] *= 300  # massive target rows: the scale comes out far below 1
+    rows = torch.cat([x, y], dim=1)
+    runs = []
+    for keep_scale in (True, False):
+        t = Trainer(
+            SAEConfig(12, 48, 4, transcoder=True, skip_connection=True), TrainConfig(batch_tokens=256, tokens=512)
+        )
+        t.initialize(rows)
+        (skip_group,) = [group for group in t.opt.param_groups if "lr_scale" in group]
+        assert skip_group["params"] == [t.sae.W_skip]
+        scale = skip_group["lr_scale"]
+        if not keep_scale:
+            skip_group["lr_scale"] = 1.0
+        before = {name: p.detach().clone() for name, p in t.sae.named_parameters()}
+        t.step(rows[:256])
+        runs.append({name: p.detach() - before[name] for name, p in t.sae.named_parameters()})
+    assert 0 < scale < 0.1
+    scaled, plain = runs
+    assert plain["W_skip"].abs().max() > 0
+    assert torch.allclose(scaled["W_skip"], scale * plain["W_skip"], rtol=1e-5, atol=1e-9)
+    for name in plain:
+        if name != "W_skip":
+            assert torch.equal(scaled[name], plain[name]), name
+
+
+def test_the_skip_lr_rule_moves_the_keys_of_skip_transcoders_alone(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    import flows.spec
+    from flows.spec import parse_spec
+
+    body = _spec_body(tiny_model_dir, text_dir, tmp_path)
+    specs = {
+        "sae": parse_spec(body),
+        "transcoder": parse_spec({**body, "sae": {**body["sae"], "transcoder": True}}),
+        "skip": parse_spec({**body, "sae": {**body["sae"], "transcoder": True, "skip_connection": True}}),
+    }
+    before = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
+    monkeypatch.setattr(flows.spec, "SKIP_LR_RULE", flows.spec.SKIP_LR_RULE + 1)
+    after = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
+    assert after["sae"] == before["sae"] and after["transcoder"] == before["transcoder"]
+    assert after["skip"] != before["skip"]
