@@ -42,11 +42,7 @@ import sae.loss  # noqa: E402
 import sae.train  # noqa: E402
 from sae import SAEConfig, TrainConfig, train_sae  # noqa: E402
 from sae.optim import ScheduleFreeSignSGD  # noqa: E402
-
-
-def massive(rows: torch.Tensor) -> torch.Tensor:
-    norms = rows.norm(dim=1)
-    return norms > 10 * norms.median()
+from sae.train import massive_rows  # noqa: E402
 
 
 def fvu(y: torch.Tensor, pred: torch.Tensor) -> float:
@@ -86,7 +82,7 @@ def skip_lr(factor: float):
 
 
 def robust_scales(rows: torch.Tensor, cfg) -> torch.Tensor:
-    kept = rows.float()[~massive(rows.float())]
+    kept = rows.float()[~massive_rows(rows)]
     return torch.tensor(math.sqrt(cfg.d_in / kept.pow(2).sum(-1).mean().item()))
 
 
@@ -125,7 +121,7 @@ def main() -> None:
         x = torch.from_numpy(np.ascontiguousarray(data["train"][: args.tokens, cols])).float()
         held = data["held"][:HELD_ROWS][:, cols].float()
         y = held[:, d:]
-        big = massive(y)
+        big = massive_rows(y)
         share = ((y[big] - y.mean(0)) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
         print(f"layer {first + t}: {int(big.sum())} massive rows of {len(y)} hold {share:.1%} of the variance")
         for lever in args.levers.split(","):
