@@ -28,8 +28,9 @@ from sae.config import (
 )
 from storage.shuffle import SHUFFLE_BUFFER_MB
 
-# A skip-transcoder's W_skip lr follows its targets' typical rows (sae.train.skip_lr_scale); bumped
-# when that rule changes, so that only skip-transcoders' stage keys move.
+# A skip-transcoder's W_skip lr follows its targets' typical rows (sae.train.skip_lr_scale; a cross-layer
+# one's per layer since it joined the rule, which moved its keys); bumped when that rule changes, so that
+# only skip-transcoders' stage keys move.
 SKIP_LR_RULE = 1
 
 if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
@@ -582,8 +583,8 @@ class RunSpec(Section):
             payload["recipe_version"] = RECIPE_VERSION
             hashed = [v for k, v in payload.items() if k.startswith("sae")]
             entries = [e for v in hashed for e in (v if isinstance(v, list) else [v])]
-            if any(e.get("skip_connection") and not e.get("cross_layer") for e in entries):
-                payload["skip_lr"] = SKIP_LR_RULE  # skip-transcoders trained before its rule differ
+            if any(e.get("skip_connection") for e in entries):  # skip-transcoders trained before its rule differ
+                payload["skip_lr"] = SKIP_LR_RULE
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # paths and names derived from the spec -------------------------------------------------------

@@ -8,6 +8,10 @@ to the run's length. The step on z is sign descent (steepest descent in the max 
 EleutherAI sparsify's default; on the quality benchmark it recovers planted dictionaries better
 than Adam at equal tokens (see sae/config.py).
 
+A group with `block_lr_scales` (a list of L numbers) divides each parameter's rows into L equal
+blocks and multiplies block l's step by its number: a cross-layer skip-transcoder's W_skip, one
+(d, d) block per layer, each with its own layer's skip lr (sae.train.skip_lr_scale).
+
 A group with `unit_rows=True` keeps the rows of z at unit norm after each step: the SAE decoder's
 constraint, applied to the sequence that takes the steps. With `project_rows=True` as well, the step
 first removes from each row's gradient its component along the row (the decoder gradient
@@ -57,6 +61,11 @@ def project_rows_(grad: torch.Tensor, rows: torch.Tensor) -> None:
     grad.sub_((grad * rows).sum(dim=1, keepdim=True) * rows)
 
 
+def scale_row_blocks_(t: torch.Tensor, scales: list[float]) -> None:
+    """In place: the rows of t in len(scales) equal blocks, block l multiplied by scales[l]."""
+    t.unflatten(0, (len(scales), -1)).mul_(torch.tensor(scales, dtype=t.dtype, device=t.device).view(-1, 1, 1))
+
+
 class ScheduleFreeSignSGD(torch.optim.Optimizer):
     """`step()` is `prepare()` (host: this step's lr and averaging weight) then `apply()` (device
     work only, reading them from a device tensor on the Triton path), so that a CUDA graph can
@@ -91,7 +100,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             group["weight_sum"] += lr * lr
             avg = min(1.0, lr * lr / group["weight_sum"])  # x is the lr^2-weighted mean of z
             self._step_values.append((lr, avg))
-            if self.fused(group["params"]):
+            if self.fused_group(group):
                 hyper = self._hyper.get(i)
                 if hyper is None:
                     hyper = self._hyper[i] = torch.empty(2, dtype=torch.float32, device=group["params"][0].device)
@@ -107,7 +116,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
                 continue
             beta = group["momentum"]
             zs = [self.state[p]["z"] for p in params]
-            if self.fused(params):
+            if self.fused_group(group):
                 for p, z in zip(params, zs):
                     _optim_kernel().sign_free_step(
                         p,
@@ -128,6 +137,9 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - avg)
             torch._foreach_add_(params, zs, alpha=-(1 - avg) * (1 - beta))
             torch._foreach_sign_(grads)
+            if "block_lr_scales" in group:
+                for g in grads:
+                    scale_row_blocks_(g, group["block_lr_scales"])
             torch._foreach_add_(zs, grads, alpha=-lr)
             if group["unit_rows"]:
                 for z in zs:
@@ -137,6 +149,15 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
     def fused(self, params: list[torch.Tensor]) -> bool:
         """Whether these parameters take the one-pass Triton kernel, which reads the lr on the device."""
         return _fused(params, self.triton)
+
+    def fused_group(self, group: dict) -> bool:
+        """Whether a group takes the Triton kernel: not with block lr scales (the kernel has one lr)."""
+        return "block_lr_scales" not in group and self.fused(group["params"])
+
+    def reads_lr_on_device(self) -> bool:
+        """Whether every group's step reads its lr and averaging weight on the device (a CUDA graph
+        replays them with each step's values; the foreach form would keep the captured ones)."""
+        return all(self.fused_group(group) for group in self.param_groups)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -119,13 +119,15 @@ def fold_decoder_norms(sae: TopKSAE) -> None:
 
 def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if tcfg.resolved_optimizer() == "signum":
-        own_skip = sae.cfg.skip_connection and not sae.cfg.cross_layer
-        rest = [p for name, p in sae.named_parameters() if name != "W_dec" and not (own_skip and name == "W_skip")]
+        rest = [p for name, p in sae.named_parameters() if name not in ("W_dec", "W_skip")]
         # the optimizer projects the decoder gradient in its own pass, unless clipping must see it first
         decoder = {"params": [sae.W_dec], "unit_rows": True, "project_rows": not tcfg.grad_clip}
         groups = [decoder, {"params": rest}]
-        if own_skip:  # its lr_scale is set from the data (skip_lr_scale) by Trainer.initialize
-            groups.append({"params": [sae.W_skip], "lr_scale": 1.0})
+        if sae.W_skip is not None:  # its lr scales are set from the data (skip_lr_scale) by Trainer.initialize
+            layers = sae.cfg.layers()
+            groups.append(
+                {"params": [sae.W_skip], **({"block_lr_scales": [1.0] * layers} if layers > 1 else {"lr_scale": 1.0})}
+            )
         return ScheduleFreeSignSGD(groups, lr=lr, momentum=tcfg.momentum, triton=tcfg.triton)
     # fused: one kernel per step for all parameters (CPU and CUDA), same update rule
     return torch.optim.Adam(sae.parameters(), lr=lr, betas=tcfg.betas, eps=tcfg.eps, fused=True)
@@ -252,10 +254,11 @@ class Trainer:
         problems = cuda_graph_blockers(
             t.device, t.resolved_optimizer(), self.sae.cfg.activation, self.place.processes, t.fused_topk, t.triton
         )
-        if not problems and not (
-            isinstance(self.opt, ScheduleFreeSignSGD) and self.opt.fused(list(self.sae.parameters()))
-        ):
-            problems.append("no Triton (the optimizer's one-pass kernel is what reads the lr on the device)")
+        if not problems and not (isinstance(self.opt, ScheduleFreeSignSGD) and self.opt.reads_lr_on_device()):
+            problems.append(
+                "the optimizer's foreach form (no Triton, or a cross-layer skip's per-layer lr: the one-pass "
+                "kernel is what reads the lr on the device)"
+            )
         if problems and t.cuda_graph is None:
             return EagerSteps(self.device_step, self.device)
         if problems:
@@ -267,9 +270,12 @@ class Trainer:
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
         whole = self.sae if self.place.processes == 1 else self._seeded_sae()
         self.mse_scale = init_from_sample(whole, sample, scale_encoder=self.tcfg.scaled_encoder_init())
-        for group in self.opt.param_groups:
-            if "lr_scale" in group:  # a skip-transcoder's W_skip (make_optimizer)
-                group["lr_scale"] = skip_lr_scale(whole.split(sample)[1])
+        targets = whole.split(sample)[1]
+        for group in self.opt.param_groups:  # a skip-transcoder's W_skip (make_optimizer)
+            if "lr_scale" in group:
+                group["lr_scale"] = skip_lr_scale(targets)
+            if "block_lr_scales" in group:  # a cross-layer one's: each layer's block by its own targets
+                group["block_lr_scales"] = [skip_lr_scale(y) for y in targets.chunk(len(group["block_lr_scales"]), -1)]
         if whole is not self.sae:
             self.sae.load_state_dict(self.place.part(whole).state_dict())
 

@@ -385,3 +385,52 @@ def test_rows_of_inputs_and_outputs_side_by_side_train_as_data_and_target():
         assert torch.equal(together.state_dict()[name], value), name
     with pytest.raises(ValueError, match="needs target="):
         train_sae(cfg, tcfg, x, progress=False)
+
+
+def test_sign_descent_moves_each_layers_skip_block_by_its_own_lr_scale():
+    """The first step of two runs that differ only in the skip's per-layer lr scales: block l of W_skip
+    (layer l's input -> layer l's output) moves by scale_l x the plain step, every other parameter the
+    same; a layer whose targets have massive rows gets a scale far below 1, the others exactly 1."""
+    from sae.train import Trainer, skip_lr_scale
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(512, L * D, generator=g), torch.randn(512, L * D, generator=g)
+    y[::128, 2 * D :] *= 300  # the last layer's targets have attention-sink-like rows
+    rows = torch.cat([x, y], dim=1)
+    runs = []
+    for keep_scales in (True, False):
+        t = Trainer(
+            SAEConfig(D, N, K, transcoder=True, skip_connection=True, cross_layer=L),
+            TrainConfig(batch_tokens=256, tokens=512),
+        )
+        t.initialize(rows)
+        (group,) = [group for group in t.opt.param_groups if "block_lr_scales" in group]
+        assert group["params"] == [t.sae.W_skip]
+        scales = group["block_lr_scales"]
+        if not keep_scales:
+            group["block_lr_scales"] = [1.0] * L
+        before = {name: p.detach().clone() for name, p in t.sae.named_parameters()}
+        t.step(rows[:256])
+        runs.append({name: p.detach() - before[name] for name, p in t.sae.named_parameters()})
+    assert scales[:2] == [1.0, 1.0] and scales[2] == pytest.approx(skip_lr_scale(y[:, 2 * D :]), rel=1e-6)
+    assert 0 < scales[2] < 0.1
+    scaled, plain = runs
+    for layer in range(L):
+        block = slice(layer * D, (layer + 1) * D)
+        assert plain["W_skip"][block].abs().max() > 0
+        torch.testing.assert_close(scaled["W_skip"][block], scales[layer] * plain["W_skip"][block])
+    for name in plain:
+        if name != "W_skip":
+            assert torch.equal(scaled[name], plain[name]), name
+
+
+def test_the_skip_lr_rule_moves_a_cross_layer_skip_transcoders_key(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+    import flows.spec
+    from flows.spec import parse_spec
+
+    skip = parse_spec(_spec_body(tiny_model_dir, text_dir, tmp_path, skip_connection=True))
+    plain = parse_spec(_spec_body(tiny_model_dir, text_dir, tmp_path, skip_connection=False))
+    before = skip.part_hash("sae", "train"), plain.part_hash("sae", "train")
+    monkeypatch.setattr(flows.spec, "SKIP_LR_RULE", flows.spec.SKIP_LR_RULE + 1)
+    assert skip.part_hash("sae", "train") != before[0]
+    assert plain.part_hash("sae", "train") == before[1]
