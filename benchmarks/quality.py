@@ -209,19 +209,20 @@ def trained_outputs(cfg, tcfg, train, held: torch.Tensor | None, snapshots=(), o
     return {**dict(zip(sorted(snapshots), on_the_way)), tcfg.tokens: keep(result.sae)}
 
 
-def budget_groups(data: dict, grid: list[int]) -> list[list[int]]:
+def budget_groups(data: dict, grid: list[int], **overrides) -> list[list[int]]:
     """The grid's budgets grouped by the settings saeflow trains with at each (lr, optimizer, schedule,
     dead window): within a group a run to the largest budget passes through each smaller budget's
     run, and is scored on the way, as the peers are (tests/test_train.py shows a milestone's SAE equal
     to a run stopped there). On the real cells the lr cap takes the short-run factor away at d 576 and
-    sign descent has no schedule, so most budgets share a run; the synthetic ones differ in lr."""
+    sign descent has no schedule, so most budgets share a run; the synthetic ones differ in lr.
+    `overrides`: a variant's TrainConfig fields."""
     from sae import TrainConfig
 
     s = data["shape"]
     n, d = s["n_latents"], s["d"]
     groups: dict[tuple, list[int]] = {}
     for tokens in grid:
-        t = TrainConfig(batch_tokens=s["batch"], tokens=tokens)
+        t = TrainConfig(batch_tokens=s["batch"], tokens=tokens, **overrides)
         key = (t.resolved_lr(n, d), t.resolved_optimizer(), t.warmup_tokens(), t.decay(), t.dead_window(n, s["k"]))
         groups.setdefault(key, []).append(tokens)
     return [sorted(g) for g in groups.values()]
@@ -358,7 +359,9 @@ def delta_ce(data: dict, recon: np.ndarray) -> float:
         return torch.cat([h[:, :first], tail.to(h.dtype)], dim=1)
 
     with torch.no_grad():
-        clean = next_token_ce(logits(model, ids), ids).mean().item()
+        if (key := ("clean", ids.numpy().tobytes())) not in _LM:  # the same contexts at every hookpoint
+            _LM[key] = next_token_ce(logits(model, ids), ids).mean().item()
+        clean = _LM[key]
         with replaced(model, data["hook"], splice):
             spliced = next_token_ce(logits(model, ids), ids).mean().item()
     return spliced - clean
@@ -408,7 +411,10 @@ def jobs(data: dict, grid: list[int], peers: bool, seeds: int, lr_sweep: str | N
             out.append((middle, "same", "saeflow-tied", 0, ()))
     if lr_sweep:
         out += [(t, f"lr x{f}", "saeflow", 0, ()) for t in grid for f in lr_sweep.split(",")]
-    out += [(t, variant, "saeflow", 0, ()) for t in grid for variant in variants]
+    for variant in variants:  # like the defaults: one run through the budgets its settings share
+        out += [
+            (g[-1], variant, "saeflow", 0, tuple(g[:-1])) for g in budget_groups(data, grid, **variant_fields(variant))
+        ]
     return out
 
 
@@ -482,7 +488,7 @@ def main() -> None:
         for tokens, settings, lib, seed, snapshots in cell_jobs:
             t0 = time.time()
             if settings in args.variant:
-                outs = run_saeflow(data, tokens, "defaults", **variant_fields(settings))
+                outs = run_saeflow(data, tokens, "defaults", 0, snapshots, **variant_fields(settings))
             elif settings.startswith("lr x"):
                 lr = float(settings[4:]) * default_lr(data, tokens)
                 outs = run_saeflow(data, tokens, "defaults", lr=lr)

@@ -242,6 +242,9 @@ class TrainConfig:
     multi_topk: bool = False  # L(k) + L(4k)/8 (§5.3)
     ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
     encoder_init: Literal["least_squares", "tied"] | None = None  # None: least_squares (default), tied (paper)
+    # random: unit random decoder rows (§A.1); data: an SAE's rows at centred sample rows (fewer steps to
+    # a good fit, more latents dead early; sae.train.decoder_rows_from_data)
+    decoder_init: Literal["random", "data"] = "random"
     geometric_median_samples: int = 32768
     seed: int = 0
     device: str = "cpu"
@@ -263,6 +266,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in ("default", "paper"):
             raise ValueError(f"recipe must be 'default' or 'paper', got {self.recipe!r}")
+        if self.decoder_init not in ("random", "data"):
+            raise ValueError(f"decoder_init must be 'random' or 'data', got {self.decoder_init!r}")
         if self.optimizer not in (None, "signum", "adam"):
             raise ValueError(f"optimizer must be 'signum' or 'adam', got {self.optimizer!r}")
         for name in ("batch_tokens", "tokens", "dead_tokens"):

@@ -216,3 +216,49 @@ def test_the_optimizer_projects_the_decoder_gradient_as_the_separate_pass_does()
         assert torch.allclose(a, b, atol=1e-6)
     clipped = Trainer(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=256, tokens=x.shape[0], grad_clip=1.0))
     assert not clipped.opt.param_groups[0]["project_rows"]
+
+
+@pytest.mark.parametrize("n_latents", [96, 400])  # fewer latents than sample rows, and more
+def test_decoder_rows_from_data_are_centred_sample_rows(n_latents):
+    """decoder_init "data": each of the first min(n, rows) decoder rows is the unit direction of a
+    sample row minus b_pre, drawn by the run's seed without replacement; the encoder rows are the same
+    directions times the one least-squares factor; latents past the sample keep the random init."""
+    x, _ = planted_data(256, 24, 64, 4, seed=5)
+    data, plain = (
+        Trainer(SAEConfig(24, n_latents, 4), TrainConfig(batch_tokens=64, tokens=256, seed=7, decoder_init=d))
+        for d in ("data", "random")
+    )
+    data.initialize(x)
+    plain.initialize(x)
+    x_norm = data.sae.normalize(x)[0]
+    m = min(n_latents, len(x))
+    picks = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))[:m]
+    want = x_norm[picks] - data.sae.b_pre
+    want = want / want.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(data.sae.W_dec[:m], want)
+    assert torch.equal(data.sae.W_dec[m:], plain.sae.W_dec[m:])
+    factor = data.sae.W_enc.norm(dim=1)
+    assert 0 < factor.min() and torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
+    torch.testing.assert_close(data.sae.W_enc / factor[:, None], data.sae.W_dec)
+
+
+def test_decoder_rows_from_data_reconstruct_better_before_any_step():
+    """On planted sparse data the initialised SAE (no step taken) reconstructs held-out rows better
+    from sample rows than from random directions."""
+    x, _ = planted_data(4096, 32, 128, 3, seed=2)
+    train, held = x[:2048], x[2048:]
+    errors = {}
+    for init in ("data", "random"):
+        t = Trainer(SAEConfig(32, 256, 3), TrainConfig(batch_tokens=256, tokens=2048, decoder_init=init))
+        t.initialize(train)
+        with torch.no_grad():
+            errors[init] = (t.sae(held) - held).pow(2).sum().item() / (held - held.mean(0)).pow(2).sum().item()
+    assert errors["data"] < 0.8 * errors["random"], errors
+
+
+def test_decoder_rows_from_data_are_refused_for_a_transcoder_in_one_line():
+    cfg = SAEConfig(16, 64, 4, transcoder=True)
+    with pytest.raises(ValueError, match=r"^TrainConfig.decoder_init: 'data' is for SAEs .*: leave it at 'random'$"):
+        Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, decoder_init="data"))
+    with pytest.raises(ValueError, match="decoder_init must be 'random' or 'data', got 'kmeans'"):
+        TrainConfig(decoder_init="kmeans")  # type: ignore[arg-type]
