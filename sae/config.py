@@ -242,8 +242,9 @@ class TrainConfig:
     multi_topk: bool = False  # L(k) + L(4k)/8 (§5.3)
     ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
     encoder_init: Literal["least_squares", "tied"] | None = None  # None: least_squares (default), tied (paper)
-    # random: unit random decoder rows (§A.1); data: an SAE's rows at centred sample rows (fewer steps to
-    # a good fit, more latents dead early; sae.train.decoder_rows_from_data)
+    # random: unit random decoder rows (§A.1); data: an SAE's rows at distinct centred sample rows, and
+    # the encoder's step sized to its norm (fewer steps to a good fit; sae.train.decoder_rows_from_data,
+    # encoder_step_scale)
     decoder_init: Literal["random", "data"] = "random"
     geometric_median_samples: int = 32768
     seed: int = 0

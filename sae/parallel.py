@@ -194,6 +194,9 @@ class GridShard:
     def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
         return self.parallel.sum_over_data(t)
 
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
+        return self.parallel.sum_over_shards(t)
+
     def min_over_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.parallel.min_over_all(t)
 

@@ -34,6 +34,10 @@ class Placement(Latents, Protocol):
         """t summed over the processes that saw the other rows of the batch."""
         ...
 
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the processes that hold the other latents."""
+        ...
+
     def min_over_all(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -56,6 +60,9 @@ class OneProcess(WholeLatents):
         return None
 
     def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
     def min_over_all(self, t: torch.Tensor) -> torch.Tensor:

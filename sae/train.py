@@ -66,23 +66,58 @@ def init_from_sample(
     return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item()
 
 
+DISTINCT_COS = 0.7  # data-initialised rows: no two closer than this cosine (docs/method.md)
+
+
 @torch.no_grad()
 def decoder_rows_from_data(sae: TopKSAE, x_norm: torch.Tensor, generator: torch.Generator) -> int:
     """An SAE's decoder rows, and its tied encoder rows, set to the unit directions of centred sample
-    rows (x - b_pre) drawn without replacement; latents beyond the sample's rows keep their random
-    rows. Returns how many were set (TrainConfig.decoder_init "data").
+    rows (x - b_pre) taken in an order drawn by `generator`, skipping any row within DISTINCT_COS of
+    one already taken; latents beyond the distinct rows found keep their random rows. Returns how
+    many were set (TrainConfig.decoder_init "data").
 
     Why: in a run of few optimizer steps the SAE stays close to its init, and random directions
-    reconstruct little of real activations. On SmolLM2 at batches of 4096 (24-98 steps) the held-out
-    nMSE* fell 3-9% (docs/method.md); a latent started at a frequent direction wins its duplicates'
-    top-k places, though, so more latents are dead after few steps."""
-    m = min(sae.cfg.n_latents, len(x_norm))
-    picks = torch.randperm(len(x_norm), generator=generator)[:m].to(x_norm.device)
-    rows = x_norm[picks] - sae.b_pre
+    reconstruct little of real activations. Why distinct: a latent started next to another one
+    (cosine over 0.7) competes with it for the same top-k places, and on SmolLM2 half of such pairs
+    ended dead after a few steps; drawing distinct rows also lowered the held-out nMSE*."""
+    rows = x_norm[torch.randperm(len(x_norm), generator=generator).to(x_norm.device)] - sae.b_pre
     rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sae.W_dec[:m] = rows
-    sae.W_enc[:m] = rows
-    return m
+    chosen = distinct_rows(rows, sae.cfg.n_latents, DISTINCT_COS)
+    sae.W_dec[: len(chosen)] = chosen
+    sae.W_enc[: len(chosen)] = chosen
+    return len(chosen)
+
+
+def distinct_rows(unit_rows: torch.Tensor, most: int, max_cos: float, block: int = 2048) -> torch.Tensor:
+    """Up to `most` of the unit rows, greedily in their order, each below `max_cos` cosine to every
+    row kept before it. Within a block a row goes when any earlier row of the block is too close,
+    kept or not: a few more rows dropped than a one-by-one pass drops, for matrix products."""
+    kept = unit_rows[:0]
+    for rows in unit_rows.split(block):
+        if len(kept):
+            rows = rows[(rows @ kept.T).amax(1) < max_cos]
+        rows = rows[~((rows @ rows.T).tril(-1) >= max_cos).any(1)]
+        kept = torch.cat([kept, rows])[:most]
+        if len(kept) == most:
+            break
+    return kept
+
+
+@torch.no_grad()
+def encoder_step_scale(sae: TopKSAE, place: Placement) -> float:
+    """The factor on the encoder's sign step under decoder_init "data": min(1, the mean norm of its
+    rows over the whole SAE), so that a step moves the encoder by no larger a fraction of its norm
+    than it moves the unit decoder rows.
+
+    Why: the least-squares scale leaves data-initialised encoder rows at ~0.06-0.08 norm (k rows
+    aligned with the input overshoot it), whose coordinates are a sixth of the lr: the first full
+    sign step replaced the encoder and killed 18% of the latents on SmolLM2 at batches of 16384, and
+    a quarter of the lr still 18%. Scaled, 0.2-0.6% die (docs/method.md). Fixed at the init's
+    scale, the encoder cannot grow in longer runs; uncapped, its growth compounds (40% dead after
+    400 steps)."""
+    norms = sae.W_enc.float().norm(dim=1)
+    total = place.sum_over_shards(torch.stack([norms.sum(), torch.tensor(float(len(norms)), device=norms.device)]))
+    return min(1.0, (total[0] / total[1]).item())
 
 
 def _unit_scales(rows: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
@@ -145,10 +180,15 @@ def fold_decoder_norms(sae: TopKSAE) -> None:
 
 def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if tcfg.resolved_optimizer() == "signum":
-        rest = [p for name, p in sae.named_parameters() if name not in ("W_dec", "W_skip")]
+        # under decoder_init "data" the encoder's step follows its scale (encoder_step_scale, set by Trainer.step)
+        own = ("W_enc", "b_enc") if tcfg.decoder_init == "data" else ()
+        rest = [p for name, p in sae.named_parameters() if name not in ("W_dec", "W_skip", *own)]
         # the optimizer projects the decoder gradient in its own pass, unless clipping must see it first
         decoder = {"params": [sae.W_dec], "unit_rows": True, "project_rows": not tcfg.grad_clip}
         groups = [decoder, {"params": rest}]
+        if own:
+            encoder = [p for name, p in sae.named_parameters() if name in own]
+            groups.append({"params": encoder, "lr_scale": 1.0, "encoder": True})
         if sae.W_skip is not None:  # its lr scales are set from the data (skip_lr_scale) by Trainer.initialize
             layers = sae.cfg.layers()
             groups.append(
@@ -319,6 +359,8 @@ class Trainer:
 
     def step(self, batch: torch.Tensor) -> LossParts:
         for group in self.opt.param_groups:
+            if group.get("encoder"):
+                group["lr_scale"] = encoder_step_scale(self.sae, self.place)
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens) * group.get("lr_scale", 1.0)
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.prepare()  # the host half of the optimizer step (device_step applies it)

@@ -22,7 +22,9 @@ def configs(optimizer: str, multi_topk: bool):
     activation = "batchtopk" if optimizer.endswith("+batchtopk") else "topk"
     # a cross-layer skip-transcoder over two layers of D / 2, reading and predicting rows of data(...)
     crossing = optimizer.endswith("+cross_layer")
-    optimizer = optimizer.removesuffix("+batchtopk").removesuffix("+cross_layer")
+    # decoder rows from data: the encoder's step scale is its mean row norm over every shard
+    from_data = optimizer.endswith("+data")
+    optimizer = optimizer.removesuffix("+batchtopk").removesuffix("+cross_layer").removesuffix("+data")
     if crossing:
         sae_cfg = SAEConfig(D // 4, N, K, transcoder=True, skip_connection=True, cross_layer=2)
     else:
@@ -35,6 +37,7 @@ def configs(optimizer: str, multi_topk: bool):
         multi_topk=multi_topk,
         optimizer=optimizer,
         lr=3e-3 if optimizer == "adam" else None,
+        decoder_init="data" if from_data else "random",
     )
 
 
@@ -85,6 +88,7 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
         (2, 1, "signum+batchtopk", False),
         (1, 2, "adam+batchtopk", False),
         (2, 2, "signum+batchtopk", False),
+        (2, 2, "signum+data", False),
         # a cross-layer transcoder's latents stay in one process: data parallel only
         (2, 1, "signum+cross_layer", False),
     ],

@@ -11,7 +11,7 @@ from test_train import planted_data
 
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
 from sae.kernels import sparse_decode, topk_encode
-from sae.train import lr_factor, scale_encoder_least_squares
+from sae.train import DISTINCT_COS, distinct_rows, lr_factor, scale_encoder_least_squares
 
 
 def test_least_squares_encoder_scale_is_the_argmin():
@@ -218,11 +218,37 @@ def test_the_optimizer_projects_the_decoder_gradient_as_the_separate_pass_does()
     assert not clipped.opt.param_groups[0]["project_rows"]
 
 
-@pytest.mark.parametrize("n_latents", [96, 400])  # fewer latents than sample rows, and more
-def test_decoder_rows_from_data_are_centred_sample_rows(n_latents):
-    """decoder_init "data": each of the first min(n, rows) decoder rows is the unit direction of a
-    sample row minus b_pre, drawn by the run's seed without replacement; the encoder rows are the same
-    directions times the one least-squares factor; latents past the sample keep the random init."""
+def greedy_distinct(rows: torch.Tensor, most: int, max_cos: float, block: int) -> list[int]:
+    """The rule of sae.train.distinct_rows, one row at a time: a row is kept when its cosine is below
+    max_cos to every row kept from an earlier block and to every earlier row of its own block."""
+    kept: list[int] = []
+    for i in range(len(rows)):
+        start = i - i % block
+        earlier = [j for j in kept if j < start] + list(range(start, i))
+        if all(float(rows[i] @ rows[j]) < max_cos for j in earlier) and len(kept) < most:
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("most, block", [(1000, 64), (20, 2048)])
+def test_distinct_rows_follow_the_greedy_rule(most, block):
+    """Clusters of near-copies: one row per cluster survives, in the draw's order, as the plain loop says."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.nn.functional.normalize(torch.randn(40, 12, generator=g), dim=1)
+    rows = torch.nn.functional.normalize(centres.repeat(5, 1) + 0.05 * torch.randn(200, 12, generator=g), dim=1)
+    got = distinct_rows(rows, most, 0.7, block)
+    want = greedy_distinct(rows, most, 0.7, block)
+    torch.testing.assert_close(got, rows[want])
+    cos = (got @ got.T).fill_diagonal_(0)
+    assert cos.max() < 0.7 and len(got) <= min(most, 40)
+
+
+@pytest.mark.parametrize("n_latents", [96, 400])  # fewer latents than distinct sample rows, and more
+def test_decoder_rows_from_data_are_distinct_centred_sample_rows(n_latents):
+    """decoder_init "data": the first decoder rows are the unit directions of sample rows minus b_pre,
+    in the order drawn by the run's seed, skipping rows within DISTINCT_COS of an earlier one; the
+    encoder rows are the same directions times the one least-squares factor; latents past them keep
+    the random init."""
     x, _ = planted_data(256, 24, 64, 4, seed=5)
     data, plain = (
         Trainer(SAEConfig(24, n_latents, 4), TrainConfig(batch_tokens=64, tokens=256, seed=7, decoder_init=d))
@@ -230,16 +256,43 @@ def test_decoder_rows_from_data_are_centred_sample_rows(n_latents):
     )
     data.initialize(x)
     plain.initialize(x)
-    x_norm = data.sae.normalize(x)[0]
-    m = min(n_latents, len(x))
-    picks = torch.randperm(len(x), generator=torch.Generator().manual_seed(7))[:m]
-    want = x_norm[picks] - data.sae.b_pre
-    want = want / want.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        x_norm = data.sae.normalize(x)[0]
+        drawn = x_norm[torch.randperm(len(x), generator=torch.Generator().manual_seed(7))] - data.sae.b_pre
+        drawn = drawn / drawn.norm(dim=1, keepdim=True)
+    want = drawn[greedy_distinct(drawn, n_latents, DISTINCT_COS, 2048)]
+    m = len(want)
+    assert 24 < m < 256  # some rows were skipped, and more than a basis' worth kept
     torch.testing.assert_close(data.sae.W_dec[:m], want)
     assert torch.equal(data.sae.W_dec[m:], plain.sae.W_dec[m:])
     factor = data.sae.W_enc.norm(dim=1)
     assert 0 < factor.min() and torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
     torch.testing.assert_close(data.sae.W_enc / factor[:, None], data.sae.W_dec)
+
+
+def test_a_data_initialised_encoder_steps_by_its_own_scale():
+    """Under decoder_init "data" the encoder's sign step is lr x min(1, its mean row norm), measured
+    before the step; the decoder's is the plain lr. A random init keeps one group for the encoder
+    and the biases (its checkpoints' optimizer state is as before)."""
+    x, _ = planted_data(512, 24, 64, 4, seed=1)
+    t = Trainer(SAEConfig(24, 96, 4), TrainConfig(batch_tokens=256, tokens=512, decoder_init="data"))
+    t.initialize(x)
+    scale = min(1.0, t.sae.W_enc.norm(dim=1).mean().item())
+    assert 0 < scale < 1  # the least-squares factor of aligned rows: below the unit decoder rows'
+    before = {n: p.detach().clone() for n, p in t.sae.named_parameters()}
+    t.step(x[:256])
+    lr = t.base_lr
+    (encoder,) = [g for g in t.opt.param_groups if g.get("encoder")]
+    assert encoder["lr"] == pytest.approx(lr * scale)
+    # z takes the whole sign step (on CPU the gradients hold its signs after the step); the decoder's
+    # rows are then renormalised
+    enc, dec = t.sae.W_enc, t.sae.W_dec
+    assert enc.grad is not None and dec.grad is not None
+    torch.testing.assert_close(t.opt.state[enc]["z"], before["W_enc"] - lr * scale * enc.grad)
+    stepped = before["W_dec"] - lr * dec.grad
+    torch.testing.assert_close(t.opt.state[dec]["z"], stepped / stepped.norm(dim=1, keepdim=True))
+    plain = Trainer(SAEConfig(24, 96, 4), TrainConfig(batch_tokens=256, tokens=512))
+    assert not any(g.get("encoder") for g in plain.opt.param_groups) and len(plain.opt.param_groups) == 2
 
 
 def test_decoder_rows_from_data_reconstruct_better_before_any_step():
