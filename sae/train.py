@@ -115,9 +115,8 @@ def encoder_step_scale(sae: TopKSAE, place: Placement) -> float:
     a quarter of the lr still 18%. Scaled, 0.2-0.6% die (docs/method.md). Fixed at the init's
     scale, the encoder cannot grow in longer runs; uncapped, its growth compounds (40% dead after
     400 steps)."""
-    norms = sae.W_enc.float().norm(dim=1)
-    total = place.sum_over_shards(torch.stack([norms.sum(), torch.tensor(float(len(norms)), device=norms.device)]))
-    return min(1.0, (total[0] / total[1]).item())
+    norm_sum = place.sum_over_shards(sae.W_enc.float().norm(dim=1).sum())
+    return min(1.0, norm_sum.item() / place.n_latents)  # the placement's n_latents: the whole SAE's
 
 
 def _unit_scales(rows: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
