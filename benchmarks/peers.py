@@ -5,7 +5,10 @@
 Each peer runs its own per-batch training step at the same settings as saeflow's benchmark: TopK
 with the same k, AuxK on (no latent dead yet, as in saeflow's run), Adam, decoder kept unit-norm
 with the parallel gradient removed where the library does so; bf16 wraps the forward in autocast,
-as the peers' own trainers do on CUDA. Prints one JSON line.
+as the peers' own trainers do on CUDA. sparsify's forward carries its own bf16 autocast on any GPU
+that supports bf16 (`SparseCoder.forward`), so left alone its fp32 row would time its bf16 step: an
+fp32 row turns that off (it asks `torch.cuda.is_bf16_supported` when it is imported), so that both
+libraries do the same arithmetic. Prints one JSON line.
 """
 
 import json
@@ -63,6 +66,8 @@ def main():
     precision, *sizes = setting.split(",")
     d, n, k, batch = map(int, sizes)
     torch.manual_seed(0)
+    if impl == "sparsify" and precision == "fp32":  # before sparsify is imported: its autocast off
+        torch.cuda.is_bf16_supported = lambda *args, **kwargs: False
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
     step = {"sparsify": sparsify_step, "saelens": saelens_step}[impl](d, n, k, device, autocast)
     xs = [torch.randn(batch, d, device=device) for _ in range(4)]

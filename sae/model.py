@@ -117,7 +117,10 @@ class TopKSAE(nn.Module):
     threshold: torch.Tensor
     target_scale: torch.Tensor  # transcoders only
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None, fill: bool = True):
+        """`generator`: the random init's source. `fill=False` leaves the weight matrices unset
+        (torch.empty) for a copy or a load that overwrites them: the random init of a large SAE costs
+        seconds of host time and its whole size in host memory (25M weights: 0.27 s on an H200's host)."""
         super().__init__()
         self.cfg = cfg
         n, d, width = cfg.n_latents, cfg.d_in, cfg.width()
@@ -138,7 +141,8 @@ class TopKSAE(nn.Module):
         if cfg.transcoder:  # the target's dataset_scale multiplier (1 for normalization none)
             self.register_buffer("target_scale", torch.ones(scalar))
         self.metadata: dict = {}
-        self.reset_parameters()
+        if fill:
+            self.reset_parameters(generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

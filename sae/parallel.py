@@ -119,7 +119,7 @@ class Parallel:
     # the model ------------------------------------------------------------------------------------
     def gather_sae(self, part: TopKSAE, k: int) -> TopKSAE:
         """The whole SAE from every rank's shard (on every rank of the shard group)."""
-        full = TopKSAE(replace(part.cfg, n_latents=part.cfg.n_latents * self.grid.latents, k=k))
+        full = TopKSAE(replace(part.cfg, n_latents=part.cfg.n_latents * self.grid.latents, k=k), fill=False)
         state = part.state_dict()
         for name in ("W_enc", "W_dec", "b_enc"):
             if state.get(name) is not None:
@@ -156,7 +156,7 @@ class GridShard:
     def part(self, full: TopKSAE) -> TopKSAE:
         """This rank's latents of a full SAE (b_pre and the normalisation are replicated)."""
         n_here = self.rows.stop - self.rows.start
-        part = TopKSAE(replace(full.cfg, n_latents=n_here, k=min(full.cfg.k, n_here)))
+        part = TopKSAE(replace(full.cfg, n_latents=n_here, k=min(full.cfg.k, n_here)), fill=False)
         state = full.state_dict()
         for name in ("W_enc", "W_dec", "b_enc"):
             if state.get(name) is not None:

@@ -312,9 +312,7 @@ class Trainer:
 
     def _seeded_sae(self) -> TopKSAE:
         """The whole SAE at its seeded random initialisation, on the device."""
-        sae = TopKSAE(self.whole_cfg)
-        sae.reset_parameters(generator=torch.Generator().manual_seed(self.tcfg.seed))
-        return sae.to(self.device)
+        return TopKSAE(self.whole_cfg, generator=torch.Generator().manual_seed(self.tcfg.seed)).to(self.device)
 
     def _runner(self) -> EagerSteps | StepGraphs:
         t = self.tcfg
@@ -444,7 +442,8 @@ class Trainer:
     def _copy_with(self, weight: Callable[[str], torch.Tensor]) -> TopKSAE:
         """A copy of the SAE whose parameters are weight(name), computed one at a time (at most one
         parameter's temporary beside the copy: the end of a run is no memory peak)."""
-        out = TopKSAE(self.sae.cfg).to(self.device)
+        with torch.device(self.device):
+            out = TopKSAE(self.sae.cfg, fill=False)
         out.load_state_dict(self.sae.state_dict())
         for name, p in out.named_parameters():
             p.copy_(weight(name))

@@ -300,7 +300,7 @@ def _load_into(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: Path) -> 
     missing = sorted(set(expected_shapes(cfg)) - set(weights) - {"input_scale", "threshold", "target_scale"})
     if missing:
         raise FormatError(f"{path}: missing {', '.join(missing)}")
-    sae = TopKSAE(cfg)
+    sae = TopKSAE(cfg, fill=False)  # every weight matrix is in `weights`, checked above
     with torch.no_grad():
         state = sae.state_dict()
         for name, t in weights.items():

@@ -142,6 +142,20 @@ def test_init_is_tied_and_unit_norm():
     assert torch.equal(sae.W_enc, sae.W_dec)
 
 
+def test_a_generator_seeds_the_init_and_an_unfilled_sae_draws_nothing():
+    cfg = SAEConfig(20, 200, 8, encoder_bias=True)
+    seeded = TopKSAE(cfg, generator=torch.Generator().manual_seed(3))
+    reseeded = TopKSAE(cfg)
+    reseeded.reset_parameters(torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(seeded.state_dict().values(), reseeded.state_dict().values()))
+    before = torch.get_rng_state()
+    unfilled = TopKSAE(cfg, fill=False)  # what a copy or a load overwrites: no random init drawn
+    assert torch.equal(torch.get_rng_state(), before)
+    unfilled.load_state_dict(seeded.state_dict())
+    x = torch.randn(5, 20)
+    assert torch.equal(unfilled(x), seeded(x))
+
+
 def test_save_load_round_trip(tmp_path):
     sae = TopKSAE(SAEConfig(12, 48, 4, encoder_bias=True, normalization="dataset_scale"))
     with torch.no_grad():
