@@ -242,10 +242,11 @@ class TrainConfig:
     multi_topk: bool = False  # L(k) + L(4k)/8 (§5.3)
     ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
     encoder_init: Literal["least_squares", "tied"] | None = None  # None: least_squares (default), tied (paper)
-    # random: unit random decoder rows (§A.1); data: an SAE's rows at distinct centred sample rows, and
-    # the encoder's step sized to its norm (fewer steps to a good fit; sae.train.decoder_rows_from_data,
-    # encoder_step_scale)
-    decoder_init: Literal["random", "data"] = "random"
+    # random: unit random decoder rows (§A.1); data: an SAE's rows at distinct centred sample rows (a
+    # transcoder's at sample pairs), and the encoder's step sized to its norm (fewer steps to a good fit;
+    # sae.train.decoder_rows_from_data, encoder_step_scale). None: data for a one-layer transcoder,
+    # random otherwise (resolved_decoder_init)
+    decoder_init: Literal["random", "data"] | None = None
     geometric_median_samples: int = 32768
     seed: int = 0
     device: str = "cpu"
@@ -267,7 +268,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.recipe not in ("default", "paper"):
             raise ValueError(f"recipe must be 'default' or 'paper', got {self.recipe!r}")
-        if self.decoder_init not in ("random", "data"):
+        if self.decoder_init not in (None, "random", "data"):
             raise ValueError(f"decoder_init must be 'random' or 'data', got {self.decoder_init!r}")
         if self.optimizer not in (None, "signum", "adam"):
             raise ValueError(f"optimizer must be 'signum' or 'adam', got {self.optimizer!r}")
@@ -319,6 +320,15 @@ class TrainConfig:
         if self.paper:
             return PAPER_DEAD_TOKENS
         return max(self.batch_tokens, min(PAPER_DEAD_TOKENS, DEAD_FIRINGS * n_latents // k))
+
+    def resolved_decoder_init(self, cfg: SAEConfig) -> Literal["random", "data"]:
+        """decoder_init unset: "data" for a one-layer transcoder, whose latents then start at sample pairs
+        (on SmolLM2's MLPs 12 and 20 a third to a fifteenth of the dead latents at an equal or lower
+        FVU, docs/dictionaries.md); "random" for an SAE (data rows raise its plain nMSE in runs of few
+        steps, docs/method.md) and a cross-layer transcoder (no pairs across its layers' blocks)."""
+        if self.decoder_init is not None:
+            return self.decoder_init
+        return "data" if cfg.transcoder and not cfg.cross_layer else "random"
 
     def resolved_aux_k(self, d_in: int) -> int:
         if self.aux_k is not None:

@@ -54,13 +54,15 @@ def init_from_sample(
             sae.target_scale.copy_(_unit_scales(y_raw, sae.cfg))
     x, _ = sae.normalize(x_raw)
     y = sae.normalize_target(y_raw)[0] if sae.cfg.transcoder else x  # an SAE's target is its input
+    centre = None  # a transcoder's input's geometric median: its encoder bias reads x - centre
     if use_geometric_median:
         sae.b_pre.copy_(geometric_median(y))
         if sae.cfg.transcoder and sae.b_enc is not None:
             centre = geometric_median(x)
-            sae.b_enc.copy_(-(sae.preactivations(centre[None])[0] if sae.cfg.cross_layer else sae.W_enc @ centre))
     if decoder_rows_from is not None:
-        decoder_rows_from_data(sae, x, decoder_rows_from)
+        decoder_rows_from_data(sae, x, decoder_rows_from, y if sae.cfg.transcoder else None, centre)
+    if centre is not None and sae.b_enc is not None:
+        sae.b_enc.copy_(-(sae.preactivations(centre[None])[0] if sae.cfg.cross_layer else sae.W_enc @ centre))
     if scale_encoder:
         scale_encoder_least_squares(sae, x, y)
     return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item()
@@ -70,34 +72,51 @@ DISTINCT_COS = 0.7  # data-initialised rows: no two closer than this cosine (doc
 
 
 @torch.no_grad()
-def decoder_rows_from_data(sae: TopKSAE, x_norm: torch.Tensor, generator: torch.Generator) -> int:
+def decoder_rows_from_data(
+    sae: TopKSAE,
+    x_norm: torch.Tensor,
+    generator: torch.Generator,
+    target: torch.Tensor | None = None,
+    centre: torch.Tensor | None = None,
+) -> int:
     """An SAE's decoder rows, and its tied encoder rows, set to the unit directions of centred sample
     rows (x - b_pre) taken in an order drawn by `generator`, skipping any row within DISTINCT_COS of
-    one already taken; latents beyond the distinct rows found keep their random rows. Returns how
-    many were set (TrainConfig.decoder_init "data").
+    one already taken; latents beyond the distinct rows found keep their random rows. A transcoder's
+    latent starts at a sample pair instead: its encoder row reads its input's direction (x - centre,
+    the input's geometric median, the point its encoder bias reads from), its decoder row writes its
+    target's (y - b_pre). Returns how many were set (TrainConfig.decoder_init "data").
 
     Why: in a run of few optimizer steps the SAE stays close to its init, and random directions
     reconstruct little of real activations. Why distinct: a latent started next to another one
     (cosine over 0.7) competes with it for the same top-k places, and on SmolLM2 half of such pairs
     ended dead after a few steps; drawing distinct rows also lowered the held-out nMSE*."""
-    rows = x_norm[torch.randperm(len(x_norm), generator=generator).to(x_norm.device)] - sae.b_pre
-    rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    chosen = distinct_rows(rows, sae.cfg.n_latents, DISTINCT_COS)
-    sae.W_dec[: len(chosen)] = chosen
-    sae.W_enc[: len(chosen)] = chosen
-    return len(chosen)
+    order = torch.randperm(len(x_norm), generator=generator).to(x_norm.device)
+    if target is None:
+        reads = writes = x_norm[order] - sae.b_pre
+    else:
+        reads = x_norm[order] - (0.0 if centre is None else centre)
+        writes = target[order] - sae.b_pre
+    reads = reads / reads.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    kept = distinct_rows(reads, sae.cfg.n_latents, DISTINCT_COS)
+    writes = writes[kept]
+    sae.W_dec[: len(kept)] = writes / writes.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sae.W_enc[: len(kept)] = reads[kept]
+    return len(kept)
 
 
 def distinct_rows(unit_rows: torch.Tensor, most: int, max_cos: float, block: int = 2048) -> torch.Tensor:
-    """Up to `most` of the unit rows, greedily in their order, each below `max_cos` cosine to every
-    row kept before it. Within a block a row goes when any earlier row of the block is too close,
-    kept or not: a few more rows dropped than a one-by-one pass drops, for matrix products."""
-    kept = unit_rows[:0]
-    for rows in unit_rows.split(block):
+    """The positions of up to `most` of the unit rows, greedily in their order, each below `max_cos`
+    cosine to every row kept before it. Within a block a row goes when any earlier row of the block
+    is too close, kept or not: a few more rows dropped than a one-by-one pass drops, for matrix
+    products."""
+    kept = torch.zeros(0, dtype=torch.long, device=unit_rows.device)
+    for start in range(0, len(unit_rows), block):
+        here = torch.arange(start, min(start + block, len(unit_rows)), device=unit_rows.device)
         if len(kept):
-            rows = rows[(rows @ kept.T).amax(1) < max_cos]
-        rows = rows[~((rows @ rows.T).tril(-1) >= max_cos).any(1)]
-        kept = torch.cat([kept, rows])[:most]
+            here = here[(unit_rows[here] @ unit_rows[kept].T).amax(1) < max_cos]
+        rows = unit_rows[here]
+        here = here[~((rows @ rows.T).tril(-1) >= max_cos).any(1)]
+        kept = torch.cat([kept, here])[:most]
         if len(kept) == most:
             break
     return kept
@@ -180,7 +199,7 @@ def fold_decoder_norms(sae: TopKSAE) -> None:
 def make_optimizer(sae: TopKSAE, tcfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if tcfg.resolved_optimizer() == "signum":
         # under decoder_init "data" the encoder's step follows its scale (encoder_step_scale, set by Trainer.step)
-        own = ("W_enc", "b_enc") if tcfg.decoder_init == "data" else ()
+        own = ("W_enc", "b_enc") if tcfg.resolved_decoder_init(sae.cfg) == "data" else ()
         rest = [p for name, p in sae.named_parameters() if name not in ("W_dec", "W_skip", *own)]
         # the optimizer projects the decoder gradient in its own pass, unless clipping must see it first
         decoder = {"params": [sae.W_dec], "unit_rows": True, "project_rows": not tcfg.grad_clip}
@@ -283,10 +302,10 @@ class Trainer:
         if tcfg.fused_topk and (problems := fused_topk_blockers(tcfg.device, tcfg.precision, tcfg.triton, sae_cfg.k)):
             raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
         self.kernels = kernels.KernelChoice(tcfg.triton, tcfg.fused_topk)
-        if tcfg.decoder_init == "data" and sae_cfg.transcoder:
+        if tcfg.decoder_init == "data" and sae_cfg.cross_layer:
             raise ValueError(
-                "TrainConfig.decoder_init: 'data' is for SAEs (a transcoder's decoder rows live in its "
-                "target's space): leave it at 'random'"
+                "TrainConfig.decoder_init: 'data' is for SAEs and one-layer transcoders (a cross-layer "
+                "transcoder's rows span its layers' blocks): leave it at 'random'"
             )
         if tcfg.multi_topk and sae_cfg.cross_layer:
             raise ValueError("train.multi_topk: a cross-layer transcoder keeps k / L per layer: set it to false")
@@ -337,13 +356,14 @@ class Trainer:
         """The data-dependent initialisation, on the whole SAE (on a grid, identical on every rank)."""
         sample = sample[: self.tcfg.geometric_median_samples].to(self.device)
         whole = self.sae if self.place.processes == 1 else self._seeded_sae()
-        rows_from = torch.Generator().manual_seed(self.tcfg.seed) if self.tcfg.decoder_init == "data" else None
+        from_data = self.tcfg.resolved_decoder_init(self.whole_cfg) == "data"
+        rows_from = torch.Generator().manual_seed(self.tcfg.seed) if from_data else None
         self.mse_scale = init_from_sample(
             whole, sample, scale_encoder=self.tcfg.scaled_encoder_init(), decoder_rows_from=rows_from
         )
         targets = whole.split(sample)[1]
         for group in self.opt.param_groups:  # a skip-transcoder's W_skip (make_optimizer)
-            if "lr_scale" in group:
+            if "lr_scale" in group and not group.get("encoder"):  # (the encoder's is set each step)
                 group["lr_scale"] = skip_lr_scale(targets)
             if "block_lr_scales" in group:  # a cross-layer one's: each layer's block by its own targets
                 group["block_lr_scales"] = [skip_lr_scale(y) for y in targets.chunk(len(group["block_lr_scales"]), -1)]

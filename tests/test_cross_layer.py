@@ -434,3 +434,6 @@ def test_the_skip_lr_rule_moves_a_cross_layer_skip_transcoders_key(tiny_model_di
     monkeypatch.setattr(flows.spec, "SKIP_LR_RULE", flows.spec.SKIP_LR_RULE + 1)
     assert skip.part_hash("sae", "train") != before[0]
     assert plain.part_hash("sae", "train") == before[1]
+    moved = skip.part_hash("sae", "train")  # a cross-layer transcoder keeps its random init
+    monkeypatch.setattr(flows.spec, "TRANSCODER_INIT_RULE", flows.spec.TRANSCODER_INIT_RULE + 1)
+    assert skip.part_hash("sae", "train") == moved and plain.part_hash("sae", "train") == before[1]

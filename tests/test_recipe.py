@@ -10,6 +10,7 @@ import torch
 from test_train import planted_data
 
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
+from sae.geometric_median import geometric_median
 from sae.kernels import sparse_decode, topk_encode
 from sae.train import DISTINCT_COS, distinct_rows, lr_factor, scale_encoder_least_squares
 
@@ -237,9 +238,8 @@ def test_distinct_rows_follow_the_greedy_rule(most, block):
     centres = torch.nn.functional.normalize(torch.randn(40, 12, generator=g), dim=1)
     rows = torch.nn.functional.normalize(centres.repeat(5, 1) + 0.05 * torch.randn(200, 12, generator=g), dim=1)
     got = distinct_rows(rows, most, 0.7, block)
-    want = greedy_distinct(rows, most, 0.7, block)
-    torch.testing.assert_close(got, rows[want])
-    cos = (got @ got.T).fill_diagonal_(0)
+    assert got.tolist() == greedy_distinct(rows, most, 0.7, block)
+    cos = (rows[got] @ rows[got].T).fill_diagonal_(0)
     assert cos.max() < 0.7 and len(got) <= min(most, 40)
 
 
@@ -309,9 +309,49 @@ def test_decoder_rows_from_data_reconstruct_better_before_any_step():
     assert errors["data"] < 0.8 * errors["random"], errors
 
 
-def test_decoder_rows_from_data_are_refused_for_a_transcoder_in_one_line():
-    cfg = SAEConfig(16, 64, 4, transcoder=True)
-    with pytest.raises(ValueError, match=r"^TrainConfig.decoder_init: 'data' is for SAEs .*: leave it at 'random'$"):
+def test_a_transcoders_data_rows_are_sample_pairs():
+    """decoder_init "data" on a transcoder: latent i starts at the i-th distinct drawn pair, its encoder
+    row the unit direction of x - the input's geometric median (its bias reads from there), its
+    decoder row that of y - b_pre; the encoder scaled by one least-squares factor."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 16, generator=g) + 2.0
+    y = torch.tanh(x @ torch.randn(16, 16, generator=g))
+    tcfg = TrainConfig(batch_tokens=64, tokens=256, seed=2, decoder_init="data")
+    t = Trainer(SAEConfig(16, 48, 4, transcoder=True), tcfg)
+    t.initialize(torch.cat([x, y], 1))
+    sae = t.sae
+    with torch.no_grad():
+        x_norm, y_norm = sae.normalize(x)[0], sae.normalize_target(y)[0]
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))
+        centre = geometric_median(x_norm)
+        reads = torch.nn.functional.normalize(x_norm[order] - centre, dim=1)
+        kept = greedy_distinct(reads, 48, DISTINCT_COS, 2048)
+        writes = torch.nn.functional.normalize(y_norm[order][kept] - sae.b_pre, dim=1)
+    m = len(kept)
+    assert m > 16
+    torch.testing.assert_close(sae.W_dec[:m], writes)
+    factor = sae.W_enc[:m].norm(dim=1)
+    torch.testing.assert_close(sae.W_enc[:m] / factor[:, None], reads[kept])
+    assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
+    torch.testing.assert_close(sae.b_enc, -(sae.W_enc @ centre))
+
+
+def test_decoder_init_unset_is_data_for_one_layer_transcoders_alone():
+    unset = TrainConfig()
+    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4)) == "random"
+    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True)) == "data"
+    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, skip_connection=True)) == "data"
+    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)) == "random"
+    chosen = TrainConfig(decoder_init="random")
+    assert chosen.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True)) == "random"
+    transcoder = Trainer(SAEConfig(16, 64, 4, transcoder=True), TrainConfig(batch_tokens=64, tokens=256))
+    assert any(g.get("encoder") for g in transcoder.opt.param_groups)  # the encoder's own step (data rows)
+
+
+def test_decoder_rows_from_data_are_refused_for_a_cross_layer_transcoder_in_one_line():
+    cfg = SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)
+    one_line = r"^TrainConfig.decoder_init: 'data' is for SAEs and one-layer transcoders .*: leave it at 'random'$"
+    with pytest.raises(ValueError, match=one_line):
         Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, decoder_init="data"))
     with pytest.raises(ValueError, match="decoder_init must be 'random' or 'data', got 'kmeans'"):
         TrainConfig(decoder_init="kmeans")  # type: ignore[arg-type]

@@ -369,7 +369,7 @@ def test_sign_descent_moves_a_skip_transcoders_skip_by_its_lr_scale():
             SAEConfig(12, 48, 4, transcoder=True, skip_connection=True), TrainConfig(batch_tokens=256, tokens=512)
         )
         t.initialize(rows)
-        (skip_group,) = [group for group in t.opt.param_groups if "lr_scale" in group]
+        (skip_group,) = [group for group in t.opt.param_groups if "lr_scale" in group and not group.get("encoder")]
         assert skip_group["params"] == [t.sae.W_skip]
         scale = skip_group["lr_scale"]
         if not keep_scale:
@@ -386,7 +386,9 @@ def test_sign_descent_moves_a_skip_transcoders_skip_by_its_lr_scale():
             assert torch.equal(scaled[name], plain[name]), name
 
 
-def test_the_skip_lr_rule_moves_the_keys_of_skip_transcoders_alone(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+def test_the_skip_lr_and_init_rules_move_the_keys_of_their_transcoders_alone(
+    tiny_model_dir, text_dir, tmp_path, monkeypatch
+):
     import flows.spec
     from flows.spec import parse_spec
 
@@ -401,3 +403,7 @@ def test_the_skip_lr_rule_moves_the_keys_of_skip_transcoders_alone(tiny_model_di
     after = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
     assert after["sae"] == before["sae"] and after["transcoder"] == before["transcoder"]
     assert after["skip"] != before["skip"]
+    monkeypatch.setattr(flows.spec, "TRANSCODER_INIT_RULE", flows.spec.TRANSCODER_INIT_RULE + 1)
+    init_moved = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
+    assert init_moved["sae"] == after["sae"]
+    assert init_moved["transcoder"] != after["transcoder"] and init_moved["skip"] != after["skip"]
