@@ -542,6 +542,13 @@ class Trainer:
             if key.startswith("opt."):
                 _, i, name = key.split(".", 2)
                 state.setdefault(int(i), {})[name] = value.to(self.device) if name != "step" else value
+        saved, here = len(meta["opt_param_groups"]), len(self.opt.param_groups)
+        if saved != here:  # torch's own message names neither cause nor fix
+            raise ValueError(
+                f"checkpoint: its optimizer has {saved} parameter groups, this trainer's {here}: it was saved "
+                "under other training settings (a one-layer transcoder from before its sample-pair init: "
+                "resume it with TrainConfig(decoder_init='random'))"
+            )
         self.opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})
         self.tracker.tokens_since_fired = tensors["tracker.tokens_since_fired"].to(self.device)
         for name in self.ema:

@@ -348,6 +348,24 @@ def test_decoder_init_unset_is_data_for_one_layer_transcoders_alone():
     assert any(g.get("encoder") for g in transcoder.opt.param_groups)  # the encoder's own step (data rows)
 
 
+def test_a_transcoder_checkpoint_from_random_rows_resumes_only_with_random_rows():
+    cfg = SAEConfig(16, 64, 4, transcoder=True)
+    rows = torch.randn(128, 32)
+    old = Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, decoder_init="random"))
+    old.initialize(rows)
+    old.step(rows[:64])
+    tensors, meta = old.state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"^checkpoint: its optimizer has 2 parameter groups, this trainer's 3: .*"
+        r"TrainConfig\(decoder_init='random'\)\)$",
+    ):
+        Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256)).load_state_dict(tensors, meta)
+    again = Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, decoder_init="random"))
+    again.load_state_dict(tensors, meta)
+    assert again.steps == 1 and torch.equal(again.sae.W_enc, old.sae.W_enc)
+
+
 def test_decoder_rows_from_data_are_refused_for_a_cross_layer_transcoder_in_one_line():
     cfg = SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)
     one_line = r"^TrainConfig.decoder_init: 'data' is for SAEs and one-layer transcoders .*: leave it at 'random'$"
