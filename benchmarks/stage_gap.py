@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
 import warnings
 
 import torch
 from data_path import train_rate
 from torch.profiler import ProfilerActivity, profile
+from train_throughput import time_steps
 
 from sae.config import SAEConfig, TrainConfig
 from sae.train import Trainer, train_saes
@@ -35,18 +35,6 @@ def build(d: int, latents: int, batch: int, device: str, steps: int, *, endless:
     t.initialize(torch.randn(4 * batch, d, device=device))
     t.tokens = start
     return t
-
-
-def direct_rate(t: Trainer, batches: list[torch.Tensor], steps: int, device: str, warmup: int = 3) -> float:
-    """Tokens/s of a plain loop of `Trainer.step` over `steps` batches after `warmup` steps."""
-    for i in range(warmup):
-        t.step(batches[i % len(batches)])
-    sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        t.step(batches[i % len(batches)])
-    sync(device)
-    return steps * batches[0].shape[0] / (time.perf_counter() - start)
 
 
 def sync(device: str) -> None:
@@ -75,7 +63,8 @@ def main() -> None:
     slowest = (float("inf"), "")
     warnings.filterwarnings("ignore", "the activations ran out")  # the endless budgets end with the batches
     for name, how in variants.items():
-        loop = direct_rate(build(d, n, b, device, steps + 3, **how), batches, steps, device)
+        t = build(d, n, b, device, steps + 4, **how)  # time_steps warms up with 4 steps
+        loop = time_steps(lambda i, t=t: t.step(batches[i % len(batches)]), steps, device)["steps_per_s"] * b
         fed = itertools.islice(itertools.cycle(batches), steps + 3)
         stage = train_rate(build(d, n, b, device, steps + 3, **how), fed, device)
         print(f"{name:<42} {loop:>12,.0f} {stage:>12,.0f} {stage / loop:>6.2f}", flush=True)
