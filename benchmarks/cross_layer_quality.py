@@ -4,7 +4,8 @@ skip-transcoders of the same latents and k per layer, each at its defaults, on t
 scored by one scorer.
 
     python benchmarks/cross_layer_quality.py [--budgets 50000,100000,200000] [--json F]
-                                             [--peer-python PY | --no-peers]
+                                             [--peer-python PY | --no-peers] [--no-per-layer]
+                                             [--decoder-init random|data] [--seed N]
 
 The data: SmolLM2-135M's MLPs at layers 8-11 on the demo's corpus (quality_cross_layer.yaml: one LM
 pass caches the four MLPs' inputs and outputs side by side, 204,800 training tokens so that every
@@ -97,11 +98,12 @@ def cross_layer_data() -> dict:
     }
 
 
-def train_cross_layer(data: dict, cfg, tokens: int, snapshots) -> dict[int, object]:
-    """saeflow's cross-layer transcoder at its defaults after each budget (one run, kept on the way)."""
+def train_cross_layer(data: dict, cfg, tokens: int, snapshots, **settings) -> dict[int, object]:
+    """saeflow's cross-layer transcoder at its defaults (but for `settings`, TrainConfig fields) after
+    each budget (one run, kept on the way)."""
     from sae import TrainConfig
 
-    tcfg = TrainConfig(batch_tokens=data["spec"].train.batch_tokens, tokens=tokens)
+    tcfg = TrainConfig(batch_tokens=data["spec"].train.batch_tokens, tokens=tokens, **settings)
     return trained_outputs(cfg, tcfg, data["train"], None, snapshots, outputs=lambda sae: sae)
 
 
@@ -207,6 +209,7 @@ def score(data: dict, out: dict, L: int, d: int) -> dict:
     return {
         "fvu_layers": fvu,
         "dead": float((out["fires"] == 0).mean()),
+        "dead_layers": (out["fires"] == 0).reshape(L, -1).mean(1).tolist(),  # each layer's block of latents
         "l0": float(out["fires"].sum() / HELD_ROWS),
         "dce": delta_ce(data, recon[HELD_ROWS:]),
         "dce_spliced": out.get("dce_spliced"),
@@ -219,6 +222,9 @@ def main() -> None:
     parser.add_argument("--peer-python", default=str(PEER_PYTHON), help="a python that has sparsify's clt branch")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--json", help="also write every row to this file")
+    parser.add_argument("--decoder-init", choices=["random", "data"], help="saeflow's cross-layer row at this init")
+    parser.add_argument("--seed", type=int, default=0, help="saeflow's cross-layer row's seed")
+    parser.add_argument("--no-per-layer", action="store_true", help="leave out the per-layer transcoders")
     args = parser.parse_args()
     torch.set_num_threads(2)
     grid = sorted(int(b) for b in args.budgets.split(","))
@@ -232,14 +238,16 @@ def main() -> None:
     zero = delta_ce(data, np.zeros((len(data["held"]) - HELD_ROWS, L * d)))
     print(f"dCE with all {L} MLP outputs zeroed: {zero:.3f}")
     print(f"{'tokens':>6} {'dictionary':<22} " + " ".join(f"FVU L{t}" for t in range(L)), end="")
-    print(f" {'dead':>6} {'L0':>6} {'dCE':>6} {'spliced':>7} {'sec':>5}")
+    print(f" {'dead':>6} {'L0':>6} {'dCE':>6} {'spliced':>7} {'sec':>5}  dead per layer")
     budget, on_the_way = grid[-1], grid[:-1]
-    runs = [("saeflow cross-layer", lambda: train_cross_layer(data, cfg, budget, on_the_way))]
+    settings = {"seed": args.seed, **({"decoder_init": args.decoder_init} if args.decoder_init else {})}
+    runs = [("saeflow cross-layer", lambda: train_cross_layer(data, cfg, budget, on_the_way, **settings))]
     if not args.no_peers and Path(args.peer_python).exists():
         runs.append(("sparsify cross-layer", lambda: sparsify_outputs(data, cfg, budget, on_the_way, args.peer_python)))
     elif not args.no_peers:
         print(f"(no {args.peer_python}: sparsify's cross-layer transcoder is left out; see this file's docstring)")
-    runs.append(("saeflow per-layer", lambda: train_per_layer(data, cfg, budget, on_the_way)))
+    if not args.no_per_layer:
+        runs.append(("saeflow per-layer", lambda: train_per_layer(data, cfg, budget, on_the_way)))
     rows: list[dict] = []
     started = time.time()
     for name, train in runs:
@@ -254,7 +262,7 @@ def main() -> None:
             spliced = "-" if row["dce_spliced"] is None else f"{row['dce_spliced']:.3f}"
             print(
                 f"{tokens:>6} {name:<22} {fvus} {row['dead']:>6.1%} {row['l0']:>6.1f} {row['dce']:>6.3f} "
-                f"{spliced:>7} {seconds:>5.0f}",
+                f"{spliced:>7} {seconds:>5.0f}  " + " ".join(f"{v:.1%}" for v in row["dead_layers"]),
                 flush=True,
             )
     print(f"total {time.time() - started:.0f} s")

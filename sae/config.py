@@ -243,9 +243,9 @@ class TrainConfig:
     ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
     encoder_init: Literal["least_squares", "tied"] | None = None  # None: least_squares (default), tied (paper)
     # random: unit random decoder rows (§A.1); data: an SAE's rows at distinct centred sample rows (a
-    # transcoder's at sample pairs), and the encoder's step sized to its norm (fewer steps to a good fit;
-    # sae.train.decoder_rows_from_data, encoder_step_scale). None: data for a one-layer transcoder,
-    # random otherwise (resolved_decoder_init)
+    # transcoder's at sample pairs, a cross-layer one's per layer block), and the encoder's step sized
+    # to its norm (fewer steps to a good fit; sae.train.decoder_rows_from_data, encoder_step_scale).
+    # None: data for a one-layer transcoder, random otherwise (resolved_decoder_init)
     decoder_init: Literal["random", "data"] | None = None
     geometric_median_samples: int = 32768
     seed: int = 0
@@ -299,6 +299,16 @@ class TrainConfig:
         latents) and its widest decoder row (L d_in wide: a sign step moves it by lr sqrt(L d_in))."""
         return self.resolved_lr(cfg.n_latents // cfg.layers(), cfg.width(), cfg.transcoder)
 
+    def encoder_lr_ratio(self, cfg: SAEConfig) -> float:
+        """The encoder's own lr over lr_for's when it has its own step (decoder_init "data"): a
+        cross-layer transcoder's lr is capped for its L d_in-wide decoder rows, its encoder rows are
+        d_in wide, so they step by the lr of their own width (sqrt(L) x at SmolLM2's MLPs; at half of
+        it the encoder of data rows lagged: FVU 1.1-1.6x, docs/dictionaries.md). 1 for every other
+        coder, and where the lr is set."""
+        if self.lr is not None or not cfg.cross_layer:
+            return 1.0
+        return self.resolved_lr(cfg.n_latents // cfg.layers(), cfg.d_in, cfg.transcoder) / self.lr_for(cfg)
+
     def resolved_optimizer(self) -> Optimizer:
         return resolve_optimizer(self.optimizer, self.recipe)
 
@@ -325,7 +335,8 @@ class TrainConfig:
         """decoder_init unset: "data" for a one-layer transcoder, whose latents then start at sample pairs
         (on SmolLM2's MLPs 12 and 20 a third to a fifteenth of the dead latents at an equal or lower
         FVU, docs/dictionaries.md); "random" for an SAE (data rows raise its plain nMSE in runs of few
-        steps, docs/method.md) and a cross-layer transcoder (no pairs across its layers' blocks)."""
+        steps, docs/method.md) and a cross-layer transcoder (data rows cut its dead latents but, on
+        SmolLM2, left its spliced dCE 1.7-2.5 mid-run while a layer's sink rows were half learnt)."""
         if self.decoder_init is not None:
             return self.decoder_init
         return "data" if cfg.transcoder and not cfg.cross_layer else "random"

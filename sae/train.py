@@ -84,23 +84,53 @@ def decoder_rows_from_data(
     one already taken; latents beyond the distinct rows found keep their random rows. A transcoder's
     latent starts at a sample pair instead: its encoder row reads its input's direction (x - centre,
     the input's geometric median, the point its encoder bias reads from), its decoder row writes its
-    target's (y - b_pre). Returns how many were set (TrainConfig.decoder_init "data").
+    target's (y - b_pre); a cross-layer transcoder's block l, from a draw of its own, reads x_l and
+    writes y_l .. y_L. Returns how many were set (TrainConfig.decoder_init "data").
 
     Why: in a run of few optimizer steps the SAE stays close to its init, and random directions
     reconstruct little of real activations. Why distinct: a latent started next to another one
     (cosine over 0.7) competes with it for the same top-k places, and on SmolLM2 half of such pairs
     ended dead after a few steps; drawing distinct rows also lowered the held-out nMSE*."""
+    cfg = sae.cfg
+    if not cfg.cross_layer:
+        return _start_at_pairs(sae, slice(0, cfg.n_latents), *_drawn_pairs(sae, x_norm, generator, target, centre))
+    # a cross-layer transcoder's block l: pairs of (x_l, y_l .. y_L), its own draw of the sample, so
+    # that two blocks do not start at one token's pattern on the layers both write
+    L, d, m = cfg.layers(), cfg.d_in, cfg.n_latents // cfg.layers()
+    taken = 0
+    for layer in range(L):
+        reads, writes = _drawn_pairs(sae, x_norm, generator, target, centre)
+        writes[:, : layer * d] = 0.0  # nothing on the earlier layers (TopKSAE._writes)
+        reads = reads[:, layer * d : (layer + 1) * d]
+        taken += _start_at_pairs(sae, slice(layer * m, (layer + 1) * m), reads, writes)
+    return taken
+
+
+def _drawn_pairs(
+    sae: TopKSAE,
+    x_norm: torch.Tensor,
+    generator: torch.Generator,
+    target: torch.Tensor | None,
+    centre: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what encoder rows read, what decoder rows write) of the sample's rows in an order drawn by
+    `generator`: centred inputs both for an SAE; a transcoder's input less its centre, target less b_pre."""
     order = torch.randperm(len(x_norm), generator=generator).to(x_norm.device)
     if target is None:
-        reads = writes = x_norm[order] - sae.b_pre
-    else:
-        reads = x_norm[order] - (0.0 if centre is None else centre)
-        writes = target[order] - sae.b_pre
+        reads = x_norm[order] - sae.b_pre
+        return reads, reads
+    return x_norm[order] - (0.0 if centre is None else centre), target[order] - sae.b_pre
+
+
+def _start_at_pairs(sae: TopKSAE, latents: slice, reads: torch.Tensor, writes: torch.Tensor) -> int:
+    """The latents' first rows set to the unit directions of the distinct pairs (reads within
+    DISTINCT_COS of an earlier one skipped); returns how many were set."""
     reads = reads / reads.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    kept = distinct_rows(reads, sae.cfg.n_latents, DISTINCT_COS)
+    kept = distinct_rows(reads, latents.stop - latents.start, DISTINCT_COS)
     writes = writes[kept]
-    sae.W_dec[: len(kept)] = writes / writes.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sae.W_enc[: len(kept)] = reads[kept]
+    rows = slice(latents.start, latents.start + len(kept))
+    sae.W_dec[rows] = writes / writes.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    sae.W_enc[rows] = reads[kept]
     return len(kept)
 
 
@@ -302,17 +332,13 @@ class Trainer:
         if tcfg.fused_topk and (problems := fused_topk_blockers(tcfg.device, tcfg.precision, tcfg.triton, sae_cfg.k)):
             raise ValueError(f"train.fused_topk: not with {'; '.join(problems)}: set it to false")
         self.kernels = kernels.KernelChoice(tcfg.triton, tcfg.fused_topk)
-        if tcfg.decoder_init == "data" and sae_cfg.cross_layer:
-            raise ValueError(
-                "TrainConfig.decoder_init: 'data' is for SAEs and one-layer transcoders (a cross-layer "
-                "transcoder's rows span its layers' blocks): leave it at 'random'"
-            )
         if tcfg.multi_topk and sae_cfg.cross_layer:
             raise ValueError("train.multi_topk: a cross-layer transcoder keeps k / L per layer: set it to false")
         self.sae = self.place.part(self._seeded_sae())
         lr = tcfg.lr_for(sae_cfg)
         self.opt = make_optimizer(self.sae, tcfg, lr)
         self.base_lr = lr
+        self.encoder_lr_ratio = tcfg.encoder_lr_ratio(sae_cfg)
         self.tracker = DeadLatentTracker(
             torch.zeros(self.sae.cfg.n_latents, dtype=torch.long, device=self.device),
             tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k),
@@ -377,7 +403,7 @@ class Trainer:
     def step(self, batch: torch.Tensor) -> LossParts:
         for group in self.opt.param_groups:
             if group.get("encoder"):
-                group["lr_scale"] = encoder_step_scale(self.sae, self.place)
+                group["lr_scale"] = encoder_step_scale(self.sae, self.place) * self.encoder_lr_ratio
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens) * group.get("lr_scale", 1.0)
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.prepare()  # the host half of the optimizer step (device_step applies it)

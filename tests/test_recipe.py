@@ -366,10 +366,64 @@ def test_a_transcoder_checkpoint_from_random_rows_resumes_only_with_random_rows(
     assert again.steps == 1 and torch.equal(again.sae.W_enc, old.sae.W_enc)
 
 
-def test_decoder_rows_from_data_are_refused_for_a_cross_layer_transcoder_in_one_line():
-    cfg = SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)
-    one_line = r"^TrainConfig.decoder_init: 'data' is for SAEs and one-layer transcoders .*: leave it at 'random'$"
-    with pytest.raises(ValueError, match=one_line):
-        Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, decoder_init="data"))
-    with pytest.raises(ValueError, match="decoder_init must be 'random' or 'data', got 'kmeans'"):
+def test_a_cross_layer_transcoders_data_rows_are_sample_pairs_per_layer_block():
+    """decoder_init "data" on a cross-layer transcoder: block l's latents start at the distinct pairs
+    of their own draw of the sample (one randperm per block, in layer order): the encoder row reads
+    x_l - its centre, the decoder row writes y - b_pre on layers l .. L and zero on the earlier ones
+    (which stay zero after a step); one least-squares factor on the encoder."""
+    g = torch.Generator().manual_seed(4)
+    L, d, m = 3, 8, 40
+    x = torch.randn(384, L * d, generator=g) + 1.0
+    y = torch.tanh(x @ torch.randn(L * d, L * d, generator=g))
+    rows = torch.cat([x, y], 1)
+    cfg = SAEConfig(d, L * m, 3, transcoder=True, cross_layer=L)
+    t = Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, seed=3, decoder_init="data"))
+    t.initialize(rows)
+    sae = t.sae
+    draws = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        x_norm, y_norm = sae.normalize(x)[0], sae.normalize_target(y)[0]
+        centre = geometric_median(x_norm)
+        factor = sae.W_enc.norm(dim=1)
+        for layer in range(L):
+            order = torch.randperm(len(x), generator=draws)
+            cols = slice(layer * d, (layer + 1) * d)
+            reads = torch.nn.functional.normalize((x_norm[order] - centre)[:, cols], dim=1)
+            kept = greedy_distinct(reads, m, DISTINCT_COS, 2048)
+            writes = (y_norm[order][kept] - sae.b_pre).clone()
+            writes[:, : layer * d] = 0
+            block = slice(layer * m, layer * m + len(kept))
+            assert len(kept) > d
+            torch.testing.assert_close(sae.W_dec[block], torch.nn.functional.normalize(writes, dim=1))
+            torch.testing.assert_close(sae.W_enc[block] / factor[block, None], reads[kept])
+    assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
+    torch.testing.assert_close(sae.b_enc, -sae.preactivations(centre[None])[0])
+    t.step(rows[:64])
+    for layer in range(1, L):  # a later block's latents write nothing into earlier layers
+        assert not sae.W_dec[layer * m : (layer + 1) * m, : layer * d].any()
+
+
+def test_a_cross_layer_encoder_of_data_rows_steps_at_the_lr_of_its_own_width():
+    """A cross-layer transcoder's lr is capped for its L d-wide decoder rows (0.35 / sqrt(L d), halved
+    for a transcoder); under decoder_init "data" its d-wide encoder rows step by their own width's cap,
+    sqrt(L) x that, times min(1, their mean norm). One-layer coders and a set lr keep the ratio 1."""
+    L, d = 2, 64
+    cfg = SAEConfig(d, 64, 4, transcoder=True, cross_layer=L)
+    tcfg = TrainConfig(batch_tokens=64, tokens=256, decoder_init="data")
+    t = Trainer(cfg, tcfg)
+    assert t.base_lr == pytest.approx(0.5 * 0.35 / math.sqrt(L * d))
+    assert tcfg.encoder_lr_ratio(cfg) == pytest.approx(math.sqrt(L))
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(256, 2 * L * d, generator=g)
+    t.initialize(rows)
+    scale = min(1.0, t.sae.W_enc.norm(dim=1).mean().item())
+    t.step(rows[:64])
+    (encoder,) = [group for group in t.opt.param_groups if group.get("encoder")]
+    assert encoder["lr"] == pytest.approx(0.5 * 0.35 / math.sqrt(d) * scale)
+    assert TrainConfig(lr=1e-3).encoder_lr_ratio(cfg) == 1.0
+    assert tcfg.encoder_lr_ratio(SAEConfig(d, 64, 4, transcoder=True)) == 1.0
+
+
+def test_an_unknown_decoder_init_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="^decoder_init must be 'random' or 'data', got 'kmeans'$"):
         TrainConfig(decoder_init="kmeans")  # type: ignore[arg-type]
