@@ -303,8 +303,8 @@ class TrainConfig:
         """The encoder's own lr over lr_for's when it has its own step (decoder_init "data"): a
         cross-layer transcoder's lr is capped for its L d_in-wide decoder rows, its encoder rows are
         d_in wide, so they step by the lr of their own width (sqrt(L) x at SmolLM2's MLPs; at half of
-        it the encoder of data rows lagged: FVU 1.1-1.6x, docs/dictionaries.md). 1 for every other
-        coder, and where the lr is set."""
+        it the encoder of data rows lagged: FVU up to 3x random rows' at 100k tokens, 1.1-1.4x at
+        200k, docs/dictionaries.md). 1 for every other coder, and where the lr is set."""
         if self.lr is not None or not cfg.cross_layer:
             return 1.0
         return self.resolved_lr(cfg.n_latents // cfg.layers(), cfg.d_in, cfg.transcoder) / self.lr_for(cfg)
