@@ -32,9 +32,10 @@ from storage.shuffle import SHUFFLE_BUFFER_MB
 # one's per layer since it joined the rule, which moved its keys); bumped when that rule changes, so that
 # only skip-transcoders' stage keys move.
 SKIP_LR_RULE = 1
-# A one-layer transcoder's latents start at sample pairs (TrainConfig.decoder_init unset resolves to
-# "data" for it); bumped when that init changes, so that only one-layer transcoders' stage keys move.
-TRANSCODER_INIT_RULE = 1
+# A transcoder's latents start at sample pairs (TrainConfig.decoder_init unset resolves to "data" for
+# it; 2: attention sinks' pairs first and sized to their targets, cross-layer ones too); bumped when
+# that init changes, so that only transcoders' stage keys move.
+TRANSCODER_INIT_RULE = 2
 
 if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
     from sae.evaluation import EvalPlan
@@ -588,7 +589,7 @@ class RunSpec(Section):
             entries = [e for v in hashed for e in (v if isinstance(v, list) else [v])]
             if any(e.get("skip_connection") for e in entries):  # skip-transcoders trained before its rule differ
                 payload["skip_lr"] = SKIP_LR_RULE
-            if any(e.get("transcoder") and not e.get("cross_layer") for e in entries):
+            if any(e.get("transcoder") for e in entries):
                 payload["transcoder_init"] = TRANSCODER_INIT_RULE
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

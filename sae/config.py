@@ -243,9 +243,10 @@ class TrainConfig:
     ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
     encoder_init: Literal["least_squares", "tied"] | None = None  # None: least_squares (default), tied (paper)
     # random: unit random decoder rows (§A.1); data: an SAE's rows at distinct centred sample rows (a
-    # transcoder's at sample pairs, a cross-layer one's per layer block), and the encoder's step sized
-    # to its norm (fewer steps to a good fit; sae.train.decoder_rows_from_data, encoder_step_scale).
-    # None: data for a one-layer transcoder, random otherwise (resolved_decoder_init)
+    # transcoder's at sample pairs, a cross-layer one's per layer block, attention sinks' pairs sized
+    # to their targets), and the encoder's step sized to its norm (fewer steps to a good fit;
+    # sae.train.decoder_rows_from_data, size_sink_latents, encoder_step_scale).
+    # None: data for a transcoder, random for an SAE (resolved_decoder_init)
     decoder_init: Literal["random", "data"] | None = None
     geometric_median_samples: int = 32768
     seed: int = 0
@@ -332,14 +333,14 @@ class TrainConfig:
         return max(self.batch_tokens, min(PAPER_DEAD_TOKENS, DEAD_FIRINGS * n_latents // k))
 
     def resolved_decoder_init(self, cfg: SAEConfig) -> Literal["random", "data"]:
-        """decoder_init unset: "data" for a one-layer transcoder, whose latents then start at sample pairs
-        (on SmolLM2's MLPs 12 and 20 a third to a fifteenth of the dead latents at an equal or lower
-        FVU, docs/dictionaries.md); "random" for an SAE (data rows raise its plain nMSE in runs of few
-        steps, docs/method.md) and a cross-layer transcoder (data rows cut its dead latents but, on
-        SmolLM2, left its spliced dCE 1.7-2.5 mid-run while a layer's sink rows were half learnt)."""
+        """decoder_init unset: "data" for a transcoder, whose latents then start at sample pairs (on
+        SmolLM2's MLPs 12 and 20 a third to a fifteenth of the dead latents at an equal or lower FVU; a
+        cross-layer transcoder over MLPs 8-11, its sinks sized, a fifth to a half of random rows' dead
+        latents and a third of their CE increase; docs/dictionaries.md); "random" for an SAE (data rows
+        raise its plain nMSE in runs of few steps, docs/method.md)."""
         if self.decoder_init is not None:
             return self.decoder_init
-        return "data" if cfg.transcoder and not cfg.cross_layer else "random"
+        return "data" if cfg.transcoder else "random"
 
     def resolved_aux_k(self, d_in: int) -> int:
         if self.aux_k is not None:

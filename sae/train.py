@@ -59,16 +59,37 @@ def init_from_sample(
         sae.b_pre.copy_(geometric_median(y))
         if sae.cfg.transcoder and sae.b_enc is not None:
             centre = geometric_median(x)
+    sinks = NO_SINKS
     if decoder_rows_from is not None:
-        decoder_rows_from_data(sae, x, decoder_rows_from, y if sae.cfg.transcoder else None, centre)
+        sinks = decoder_rows_from_data(sae, x, decoder_rows_from, y if sae.cfg.transcoder else None, centre)
     if centre is not None and sae.b_enc is not None:
         sae.b_enc.copy_(-(sae.preactivations(centre[None])[0] if sae.cfg.cross_layer else sae.W_enc @ centre))
     if scale_encoder:
         scale_encoder_least_squares(sae, x, y)
+    size_sink_latents(sae, sinks)
     return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item()
 
 
 DISTINCT_COS = 0.7  # data-initialised rows: no two closer than this cosine (docs/method.md)
+SINK_GATE = 0.5  # a sink latent fires on rows that project at least half as far as its own pair's input
+
+
+@dataclass(frozen=True)
+class SinkLatents:
+    """Latents started at a sample pair whose target is massive (an attention sink's MLP output, norm
+    over MASSIVE_NORM x the median), with the norms of what each one's pair reads (x - centre) and
+    writes (y - b_pre) in the normalised space."""
+
+    latents: torch.Tensor
+    reads: torch.Tensor
+    writes: torch.Tensor
+
+    @staticmethod
+    def cat(parts: Sequence[SinkLatents]) -> SinkLatents:
+        return SinkLatents(*(torch.cat([getattr(p, f) for p in parts]) for f in ("latents", "reads", "writes")))
+
+
+NO_SINKS = SinkLatents(torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0))
 
 
 @torch.no_grad()
@@ -78,14 +99,16 @@ def decoder_rows_from_data(
     generator: torch.Generator,
     target: torch.Tensor | None = None,
     centre: torch.Tensor | None = None,
-) -> int:
+) -> SinkLatents:
     """An SAE's decoder rows, and its tied encoder rows, set to the unit directions of centred sample
     rows (x - b_pre) taken in an order drawn by `generator`, skipping any row within DISTINCT_COS of
     one already taken; latents beyond the distinct rows found keep their random rows. A transcoder's
     latent starts at a sample pair instead: its encoder row reads its input's direction (x - centre,
     the input's geometric median, the point its encoder bias reads from), its decoder row writes its
-    target's (y - b_pre); a cross-layer transcoder's block l, from a draw of its own, reads x_l and
-    writes y_l .. y_L. Returns how many were set (TrainConfig.decoder_init "data").
+    target's (y - b_pre); the pairs whose target is massive come first, so that each distinct sink
+    gets a latent (size_sink_latents sizes them once the encoder is scaled); a cross-layer
+    transcoder's block l, from a draw of its own, reads x_l and writes y_l .. y_L, its sinks those of
+    y_l. Returns the sink latents (TrainConfig.decoder_init "data").
 
     Why: in a run of few optimizer steps the SAE stays close to its init, and random directions
     reconstruct little of real activations. Why distinct: a latent started next to another one
@@ -97,13 +120,13 @@ def decoder_rows_from_data(
     # a cross-layer transcoder's block l: pairs of (x_l, y_l .. y_L), its own draw of the sample, so
     # that two blocks do not start at one token's pattern on the layers both write
     L, d, m = cfg.layers(), cfg.d_in, cfg.n_latents // cfg.layers()
-    taken = 0
+    sinks = []
     for layer in range(L):
-        reads, writes = _drawn_pairs(sae, x_norm, generator, target, centre)
+        own = slice(layer * d, (layer + 1) * d)
+        reads, writes, massive = _drawn_pairs(sae, x_norm, generator, target, centre, own)
         writes[:, : layer * d] = 0.0  # nothing on the earlier layers (TopKSAE._writes)
-        reads = reads[:, layer * d : (layer + 1) * d]
-        taken += _start_at_pairs(sae, slice(layer * m, (layer + 1) * m), reads, writes)
-    return taken
+        sinks.append(_start_at_pairs(sae, slice(layer * m, (layer + 1) * m), reads[:, own], writes, massive))
+    return SinkLatents.cat(sinks)
 
 
 def _drawn_pairs(
@@ -112,26 +135,58 @@ def _drawn_pairs(
     generator: torch.Generator,
     target: torch.Tensor | None,
     centre: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what encoder rows read, what decoder rows write) of the sample's rows in an order drawn by
-    `generator`: centred inputs both for an SAE; a transcoder's input less its centre, target less b_pre."""
+    own: slice = slice(None),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(what encoder rows read, what decoder rows write, which are sinks) of the sample's rows in an
+    order drawn by `generator`: centred inputs both for an SAE (no sinks); a transcoder's input less
+    its centre and target less b_pre, the pairs whose target (its `own` columns) is massive first."""
     order = torch.randperm(len(x_norm), generator=generator).to(x_norm.device)
     if target is None:
         reads = x_norm[order] - sae.b_pre
-        return reads, reads
-    return x_norm[order] - (0.0 if centre is None else centre), target[order] - sae.b_pre
+        return reads, reads, torch.zeros(len(reads), dtype=torch.bool, device=reads.device)
+    reads, writes = x_norm[order] - (0.0 if centre is None else centre), target[order] - sae.b_pre
+    massive = massive_rows(writes[:, own])
+    first = torch.argsort((~massive).to(torch.int8), stable=True)  # the sinks first, each part in the draw's order
+    return reads[first], writes[first], massive[first]
 
 
-def _start_at_pairs(sae: TopKSAE, latents: slice, reads: torch.Tensor, writes: torch.Tensor) -> int:
+def _start_at_pairs(
+    sae: TopKSAE, latents: slice, reads: torch.Tensor, writes: torch.Tensor, massive: torch.Tensor
+) -> SinkLatents:
     """The latents' first rows set to the unit directions of the distinct pairs (reads within
-    DISTINCT_COS of an earlier one skipped); returns how many were set."""
-    reads = reads / reads.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    kept = distinct_rows(reads, latents.stop - latents.start, DISTINCT_COS)
+    DISTINCT_COS of an earlier one skipped); returns those started at a massive target."""
+    read_norms = reads.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    kept = distinct_rows(reads / read_norms, latents.stop - latents.start, DISTINCT_COS)
     writes = writes[kept]
+    write_norms = writes.norm(dim=1, keepdim=True).clamp_min(1e-12)
     rows = slice(latents.start, latents.start + len(kept))
-    sae.W_dec[rows] = writes / writes.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    sae.W_enc[rows] = reads[kept]
-    return len(kept)
+    sae.W_dec[rows] = writes / write_norms
+    sae.W_enc[rows] = reads[kept] / read_norms[kept]
+    sink = massive[kept]
+    positions = torch.nonzero(sink).flatten()
+    return SinkLatents((positions + latents.start).cpu(), read_norms[kept][sink, 0].cpu(), write_norms[sink, 0].cpu())
+
+
+@torch.no_grad()
+def size_sink_latents(sae: TopKSAE, sinks: SinkLatents) -> None:
+    """Sizes each sink latent so that on its own pair's input its code is half its target's norm:
+    the encoder row's norm set to |y - b_pre| / |x - centre| (its bias scaled with it), then its bias
+    lowered by SINK_GATE x that code, so that it stays silent on rows projecting less than half as far.
+
+    Why: an attention sink's MLP output is hundreds of times an ordinary row's (SmolLM2's MLP 11:
+    norm up to 24,000 against a median of 29, 99.7% of the output's variance). At the least-squares
+    scale a latent started at such a pair needs a code that sign steps take thousands of steps to
+    reach, so the sink rows went unpredicted (one-layer transcoder FVU 0.51 at layer 11 after 200k
+    tokens, against 0.016 sized; docs/dictionaries.md). Ordinary rows, unlike a sink's, project far
+    below the gate."""
+    if not len(sinks.latents):
+        return
+    i = sinks.latents.to(sae.W_enc.device)
+    factor = (sinks.writes / sinks.reads).to(sae.W_enc.device) / sae.W_enc[i].norm(dim=1).clamp_min(1e-12)
+    sae.W_enc[i] *= factor[:, None]
+    if sae.b_enc is not None:
+        sae.b_enc[i] *= factor
+        sae.b_enc[i] -= SINK_GATE * sinks.writes.to(sae.b_enc.device)
 
 
 def distinct_rows(unit_rows: torch.Tensor, most: int, max_cos: float, block: int = 2048) -> torch.Tensor:

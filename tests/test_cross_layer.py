@@ -424,7 +424,7 @@ def test_sign_descent_moves_each_layers_skip_block_by_its_own_lr_scale():
             assert torch.equal(scaled[name], plain[name]), name
 
 
-def test_the_skip_lr_rule_moves_a_cross_layer_skip_transcoders_key(tiny_model_dir, text_dir, tmp_path, monkeypatch):
+def test_the_skip_lr_and_init_rules_move_a_cross_layer_transcoders_key(tiny_model_dir, text_dir, tmp_path, monkeypatch):
     import flows.spec
     from flows.spec import parse_spec
 
@@ -434,6 +434,7 @@ def test_the_skip_lr_rule_moves_a_cross_layer_skip_transcoders_key(tiny_model_di
     monkeypatch.setattr(flows.spec, "SKIP_LR_RULE", flows.spec.SKIP_LR_RULE + 1)
     assert skip.part_hash("sae", "train") != before[0]
     assert plain.part_hash("sae", "train") == before[1]
-    moved = skip.part_hash("sae", "train")  # a cross-layer transcoder keeps its random init
+    moved = skip.part_hash("sae", "train"), plain.part_hash("sae", "train")
     monkeypatch.setattr(flows.spec, "TRANSCODER_INIT_RULE", flows.spec.TRANSCODER_INIT_RULE + 1)
-    assert skip.part_hash("sae", "train") == moved and plain.part_hash("sae", "train") == before[1]
+    # a cross-layer transcoder starts at sample pairs by default too: the init rule moves both keys
+    assert skip.part_hash("sae", "train") != moved[0] and plain.part_hash("sae", "train") != moved[1]

@@ -12,7 +12,7 @@ from test_train import planted_data
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
 from sae.geometric_median import geometric_median
 from sae.kernels import sparse_decode, topk_encode
-from sae.train import DISTINCT_COS, distinct_rows, lr_factor, scale_encoder_least_squares
+from sae.train import DISTINCT_COS, SINK_GATE, distinct_rows, lr_factor, scale_encoder_least_squares
 
 
 def test_least_squares_encoder_scale_is_the_argmin():
@@ -309,6 +309,20 @@ def test_decoder_rows_from_data_reconstruct_better_before_any_step():
     assert errors["data"] < 0.8 * errors["random"], errors
 
 
+def _transcoder_started_at_pairs(x: torch.Tensor, y: torch.Tensor):
+    """A transcoder of 48 latents (k 4) initialised at sample pairs drawn by seed 2 on rows [x | y];
+    with its normalised x and y, the draw's order and the inputs' centre."""
+    t = Trainer(
+        SAEConfig(16, 48, 4, transcoder=True), TrainConfig(batch_tokens=64, tokens=256, seed=2, decoder_init="data")
+    )
+    t.initialize(torch.cat([x, y], 1))
+    sae = t.sae
+    with torch.no_grad():
+        x_norm, y_norm = sae.normalize(x)[0], sae.normalize_target(y)[0]
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))
+        return sae, x_norm, y_norm, order, geometric_median(x_norm)
+
+
 def test_a_transcoders_data_rows_are_sample_pairs():
     """decoder_init "data" on a transcoder: latent i starts at the i-th distinct drawn pair, its encoder
     row the unit direction of x - the input's geometric median (its bias reads from there), its
@@ -316,14 +330,8 @@ def test_a_transcoders_data_rows_are_sample_pairs():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(512, 16, generator=g) + 2.0
     y = torch.tanh(x @ torch.randn(16, 16, generator=g))
-    tcfg = TrainConfig(batch_tokens=64, tokens=256, seed=2, decoder_init="data")
-    t = Trainer(SAEConfig(16, 48, 4, transcoder=True), tcfg)
-    t.initialize(torch.cat([x, y], 1))
-    sae = t.sae
+    sae, x_norm, y_norm, order, centre = _transcoder_started_at_pairs(x, y)
     with torch.no_grad():
-        x_norm, y_norm = sae.normalize(x)[0], sae.normalize_target(y)[0]
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))
-        centre = geometric_median(x_norm)
         reads = torch.nn.functional.normalize(x_norm[order] - centre, dim=1)
         kept = greedy_distinct(reads, 48, DISTINCT_COS, 2048)
         writes = torch.nn.functional.normalize(y_norm[order][kept] - sae.b_pre, dim=1)
@@ -336,12 +344,45 @@ def test_a_transcoders_data_rows_are_sample_pairs():
     torch.testing.assert_close(sae.b_enc, -(sae.W_enc @ centre))
 
 
-def test_decoder_init_unset_is_data_for_one_layer_transcoders_alone():
+def test_a_transcoders_sink_pairs_start_first_sized_to_their_targets():
+    """Pairs whose target is massive (an attention sink's MLP output: norm over MASSIVE_NORM x the
+    median) start the first latents, in the draw's order. Each such latent's code on its own pair's
+    input is SINK_GATE of its target's norm (encoder row norm |y - b_pre| / |x - centre|, bias lowered
+    by the gate) and it is silent on every ordinary row; the other latents keep the one least-squares
+    factor, as without sinks."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 16, generator=g) + 2.0
+    y = torch.tanh(x @ torch.randn(16, 16, generator=g))
+    sinks = torch.tensor([5, 77, 300, 411])
+    x[sinks] = 2.0 + 20.0 * torch.eye(16)[[3, 8, 11, 14]]  # distinct inputs, far out as a sink's residual is
+    y[sinks] = 300.0 * torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    sae, x_norm, y_norm, order, centre = _transcoder_started_at_pairs(x, y)
+    with torch.no_grad():
+        first = torch.cat([order[torch.isin(order, sinks)], order[~torch.isin(order, sinks)]])
+        reads = torch.nn.functional.normalize(x_norm[first] - centre, dim=1)
+        kept = greedy_distinct(reads, 48, DISTINCT_COS, 2048)
+        assert first[kept][:4].tolist() == [i for i in order.tolist() if i in sinks.tolist()]
+        writes = torch.nn.functional.normalize(y_norm[first][kept] - sae.b_pre, dim=1)
+        torch.testing.assert_close(sae.W_dec[: len(kept)], writes)
+        pre = x_norm @ sae.W_enc.T + sae.b_enc  # (rows, latents)
+        own = first[kept][:4]
+        target_norms = (y_norm[own] - sae.b_pre).norm(dim=1)
+        torch.testing.assert_close(pre[own, torch.arange(4)], SINK_GATE * target_norms)
+        ordinary = torch.ones(len(x), dtype=torch.bool)
+        ordinary[sinks] = False
+        assert pre[ordinary, :4].max() < 0
+        factor = sae.W_enc[4 : len(kept)].norm(dim=1)
+        assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
+        torch.testing.assert_close(sae.W_enc[4 : len(kept)] / factor[:, None], reads[kept][4:])
+        torch.testing.assert_close(sae.W_enc[:4].norm(dim=1), target_norms / (x_norm[own] - centre).norm(dim=1))
+
+
+def test_decoder_init_unset_is_data_for_transcoders_alone():
     unset = TrainConfig()
     assert unset.resolved_decoder_init(SAEConfig(16, 64, 4)) == "random"
     assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True)) == "data"
     assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, skip_connection=True)) == "data"
-    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)) == "random"
+    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)) == "data"
     chosen = TrainConfig(decoder_init="random")
     assert chosen.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True)) == "random"
     transcoder = Trainer(SAEConfig(16, 64, 4, transcoder=True), TrainConfig(batch_tokens=64, tokens=256))
@@ -401,6 +442,38 @@ def test_a_cross_layer_transcoders_data_rows_are_sample_pairs_per_layer_block():
     t.step(rows[:64])
     for layer in range(1, L):  # a later block's latents write nothing into earlier layers
         assert not sae.W_dec[layer * m : (layer + 1) * m, : layer * d].any()
+
+
+def test_a_cross_layer_blocks_sinks_are_those_of_its_own_layer():
+    """Block l's sink latents are the pairs whose target on layer l is massive: sinks planted in layer
+    1's output start block 1's first latents, sized as a one-layer transcoder's; block 0, which also
+    writes layer 1, and block 2 have none (their latents keep the one least-squares factor)."""
+    g = torch.Generator().manual_seed(4)
+    L, d, m = 3, 8, 40
+    x = torch.randn(384, L * d, generator=g) + 1.0
+    y = torch.tanh(x @ torch.randn(L * d, L * d, generator=g))
+    sinks = torch.tensor([9, 100, 250])
+    x[sinks, d : 2 * d] = 1.0 + 20.0 * torch.eye(d)[[1, 4, 6]]
+    y[sinks, d : 2 * d] = 300.0 * torch.nn.functional.normalize(torch.randn(3, d, generator=g), dim=1)
+    cfg = SAEConfig(d, L * m, 3, transcoder=True, cross_layer=L)
+    t = Trainer(cfg, TrainConfig(batch_tokens=64, tokens=256, seed=3))  # decoder_init unset: data
+    t.initialize(torch.cat([x, y], 1))
+    sae = t.sae
+    draws = torch.Generator().manual_seed(3)
+    orders = [torch.randperm(len(x), generator=draws) for _ in range(L)]  # one draw per block
+    drawn_sinks = [i for i in orders[1].tolist() if i in sinks.tolist()]
+    with torch.no_grad():
+        x_norm, y_norm = sae.normalize(x)[0], sae.normalize_target(y)[0]
+        own = slice(d, 2 * d)
+        pre = x_norm[drawn_sinks][:, own] @ sae.W_enc[m : m + 3].T + sae.b_enc[m : m + 3]
+        writes = y_norm[drawn_sinks] - sae.b_pre
+        writes[:, :d] = 0  # block 1 writes nothing into layer 0
+        torch.testing.assert_close(pre.diagonal(), SINK_GATE * writes.norm(dim=1))
+        torch.testing.assert_close(sae.W_dec[m : m + 3], torch.nn.functional.normalize(writes, dim=1))
+        norms = sae.W_enc.norm(dim=1)
+        rest = torch.cat([norms[:m], norms[m + 3 :]])
+        assert torch.allclose(rest, rest[0].expand_as(rest), rtol=1e-5)
+        assert (norms[m : m + 3] > 2 * rest[0]).all()  # sized to the sinks, not the fit
 
 
 def test_a_cross_layer_encoder_of_data_rows_steps_at_the_lr_of_its_own_width():
