@@ -176,8 +176,8 @@ def size_sink_latents(sae: TopKSAE, sinks: SinkLatents) -> None:
     Why: an attention sink's MLP output is hundreds of times an ordinary row's (SmolLM2's MLP 11:
     norm up to 24,000 against a median of 29, 99.7% of the output's variance). At the least-squares
     scale a latent started at such a pair needs a code that sign steps take thousands of steps to
-    reach, so the sink rows went unpredicted (one-layer transcoder FVU 0.51 at layer 11 after 200k
-    tokens, against 0.016 sized; docs/dictionaries.md). Ordinary rows, unlike a sink's, project far
+    reach, so the sink rows went unpredicted (one-layer transcoder FVU 0.52 at layer 11 after 200k
+    tokens, against 0.011 sized; docs/dictionaries.md). Ordinary rows, unlike a sink's, project far
     below the gate."""
     if not len(sinks.latents):
         return
