@@ -78,7 +78,7 @@ SINK_GATE = 0.5  # a sink latent fires on rows that project at least half as far
 class SinkLatents:
     """Latents started at a sample pair whose target is massive (an attention sink's MLP output, norm
     over MASSIVE_NORM x the median), with the norms of what each one's pair reads (x - centre) and
-    writes (y - b_pre) in the normalised space."""
+    writes (y - b_pre) in the normalised space, on the sample's device."""
 
     latents: torch.Tensor
     reads: torch.Tensor
@@ -164,7 +164,7 @@ def _start_at_pairs(
     sae.W_enc[rows] = reads[kept] / read_norms[kept]
     sink = massive[kept]
     positions = torch.nonzero(sink).flatten()
-    return SinkLatents((positions + latents.start).cpu(), read_norms[kept][sink, 0].cpu(), write_norms[sink, 0].cpu())
+    return SinkLatents(positions + latents.start, read_norms[kept][sink, 0], write_norms[sink, 0])
 
 
 @torch.no_grad()
@@ -181,12 +181,12 @@ def size_sink_latents(sae: TopKSAE, sinks: SinkLatents) -> None:
     below the gate."""
     if not len(sinks.latents):
         return
-    i = sinks.latents.to(sae.W_enc.device)
-    factor = (sinks.writes / sinks.reads).to(sae.W_enc.device) / sae.W_enc[i].norm(dim=1).clamp_min(1e-12)
+    i = sinks.latents
+    factor = sinks.writes / sinks.reads / sae.W_enc[i].norm(dim=1).clamp_min(1e-12)
     sae.W_enc[i] *= factor[:, None]
     if sae.b_enc is not None:
         sae.b_enc[i] *= factor
-        sae.b_enc[i] -= SINK_GATE * sinks.writes.to(sae.b_enc.device)
+        sae.b_enc[i] -= SINK_GATE * sinks.writes
 
 
 def distinct_rows(unit_rows: torch.Tensor, most: int, max_cos: float, block: int = 2048) -> torch.Tensor:
