@@ -33,9 +33,10 @@ from storage.shuffle import SHUFFLE_BUFFER_MB
 # only skip-transcoders' stage keys move.
 SKIP_LR_RULE = 1
 # A transcoder's latents start at sample pairs (TrainConfig.decoder_init unset resolves to "data" for
-# it; 2: attention sinks' pairs first and sized to their targets, cross-layer ones too); bumped when
+# it; 2: attention sinks' pairs first and sized to their targets, cross-layer ones too; 3: the target
+# scale is the geometric mean of all rows' and the typical rows', sae.train.target_scales); bumped when
 # that init changes, so that only transcoders' stage keys move.
-TRANSCODER_INIT_RULE = 2
+TRANSCODER_INIT_RULE = 3
 
 if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
     from sae.evaluation import EvalPlan

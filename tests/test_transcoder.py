@@ -354,6 +354,36 @@ def test_the_skip_lr_scale_is_the_typical_rows_share_of_the_scale():
     assert skip_lr_scale(sinks) < 0.1  # the rows 500x the others hold 99.6% of the squared norm
 
 
+def _unit_scale(rows: torch.Tensor) -> float:
+    return math.sqrt(rows.shape[1] / rows.pow(2).sum(-1).mean().item())
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_target_scale_is_the_geometric_mean_of_all_rows_and_the_typical_rows_scales(layers):
+    """Per layer: the unit scale where no target row is massive, sqrt(unit x typical-rows' unit) where
+    some are; the input keeps the unit scale of all its rows (checked against a direct computation)."""
+    from sae.train import init_from_sample
+
+    d, g = 16, torch.Generator().manual_seed(1)
+    x = torch.randn(3000, layers * d, generator=g) * 2
+    y = torch.randn(3000, layers * d, generator=g) * 3
+    y[::500, -d:] *= 400  # six sink rows in the last layer's target alone
+    cross = {"cross_layer": layers} if layers > 1 else {}
+    sae = TopKSAE(SAEConfig(d, 96, 6, transcoder=True, **cross))
+    init_from_sample(sae, torch.cat([x, y], -1), use_geometric_median=False, scale_encoder=False)
+    got_in, got_out = sae.input_scale.reshape(-1), sae.target_scale.reshape(-1)
+    for layer in range(layers):
+        cols = slice(layer * d, (layer + 1) * d)
+        assert got_in[layer].item() == pytest.approx(_unit_scale(x[:, cols]), rel=1e-6)
+        want = _unit_scale(y[:, cols])
+        if layer == layers - 1:
+            typical = torch.ones(3000, dtype=torch.bool)
+            typical[::500] = False
+            assert want < 0.1 * _unit_scale(y[typical][:, cols])  # the sinks set the plain scale
+            want = math.sqrt(want * _unit_scale(y[typical][:, cols]))
+        assert got_out[layer].item() == pytest.approx(want, rel=1e-6)
+
+
 def test_sign_descent_moves_a_skip_transcoders_skip_by_its_lr_scale():
     """The first step of two runs that differ only in the skip's lr scale: W_skip moves in proportion,
     every other parameter the same."""
