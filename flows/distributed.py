@@ -24,7 +24,7 @@ from flows.spec import RunSpec, parse_spec, safe_name
 from flows.training import Alone, train_hookpoint
 from sae.config import SAEConfig
 from sae.lm import resolve_device
-from sae.parallel import Grid, GridShard, Parallel, settle
+from sae.parallel import Grid, GridShard, Parallel, leave, settle
 from sae.train import Trainer, TrainResult
 
 log = logging.getLogger("flows.distributed")  # not __name__: the ranks run this module as __main__
@@ -101,13 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         settle()
     finally:
         dist.destroy_process_group()
-    # settle() narrows, but does not close, the race of gloo's worker threads with interpreter teardown
-    # (a rank that trained and wrote everything still aborted once at exit, failing a two-node run): a
-    # rank that is done leaves without the teardown
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()  # without interpreter teardown: gloo's race with it (sae.parallel.leave)
 
 
 def run_rank(spec: RunSpec, hookpoint: str, device: torch.device) -> None:

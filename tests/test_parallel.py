@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from servers import free_port
 
 from sae.config import SAEConfig, TrainConfig
-from sae.parallel import Grid, GridShard, Parallel, rank_rows, settle
+from sae.parallel import Grid, GridShard, Parallel, leave, rank_rows, settle
 from sae.train import Trainer
 
 D, N, K, BATCH, STEPS = 16, 64, 4, 64, 10
@@ -75,6 +75,7 @@ def _rank(rank: int, grid: Grid, port: int, optimizer: str, multi_topk: bool, ou
         settle()
     finally:
         dist.destroy_process_group()
+    leave()  # as the product's ranks end (an error above reaches mp.spawn as raised)
 
 
 @pytest.mark.parametrize(
