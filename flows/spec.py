@@ -32,11 +32,12 @@ from storage.shuffle import SHUFFLE_BUFFER_MB
 # one's per layer since it joined the rule, which moved its keys); bumped when that rule changes, so that
 # only skip-transcoders' stage keys move.
 SKIP_LR_RULE = 1
-# A transcoder's latents start at sample pairs (TrainConfig.decoder_init unset resolves to "data" for
-# it; 2: attention sinks' pairs first and sized to their targets, cross-layer ones too; 3: the target
-# scale is the geometric mean of all rows' and the typical rows', sae.train.target_scales); bumped when
-# that init changes, so that only transcoders' stage keys move.
-TRANSCODER_INIT_RULE = 3
+# How a transcoder is started and trained where it differs from an SAE: 1: its latents start at sample
+# pairs (TrainConfig.decoder_init unset resolves to "data" for it); 2: attention sinks' pairs first and
+# sized to their targets, cross-layer ones too; 3: the target scale is the geometric mean of all rows'
+# and the typical rows' (sae.train.target_scales); 4: AuxK leaves out the latents that fired in the
+# batch (sae.loss._fired). Bumped when that changes, so that only transcoders' stage keys move.
+TRANSCODER_RULE = 4
 
 if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
     from sae.evaluation import EvalPlan
@@ -591,7 +592,7 @@ class RunSpec(Section):
             if any(e.get("skip_connection") for e in entries):  # skip-transcoders trained before its rule differ
                 payload["skip_lr"] = SKIP_LR_RULE
             if any(e.get("transcoder") for e in entries):
-                payload["transcoder_init"] = TRANSCODER_INIT_RULE
+                payload["transcoder_rule"] = TRANSCODER_RULE
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     # paths and names derived from the spec -------------------------------------------------------

@@ -109,7 +109,8 @@ class Latents(Protocol):
     SAE's. `enter` passes the encoder input to this process's latents, `top` zeroes this process's
     candidates (values sorted descending per row) that are not among the top k of all processes',
     `sum` adds the processes' partial decodes, `batch_keep` is BatchTopKEncode's `keep` (None: keep
-    `count`), `replicas` how many processes share a batch's rows."""
+    `count`), `replicas` how many processes share a batch's rows, `sum_over_data` adds a tensor over
+    the processes that hold the batch's other rows."""
 
     n_latents: int
     k: int
@@ -122,6 +123,8 @@ class Latents(Protocol):
     def sum(self, partial: torch.Tensor) -> torch.Tensor: ...
 
     def batch_keep(self, count: int) -> Callable[[torch.Tensor], int] | None: ...
+
+    def sum_over_data(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
 class WholeLatents:
@@ -143,6 +146,9 @@ class WholeLatents:
 
     def batch_keep(self, count: int) -> None:
         return None
+
+    def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
+        return t
 
 
 def sq_err(target: torch.Tensor, recon: torch.Tensor, scale: float) -> torch.Tensor:
@@ -189,7 +195,8 @@ def sae_loss(
         loss = loss + sq_err(x_norm, decode(k_wide), mse_scale) / 8
     aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:
-        aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents)
+        fired = _fired(sae, main_values, main_indices, latents)
+        aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents, fired)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), main_values.detach(), main_indices)
 
@@ -246,6 +253,23 @@ def _aux_width(tcfg: TrainConfig, d_in: int, n_latents: int, dead: DeadLatents) 
     return min(tcfg.resolved_aux_k(d_in), n_latents if dead.mode is AuxMode.MASKED else dead.everywhere)
 
 
+def _fired(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, latents: Latents) -> torch.Tensor | None:
+    """A transcoder's latents (this process's) that fired anywhere in the global batch's code, which
+    AuxK leaves out; None for an SAE.
+
+    Why: the dead window is short (8 n / k tokens, a batch of 1024 at 4096 latents and k 32), so it
+    counts rare latents as dead, and on a transcoder AuxK's steps (under sign descent the full lr,
+    whatever aux_coef) turned the ones that still fired away from their pair: SmolLM2's MLP 20 at
+    100k / 200k / 400k tokens, 10.4 / 2.1 / 1.3% dead, 8.1 / 1.3 / 0.6% left out of AuxK, at FVU
+    +0.5%. On SAEs (layers 12 and 27, batches of 4096) it left more dead at 200k and 400k, so they
+    keep AuxK as it was (docs/dictionaries.md)."""
+    if not sae.cfg.transcoder:
+        return None
+    counts = torch.zeros(sae.cfg.n_latents, device=values.device)
+    counts.index_add_(0, indices.flatten(), (values.detach() > 0).flatten().to(counts.dtype))
+    return latents.sum_over_data(counts) > 0
+
+
 def _aux_loss(
     sae: TopKSAE,
     aux_values,
@@ -256,8 +280,12 @@ def _aux_loss(
     mse_scale: float,
     dead: DeadLatents,
     latents: Latents,
+    fired: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AuxK (§A.2): the top aux_k dead candidates of every process model the live latents' residual."""
+    """AuxK (§A.2): the top aux_k dead candidates of every process model the live latents' residual;
+    a candidate in `fired` (this process's latents that fired in the batch's code) adds nothing."""
+    if fired is not None:
+        aux_values = aux_values * ~fired[aux_indices]
     partial = sparse_decode(*latents.top(aux_values, aux_indices, aux_k), sae.W_dec)
     aux = sq_err(x_norm - recon.detach(), latents.sum(partial), mse_scale)
     if dead.mode is AuxMode.MASKED and dead.mask is not None:  # uncounted: none dead, no AuxK (no sync)
@@ -296,6 +324,7 @@ def _batch_topk_loss(
             aux_values, aux_indices = sae.W_dec.new_zeros(rows_here, 0), dead_rows.new_zeros(rows_here, 0)
         missing = width - aux_values.shape[1]  # fewer dead latents here than the width: zero picks
         aux_values, aux_indices = F.pad(aux_values, (0, missing)), F.pad(aux_indices, (0, missing))
-        aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents)
+        fired = _fired(sae, values, cols, latents)
+        aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents, fired)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)

@@ -59,9 +59,6 @@ class OneProcess(WholeLatents):
     def average_gradients(self, sae: TopKSAE) -> None:
         return None
 
-    def sum_over_data(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
     def sum_over_shards(self, t: torch.Tensor) -> torch.Tensor:
         return t
 

@@ -26,7 +26,8 @@ def _clt(skip: bool = True, seed: int = 0) -> TopKSAE:
 
 
 def _layer_codes(sae: TopKSAE, x_norm: torch.Tensor, dead: torch.Tensor | None = None, aux_k: int = 0):
-    """Per layer: the dense kept activations (B, n / L), and AuxK's picks among its dead latents."""
+    """Per layer: the dense kept activations (B, n / L), and AuxK's picks among its dead latents (a
+    pick of a latent that fired anywhere in the batch adds nothing)."""
     layers, d = sae.cfg.layers(), sae.cfg.d_in
     m, kept, aux = sae.cfg.n_latents // layers, [], []
     for s in range(layers):
@@ -37,7 +38,8 @@ def _layer_codes(sae: TopKSAE, x_norm: torch.Tensor, dead: torch.Tensor | None =
         if dead is not None:
             share = aux_k // layers + (s < aux_k % layers)
             pick = pre.masked_fill(~dead[rows], float("-inf")).topk(share, dim=1)
-            aux.append(torch.zeros_like(pre).scatter(1, pick.indices, pick.values.relu()))
+            fired = (kept[-1] > 0).any(0)
+            aux.append(torch.zeros_like(pre).scatter(1, pick.indices, pick.values.relu()) * ~fired)
     return kept, aux
 
 
@@ -435,6 +437,6 @@ def test_the_skip_lr_and_init_rules_move_a_cross_layer_transcoders_key(tiny_mode
     assert skip.part_hash("sae", "train") != before[0]
     assert plain.part_hash("sae", "train") == before[1]
     moved = skip.part_hash("sae", "train"), plain.part_hash("sae", "train")
-    monkeypatch.setattr(flows.spec, "TRANSCODER_INIT_RULE", flows.spec.TRANSCODER_INIT_RULE + 1)
+    monkeypatch.setattr(flows.spec, "TRANSCODER_RULE", flows.spec.TRANSCODER_RULE + 1)
     # a cross-layer transcoder starts at sample pairs by default too: the init rule moves both keys
     assert skip.part_hash("sae", "train") != moved[0] and plain.part_hash("sae", "train") != moved[1]

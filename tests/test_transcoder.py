@@ -354,6 +354,45 @@ def test_the_skip_lr_scale_is_the_typical_rows_share_of_the_scale():
     assert skip_lr_scale(sinks) < 0.1  # the rows 500x the others hold 99.6% of the squared norm
 
 
+@pytest.mark.parametrize("transcoder", [True, False])
+def test_auxk_leaves_out_a_transcoders_latents_that_fired_in_the_batch(transcoder):
+    """Every latent counted dead: AuxK's term equals a dense reference in which a transcoder's picks
+    among the latents that fired in the batch's code add nothing (an SAE's all add), and those
+    latents' encoder rows get the main loss's gradient alone."""
+    from sae.loss import DeadLatents
+
+    torch.manual_seed(0)
+    d, n, k, aux_k = 12, 48, 4, 16
+    sae = _transcoder(skip=False, d=d, n=n, k=k) if transcoder else TopKSAE(SAEConfig(d, n, k, encoder_bias=True))
+    x, y = torch.randn(6, d), torch.randn(6, d)
+    tcfg = TC(batch_tokens=6, aux_k=aux_k, aux_coef=1.0)
+    dead = DeadLatents.counted(torch.ones(n, dtype=torch.bool))
+    target = y if transcoder else None
+    parts = sae_loss(sae, x, 1.0, tcfg, dead, target=target)
+
+    pre = torch.relu(sae.encoder_input(x) @ sae.W_enc.T + sae.b_enc)
+    main = torch.zeros_like(pre).scatter(1, pre.topk(k).indices, pre.gather(1, pre.topk(k).indices))
+    fired = (main > 0).any(0)
+    recon = main @ sae.W_dec + sae.b_pre
+    aux_top = pre.topk(aux_k)
+    kept = aux_top.values * (~fired[aux_top.indices] if transcoder else 1)
+    aux_recon = torch.zeros_like(pre).scatter(1, aux_top.indices, kept) @ sae.W_dec
+    want = ((y if transcoder else x) - recon - aux_recon).pow(2).sum(-1).mean()
+    assert fired.sum() > 1 and (fired[aux_top.indices]).any()  # some picks fired, so the case is live
+    assert parts.aux.item() == pytest.approx(want.item(), rel=1e-5)
+
+    def encoder_grad(aux_coef: float) -> torch.Tensor:
+        sae.zero_grad()
+        step = TC(batch_tokens=6, aux_k=aux_k, aux_coef=aux_coef)
+        sae_loss(sae, x, 1.0, step, dead, target=target).loss.backward()
+        return sae.W_enc.grad.clone()
+
+    with_aux, without = encoder_grad(1.0), encoder_grad(0.0)
+    same = torch.allclose(with_aux[fired], without[fired], atol=1e-6)
+    assert same == transcoder  # a transcoder's fired latents: AuxK adds no gradient; an SAE's: it does
+    assert not torch.allclose(with_aux[~fired], without[~fired])  # the others are AuxK's to move
+
+
 def _unit_scale(rows: torch.Tensor) -> float:
     return math.sqrt(rows.shape[1] / rows.pow(2).sum(-1).mean().item())
 
@@ -433,7 +472,7 @@ def test_the_skip_lr_and_init_rules_move_the_keys_of_their_transcoders_alone(
     after = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
     assert after["sae"] == before["sae"] and after["transcoder"] == before["transcoder"]
     assert after["skip"] != before["skip"]
-    monkeypatch.setattr(flows.spec, "TRANSCODER_INIT_RULE", flows.spec.TRANSCODER_INIT_RULE + 1)
+    monkeypatch.setattr(flows.spec, "TRANSCODER_RULE", flows.spec.TRANSCODER_RULE + 1)
     init_moved = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
     assert init_moved["sae"] == after["sae"]
     assert init_moved["transcoder"] != after["transcoder"] and init_moved["skip"] != after["skip"]
