@@ -192,6 +192,10 @@ TRANSCODER_SIGNUM_LR_FACTOR = 0.5
 # A latent is dead (AuxK trains it) after the tokens in which a latent of average frequency k/n fires
 # this many times (one batch to 10M): fewer dead latents and lower MSE than 5% of the run (docs/method.md).
 DEAD_FIRINGS = 8
+# A transcoder's window is this many times longer: its AuxK steps turned rare latents that still fired
+# away from their sample pair, and at 4x (32 firings) SmolLM2's MLPs 12 and 20 had a half and three
+# quarters of the dead latents at 100k tokens, as many at 200k and 400k (docs/dictionaries.md).
+TRANSCODER_DEAD_WINDOW_FACTOR = 4
 
 
 def auto_lr(
@@ -237,7 +241,7 @@ class TrainConfig:
     grad_clip: float | None = None
     aux_k: int | None = None  # None: d_in / 2 (at most 512); the released config has 256, the paper's text 512
     aux_coef: float = 1 / 32
-    dead_tokens: int | None = None  # None: 8 n/k tokens, within [one batch, 10M] (default recipe); 10M (paper)
+    dead_tokens: int | None = None  # None: 8 n/k tokens (a transcoder's 32), within [one batch, 10M]; 10M (paper)
     fire_threshold: float = 1e-3  # "fired" = kept value above this, as in the released code
     multi_topk: bool = False  # L(k) + L(4k)/8 (§5.3)
     ema_decay: float | None = None  # e.g. 0.999: train with, and return, a bias-corrected weight EMA
@@ -325,12 +329,13 @@ class TrainConfig:
     def decay(self) -> Decay:
         return self.lr_decay or ("linear" if self._scheduled() else "constant")
 
-    def dead_window(self, n_latents: int, k: int) -> int:
+    def dead_window(self, n_latents: int, k: int, transcoder: bool = False) -> int:
         if self.dead_tokens is not None:
             return self.dead_tokens
         if self.paper:
             return PAPER_DEAD_TOKENS
-        return max(self.batch_tokens, min(PAPER_DEAD_TOKENS, DEAD_FIRINGS * n_latents // k))
+        firings = DEAD_FIRINGS * (TRANSCODER_DEAD_WINDOW_FACTOR if transcoder else 1)
+        return max(self.batch_tokens, min(PAPER_DEAD_TOKENS, firings * n_latents // k))
 
     def resolved_decoder_init(self, cfg: SAEConfig) -> Literal["random", "data"]:
         """decoder_init unset: "data" for a transcoder, whose latents then start at sample pairs (on

@@ -418,7 +418,7 @@ class Trainer:
         self.encoder_lr_ratio = tcfg.encoder_lr_ratio(sae_cfg)
         self.tracker = DeadLatentTracker(
             torch.zeros(self.sae.cfg.n_latents, dtype=torch.long, device=self.device),
-            tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k),
+            tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k, sae_cfg.transcoder),
             tcfg.fire_threshold,
         )
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}

@@ -329,6 +329,18 @@ def test_a_transcoders_auto_lr_under_sign_descent_is_half_an_saes():
     assert TrainConfig(lr=3e-3).resolved_lr(4096, 576, transcoder=True) == 3e-3  # a given lr is the lr
 
 
+def test_a_transcoders_dead_window_is_four_times_an_saes_and_its_trainer_counts_by_it():
+    from sae.train import Trainer
+
+    t = TrainConfig(batch_tokens=1024, tokens=100_000)
+    assert t.dead_window(4096, 32) == 1024  # 8 firings of an average latent: one batch
+    assert t.dead_window(4096, 32, transcoder=True) == 4096  # 32 firings
+    assert TrainConfig(dead_tokens=500).dead_window(4096, 32, transcoder=True) == 500  # a given window is the window
+    assert TrainConfig(tokens=10**10).dead_window(2**24, 8, transcoder=True) == 10_000_000  # the paper's cap holds
+    tc, plain = Trainer(SAEConfig(8, 512, 4, transcoder=True), t), Trainer(SAEConfig(8, 512, 4), t)
+    assert (tc.tracker.dead_tokens, plain.tracker.dead_tokens) == (4096, 1024)
+
+
 def test_the_memory_plan_counts_the_target_and_the_skip_map():
     from sae.memory import plan_memory
 
