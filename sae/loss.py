@@ -261,7 +261,8 @@ def _fired(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, latents: L
     latents as dead, and on a transcoder AuxK's steps (under sign descent the full lr, whatever
     aux_coef) turned the ones that still fired away from their pair: SmolLM2's MLP 20 at 100k /
     200k / 400k tokens, 10.4 / 2.1 / 1.3% dead, 8.1 / 1.3 / 0.6% left out of AuxK, at FVU +0.5%
-    (a transcoder's window is now 4x as long as well: TRANSCODER_DEAD_WINDOW_FACTOR). On SAEs (layers 12 and 27, batches of 4096) it left more dead at 200k and 400k, so they
+    (a transcoder's window is now 4x as long as well: TRANSCODER_DEAD_WINDOW_FACTOR). On SAEs
+    (layers 12 and 27, batches of 4096) it left more dead at 200k and 400k, so they
     keep AuxK as it was (docs/dictionaries.md)."""
     if not sae.cfg.transcoder:
         return None
