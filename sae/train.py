@@ -243,13 +243,10 @@ def target_scales(targets: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
     10's FVU 0.104 -> 0.115 (cross_layer_quality.py; docs/dictionaries.md).
     """
     layers = targets.unflatten(-1, (cfg.layers(), cfg.d_in)) if cfg.cross_layer else targets[:, None]
-    plain = _unit_scales(targets, cfg).double().reshape(-1)
-    scales = []
-    for layer, unit in zip(layers.unbind(1), plain):
-        massive = massive_rows(layer)
-        typical = math.sqrt(cfg.d_in / layer[~massive].float().pow(2).sum(-1).mean().item())
-        scales.append(math.sqrt(unit.item() * typical) if massive.any() else unit.item())
-    out = torch.tensor(scales, dtype=torch.float64)
+    units = _unit_scales(targets, cfg).double().reshape(-1)
+    # the typical rows' unit scale is unit / share, so the geometric mean is unit / sqrt(share)
+    shares = [typical_share(y) for y in layers.unbind(1)]
+    out = torch.tensor([u.item() / math.sqrt(share) for u, share in zip(units, shares)], dtype=torch.float64)
     return out if cfg.cross_layer else out[0]
 
 
@@ -336,8 +333,13 @@ def skip_lr_scale(targets: torch.Tensor) -> float:
     attention-sink rows, 99.7% of the variance) the other rows are 1/27 of it, the skip's steps swamp
     them (predicted worse than their mean) and replacing the MLP cost 0.397 nats; at this scale 0.004
     less than exact, and unchanged where no row is massive (docs/dictionaries.md)."""
-    norm2 = targets.float().pow(2).sum(-1)
-    typical = ~massive_rows(targets)
+    return typical_share(targets)
+
+
+def typical_share(rows: torch.Tensor) -> float:
+    """sqrt(E||r||^2 over the rows that are not massive / E||r||^2 over all rows): 1 where none is."""
+    norm2 = rows.float().pow(2).sum(-1)
+    typical = ~massive_rows(rows)
     return math.sqrt(norm2[typical].mean().item() / max(norm2.mean().item(), 1e-30))
 
 
