@@ -146,7 +146,7 @@ class SAESpec(Section):
     aux_k: PositiveInt | None = None  # default: d_model / 2, at most 512
     dead_tokens: PositiveInt | None = None  # default: 8 n/k tokens, from one batch to 10M (recipe paper: 10M)
     multi_topk: bool = False
-    encoder_bias: bool = False
+    encoder_bias: bool = True  # off: the paper's §2.3 equation (an SAE's sink latents then go ungated)
     # default: standardize for an SAE, dataset_scale for a transcoder (its target cannot be standardised)
     normalization: Literal["none", "standardize", "dataset_scale"] = "standardize"
     activation: Literal["topk", "batchtopk"] = "topk"

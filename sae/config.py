@@ -54,7 +54,9 @@ class SAEConfig:
     d_in: int
     n_latents: int
     k: int
-    encoder_bias: bool = False  # the paper's §2.3 equation has none; the released code has one
+    # the paper's §2.3 equation has none; the released code has one, and an SAE started at data rows
+    # gates its attention-sink latents with it (sae.train.size_sink_latents)
+    encoder_bias: bool = True
     normalization: Normalization | None = None  # None: standardize for an SAE, dataset_scale for a transcoder
     # batchtopk: the k*B largest pre-activations of a training batch; at inference, the latents above
     # a threshold learnt in training (at most 4k per token)
@@ -160,8 +162,10 @@ def matryoshka_problem(groups, n_latents: int) -> str | None:
 # (the pipeline's stage keys include it: SAEs trained by older defaults are retrained, not reused).
 # 2: the dead-latent window of 8 n/k tokens. 3: signum's short-run lr factor (128 / steps)^(3/8).
 # 4: the store's reader shuffles rows in blocks of 256 MB (was 8 chunks), each block's batches its own.
-# 5: signum's lr at most MAX_SIGN_ROW_STEP / sqrt(d_in).
-RECIPE_VERSION = 5
+# 5: signum's lr at most MAX_SIGN_ROW_STEP / sqrt(d_in). 6: an SAE starts at distinct sample rows,
+# its attention sinks' latents gated by an encoder bias (now on by default), and AuxK leaves out the
+# latents that fired in the batch (TrainConfig.resolved_decoder_init).
+RECIPE_VERSION = 6
 
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]
@@ -250,7 +254,7 @@ class TrainConfig:
     # transcoder's at sample pairs, a cross-layer one's per layer block, attention sinks' pairs sized
     # to their targets), and the encoder's step sized to its norm (fewer steps to a good fit;
     # sae.train.decoder_rows_from_data, size_sink_latents, encoder_step_scale).
-    # None: data for a transcoder, random for an SAE (resolved_decoder_init)
+    # None: data, random under the paper recipe for an SAE (resolved_decoder_init)
     decoder_init: Literal["random", "data"] | None = None
     geometric_median_samples: int = 32768
     seed: int = 0
@@ -338,14 +342,13 @@ class TrainConfig:
         return max(self.batch_tokens, min(PAPER_DEAD_TOKENS, firings * n_latents // k))
 
     def resolved_decoder_init(self, cfg: SAEConfig) -> Literal["random", "data"]:
-        """decoder_init unset: "data" for a transcoder, whose latents then start at sample pairs (on
-        SmolLM2's MLPs 12 and 20 a third to a fifteenth of the dead latents at an equal or lower FVU; a
-        cross-layer transcoder over MLPs 8-11, its sinks sized, a fifth to a half of random rows' dead
-        latents and a third of their CE increase; docs/dictionaries.md); "random" for an SAE (data rows
-        raise its plain nMSE in runs of few steps, docs/method.md)."""
+        """decoder_init unset: "data" (on SmolLM2's residual stream nMSE* lower in all 36 cells of the
+        quality table and at most 1% dead in most short runs at large batches, docs/method.md; on its
+        MLPs a third to a fifteenth of a transcoder's dead latents, docs/dictionaries.md); "random"
+        for an SAE under the paper recipe, whose §A.1 init it is."""
         if self.decoder_init is not None:
             return self.decoder_init
-        return "data" if cfg.transcoder else "random"
+        return "random" if self.paper and not cfg.transcoder else "data"
 
     def resolved_aux_k(self, d_in: int) -> int:
         if self.aux_k is not None:

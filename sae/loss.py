@@ -195,7 +195,7 @@ def sae_loss(
         loss = loss + sq_err(x_norm, decode(k_wide), mse_scale) / 8
     aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:
-        fired = _fired(sae, main_values, main_indices, latents)
+        fired = _fired(sae, tcfg, main_values, main_indices, latents)
         aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents, fired)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), main_values.detach(), main_indices)
@@ -253,18 +253,21 @@ def _aux_width(tcfg: TrainConfig, d_in: int, n_latents: int, dead: DeadLatents) 
     return min(tcfg.resolved_aux_k(d_in), n_latents if dead.mode is AuxMode.MASKED else dead.everywhere)
 
 
-def _fired(sae: TopKSAE, values: torch.Tensor, indices: torch.Tensor, latents: Latents) -> torch.Tensor | None:
-    """A transcoder's latents (this process's) that fired anywhere in the global batch's code, which
-    AuxK leaves out; None for an SAE.
+def _fired(
+    sae: TopKSAE, tcfg: TrainConfig, values: torch.Tensor, indices: torch.Tensor, latents: Latents
+) -> torch.Tensor | None:
+    """The latents (this process's) that fired anywhere in the global batch's code, which AuxK leaves
+    out, where they started at sample rows (decoder_init "data"); None where they started random.
 
     Why: a short dead window (8 n / k tokens: one batch of 1024 at 4096 latents and k 32) counts rare
-    latents as dead, and on a transcoder AuxK's steps (under sign descent the full lr, whatever
-    aux_coef) turned the ones that still fired away from their pair: SmolLM2's MLP 20 at 100k /
-    200k / 400k tokens, 10.4 / 2.1 / 1.3% dead, 8.1 / 1.3 / 0.6% left out of AuxK, at FVU +0.5%
-    (a transcoder's window is now 4x as long as well: TRANSCODER_DEAD_WINDOW_FACTOR). On SAEs
-    (layers 12 and 27, batches of 4096) it left more dead at 200k and 400k, so they
-    keep AuxK as it was (docs/dictionaries.md)."""
-    if not sae.cfg.transcoder:
+    latents as dead, and a latent started at a sample row is often rare; AuxK's steps (under sign
+    descent the full lr, whatever aux_coef) turned the ones that still fired away from their row. A
+    transcoder on SmolLM2's MLP 20 at 100k / 200k / 400k tokens: 10.4 / 2.1 / 1.3% dead, 8.1 / 1.3 /
+    0.6% left out of AuxK, at FVU +0.5% (its window is now 4x as long as well:
+    TRANSCODER_DEAD_WINDOW_FACTOR); an SAE at layers 20 / 27, batches of 1024, 100k tokens: 2.2 /
+    6.7% dead, 1.0 / 2.0% left out. Random rows fire as often as each other, and there leaving them
+    out kept more dead at 200k and 400k (layers 12 and 27, batches of 4096; docs/method.md)."""
+    if tcfg.resolved_decoder_init(sae.cfg) != "data":
         return None
     counts = torch.zeros(sae.cfg.n_latents, device=values.device)
     counts.index_add_(0, indices.flatten(), (values.detach() > 0).flatten().to(counts.dtype))
@@ -325,7 +328,7 @@ def _batch_topk_loss(
             aux_values, aux_indices = sae.W_dec.new_zeros(rows_here, 0), dead_rows.new_zeros(rows_here, 0)
         missing = width - aux_values.shape[1]  # fewer dead latents here than the width: zero picks
         aux_values, aux_indices = F.pad(aux_values, (0, missing)), F.pad(aux_indices, (0, missing))
-        fired = _fired(sae, values, cols, latents)
+        fired = _fired(sae, tcfg, values, cols, latents)
         aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents, fired)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), values.detach(), cols)

@@ -44,8 +44,9 @@ def init_from_sample(
     The MSE scale is 1 / E||y - mean(y)||^2 on the sample (y: the target, an SAE's input), fixed for
     the whole run: the paper normalises the loss once, never per batch. A transcoder's encoder bias
     starts at -W_enc m (m: its input's geometric median), so that its encoder reads centred inputs
-    as an SAE's does. With `decoder_rows_from` (an SAE's), the tied rows start at sample rows drawn
-    by that generator (decoder_rows_from_data) before the encoder is scaled.
+    as an SAE's does. With `decoder_rows_from`, the latents start at sample rows (pairs) drawn by
+    that generator (decoder_rows_from_data) before the encoder is scaled; an SAE's attention sinks
+    are judged on its raw rows, where they are massive (standardised, they are not).
     """
     x_raw, y_raw = sae.split(sample)
     if sae.cfg.normalization == "dataset_scale":
@@ -61,7 +62,8 @@ def init_from_sample(
             centre = geometric_median(x)
     sinks = NO_SINKS
     if decoder_rows_from is not None:
-        sinks = decoder_rows_from_data(sae, x, decoder_rows_from, y if sae.cfg.transcoder else None, centre)
+        raw_sinks = None if sae.cfg.transcoder else massive_rows(x_raw)
+        sinks = decoder_rows_from_data(sae, x, decoder_rows_from, y if sae.cfg.transcoder else None, centre, raw_sinks)
     if centre is not None and sae.b_enc is not None:
         sae.b_enc.copy_(-(sae.preactivations(centre[None])[0] if sae.cfg.cross_layer else sae.W_enc @ centre))
     if scale_encoder:
@@ -99,10 +101,12 @@ def decoder_rows_from_data(
     generator: torch.Generator,
     target: torch.Tensor | None = None,
     centre: torch.Tensor | None = None,
+    sink_rows: torch.Tensor | None = None,
 ) -> SinkLatents:
     """An SAE's decoder rows, and its tied encoder rows, set to the unit directions of centred sample
     rows (x - b_pre) taken in an order drawn by `generator`, skipping any row within DISTINCT_COS of
-    one already taken; latents beyond the distinct rows found keep their random rows. A transcoder's
+    one already taken, the `sink_rows` (massive in the raw space) first; latents beyond the distinct
+    rows found keep their random rows. A transcoder's
     latent starts at a sample pair instead: its encoder row reads its input's direction (x - centre,
     the input's geometric median, the point its encoder bias reads from), its decoder row writes its
     target's (y - b_pre); the pairs whose target is massive come first, so that each distinct sink
@@ -116,7 +120,8 @@ def decoder_rows_from_data(
     ended dead after a few steps; drawing distinct rows also lowered the held-out nMSE*."""
     cfg = sae.cfg
     if not cfg.cross_layer:
-        return _start_at_pairs(sae, slice(0, cfg.n_latents), *_drawn_pairs(sae, x_norm, generator, target, centre))
+        pairs = _drawn_pairs(sae, x_norm, generator, target, centre, sink_rows=sink_rows)
+        return _start_at_pairs(sae, slice(0, cfg.n_latents), *pairs)
     # a cross-layer transcoder's block l: pairs of (x_l, y_l .. y_L), its own draw of the sample, so
     # that two blocks do not start at one token's pattern on the layers both write
     L, d, m = cfg.layers(), cfg.d_in, cfg.n_latents // cfg.layers()
@@ -136,16 +141,19 @@ def _drawn_pairs(
     target: torch.Tensor | None,
     centre: torch.Tensor | None,
     own: slice = slice(None),
+    sink_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(what encoder rows read, what decoder rows write, which are sinks) of the sample's rows in an
-    order drawn by `generator`: centred inputs both for an SAE (no sinks); a transcoder's input less
-    its centre and target less b_pre, the pairs whose target (its `own` columns) is massive first."""
+    order drawn by `generator`, the sinks first, each part in the draw's order: for an SAE its centred
+    inputs both, the sinks its `sink_rows`; for a transcoder its input less its centre and target less
+    b_pre, the sinks the pairs whose target (its `own` columns) is massive."""
     order = torch.randperm(len(x_norm), generator=generator).to(x_norm.device)
     if target is None:
-        reads = x_norm[order] - sae.b_pre
-        return reads, reads, torch.zeros(len(reads), dtype=torch.bool, device=reads.device)
-    reads, writes = x_norm[order] - (0.0 if centre is None else centre), target[order] - sae.b_pre
-    massive = massive_rows(writes[:, own])
+        reads = writes = x_norm[order] - sae.b_pre
+        massive = torch.zeros_like(order, dtype=torch.bool) if sink_rows is None else sink_rows.to(order.device)[order]
+    else:
+        reads, writes = x_norm[order] - (0.0 if centre is None else centre), target[order] - sae.b_pre
+        massive = massive_rows(writes[:, own])
     first = torch.argsort((~massive).to(torch.int8), stable=True)  # the sinks first, each part in the draw's order
     return reads[first], writes[first], massive[first]
 
@@ -178,15 +186,18 @@ def size_sink_latents(sae: TopKSAE, sinks: SinkLatents) -> None:
     scale a latent started at such a pair needs a code that sign steps take thousands of steps to
     reach, so the sink rows went unpredicted (one-layer transcoder FVU 0.52 at layer 11 after 200k
     tokens, against 0.011 sized; docs/dictionaries.md). Ordinary rows, unlike a sink's, project far
-    below the gate."""
-    if not len(sinks.latents):
+    below the gate. An SAE standardises each row, so its sinks (SmolLM2's residual stream: a few
+    identical rows at 38-171x the median norm, 76-98% of the raw variance) weigh in training as any
+    row does, but their error, scaled back, decides its plain nMSE: at batches of 16384 and 100k
+    tokens 0.19 at layer 20 without a gated latent of their own, 0.06 with one (docs/method.md). An
+    SAE without an encoder bias cannot gate them: its sink latents stay ordinary data rows."""
+    if not len(sinks.latents) or sae.b_enc is None:
         return
     i = sinks.latents
     factor = sinks.writes / sinks.reads / sae.W_enc[i].norm(dim=1).clamp_min(1e-12)
     sae.W_enc[i] *= factor[:, None]
-    if sae.b_enc is not None:
-        sae.b_enc[i] *= factor
-        sae.b_enc[i] -= SINK_GATE * sinks.writes
+    sae.b_enc[i] *= factor
+    sae.b_enc[i] -= SINK_GATE * sinks.writes
 
 
 def distinct_rows(unit_rows: torch.Tensor, most: int, max_cos: float, block: int = 2048) -> torch.Tensor:
@@ -651,7 +662,7 @@ class Trainer:
         if saved != here:  # torch's own message names neither cause nor fix
             raise ValueError(
                 f"checkpoint: its optimizer has {saved} parameter groups, this trainer's {here}: it was saved "
-                "under other training settings (a one-layer transcoder from before its sample-pair init: "
+                "under other training settings (an SAE or a one-layer transcoder from before its sample-row init: "
                 "resume it with TrainConfig(decoder_init='random'))"
             )
         self.opt.load_state_dict({"state": state, "param_groups": meta["opt_param_groups"]})

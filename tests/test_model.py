@@ -31,6 +31,8 @@ def dense_reference_loss(sae, x_norm, mse_scale, tcfg, dead):
     if n_dead:
         aux_pre = pre.masked_fill(~dead, float("-inf"))
         z_aux = keep_top(aux_pre, min(tcfg.aux_k, n_dead)).nan_to_num(0.0)
+        if tcfg.resolved_decoder_init(sae.cfg) == "data":  # the latents that fired in the batch add nothing
+            z_aux = z_aux * ~(keep_top(pre, k) > 0).any(0)
         loss = loss + tcfg.aux_coef * err(x_norm - recon.detach(), z_aux @ sae.W_dec)
     return loss
 
@@ -49,15 +51,16 @@ def make_sae(bias=True, n=96, d=12, k=5, seed=0):
 @pytest.mark.parametrize("multi_topk", [False, True])
 @pytest.mark.parametrize("n_dead", [0, 3, 40])
 @pytest.mark.parametrize("picks", ["counted", "fixed"])
-def test_loss_and_gradients_match_dense_reference(bias, multi_topk, n_dead, picks):
+@pytest.mark.parametrize("init", ["data", "random"])
+def test_loss_and_gradients_match_dense_reference(bias, multi_topk, n_dead, picks, init):
     """AuxK as the trainer runs it (the dead latents counted: their rows alone, at most aux_k picks)
     and as a CUDA graph replays it (aux_k picks over the mask, zero beyond the dead latents): both
-    are the dense reference."""
+    are the dense reference, with (data rows) or without (random rows) the fired latents left out."""
     sae = make_sae(bias)
     x = torch.randn(33, 12, dtype=torch.float64)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
-    tcfg = TrainConfig(aux_k=16, multi_topk=multi_topk)
+    tcfg = TrainConfig(aux_k=16, multi_topk=multi_topk, decoder_init=init)
 
     parts = sae_loss(sae, x, 0.7, tcfg, DeadLatents.counted(dead) if picks == "counted" else DeadLatents.masked(dead))
     parts.loss.backward()
@@ -169,8 +172,9 @@ def test_save_load_round_trip(tmp_path):
     assert not list((tmp_path / "s").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("n_dead", [0, 5])
-def test_batch_topk_loss_and_gradients_match_dense_reference(n_dead):
+@pytest.mark.parametrize("n_dead", [0, 5, 60])
+@pytest.mark.parametrize("init", ["data", "random"])
+def test_batch_topk_loss_and_gradients_match_dense_reference(n_dead, init):
     torch.manual_seed(3)
     sae = TopKSAE(SAEConfig(12, 96, 5, encoder_bias=True, activation="batchtopk")).double()
     with torch.no_grad():
@@ -179,7 +183,7 @@ def test_batch_topk_loss_and_gradients_match_dense_reference(n_dead):
     x = torch.randn(21, 12, dtype=torch.float64)
     dead = torch.zeros(96, dtype=torch.bool)
     dead[torch.randperm(96)[:n_dead]] = True
-    tcfg = TrainConfig(aux_k=3)
+    tcfg = TrainConfig(aux_k=3, decoder_init=init)
     parts = sae_loss(sae, x, 0.3, tcfg, DeadLatents.counted(dead))
     parts.loss.backward()
     sparse_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
@@ -195,6 +199,8 @@ def test_batch_topk_loss_and_gradients_match_dense_reference(n_dead):
         aux_pre = pre.masked_fill(~dead, float("-inf"))
         top = aux_pre.topk(3, dim=1)
         z_aux = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        if init == "data":  # the latents that fired in the batch add nothing
+            z_aux = z_aux * ~(z > 0).any(0)
         ref = ref + tcfg.aux_coef * (x - recon.detach() - z_aux @ sae.W_dec).pow(2).sum(1).mean() * 0.3
     ref.backward()
     assert torch.allclose(parts.loss, ref, rtol=1e-10)

@@ -12,7 +12,7 @@ from test_train import planted_data
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
 from sae.geometric_median import geometric_median
 from sae.kernels import sparse_decode, topk_encode
-from sae.train import DISTINCT_COS, SINK_GATE, distinct_rows, lr_factor, scale_encoder_least_squares
+from sae.train import DISTINCT_COS, SINK_GATE, distinct_rows, lr_factor, massive_rows, scale_encoder_least_squares
 
 
 def test_least_squares_encoder_scale_is_the_argmin():
@@ -291,7 +291,7 @@ def test_a_data_initialised_encoder_steps_by_its_own_scale():
     torch.testing.assert_close(t.opt.state[enc]["z"], before["W_enc"] - lr * scale * enc.grad)
     stepped = before["W_dec"] - lr * dec.grad
     torch.testing.assert_close(t.opt.state[dec]["z"], stepped / stepped.norm(dim=1, keepdim=True))
-    plain = Trainer(SAEConfig(24, 96, 4), TrainConfig(batch_tokens=256, tokens=512))
+    plain = Trainer(SAEConfig(24, 96, 4), TrainConfig(batch_tokens=256, tokens=512, decoder_init="random"))
     assert not any(g.get("encoder") for g in plain.opt.param_groups) and len(plain.opt.param_groups) == 2
 
 
@@ -377,16 +377,53 @@ def test_a_transcoders_sink_pairs_start_first_sized_to_their_targets():
         torch.testing.assert_close(sae.W_enc[:4].norm(dim=1), target_norms / (x_norm[own] - centre).norm(dim=1))
 
 
-def test_decoder_init_unset_is_data_for_transcoders_alone():
-    unset = TrainConfig()
-    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4)) == "random"
-    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True)) == "data"
-    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, skip_connection=True)) == "data"
-    assert unset.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True, cross_layer=2)) == "data"
+@pytest.mark.parametrize("bias", [True, False])
+def test_an_saes_attention_sink_rows_start_a_gated_latent_of_their_own(bias):
+    """An SAE's rows that are massive in the raw space (identical rows at 400x the others' norm, as
+    SmolLM2's attention sinks are; standardised, they are not massive) start latent 0 whatever the
+    draw. With an encoder bias (the default) that latent's code on them is SINK_GATE of their
+    centred norm and it is silent on every ordinary row; without one it keeps the least-squares
+    factor of the other rows, ungated."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 64, generator=g) + 0.5
+    sinks = torch.tensor([5, 77, 300, 411])
+    x[sinks] = 400.0 * torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    t = Trainer(SAEConfig(64, 96, 4, encoder_bias=bias), TrainConfig(batch_tokens=64, tokens=256, seed=2))
+    t.initialize(x)
+    sae = t.sae
+    with torch.no_grad():
+        s = sae.normalize(x)[0] - sae.b_pre
+        assert not massive_rows(s)[sinks].any()  # judged on the raw rows
+        torch.testing.assert_close(sae.W_dec[0], s[5] / s[5].norm())
+        assert (sae.W_dec[1:] @ sae.W_dec[0]).max() < DISTINCT_COS  # one latent for the identical rows
+        pre = s @ sae.W_enc.T + (sae.b_enc if bias else 0.0)
+        factor = sae.W_enc[1:].norm(dim=1)
+        assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
+        if bias:
+            torch.testing.assert_close(pre[sinks, 0], SINK_GATE * s[sinks].norm(dim=1))
+            ordinary = torch.ones(len(x), dtype=torch.bool)
+            ordinary[sinks] = False
+            assert pre[ordinary, 0].max() < 0
+            assert sae.b_enc[1:].abs().max() == 0
+        else:
+            assert sae.W_enc[0].norm() == pytest.approx(factor[0].item(), rel=1e-5)
+
+
+def test_decoder_init_unset_is_data_but_random_for_an_sae_under_the_paper_recipe():
+    unset, paper = TrainConfig(), TrainConfig(recipe="paper")
+    for cfg in (
+        SAEConfig(16, 64, 4),
+        SAEConfig(16, 64, 4, transcoder=True),
+        SAEConfig(16, 64, 4, transcoder=True, skip_connection=True),
+        SAEConfig(16, 64, 4, transcoder=True, cross_layer=2),
+    ):
+        assert unset.resolved_decoder_init(cfg) == "data"
+        assert paper.resolved_decoder_init(cfg) == ("data" if cfg.transcoder else "random")
     chosen = TrainConfig(decoder_init="random")
     assert chosen.resolved_decoder_init(SAEConfig(16, 64, 4, transcoder=True)) == "random"
-    transcoder = Trainer(SAEConfig(16, 64, 4, transcoder=True), TrainConfig(batch_tokens=64, tokens=256))
-    assert any(g.get("encoder") for g in transcoder.opt.param_groups)  # the encoder's own step (data rows)
+    sae = Trainer(SAEConfig(16, 64, 4), TrainConfig(batch_tokens=64, tokens=256))
+    assert any(g.get("encoder") for g in sae.opt.param_groups)  # the encoder's own step (data rows)
+    assert sae.sae.b_enc is not None  # an encoder bias by default: it gates the sink latents
 
 
 def test_a_transcoder_checkpoint_from_random_rows_resumes_only_with_random_rows():

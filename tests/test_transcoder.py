@@ -367,17 +367,21 @@ def test_the_skip_lr_scale_is_the_typical_rows_share_of_the_scale():
 
 
 @pytest.mark.parametrize("transcoder", [True, False])
-def test_auxk_leaves_out_a_transcoders_latents_that_fired_in_the_batch(transcoder):
-    """Every latent counted dead: AuxK's term equals a dense reference in which a transcoder's picks
-    among the latents that fired in the batch's code add nothing (an SAE's all add), and those
-    latents' encoder rows get the main loss's gradient alone."""
+@pytest.mark.parametrize("init", ["data", "random"])
+def test_auxk_leaves_out_the_latents_that_fired_in_the_batch_where_they_started_at_data_rows(transcoder, init):
+    """Every latent counted dead: AuxK's term equals a dense reference in which, under decoder_init
+    "data" (an SAE's and a transcoder's default), the picks among the latents that fired in the
+    batch's code add nothing (under "random" all add), and those latents' encoder rows get the main
+    loss's gradient alone."""
     from sae.loss import DeadLatents
 
     torch.manual_seed(0)
     d, n, k, aux_k = 12, 48, 4, 16
     sae = _transcoder(skip=False, d=d, n=n, k=k) if transcoder else TopKSAE(SAEConfig(d, n, k, encoder_bias=True))
     x, y = torch.randn(6, d), torch.randn(6, d)
-    tcfg = TC(batch_tokens=6, aux_k=aux_k, aux_coef=1.0)
+    tcfg = TC(batch_tokens=6, aux_k=aux_k, aux_coef=1.0, decoder_init=init)
+    assert TC(batch_tokens=6).resolved_decoder_init(sae.cfg) == "data"
+    left_out = init == "data"
     dead = DeadLatents.counted(torch.ones(n, dtype=torch.bool))
     target = y if transcoder else None
     parts = sae_loss(sae, x, 1.0, tcfg, dead, target=target)
@@ -387,7 +391,7 @@ def test_auxk_leaves_out_a_transcoders_latents_that_fired_in_the_batch(transcode
     fired = (main > 0).any(0)
     recon = main @ sae.W_dec + sae.b_pre
     aux_top = pre.topk(aux_k)
-    kept = aux_top.values * (~fired[aux_top.indices] if transcoder else 1)
+    kept = aux_top.values * (~fired[aux_top.indices] if left_out else 1)
     aux_recon = torch.zeros_like(pre).scatter(1, aux_top.indices, kept) @ sae.W_dec
     want = ((y if transcoder else x) - recon - aux_recon).pow(2).sum(-1).mean()
     assert fired.sum() > 1 and (fired[aux_top.indices]).any()  # some picks fired, so the case is live
@@ -395,13 +399,13 @@ def test_auxk_leaves_out_a_transcoders_latents_that_fired_in_the_batch(transcode
 
     def encoder_grad(aux_coef: float) -> torch.Tensor:
         sae.zero_grad()
-        step = TC(batch_tokens=6, aux_k=aux_k, aux_coef=aux_coef)
+        step = TC(batch_tokens=6, aux_k=aux_k, aux_coef=aux_coef, decoder_init=init)
         sae_loss(sae, x, 1.0, step, dead, target=target).loss.backward()
         return sae.W_enc.grad.clone()
 
     with_aux, without = encoder_grad(1.0), encoder_grad(0.0)
     same = torch.allclose(with_aux[fired], without[fired], atol=1e-6)
-    assert same == transcoder  # a transcoder's fired latents: AuxK adds no gradient; an SAE's: it does
+    assert same == left_out  # the fired latents: AuxK adds no gradient under "data", under "random" it does
     assert not torch.allclose(with_aux[~fired], without[~fired])  # the others are AuxK's to move
 
 
