@@ -725,6 +725,8 @@ def test_an_sae_on_which_no_latent_fires_gets_its_metrics(tiny_model_dir, text_d
     sae = TopKSAE.load(folder)
     with torch.no_grad():
         sae.W_enc.zero_()  # every pre-activation 0: nothing fires
+        if sae.b_enc is not None:  # on by default: the sink latents' gates sit below 0, the rest at 0
+            sae.b_enc.zero_()
     sae.save(folder, metadata=sae.metadata)
     metrics = stages.evaluate(spec, "model.layers.1", progress=False)
     assert metrics["dead_fraction"] == 1.0 and metrics["ablation_sparsity_samples"] == 0.0
