@@ -164,8 +164,9 @@ def matryoshka_problem(groups, n_latents: int) -> str | None:
 # 4: the store's reader shuffles rows in blocks of 256 MB (was 8 chunks), each block's batches its own.
 # 5: signum's lr at most MAX_SIGN_ROW_STEP / sqrt(d_in). 6: an SAE starts at distinct sample rows,
 # its attention sinks' latents gated by an encoder bias (now on by default), and AuxK leaves out the
-# latents that fired in the batch (TrainConfig.resolved_decoder_init).
-RECIPE_VERSION = 6
+# latents that fired in the batch (TrainConfig.resolved_decoder_init). 7: an SAE's sample rows are
+# drawn as spread as the sample allows (cosine bounds 0.5, then 0.6, then 0.7: sae.train.spread_rows).
+RECIPE_VERSION = 7
 
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]
