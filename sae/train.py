@@ -205,7 +205,7 @@ def size_sink_latents(sae: TopKSAE, sinks: SinkLatents) -> None:
     sae.b_enc[i] -= SINK_GATE * sinks.writes
 
 
-def spread_rows(unit_rows: torch.Tensor, most: int, ladder: Sequence[float]) -> torch.Tensor:
+def spread_rows(unit_rows: torch.Tensor, most: int, ladder: Sequence[float], block: int = 2048) -> torch.Tensor:
     """The positions of up to `most` unit rows, as spread as the rows allow: the distinct_rows below
     the ladder's first cosine bound, then, while fewer than `most` are kept, those of the remaining
     rows below the next bound to every row kept, and so on.
@@ -216,7 +216,7 @@ def spread_rows(unit_rows: torch.Tensor, most: int, ladder: Sequence[float]) -> 
     nMSE 0.0388 against 0.0300 from the ladder; docs/method.md)."""
     kept = torch.zeros(0, dtype=torch.long, device=unit_rows.device)
     for max_cos in ladder:
-        kept = distinct_rows(unit_rows, most, max_cos, kept=kept)
+        kept = distinct_rows(unit_rows, most, max_cos, block, kept)
         if len(kept) == most:
             break
     return kept
@@ -227,8 +227,8 @@ def distinct_rows(
 ) -> torch.Tensor:
     """The positions of up to `most` of the unit rows, greedily in their order, each below `max_cos`
     cosine to every row kept before it. Within a block a row goes when any earlier row of the block
-    is too close, kept or not: a few more rows dropped than a one-by-one pass drops, for matrix
-    products. Rows in `kept` (positions, kept already) count as kept before every block."""
+    that is far enough from the rows kept before the block is too close, kept or not: a few more rows
+    dropped than a one-by-one pass drops, for matrix products. Rows in `kept` (positions, kept already) count as kept before every block."""
     if kept is None:
         kept = torch.zeros(0, dtype=torch.long, device=unit_rows.device)
     taken = torch.zeros(len(unit_rows), dtype=torch.bool, device=unit_rows.device)

@@ -12,7 +12,15 @@ from test_train import planted_data
 from sae import SAEConfig, TopKSAE, TrainConfig, Trainer, auto_lr, train_sae
 from sae.geometric_median import geometric_median
 from sae.kernels import sparse_decode, topk_encode
-from sae.train import DISTINCT_COS, SINK_GATE, distinct_rows, lr_factor, massive_rows, scale_encoder_least_squares
+from sae.train import (
+    SAE_DISTINCT_COS,
+    SINK_GATE,
+    TRANSCODER_DISTINCT_COS,
+    lr_factor,
+    massive_rows,
+    scale_encoder_least_squares,
+    spread_rows,
+)
 
 
 def test_least_squares_encoder_scale_is_the_argmin():
@@ -219,34 +227,48 @@ def test_the_optimizer_projects_the_decoder_gradient_as_the_separate_pass_does()
     assert not clipped.opt.param_groups[0]["project_rows"]
 
 
-def greedy_distinct(rows: torch.Tensor, most: int, max_cos: float, block: int) -> list[int]:
-    """The rule of sae.train.distinct_rows, one row at a time: a row is kept when its cosine is below
-    max_cos to every row kept from an earlier block and to every earlier row of its own block."""
+def greedy_distinct(rows: torch.Tensor, most: int, ladder: tuple[float, ...], block: int) -> list[int]:
+    """The rule of sae.train.spread_rows, one row at a time: for each bound of the ladder in turn, a
+    row not kept yet is kept when its cosine is below the bound to every row kept before its block
+    (by an earlier bound, or by this one from an earlier block) and to every earlier row of its own
+    block that is itself below the bound to all of those."""
     kept: list[int] = []
-    for i in range(len(rows)):
-        start = i - i % block
-        earlier = [j for j in kept if j < start] + list(range(start, i))
-        if all(float(rows[i] @ rows[j]) < max_cos for j in earlier) and len(kept) < most:
-            kept.append(i)
+
+    def apart(i: int, others: list[int], max_cos: float) -> bool:
+        return all(float(rows[i] @ rows[j]) < max_cos for j in others)
+
+    for max_cos in ladder:
+        before = set(kept)
+        for i in range(len(rows)):
+            start = i - i % block
+            prior = [j for j in kept if j in before or j < start]
+            rivals = [j for j in range(start, i) if j not in before and apart(j, prior, max_cos)]
+            if i not in before and len(kept) < most and apart(i, prior + rivals, max_cos):
+                kept.append(i)
     return kept
 
 
-@pytest.mark.parametrize("most, block", [(1000, 64), (20, 2048)])
-def test_distinct_rows_follow_the_greedy_rule(most, block):
-    """Clusters of near-copies: one row per cluster survives, in the draw's order, as the plain loop says."""
+@pytest.mark.parametrize("most, block, ladder", [(1000, 64, (0.7,)), (20, 2048, (0.7,)), (1000, 64, (0.2, 0.7))])
+def test_spread_rows_follow_the_greedy_rule(most, block, ladder):
+    """Clusters of near-copies: one row per cluster survives, in the draw's order, as the plain loop
+    says; under a ladder, the first bound's rows come first, the next bound's rows after them."""
     g = torch.Generator().manual_seed(3)
     centres = torch.nn.functional.normalize(torch.randn(40, 12, generator=g), dim=1)
     rows = torch.nn.functional.normalize(centres.repeat(5, 1) + 0.05 * torch.randn(200, 12, generator=g), dim=1)
-    got = distinct_rows(rows, most, 0.7, block)
-    assert got.tolist() == greedy_distinct(rows, most, 0.7, block)
+    got = spread_rows(rows, most, ladder, block)
+    assert got.tolist() == greedy_distinct(rows, most, ladder, block)
     cos = (rows[got] @ rows[got].T).fill_diagonal_(0)
-    assert cos.max() < 0.7 and len(got) <= min(most, 40)
+    assert cos.max() < ladder[-1] and len(got) <= min(most, 40)
+    if len(ladder) > 1:  # the tight bound keeps a few rows, the loose one fills in the other clusters
+        tight = len(greedy_distinct(rows, most, ladder[:1], block))
+        assert 0 < tight < len(got) == 40
+        assert (rows[got[:tight]] @ rows[got[:tight]].T).fill_diagonal_(0).max() < ladder[0]
 
 
 @pytest.mark.parametrize("n_latents", [96, 400])  # fewer latents than distinct sample rows, and more
 def test_decoder_rows_from_data_are_distinct_centred_sample_rows(n_latents):
     """decoder_init "data": the first decoder rows are the unit directions of sample rows minus b_pre,
-    in the order drawn by the run's seed, skipping rows within DISTINCT_COS of an earlier one; the
+    in the order drawn by the run's seed, as spread as the sample allows (SAE_DISTINCT_COS); the
     encoder rows are the same directions times the one least-squares factor; latents past them keep
     the random init."""
     x, _ = planted_data(256, 24, 64, 4, seed=5)
@@ -260,7 +282,7 @@ def test_decoder_rows_from_data_are_distinct_centred_sample_rows(n_latents):
         x_norm = data.sae.normalize(x)[0]
         drawn = x_norm[torch.randperm(len(x), generator=torch.Generator().manual_seed(7))] - data.sae.b_pre
         drawn = drawn / drawn.norm(dim=1, keepdim=True)
-    want = drawn[greedy_distinct(drawn, n_latents, DISTINCT_COS, 2048)]
+    want = drawn[greedy_distinct(drawn, n_latents, SAE_DISTINCT_COS, 2048)]
     m = len(want)
     assert 24 < m < 256  # some rows were skipped, and more than a basis' worth kept
     torch.testing.assert_close(data.sae.W_dec[:m], want)
@@ -333,7 +355,7 @@ def test_a_transcoders_data_rows_are_sample_pairs():
     sae, x_norm, y_norm, order, centre = _transcoder_started_at_pairs(x, y)
     with torch.no_grad():
         reads = torch.nn.functional.normalize(x_norm[order] - centre, dim=1)
-        kept = greedy_distinct(reads, 48, DISTINCT_COS, 2048)
+        kept = greedy_distinct(reads, 48, TRANSCODER_DISTINCT_COS, 2048)
         writes = torch.nn.functional.normalize(y_norm[order][kept] - sae.b_pre, dim=1)
     m = len(kept)
     assert m > 16
@@ -360,7 +382,7 @@ def test_a_transcoders_sink_pairs_start_first_sized_to_their_targets():
     with torch.no_grad():
         first = torch.cat([order[torch.isin(order, sinks)], order[~torch.isin(order, sinks)]])
         reads = torch.nn.functional.normalize(x_norm[first] - centre, dim=1)
-        kept = greedy_distinct(reads, 48, DISTINCT_COS, 2048)
+        kept = greedy_distinct(reads, 48, TRANSCODER_DISTINCT_COS, 2048)
         assert first[kept][:4].tolist() == [i for i in order.tolist() if i in sinks.tolist()]
         writes = torch.nn.functional.normalize(y_norm[first][kept] - sae.b_pre, dim=1)
         torch.testing.assert_close(sae.W_dec[: len(kept)], writes)
@@ -395,7 +417,7 @@ def test_an_saes_attention_sink_rows_start_a_gated_latent_of_their_own(bias):
         s = sae.normalize(x)[0] - sae.b_pre
         assert not massive_rows(s)[sinks].any()  # judged on the raw rows
         torch.testing.assert_close(sae.W_dec[0], s[5] / s[5].norm())
-        assert (sae.W_dec[1:] @ sae.W_dec[0]).max() < DISTINCT_COS  # one latent for the identical rows
+        assert (sae.W_dec[1:] @ sae.W_dec[0]).max() < SAE_DISTINCT_COS[-1]  # one latent for the identical rows
         pre = s @ sae.W_enc.T + (sae.b_enc if bias else 0.0)
         factor = sae.W_enc[1:].norm(dim=1)
         assert torch.allclose(factor, factor[0].expand_as(factor), rtol=1e-5)
@@ -467,7 +489,7 @@ def test_a_cross_layer_transcoders_data_rows_are_sample_pairs_per_layer_block():
             order = torch.randperm(len(x), generator=draws)
             cols = slice(layer * d, (layer + 1) * d)
             reads = torch.nn.functional.normalize((x_norm[order] - centre)[:, cols], dim=1)
-            kept = greedy_distinct(reads, m, DISTINCT_COS, 2048)
+            kept = greedy_distinct(reads, m, TRANSCODER_DISTINCT_COS, 2048)
             writes = (y_norm[order][kept] - sae.b_pre).clone()
             writes[:, : layer * d] = 0
             block = slice(layer * m, layer * m + len(kept))
