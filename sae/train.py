@@ -228,7 +228,8 @@ def distinct_rows(
     """The positions of up to `most` of the unit rows, greedily in their order, each below `max_cos`
     cosine to every row kept before it. Within a block a row goes when any earlier row of the block
     that is far enough from the rows kept before the block is too close, kept or not: a few more rows
-    dropped than a one-by-one pass drops, for matrix products. Rows in `kept` (positions, kept already) count as kept before every block."""
+    dropped than a one-by-one pass drops, for matrix products. Rows in `kept` (positions kept
+    already) count as kept before every block, and are not taken again."""
     if kept is None:
         kept = torch.zeros(0, dtype=torch.long, device=unit_rows.device)
     taken = torch.zeros(len(unit_rows), dtype=torch.bool, device=unit_rows.device)
