@@ -229,14 +229,11 @@ def distinct_rows(
     cosine to every row kept before it. Within a block a row goes when any earlier row of the block
     that is far enough from the rows kept before the block is too close, kept or not: a few more rows
     dropped than a one-by-one pass drops, for matrix products. Rows in `kept` (positions kept
-    already) count as kept before every block, and are not taken again."""
+    already) count as kept before every block: at cosine 1 to themselves, they are not taken again."""
     if kept is None:
         kept = torch.zeros(0, dtype=torch.long, device=unit_rows.device)
-    taken = torch.zeros(len(unit_rows), dtype=torch.bool, device=unit_rows.device)
-    taken[kept] = True
     for start in range(0, len(unit_rows), block):
         here = torch.arange(start, min(start + block, len(unit_rows)), device=unit_rows.device)
-        here = here[~taken[here]]
         if len(kept):
             here = here[(unit_rows[here] @ unit_rows[kept].T).amax(1) < max_cos]
         rows = unit_rows[here]
