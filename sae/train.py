@@ -75,7 +75,7 @@ def init_from_sample(
 # The cosine bounds data-initialised rows are kept below, tightest first (spread_rows; docs/method.md).
 # An SAE's: the steep planted regime lost 0.7's lead where frequent features crowd its rows.
 SAE_DISTINCT_COS = (0.5, 0.6, 0.7)
-TRANSCODER_DISTINCT_COS = (0.7,)  # its pairs' bound, the one its tables were measured at
+TRANSCODER_DISTINCT_COS = (0.7,)  # its pairs' bound: the ladder left more dead (docs/method.md)
 SINK_GATE = 0.5  # a sink latent fires on rows that project at least half as far as its own pair's input
 
 
