@@ -345,7 +345,7 @@ _LM = {}
 
 
 def delta_ce(data: dict, recon: np.ndarray) -> float:
-    from sae.lm import load_lm, logits, replaced
+    from sae.lm import capture, load_lm, logits, replaced
     from sae.metrics import next_token_ce
 
     spec = data["spec"]
@@ -362,9 +362,27 @@ def delta_ce(data: dict, recon: np.ndarray) -> float:
         if (key := ("clean", ids.numpy().tobytes())) not in _LM:  # the same contexts at every hookpoint
             _LM[key] = next_token_ce(logits(model, ids), ids).mean().item()
         clean = _LM[key]
-        with replaced(model, data["hook"], splice):
-            spliced = next_token_ce(logits(model, ids), ids).mean().item()
-    return spliced - clean
+        layer = data["hook"].removeprefix("model.layers.")
+        if not layer.isdigit():  # a module inside a layer (an MLP): the whole model, the output spliced in
+            with replaced(model, data["hook"], splice):
+                return next_token_ce(logits(model, ids), ids).mean().item() - clean
+        if (key := ("head", data["hook"], ids.numpy().tobytes())) not in _LM:
+            _LM[key] = capture(model, ids, [data["hook"]])[data["hook"]][:, :first]
+        spliced = torch.cat([_LM[key], tail.to(_LM[key].dtype)], dim=1)
+        return next_token_ce(logits_after(model, int(layer), spliced), ids).mean().item() - clean
+
+
+def logits_after(model, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's logits with `hidden` as the residual stream after decoder layer `layer`: only the
+    layers above it run (the ones below would compute, for every row's dCE, what is replaced). The
+    stream enters as inputs_embeds with the layers up to `layer` taken out: positions and the causal
+    mask depend on the sequence alone, and a Llama's embeddings are not scaled."""
+    layers = model.model.layers
+    model.model.layers = layers[layer + 1 :]
+    try:
+        return model(inputs_embeds=hidden, use_cache=False).logits
+    finally:
+        model.model.layers = layers
 
 
 # the grid -------------------------------------------------------------------------------------------
