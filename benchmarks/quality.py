@@ -282,7 +282,7 @@ def run_peer(
         threads=2,
         **data.get("job", {}),  # e.g. a transcoder's: transcode, skip
     )
-    path = workers.work / f"{data['name'].replace('/', '-')}-{library}-{settings}-{tokens}-s{seed}.json"
+    path = peer_run_path(workers.work, data["name"], library, settings, tokens, seed)
     path.write_text(json.dumps(job))
     workers.run(library, path)
     found = {}
@@ -293,6 +293,11 @@ def run_peer(
             out["decoder"] = out["decoder"].T
         found[budget] = out
     return found
+
+
+def peer_run_path(work: Path, cell: str, library: str, settings: str, tokens: int, seed: int) -> Path:
+    """A peer job's file; its outputs lie beside it (.recon.npy, ...; a snapshot's as .BUDGET.recon.npy)."""
+    return work / f"{cell.replace('/', '-')}-{library}-{settings}-{tokens}-s{seed}.json"
 
 
 def default_lr(data: dict, tokens: int) -> float:

@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import DATA, HELD_ROWS, REAL_BUDGETS, massive_rows, real_data, run_saeflow  # noqa: E402
+from quality import DATA, HELD_ROWS, REAL_BUDGETS, massive_rows, peer_run_path, real_data, run_saeflow  # noqa: E402
 
 
 def split(held: np.ndarray, recon: np.ndarray) -> str:
@@ -49,8 +49,8 @@ def main() -> None:
     print(f"L{layer}/b{batch} {tokens}: {sinks.sum()} sink rows of {HELD_ROWS}, {share:.1%} of the variance")
     trained = run_saeflow(data, tokens, "defaults")[tokens]["recon"].astype(np.float64)[:HELD_ROWS]
     print(f"  saeflow:  {split(held, trained)}")
-    run = DATA / "runs" / f"L{layer}-b{batch}-sparsify-defaults-{REAL_BUDGETS[-1]}-s0"
-    saved = run.with_suffix(".recon.npy") if tokens == REAL_BUDGETS[-1] else run.with_suffix(f".{tokens}.recon.npy")
+    run = peer_run_path(DATA / "runs", f"L{layer}/b{batch}", "sparsify", "defaults", REAL_BUDGETS[-1], 0)
+    saved = run.with_suffix(".recon.npy" if tokens == REAL_BUDGETS[-1] else f".{tokens}.recon.npy")
     if not saved.exists():
         print(f"  sparsify: no saved reconstruction at {saved}: run quality.py first")
         return
