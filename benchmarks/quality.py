@@ -46,6 +46,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from peer_runs import PeerWorkers, output_files  # noqa: E402
 from synthetic import REGIMES, PlantedDictionary, Regime, held_out  # noqa: E402
 from train_throughput import peers_python  # noqa: E402
 
@@ -228,40 +229,11 @@ def budget_groups(data: dict, grid: list[int], **overrides) -> list[list[int]]:
     return [sorted(g) for g in groups.values()]
 
 
-class PeerWorkers:
-    """One long-lived peer_train.py --serve process per library, inside the peers' venv."""
-
-    def __init__(self, python: str, work: Path):
-        self.python, self.work, self.procs = python, work, {}
-
-    def run(self, library: str, job_path: Path) -> None:
-        proc = self.procs.get(library)
-        if proc is None:
-            log = open(self.work / f"{library}.log", "a")
-            proc = self.procs[library] = subprocess.Popen(
-                [self.python, str(HERE / "peer_train.py"), "--serve"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        proc.stdin.write(f"{job_path}\n")
-        proc.stdin.flush()
-        reply = proc.stdout.readline().strip()
-        if reply != "ok":
-            raise RuntimeError(f"{library}: {reply or 'the worker exited'} (log: {self.work / (library + '.log')})")
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            proc.stdin.close()
-            proc.wait(timeout=60)
-
-
 def run_peer(
     workers: PeerWorkers, library: str, data: dict, tokens: int, settings: str, seed: int = 0, snapshots=()
-) -> dict[int, dict]:
+) -> tuple[dict[int, dict], bool]:
     """The peer's outputs after `tokens`, and after each of `snapshots` (shorter budgets, passed through
-    on the way: peer_train.py), by budget."""
+    on the way: peer_train.py), by budget; and whether they were a sealed earlier run's (peer_runs.py)."""
     s = data["shape"]
     job = dict(
         library=library,
@@ -284,15 +256,14 @@ def run_peer(
     )
     path = peer_run_path(workers.work, data["name"], library, settings, tokens, seed)
     path.write_text(json.dumps(job))
-    workers.run(library, path)
+    reused = workers.run(library, path)
     found = {}
-    for budget in [*snapshots, tokens]:
-        at = path if budget == tokens else path.with_suffix(f".{budget}.json")
-        out = {key: np.load(at.with_suffix(f".{key}.npy")) for key in ("recon", "decoder", "fires")}
+    for budget, files in output_files(path, tokens, snapshots).items():
+        out = {key: np.load(file) for key, file in files.items()}
         if out["decoder"].shape[0] != s["n_latents"]:  # (d, n) layouts
             out["decoder"] = out["decoder"].T
         found[budget] = out
-    return found
+    return found, reused
 
 
 def peer_run_path(work: Path, cell: str, library: str, settings: str, tokens: int, seed: int) -> Path:
@@ -453,6 +424,7 @@ def line(row: dict) -> str:
         f"{row['nmse']:>7.4f} {row.get('cos', float('nan')):>6.3f} {row.get('recovered', float('nan')):>6.3f} "
         f"{row['dead']:>6.3f} {row['l0']:>6.1f} {row.get('dce', float('nan')):>6.3f} "
         f"{row.get('nmse_typical', float('nan')):>7.4f} {row['seconds']:>5.0f}"
+        + (" (sealed run reused)" if row.get("reused") else "")
     )
 
 
@@ -473,6 +445,12 @@ def main() -> None:
         "no synthetic regimes",
     )
     parser.add_argument("--peers-python", help="an interpreter that has the peers (default: .bench-peers)")
+    parser.add_argument(
+        "--fresh-peers",
+        action="store_true",
+        help="train every peer again, even where a sealed run with the same job, data, code and packages "
+        "exists (peer_runs.py)",
+    )
     parser.add_argument(
         "--lr-sweep",
         help="also train saeflow at these multiples of its auto lr, comma-separated "
@@ -501,15 +479,15 @@ def main() -> None:
     peers = None if args.no_peers else peers_python(args.peers_python)
     work = DATA / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    workers = None if peers is None else PeerWorkers(peers, work)
-    rows = []
+    workers = None if peers is None else PeerWorkers(peers, work, fresh=args.fresh_peers)
+    rows, reused_runs = [], 0
     start = time.time()
     print(HEADER, flush=True)
     for name, grid, load in datasets(args):
         data = load()
         cell_jobs = jobs(data, grid, peers is not None, args.seeds, args.lr_sweep, args.variant)
         for tokens, settings, lib, seed, snapshots in cell_jobs:
-            t0 = time.time()
+            t0, reused = time.time(), False
             if settings in args.variant:
                 outs = run_saeflow(data, tokens, "defaults", 0, snapshots, **variant_fields(settings))
             elif settings.startswith("lr x"):
@@ -519,16 +497,18 @@ def main() -> None:
                 tied = {"encoder_init": "tied"} if lib == "saeflow-tied" else {}
                 outs = run_saeflow(data, tokens, settings, seed, snapshots, **tied)
             else:
-                outs = run_peer(workers, lib, data, tokens, settings, seed, snapshots)
+                outs, reused = run_peer(workers, lib, data, tokens, settings, seed, snapshots)
+                reused_runs += reused
             seconds = round(time.time() - t0, 1)
             for budget, out in sorted(outs.items()):
                 row = dict(data=name, tokens=budget, settings=settings, library=lib, seed=seed, **score(data, out))
                 row["seconds"] = seconds if budget == tokens else 0.0  # a snapshot's time is its run's
+                row["reused"] = reused
                 rows.append(row)
                 print(line(row), flush=True)
                 if args.json:  # as it goes: a long run stopped early keeps its rows
                     Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"total {time.time() - start:.0f} s")
+    print(f"total {time.time() - start:.0f} s" + (f" ({reused_runs} sealed peer runs reused)" if reused_runs else ""))
     if workers is not None:
         workers.close()
     if args.json:

@@ -35,11 +35,11 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from peer_runs import PeerWorkers  # noqa: E402
 from quality import (  # noqa: E402
     CE_CONTEXTS,
     DATA,
     HELD_ROWS,
-    PeerWorkers,
     budget_groups,
     delta_ce,
     massive_rows,
@@ -158,7 +158,7 @@ def main() -> None:
                 found = run_saeflow(data, budgets[-1], tuple(budgets[:-1]))
             else:
                 assert workers is not None
-                found = run_peer(workers, "sparsify", data, budgets[-1], "defaults", 0, tuple(budgets[:-1]))
+                found, _ = run_peer(workers, "sparsify", data, budgets[-1], "defaults", 0, tuple(budgets[:-1]))
             seconds = time.time() - t0
             for tokens, out in sorted(found.items()):
                 row = {"mlp": hook, "tokens": tokens, "library": library, "seconds": seconds, **score(data, out)}
