@@ -150,6 +150,8 @@ class GridRank:
 
     def whole(self, trainer: Trainer, result: TrainResult) -> TrainResult:
         full = self.parallel.gather_sae(result.sae, trainer.whole_cfg.k)
+        if self.latent_shards > 1:  # a shard's final_sae could not finish it (sae.train.Trainer.finish)
+            trainer.finish(full)
         counters = torch.cat(self.parallel.gather_shards(trainer.tracker.tokens_since_fired))
         dead = float((counters >= trainer.tracker.dead_tokens).float().mean())
         return replace(result, sae=full, dead_fraction=dead)

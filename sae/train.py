@@ -21,6 +21,7 @@ from sae.loss import NO_DEAD, AuxMode, DeadLatents, DeadLatentTracker, LossParts
 from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD, project_rows_
 from sae.placement import OneProcess, Placement
+from sae.sinks import NO_SINK_ROWS, SinkRows, refit_sink_decoders
 
 
 class Stopped(KeyboardInterrupt):
@@ -38,8 +39,9 @@ def init_from_sample(
     use_geometric_median: bool = True,
     scale_encoder: bool = True,
     decoder_rows_from: torch.Generator | None = None,
-) -> float:
-    """Sets the data-dependent constants from a raw sample of training rows; returns the MSE scale.
+) -> tuple[float, SinkRows]:
+    """Sets the data-dependent constants from a raw sample of training rows; returns the MSE scale
+    and an SAE's sink latents with the sample's sink rows (sae.sinks: the end of the run refits them).
 
     The MSE scale is 1 / E||y - mean(y)||^2 on the sample (y: the target, an SAE's input), fixed for
     the whole run: the paper normalises the loss once, never per batch. A transcoder's encoder bias
@@ -60,16 +62,18 @@ def init_from_sample(
         sae.b_pre.copy_(geometric_median(y))
         if sae.cfg.transcoder and sae.b_enc is not None:
             centre = geometric_median(x)
-    sinks = NO_SINKS
+    sinks, sink_rows = NO_SINKS, NO_SINK_ROWS
     if decoder_rows_from is not None:
         raw_sinks = None if sae.cfg.transcoder else massive_rows(x_raw)
         sinks = decoder_rows_from_data(sae, x, decoder_rows_from, y if sae.cfg.transcoder else None, centre, raw_sinks)
+        if raw_sinks is not None:
+            sink_rows = SinkRows(sinks.latents.cpu(), x[raw_sinks].float().cpu())
     if centre is not None and sae.b_enc is not None:
         sae.b_enc.copy_(-(sae.preactivations(centre[None])[0] if sae.cfg.cross_layer else sae.W_enc @ centre))
     if scale_encoder:
         scale_encoder_least_squares(sae, x, y)
     size_sink_latents(sae, sinks)
-    return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item()
+    return 1.0 / (y - y.mean(0)).pow(2).sum(-1).mean().item(), sink_rows
 
 
 # The cosine bounds data-initialised rows are kept below, tightest first (spread_rows; docs/method.md).
@@ -462,6 +466,7 @@ class Trainer:
         )
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
         self.mse_scale = 1.0
+        self.sinks = NO_SINK_ROWS  # an SAE's sink latents and rows, from initialize
         self.steps = 0
         self.tokens = 0
         self.history: list[dict] = []
@@ -500,7 +505,7 @@ class Trainer:
         whole = self.sae if self.place.processes == 1 else self._seeded_sae()
         from_data = self.tcfg.resolved_decoder_init(self.whole_cfg) == "data"
         rows_from = torch.Generator().manual_seed(self.tcfg.seed) if from_data else None
-        self.mse_scale = init_from_sample(
+        self.mse_scale, self.sinks = init_from_sample(
             whole, sample, scale_encoder=self.tcfg.scaled_encoder_init(), decoder_rows_from=rows_from
         )
         targets = whole.split(sample)[1]
@@ -639,9 +644,24 @@ class Trainer:
         return out
 
     def final_sae(self) -> TopKSAE:
+        """The trained SAE, a copy: the EMA or averaged weights (else the weights as they are), its
+        sink latents refit (sae.sinks) where this process holds every latent (a latent-sharded
+        grid refits the gathered SAE: finish)."""
         if self.ema:
-            return self.ema_sae().cpu()
-        return (self.averaged_sae() if isinstance(self.opt, ScheduleFreeSignSGD) else self.sae).cpu()
+            out = self.ema_sae()
+        elif isinstance(self.opt, ScheduleFreeSignSGD):
+            out = self.averaged_sae()
+        else:
+            params = dict(self.sae.named_parameters())
+            out = self._copy_with(lambda name: params[name])
+        if self.sae.cfg.n_latents == self.whole_cfg.n_latents:
+            self.finish(out)
+        return out.cpu()
+
+    def finish(self, whole: TopKSAE) -> None:
+        """In place, on the whole SAE: the last step of a run (its sink latents' decoder rows by
+        least squares on the sample's sink rows)."""
+        refit_sink_decoders(whole, self.sinks)
 
     def log(self, parts: LossParts) -> None:
         self.history.append(
@@ -667,6 +687,7 @@ class Trainer:
                 tensors[f"opt.{i}.{key}"] = torch.as_tensor(value)
         tensors["tracker.tokens_since_fired"] = self.tracker.tokens_since_fired
         tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
+        tensors.update({"sinks.latents": self.sinks.latents, "sinks.rows": self.sinks.rows})
         meta = {
             "steps": self.steps,
             "tokens": self.tokens,
@@ -695,6 +716,8 @@ class Trainer:
         self.tracker.tokens_since_fired = tensors["tracker.tokens_since_fired"].to(self.device)
         for name in self.ema:
             self.ema[name] = tensors[f"ema.{name}"].to(self.device)
+        if "sinks.latents" in tensors:  # checkpoints from before the sink refit have none: no refit
+            self.sinks = SinkRows(tensors["sinks.latents"], tensors["sinks.rows"])
         self.steps, self.tokens = meta["steps"], meta["tokens"]
         self.mse_scale, self.history = meta["mse_scale"], list(meta["history"])
         self.milestones = list(meta.get("milestones", []))
