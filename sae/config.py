@@ -166,7 +166,8 @@ def matryoshka_problem(groups, n_latents: int) -> str | None:
 # its attention sinks' latents gated by an encoder bias (now on by default), and AuxK leaves out the
 # latents that fired in the batch (TrainConfig.resolved_decoder_init). 7: an SAE's sample rows are
 # drawn as spread as the sample allows (cosine bounds 0.5, then 0.6, then 0.7: sae.train.spread_rows).
-RECIPE_VERSION = 7
+# 8: the end of a run refits an SAE's sink latents' decoder rows by least squares (sae.sinks).
+RECIPE_VERSION = 8
 
 Recipe = Literal["default", "paper"]
 Decay = Literal["constant", "linear", "cosine"]
