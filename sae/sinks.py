@@ -45,14 +45,15 @@ def refit_sink_decoders(sae: TopKSAE, sinks: SinkRows) -> None:
     rows = sinks.rows.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     codes = sae.encode_normalized(rows)
     residual = (rows - sae.decode_normalized(codes)).double()
-    dense = torch.zeros(len(rows), sae.cfg.n_latents, dtype=torch.float64, device=rows.device)
-    dense.scatter_add_(1, codes.indices, codes.values.double())
     latents = sinks.latents.to(rows.device)
-    fired = dense[:, latents].abs().sum(0) > 0
-    latents = latents[fired]
+    # the sink latents' codes on the rows, (rows, sink latents): never n_latents wide (1M latents)
+    picked = codes.indices[:, :, None] == latents[None, None, :]
+    codes_of = (picked * codes.values.double()[:, :, None]).sum(1)
+    fired = codes_of.abs().sum(0) > 0
+    latents, codes_of = latents[fired], codes_of[:, fired]
     if not len(latents):
         return
-    correction = torch.linalg.pinv(dense[:, latents]) @ residual  # (latents, d)
+    correction = torch.linalg.pinv(codes_of) @ residual  # (latents, d)
     moved = sae.W_dec[latents].double() + correction
     norms = moved.norm(dim=1).clamp_min(1e-12)
     sae.W_dec[latents] = (moved / norms[:, None]).to(sae.W_dec.dtype)
