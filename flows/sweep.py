@@ -269,7 +269,8 @@ def _plot(name: str, rows: list[dict], fits: dict) -> bytes:
             name, "normalized MSE (held-out)"
         )
     )
-    ax.legend(fontsize=7)
+    # a fixed corner, not "best": its search is timed, and under load matplotlib warns that it was slow
+    ax.legend(fontsize=7, loc="upper left" if name in ("dead_vs_n", "dce_vs_mse") else "upper right")
     return png_bytes(fig)
 
 
@@ -312,7 +313,7 @@ def _compute_plot(name: str, rows: list[dict], compute: list[dict], fits: dict) 
     ax.set_yscale("log")
     plain_ticks(ax)
     ax.set_ylabel("normalized MSE (held-out)")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper right")  # the curves fall to the right (not "best": see above)
     return png_bytes(fig)
 
 
