@@ -20,6 +20,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from storage.registry import file_sha256
+
 HERE = Path(__file__).parent
 OUTPUTS = ("recon", "decoder", "fires")  # what peer_train.py writes beside a job, per budget
 
@@ -31,11 +33,6 @@ def output_files(job_path: Path, tokens: int, snapshots) -> dict[int, dict[str, 
         at = job_path if budget == tokens else job_path.with_suffix(f".{budget}.json")
         found[budget] = {key: at.with_suffix(f".{key}.npy") for key in OUTPUTS}
     return found
-
-
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class PeerWorkers:
@@ -61,7 +58,7 @@ class PeerWorkers:
             for budget in output_files(job_path, job["tokens"], job.get("snapshots", ())).values()
             for p in budget.values()
         ]
-        record = {"key": key, "files": {p.name: file_digest(p) for p in files}}
+        record = {"key": key, "files": {p.name: file_sha256(p) for p in files}}
         partial = seal.with_suffix(".partial")
         partial.write_text(json.dumps(record, indent=1))
         os.replace(partial, seal)
@@ -75,7 +72,7 @@ class PeerWorkers:
             return False
         for name, digest in record["files"].items():
             path = seal.parent / name
-            if not path.exists() or file_digest(path) != digest:
+            if not path.exists() or file_sha256(path) != digest:
                 print(f"{path}: changed since its run was sealed; training the peer again", flush=True)
                 return False
         return True
@@ -84,7 +81,7 @@ class PeerWorkers:
         """SHA-256 over everything a peer's run depends on: the job with its data files replaced by
         their contents' digests, peer_train.py, and the peers' installed packages."""
         inputs = {k: (self.data_digest(Path(v)) if k in ("train", "held") else v) for k, v in job.items()}
-        inputs["peer_train.py"] = file_digest(HERE / "peer_train.py")
+        inputs["peer_train.py"] = file_sha256(HERE / "peer_train.py")
         inputs["environment"] = self.environment()
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
@@ -92,7 +89,7 @@ class PeerWorkers:
         stat = path.stat()
         memo = (str(path), stat.st_size, stat.st_mtime_ns)  # a cell's rows are shared by its many jobs
         if memo not in self._digests:
-            self._digests[memo] = file_digest(path)
+            self._digests[memo] = file_sha256(path)
         return self._digests[memo]
 
     def environment(self) -> str:

@@ -58,5 +58,4 @@ def refit_sink_decoders(sae: TopKSAE, sinks: SinkRows) -> None:
     norms = moved.norm(dim=1).clamp_min(1e-12)
     sae.W_dec[latents] = (moved / norms[:, None]).to(sae.W_dec.dtype)
     sae.W_enc[latents] *= norms[:, None].to(sae.W_enc.dtype)
-    if sae.b_enc is not None:
-        sae.b_enc[latents] *= norms.to(sae.b_enc.dtype)
+    sae.b_enc[latents] *= norms.to(sae.b_enc.dtype)  # there is one: the gate (checked above)
