@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from quality import DATA, HELD_ROWS, REAL_BUDGETS, massive_rows, peer_run_path, real_data, run_saeflow  # noqa: E402
+from quality import DATA, REAL_BUDGETS, massive_rows, peer_run_path, real_data, run_saeflow  # noqa: E402
 
 
 def split(held: np.ndarray, recon: np.ndarray) -> str:
@@ -43,18 +43,19 @@ def main() -> None:
     torch.set_num_threads(2)
     data = real_data(f"model.layers.{layer}")
     data["shape"] = dict(data["shape"], batch=batch)
-    held = np.load(data["held"]).astype(np.float64)[:HELD_ROWS]
+    rows = data["held_rows"]
+    held = np.load(data["held"]).astype(np.float64)[:rows]
     sinks, spread = massive_rows(held), (held - held.mean(0)) ** 2
     share = spread[sinks].sum() / spread.sum()
-    print(f"L{layer}/b{batch} {tokens}: {sinks.sum()} sink rows of {HELD_ROWS}, {share:.1%} of the variance")
-    trained = run_saeflow(data, tokens, "defaults")[tokens]["recon"].astype(np.float64)[:HELD_ROWS]
+    print(f"L{layer}/b{batch} {tokens}: {sinks.sum()} sink rows of {rows}, {share:.1%} of the variance")
+    trained = run_saeflow(data, tokens, "defaults")[tokens]["recon"].astype(np.float64)[:rows]
     print(f"  saeflow:  {split(held, trained)}")
     run = peer_run_path(DATA / "runs", f"L{layer}/b{batch}", "sparsify", "defaults", REAL_BUDGETS[-1], 0)
     saved = run.with_suffix(".recon.npy" if tokens == REAL_BUDGETS[-1] else f".{tokens}.recon.npy")
     if not saved.exists():
         print(f"  sparsify: no saved reconstruction at {saved}: run quality.py first")
         return
-    print(f"  sparsify: {split(held, np.load(saved).astype(np.float64)[:HELD_ROWS])}")
+    print(f"  sparsify: {split(held, np.load(saved).astype(np.float64)[:rows])}")
 
 
 if __name__ == "__main__":
