@@ -112,6 +112,7 @@ def real_data(hook: str) -> dict:
 
     The training rows are shuffled once (seed 0): the store keeps each context's tokens together, and
     every library trains on shuffled rows in its own pipeline (saeflow's train stage included)."""
+    from flows.paths import EVAL_SPLIT_SECTIONS
     from flows.spec import load_spec
     from flows.stages import store_url
     from sae.lm import capture, load_lm
@@ -120,14 +121,15 @@ def real_data(hook: str) -> dict:
 
     spec_path = HERE / "quality_real.yaml"
     spec = load_spec(spec_path)
-    root = DATA / f"real-{store_url(spec).rstrip('/').rsplit('/', 1)[-1]}"
+    # keyed by the held-out split's settings too: the store keeps its train rows when only they change
+    root = DATA / f"real-{spec.part_hash(*EVAL_SPLIT_SECTIONS)}"
     out = root / safe(hook)
     if not (out / "done").exists():
-        if not store.is_complete(store_url(spec)):
-            print(f"caching the real activations (once, about 8 minutes): saeflow cache {spec_path}", flush=True)
-            subprocess.run(
-                [str(Path(sys.executable).parent / "saeflow"), "cache", str(spec_path)], check=True, cwd=HERE.parent
-            )
+        # caches what is missing: the whole store (about 8 minutes) or, after an eval change, its held-out split
+        print(f"caching the real activations: saeflow cache {spec_path}", flush=True)
+        subprocess.run(
+            [str(Path(sys.executable).parent / "saeflow"), "cache", str(spec_path)], check=True, cwd=HERE.parent
+        )
         group = store.open_store(store_url(spec), verify=True)
         # contexts for dCE: the last eval contexts, their activations recomputed (rows after the first position)
         contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
