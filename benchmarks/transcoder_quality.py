@@ -39,7 +39,7 @@ from peer_runs import PeerWorkers  # noqa: E402
 from quality import (  # noqa: E402
     CE_CONTEXTS,
     DATA,
-    HELD_ROWS,
+    REAL_HELD_ROWS,
     budget_groups,
     delta_ce,
     massive_rows,
@@ -57,6 +57,7 @@ BUDGETS = [100_000, 200_000, 400_000]
 def transcoder_data(hook: str) -> dict:
     """[input | output] rows of the MLP `hook` from the store of quality_transcoder.yaml, as .npy files:
     the training rows shuffled once (seed 0), the held-out rows, and the CE contexts' rows."""
+    from flows.paths import EVAL_SPLIT_SECTIONS
     from flows.spec import load_spec
     from flows.stages import store_url
     from sae.lm import capture, load_lm
@@ -64,13 +65,12 @@ def transcoder_data(hook: str) -> dict:
     from storage import reading
 
     spec = load_spec(SPEC)
-    root = DATA / f"transcoders-{store_url(spec).rstrip('/').rsplit('/', 1)[-1]}"
+    root = DATA / f"transcoders-{spec.part_hash(*EVAL_SPLIT_SECTIONS)}"  # as quality.real_data's
     out = root / safe(hook)
     if not (out / "done").exists():
-        if not store.is_complete(store_url(spec)):
-            print(f"caching the MLPs' inputs and outputs (once, about 5 minutes): saeflow cache {SPEC}", flush=True)
-            saeflow = str(Path(sys.executable).parent / "saeflow")
-            subprocess.run([saeflow, "cache", str(SPEC)], check=True, cwd=HERE.parent)
+        print(f"caching the MLPs' inputs and outputs (5 minutes the first time): saeflow cache {SPEC}", flush=True)
+        saeflow = str(Path(sys.executable).parent / "saeflow")
+        subprocess.run([saeflow, "cache", str(SPEC)], check=True, cwd=HERE.parent)
         group = store.open_store(store_url(spec), verify=True)
         contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
         model, _ = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())
@@ -82,7 +82,7 @@ def transcoder_data(hook: str) -> dict:
             rows = torch.cat(list(reading.iter_rows(store.activations(group, "train", site), 65536)))
             shuffled = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
             np.save(where / "train.npy", shuffled.half().numpy())
-            held = torch.cat(list(reading.iter_rows(store.activations(group, "eval", site), 4096, stop=HELD_ROWS)))
+            held = torch.cat(list(reading.iter_rows(store.activations(group, "eval", site), 4096, stop=REAL_HELD_ROWS)))
             acts = captured[site][:, first:]
             np.save(where / "held.npy", torch.cat([held, acts.reshape(-1, acts.shape[-1]).float()]).half().numpy())
             np.save(where / "contexts.npy", contexts.numpy())
@@ -93,6 +93,7 @@ def transcoder_data(hook: str) -> dict:
         "held": out / "held.npy",
         "features": None,
         "shape": dict(SHAPE, d=d),
+        "held_rows": REAL_HELD_ROWS,  # then the CE contexts' rows
         "contexts": np.load(out / "contexts.npy"),
         "spec": spec,
         "hook": hook,
@@ -115,7 +116,7 @@ def score(data: dict, out: dict) -> dict:
     d = data["shape"]["d"]
     y = np.load(data["held"]).astype(np.float64)[:, d:]
     predicted = out["recon"].astype(np.float64)
-    y_held, p_held = y[:HELD_ROWS], predicted[:HELD_ROWS]
+    y_held, p_held = y[: data["held_rows"]], predicted[: data["held_rows"]]
     typical = ~massive_rows(y_held)
     yt, pt = y_held[typical], p_held[typical]
     return {
@@ -124,7 +125,7 @@ def score(data: dict, out: dict) -> dict:
         "massive_rows": int((~typical).sum()),
         "dead": float((out["fires"] == 0).mean()),
         "l0": float(out["fires"].sum() / len(y)),
-        "dce": delta_ce(data, predicted[HELD_ROWS:]),
+        "dce": delta_ce(data, predicted[data["held_rows"] :]),
     }
 
 
