@@ -64,10 +64,10 @@ WIDE = dict(d=512, n_latents=8192, k=32, batch=4096)
 WIDE_REGIME = Regime("wide", n_features=16384, d=512)
 WIDE_BUDGETS = [2**16, 2**17, 2**18]
 SAME = dict(lr=2e-3, aux_coef=1 / 32)  # the identical-optimizer setting, run at the middle budget
-HELD_ROWS = 8192  # a synthetic regime's held-out rows (and the transcoder benchmarks')
-# The real cells' held-out rows: the first 20,480 of quality_real.yaml's eval split, which spans ~50 of
-# the corpus's 63 held-out documents (8192 rows spanned 11, too few to tell a rare latent from a dead
-# one: docs/benchmarks.md); the CE contexts are the split's last ones, after them.
+HELD_ROWS = 8192  # a synthetic regime's held-out rows
+# The held-out rows of the real cells and of the transcoder benchmark: the first 20,480 of the eval
+# split (24,576 tokens, ~50 of the corpus's 63 held-out documents; 8192 rows spanned 11, too few to
+# tell a rare latent from a dead one: docs/benchmarks.md); the CE contexts are the split's last ones.
 REAL_HELD_ROWS = 20480
 CE_CONTEXTS = 32
 
@@ -105,6 +105,23 @@ def synthetic_data(name: str, tokens: int) -> dict:
     }
 
 
+def cached_spec(spec_path: Path, prefix: str, hook: str):
+    """(spec, the folder of its .npy files): DATA/<prefix>-<key>, keyed by the held-out split's settings
+    too (the store keeps its train rows when only they change). Runs `saeflow cache` when `hook`'s
+    files are missing there: it caches what the store lacks, all of it (minutes, one LM pass) or, after
+    an eval change, the held-out split alone."""
+    from flows.paths import EVAL_SPLIT_SECTIONS
+    from flows.spec import load_spec
+
+    spec = load_spec(spec_path)
+    root = DATA / f"{prefix}-{spec.part_hash(*EVAL_SPLIT_SECTIONS)}"
+    if not (root / safe(hook) / "done").exists():
+        print(f"caching activations: saeflow cache {spec_path}", flush=True)
+        saeflow = str(Path(sys.executable).parent / "saeflow")
+        subprocess.run([saeflow, "cache", str(spec_path)], check=True, cwd=HERE.parent)
+    return spec, root
+
+
 def real_data(hook: str) -> dict:
     """Cached activations of the demo's model at one hookpoint of quality_real.yaml (409,600 training
     tokens, so every budget is a single pass) as .npy files, and held-out contexts with their
@@ -112,24 +129,14 @@ def real_data(hook: str) -> dict:
 
     The training rows are shuffled once (seed 0): the store keeps each context's tokens together, and
     every library trains on shuffled rows in its own pipeline (saeflow's train stage included)."""
-    from flows.paths import EVAL_SPLIT_SECTIONS
-    from flows.spec import load_spec
     from flows.stages import store_url
     from sae.lm import capture, load_lm
     from storage import activations as store
     from storage import reading
 
-    spec_path = HERE / "quality_real.yaml"
-    spec = load_spec(spec_path)
-    # keyed by the held-out split's settings too: the store keeps its train rows when only they change
-    root = DATA / f"real-{spec.part_hash(*EVAL_SPLIT_SECTIONS)}"
+    spec, root = cached_spec(HERE / "quality_real.yaml", "real", hook)
     out = root / safe(hook)
     if not (out / "done").exists():
-        # caches what is missing: the whole store (about 8 minutes) or, after an eval change, its held-out split
-        print(f"caching the real activations: saeflow cache {spec_path}", flush=True)
-        subprocess.run(
-            [str(Path(sys.executable).parent / "saeflow"), "cache", str(spec_path)], check=True, cwd=HERE.parent
-        )
         group = store.open_store(store_url(spec), verify=True)
         # contexts for dCE: the last eval contexts, their activations recomputed (rows after the first position)
         contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ from quality import (  # noqa: E402
     DATA,
     REAL_HELD_ROWS,
     budget_groups,
+    cached_spec,
     delta_ce,
     massive_rows,
     run_peer,
@@ -57,20 +57,14 @@ BUDGETS = [100_000, 200_000, 400_000]
 def transcoder_data(hook: str) -> dict:
     """[input | output] rows of the MLP `hook` from the store of quality_transcoder.yaml, as .npy files:
     the training rows shuffled once (seed 0), the held-out rows, and the CE contexts' rows."""
-    from flows.paths import EVAL_SPLIT_SECTIONS
-    from flows.spec import load_spec
     from flows.stages import store_url
     from sae.lm import capture, load_lm
     from storage import activations as store
     from storage import reading
 
-    spec = load_spec(SPEC)
-    root = DATA / f"transcoders-{spec.part_hash(*EVAL_SPLIT_SECTIONS)}"  # as quality.real_data's
+    spec, root = cached_spec(SPEC, "transcoders", hook)
     out = root / safe(hook)
     if not (out / "done").exists():
-        print(f"caching the MLPs' inputs and outputs (5 minutes the first time): saeflow cache {SPEC}", flush=True)
-        saeflow = str(Path(sys.executable).parent / "saeflow")
-        subprocess.run([saeflow, "cache", str(SPEC)], check=True, cwd=HERE.parent)
         group = store.open_store(store_url(spec), verify=True)
         contexts = torch.from_numpy(group["eval/tokens"][-CE_CONTEXTS:]).long()
         model, _ = load_lm(spec.model.source, spec.model.dtype, "cpu", spec.converted_model_dir())
