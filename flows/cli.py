@@ -159,11 +159,8 @@ def cmd_validate(args) -> int:
 
 def _training_line(r: dict) -> str:
     """One SAE's resolved training, as `validate` prints it."""
-    schedule = (
-        ""
-        if r["decay"] == "constant" and not r["warmup_tokens"]
-        else (f", warmup {r['warmup_tokens']:,} tokens, {r['decay']} decay")
-    )
+    warmup = f", warmup {r['warmup_tokens']:,} tokens" if r["warmup_tokens"] else ""
+    schedule = warmup + ("" if r["decay"] == "constant" else f", {r['decay']} decay")
     return (
         f"n_latents {r['n_latents']:,}  k {r['k']}  {r['tokens']:,} tokens = {r['steps']:,} steps  "
         f"{r['optimizer']} lr {r['lr']:.4g}{' (auto)' if r['lr_auto'] else ''}{schedule}  "

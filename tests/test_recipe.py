@@ -95,8 +95,17 @@ def test_auto_lr_rules():
 
 def test_defaults_follow_the_budget_and_the_paper_preset_keeps_its_recipe():
     t = TrainConfig(tokens=1_000_000)
-    assert t.resolved_optimizer() == "signum"  # schedule-free: no warmup, no decay
-    assert (t.warmup_tokens(), t.decay(), t.dead_window(4096, 32), t.resolved_aux_k(768)) == (0, "constant", 4096, 384)
+    assert t.resolved_optimizer() == "signum"  # schedule-free: a 4-step warmup, no decay
+    assert (t.warmup_tokens(), t.decay(), t.dead_window(4096, 32), t.resolved_aux_k(768)) == (
+        4 * 4096,
+        "constant",
+        4096,
+        384,
+    )
+    assert [lr_factor(t, s * 4096) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    # at most half the run: 6 steps warm up over 3, 3 steps over 1 (the full lr from the first step)
+    assert TrainConfig(tokens=6 * 4096).warmup_tokens() == 3 * 4096
+    assert lr_factor(TrainConfig(tokens=3 * 4096), 0) == 1.0
     assert t.dead_window(32768, 16) == 8 * 2048  # where an average latent (k/n) fires 8 times
     assert t.scaled_encoder_init()
     t = TrainConfig(tokens=1_000_000, optimizer="adam")
@@ -551,7 +560,7 @@ def test_a_cross_layer_encoder_of_data_rows_steps_at_the_lr_of_its_own_width():
     scale = min(1.0, t.sae.W_enc.norm(dim=1).mean().item())
     t.step(rows[:64])
     (encoder,) = [group for group in t.opt.param_groups if group.get("encoder")]
-    assert encoder["lr"] == pytest.approx(0.5 * 0.35 / math.sqrt(d) * scale)
+    assert encoder["lr"] == pytest.approx(0.5 * 0.35 / math.sqrt(d) * scale * lr_factor(tcfg, 0))  # warming up
     assert TrainConfig(lr=1e-3).encoder_lr_ratio(cfg) == 1.0
     assert tcfg.encoder_lr_ratio(SAEConfig(d, 64, 4, transcoder=True)) == 1.0
 

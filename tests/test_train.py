@@ -200,14 +200,15 @@ def test_training_inside_no_grad_trains_as_outside():
 
 
 def test_a_milestone_of_a_longer_run_is_the_shorter_run():
-    """With settings that do not depend on the budget (a fixed lr, sign descent's constant schedule),
-    the SAE scored at a milestone of a longer run equals the SAE of a run stopped there: what lets
-    benchmarks/quality.py score several budgets from one run."""
+    """With settings that do not depend on the budget (a fixed lr, sign descent's constant schedule
+    after the same 4-step warmup: runs of 8 steps or more), the SAE scored at a milestone of a longer
+    run equals the SAE of a run stopped there: what lets benchmarks/quality.py score several budgets
+    from one run."""
     x = torch.randn(4096, 16, generator=torch.Generator().manual_seed(1))
     cfg = SAEConfig(16, 32, 4)
     seen = []
     long = TrainConfig(batch_tokens=256, tokens=4096, lr=0.01, seed=0)
-    train_sae(cfg, long, x, progress=False, milestones=[1000], evaluate=lambda sae: seen.append(sae) or {})
-    short = train_sae(cfg, TrainConfig(batch_tokens=256, tokens=1000, lr=0.01, seed=0), x, progress=False).sae
+    train_sae(cfg, long, x, progress=False, milestones=[2100], evaluate=lambda sae: seen.append(sae) or {})
+    short = train_sae(cfg, TrainConfig(batch_tokens=256, tokens=2100, lr=0.01, seed=0), x, progress=False).sae
     assert len(seen) == 1
     assert torch.equal(seen[0].W_dec, short.W_dec) and torch.equal(seen[0].W_enc, short.W_enc)
