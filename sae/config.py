@@ -235,10 +235,11 @@ class TrainConfig:
     """How to train; every field left at None is derived from the run (n_latents, batch, tokens).
 
     recipe "default": sign descent with schedule-free averaging (sae/optim.py) at a constant lr from
-    `auto_lr` after a warmup of SIGNUM_WARMUP_STEPS steps (with optimizer "adam": a warmup over 5% of the run and linear decay to zero), a
-    dead-latent window of 8 n/k tokens (see DEAD_FIRINGS; at most the paper's 10M) so that AuxK
-    acts in short runs too, and the tied encoder scaled by least squares at init. recipe "paper": the paper's
-    released recipe, to reproduce its numbers (Adam, constant lr, 10M-token window, tied init).
+    `auto_lr` after a warmup of SIGNUM_WARMUP_STEPS steps (with optimizer "adam": a warmup over 5% of
+    the run and linear decay to zero), a dead-latent window of 8 n/k tokens (see DEAD_FIRINGS; at most
+    the paper's 10M) so that AuxK acts in short runs too, and the tied encoder scaled by least squares
+    at init. recipe "paper": the paper's released recipe, to reproduce its numbers (Adam, constant lr,
+    10M-token window, tied init).
     """
 
     batch_tokens: int = 4096
