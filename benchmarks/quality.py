@@ -230,7 +230,8 @@ def budget_groups(data: dict, grid: list[int], **overrides) -> list[list[int]]:
     dead window): within a group a run to the largest budget passes through each smaller budget's
     run, and is scored on the way, as the peers are (tests/test_train.py shows a milestone's SAE equal
     to a run stopped there). On the real cells the lr cap takes the short-run factor away at d 576 and
-    sign descent has no schedule, so most budgets share a run; the synthetic ones differ in lr.
+    sign descent warms up over the same 4 steps in runs of 8 steps or more, so most budgets
+    share a run; the synthetic ones differ in lr.
     `overrides`: a variant's TrainConfig fields."""
     from sae import TrainConfig
 
