@@ -237,7 +237,7 @@ class TrainSpec(Section):
         return _device(v)
 
     tokens: PositiveInt | None = None  # default: one pass over the cached tokens
-    lr_warmup_tokens: int | None = Field(default=None, ge=0)  # default: 5% of the run with adam, else 0
+    lr_warmup_tokens: int | None = Field(default=None, ge=0)  # default: 5% of run (adam), 4 steps (signum)
     lr_decay: Literal["constant", "linear", "cosine"] | None = None  # default: linear to 0 with adam, else constant
     grad_clip: float | None = Field(default=None, gt=0)
     ema_decay: float | None = Field(default=None, gt=0, lt=1)  # e.g. 0.999: evaluate and register the weight EMA
