@@ -29,7 +29,7 @@ def test_validate_shows_what_a_run_trains_with_and_ends_with_a_summary(tiny_mode
     trainer = Trainer(spec.sae_config(32), spec.train_config(cached, "cpu"))
     sae_line = next(line for line in lines if line.startswith("sae "))
     assert f"signum lr {trainer.base_lr:.4g} (auto)" in sae_line
-    warmup = spec.train_config(cached, "cpu").warmup_tokens()
+    warmup = trainer.tcfg.warmup_tokens()
     assert f"(auto), warmup {warmup:,} tokens  dead" in sae_line and warmup > 0  # no decay: sign descent
     assert f"dead after {trainer.tracker.dead_tokens:,} tokens" in sae_line
     assert f"{cached:,} tokens = {-(-cached // 256)} steps" in sae_line
