@@ -225,3 +225,48 @@ def test_batch_topk_threshold_drives_inference():
     assert (kept > sae.threshold).all()
     per_token = (codes.values > 0).sum(1).float()
     assert per_token.std() > 0 and 1 < per_token.mean() < 16  # variable per token, about k on average
+
+
+@pytest.mark.parametrize("shape", [(40, 7), (40, 1), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_sparse_products_equal_a_plain_sum_over_the_code(shape, dtype):
+    """The CPU path of the sparse products (a CSR product for the weight gradient, AuxK's zero entries
+    left out) against a plain float64 sum over every code entry: the decode, both of its gradients,
+    and scatter_rows on a (B, k) code and on a ragged one. The code repeats latents within a row and
+    holds zeros, as AuxK's padded and masked picks do."""
+    from sae.kernels import scatter_rows, sparse_decode
+
+    torch.manual_seed(1)
+    (B, k), n, d = shape, 30, 9
+    indices = torch.randint(0, n, (B, k))
+    values = torch.randn(B, k, dtype=dtype) * (torch.rand(B, k) > 0.4)
+    upstream = torch.randn(B, d, dtype=dtype)
+    W = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    v = values.clone().requires_grad_()
+
+    def plain_scatter(idx, weights, rows):  # sum over entries of weights[e] * outer(e_{idx[e]}, upstream[rows[e]])
+        out = torch.zeros(n, d, dtype=torch.float64)
+        for i, w, r in zip(idx.tolist(), weights.double().tolist(), rows.tolist()):
+            out[i] += w * upstream[r].double()
+        return out
+
+    tokens = torch.arange(B)[:, None].expand(B, k).reshape(-1)
+    want_W = plain_scatter(indices.reshape(-1), values.reshape(-1), tokens)
+    want_out = torch.zeros(B, d, dtype=torch.float64).index_add_(
+        0, tokens, values.reshape(-1, 1).double() * W.detach()[indices.reshape(-1)].double()
+    )
+    want_v = (W.detach()[indices].double() * upstream[:, None, :].double()).sum(-1)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+
+    out = sparse_decode(v, indices, W)
+    out.backward(upstream)
+    assert torch.allclose(out.double(), want_out, **tol)
+    assert torch.allclose(W.grad.double(), want_W, **tol)
+    assert torch.allclose(v.grad.double(), want_v, **tol)
+    with torch.no_grad():  # the forward without autograd: the nonzero entries alone
+        assert torch.allclose(sparse_decode(values, indices, W).double(), want_out, **tol)
+    assert torch.allclose(scatter_rows(n, indices, values, upstream).double(), want_W, **tol)
+    # a ragged code (BatchTopK's): each entry's row given, rows in order
+    flat = values.reshape(-1) != 0
+    ragged = scatter_rows(n, indices.reshape(-1)[flat], values.reshape(-1)[flat], upstream, tokens[flat])
+    assert torch.allclose(ragged.double(), want_W, **tol)
