@@ -4,7 +4,8 @@ Side by side in one run: saeflow's trainer step with its defaults (sparse encode
 sparse decoder; on CUDA replayed as a CUDA graph where that gains); on the CPU the same step with a
 dense masked code (what autograd through `scatter` + matmul costs); on CUDA saeflow's eager step
 (saeflow-eager), with Adam (saeflow-adam) and, in bf16, with the fused encoder + TopK kernel in
-place of the bf16 matmul and torch.topk (saeflow-fused); `--impls` picks others (saeflow-eb:
+place of the bf16 matmul and torch.topk (saeflow-fused); on the CPU saeflow-eb, embedding_bag's
+backward in place of the CSR product (the CPU path before it); `--impls` picks others (saeflow-eb:
 embedding_bag's backward in place of the Triton kernels; saeflow-foreach: the optimizer's foreach
 passes in place of its one-pass kernel; saeflow-graph: always a CUDA graph, train.cuda_graph).
 With --peers, the training steps of EleutherAI sparsify and SAELens at the same settings (installed
@@ -46,6 +47,10 @@ def measure(impl: str, precision: str, d: int, n: int, k: int, batch: int, steps
         import sae.optim
 
         sae.optim._fused = lambda params, triton=True: False
+    if impl == "saeflow-eb" and device == "cpu":  # embedding_bag's backward instead of the CSR product
+        import sae.kernels
+
+        sae.kernels._on_cpu = lambda t: False
     torch.manual_seed(0)
     tcfg = TrainConfig(
         batch_tokens=batch,
@@ -117,7 +122,7 @@ def dense_loss(sae, x_norm, mse_scale, tcfg, dead=None, latents=None, target=Non
 def default_impls(device: str, precision: str) -> tuple[str, ...]:
     """saeflow's default step first (the ratios are against it), then the variants worth comparing."""
     if device != "cuda":
-        return ("saeflow", "dense")
+        return ("saeflow", "saeflow-eb", "dense")
     if precision == "bf16":
         return ("saeflow", "saeflow-eager", "saeflow-foreach", "saeflow-fused", "saeflow-adam")
     return ("saeflow", "saeflow-eager", "saeflow-foreach", "saeflow-adam")
