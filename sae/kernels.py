@@ -106,8 +106,12 @@ def _nonzero_decode(values: torch.Tensor, indices: torch.Tensor, W: torch.Tensor
     backward's masked gradients are often half zeros at batches of 1024 (a one-batch dead window
     leaves AuxK aux_k candidates); leaving them out adds the same terms in the same order."""
     keep = values != 0
-    offsets = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)[:-1]])
-    return F.embedding_bag(indices[keep], W, offsets, per_sample_weights=values[keep].to(W.dtype), mode="sum")
+    return ragged_decode(_entry_rows(indices)[keep.reshape(-1)], indices[keep], values[keep], W, indices.shape[0])
+
+
+def _entry_rows(indices: torch.Tensor) -> torch.Tensor:
+    """Each entry's row of a (B, k) code, flattened (an expand: no host sync)."""
+    return torch.arange(indices.shape[0], device=indices.device)[:, None].expand(indices.shape).reshape(-1)
 
 
 class _DecoderRowGrad(torch.autograd.Function):
@@ -162,8 +166,7 @@ def scatter_rows(
     materialising the (B*k, d) products. triton=False takes embedding_bag's on CUDA too.
     """
     if triton and x.is_cuda and _triton_kernels() is not None:
-        if tokens is None:  # each token's row, once per code entry (an expand: no host sync)
-            tokens = torch.arange(x.shape[0], device=x.device)[:, None].expand(indices.shape).reshape(-1)
+        tokens = _entry_rows(indices) if tokens is None else tokens
         return _kernels().segment_rows(n_rows, indices.reshape(-1), grads.reshape(-1).to(x.dtype), tokens, x)
     if _on_cpu(x):
         return _csr_scatter(n_rows, indices, grads, x, tokens)
@@ -183,8 +186,7 @@ def _csr_scatter(
     d 576, 4096 rows), each row summing its entries in token order as that does (equal to it within
     float32 rounding: tests/test_model.py). Zero entries (AuxK's, a masked backward's) are left out."""
     flat, weights = indices.reshape(-1), grads.reshape(-1).to(x.dtype)
-    if tokens is None:
-        tokens = torch.arange(x.shape[0])[:, None].expand(indices.shape).reshape(-1)
+    tokens = _entry_rows(indices) if tokens is None else tokens
     keep = weights != 0
     flat, weights, tokens = flat[keep], weights[keep], tokens[keep]
     order = flat.argsort(stable=True)  # by row; within a row, token order (the entries come by token)
