@@ -165,6 +165,7 @@ def _training_line(r: dict) -> str:
         f"n_latents {r['n_latents']:,}  k {r['k']}  {r['tokens']:,} tokens = {r['steps']:,} steps  "
         f"{r['optimizer']} lr {r['lr']:.4g}{' (auto)' if r['lr_auto'] else ''}{schedule}  "
         f"dead after {r['dead_tokens']:,} tokens (AuxK over {r['aux_k']})"
+        + ("; dead latents restarted every 10 steps of the first 100" if r.get("resample_dead") else "")
     )
 
 

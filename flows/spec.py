@@ -36,9 +36,10 @@ SKIP_LR_RULE = 1
 # pairs (TrainConfig.decoder_init unset resolves to "data" for it); 2: attention sinks' pairs first and
 # sized to their targets, cross-layer ones too; 3: the target scale is the geometric mean of all rows'
 # and the typical rows' (sae.train.target_scales); 4: AuxK leaves out the latents that fired in the
-# batch (sae.loss._fired); 5: its dead window is 4x an SAE's (TRANSCODER_DEAD_WINDOW_FACTOR). Bumped
-# when that changes, so that only transcoders' stage keys move.
-TRANSCODER_RULE = 5
+# batch (sae.loss._fired); 5: its dead window is 4x an SAE's (TRANSCODER_DEAD_WINDOW_FACTOR); 6: its
+# dead latents are restarted at the worst-predicted pairs in its first 100 steps (sae/resample.py).
+# Bumped when that changes, so that only transcoders' stage keys move.
+TRANSCODER_RULE = 6
 
 if TYPE_CHECKING:  # imported where used: sae.evaluation loads torch
     from sae.evaluation import EvalPlan
@@ -932,6 +933,7 @@ class RunSpec(Section):
             "decay": tcfg.decay(),
             "dead_tokens": tcfg.dead_window(cfg.n_latents, cfg.k, cfg.transcoder),
             "aux_k": tcfg.resolved_aux_k(d_model),
+            "resample_dead": tcfg.resolved_resample_dead(cfg),
         }
 
 

@@ -359,6 +359,7 @@ def _register(spec: RunSpec, hookpoint: str, index: int, uri: str):
         **{f"sae.{k}": v for k, v in cfg.items()},
         "aux_k": trained["aux_k"],
         "dead_tokens": trained["dead_tokens"],
+        "resample_dead": trained["resample_dead"],
         "spec_name": spec.name,
     }
     store_attrs = store.open_group_for_status(store_url(spec), store_options(spec)).attrs

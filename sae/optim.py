@@ -159,6 +159,14 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         replays them with each step's values; the foreach form would keep the captured ones)."""
         return all(self.fused_group(group) for group in self.param_groups)
 
+    @torch.no_grad()
+    def restart_rows(self, p: torch.Tensor, rows: torch.Tensor) -> None:
+        """After rows of p were set anew (sae.resample): z takes them too, so that y, z and the
+        averaged x = (y - (1 - beta) z) / beta all start from them."""
+        state = self.state.get(p)
+        if state:  # else z is taken from p at its first step
+            state["z"][rows] = p[rows]
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         for state in self.state.values():

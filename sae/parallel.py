@@ -100,6 +100,10 @@ class Parallel:
     def gather_shards(self, t: torch.Tensor) -> list[torch.Tensor]:
         return self._all_gather(t, self.shard_group, self.grid.latents) if self.grid.latents > 1 else [t]
 
+    def gather_data(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """t from every rank holding this rank's shard (the other rows of the batch), in rank order."""
+        return self._all_gather(t, self.data_group, self.grid.data) if self.grid.data > 1 else [t]
+
     def gather_all(self, t: torch.Tensor) -> list[torch.Tensor]:
         """t from every rank of the grid (one shape on every rank)."""
         return self._all_gather(t, None, self.grid.size) if self.grid.size > 1 else [t]
@@ -202,6 +206,9 @@ class GridShard:
 
     def min_over_all(self, t: torch.Tensor) -> torch.Tensor:
         return self.parallel.min_over_all(t)
+
+    def rows_over_data(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.parallel.gather_data(t))
 
 
 class _EnterShards(torch.autograd.Function):

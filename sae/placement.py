@@ -40,6 +40,10 @@ class Placement(Latents, Protocol):
 
     def min_over_all(self, t: torch.Tensor) -> torch.Tensor: ...
 
+    def rows_over_data(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows of t from every process that saw a part of the batch, in rank order."""
+        ...
+
 
 class OneProcess(WholeLatents):
     """The whole SAE in this process: nothing to split, count across or average."""
@@ -63,4 +67,7 @@ class OneProcess(WholeLatents):
         return t
 
     def min_over_all(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def rows_over_data(self, t: torch.Tensor) -> torch.Tensor:
         return t

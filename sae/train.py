@@ -21,6 +21,7 @@ from sae.loss import NO_DEAD, AuxMode, DeadLatents, DeadLatentTracker, LossParts
 from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD, project_rows_
 from sae.placement import OneProcess, Placement
+from sae.resample import Restarts, resample_due, restarts_for
 from sae.sinks import NO_SINK_ROWS, SinkRows, refit_sink_decoders
 
 
@@ -464,6 +465,9 @@ class Trainer:
             tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k, sae_cfg.transcoder),
             tcfg.fire_threshold,
         )
+        self.resampling = tcfg.resolved_resample_dead(sae_cfg)
+        if self.resampling and self.sae.cfg.n_latents != sae_cfg.n_latents:
+            raise ValueError("train.resample_dead: not with latent shards (a restart draws rows for all latents)")
         self.ema = {n: torch.zeros_like(p) for n, p in self.sae.named_parameters()} if tcfg.ema_decay else {}
         self.mse_scale = 1.0
         self.sinks = NO_SINK_ROWS  # an SAE's sink latents and rows, from initialize
@@ -532,7 +536,39 @@ class Trainer:
             parts = self.runner(batch, self.dead_latents())
         self.tokens += self.rows(batch)
         self.steps += 1
+        if self.resampling and resample_due(self.steps):
+            self.resample(batch)
         return parts
+
+    @torch.no_grad()
+    def resample(self, batch: torch.Tensor) -> None:
+        """The dead latents restarted at pairs of this step's batch (sae/resample.py): every rank of a
+        data-parallel grid draws from the whole batch with one generator, seeded by the step, so the
+        rows agree across ranks and a resumed run draws what an uninterrupted one drew."""
+        dead = self.tracker.dead_mask()
+        if not bool(dead.any()):
+            return
+        x, y = self.sae.split(batch.to(self.device))
+        x_norm = self.place.rows_over_data(self.sae.normalize(x)[0])
+        target = self.place.rows_over_data(self.sae.normalize_target(y)[0]) if self.sae.cfg.transcoder else x_norm
+        drawn = torch.Generator().manual_seed(self.tcfg.seed * 1_000_003 + self.steps)
+        self.restart(restarts_for(self.sae, x_norm, target, dead, drawn))
+
+    @torch.no_grad()
+    def restart(self, new: Restarts) -> None:
+        """The latents' rows set to `new` in the weights, the optimizer's state and the EMA, and their
+        dead-latent counters reset."""
+        rows = new.latents
+        for name, value in (("W_enc", new.W_enc), ("b_enc", new.b_enc), ("W_dec", new.W_dec)):
+            param = getattr(self.sae, name)
+            if param is None:
+                continue
+            param[rows] = value
+            if isinstance(self.opt, ScheduleFreeSignSGD):
+                self.opt.restart_rows(param, rows)
+            if self.ema:  # its bias-corrected value starts at the new rows
+                self.ema[name][rows] = value * (1 - (self.tcfg.ema_decay or 0.0) ** self.steps)
+        self.tracker.tokens_since_fired[rows] = 0
 
     def rows(self, batch: torch.Tensor) -> int:
         """Tokens a step on `batch` trains on: the global batch on a data-parallel grid."""
