@@ -156,6 +156,9 @@ class SAESpec(Section):
     # Matryoshka group sizes (e.g. [512, 1536, 6144] for 8192 latents): each prefix of groups learns to
     # reconstruct alone; they must not decrease and must sum to n_latents
     matryoshka: list[PositiveInt] | None = None
+    # the groups join the top-k one by one over this fraction of the run (e.g. 0.3), so that each
+    # prefix takes its features first: prefixes closer to SAEs of their size, at a cost to the whole
+    matryoshka_ramp: float | None = Field(default=None, ge=0, lt=1)
     # a transcoder on each hookpoint, which must name an MLP module: the latents read its input and
     # predict its output; skip_connection adds W_skip x (a skip-transcoder, Paulo et al. 2025)
     transcoder: bool = False
@@ -203,6 +206,8 @@ class SAESpec(Section):
                 raise ValueError(f"sae.matryoshka: {problem}")
             if self.multi_topk:
                 raise ValueError("sae.matryoshka and sae.multi_topk are two different losses: drop one of them")
+        elif self.matryoshka_ramp:
+            raise ValueError("sae.matryoshka_ramp belongs to a Matryoshka SAE: give sae.matryoshka, or drop it")
         if (self.n_latents is None) == (self.expansion_factor is None):
             raise ValueError("give exactly one of sae.n_latents and sae.expansion_factor")
         if self.n_latents is not None and self.k > self.n_latents:
@@ -903,6 +908,7 @@ class RunSpec(Section):
             dead_tokens=s.dead_tokens,
             multi_topk=s.multi_topk,
             ema_decay=t.ema_decay,
+            matryoshka_ramp=s.matryoshka_ramp or 0.0,
             seed=t.seed,
             device=device,
             precision=t.precision,
@@ -965,6 +971,7 @@ HASHED_WHEN_SET = {
     "train.triton": True,
     "train.fused_topk": False,
     "sae.matryoshka": None,
+    "sae.matryoshka_ramp": None,
     "sae.transcoder": False,
     "sae.skip_connection": False,
 }

@@ -270,6 +270,10 @@ class TrainConfig:
     # a transcoder's dead latents restarted at the batch's worst-predicted pairs every 10 steps of its
     # first 100 (sae/resample.py). None: on for transcoders under sign descent (resolved_resample_dead)
     resample_dead: bool | None = None
+    # a Matryoshka SAE's groups join the top-k one by one over this fraction of the run (group m of M
+    # at ramp x m / (M - 1)), so that each group takes its features before later groups can
+    # (sae.loss.matryoshka_open); 0: all from the start (docs/dictionaries.md)
+    matryoshka_ramp: float = 0.0
     geometric_median_samples: int = 32768
     seed: int = 0
     device: str = "cpu"
@@ -295,6 +299,8 @@ class TrainConfig:
             raise ValueError(f"decoder_init must be 'random' or 'data', got {self.decoder_init!r}")
         if self.optimizer not in (None, "signum", "adam"):
             raise ValueError(f"optimizer must be 'signum' or 'adam', got {self.optimizer!r}")
+        if not 0 <= self.matryoshka_ramp < 1:
+            raise ValueError(f"matryoshka_ramp must be in [0, 1) (a fraction of the run), got {self.matryoshka_ramp}")
         if self.resample_dead and self.resolved_optimizer() != "signum":
             raise ValueError(
                 "resample_dead: restarts rows of the sign-descent optimizer's state; "

@@ -15,7 +15,7 @@ the processes' partial decodes. `WholeLatents` is the one-process form: both hoo
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -164,9 +164,11 @@ def sae_loss(
     dead: DeadLatents = NO_DEAD,
     latents: Latents | None = None,
     target: torch.Tensor | None = None,
+    open_latents: int | None = None,
 ) -> LossParts:
     """The loss of `sae` (this process's latents) on a normalised batch; `latents` defaults to all
-    of them in this process. `target`: a transcoder's normalised target (an SAE's is x_norm)."""
+    of them in this process. `target`: a transcoder's normalised target (an SAE's is x_norm).
+    `open_latents`: only the first that many latents are selected (matryoshka_open)."""
     latents = latents or WholeLatents(sae.cfg.n_latents, sae.cfg.k)
     aux_k = _aux_width(tcfg, sae.cfg.d_in, latents.n_latents, dead)
     x_in = latents.enter(sae.encoder_input(x_norm))
@@ -175,7 +177,7 @@ def sae_loss(
     offset = sae.b_pre if skip is None else skip + sae.b_pre
     x_norm = x_norm if target is None else target  # from here on: what the decoder reconstructs
     if sae.cfg.activation == "batchtopk":
-        return _batch_topk_loss(sae, x_in, x_norm, offset, mse_scale, tcfg, dead, aux_k, latents)
+        return _batch_topk_loss(sae, x_in, x_norm, offset, mse_scale, tcfg, dead, aux_k, latents, open_latents)
     k, n_here = latents.k, sae.cfg.n_latents
     k_wide = min(4 * k, latents.n_latents) if tcfg.multi_topk else k
     values, indices, aux_values, aux_indices = sae.select(
@@ -184,6 +186,7 @@ def sae_loss(
         min(aux_k, n_here),
         dead.mask if aux_k else None,
         dead.rows() if aux_k and dead.mode is AuxMode.DEAD_ROWS else None,
+        open_latents,
     )
 
     def decode(width: int) -> torch.Tensor:
@@ -199,6 +202,21 @@ def sae_loss(
         aux = _aux_loss(sae, aux_values, aux_indices, aux_k, x_norm, recon, mse_scale, dead, latents, fired)
         loss = loss + tcfg.aux_coef * aux
     return LossParts(loss, mse.detach(), aux.detach(), main_values.detach(), main_indices)
+
+
+def matryoshka_open(prefix_ends: Sequence[int], ramp: float, progress: float) -> int:
+    """How many of a Matryoshka SAE's latents take part in the selection at `progress` (the fraction
+    of the run done): group m of M (from 0) joins at ramp x m / (M - 1), so all have joined by `ramp`.
+
+    Why: a feature taken early by a latent of a later group never reaches an earlier one, since under
+    TopK the earlier latent gets no gradient from the tokens it does not fire on. On the planted
+    hierarchy (benchmarks/matryoshka_absorption.py) the first group held 15 independent features
+    beside 17 parents, and the prefixes were 1.07-1.15x plain SAEs of their size at their L0; with a
+    ramp of 0.3, 0.93-1.05x, less absorbed, at 1.2x the whole dictionary's nMSE (docs/dictionaries.md)."""
+    if ramp <= 0 or len(prefix_ends) < 2:
+        return prefix_ends[-1]
+    joined = sum(progress >= ramp * m / (len(prefix_ends) - 1) for m in range(1, len(prefix_ends)))
+    return prefix_ends[joined]
 
 
 def matryoshka_terms(
@@ -307,14 +325,17 @@ def _batch_topk_loss(
     dead: DeadLatents,
     aux_k: int,
     latents: Latents,
+    open_latents: int | None = None,
 ) -> LossParts:
-    """BatchTopK: the k·B largest pre-activations of the whole (global) batch; AuxK per row over the
-    dead latents' encoder rows alone, as for TopK. `x_norm` is the target."""
+    """BatchTopK: the k·B largest pre-activations of the whole (global) batch (of the first
+    `open_latents` latents); AuxK per row over the dead latents' encoder rows alone, as for TopK.
+    `x_norm` is the target."""
     if dead.mode is AuxMode.MASKED:
         raise ValueError("BatchTopK's AuxK needs the dead latents counted (a CUDA graph cannot run it)")
     rows_here = x_norm.shape[0]
     count = latents.k * rows_here * latents.replicas
-    rows, cols, values = BatchTopKEncode.apply(x_in, sae.W_enc, sae.b_enc, count, latents.batch_keep(count))
+    W_enc, b_enc = sae.W_enc[:open_latents], None if sae.b_enc is None else sae.b_enc[:open_latents]
+    rows, cols, values = BatchTopKEncode.apply(x_in, W_enc, b_enc, count, latents.batch_keep(count))
     recon, mse, loss = _reconstruction(sae, x_norm, offset, mse_scale, latents, values, cols, rows)
     aux = torch.zeros((), device=x_norm.device)
     if aux_k > 0:

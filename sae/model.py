@@ -244,14 +244,20 @@ class TopKSAE(nn.Module):
         aux_k: int = 0,
         aux_mask: torch.Tensor | None = None,
         aux_latents: torch.Tensor | None = None,
+        open_latents: int | None = None,
     ):
         """(values, indices, aux_values, aux_indices): ReLU(TopK) of the encoder on x_in and, for AuxK,
-        the top aux_k among the latents of aux_mask (or aux_latents); sae.kernels.topk_encode.
+        the top aux_k among the latents of aux_mask (or aux_latents); sae.kernels.topk_encode. With
+        `open_latents`, only the first that many latents take part (a Matryoshka ramp's open groups).
 
         A cross-layer transcoder selects per layer: block l reads x_l and keeps its top k / L (and
         AuxK picks its share of aux_k among block l's dead latents); the codes are the blocks' side by
         side, each sorted descending, with indices into all n_latents."""
         if not self.cfg.cross_layer:
+            if open_latents is not None and open_latents < self.cfg.n_latents:
+                b = None if self.b_enc is None else self.b_enc[:open_latents]
+                mask = None if aux_mask is None else aux_mask[:open_latents]
+                return topk_encode(x_in, self.W_enc[:open_latents], b, k, aux_k, mask, aux_latents)
             return topk_encode(x_in, self.W_enc, self.b_enc, k, aux_k, aux_mask, aux_latents)
         L, d = self.cfg.layers(), self.cfg.d_in
         m = self.cfg.n_latents // L

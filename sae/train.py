@@ -17,7 +17,7 @@ from sae.cuda_graph import DeviceStep, StepGraphs
 from sae.data import Activations, batch_stream, head_sample, open_activations
 from sae.geometric_median import geometric_median
 from sae.kernels import sparse_decode
-from sae.loss import NO_DEAD, AuxMode, DeadLatents, DeadLatentTracker, LossParts, sae_loss
+from sae.loss import NO_DEAD, AuxMode, DeadLatents, DeadLatentTracker, LossParts, matryoshka_open, sae_loss
 from sae.model import TopKSAE
 from sae.optim import ScheduleFreeSignSGD, project_rows_
 from sae.placement import OneProcess, Placement
@@ -465,6 +465,9 @@ class Trainer:
             tcfg.dead_window(sae_cfg.n_latents, sae_cfg.k, sae_cfg.transcoder),
             tcfg.fire_threshold,
         )
+        if tcfg.matryoshka_ramp and not sae_cfg.matryoshka:
+            raise ValueError("train.matryoshka_ramp: only for a Matryoshka SAE (sae.matryoshka: [groups]): set it to 0")
+        self.open_latents: int | None = None  # a Matryoshka ramp's open latents this step (None: all)
         self.resampling = tcfg.resolved_resample_dead(sae_cfg)
         if self.resampling and self.sae.cfg.n_latents != sae_cfg.n_latents:
             raise ValueError("train.resample_dead: not with latent shards (a restart draws rows for all latents)")
@@ -497,6 +500,8 @@ class Trainer:
                 "the optimizer's foreach form (no Triton, or a cross-layer skip's per-layer lr: the one-pass "
                 "kernel is what reads the lr on the device)"
             )
+        if t.matryoshka_ramp:
+            problems.append("matryoshka_ramp (the selection widens during the run)")
         if problems and t.cuda_graph is None:
             return EagerSteps(self.device_step, self.device)
         if problems:
@@ -530,6 +535,10 @@ class Trainer:
             if group.get("encoder"):
                 group["lr_scale"] = encoder_step_scale(self.sae, self.place) * self.encoder_lr_ratio
             group["lr"] = self.base_lr * lr_factor(self.tcfg, self.tokens) * group.get("lr_scale", 1.0)
+        if self.tcfg.matryoshka_ramp:
+            self.open_latents = matryoshka_open(
+                self.sae.cfg.prefix_ends(), self.tcfg.matryoshka_ramp, self.tokens / self.tcfg.budget()
+            )
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.prepare()  # the host half of the optimizer step (device_step applies it)
         with torch.enable_grad():  # also when the caller holds torch.no_grad() (as around an evaluation)
@@ -607,7 +616,7 @@ class Trainer:
             ),
             kernels.using(self.kernels),
         ):
-            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, self.place, target)
+            parts = sae_loss(sae, x_norm, self.mse_scale, tcfg, dead, self.place, target, self.open_latents)
         self.nonfinite |= ~torch.isfinite(parts.loss.detach())
         self.opt.zero_grad(set_to_none=True)
         parts.loss.backward()
@@ -623,6 +632,8 @@ class Trainer:
             self.opt.step()
             renormalize_decoder(sae)  # schedule-free keeps z's rows at unit norm; y and x are its mixtures
         self.tracker.update(parts.values, parts.indices, self.rows(batch), self.place.sum_over_data)
+        if self.open_latents is not None:  # latents not yet open are not dead: AuxK leaves them be
+            self.tracker.tokens_since_fired[self.open_latents :] = 0
         if sae.cfg.activation == "batchtopk":
             self._update_threshold(parts.values)
         if self.ema:

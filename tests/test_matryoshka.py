@@ -130,3 +130,89 @@ def test_plain_specs_keep_their_keys_and_matryoshka_ones_get_their_own(tiny_mode
     assert plain.part_hash("sae", "train") == unset.part_hash("sae", "train")
     assert nested.part_hash("sae", "train") != plain.part_hash("sae", "train")
     assert nested.sae_config(32).matryoshka == (16, 32) and plain.sae_config(32).matryoshka == ()
+
+
+def test_the_ramp_opens_the_groups_one_by_one():
+    from sae.loss import matryoshka_open
+
+    ends = (32, 96, 256)
+    opened = [matryoshka_open(ends, 0.3, p) for p in (0.0, 0.149, 0.15, 0.299, 0.3, 0.9)]
+    assert opened == [32, 32, 96, 96, 256, 256]
+    assert matryoshka_open(ends, 0.0, 0.0) == 256  # no ramp: all from the start
+    assert matryoshka_open((8, 24), 0.5, 0.49) == 8 and matryoshka_open((8, 24), 0.5, 0.5) == 24
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_latents_not_yet_open_are_latents_that_cannot_fire(activation):
+    """The loss with the first `open` latents open equals the plain loss of a copy whose other latents'
+    encoder biases are far below any pre-activation (they never enter the selection)."""
+    from sae.config import TrainConfig
+    from sae.loss import NO_DEAD, sae_loss
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig(10, 24, 3, matryoshka=(8, 16), activation=activation))
+    x = torch.randn(32, 10)
+    tcfg = TrainConfig(batch_tokens=32)
+    ramped = sae_loss(sae, x, 1.0, tcfg, NO_DEAD, open_latents=8)
+    closed = TopKSAE(sae.cfg)
+    closed.load_state_dict(sae.state_dict())
+    with torch.no_grad():
+        closed.b_enc[8:] = -1e6
+    plain = sae_loss(closed, x, 1.0, tcfg, NO_DEAD)
+    assert (ramped.indices < 8).all()
+    torch.testing.assert_close(ramped.loss, plain.loss)
+    everything = sae_loss(sae, x, 1.0, tcfg, NO_DEAD)
+    assert (everything.indices >= 8).any() and not torch.allclose(everything.loss, ramped.loss)
+
+
+def test_a_ramped_run_keeps_later_groups_silent_and_alive_until_they_open():
+    from sae.config import TrainConfig
+    from sae.train import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64 * 20, 10, generator=g)
+    cfg = SAEConfig(10, 24, 3, matryoshka=(8, 16))
+    trainer = Trainer(cfg, TrainConfig(batch_tokens=64, tokens=64 * 20, matryoshka_ramp=0.5, dead_tokens=64))
+    trainer.initialize(x)
+    start = trainer.sae.W_enc.detach().clone()
+    for i in range(10):  # the first half: only the first group is open
+        trainer.step(x[i * 64 : (i + 1) * 64])
+        assert trainer.open_latents == 8
+        assert (trainer.tracker.tokens_since_fired[8:] == 0).all()  # never counted dead, so AuxK leaves them
+    # no gradient reached them: only the averaging's rounding moves them
+    torch.testing.assert_close(trainer.sae.W_enc.detach()[8:], start[8:], rtol=0, atol=1e-6)
+    assert (trainer.sae.W_enc.detach()[:8] - start[:8]).abs().max() > 1e-3  # while the open ones trained
+    fired = torch.zeros(24, dtype=torch.bool)
+    for i in range(10, 20):
+        parts = trainer.step(x[i * 64 : (i + 1) * 64])
+        fired[parts.indices[parts.values > 0]] = True
+    assert trainer.open_latents == 24 and fired[8:].any()
+
+
+def test_a_ramp_is_refused_without_matryoshka_and_outside_zero_to_one():
+    from sae.config import TrainConfig
+    from sae.train import Trainer
+
+    with pytest.raises(ValueError, match="matryoshka_ramp must be in \\[0, 1\\)"):
+        TrainConfig(matryoshka_ramp=1.0)
+    with pytest.raises(ValueError, match="train.matryoshka_ramp: only for a Matryoshka SAE"):
+        Trainer(SAEConfig(10, 24, 3), TrainConfig(tokens=64, matryoshka_ramp=0.3))
+
+
+def test_a_spec_ramp_needs_matryoshka_reaches_the_trainer_and_keys_only_when_set(
+    tiny_model_dir, text_dir, tmp_path, capsys
+):
+    path = _spec_file(tmp_path, tiny_model_dir, text_dir, matryoshka_ramp=0.3)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sae.matryoshka_ramp belongs to a Matryoshka SAE" in err[0]
+    assert not (tmp_path / "work").exists()
+    nested = load_spec(_spec_file(tmp_path, tiny_model_dir, text_dir, matryoshka=[16, 32]))
+    ramped = load_spec(_spec_file(tmp_path, tiny_model_dir, text_dir, matryoshka=[16, 32], matryoshka_ramp=0.3))
+    assert (
+        ramped.train_config(1000, "cpu").matryoshka_ramp == 0.3
+        and nested.train_config(1000, "cpu").matryoshka_ramp == 0
+    )
+    assert ramped.part_hash("sae", "train") != nested.part_hash("sae", "train")
+    unset = load_spec(_spec_file(tmp_path, tiny_model_dir, text_dir, matryoshka=[16, 32], matryoshka_ramp=None))
+    assert unset.part_hash("sae", "train") == nested.part_hash("sae", "train")
