@@ -520,6 +520,11 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _keeps(cfg) -> str:
+    """How many latents a code keeps, in words: k, or JumpReLU's thresholds."""
+    return "JumpReLU thresholds" if cfg.activation == "jumprelu" else f"k={cfg.k}"
+
+
 def cmd_import(args) -> int:
     import tempfile
 
@@ -531,7 +536,8 @@ def cmd_import(args) -> int:
     if not args.register:
         out = formats.export(sae, "saeflow", args.out or "imported-sae")
         print(
-            f"read {args.dir} ({fmt} format, {sae.cfg.n_latents} latents, k={sae.cfg.k}); wrote {out} (saeflow format)"
+            f"read {args.dir} ({fmt} format, {sae.cfg.n_latents} latents, {_keeps(sae.cfg)}); "
+            f"wrote {out} (saeflow format)"
         )
         return 0
     if not args.tracking_uri:
@@ -548,7 +554,8 @@ def cmd_import(args) -> int:
                 "spec_hash": key,
                 "d_in": str(sae.cfg.d_in),
                 "n_latents": str(sae.cfg.n_latents),
-                "k": str(sae.cfg.k),
+                "k": str(sae.cfg.k) if sae.cfg.activation != "jumprelu" else "",
+                "activation": sae.cfg.activation,
                 "normalization": sae.cfg.normalization,
                 "lm": str(sae.metadata.get("model") or ""),
                 "hookpoint": str(sae.metadata.get("hookpoint") or ""),

@@ -24,6 +24,7 @@ def modules_of(site: str) -> list[str]:
 
 
 Normalization = Literal["none", "standardize", "dataset_scale"]
+Activation = Literal["topk", "batchtopk", "jumprelu"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 
@@ -59,8 +60,11 @@ class SAEConfig:
     encoder_bias: bool = True
     normalization: Normalization | None = None  # None: standardize for an SAE, dataset_scale for a transcoder
     # batchtopk: the k*B largest pre-activations of a training batch; at inference, the latents above
-    # a threshold learnt in training (at most 4k per token)
-    activation: Literal["topk", "batchtopk"] = "topk"
+    # a threshold learnt in training (at most 4k per token). jumprelu: every latent above its own
+    # threshold (ReLU: thresholds 0), as SAELens's JumpReLU and ReLU dictionaries (Gemma Scope's)
+    # compute; saeflow imports, evaluates and serves them but does not train them (k: the width of
+    # codes from encode(x, k) at most; by default a code holds every latent that fires)
+    activation: Activation = "topk"
     # Matryoshka (Bussmann et al. 2025): the sizes of consecutive latent groups; each prefix of groups
     # is trained to reconstruct on its own (the loss sums the prefixes' losses). (): a plain SAE
     matryoshka: tuple[int, ...] = ()

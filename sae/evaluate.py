@@ -125,7 +125,7 @@ def ablation_sparsity(
             codes = sae.encode(tail.reshape(-1, tail.shape[-1]))
             if ablate:
                 rows = torch.arange(B, device=device) * (L - first_position) + (t.to(device) - first_position)
-                codes.values[rows, slot.to(device)] = 0.0
+                codes.values[rows, slot.to(device) % codes.values.shape[1]] = 0.0  # a JumpReLU code's width varies
             recon = sae.decode(codes).view_as(h[:, first_position:]).to(h.dtype)
             return torch.cat([h[:, :first_position], recon], dim=1)
 

@@ -123,11 +123,12 @@ def collect_features(sae: TopKSAE, plan: EvalPlan, source: EvalSource) -> tuple[
             pieces[token] = tokenizer.decode([token])
         return pieces[token]
 
+    width = max(v.shape[1] for v in values)  # a JumpReLU code's width varies from batch to batch
     sample = FeatureSample(
         source.contexts(n_contexts).astype(np.int64),
         source.first_position,
-        np.concatenate(values),
-        np.concatenate(indices),
+        np.concatenate([np.pad(v, ((0, 0), (0, width - v.shape[1]))) for v in values]),
+        np.concatenate([np.pad(i, ((0, 0), (0, width - i.shape[1]))) for i in indices]),
         token_text,
     )
     if plan.n2g or plan.browser:

@@ -39,8 +39,8 @@ class ReconstructionStats:
         n, d = sae.cfg.n_latents, sae.cfg.width()
         self.sae = sae
         # test-time k' comes from the first k' of one wide code; a cross-layer transcoder's code is its
-        # layers' top k / L side by side, not one sorted list: its own k only
-        ks = () if sae.cfg.cross_layer else ks
+        # layers' top k / L side by side, not one sorted list, and a JumpReLU code has no k: their own only
+        ks = () if sae.cfg.cross_layer or sae.cfg.activation == "jumprelu" else ks
         self.ks = tuple(sorted({k for k in ks if 0 < k <= n} | {sae.cfg.k}))
         self.count = 0
         self.sum_x = torch.zeros(d, dtype=torch.float64)
@@ -58,12 +58,18 @@ class ReconstructionStats:
         inputs, targets = sae.split(x_raw.to(sae.W_enc.device))
         x_in, _ = sae.normalize(inputs)
         x = sae.normalize_target(targets)[0] if sae.cfg.transcoder else x_in
-        wide = sae.encode_normalized(x_in, k=max(self.ks))
+        jump = sae.cfg.activation == "jumprelu"
+        wide = sae.encode_normalized(x_in, k=None if jump else max(self.ks))
         for k in self.ks:
             recon = sae.decode_normalized(wide.first(k))
             self.sq_err[k] += (x - recon).double().pow(2).sum().item()
-        # the SAE's own code: its k for TopK, the thresholded code for BatchTopK
-        main = wide.first(sae.cfg.k) if sae.cfg.activation == "topk" else sae.encode_normalized(x_in)
+        # the SAE's own code: its k for TopK, the thresholded code for BatchTopK and JumpReLU
+        if jump:
+            main = wide
+        elif sae.cfg.activation == "topk":
+            main = wide.first(sae.cfg.k)
+        else:
+            main = sae.encode_normalized(x_in)
         error = (x - sae.decode_normalized(main)).double().pow(2)
         self.main_sq_err += error.sum().item()
         if sae.cfg.cross_layer:

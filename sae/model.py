@@ -136,8 +136,8 @@ class TopKSAE(nn.Module):
         scalar = () if not cfg.cross_layer else (cfg.layers(),)
         self.register_buffer("input_scale", torch.ones(scalar))
         # batchtopk: inference keeps latents above this (a running average of the training batches'
-        # smallest kept activation)
-        self.register_buffer("threshold", torch.zeros(()))
+        # smallest kept activation); jumprelu: one threshold per latent
+        self.register_buffer("threshold", torch.zeros(n if cfg.activation == "jumprelu" else ()))
         if cfg.transcoder:  # the target's dataset_scale multiplier (1 for normalization none)
             self.register_buffer("target_scale", torch.ones(scalar))
         self.metadata: dict = {}
@@ -286,12 +286,27 @@ class TopKSAE(nn.Module):
         return torch.einsum("bli,lmi->blm", x_in.unflatten(-1, (L, d)), blocks).flatten(1)
 
     def encode_normalized(self, x_norm: torch.Tensor, k: int | None = None) -> Codes:
-        """The top k latents per token (default cfg.k; for batchtopk, up to 4k above the threshold)."""
+        """The top k latents per token (default cfg.k; for batchtopk, up to 4k above the threshold;
+        for jumprelu, every latent above its threshold)."""
+        if self.cfg.activation == "jumprelu":
+            return self._thresholded(x_norm, k)
         batch_topk = self.cfg.activation == "batchtopk"
         width = k or (min(4 * self.cfg.k, self.cfg.n_latents) if batch_topk else self.cfg.k)
         values, indices, _, _ = self.select(self.encoder_input(x_norm), width)
         if batch_topk:
             values = values * (values > self.threshold)
+        return Codes(values, indices, skip=self.skip(x_norm))
+
+    def _thresholded(self, x_norm: torch.Tensor, k: int | None) -> Codes:
+        """JumpReLU: ReLU(pre) where pre exceeds the latent's threshold, as SAELens computes it. The code
+        is as wide as the row with the most such latents (sorted descending, zeros after a row's own),
+        or `k` wide at most."""
+        pre = self.preactivations(self.encoder_input(x_norm))
+        if self.b_enc is not None:
+            pre = pre + self.b_enc
+        kept = torch.where((pre > self.threshold) & (pre > 0), pre, 0.0)
+        width = max(int((kept > 0).sum(dim=1).max()), 1) if len(kept) else 1
+        values, indices = kept.topk(min(width, k or width), dim=1)
         return Codes(values, indices, skip=self.skip(x_norm))
 
     def decode_normalized(self, codes: Codes) -> torch.Tensor:

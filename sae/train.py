@@ -446,6 +446,11 @@ class Trainer:
             raise ValueError(
                 "TrainConfig.tokens: a trainer needs its token budget (train_sae derives it from the data)"
             )
+        if sae_cfg.activation == "jumprelu":
+            raise ValueError(
+                "activation jumprelu: saeflow trains topk and batchtopk SAEs (jumprelu is for dictionaries "
+                "imported from SAELens): use activation topk"
+            )
         self.tcfg, self.whole_cfg = tcfg, sae_cfg
         self.place = placement or OneProcess(sae_cfg)
         self.device = torch.device(tcfg.device)

@@ -10,8 +10,10 @@ is refused there rather than silently changed.
 
 Transcoders go to and come from sparsify (`transcode`, `skip_connection`): its encoder reads the input
 as it is and its W_skip (d_out, d_in) adds to the prediction, as saeflow's do; the input's and the
-target's scales are folded in likewise. SAELens's transcoders are ReLU or JumpReLU, not TopK: no
-export there could compute what a TopK transcoder computes, so it is refused.
+target's scales are folded in likewise. SAELens's transcoders (and its `standard` and `jumprelu`
+SAEs, Gemma Scope's form) are ReLU or JumpReLU, z = ReLU(pre) * (pre > threshold): they come in as
+saeflow's `activation: jumprelu` (ReLU: thresholds 0) and go back out as what they were. A TopK
+transcoder has no SAELens form, so its export there is refused.
 """
 
 from __future__ import annotations
@@ -23,14 +25,25 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from sae.config import Normalization, SAEConfig
+from sae.config import Activation, Normalization, SAEConfig
 from sae.files import CHECKSUM as WEIGHTS_CHECKSUM
 from sae.files import CONFIG_FILE, WEIGHTS_FILE
 from sae.model import DamagedWeights, TopKSAE, expected_shapes, read_weights, shape_misfits
-from storage.hook_names import hf_module, hub_id, transformer_lens_hook
+from storage.hook_names import hf_module, hub_id, transformer_lens_hook, transformer_lens_mlp_hooks
 from storage.outputs import staged
 
 FORMATS = ("saeflow", "saelens", "sparsify")
+# SAELens architecture -> (saeflow activation, transcoder, skip_connection); its ReLU dictionaries
+# (standard, transcoder, skip_transcoder) are JumpReLU ones with thresholds 0
+SAELENS_KINDS: dict[str, tuple[Activation, bool, bool]] = {
+    "topk": ("topk", False, False),
+    "standard": ("jumprelu", False, False),
+    "jumprelu": ("jumprelu", False, False),
+    "transcoder": ("jumprelu", True, False),
+    "skip_transcoder": ("jumprelu", True, True),
+    "jumprelu_transcoder": ("jumprelu", True, False),
+    "jumprelu_skip_transcoder": ("jumprelu", True, True),
+}
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SPARSIFY_CONFIG, SPARSIFY_WEIGHTS = "cfg.json", "sae.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"  # the config layout SAELens 6 reads without converting it
@@ -92,15 +105,16 @@ def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
             f"cross_layer: {fmt} has no cross-layer transcoder file that this one maps to exactly (sparsify "
             "1.3.3, the newest release, has none): keep it in saeflow's format"
         )
-    if fmt == "saelens" and sae.cfg.transcoder:
+    if fmt == "saelens" and sae.cfg.transcoder and sae.cfg.activation == "topk":
         raise FormatError(
             "transcoder: SAELens's transcoders are ReLU or JumpReLU (no TopK), so no SAELens file computes what "
             "this TopK transcoder does: export to sparsify (its transcode format) or saeflow"
         )
-    if sae.cfg.activation != "topk":
+    exports = ("topk", "jumprelu") if fmt == "saelens" else ("topk",)
+    if sae.cfg.activation not in exports:
         raise FormatError(
-            f"activation {sae.cfg.activation}: only TopK SAEs export to {fmt} (its inference has no "
-            "learnt threshold like saeflow's batchtopk)"
+            f"activation {sae.cfg.activation}: only {' and '.join(exports)} dictionaries export to {fmt} (it has "
+            f"no inference that computes what saeflow's {sae.cfg.activation} does)"
         )
     if fmt == "sparsify" and sae.cfg.normalization == "standardize":
         raise FormatError(
@@ -108,39 +122,11 @@ def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
             "can express a per-token standardisation; export to saelens (its layer_norm), or train with "
             "normalization: none or dataset_scale"
         )
-    W_enc, b_enc, W_dec, b_dec, W_skip = _raw_weights(sae)
     out.mkdir(parents=True, exist_ok=True)
-    meta = sae.metadata
-    if fmt == "saelens":
-        config = {
-            "architecture": "topk",
-            "d_in": sae.cfg.d_in,
-            "d_sae": sae.cfg.n_latents,
-            "k": sae.cfg.k,
-            "dtype": "float32",
-            "device": "cpu",
-            "apply_b_dec_to_input": True,
-            "normalize_activations": "layer_norm" if sae.cfg.normalization == "standardize" else "none",
-            "reshape_activations": "none",
-            "rescale_acts_by_decoder_norm": False,
-            "metadata": {
-                "sae_lens_version": SAELENS_FORMAT_VERSION,
-                "sae_lens_training_version": SAELENS_FORMAT_VERSION,
-                # the names SAELens' tooling attaches by (HookedSAETransformer: TransformerLens hooks)
-                "model_name": hub_id(meta.get("model")) or meta.get("model"),
-                "hook_name": transformer_lens_hook(meta.get("hookpoint") or "") or meta.get("hookpoint"),
-                "hf_hook_name": meta.get("hookpoint"),
-                "model_source": meta.get("model"),
-                "model_from_pretrained_kwargs": {"revision": meta["model_revision"]}
-                if meta.get("model_revision")
-                else {},
-                "exported_by": "saeflow",
-            },
-        }
-        weights = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-        (out / SAELENS_WEIGHTS).write_bytes(save(weights))  # (save_file writes 0600)
-        (out / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
-        return out
+    return (_write_saelens if fmt == "saelens" else _write_sparsify)(sae, out, *_raw_weights(sae))
+
+
+def _write_sparsify(sae: TopKSAE, out: Path, W_enc, b_enc, W_dec, b_dec, W_skip) -> Path:
     unit = bool(torch.allclose(W_dec.norm(dim=1), torch.ones(W_dec.shape[0]), atol=1e-4))
     config = {
         "activation": "topk",
@@ -158,6 +144,48 @@ def _write(sae: TopKSAE, fmt: str, out: Path) -> Path:
         weights["W_skip"] = W_skip
     (out / SPARSIFY_WEIGHTS).write_bytes(save(weights))
     (out / SPARSIFY_CONFIG).write_text(json.dumps(config, indent=2))
+    return out
+
+
+def _write_saelens(sae: TopKSAE, out: Path, W_enc, b_enc, W_dec, b_dec, W_skip) -> Path:
+    cfg, meta = sae.cfg, sae.metadata
+    weights = {"W_enc": W_enc.T.contiguous(), "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    # the names SAELens' tooling attaches by (HookedSAETransformer: TransformerLens hooks)
+    module = meta.get("hookpoint") or ""
+    names = {"hook_name": transformer_lens_hook(module) or meta.get("hookpoint"), "hf_hook_name": meta.get("hookpoint")}
+    config = {"d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32", "device": "cpu"}
+    if cfg.activation == "topk":
+        config.update(architecture="topk", k=cfg.k, rescale_acts_by_decoder_norm=False)
+    else:
+        thresholds = sae.threshold.detach().float().cpu().contiguous()
+        relu = not bool(thresholds.any())  # thresholds 0: SAELens's ReLU form, as it came in
+        kind = ("skip_transcoder" if cfg.skip_connection else "transcoder") if cfg.transcoder else "standard"
+        config["architecture"] = kind if relu else "jumprelu" if kind == "standard" else "jumprelu_" + kind
+        if not relu:
+            weights["threshold"] = thresholds
+    if cfg.transcoder:  # its encoder reads the MLP's input as it is; SAELens refuses b_dec there
+        config.update(d_out=cfg.d_in, apply_b_dec_to_input=False, normalize_activations="none")
+        hook_in, hook_out = transformer_lens_mlp_hooks(module)
+        names.update(hook_name=hook_in or module, hook_name_out=hook_out or module, hf_hook_name_out=module)
+        if W_skip is not None:
+            weights["W_skip"] = W_skip
+    else:
+        normalize = "layer_norm" if cfg.normalization == "standardize" else "none"
+        config.update(apply_b_dec_to_input=True, normalize_activations=normalize)
+    config.update(
+        reshape_activations="none",
+        metadata={
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+            "model_name": hub_id(meta.get("model")) or meta.get("model"),
+            **names,
+            "model_source": meta.get("model"),
+            "model_from_pretrained_kwargs": {"revision": meta["model_revision"]} if meta.get("model_revision") else {},
+            "exported_by": "saeflow",
+        },
+    )
+    (out / SAELENS_WEIGHTS).write_bytes(save(weights))  # (save_file writes 0600)
+    (out / SAELENS_CONFIG).write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -179,39 +207,82 @@ def _raw_weights(sae: TopKSAE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 # import ---------------------------------------------------------------------------------------------
 def _read_saelens(d: Path) -> TopKSAE:
     cfg = _json(d / SAELENS_CONFIG)
-    where = d / SAELENS_CONFIG
-    if cfg.get("architecture") != "topk":
-        raise FormatError(f"{where}: architecture {cfg.get('architecture')!r}: saeflow imports TopK SAEs only")
-    ours: dict[str, Normalization] = {"none": "none", "layer_norm": "standardize"}
-    norm = ours.get(cfg.get("normalize_activations", "none"))
-    if norm is None:
+    where, path = d / SAELENS_CONFIG, d / SAELENS_WEIGHTS
+    kind = SAELENS_KINDS.get(str(cfg.get("architecture")))
+    if kind is None:
         raise FormatError(
-            f"{where}: normalize_activations {cfg.get('normalize_activations')!r} has no saeflow "
-            "equivalent (none and layer_norm have)"
+            f"{where}: architecture {cfg.get('architecture')!r}: saeflow imports SAELens's {', '.join(SAELENS_KINDS)}"
         )
+    activation, transcoder, skip = kind
+    norm = _saelens_normalization(cfg, where, transcoder)
     if cfg.get("reshape_activations", "none") != "none":
         raise FormatError(f"{where}: reshape_activations {cfg['reshape_activations']!r}: only flat activations import")
-    sae_cfg = _config(where, lambda: SAEConfig(cfg["d_in"], cfg["d_sae"], cfg["k"], True, norm))
+    if transcoder and cfg.get("d_out", cfg.get("d_in")) != cfg.get("d_in"):
+        raise FormatError(
+            f"{where}: d_out {cfg.get('d_out')} is not d_in {cfg.get('d_in')}: saeflow's transcoders predict an "
+            "MLP's output from its input, of one width"
+        )
+    k = "k" if activation == "topk" else "d_sae"  # JumpReLU codes have no k: every latent may fire
+    sae_cfg = _config(
+        where,
+        lambda: SAEConfig(
+            cfg["d_in"], cfg["d_sae"], cfg[k], True, norm, activation, transcoder=transcoder, skip_connection=skip
+        ),
+    )
     n, d_in = sae_cfg.n_latents, sae_cfg.d_in
-    _check_sizes(d / SAELENS_WEIGHTS, where, {"W_enc": (d_in, n), "W_dec": (n, d_in), "b_enc": (n,), "b_dec": (d_in,)})
-    w = _tensors(d / SAELENS_WEIGHTS)
-    W_enc, W_dec, b_enc, b_dec = (_key(w, k, d / SAELENS_WEIGHTS) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    names = ("W_enc", "W_dec", "b_enc", "b_dec")
+    expected = {"W_enc": (d_in, n), "W_dec": (n, d_in), "b_enc": (n,), "b_dec": (d_in,)}
+    thresholds = cfg["architecture"].startswith("jumprelu")
+    if thresholds:
+        expected["threshold"] = (n,)
+    if skip:
+        expected["W_skip"] = (d_in, d_in)
+    _check_sizes(path, where, expected)
+    w = _tensors(path)
+    W_enc, W_dec, b_enc, b_dec = (_key(w, name, path) for name in names)
     W_enc = W_enc.T
     if cfg.get("rescale_acts_by_decoder_norm"):  # decoder taken as normalised: fold its norms in (exact)
         norms = W_dec.norm(dim=1)
         W_enc, b_enc, W_dec = W_enc * norms[:, None], b_enc * norms, W_dec / norms[:, None]
-    if not cfg.get("apply_b_dec_to_input", True):  # saeflow always subtracts b_dec: add it back in the bias
+    if not transcoder and not cfg.get("apply_b_dec_to_input", True):  # saeflow's SAEs subtract b_dec: add it back
         b_enc = b_enc + W_enc @ b_dec
-    sae = _load_into(sae_cfg, {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}, d / SAELENS_WEIGHTS)
+    weights = {"W_enc": W_enc, "W_dec": W_dec, "b_enc": b_enc, "b_pre": b_dec}
+    if thresholds:
+        weights["threshold"] = _key(w, "threshold", path)
+    if skip:
+        weights["W_skip"] = _key(w, "W_skip", path)
+    sae = _load_into(sae_cfg, weights, path)
     meta = cfg.get("metadata") or {}
-    hook = meta.get("hook_name")
     sae.metadata = {
         "imported_from": "saelens",
         "source": str(d),
         "model": meta.get("model_source") or meta.get("model_name"),
-        "hookpoint": meta.get("hf_hook_name") or hf_module(hook or "") or hook,
+        "hookpoint": _saelens_hookpoint(meta, transcoder),
     }
     return sae
+
+
+def _saelens_normalization(cfg: dict, where: Path, transcoder: bool) -> Normalization:
+    """saeflow's name for a SAELens config's input normalisation; a transcoder's must be none (SAELens
+    normalises its input but not its prediction, which no saeflow transcoder does)."""
+    given = cfg.get("normalize_activations", "none")
+    ours: dict[str, Normalization] = {"none": "none"} if transcoder else {"none": "none", "layer_norm": "standardize"}
+    if given not in ours:
+        raise FormatError(
+            f"{where}: normalize_activations {given!r} has no saeflow equivalent for "
+            f"{'a transcoder' if transcoder else 'an SAE'} ({' and '.join(ours)} {'has' if transcoder else 'have'})"
+        )
+    return ours[given]
+
+
+def _saelens_hookpoint(meta: dict, transcoder: bool) -> str | None:
+    """The HF module a SAELens dictionary reads: a transcoder's MLP (by its output hook), an SAE's
+    module by its hook."""
+    found = transcoder and (meta.get("hf_hook_name_out") or hf_module(meta.get("hook_name_out") or ""))
+    if found:
+        return found
+    hook = meta.get("hook_name")
+    return meta.get("hf_hook_name") or hf_module(hook or "") or hook
 
 
 def _read_sparsify(d: Path) -> TopKSAE:

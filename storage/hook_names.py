@@ -30,6 +30,15 @@ def transformer_lens_hook(module: str) -> str | None:
     return None
 
 
+def transformer_lens_mlp_hooks(module: str) -> tuple[str | None, str | None]:
+    """TransformerLens' hooks on what HF MLP module `module` reads and writes (a transcoder's input
+    and target): ln2's output, which the MLP reads, and hook_mlp_out; (None, None) for other modules."""
+    out = transformer_lens_hook(module)
+    if out is None or not out.endswith(".hook_mlp_out"):
+        return None, None
+    return out.removesuffix("hook_mlp_out") + "ln2.hook_normalized", out
+
+
 def hf_module(hook: str) -> str | None:
     """The Llama-family module whose output TransformerLens' `hook` names (the inverse, for imports)."""
     found = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out)", hook)

@@ -257,33 +257,35 @@ def model_card(model_name: str, alias: str, sae, params: dict, metrics: dict[str
     cfg = sae.cfg
     shown = {k: v for k, v in metrics.items() if k in CARD_METRICS}
     hookpoint = tags.get("hookpoint")
+    form = {"topk": "TopK", "batchtopk": "BatchTopK", "jumprelu": "JumpReLU"}[cfg.activation]
+    origin = f"imported from {tags['imported_from']}" if tags.get("imported_from") else "trained with saeflow"
     if cfg.cross_layer:
         layers = "`, `".join(modules_of(str(hookpoint)))
         what = (
-            f"A TopK cross-layer transcoder (Ameisen et al. 2025) over `{layers}` of `{tags.get('lm')}`: the "
+            f"A {form} cross-layer transcoder (Ameisen et al. 2025) over `{layers}` of `{tags.get('lm')}`: the "
             f"latents of each layer ({cfg.n_latents // cfg.layers()}, keeping {cfg.k // cfg.layers()} per token) read "
             "its MLP's input and predict its output and every later one's"
             + (", with an affine skip per layer" if cfg.skip_connection else "")
-            + "; trained with saeflow. Its metrics are the predicted outputs', also per layer. Its input and "
+            + f"; {origin}. Its metrics are the predicted outputs', also per layer. Its input and "
             "prediction are the layers' activations side by side."
         )
     elif cfg.transcoder:
         kind = "skip-transcoder (Paulo et al. 2025)" if cfg.skip_connection else "transcoder (Dunefsky et al. 2024)"
         what = (
-            f"A TopK {kind}: it reads the input of `{hookpoint}` of `{tags.get('lm')}` and predicts its output"
+            f"A {form} {kind}: it reads the input of `{hookpoint}` of `{tags.get('lm')}` and predicts its output"
             + (" (its latents plus an affine skip W_skip x)" if cfg.skip_connection else "")
-            + "; trained with saeflow. Its metrics are the predicted output's."
+            + f"; {origin}. Its metrics are the predicted output's."
         )
     else:
-        what = (
-            f"A TopK sparse autoencoder (Gao et al. 2024) on `{hookpoint}` of `{tags.get('lm')}`, trained with saeflow."
-        )
+        cite = " (Gao et al. 2024)" if cfg.activation == "topk" else ""
+        what = f"A {form} sparse autoencoder{cite} on `{hookpoint}` of `{tags.get('lm')}`, {origin}."
+    keeps = "each latent above its own threshold" if cfg.activation == "jumprelu" else f"k = {cfg.k}"
     lines = [
         f"# {model_name}",
         "",
         what,
         "",
-        f"- latents: {cfg.n_latents} over d_in = {cfg.d_in}, k = {cfg.k} ({cfg.activation}), input normalisation "
+        f"- latents: {cfg.n_latents} over d_in = {cfg.d_in}, {keeps} ({cfg.activation}), input normalisation "
         f"`{cfg.normalization}`, encoder bias: {cfg.encoder_bias}",
         *(
             [

@@ -2,8 +2,9 @@
 peer's own code and writes its codes and reconstructions of given inputs, all as safetensors.
 
     python peer_roundtrip.py load saelens|sparsify SAE_DIR INPUTS OUT
-    python peer_roundtrip.py make saelens|sparsify SAE_DIR INPUTS OUT N K NORM [transcode|skip]
-        (random SAE, nonzero biases; sparsify: a transcoder, or a skip-transcoder)
+    python peer_roundtrip.py make saelens|sparsify SAE_DIR INPUTS OUT N K NORM [KIND]
+        (random SAE, nonzero biases; KIND for sparsify: transcode or skip; for SAELens: one of its
+        ReLU / JumpReLU architectures, standard .. jumprelu_skip_transcoder, random thresholds)
     python peer_roundtrip.py attach saelens SAE_DIR TOKENS OUT            (HookedSAETransformer, tiny model)
 """
 
@@ -14,9 +15,45 @@ from safetensors.torch import load_file, save_file
 
 
 def saelens_outputs(sae, x):
+    """Codes, and the output of SAELens's own forward (a skip-transcoder's adds x @ W_skip.T)."""
     with torch.no_grad():
         codes = sae.encode(x)
-        return codes, sae.decode(codes)
+        return codes, sae(x) if hasattr(sae, "W_skip") else sae.decode(codes)
+
+
+def saelens_dictionary(kind, d, n, layer_norm, g):
+    """A SAELens ReLU or JumpReLU SAE or transcoder of `kind` (its architecture name), made by its own
+    classes, with random weights and thresholds."""
+    from sae_lens.saes import transcoder as tc
+    from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+    from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+    made = {
+        "standard": (StandardSAE, StandardSAEConfig),
+        "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
+        "transcoder": (tc.Transcoder, tc.TranscoderConfig),
+        "skip_transcoder": (tc.SkipTranscoder, tc.SkipTranscoderConfig),
+        "jumprelu_transcoder": (tc.JumpReLUTranscoder, tc.JumpReLUTranscoderConfig),
+        "jumprelu_skip_transcoder": (tc.JumpReLUSkipTranscoder, tc.JumpReLUSkipTranscoderConfig),
+    }
+    model, config = made[kind]
+    if "transcoder" in kind:
+        cfg = config(d_in=d, d_sae=n, d_out=d, apply_b_dec_to_input=False)
+        cfg.metadata.hook_name, cfg.metadata.hook_name_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    else:
+        cfg = config(d_in=d, d_sae=n, normalize_activations="layer_norm" if layer_norm else "none")
+        cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    sae = model(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d, n, generator=g) / d**0.5)
+        sae.W_dec.copy_(torch.randn(n, d, generator=g) / d**0.5)
+        sae.b_enc.copy_(torch.randn(n, generator=g) * 0.1)
+        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(n, generator=g))
+        if hasattr(sae, "W_skip"):
+            sae.W_skip.copy_(torch.randn(d, d, generator=g) / d)
+    return sae
 
 
 def sparsify_outputs(sae, x):
@@ -29,6 +66,10 @@ def sparsify_outputs(sae, x):
 
 def make(library, directory, d, n, k, layer_norm, kind="sae"):
     g = torch.Generator().manual_seed(0)
+    if library == "saelens" and kind != "sae":
+        sae = saelens_dictionary(kind, d, n, layer_norm, g)
+        sae.save_model(directory)
+        return sae
     if library == "saelens":
         from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 

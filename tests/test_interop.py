@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.config import SAEConfig
+from sae.config import SAEConfig, TrainConfig
 from sae.model import TopKSAE
+from sae.train import train_sae
 from storage import formats, hook_names
 
 HERE = Path(__file__).parent
@@ -159,6 +160,82 @@ def test_transcoders_round_trip_through_sparsify_exactly(peers_python, tmp_path,
     codes, predicted = ours(imported, x)
     assert close(codes, made["codes"]), (codes - made["codes"]).abs().max()
     assert close(predicted, made["recon"]), (predicted - made["recon"]).abs().max()
+
+
+SAELENS_THRESHOLDED = [
+    "standard",
+    "jumprelu",
+    "transcoder",
+    "skip_transcoder",
+    "jumprelu_transcoder",
+    "jumprelu_skip_transcoder",
+]
+
+
+@pytest.mark.parametrize("architecture", SAELENS_THRESHOLDED)
+def test_saelens_relu_and_jumprelu_dictionaries_round_trip_exactly(peers_python, tmp_path, architecture):
+    """A SAELens ReLU or JumpReLU SAE or (skip-)transcoder made by its own classes imports and computes
+    SAELens's codes and outputs; exported again, SAELens's loader opens it as the same architecture and
+    computes them again."""
+    x, x_path = inputs(tmp_path)
+    norm = "layer_norm" if architecture == "jumprelu" else "none"
+    made = in_peer(peers_python, "make", "saelens", tmp_path / "made", x_path, tmp_path, N, K, norm, architecture)
+    sae = TopKSAE.from_pretrained(tmp_path / "made")
+    transcoder = "transcoder" in architecture
+    assert (sae.cfg.activation, sae.cfg.transcoder, sae.cfg.skip_connection) == (
+        "jumprelu",
+        transcoder,
+        "skip" in architecture,
+    )
+    assert sae.metadata["hookpoint"] == ("model.layers.1.mlp" if transcoder else "model.layers.1")
+    codes, out = ours(sae, x)
+    fired = (codes > 0).sum(1)
+    assert fired.min() < fired.max() and fired.max() > K  # codes of varying width, wider than any k here
+    assert close(codes, made["codes"]), (codes - made["codes"]).abs().max()
+    assert close(out, made["recon"]), (out - made["recon"]).abs().max()
+
+    back = formats.export(sae, "saelens", tmp_path / "back")
+    config = json.loads((back / "cfg.json").read_text())
+    assert config["architecture"] == architecture
+    if transcoder:
+        assert config["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    again = in_peer(peers_python, "load", "saelens", back, x_path, tmp_path)
+    assert close(again["codes"], made["codes"]), (again["codes"] - made["codes"]).abs().max()
+    assert close(again["recon"], made["recon"]), (again["recon"] - made["recon"]).abs().max()
+
+
+def jumprelu_transcoder() -> TopKSAE:
+    g = torch.Generator().manual_seed(4)
+    sae = TopKSAE(
+        SAEConfig(D, N, N, activation="jumprelu", normalization="none", transcoder=True, skip_connection=True)
+    )
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.1)
+        sae.threshold.copy_(torch.rand(N, generator=g))
+        sae.W_skip.copy_(torch.randn(D, D, generator=g) / D)
+    return sae
+
+
+def test_a_jumprelu_code_is_every_latent_above_its_threshold_and_saves_and_loads(tmp_path):
+    """Against a dense reference: ReLU(pre) * (pre > threshold); k bounds the width when given; the
+    per-latent thresholds survive save and load; training one is refused in one line."""
+    sae = jumprelu_transcoder()
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(5)) * 3
+    pre = x @ sae.W_enc.T + sae.b_enc
+    reference = torch.relu(pre) * (pre > sae.threshold)
+    with torch.no_grad():
+        codes = sae.encode(x)
+        assert torch.equal(codes.dense(N), reference)
+        assert codes.values.shape[1] == int((reference > 0).sum(1).max())
+        prediction = reference @ sae.W_dec + sae.b_pre + x @ sae.W_skip.T
+        assert torch.allclose(sae.predict(x), prediction, atol=1e-5)
+        assert sae.encode(x, k=3).values.shape[1] == 3
+        loaded = TopKSAE.load(sae.save(tmp_path / "jump"))
+        assert torch.equal(loaded.threshold, sae.threshold) and torch.equal(loaded.predict(x), sae.predict(x))
+    with pytest.raises(ValueError, match="activation jumprelu: saeflow trains topk and batchtopk"):
+        train_sae(sae.cfg, TrainConfig(batch_tokens=8), x, target=x, progress=False)
+    with pytest.raises(formats.FormatError, match="activation jumprelu: only topk dictionaries export to sparsify"):
+        formats.export(sae, "sparsify", tmp_path / "out")
 
 
 def test_a_topk_transcoder_is_refused_by_saelens_export_naming_why(tmp_path):

@@ -325,6 +325,37 @@ def test_import_registers_once_and_exports_back(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_a_saelens_jumprelu_skip_transcoder_imports_registers_and_pulls(tmp_path, capsys):
+    """A SAELens JumpReLU skip-transcoder (the file layout storage.formats writes and SAELens's own
+    loader opens: tests/test_interop.py) registers by `saeflow import`; pulled, it predicts the same
+    and its card and tags say what it is."""
+    from mlflow import MlflowClient
+
+    from flows.cli import main
+    from storage.registry import pull
+
+    g = torch.Generator().manual_seed(0)
+    cfg = SAEConfig(8, 16, 16, normalization="none", activation="jumprelu", transcoder=True, skip_connection=True)
+    sae = TopKSAE(cfg, generator=g)
+    with torch.no_grad():
+        sae.threshold.uniform_(0, 0.5, generator=g)
+        sae.W_skip.normal_(generator=g)
+    sae.metadata = {"model": "tiny-lm", "hookpoint": "model.layers.3.mlp"}
+    lens = formats.export(sae, "saelens", tmp_path / "lens")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["import", str(lens), "--register", "gemma-tc", "--tracking-uri", uri]) == 0
+    assert "registered" in capsys.readouterr().out
+    pulled = TopKSAE.load(pull("models:/gemma-tc@candidate", tmp_path / "pulled", uri))
+    x = torch.randn(20, 8, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(pulled.predict(x), sae.predict(x), atol=1e-6)
+    card = (tmp_path / "pulled" / "MODEL_CARD.md").read_text()
+    assert "A JumpReLU skip-transcoder (Paulo et al. 2025): it reads the input of `model.layers.3.mlp`" in card
+    assert "imported from saelens" in card and "each latent above its own threshold (jumprelu)" in card
+    tags = MlflowClient(uri, uri).get_model_version_by_alias("gemma-tc", "candidate").tags
+    assert tags["dictionary"] == "skip-transcoder" and tags["activation"] == "jumprelu" and tags["k"] == ""
+
+
 def test_lookups_find_the_embedded_registry_and_never_create_a_database(tmp_path, monkeypatch):
     """In a fresh process without a tracking URI, from_pretrained and `saeflow ls` use
     ./.saeflow/mlflow.db where it exists; elsewhere they say what to pass, and no lookup leaves an

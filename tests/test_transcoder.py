@@ -492,3 +492,54 @@ def test_the_skip_lr_and_init_rules_move_the_keys_of_their_transcoders_alone(
     init_moved = {kind: spec.part_hash("sae", "train") for kind, spec in specs.items()}
     assert init_moved["sae"] == after["sae"]
     assert init_moved["transcoder"] != after["transcoder"] and init_moved["skip"] != after["skip"]
+
+
+def _jumprelu_transcoder(d: int = 32, n: int = 64) -> TopKSAE:
+    """A JumpReLU skip-transcoder as SAELens's come in (storage.formats): raw input, a threshold per latent."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d, n, n, normalization="none", activation="jumprelu", transcoder=True, skip_connection=True)
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(std=0.3)
+        sae.threshold.uniform_(0, 1)
+    return sae
+
+
+def test_an_imported_jumprelu_transcoder_evaluates_against_a_dense_reference(tiny_model_dir, tiny_lm):
+    """The evaluation (reconstruction, the LM's loss with the MLP's output replaced, ablation, feature
+    pages) of a JumpReLU skip-transcoder: FVU, L0 and the feature sample's codes equal a dense
+    computation of ReLU(pre) * (pre > threshold)."""
+    from sae.evaluation import EvalPlan, EvalSource, evaluate_sae
+    from sae.lm import load_lm
+
+    sae = _jumprelu_transcoder()
+    ids = torch.randint(3, 200, (6, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rows = capture(tiny_lm, ids, [MLP + IO])[MLP + IO].reshape(-1, 64)
+        x, y = rows.split(32, dim=-1)
+        pre = x @ sae.W_enc.T + sae.b_enc
+        codes = torch.relu(pre) * (pre > sae.threshold)
+        predicted = codes @ sae.W_dec + sae.b_pre + x @ sae.W_skip.T
+    fvu = ((y - predicted).double().pow(2).sum() / (y - y.mean(0)).double().pow(2).sum()).item()
+    fired = (codes > 0).sum(1)
+    assert fired.min() < fired.max()  # codes of varying width
+    source = EvalSource(
+        rows=lambda n: rows[:n].split(16),
+        contexts=lambda n: ids[:n].numpy(),
+        n_contexts=6,
+        positions=10,
+        first_position=0,
+        hookpoint=MLP + IO,
+        lm=lambda: (tiny_lm, load_lm(str(tiny_model_dir), "float32", "cpu")[1]),
+        mean_activation=lambda n: rows[:n].mean(0),
+    )
+    plan = EvalPlan(60, downstream_contexts=2, batch_contexts=2, ablation_contexts=2, feature_tokens=60, probes=False)
+    record = evaluate_sae(sae, plan, source, progress=False)
+    assert record.metrics["normalized_mse"] == pytest.approx(fvu, rel=1e-4)
+    assert record.metrics["l0"] == pytest.approx(fired.float().mean().item())
+    assert record.metrics["ce_increase"] > 0 and record.metrics["ablation_sparsity_samples"] > 0
+    sample = record.features
+    assert sample is not None and sample.values.shape == (60, int(fired.max()))
+    dense = torch.zeros(60, 64).scatter_(1, torch.from_numpy(sample.indices), torch.from_numpy(sample.values))
+    assert torch.allclose(dense, codes, atol=1e-6)
