@@ -6,8 +6,10 @@ peer's own code and writes its codes and reconstructions of given inputs, all as
         (random SAE, nonzero biases; KIND for sparsify: transcode or skip; for SAELens: one of its
         ReLU / JumpReLU architectures, standard .. jumprelu_skip_transcoder, random thresholds)
     python peer_roundtrip.py attach saelens SAE_DIR TOKENS OUT            (HookedSAETransformer, tiny model)
+    python peer_roundtrip.py many JOBS.json      (a JSON list of the argument lists above, in one process)
 """
 
+import json
 import sys
 
 import torch
@@ -120,16 +122,14 @@ def attach(directory, tokens, out):
     )
 
 
-def main():
-    action, library, directory, inputs, out = sys.argv[1:6]
+def run(args):
+    action, library, directory, inputs, out = args[:5]
     if action == "attach":
         return attach(directory, load_file(inputs)["tokens"], out)
     x = load_file(inputs)["x"]
     if action == "make":
-        kind = sys.argv[9] if len(sys.argv) > 9 else "sae"
-        sae = make(
-            library, directory, x.shape[1], int(sys.argv[6]), int(sys.argv[7]), sys.argv[8] == "layer_norm", kind
-        )
+        kind = args[8] if len(args) > 8 else "sae"
+        sae = make(library, directory, x.shape[1], int(args[5]), int(args[6]), args[7] == "layer_norm", kind)
     elif library == "saelens":
         from sae_lens import SAE
 
@@ -140,6 +140,14 @@ def main():
         sae = SparseCoder.load_from_disk(directory)
     codes, recon = (saelens_outputs if library == "saelens" else sparsify_outputs)(sae, x)
     save_file({"codes": codes.contiguous(), "recon": recon.contiguous()}, out)
+
+
+def main():
+    if sys.argv[1] == "many":  # one process for several jobs: importing SAELens takes seconds
+        for args in json.loads(open(sys.argv[2]).read()):
+            run(args)
+    else:
+        run(sys.argv[1:])
 
 
 if __name__ == "__main__":

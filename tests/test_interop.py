@@ -172,36 +172,59 @@ SAELENS_THRESHOLDED = [
 ]
 
 
-@pytest.mark.parametrize("architecture", SAELENS_THRESHOLDED)
-def test_saelens_relu_and_jumprelu_dictionaries_round_trip_exactly(peers_python, tmp_path, architecture):
-    """A SAELens ReLU or JumpReLU SAE or (skip-)transcoder made by its own classes imports and computes
-    SAELens's codes and outputs; exported again, SAELens's loader opens it as the same architecture and
-    computes them again."""
-    x, x_path = inputs(tmp_path)
-    norm = "layer_norm" if architecture == "jumprelu" else "none"
-    made = in_peer(peers_python, "make", "saelens", tmp_path / "made", x_path, tmp_path, N, K, norm, architecture)
-    sae = TopKSAE.from_pretrained(tmp_path / "made")
-    transcoder = "transcoder" in architecture
-    assert (sae.cfg.activation, sae.cfg.transcoder, sae.cfg.skip_connection) == (
-        "jumprelu",
-        transcoder,
-        "skip" in architecture,
+def in_peer_many(python, jobs: list[list], tmp_path, name: str) -> list[dict[str, torch.Tensor]]:
+    """Several peer_roundtrip.py jobs (action, library, directory, inputs, *extra) in one process: each
+    job's outputs (written as NAME-i)."""
+    outs = [tmp_path / f"{name}-{i}.safetensors" for i in range(len(jobs))]
+    listed = [[str(a) for a in job[:4]] + [str(out)] + [str(a) for a in job[4:]] for job, out in zip(jobs, outs)]
+    (tmp_path / f"{name}.json").write_text(json.dumps(listed))
+    done = subprocess.run(
+        [python, str(HERE / "peer_roundtrip.py"), "many", str(tmp_path / f"{name}.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert sae.metadata["hookpoint"] == ("model.layers.1.mlp" if transcoder else "model.layers.1")
-    codes, out = ours(sae, x)
-    fired = (codes > 0).sum(1)
-    assert fired.min() < fired.max() and fired.max() > K  # codes of varying width, wider than any k here
-    assert close(codes, made["codes"]), (codes - made["codes"]).abs().max()
-    assert close(out, made["recon"]), (out - made["recon"]).abs().max()
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [load_file(out) for out in outs]
 
-    back = formats.export(sae, "saelens", tmp_path / "back")
-    config = json.loads((back / "cfg.json").read_text())
-    assert config["architecture"] == architecture
-    if transcoder:
-        assert config["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
-    again = in_peer(peers_python, "load", "saelens", back, x_path, tmp_path)
-    assert close(again["codes"], made["codes"]), (again["codes"] - made["codes"]).abs().max()
-    assert close(again["recon"], made["recon"]), (again["recon"] - made["recon"]).abs().max()
+
+def test_saelens_relu_and_jumprelu_dictionaries_round_trip_exactly(peers_python, tmp_path):
+    """Each SAELens ReLU or JumpReLU SAE or (skip-)transcoder made by its own classes imports and
+    computes SAELens's codes and outputs; exported again, SAELens's loader opens it as the same
+    architecture and computes them again (one peer process makes all six, one loads them back)."""
+    x, x_path = inputs(tmp_path)
+    norm = {"jumprelu": "layer_norm"}  # the others take raw activations
+    made = in_peer_many(
+        peers_python,
+        [["make", "saelens", tmp_path / a, x_path, N, K, norm.get(a, "none"), a] for a in SAELENS_THRESHOLDED],
+        tmp_path,
+        "made",
+    )
+    for architecture, theirs in zip(SAELENS_THRESHOLDED, made):
+        sae = TopKSAE.from_pretrained(tmp_path / architecture)
+        transcoder = "transcoder" in architecture
+        kind = (sae.cfg.activation, sae.cfg.transcoder, sae.cfg.skip_connection)
+        assert kind == ("jumprelu", transcoder, "skip" in architecture), architecture
+        assert sae.metadata["hookpoint"] == ("model.layers.1.mlp" if transcoder else "model.layers.1")
+        codes, out = ours(sae, x)
+        fired = (codes > 0).sum(1)
+        assert fired.min() < fired.max() and fired.max() > K  # codes of varying width, wider than any k here
+        assert close(codes, theirs["codes"]), (architecture, (codes - theirs["codes"]).abs().max())
+        assert close(out, theirs["recon"]), (architecture, (out - theirs["recon"]).abs().max())
+        back = formats.export(sae, "saelens", tmp_path / "back" / architecture)
+        config = json.loads((back / "cfg.json").read_text())
+        assert config["architecture"] == architecture
+        if transcoder:
+            assert config["metadata"]["hook_name_out"] == "blocks.1.hook_mlp_out"
+    again = in_peer_many(
+        peers_python,
+        [["load", "saelens", tmp_path / "back" / a, x_path] for a in SAELENS_THRESHOLDED],
+        tmp_path,
+        "loaded",
+    )
+    for architecture, theirs, loaded in zip(SAELENS_THRESHOLDED, made, again):
+        assert close(loaded["codes"], theirs["codes"]), (architecture, (loaded["codes"] - theirs["codes"]).abs().max())
+        assert close(loaded["recon"], theirs["recon"]), (architecture, (loaded["recon"] - theirs["recon"]).abs().max())
 
 
 def jumprelu_transcoder() -> TopKSAE:
