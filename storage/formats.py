@@ -159,8 +159,9 @@ def _write_saelens(sae: TopKSAE, out: Path, W_enc, b_enc, W_dec, b_dec, W_skip) 
     else:
         thresholds = sae.threshold.detach().float().cpu().contiguous()
         relu = not bool(thresholds.any())  # thresholds 0: SAELens's ReLU form, as it came in
-        kind = ("skip_transcoder" if cfg.skip_connection else "transcoder") if cfg.transcoder else "standard"
-        config["architecture"] = kind if relu else "jumprelu" if kind == "standard" else "jumprelu_" + kind
+        kind = ("jumprelu", cfg.transcoder, cfg.skip_connection)
+        names_of_kind = [name for name, of in SAELENS_KINDS.items() if of == kind]  # the ReLU one and the JumpReLU one
+        config["architecture"] = next(name for name in names_of_kind if name.startswith("jumprelu") != relu)
         if not relu:
             weights["threshold"] = thresholds
     if cfg.transcoder:  # its encoder reads the MLP's input as it is; SAELens refuses b_dec there
